@@ -1,0 +1,117 @@
+"""Errors raised by pytest-layers.
+
+Every error derives from :class:`LayersError` *and* from the built-in exception with the same
+meaning, so callers can catch either (``except LookupError`` works for an unknown layer). Extra
+fields are plain attributes, and every class pickles, because pytest-xdist ships errors between
+processes.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Any
+
+__all__ = [
+    "LayersError",
+    "LayerNotFoundError",
+    "StoreFormatError",
+    "StoreError",
+    "UnsafeEntryError",
+    "InvalidLayerError",
+    "BackendUnavailableError",
+    "MountError",
+    "TooManyLayersError",
+    "LayerBuildError",
+    "LayerDefinitionError",
+    "NoSpaceError",
+]
+
+
+class LayersError(Exception):
+    """Base class of every error pytest-layers raises on purpose."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep attributes set after __init__ (filelock does the same for Timeout) so that the
+        # error survives the trip from an xdist worker to the controller.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[LayersError], args: tuple[Any, ...], state: dict[str, Any]) -> LayersError:
+    err = cls.__new__(cls, *args)
+    (OSError if issubclass(cls, OSError) else Exception).__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
+
+class LayerNotFoundError(LayersError, LookupError):
+    """A layer name, ref or chain id that the store or the session does not know."""
+
+    def __init__(self, ref: str, known: list[str] | None = None, hint: str = "") -> None:
+        self.ref = ref
+        self.known = sorted(known) if known is not None else None
+        msg = f"unknown layer {ref!r}"
+        if self.known is not None:
+            msg += f"; known layers: {', '.join(self.known) if self.known else '(none)'}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+
+
+class StoreError(LayersError, OSError):
+    """The store cannot be used as it is (permissions, corruption, layout)."""
+
+
+class StoreFormatError(LayersError, ValueError):
+    """The store was written by an unknown or newer format version."""
+
+
+class UnsafeEntryError(LayersError, ValueError):
+    """A tar entry or tree entry would escape the root, or is not allowed in a layer.
+
+    ``entry`` names the offending path as it appears in the input.
+    """
+
+    def __init__(self, entry: str, reason: str) -> None:
+        self.entry = entry
+        self.reason = reason
+        super().__init__(f"{entry!r}: {reason}")
+
+
+class InvalidLayerError(LayersError, ValueError):
+    """A layer's content breaks the OCI layer rules (a real file named ``.wh.*``, for one)."""
+
+
+class BackendUnavailableError(LayersError, OSError):
+    """A mount backend cannot work on this machine; ``reason`` says why in one line."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        self.backend = backend
+        self.reason = reason
+        super().__init__(_errno.ENOTSUP, f"{backend}: {reason}")
+
+    def __str__(self) -> str:
+        return f"{self.backend} backend unavailable: {self.reason}"
+
+
+class MountError(LayersError, OSError):
+    """A mount or unmount failed; carries errno and the target."""
+
+
+class TooManyLayersError(LayersError, ValueError):
+    """An image has more layers than the kernel can stack in one overlay mount."""
+
+
+class NoSpaceError(LayersError, OSError):
+    """The store's filesystem ran out of space while writing a layer."""
+
+    def __init__(self, what: str, path: str) -> None:
+        self.what = what
+        super().__init__(_errno.ENOSPC, f"no space left on device while writing {what}", path)
+
+
+class LayerBuildError(LayersError, RuntimeError):
+    """A ``@layer`` builder raised, or left content a layer may not hold."""
+
+
+class LayerDefinitionError(LayersError, ValueError):
+    """A ``@layer`` or ``@pytest.mark.layer`` is used wrongly (bad argument, cycle, bad path)."""

@@ -1,0 +1,1 @@
+"""pytest glue for pytest-layers (options, markers, fixtures, report hooks)."""
