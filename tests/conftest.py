@@ -1,0 +1,147 @@
+"""Shared test configuration: capability markers and helpers for running as the test user.
+
+Capability markers skip a test, with the reason, on a machine that lacks the capability. CI sets
+``PYTEST_LAYERS_REQUIRE=all`` (or a comma list such as ``root,overlay``) so that a missing
+capability fails the test instead of hiding it behind a skip.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+#: The unprivileged account that `.ci/run` creates; override with PYTEST_LAYERS_TEST_USER.
+TEST_USER = os.environ.get("PYTEST_LAYERS_TEST_USER", "layersci")
+
+_PROBE_OVERLAY = r"""
+import ctypes, os, sys, tempfile
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid = os.getuid(), os.getgid()
+if uid != 0:
+    if libc.unshare(0x10000000 | 0x00020000) != 0:
+        sys.exit("unshare(CLONE_NEWUSER|CLONE_NEWNS) failed: " + os.strerror(ctypes.get_errno()))
+    with open("/proc/self/setgroups", "w") as f: f.write("deny")
+    with open("/proc/self/uid_map", "w") as f: f.write(f"{uid} {uid} 1")
+    with open("/proc/self/gid_map", "w") as f: f.write(f"{gid} {gid} 1")
+elif libc.unshare(0x00020000) != 0:
+    sys.exit("unshare(CLONE_NEWNS) failed: " + os.strerror(ctypes.get_errno()))
+libc.mount(b"none", b"/", None, 0x40000 | 0x4000, None)   # MS_PRIVATE | MS_REC
+d = tempfile.mkdtemp()
+for x in "luwm":
+    os.mkdir(os.path.join(d, x))
+opts = f"lowerdir={d}/l,upperdir={d}/u,workdir={d}/w,userxattr".encode()
+if libc.mount(b"overlay", f"{d}/m".encode(), b"overlay", 0, opts) != 0:
+    sys.exit("overlay mount failed: " + os.strerror(ctypes.get_errno()))
+"""
+
+
+@functools.cache
+def _probe(capability: str) -> str | None:
+    """Return None when the capability is present, else the reason it is missing."""
+    if capability == "root":
+        return None if os.geteuid() == 0 else "needs root"
+    if capability == "overlay":
+        return _run_probe(_PROBE_OVERLAY, as_user=None)
+    if capability == "userns":
+        if os.geteuid() != 0:
+            return _run_probe(_PROBE_OVERLAY, as_user=None)
+        # As root, an unprivileged user namespace is what the test user would get.
+        why = _probe("user")
+        return why or _run_probe(_PROBE_OVERLAY, as_user=TEST_USER)
+    if capability == "fuse":
+        if shutil.which("fuse-overlayfs") is None:
+            return "fuse-overlayfs is not installed (apt-get install fuse-overlayfs)"
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            return "/dev/fuse is missing or not usable by this user"
+        return None
+    if capability == "user":
+        if os.geteuid() != 0:
+            return "needs root to switch to the test user"
+        try:
+            pwd.getpwnam(TEST_USER)
+        except KeyError:
+            return f"test user {TEST_USER!r} does not exist (.ci/run creates it: useradd -m {TEST_USER})"
+        if not os.access(sys.executable, os.X_OK) or _run_probe("", as_user=TEST_USER):
+            return f"{sys.executable} is not usable by {TEST_USER!r} (build the venv from /usr/bin/python3)"
+        return None
+    if capability.startswith("tool:"):
+        tool = capability[5:]
+        return None if shutil.which(tool) else f"{tool} is not installed"
+    raise ValueError(f"unknown capability {capability!r}")
+
+
+def _run_probe(code: str, as_user: str | None) -> str | None:
+    cmd = [sys.executable, "-c", code]
+    if as_user is not None:
+        cmd = ["runuser", "-u", as_user, "--", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+
+
+def _required() -> set[str]:
+    value = os.environ.get("PYTEST_LAYERS_REQUIRE", "")
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def require(capability: str) -> None:
+    """Skip (or fail, when PYTEST_LAYERS_REQUIRE names it) unless the capability is present."""
+    why = _probe(capability)
+    if why is None:
+        return
+    required = _required()
+    if "all" in required or capability in required or capability.split(":")[0] in required:
+        pytest.fail(f"required capability {capability!r} is missing: {why}", pytrace=False)
+    pytest.skip(f"{capability}: {why}")
+
+
+_MARKER_CAPS = {
+    "requires_root": "root",
+    "requires_overlay": "overlay",
+    "requires_userns": "userns",
+    "requires_fuse": "fuse",
+    "requires_user": "user",
+}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers():
+        if marker.name in _MARKER_CAPS:
+            require(_MARKER_CAPS[marker.name])
+        elif marker.name == "requires_tool":
+            for tool in marker.args:
+                require(f"tool:{tool}")
+
+
+def run_as_user(
+    args: Sequence[str], *, cwd: Path | str | None = None, env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command as the unprivileged test user (the caller must be root)."""
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": f"/home/{TEST_USER}"}
+    full_env.update(env or {})
+    return subprocess.run(
+        ["runuser", "-u", TEST_USER, "--", "env", *(f"{k}={v}" for k, v in full_env.items()), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def user_tmp_path(tmp_path: Path) -> Path:
+    """A tmp_path that the unprivileged test user owns (and can reach)."""
+    require("user")
+    entry = pwd.getpwnam(TEST_USER)
+    path = Path("/tmp") / f"pytest-layers-user-{os.getpid()}-{tmp_path.name}"
+    path.mkdir(mode=0o755)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
