@@ -16,6 +16,8 @@ __all__ = [
     "LayerNotFoundError",
     "StoreFormatError",
     "StoreError",
+    "LockTimeoutError",
+    "AmbiguousRefError",
     "UnsafeEntryError",
     "InvalidLayerError",
     "BackendUnavailableError",
@@ -59,6 +61,22 @@ class LayerNotFoundError(LayersError, LookupError):
 
 class StoreError(LayersError, OSError):
     """The store cannot be used as it is (permissions, corruption, layout)."""
+
+
+class LockTimeoutError(StoreError, TimeoutError):
+    """Waiting for a store lock (a build-cache key, for one) took longer than its timeout."""
+
+
+class AmbiguousRefError(LayersError, LookupError):
+    """A hex prefix matches more than one chain id; ``candidates`` lists them."""
+
+    def __init__(self, ref: str, candidates: list[str]) -> None:
+        self.ref = ref
+        self.candidates = sorted(candidates)
+        super().__init__(
+            f"ambiguous layer reference {ref!r} matches {len(self.candidates)} layers: "
+            f"{', '.join(self.candidates)}; give more hex digits"
+        )
 
 
 class StoreFormatError(LayersError, ValueError):
