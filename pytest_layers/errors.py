@@ -114,6 +114,10 @@ class BackendUnavailableError(LayersError, OSError):
 class MountError(LayersError, OSError):
     """A mount or unmount failed; carries errno and the target."""
 
+    operation: str = ""  # the syscall, e.g. "fsconfig"
+    target: str | None = None  # its path or key
+    reason: str = ""  # os.strerror(errno)
+
 
 class TooManyLayersError(LayersError, ValueError):
     """An image has more layers than the kernel can stack in one overlay mount."""

@@ -1,0 +1,414 @@
+"""ctypes bindings for the Linux syscalls the mount backends need.
+
+Everything here is a thin, typed wrapper around one syscall that raises
+:class:`~pytest_layers.errors.MountError` (an ``OSError`` carrying ``errno``, the operation and
+its target) instead of returning -1. No subprocess is ever spawned: the per-test mount cycle
+costs about a millisecond only because it stays in-process (the ``mount`` binary is ~15x slower).
+
+libc wrappers are used where glibc has them (``mount``, ``umount2``, ``unshare``, ``prctl``);
+the new mount API (``fsopen`` & co.) and ``capget``/``capset`` go through ``syscall(2)`` with the
+numbers below, since only glibc >= 2.36 wraps the former and musl wraps neither.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+import platform
+from collections.abc import Iterable
+
+from pytest_layers.errors import MountError
+
+__all__ = [
+    "MS_RDONLY",
+    "MS_NOSUID",
+    "MS_NODEV",
+    "MS_NOEXEC",
+    "MS_REMOUNT",
+    "MS_BIND",
+    "MS_MOVE",
+    "MS_REC",
+    "MS_PRIVATE",
+    "MS_SLAVE",
+    "MS_SHARED",
+    "MNT_FORCE",
+    "MNT_DETACH",
+    "MNT_EXPIRE",
+    "UMOUNT_NOFOLLOW",
+    "CLONE_NEWNS",
+    "CLONE_NEWUSER",
+    "FSOPEN_CLOEXEC",
+    "FSCONFIG_SET_FLAG",
+    "FSCONFIG_SET_STRING",
+    "FSCONFIG_SET_FD",
+    "FSCONFIG_CMD_CREATE",
+    "FSMOUNT_CLOEXEC",
+    "MOUNT_ATTR_RDONLY",
+    "MOVE_MOUNT_F_EMPTY_PATH",
+    "AT_FDCWD",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_SETFCAP",
+    "CAP_MKNOD",
+    "CAP_SYS_ADMIN",
+    "mount",
+    "umount2",
+    "unshare",
+    "fsopen",
+    "fsconfig_flag",
+    "fsconfig_string",
+    "fsconfig_fd",
+    "fsconfig_create",
+    "fs_context_log",
+    "fsmount",
+    "move_mount",
+    "Capabilities",
+    "capget",
+    "capset",
+    "ambient_raise",
+    "ambient_is_set",
+    "has_effective_cap",
+]
+
+# mount(2) flags (<linux/mount.h>)
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+
+# umount2(2) flags
+MNT_FORCE = 1
+MNT_DETACH = 2
+MNT_EXPIRE = 4
+UMOUNT_NOFOLLOW = 8
+
+# unshare(2) flags
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+
+# new mount API (<linux/mount.h>)
+FSOPEN_CLOEXEC = 1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
+FSCONFIG_CMD_CREATE = 6
+FSMOUNT_CLOEXEC = 1
+MOUNT_ATTR_RDONLY = 0x1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
+
+# capabilities (<linux/capability.h>)
+CAP_CHOWN = 0
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+CAP_FOWNER = 3
+CAP_MKNOD = 27
+CAP_SETFCAP = 31
+CAP_SYS_ADMIN = 21
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+# prctl(2)
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_IS_SET = 1
+_PR_CAP_AMBIENT_RAISE = 2
+
+# The new mount syscalls were numbered after the tables were unified, so they are the same on
+# every architecture; capget/capset are not.
+_SYSCALLS: dict[str, dict[str, int]] = {
+    "x86_64": {
+        "capget": 125,
+        "capset": 126,
+        "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+    },
+    "aarch64": {
+        "capget": 90,
+        "capset": 91,
+        "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+    },
+}
+_ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.mount.restype = ctypes.c_int
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.umount2.restype = ctypes.c_int
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.unshare.restype = ctypes.c_int
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+_libc.prctl.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
+
+
+def _syscall_number(name: str) -> int:
+    machine = platform.machine()
+    table = _SYSCALLS.get(_ARCH_ALIASES.get(machine, machine))
+    if table is None:
+        raise MountError(
+            _errno.ENOSYS,
+            f"{name}: syscall numbers for architecture {machine!r} are not known "
+            "(pytest-layers supports x86_64 and aarch64)",
+        )
+    return table[name]
+
+
+def _fail(op: str, target: str | None, err: int | None = None) -> MountError:
+    code = ctypes.get_errno() if err is None else err
+    reason = os.strerror(code)
+    msg = f"{op}({target}) failed: {reason}" if target is not None else f"{op} failed: {reason}"
+    exc = MountError(code, msg)
+    exc.operation = op
+    exc.target = target
+    exc.reason = reason
+    return exc
+
+
+def _b(value: str | os.PathLike[str] | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def mount(
+    source: str | os.PathLike[str] | None,
+    target: str | os.PathLike[str],
+    fstype: str | None,
+    flags: int = 0,
+    data: str | bytes | None = None,
+) -> None:
+    """``mount(2)``. Note that the kernel silently truncates ``data`` at 4095 bytes: callers
+    that build long option strings must check the length themselves."""
+    raw = data.encode() if isinstance(data, str) else data
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, raw) != 0:
+        raise _fail("mount", os.fsdecode(target))
+
+
+def umount2(target: str | os.PathLike[str], flags: int = 0) -> None:
+    """``umount2(2)``; ``flags`` such as :data:`MNT_DETACH` for a lazy unmount."""
+    if _libc.umount2(_b(target), flags) != 0:
+        raise _fail("umount2", os.fsdecode(target))
+
+
+def unshare(flags: int) -> None:
+    """``unshare(2)``: move the calling thread into new namespaces."""
+    if _libc.unshare(flags) != 0:
+        raise _fail("unshare", hex(flags))
+
+
+def _check_fd(ret: int, op: str, target: str | None) -> int:
+    if ret < 0:
+        raise _fail(op, target)
+    return ret
+
+
+def fsopen(fstype: str, flags: int = FSOPEN_CLOEXEC) -> int:
+    """``fsopen(2)``: a filesystem context fd for ``fstype``."""
+    ret = _libc.syscall(
+        ctypes.c_long(_syscall_number("fsopen")),
+        ctypes.c_char_p(fstype.encode()),
+        ctypes.c_uint(flags),
+    )
+    return _check_fd(ret, "fsopen", fstype)
+
+
+def _fsconfig(fd: int, cmd: int, key: str | None, value: bytes | None, aux: int) -> None:
+    ret = _libc.syscall(
+        ctypes.c_long(_syscall_number("fsconfig")),
+        ctypes.c_int(fd),
+        ctypes.c_uint(cmd),
+        ctypes.c_char_p(None if key is None else key.encode()),
+        ctypes.c_char_p(value),
+        ctypes.c_int(aux),
+    )
+    if ret < 0:
+        err = ctypes.get_errno()
+        target = key if key is not None else "FSCONFIG_CMD_CREATE"
+        exc = _fail("fsconfig", target, err)
+        log = fs_context_log(fd)
+        if log:
+            # The kernel's own words ("overlayfs: conflicting options: ...") beat a bare EINVAL.
+            exc.reason = f"{exc.reason} ({'; '.join(log)})"
+            exc.strerror = f"fsconfig({target}) failed: {exc.reason}"
+        raise exc
+
+
+def fs_context_log(fd: int) -> list[str]:
+    """Drain the messages the kernel queued on a filesystem context fd (read(2) gives them)."""
+    messages: list[str] = []
+    for _ in range(16):
+        try:
+            raw = os.read(fd, 1024)
+        except OSError:
+            break  # ENODATA: nothing more
+        if not raw:
+            break
+        text = raw.decode(errors="replace").strip()
+        # each message starts with "e ", "w " or "i " (error, warning, info)
+        messages.append(text[2:] if text[1:2] == " " else text)
+    return messages
+
+
+def fsconfig_flag(fd: int, key: str) -> None:
+    """``fsconfig(FSCONFIG_SET_FLAG)``: a boolean mount option such as ``userxattr``."""
+    _fsconfig(fd, FSCONFIG_SET_FLAG, key, None, 0)
+
+
+def fsconfig_string(fd: int, key: str, value: str) -> None:
+    """``fsconfig(FSCONFIG_SET_STRING)``. The kernel caps the value at 255 bytes."""
+    _fsconfig(fd, FSCONFIG_SET_STRING, key, os.fsencode(value), 0)
+
+
+def fsconfig_fd(fd: int, key: str, value_fd: int) -> None:
+    """``fsconfig(FSCONFIG_SET_FD)``: pass a directory as an (``O_PATH``) file descriptor."""
+    _fsconfig(fd, FSCONFIG_SET_FD, key, None, value_fd)
+
+
+def fsconfig_create(fd: int) -> None:
+    """``fsconfig(FSCONFIG_CMD_CREATE)``: build the superblock from the options set so far."""
+    _fsconfig(fd, FSCONFIG_CMD_CREATE, None, None, 0)
+
+
+def fsmount(fd: int, flags: int = FSMOUNT_CLOEXEC, attr_flags: int = 0) -> int:
+    """``fsmount(2)``: a detached mount fd for a created filesystem context."""
+    ret = _libc.syscall(
+        ctypes.c_long(_syscall_number("fsmount")),
+        ctypes.c_int(fd),
+        ctypes.c_uint(flags),
+        ctypes.c_uint(attr_flags),
+    )
+    return _check_fd(ret, "fsmount", None)
+
+
+def move_mount(
+    from_fd: int,
+    to_path: str | os.PathLike[str],
+    *,
+    from_path: str = "",
+    to_dirfd: int = AT_FDCWD,
+    flags: int = MOVE_MOUNT_F_EMPTY_PATH,
+) -> None:
+    """``move_mount(2)``: attach the mount ``from_fd`` at ``to_path``."""
+    ret = _libc.syscall(
+        ctypes.c_long(_syscall_number("move_mount")),
+        ctypes.c_int(from_fd),
+        ctypes.c_char_p(from_path.encode()),
+        ctypes.c_int(to_dirfd),
+        ctypes.c_char_p(os.fsencode(to_path)),
+        ctypes.c_uint(flags),
+    )
+    if ret < 0:
+        raise _fail("move_mount", os.fsdecode(to_path))
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+class Capabilities:
+    """The three capability sets of this process, as 64-bit masks (bit N = capability N)."""
+
+    __slots__ = ("effective", "inheritable", "permitted")
+
+    def __init__(self, effective: int, permitted: int, inheritable: int) -> None:
+        self.effective = effective
+        self.permitted = permitted
+        self.inheritable = inheritable
+
+    def __repr__(self) -> str:
+        return (
+            f"Capabilities(effective={self.effective:#x}, permitted={self.permitted:#x}, "
+            f"inheritable={self.inheritable:#x})"
+        )
+
+
+def capget() -> Capabilities:
+    """``capget(2)`` for the calling thread."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    ret = _libc.syscall(ctypes.c_long(_syscall_number("capget")), ctypes.byref(header), data)
+    if ret < 0:
+        raise _fail("capget", None)
+    return Capabilities(
+        data[0].effective | (data[1].effective << 32),
+        data[0].permitted | (data[1].permitted << 32),
+        data[0].inheritable | (data[1].inheritable << 32),
+    )
+
+
+def capset(caps: Capabilities) -> None:
+    """``capset(2)`` for the calling thread."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i, shift in enumerate((0, 32)):
+        data[i].effective = (caps.effective >> shift) & 0xFFFFFFFF
+        data[i].permitted = (caps.permitted >> shift) & 0xFFFFFFFF
+        data[i].inheritable = (caps.inheritable >> shift) & 0xFFFFFFFF
+    ret = _libc.syscall(ctypes.c_long(_syscall_number("capset")), ctypes.byref(header), data)
+    if ret < 0:
+        raise _fail("capset", repr(caps))
+
+
+def ambient_raise(caps: Iterable[int]) -> None:
+    """Make ``caps`` survive ``execve``: add them to the inheritable set, then to the ambient set.
+
+    The kernel only accepts an ambient capability that is both permitted and inheritable, so the
+    inheritable set is raised first.
+    """
+    wanted = list(caps)
+    current = capget()
+    mask = 0
+    for cap in wanted:
+        mask |= 1 << cap
+    if current.inheritable & mask != mask:
+        current.inheritable |= mask
+        capset(current)
+    for cap in wanted:
+        if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0:
+            raise _fail("prctl", f"PR_CAP_AMBIENT_RAISE, {cap}")
+
+
+def ambient_is_set(cap: int) -> bool:
+    """Whether ``cap`` is in this thread's ambient set."""
+    ret: int = _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_IS_SET, cap, 0, 0)
+    if ret < 0:
+        raise _fail("prctl", f"PR_CAP_AMBIENT_IS_SET, {cap}")
+    return ret == 1
+
+
+def has_effective_cap(cap: int) -> bool:
+    """Whether ``cap`` is in this thread's effective set (in its own user namespace)."""
+    return bool(capget().effective & (1 << cap))

@@ -1,0 +1,383 @@
+"""Mount namespaces: where the session's mounts live, and cleaning up after dead sessions.
+
+Two ways in, both to be called **before any other thread exists** (``unshare`` moves only the
+calling thread, and ``CLONE_NEWUSER`` refuses a multi-threaded process outright):
+
+* :func:`enter_private_mount_namespace` (root): a new mount namespace with ``/`` made
+  ``rprivate``. Every mount made afterwards is invisible to other processes and is torn down by
+  the kernel when the last process in the namespace exits, even on SIGKILL.
+* :func:`enter_user_namespace` (an ordinary user, kernel >= 5.11): a user namespace mapping the
+  uid and gid to themselves (``os.getuid()`` is unchanged) plus a mount namespace, in which the
+  process may mount overlayfs. The capabilities overlay needs are raised as *ambient*, so
+  processes exec'd later (pytest-xdist workers) can mount too.
+
+Both record the namespace in :data:`ENV_VAR` so that child processes, which inherit the
+namespace, know not to enter another one (:func:`inside_our_namespace`).
+
+In host mode (``layers_mount_namespace=host``) mounts are made in the host namespace and may
+outlive a killed session; :func:`sweep_stale_mounts` removes those of dead sessions. Call it
+*before* entering a private namespace, or it only detaches the namespace's private copies.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
+
+from pytest_layers import _linux
+from pytest_layers.errors import BackendUnavailableError, MountError
+
+__all__ = [
+    "ENV_VAR",
+    "USERNS_CAPS",
+    "NamespaceInfo",
+    "enter_private_mount_namespace",
+    "enter_user_namespace",
+    "inside_our_namespace",
+    "current_namespace",
+    "other_threads",
+    "userns_disabled_reason",
+    "session_dir_name",
+    "parse_session_dir_name",
+    "mounts_under",
+    "sweep_stale_mounts",
+    "remove_tree",
+]
+
+#: Set by the process that entered the namespace: ``"<kind>:<mnt ns link>"``, kind is
+#: ``"private"`` or ``"userns"``. Children exec'd inside inherit both the namespace and this.
+ENV_VAR = "PYTEST_LAYERS_MOUNT_NS"
+
+#: Raised as ambient in a user namespace. CAP_SYS_ADMIN lets exec'd children mount; the others
+#: are what overlay's copy-up uses (it runs with the mounter's credentials) to copy files the
+#: user owns but cannot read or write, such as a lower file with mode 000 that a test chmods.
+#: They only apply to files whose owner is mapped, i.e. the user's own files: the same power root
+#: has over every file in a root session.
+USERNS_CAPS = (
+    _linux.CAP_SYS_ADMIN,
+    _linux.CAP_CHOWN,
+    _linux.CAP_DAC_OVERRIDE,
+    _linux.CAP_DAC_READ_SEARCH,
+    _linux.CAP_FOWNER,
+    _linux.CAP_MKNOD,
+    _linux.CAP_SETFCAP,
+)
+
+# Module-level so tests can point them at fake files.
+_SYSCTL_MAX_USERNS = Path("/proc/sys/user/max_user_namespaces")
+_SYSCTL_DEBIAN_USERNS = Path("/proc/sys/kernel/unprivileged_userns_clone")
+_SYSCTL_APPARMOR_USERNS = Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+
+
+@dataclass(frozen=True)
+class NamespaceInfo:
+    """Which namespace the process is in: ``kind`` is ``"private"`` or ``"userns"``."""
+
+    kind: str
+    mnt_ns: str
+
+
+def current_namespace() -> str:
+    """The mount namespace of this process, as the kernel names it (``mnt:[4026531841]``)."""
+    return os.readlink("/proc/self/ns/mnt")
+
+
+def inside_our_namespace() -> NamespaceInfo | None:
+    """The namespace a parent process entered for us, if this process is still inside it.
+
+    A pytest-xdist worker inherits both the namespace and :data:`ENV_VAR` and must not unshare
+    again (a nested user namespace would lose the uid mapping's meaning; a nested mount
+    namespace would hide its mounts from the controller for nothing). The check of
+    ``/proc/self/ns/mnt`` guards against a stale variable inherited by an unrelated process.
+    """
+    value = os.environ.get(ENV_VAR, "")
+    kind, sep, ns = value.partition(":")
+    if not sep or kind not in ("private", "userns"):
+        return None
+    try:
+        if current_namespace() != ns:
+            return None
+    except OSError:
+        return None
+    return NamespaceInfo(kind, ns)
+
+
+def other_threads() -> list[str]:
+    """Names of threads other than the calling one (Python's view, then the kernel's)."""
+    names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    try:
+        tasks = len(os.listdir("/proc/self/task"))
+    except OSError:
+        tasks = 1
+    # Threads started from C (a library, a JIT) are invisible to the threading module.
+    extra = tasks - 1 - len(names)
+    if extra > 0:
+        names.append(f"{extra} thread(s) not started from Python")
+    return names
+
+
+def _refuse_threads(backend: str, what: str) -> None:
+    names = other_threads()
+    if names:
+        raise BackendUnavailableError(
+            backend,
+            f"cannot enter a {what} because {len(names)} other thread(s) already run "
+            f"({', '.join(names[:5])}); unshare(2) only moves the calling thread. Enter it "
+            "before starting threads (the plugin does so at pytest_configure; a plugin or "
+            "conftest that starts threads earlier prevents it)",
+        )
+
+
+def _mark(kind: str) -> NamespaceInfo:
+    ns = current_namespace()
+    os.environ[ENV_VAR] = f"{kind}:{ns}"
+    return NamespaceInfo(kind, ns)
+
+
+def enter_private_mount_namespace() -> NamespaceInfo:
+    """As root: move this process into a new mount namespace with ``/`` made rprivate.
+
+    Does nothing (and returns the namespace) when the process is already inside one that a
+    parent entered for it. Raises :class:`BackendUnavailableError` with the reason when it cannot.
+    """
+    inherited = inside_our_namespace()
+    if inherited is not None:
+        return inherited
+    _refuse_threads("overlay", "private mount namespace")
+    try:
+        _linux.unshare(_linux.CLONE_NEWNS)
+        # Without this, mounts would propagate back to the host through shared peer groups.
+        _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
+    except MountError as exc:
+        hint = "" if os.geteuid() == 0 else "; as an ordinary user use enter_user_namespace()"
+        raise BackendUnavailableError(
+            "overlay", f"cannot enter a private mount namespace: {exc}{hint}"
+        ) from exc
+    return _mark("private")
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def userns_disabled_reason() -> str | None:
+    """Why unprivileged user namespaces are switched off on this machine, or None."""
+    if _read_int(_SYSCTL_MAX_USERNS) == 0:
+        return (
+            "user namespaces are disabled (user.max_user_namespaces = 0); enable them with "
+            "`sysctl -w user.max_user_namespaces=15000`, or run as root"
+        )
+    if _read_int(_SYSCTL_DEBIAN_USERNS) == 0:
+        return (
+            "unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone = 0); "
+            "enable them with `sysctl -w kernel.unprivileged_userns_clone=1`, or run as root"
+        )
+    if _read_int(_SYSCTL_APPARMOR_USERNS) == 1:
+        return (
+            "AppArmor restricts unprivileged user namespaces "
+            "(kernel.apparmor_restrict_unprivileged_userns = 1); allow them with "
+            "`sysctl -w kernel.apparmor_restrict_unprivileged_userns=0` or an AppArmor profile "
+            "for the Python interpreter granting `userns`, or run as root"
+        )
+    return None
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
+    """As an ordinary user: enter a user + mount namespace where this process may mount overlay.
+
+    The uid and gid are mapped to themselves, so ``os.getuid()`` and file ownership look the
+    same inside; ``setgroups`` is denied (the kernel requires it for an unprivileged gid map).
+    ``caps`` are raised as inheritable and ambient so that exec'd children keep them.
+    Does nothing when a parent already entered it for us. Raises
+    :class:`BackendUnavailableError` with the reason and the fix when it is impossible.
+    """
+    inherited = inside_our_namespace()
+    if inherited is not None:
+        return inherited
+    disabled = userns_disabled_reason()
+    if disabled is not None:
+        raise BackendUnavailableError("overlay", disabled)
+    _refuse_threads("overlay", "user namespace")
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        _linux.unshare(_linux.CLONE_NEWUSER | _linux.CLONE_NEWNS)
+    except MountError as exc:
+        if exc.errno == errno.EINVAL and other_threads():
+            why = "another thread appeared while entering it"
+        elif exc.errno in (errno.EPERM, errno.EACCES):
+            why = (
+                "the kernel refused an unprivileged user namespace (EPERM): a seccomp filter "
+                "(as in a default Docker container), an LSM policy, or a chroot prevents it; "
+                "run as root, or allow unshare(CLONE_NEWUSER)"
+            )
+        elif exc.errno == errno.ENOSPC:
+            why = (
+                "the user namespace limit is reached (user.max_user_namespaces, or the nesting "
+                "depth of 32); raise it with `sysctl -w user.max_user_namespaces=15000`"
+            )
+        else:
+            why = str(exc)
+        raise BackendUnavailableError("overlay", f"cannot enter a user namespace: {why}") from exc
+    try:
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        # The namespace starts with the host's propagation; make ours private so our mounts
+        # stay ours (the new mount namespace is already a copy owned by the new user ns).
+        _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
+        _linux.ambient_raise(caps)
+    except OSError as exc:
+        raise BackendUnavailableError(
+            "overlay", f"entered a user namespace but could not set it up: {exc}"
+        ) from exc
+    return _mark("userns")
+
+
+# ---- host mode: naming session scratch dirs and sweeping stale mounts -------------------------
+
+
+def _start_ticks(pid: int) -> int:
+    # create_time() is boot time + start ticks / CLK_TCK, so hundredths are exact and stable
+    # across calls; an int keeps the directory name free of dots and exponents.
+    created: float = psutil.Process(pid).create_time()
+    return round(created * 100)
+
+
+def session_dir_name(pid: int | None = None) -> str:
+    """``"<pid>-<start time>"``: names a session's scratch dir so a later session can tell
+    whether its owner is still alive, even after the pid was reused."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}-{_start_ticks(pid)}"
+
+
+def parse_session_dir_name(name: str) -> tuple[int, int] | None:
+    """``(pid, start)`` from a :func:`session_dir_name`, or None for any other name."""
+    pid, sep, start = name.partition("-")
+    if not sep or not pid.isdigit() or not start.isdigit():
+        return None
+    return int(pid), int(start)
+
+
+def _session_alive(pid: int, start: int) -> bool:
+    try:
+        return abs(_start_ticks(pid) - start) <= 1
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        # Cannot tell (zombie, access): assume alive, never touch what may be someone's.
+        return True
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in field:
+        return field
+    out = bytearray()
+    raw = field.encode("utf-8", "surrogateescape")
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def mounts_under(root: Path) -> list[Path]:
+    """Mount points at or below ``root`` in this process's namespace, deepest first."""
+    prefix = os.path.realpath(root)
+    found: list[Path] = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = os.fsdecode(line).split(" ")
+            if len(fields) < 5:
+                continue
+            point = _unescape_mountinfo(fields[4])
+            if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
+                found.append(Path(point))
+    found.sort(key=lambda p: len(p.parts), reverse=True)
+    return found
+
+
+def _session_dirs(views: Path) -> Iterator[tuple[Path, int, int]]:
+    try:
+        entries = list(os.scandir(views))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        parsed = parse_session_dir_name(entry.name)
+        if parsed is not None and entry.is_dir(follow_symlinks=False):
+            yield Path(entry.path), parsed[0], parsed[1]
+
+
+def remove_tree(path: Path) -> None:
+    """``rmtree`` that also copes with the mode-000 ``work/work`` dirs overlay leaves behind."""
+
+    def onexc(func: object, failed: str, exc: object) -> None:
+        parent = os.path.dirname(failed)
+        try:
+            # Listing or unlinking failed on permissions: open up the dir and the parent.
+            os.chmod(failed, stat.S_IRWXU)
+            os.chmod(parent, stat.S_IRWXU)
+        except OSError:
+            return
+        try:
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                shutil.rmtree(failed, ignore_errors=True)
+            else:
+                os.unlink(failed)
+        except OSError:
+            pass
+
+    if not os.path.lexists(path):
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=onexc)
+    else:
+        shutil.rmtree(path, onerror=onexc)  # deprecated from 3.12, the only hook before it
+
+
+def sweep_stale_mounts(store_tmp_root: Path) -> list[Path]:
+    """Unmount and remove the scratch of dead sessions under ``store_tmp_root/views``.
+
+    A session's scratch dir is ``views/<pid>-<start>`` (:func:`session_dir_name`). Only mounts
+    below such a dir whose process is gone (no such pid, or a pid reused by a process started at
+    another time) are lazily unmounted; mounts of live sessions and everything outside
+    ``store_tmp_root`` are never touched. Returns the mount points removed.
+    """
+    views = Path(os.path.realpath(store_tmp_root)) / "views"
+    swept: list[Path] = []
+    for session, pid, start in _session_dirs(views):
+        if pid == os.getpid() or _session_alive(pid, start):
+            continue
+        for point in mounts_under(session):
+            try:
+                _linux.umount2(point, _linux.MNT_DETACH)
+            except MountError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOENT):
+                    raise
+            swept.append(point)
+        remove_tree(session)
+    return swept
