@@ -26,6 +26,7 @@ __all__ = [
     "LayerBuildError",
     "LayerDefinitionError",
     "NoSpaceError",
+    "InvalidImageError",
 ]
 
 
@@ -137,3 +138,16 @@ class LayerBuildError(LayersError, RuntimeError):
 
 class LayerDefinitionError(LayersError, ValueError):
     """A ``@layer`` or ``@pytest.mark.layer`` is used wrongly (bad argument, cycle, bad path)."""
+
+
+class InvalidImageError(LayersError, ValueError):
+    """An OCI image or docker-archive that cannot be imported: a missing or corrupt blob, an
+    unknown media type, a DiffID that does not match the image config.
+
+    ``what`` names the culprit (a layer, a blob, a file of the layout).
+    """
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")
