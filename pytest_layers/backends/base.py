@@ -1,0 +1,80 @@
+"""The contract every mount backend keeps (see docs/dev/internals.md, section ``backends/``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pytest_layers.changeset import Entry, ImageView
+    from pytest_layers.layertar import Flavor
+
+__all__ = ["Backend", "View"]
+
+
+@dataclass
+class View:
+    """One materialised rootfs.
+
+    ``path`` is the merged directory tests see; ``upper`` holds the view's writes (an overlay or
+    fuse upper dir, or the copy tree) and is None for a read-only view; ``upper_flavor`` says how
+    ``upper`` spells deletions: ``"overlay"``, ``"fuse"`` or ``"tree"``.
+    """
+
+    path: Path
+    upper: Path | None
+    upper_flavor: str
+    _closer: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def close(self) -> None:
+        """Unmount and remove the view's scratch. Idempotent."""
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            closer()
+
+    def __enter__(self) -> View:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Backend(Protocol):
+    """A way to give each test a private writable view of an image."""
+
+    #: ``"overlay"`` (kernel overlay, as root or in a user namespace), ``"fuse"``, ``"copy"``
+    name: str
+
+    def check(self, scratch: Path) -> None:
+        """Prove the backend works here with a real trial mount inside ``scratch`` (an empty
+        dir, left empty). Raises :class:`~pytest_layers.errors.BackendUnavailableError`."""
+        ...
+
+    def open(
+        self,
+        lowers_top_first: Sequence[Path],
+        scratch: Path,
+        *,
+        readonly: bool = False,
+        flavor: Flavor = "overlay",
+    ) -> View:
+        """Materialise the union of ``lowers_top_first`` (layer dirs spelled in ``flavor``).
+
+        ``scratch`` is an empty dir the backend owns for this view; it never writes outside it.
+        A ``readonly`` view has no upper: writes fail with ``EROFS``.
+        """
+        ...
+
+    def changes(
+        self, view: View, image: ImageView, *, exclude: Collection[str] = ()
+    ) -> list[Entry]:
+        """The view's changes against ``image`` (the lowers it was opened on)."""
+        ...
