@@ -283,17 +283,22 @@ def session_dir_name(pid: int | None = None) -> str:
     return f"{pid}-{_start_ticks(pid)}"
 
 
-def parse_session_dir_name(name: str) -> tuple[int, int] | None:
-    """``(pid, start)`` from a :func:`session_dir_name`, or None for any other name."""
+def parse_session_dir_name(name: str) -> tuple[int, int | None] | None:
+    """``(pid, start)`` from a :func:`session_dir_name`, or None for any other name.
+
+    A bare ``"<pid>"`` is accepted too, with ``start`` None: its owner counts as alive while
+    any process has that pid (pid reuse then keeps its mounts until the pid is free).
+    """
     pid, sep, start = name.partition("-")
-    if not sep or not pid.isdigit() or not start.isdigit():
+    if not pid.isdigit() or (sep and not start.isdigit()):
         return None
-    return int(pid), int(start)
+    return int(pid), (int(start) if sep else None)
 
 
-def _session_alive(pid: int, start: int) -> bool:
+def _session_alive(pid: int, start: int | None) -> bool:
     try:
-        return abs(_start_ticks(pid) - start) <= 1
+        ticks = _start_ticks(pid)
+        return start is None or abs(ticks - start) <= 1
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
@@ -334,7 +339,7 @@ def mounts_under(root: Path) -> list[Path]:
     return found
 
 
-def _session_dirs(views: Path) -> Iterator[tuple[Path, int, int]]:
+def _session_dirs(views: Path) -> Iterator[tuple[Path, int, int | None]]:
     try:
         entries = list(os.scandir(views))
     except FileNotFoundError:
@@ -375,7 +380,8 @@ def remove_tree(path: Path) -> None:
 def sweep_stale_mounts(store_tmp_root: Path) -> list[Path]:
     """Unmount and remove the scratch of dead sessions under ``store_tmp_root/views``.
 
-    A session's scratch dir is ``views/<pid>-<start>`` (:func:`session_dir_name`). Only mounts
+    A session's scratch dir is ``views/<pid>-<start>`` (:func:`session_dir_name`; a bare
+    ``<pid>`` is understood too). Only mounts
     below such a dir whose process is gone (no such pid, or a pid reused by a process started at
     another time) are lazily unmounted; mounts of live sessions and everything outside
     ``store_tmp_root`` are never touched. Returns the mount points removed.

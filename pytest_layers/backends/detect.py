@@ -1,0 +1,144 @@
+"""Choosing a backend: the fastest that really works here, proven by a trial mount.
+
+``auto`` tries, in order: kernel overlay as root, kernel overlay in a user namespace (an
+ordinary user whose session entered one), fuse-overlayfs, copy. Each candidate gets a real trial
+mount (:meth:`Backend.check`); the first that passes wins, and every faster one that was skipped
+leaves a one-line reason for the report header. The fuse and copy modules are imported only
+when they are tried.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pytest_layers import namespaces
+from pytest_layers.backends.base import Backend
+from pytest_layers.errors import BackendUnavailableError
+
+if TYPE_CHECKING:
+    from pytest_layers.layertar import Flavor
+
+__all__ = ["BACKEND_NAMES", "backend_label", "choose_backend", "get_backend"]
+
+#: Every backend, fastest first; ``auto`` tries them in this order.
+BACKEND_NAMES = ("overlay", "fuse", "copy")
+
+_CLASSES = {
+    "overlay": ("pytest_layers.backends.overlay", "OverlayBackend"),
+    "fuse": ("pytest_layers.backends.fuse", "FuseBackend"),
+    "copy": ("pytest_layers.backends.copy", "CopyBackend"),
+}
+
+_FIX = {
+    "overlay": "run as root, or as an ordinary user with user namespaces enabled "
+    "(layers_mount_namespace=private), or choose --layers-backend=fuse or copy",
+    "fuse": "install fuse-overlayfs and make /dev/fuse usable, or choose --layers-backend=copy",
+    "copy": "make the scratch directory writable",
+}
+
+# Trial mounts passed in this process, keyed by what could change their outcome.
+_proven: set[tuple[str, int, str]] = set()
+
+
+def get_backend(name: str) -> Backend:
+    """A fresh, unchecked instance of the backend called ``name``."""
+    try:
+        module_name, class_name = _CLASSES[name]
+    except KeyError:
+        raise BackendUnavailableError(
+            name, f"unknown backend; choose auto, {', '.join(BACKEND_NAMES)}"
+        ) from None
+    cls = getattr(importlib.import_module(module_name), class_name)
+    backend: Backend = cls()
+    return backend
+
+
+def backend_label(backend: Backend) -> str:
+    """How the report header names ``backend``: ``"overlay (user namespace)"`` for an
+    unprivileged kernel overlay, else its name."""
+    if backend.name == "overlay" and os.geteuid() != 0:
+        return "overlay (user namespace)"
+    return backend.name
+
+
+def _label(name: str) -> str:
+    if name == "overlay" and os.geteuid() != 0:
+        return "overlay (user namespace)"
+    return name
+
+
+def _precondition(name: str, flavor: str) -> str | None:
+    """Why ``name`` cannot work here without even trying, or None."""
+    if name != "overlay":
+        return None
+    if flavor != "overlay":
+        return (
+            f"the store spells whiteouts as {flavor!r} files (it sits on a filesystem without "
+            "0/0 device files, such as overlayfs), which kernel overlay cannot use as lowers"
+        )
+    if os.geteuid() != 0:
+        inside = namespaces.inside_our_namespace()
+        if inside is None or inside.kind != "userns":
+            return (
+                "not root and this process is not in a user namespace "
+                "(namespaces.enter_user_namespace() was not called, or failed)"
+            )
+    return None
+
+
+def _try(name: str, scratch: Path, flavor: str) -> Backend:
+    why = _precondition(name, flavor)
+    if why is not None:
+        raise BackendUnavailableError(_label(name), why)
+    try:
+        backend = get_backend(name)
+    except ImportError as exc:
+        raise BackendUnavailableError(name, f"cannot import its module: {exc}") from exc
+    key = (name, os.geteuid(), namespaces.current_namespace())
+    if key in _proven:
+        return backend
+    trial = scratch / f"trial-{name}"
+    trial.mkdir(parents=True, exist_ok=True)
+    try:
+        backend.check(trial)
+    except BackendUnavailableError as exc:
+        raise BackendUnavailableError(_label(name), exc.reason) from exc
+    except OSError as exc:
+        raise BackendUnavailableError(_label(name), f"trial mount failed: {exc}") from exc
+    finally:
+        namespaces.remove_tree(trial)
+    _proven.add(key)
+    return backend
+
+
+def choose_backend(
+    name: str, scratch: Path, *, flavor: Flavor = "overlay"
+) -> tuple[Backend, list[str]]:
+    """The backend to use and, for ``auto``, one line per faster backend skipped and why.
+
+    ``scratch`` is a directory for the trial mounts (created if missing, left empty).
+    ``flavor`` is the store's whiteout flavor. With an explicit ``name``, a backend that cannot
+    work raises :class:`BackendUnavailableError` with the reason and the fix.
+    """
+    scratch.mkdir(parents=True, exist_ok=True)
+    if name != "auto":
+        if name not in _CLASSES:
+            raise BackendUnavailableError(
+                name, f"unknown backend; choose auto, {', '.join(BACKEND_NAMES)}"
+            )
+        try:
+            return _try(name, scratch, flavor), []
+        except BackendUnavailableError as exc:
+            raise BackendUnavailableError(
+                exc.backend, f"{exc.reason}; to fix: {_FIX[name]}"
+            ) from exc
+    skipped: list[str] = []
+    for candidate in BACKEND_NAMES:
+        try:
+            return _try(candidate, scratch, flavor), skipped
+        except BackendUnavailableError as exc:
+            skipped.append(f"{exc.backend}: {exc.reason}")
+    raise BackendUnavailableError("auto", "no backend works here: " + " | ".join(skipped))
