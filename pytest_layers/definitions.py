@@ -1,0 +1,617 @@
+"""``@layer`` definitions, the ``Layer`` value, build-cache keys and build orchestration.
+
+This module does not import pytest: the decorator records a :class:`LayerDef` and asks
+``pytest_layers.plugin`` (lazily) to wrap it into a session-scoped fixture. The build logic
+lives in :class:`LayerSession`, which the plugin creates once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import os
+import stat
+import textwrap
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from pytest_layers import changeset, layertar, namespaces
+from pytest_layers.errors import LayerBuildError, LayerDefinitionError, StoreError
+
+if TYPE_CHECKING:
+    from pytest_layers.backends.base import Backend
+    from pytest_layers.changeset import Change, Entry
+    from pytest_layers.store import LayerInfo, Store
+
+__all__ = [
+    "Layer",
+    "LayerDef",
+    "Progress",
+    "LayerSession",
+    "layer",
+    "registry",
+    "lookup",
+    "definition_of",
+    "chain_of_names",
+    "compose",
+    "build_key",
+    "human_size",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# ---- definitions ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class LayerDef:
+    """What ``@layer`` recorded: the builder and the inputs of its build-cache key."""
+
+    name: str
+    builder: Callable[..., Any]
+    parent: str | None
+    inputs: tuple[str, ...]
+    version: str | None
+    #: Names of the session fixtures the builder requests after ``root``.
+    extra_args: tuple[str, ...]
+    #: The object ``@layer`` returned (the pytest fixture), set by the plugin.
+    fixture: Any = None
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.builder.__module__}.{self.builder.__qualname__}"
+
+    @property
+    def where(self) -> str:
+        """``file:line`` of the builder, for error messages."""
+        try:
+            return f"{inspect.getsourcefile(self.builder)}:{self.builder.__code__.co_firstlineno}"
+        except (TypeError, AttributeError):
+            return self.qualname
+
+    def source(self) -> str:
+        try:
+            return textwrap.dedent(inspect.getsource(self.builder))
+        except (OSError, TypeError):
+            # No source (built in a REPL or from exec): the bytecode is the next best identity.
+            code = self.builder.__code__
+            return repr((code.co_code, code.co_consts, code.co_names))
+
+
+_REGISTRY: dict[str, LayerDef] = {}
+# Objects that stand for a definition (the builder, the fixture the decorator returned),
+# keyed by id; the definition keeps them alive, so an id is never reused while registered.
+_BY_OBJECT: dict[int, LayerDef] = {}
+
+
+def registry() -> Mapping[str, LayerDef]:
+    """Every layer defined so far, by name (the latest definition of a name wins)."""
+    return _REGISTRY
+
+
+def definition_of(obj: object) -> LayerDef | None:
+    """The definition behind a ``@layer`` function, fixture or ``LayerDef``, else None."""
+    if isinstance(obj, LayerDef):
+        return obj
+    return _BY_OBJECT.get(id(obj))
+
+
+def lookup(ref: object, *, where: str = "") -> LayerDef:
+    """The definition named by ``ref`` (a name, a ``@layer`` function or a ``LayerDef``)."""
+    defn = definition_of(ref)
+    if defn is not None:
+        return defn
+    if isinstance(ref, str):
+        try:
+            return _REGISTRY[ref]
+        except KeyError:
+            pass
+        raise LayerDefinitionError(
+            f"{where}unknown layer {ref!r}; known layers: {_known()}"
+            " (define it with @layer in a conftest.py or in the test module)"
+        )
+    raise LayerDefinitionError(
+        f"{where}expected a layer name or a @layer function, got {type(ref).__name__} {ref!r}"
+    )
+
+
+def _known() -> str:
+    return ", ".join(sorted(_REGISTRY)) or "(none)"
+
+
+def chain_of_names(name: str) -> list[LayerDef]:
+    """The definitions from ``name`` down to its base, bottom first.
+
+    Raises :class:`LayerDefinitionError` for an unknown parent or a parent cycle.
+    """
+    chain: list[LayerDef] = []
+    seen: list[str] = []
+    defn = lookup(name)
+    while True:
+        if defn.name in seen:
+            cycle = " -> ".join([*seen[seen.index(defn.name) :], defn.name])
+            raise LayerDefinitionError(
+                f"layer parent cycle: {cycle}; a layer cannot be its own ancestor "
+                f"(check parent= of {defn.name!r} at {defn.where})"
+            )
+        seen.append(defn.name)
+        chain.append(defn)
+        if defn.parent is None:
+            break
+        if defn.parent not in _REGISTRY:
+            raise LayerDefinitionError(
+                f"layer {defn.name!r} ({defn.where}) has unknown parent {defn.parent!r}; "
+                f"known layers: {_known()}"
+            )
+        defn = _REGISTRY[defn.parent]
+    chain.reverse()
+    return chain
+
+
+@overload
+def layer(func: F, /) -> F: ...
+
+
+@overload
+def layer(
+    func: None = None,
+    /,
+    *,
+    name: str | None = None,
+    parent: object = None,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    version: object = None,
+) -> Callable[[F], F]: ...
+
+
+def layer(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    parent: object = None,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    version: object = None,
+) -> Any:
+    """Turn a builder function into a session-scoped fixture whose value is a :class:`Layer`.
+
+    The builder gets ``root``, a writable view of the parent image (an empty directory for a
+    base layer), as its first argument; further arguments are session-scoped fixtures. It runs
+    once per build-cache key (parent chain_id, the builder's source and name, the content of
+    ``inputs`` relative to the rootdir, ``version``), across sessions and xdist workers.
+    ``parent`` is a ``@layer`` function or a layer name.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        raise LayerDefinitionError(
+            f"@layer(inputs=...) takes a list of paths, not the single path {inputs!r}; "
+            f"write inputs=[{os.fspath(inputs)!r}]"
+        )
+
+    def decorate(builder: Callable[..., Any]) -> Any:
+        if not callable(builder) or inspect.isclass(builder):
+            raise LayerDefinitionError(f"@layer decorates a function, not {builder!r}")
+        defn = _make_def(builder, name, parent, inputs, version)
+        from pytest_layers import plugin  # pytest is imported only on use
+
+        fixture = plugin.layer_fixture(defn)
+        defn.fixture = fixture
+        _REGISTRY[defn.name] = defn
+        _BY_OBJECT[id(builder)] = defn
+        _BY_OBJECT[id(fixture)] = defn
+        return fixture
+
+    if func is not None:
+        return decorate(func)
+    return decorate
+
+
+def _make_def(
+    builder: Callable[..., Any],
+    name: str | None,
+    parent: object,
+    inputs: Sequence[str | os.PathLike[str]],
+    version: object,
+) -> LayerDef:
+    fname = name if name is not None else builder.__name__
+    if not isinstance(fname, str) or not fname.isidentifier():
+        raise LayerDefinitionError(
+            f"@layer(name={fname!r}) for {builder.__qualname__}: a layer name must be a Python "
+            "identifier (it is also the fixture's name)"
+        )
+    params = list(inspect.signature(builder).parameters.values())
+    if not params or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise LayerDefinitionError(
+            f"layer builder {builder.__qualname__} must take the layer's root directory as "
+            f"its first argument: def {builder.__name__}(root): ..."
+        )
+    extra: list[str] = []
+    for p in params[1:]:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise LayerDefinitionError(
+                f"layer builder {builder.__qualname__}: *args/**kwargs cannot name fixtures"
+            )
+        extra.append(p.name)
+    parent_name: str | None
+    if parent is None:
+        parent_name = None
+    elif isinstance(parent, str):
+        parent_name = parent
+    else:
+        pdef = definition_of(parent)
+        if pdef is None:
+            raise LayerDefinitionError(
+                f"@layer(parent={parent!r}) for {fname!r}: parent must be a @layer function "
+                "or a layer name"
+            )
+        parent_name = pdef.name
+    if parent_name == fname:
+        raise LayerDefinitionError(f"layer parent cycle: {fname} -> {fname}")
+    clean_inputs: list[str] = []
+    for inp in inputs:
+        if not isinstance(inp, (str, os.PathLike)):
+            raise LayerDefinitionError(f"@layer(inputs=...) for {fname!r}: {inp!r} is not a path")
+        text = os.fspath(inp)
+        if os.path.isabs(text) or ".." in PurePosixPath(text).parts:
+            raise LayerDefinitionError(
+                f"@layer(inputs=...) for {fname!r}: {text!r} must be relative to the rootdir "
+                "and stay inside it"
+            )
+        clean_inputs.append(text)
+    if version is not None and not isinstance(version, (str, int)):
+        raise LayerDefinitionError(
+            f"@layer(version=...) for {fname!r}: expected a str or int, got {version!r}"
+        )
+    return LayerDef(
+        name=fname,
+        builder=builder,
+        parent=parent_name,
+        inputs=tuple(clean_inputs),
+        version=None if version is None else str(version),
+        extra_args=tuple(extra),
+    )
+
+
+# ---- the Layer value ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """A stored layer and, through ``parent``, its image.
+
+    ``name`` is the ``@layer`` name (None for an unnamed commit), ``diff_id`` the digest of the
+    layer's canonical tar, ``chain_id`` the OCI ChainID of the image it tops.
+    """
+
+    name: str | None
+    diff_id: str
+    chain_id: str
+    parent: Layer | None
+    size: int
+    files: int
+    directory: Path = field(repr=False)
+    flavor: str = field(repr=False, default="overlay")
+    #: For a layer placed in a union on another parent: the chain_id it was stored under.
+    origin: str | None = field(repr=False, default=None)
+
+    @property
+    def chain(self) -> list[Layer]:
+        """This layer and its ancestors, bottom first."""
+        out: list[Layer] = []
+        node: Layer | None = self
+        while node is not None:
+            out.append(node)
+            node = node.parent
+        out.reverse()
+        return out
+
+    def changes(self) -> list[Change]:
+        """This layer's own changeset, in ``docker diff`` form."""
+        below = self.parent.chain if self.parent is not None else []
+        view = changeset.ImageView([x.directory for x in reversed(below)], self.flavor)  # type: ignore[arg-type]
+        return changeset.layer_changes(self.directory, view, flavor=self.flavor)  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layer) and other.chain_id == self.chain_id
+
+    def __hash__(self) -> int:
+        return hash(self.chain_id)
+
+    def __str__(self) -> str:
+        return f"{self.name or '(unnamed)'}@{self.chain_id[:19]}"
+
+
+def compose(tops: Sequence[Layer]) -> list[Layer]:
+    """The union image of ``tops`` (leftmost on top), as a chain of layers, bottom first.
+
+    Layers the chains share appear once, at their lowest position. A layer that lands on a
+    different parent than its own gets a new ``chain_id`` (its position in the union), while
+    keeping its ``diff_id`` and directory, so the union is an image like any other.
+    """
+    if len(tops) == 1:
+        return tops[0].chain
+    flat: list[Layer] = []
+    seen: set[str] = set()
+    for top in reversed(tops):
+        for lay in top.chain:
+            if lay.chain_id not in seen:
+                seen.add(lay.chain_id)
+                flat.append(lay)
+    out: list[Layer] = []
+    cids = layertar.chain_ids([x.diff_id for x in flat])
+    parent: Layer | None = None
+    for lay, cid in zip(flat, cids, strict=True):
+        if cid == lay.chain_id and (lay.parent is parent or lay.parent == parent):
+            node = lay
+        else:
+            node = Layer(
+                name=lay.name,
+                diff_id=lay.diff_id,
+                chain_id=cid,
+                parent=parent,
+                size=lay.size,
+                files=lay.files,
+                directory=lay.directory,
+                flavor=lay.flavor,
+                origin=lay.origin or lay.chain_id,
+            )
+        out.append(node)
+        parent = node
+    return out
+
+
+# ---- build-cache keys -----------------------------------------------------------------------
+
+
+def _hash_path(h: Any, path: Path, rel: str) -> None:
+    st = os.lstat(path)
+    h.update(
+        f"\0{rel}\0{stat.S_IFMT(st.st_mode):o}\0{stat.S_IMODE(st.st_mode):o}\0".encode(
+            "utf-8", "surrogateescape"
+        )
+    )
+    if stat.S_ISLNK(st.st_mode):
+        h.update(os.fsencode(os.readlink(path)))
+    elif stat.S_ISREG(st.st_mode):
+        h.update(f"{st.st_size}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    elif stat.S_ISDIR(st.st_mode):
+        for child in sorted(os.listdir(path)):
+            _hash_path(h, path / child, f"{rel}/{child}")
+
+
+def build_key(defn: LayerDef, parent_chain_id: str | None, rootdir: Path) -> str:
+    """The build-cache key of ``defn`` on top of ``parent_chain_id`` (hex sha256)."""
+    h = hashlib.sha256()
+    h.update(b"pytest-layers build key 1\0")
+    h.update(f"parent={parent_chain_id or ''}\0name={defn.qualname}\0".encode())
+    h.update(defn.source().encode("utf-8", "surrogateescape"))
+    for inp in defn.inputs:
+        path = rootdir / inp
+        if not os.path.lexists(path):
+            raise LayerDefinitionError(
+                f"layer {defn.name!r} ({defn.where}): input {inp!r} does not exist "
+                f"(inputs are relative to the rootdir {rootdir})"
+            )
+        _hash_path(h, path, inp)
+    h.update(f"\0version={defn.version if defn.version is not None else ''}".encode())
+    return h.hexdigest()
+
+
+# ---- building -------------------------------------------------------------------------------
+
+
+def human_size(n: int) -> str:
+    """``1.2 MiB`` style size."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One layer built or found in the cache during this session."""
+
+    name: str
+    status: str  # "built" | "cached"
+    seconds: float
+    files: int
+    size: int
+    digest: str
+
+    def line(self) -> str:
+        short = self.digest.split(":", 1)[-1][:12]
+        return (
+            f"layers: {self.status} {self.name} in {self.seconds:.2f}s "
+            f"({self.files} files, {human_size(self.size)}) {short}"
+        )
+
+
+class LayerSession:
+    """The per-process state of a pytest session: store, backend, built layers, leases.
+
+    ``rebuild_token`` is set when ``--layers-rebuild`` is given: the controller's token, the
+    same in every xdist worker, so each key is rebuilt once per store per run, not once per
+    process.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        backend: Backend,
+        rootdir: Path,
+        *,
+        rebuild_token: str | None = None,
+        verify: bool = False,
+        scratch_root: Path | None = None,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.rootdir = rootdir
+        self.rebuild_token = rebuild_token
+        self.verify = verify
+        # Not under STORE/tmp: the store sweeps names there it does not own.
+        self.scratch_root = scratch_root or (store.root / "scratch" / "views" / str(os.getpid()))
+        self.progress: list[Progress] = []
+        self._verified: set[str] = set()
+        self._exit = contextlib.ExitStack()
+        self._counter = 0
+
+    def close(self) -> None:
+        """Release leases held by this session."""
+        self._exit.close()
+
+    def scratch(self) -> Path:
+        """A fresh, empty directory for one view (under the session's scratch root)."""
+        self._counter += 1
+        path = self.scratch_root / str(self._counter)
+        path.mkdir(parents=True)
+        return path
+
+    # -- layers from the store
+
+    def layer_from_store(self, chain_id: str, parent: Layer | None, name: str | None) -> Layer:
+        """A :class:`Layer` for a stored chain_id whose parent is ``parent``."""
+        info: LayerInfo = self.store.layer_info(chain_id)
+        return Layer(
+            name=name if name is not None else info.name,
+            diff_id=info.diff_id,
+            chain_id=info.chain_id,
+            parent=parent,
+            size=info.size,
+            files=info.files,
+            directory=self.store.layer_dir(chain_id),
+            flavor=self.store.flavor,
+        )
+
+    def load_chain(self, chain_id: str) -> Layer:
+        """The stored image whose top is ``chain_id``, as a chain of :class:`Layer`."""
+        parent: Layer | None = None
+        for info in self.store.chain(chain_id):
+            parent = self.layer_from_store(info.chain_id, parent, info.name)
+        if parent is None:
+            raise StoreError(f"stored chain {chain_id} is empty")
+        return parent
+
+    def use(self, image: Sequence[Layer]) -> None:
+        """Lease ``image`` for the session and, with ``--layers-verify``, re-hash it once."""
+        todo = [x.chain_id for x in image if x.chain_id not in self._verified]
+        if not todo:
+            return
+        stored = [c for c in todo if self.store.has_layer(c)]
+        if stored:
+            self._exit.enter_context(self.store.lease(stored))
+        if self.verify and stored:
+            problems = self.store.verify(stored)
+            if problems:
+                lines = "\n  ".join(str(p) for p in problems)
+                raise StoreError(
+                    f"--layers-verify: {len(problems)} problem(s) in the store "
+                    f"{self.store.root}:\n  {lines}\nrun `pytest-layers verify` for details and "
+                    "`pytest --layers-rebuild` (or delete the damaged layers) to fix it"
+                )
+        self._verified.update(todo)
+
+    # -- building
+
+    def _rebuild_marker(self, key: str) -> Path:
+        return self.store.root / "refs" / "rebuild" / key
+
+    def _must_rebuild(self, key: str) -> bool:
+        if self.rebuild_token is None:
+            return False
+        try:
+            return self._rebuild_marker(key).read_text() != self.rebuild_token
+        except FileNotFoundError:
+            return True
+
+    def get(self, defn: LayerDef, parent: Layer | None, kwargs: Mapping[str, Any]) -> Layer:
+        """The layer of ``defn`` on ``parent``: from the build cache, or built now.
+
+        Holds the store's build lock for the key, so concurrent processes build it once.
+        """
+        key = build_key(defn, parent.chain_id if parent else None, self.rootdir)
+        start = time.perf_counter()
+        with self.store.build_lock(key):
+            cached = None if self._must_rebuild(key) else self.store.cache_get(key)
+            if cached is not None and self.store.has_layer(cached):
+                lay = self.layer_from_store(cached, parent, defn.name)
+                status = "cached"
+            else:
+                lay = self._build(defn, parent, kwargs)
+                self.store.cache_set(key, lay.chain_id)
+                if self.rebuild_token is not None:
+                    marker = self._rebuild_marker(key)
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = marker.with_name(f".{key}.{os.getpid()}")
+                    tmp.write_text(self.rebuild_token)
+                    os.replace(tmp, marker)
+                status = "built"
+            self.store.set_name(defn.name, lay.chain_id)
+        self.progress.append(
+            Progress(
+                defn.name, status, time.perf_counter() - start, lay.files, lay.size, lay.diff_id
+            )
+        )
+        return lay
+
+    def _build(self, defn: LayerDef, parent: Layer | None, kwargs: Mapping[str, Any]) -> Layer:
+        flavor = self.store.flavor
+        with contextlib.ExitStack() as stack:
+            if parent is None:
+                root = stack.enter_context(self.store.staging())
+                image = changeset.ImageView([], flavor)
+                self._run_builder(defn, root, kwargs)
+                entries = changeset.changes_from_tree(root, image)
+            else:
+                lowers = [x.directory for x in reversed(parent.chain)]
+                image = changeset.ImageView(lowers, flavor)
+                scratch = self.scratch()
+                stack.callback(namespaces.remove_tree, scratch)
+                view = self.backend.open(lowers, scratch, readonly=False, flavor=flavor)
+                stack.callback(view.close)
+                self._run_builder(defn, view.path, kwargs)
+                entries = self.backend.changes(view, image)
+            _check_entries(defn, entries)
+            staged = stack.enter_context(self.store.staging())
+            changeset.write_layer(entries, staged, flavor=flavor)
+            info = self.store.add_layer(
+                staged,
+                parent=parent.chain_id if parent else None,
+                name=defn.name,
+                source="build",
+            )
+        return self.layer_from_store(info.chain_id, parent, defn.name)
+
+    @staticmethod
+    def _run_builder(defn: LayerDef, root: Path, kwargs: Mapping[str, Any]) -> None:
+        result = defn.builder(root, **kwargs)
+        if inspect.isgenerator(result) or inspect.iscoroutine(result):
+            if inspect.iscoroutine(result):
+                result.close()
+            raise LayerDefinitionError(
+                f"layer builder {defn.qualname} ({defn.where}) must be a plain function that "
+                "fills `root` and returns; generators and coroutines are not supported"
+            )
+
+
+def _check_entries(defn: LayerDef, entries: Sequence[Entry]) -> None:
+    for entry in entries:
+        if entry.kind != "D" and PurePosixPath(entry.path).name.startswith(".wh."):
+            raise LayerBuildError(
+                f"layer {defn.name!r}: builder {defn.qualname} ({defn.where}) left /{entry.path}; "
+                "names starting with '.wh.' are OCI whiteout markers and cannot be stored in a "
+                "layer: rename or remove it (to delete a file of the parent, just unlink it)"
+            )

@@ -1,0 +1,261 @@
+"""``Rootfs``: one test's private, writable view of an image.
+
+Stacked top to bottom: the rw layer (the test's writes), the init layer (per-test generated
+files, never in a diff or a commit), then the image's read-only layers. No pytest here: the
+plugin's ``rootfs`` fixture is a thin wrapper that opens one and closes it after the test.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+
+from pytest_layers import changeset, namespaces
+from pytest_layers.definitions import Layer, LayerSession
+from pytest_layers.errors import LayerDefinitionError, LayersError
+
+__all__ = ["Rootfs", "check_init_path", "MAX_SYMLINKS"]
+
+#: As Linux's MAXSYMLINKS: more links than this while resolving one path is a loop.
+MAX_SYMLINKS = 40
+
+
+def check_init_path(rel: object, *, where: str = "") -> str:
+    """Validate an init-layer path: relative, no ``..``, not empty. Returns it normalised."""
+    if not isinstance(rel, str):
+        raise LayerDefinitionError(
+            f"{where}init path {rel!r} must be a str (a path relative to the rootfs)"
+        )
+    pure = PurePosixPath(rel)
+    if pure.is_absolute():
+        raise LayerDefinitionError(
+            f"{where}init path {rel!r} is absolute; init paths are relative to the rootfs "
+            f"(write {rel.lstrip('/')!r})"
+        )
+    if ".." in pure.parts:
+        raise LayerDefinitionError(
+            f"{where}init path {rel!r} contains '..'; init files must stay inside the rootfs"
+        )
+    norm = str(pure)
+    if norm in ("", "."):
+        raise LayerDefinitionError(f"{where}init path {rel!r} names the root, not a file")
+    return norm
+
+
+class Rootfs(os.PathLike[str]):
+    """A test's mounted rootfs. ``os.fspath(rootfs)`` is the merged directory.
+
+    ``rootfs / "etc/app.conf"`` gives a :class:`pathlib.Path` inside it (a leading ``/`` is
+    taken as the rootfs's root, never the host's).
+    """
+
+    def __init__(
+        self,
+        session: LayerSession,
+        image: Sequence[Layer],
+        *,
+        init: Mapping[str, str | bytes] | None = None,
+        readonly: bool = False,
+    ) -> None:
+        self._session = session
+        self._image = list(image)
+        self._readonly = readonly
+        store = session.store
+        self._lowers = [x.directory for x in reversed(self._image)]
+        self._scratch = session.scratch()
+        self._closed = False
+        try:
+            lowers = list(self._lowers)
+            self._exclude: set[str] = set()
+            self._init_dirs: set[str] = set()
+            if init:
+                init_dir = self._scratch / "init"
+                self._exclude, self._init_dirs = self._write_init(init_dir, init)
+                lowers.insert(0, init_dir)
+            view_scratch = self._scratch / "view"
+            view_scratch.mkdir()
+            self._view = session.backend.open(
+                lowers, view_scratch, readonly=readonly, flavor=store.flavor
+            )
+        except BaseException:
+            namespaces.remove_tree(self._scratch)
+            raise
+
+    # -- the init layer
+
+    def _image_view(self) -> changeset.ImageView:
+        return changeset.ImageView(self._lowers, self._session.store.flavor)
+
+    def _write_init(
+        self, init_dir: Path, files: Mapping[str, str | bytes]
+    ) -> tuple[set[str], set[str]]:
+        """Write the init layer; returns (its files, the directories the image lacks)."""
+        image = self._image_view()
+        written: set[str] = set()
+        new_dirs: set[str] = set()
+        init_dir.mkdir()
+        for rel, content in sorted(files.items()):
+            rel = check_init_path(rel)
+            if not isinstance(content, (str, bytes)):
+                raise LayerDefinitionError(
+                    f"init file {rel!r}: content must be str or bytes, got {type(content).__name__}"
+                )
+            parts = PurePosixPath(rel).parts
+            for i in range(1, len(parts)):
+                drel = "/".join(parts[:i])
+                dpath = init_dir / drel
+                if dpath.is_dir():
+                    continue
+                dpath.mkdir()
+                # The topmost lower wins a directory's metadata in an overlay: copy the image's
+                # so that the init layer does not change how /etc looks.
+                st = image.lstat(drel)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    os.chmod(dpath, stat.S_IMODE(st.st_mode))
+                    if os.geteuid() == 0 or st.st_uid == os.geteuid():
+                        os.lchown(dpath, st.st_uid, st.st_gid)
+                    os.utime(dpath, ns=(st.st_atime_ns, st.st_mtime_ns))
+                else:
+                    new_dirs.add(drel)
+            data = content.encode() if isinstance(content, str) else content
+            (init_dir / rel).write_bytes(data)
+            written.add(rel)
+        return written, new_dirs
+
+    # -- the public surface
+
+    def __fspath__(self) -> str:
+        return str(self._view.path)
+
+    def __truediv__(self, other: str | os.PathLike[str]) -> Path:
+        return self._view.path / os.fspath(other).lstrip("/")
+
+    def __repr__(self) -> str:
+        names = "+".join(x.name or x.chain_id[:19] for x in self._image[-1:]) or "(empty)"
+        return f"<Rootfs {names} at {self._view.path}>"
+
+    @property
+    def path(self) -> Path:
+        """The merged directory."""
+        return self._view.path
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The image's layers, bottom first."""
+        return list(self._image)
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    def _entries(self) -> list[changeset.Entry]:
+        if self._view.upper is None:
+            return []
+        entries = self._session.backend.changes(
+            self._view, self._image_view(), exclude=self._exclude
+        )
+        if not self._init_dirs:
+            return entries
+        # A directory only the init layer made shows up in a full copy (the copy backend) even
+        # when the test never touched it: drop it unless something below it changed.
+        below = {e.path.rsplit("/", 1)[0] for e in entries if "/" in e.path}
+        parents = set()
+        for p in below:
+            while p and p not in parents:
+                parents.add(p)
+                p = p.rpartition("/")[0]
+        return [e for e in entries if e.path not in self._init_dirs or e.path in parents]
+
+    def diff(self) -> list[changeset.Change]:
+        """What the test changed, as ``docker diff`` would list it (sorted by path)."""
+        return changeset.to_changes(self._entries())
+
+    def commit(self, name: str | None = None) -> Layer:
+        """Commit the rw layer now, as a layer whose parent is the image; return it."""
+        if self._view.upper is None:
+            raise LayersError("a readonly rootfs has no writable layer to commit")
+        store = self._session.store
+        parent = self._image[-1] if self._image else None
+        self._ensure_stored(self._image)
+        entries = self._entries()
+        with store.staging() as staged:
+            changeset.write_layer(entries, staged, flavor=store.flavor)
+            info = store.add_layer(
+                staged,
+                parent=parent.chain_id if parent else None,
+                name=name,
+                source="commit",
+            )
+        if name is not None:
+            store.set_name(name, info.chain_id)
+        return self._session.layer_from_store(info.chain_id, parent, name)
+
+    def _ensure_stored(self, image: Sequence[Layer]) -> None:
+        # A union's layers sit at chain positions the store has never seen; a commit's parent
+        # must be a stored chain, so record each position as an alias of the stored layer.
+        store = self._session.store
+        for lay in image:
+            if store.has_layer(lay.chain_id):
+                continue
+            add_alias = getattr(store, "add_alias", None)
+            if add_alias is None or lay.origin is None:
+                raise LayersError(
+                    "committing a union of several layers needs Store.add_alias, which this "
+                    "store does not provide; commit a single-chain image instead"
+                )
+            add_alias(lay.chain_id, lay.origin, parent=lay.parent.chain_id if lay.parent else None)
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """Resolve ``path`` inside the rootfs as a chroot would.
+
+        Absolute symlinks and ``..`` are taken relative to the rootfs's root, so the result
+        never leaves it. Missing components are kept as they are (like ``realpath``).
+        Raises ``OSError(ELOOP)`` on a symlink loop.
+        """
+        root = self._view.path
+        todo = [p for p in PurePosixPath(os.fspath(path)).parts if p != "/"]
+        todo.reverse()
+        done: list[str] = []
+        links = 0
+        while todo:
+            part = todo.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            candidate = root.joinpath(*done, part)
+            try:
+                is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                is_link = False
+            if not is_link:
+                done.append(part)
+                continue
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise OSError(
+                    errno.ELOOP,
+                    f"too many levels of symbolic links inside the rootfs while resolving "
+                    f"{os.fspath(path)!r} (a symlink loop?)",
+                    str(candidate),
+                )
+            target = PurePosixPath(os.readlink(candidate))
+            if target.is_absolute():
+                done = []
+            todo.extend(reversed([p for p in target.parts if p != "/"]))
+        return root.joinpath(*done)
+
+    def close(self) -> None:
+        """Unmount and remove the scratch; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._view.close()
+        finally:
+            namespaces.remove_tree(self._scratch)
