@@ -105,16 +105,12 @@ def _print_progress(line: str) -> None:
 def cmd_ls(args: argparse.Namespace) -> int:
     store = _store(args)
     rows: list[tuple[str, str, str, str, str, str]] = []
-    names_dir = store.root / "refs" / "names"
-    names = sorted(p.name for p in names_dir.iterdir()) if names_dir.is_dir() else []
-    for name in names:
-        cid = store.get_name(name)
-        if cid is None or not store.has_layer(cid):
-            continue
-        rows.append(_ls_row(store, name, cid))
+    for name, cid in sorted(store.names().items()):
+        if store.has_layer(cid):
+            rows.append(_ls_row(store, name, cid))
     for snap in store.snapshots():
-        ref = getattr(snap, "ref", None) or f"snapshot:{snap.test}"
-        rows.append(_ls_row(store, ref, snap.chain_id))
+        if store.has_layer(snap.chain_id):
+            rows.append(_ls_row(store, f"{snap.ref} #{snap.n}", snap.chain_id))
     if args.quiet:
         for row in rows:
             print(row[0])
@@ -136,7 +132,7 @@ def _ls_row(store: Store, ref: str, cid: str) -> tuple[str, str, str, str, str, 
         str(len(chain)),
         _human(size),
         _created(top),
-        str(getattr(top, "source", "-")),
+        top.source,
     )
 
 
@@ -147,12 +143,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         cid = store.resolve(ref)
         chain = store.chain(cid)
         top = chain[-1]
-        names_dir = store.root / "refs" / "names"
-        names = (
-            sorted(p.name for p in names_dir.iterdir() if store.get_name(p.name) == cid)
-            if names_dir.is_dir()
-            else []
-        )
+        names = sorted(name for name, named in store.names().items() if named == cid)
         out.append(
             {
                 "Id": cid,
@@ -160,7 +151,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "Names": names,
                 "Parent": top.parent,
                 "Created": _created(top),
-                "Source": getattr(top, "source", None),
+                "Source": top.source,
                 "Size": sum(info.size for info in chain),
                 "RootFS": {"Type": "layers", "Layers": [info.diff_id for info in chain]},
                 "ChainIDs": [info.chain_id for info in chain],
@@ -170,9 +161,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                         "DiffID": info.diff_id,
                         "Name": info.name,
                         "Size": info.size,
-                        "Files": getattr(info, "files", None),
+                        "Files": info.files,
                         "Created": _created(info),
-                        "Source": getattr(info, "source", None),
+                        "Source": info.source,
                     }
                     for info in chain
                 ],
@@ -355,8 +346,25 @@ def _borrow_host_tools(view_path: Path) -> list[str]:
     return borrowed
 
 
-def cmd_shell(args: argparse.Namespace) -> int:
+def _enter_namespace() -> bool:
+    """Enter a private mount namespace (root) or a user + mount namespace (anyone else), so
+    that every mount this command makes vanishes with it, whatever happens to it. False when
+    neither is possible here (then only the copy backend works, and there is no chroot)."""
     from pytest_layers import namespaces
+    from pytest_layers.errors import BackendUnavailableError
+
+    try:
+        if os.geteuid() == 0:
+            namespaces.enter_private_mount_namespace()
+        else:
+            namespaces.enter_user_namespace()
+    except BackendUnavailableError as exc:
+        print(f"{PROG}: note: {exc}; using a copy of the image", file=sys.stderr)
+        return False
+    return True
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
     from pytest_layers.backends import detect
 
     command = list(args.command)
@@ -368,21 +376,18 @@ def cmd_shell(args: argparse.Namespace) -> int:
     store = _store(args)
     cid = store.resolve(args.ref)
     chain = store.chain(cid)
-    # Our own mount namespace: the view and anything bound into it vanish with this process,
-    # whatever happens to it.
-    if os.geteuid() == 0:
-        namespaces.enter_private_mount_namespace()
-    else:
-        namespaces.enter_user_namespace()
+    isolated = _enter_namespace()
     with store.staging() as scratch_root:
-        backend = detect.choose_backend(args.backend, scratch_root / "probe")
+        backend, _skipped = detect.choose_backend(
+            args.backend, scratch_root / "probe", flavor=store.flavor
+        )
         scratch = scratch_root / "view"
         scratch.mkdir()
         view = backend.open(_lowers(store, chain), scratch, flavor=store.flavor)
         try:
             root = view.path
-            chroot = True
-            if not _find_program(root, command[0]):
+            chroot = isolated
+            if isolated and not _find_program(root, command[0]):
                 borrowed = _borrow_host_tools(root) if args.host_tools else []
                 if _find_program(root, command[0]) or (
                     "/" not in command[0] and shutil.which(command[0]) and borrowed
@@ -468,6 +473,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pytest_layers import oci
 
     store = _store(args, create=True)
+    _enter_namespace()
     started = time.monotonic()
     result = oci.import_image(
         store,
@@ -512,7 +518,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     store = _store(args)
     report = store.prune(keep_snapshots=args.keep_snapshots)
-    print(str(report))
+    print(
+        f"removed {len(report.removed_layers)} layer(s), {len(report.removed_snapshots)} "
+        f"snapshot(s), {report.removed_tmp} stale temporary dir(s); freed "
+        f"{_human(report.freed_bytes)}; {report.kept_layers} layer(s) kept"
+    )
     return 0
 
 

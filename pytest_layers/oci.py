@@ -27,7 +27,7 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -37,6 +37,7 @@ from pytest_layers.errors import InvalidImageError, StoreError
 
 if TYPE_CHECKING:
     from pytest_layers.backends.base import Backend
+    from pytest_layers.changeset import Entry
     from pytest_layers.store import LayerInfo, Store
 
 __all__ = [
@@ -198,15 +199,7 @@ def _iso(ts: float) -> str:
 
 
 def _created_ts(info: LayerInfo) -> float:
-    created: Any = getattr(info, "created", None)
-    if isinstance(created, (int, float)):
-        return float(created)
-    if isinstance(created, str):
-        with contextlib.suppress(ValueError):
-            return _dt.datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
-    if isinstance(created, _dt.datetime):
-        return created.timestamp()
-    return float(layertar.clamp_epoch())
+    return info.created
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -327,7 +320,7 @@ def export_image(
                 }
             )
             diff_ids.append(diff_id)
-            source = getattr(info, "source", "build")
+            source = info.source
             what = info.name or _short(info.chain_id)
             history.append(
                 {
@@ -833,15 +826,26 @@ class _Prefixed:
 
 
 def _default_backend(store: Store, scratch: Path) -> Backend:
-    """The session's usual backend when one works here, else the copy backend (always works)."""
+    """The fastest backend that works here (``auto``): the copy backend is the last resort."""
     from pytest_layers.backends import detect
 
-    try:
-        return detect.choose_backend("auto", scratch)
-    except Exception:
-        from pytest_layers.backends.copy import CopyBackend
+    backend, _skipped = detect.choose_backend("auto", scratch, flavor=store.flavor)
+    return backend
 
-        return CopyBackend()
+
+def _restore_mtimes(entries: Sequence[Entry], staged: Path) -> None:
+    """Give the stored tree the image's own mtimes: ``write_layer`` clamps them, as a built
+    layer needs, but an imported layer keeps what its image says (DESIGN 6)."""
+    # Deepest first, so that setting a file's time never disturbs its directory's again.
+    for entry in sorted(entries, key=lambda e: e.path.count("/"), reverse=True):
+        if entry.source is None or entry.kind == "D":
+            continue
+        target = staged / entry.path
+        try:
+            st = os.lstat(entry.source)
+            os.utime(target, ns=(st.st_mtime_ns, st.st_mtime_ns), follow_symlinks=False)
+        except FileNotFoundError:
+            continue
 
 
 def import_image(
@@ -896,6 +900,7 @@ def import_image(
                     staged = staging / "layer"
                     staged.mkdir()
                     write_layer(entries, staged, flavor=store.flavor)
+                    _restore_mtimes(entries, staged)
                 finally:
                     view.close()
                 info = store.add_layer(
