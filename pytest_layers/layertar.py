@@ -832,7 +832,12 @@ class _Applier:
     def hardlink(
         self, m: tarfile.TarInfo, parent: int, base: str, existing: os.stat_result | None
     ) -> None:
-        target_rel = _normalize(m.linkname.lstrip("/"), what="hardlink target")
+        try:
+            # A leading "/" means the root of the image, as in docker's extraction.
+            target_rel = _normalize(m.linkname.lstrip("/"), what="hardlink target")
+        except UnsafeEntryError as exc:
+            why = f"hardlink target {m.linkname!r}: {exc.reason}"
+            raise UnsafeEntryError(m.name, why) from None
         if target_rel == "":
             raise UnsafeEntryError(m.name, "a hardlink to the root directory")
         t_parent_rel, _, t_base = target_rel.rpartition("/")
@@ -897,10 +902,11 @@ class _Applier:
                     os.setxattr(where, name, raw)
                 else:
                     # No *at variant for xattrs: go through /proc with an O_PATH fd of the
-                    # entry itself, which names that inode without following anything.
+                    # entry itself. The kernel resolves that magic link to the fd's own inode
+                    # (a symlink stays the symlink), so nothing in the tree is followed.
                     fd = os.open(base, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where)
                     try:
-                        os.setxattr(f"/proc/self/fd/{fd}", name, raw, follow_symlinks=False)
+                        os.setxattr(f"/proc/self/fd/{fd}", name, raw)
                     finally:
                         os.close(fd)
             except OSError as exc:
