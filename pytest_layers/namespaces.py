@@ -213,7 +213,9 @@ def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
     :class:`BackendUnavailableError` with the reason and the fix when it is impossible.
     """
     inherited = inside_our_namespace()
-    if inherited is not None:
+    # A root session's private namespace, inherited by a process that dropped to an ordinary
+    # user (runuser, su), gives no right to mount: that process needs its own user namespace.
+    if inherited is not None and inherited.kind == "userns":
         return inherited
     disabled = userns_disabled_reason()
     if disabled is not None:
