@@ -327,6 +327,9 @@ class Layer:
     def __str__(self) -> str:
         return f"{self.name or '(unnamed)'}@{self.chain_id[:19]}"
 
+    def __repr__(self) -> str:
+        return f"<Layer {self.name or '(unnamed)'} {self.chain_id[:19]} ({len(self.chain)} deep)>"
+
 
 def compose(tops: Sequence[Layer]) -> list[Layer]:
     """The union image of ``tops`` (leftmost on top), as a chain of layers, bottom first.

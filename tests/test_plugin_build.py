@@ -1,0 +1,161 @@
+"""@layer builds: once per build-cache key, across sessions; what invalidates the cache."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = [pytest.mark.requires_overlay]
+
+CONFTEST = """
+import os
+from pathlib import Path
+import pytest
+from pytest_layers import layer
+
+def _count(name):
+    with open(os.path.join(os.path.dirname(__file__), "runs.log"), "a") as f:
+        f.write(name + "\\n")
+
+@pytest.fixture(scope="session")
+def greeting():
+    return "hello"
+
+@layer(inputs=["data"], version=VERSION)
+def base(root, greeting):
+    \"\"\"The base tree: /etc/os-release and the data dir.\"\"\"
+    _count("base")
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text("ID=demo\\n")
+    (root / "etc/greeting").write_text(greeting)
+    (root / "data").mkdir()
+    for p in sorted(Path(os.path.dirname(__file__), "data").iterdir()):
+        (root / "data" / p.name).write_bytes(p.read_bytes())
+
+@layer(parent=base)
+def app(root):
+    _count("app")
+    (root / "etc/app.conf").write_text("debug=false\\n")
+    (root / "etc/os-release").unlink()
+"""
+
+TESTS = """
+import pytest
+
+@pytest.mark.layer("app")
+@pytest.mark.parametrize("i", range(50))
+def test_app(rootfs, i):
+    assert (rootfs / "etc/app.conf").read_text() == "debug=false\\n"
+    assert (rootfs / "etc/greeting").read_text() == "hello"
+    assert not (rootfs / "etc/os-release").exists()
+    (rootfs / "etc/app.conf").write_text(str(i))
+
+def test_layer_value(app, base):
+    assert app.parent == base
+    assert app.chain == [base, app]
+    assert app.name == "app" and app.diff_id.startswith("sha256:")
+    assert [str(c) for c in app.changes()] == ["C /etc", "A /etc/app.conf", "D /etc/os-release"]
+    assert base.files >= 3 and base.size >= len("ID=demo\\n")
+"""
+
+
+def _runs(pytester: pytest.Pytester) -> list[str]:
+    log = pytester.path / "runs.log"
+    runs = log.read_text().split() if log.exists() else []
+    log.unlink(missing_ok=True)
+    return runs
+
+
+@pytest.mark.slow
+def test_build_once_and_cache_invalidation(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST.replace("VERSION", '"1"'))
+    pytester.makepyfile(test_build=TESTS)
+    pytester.mkdir("data")
+    (pytester.path / "data" / "a.txt").write_text("a")
+
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=51)
+    result.stdout.re_match_lines(
+        [
+            r"layers: built base in \d+\.\d\ds \(\d+ files, \d+ B\) [0-9a-f]{12}",
+            r"layers: built app in .*",
+        ]
+    )
+    assert _runs(pytester) == ["base", "app"]
+
+    # A second session builds nothing and says so.
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=51)
+    result.stdout.fnmatch_lines(["layers: cached base in *", "layers: cached app in *"])
+    assert _runs(pytester) == []
+
+    # -q hides the progress lines.
+    result = pytester.runpytest_subprocess("-q", "-k", "test_layer_value")
+    result.assert_outcomes(passed=1, deselected=50)
+    result.stdout.no_fnmatch_line("layers: cached*")
+
+    # An inputs file changes: the base and so its child rebuild.
+    (pytester.path / "data" / "a.txt").write_text("b")
+    pytester.runpytest_subprocess("-k", "test_layer_value").assert_outcomes(passed=1, deselected=50)
+    assert _runs(pytester) == ["base", "app"]
+
+    # version changes: the base rebuilds; it comes out identical, so its chain_id (the child's
+    # key) is unchanged and the child is reused, as Docker reuses a layer on an equal parent.
+    pytester.makeconftest(CONFTEST.replace("VERSION", '"2"'))
+    result = pytester.runpytest_subprocess("-k", "test_layer_value")
+    result.assert_outcomes(passed=1, deselected=50)
+    result.stdout.fnmatch_lines(["layers: built base in *", "layers: cached app in *"])
+    assert _runs(pytester) == ["base"]
+
+    # The child's source changes: only the child rebuilds.
+    src = CONFTEST.replace("VERSION", '"2"').replace('_count("app")', '_count("app")  # edited')
+    pytester.makeconftest(src)
+    pytester.runpytest_subprocess("-k", "test_layer_value").assert_outcomes(passed=1, deselected=50)
+    assert _runs(pytester) == ["app"]
+
+    # --layers-rebuild ignores the cache for one run, building each layer once.
+    result = pytester.runpytest_subprocess("--layers-rebuild")
+    result.assert_outcomes(passed=51)
+    assert _runs(pytester) == ["base", "app"]
+    pytester.runpytest_subprocess("-k", "test_layer_value").assert_outcomes(passed=1, deselected=50)
+    assert _runs(pytester) == []
+
+
+def test_builder_error_is_not_cached(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        import os
+        from pytest_layers import layer
+
+        @layer
+        def flaky(root):
+            with open(os.path.join(os.path.dirname(__file__), "runs.log"), "a") as f:
+                f.write("flaky\\n")
+            if os.path.exists(os.path.join(os.path.dirname(__file__), "broken")):
+                raise RuntimeError("mirror unreachable")
+            (root / "ok").write_text("ok")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.layer("flaky")
+        @pytest.mark.parametrize("i", range(3))
+        def test_it(rootfs, i):
+            assert (rootfs / "ok").exists()
+        """
+    )
+    (pytester.path / "broken").touch()
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*def flaky(root):*",
+            '*raise RuntimeError("mirror unreachable")*',
+            "E*RuntimeError: mirror unreachable",
+        ]
+    )
+    assert _runs(pytester) == ["flaky"]  # pytest caches the session fixture's error
+    (pytester.path / "broken").unlink()
+    pytester.runpytest_subprocess().assert_outcomes(passed=3)
+    assert _runs(pytester) == ["flaky"]  # the failure was not cached: retried, then built
