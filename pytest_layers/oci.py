@@ -46,7 +46,6 @@ __all__ = [
     "Progress",
     "export_image",
     "import_image",
-    "oci_image",
     "MEDIA_TYPE_INDEX",
     "MEDIA_TYPE_MANIFEST",
     "MEDIA_TYPE_CONFIG",
@@ -932,10 +931,3 @@ def import_image(
         )
     finally:
         src.close()
-
-
-def oci_image(name: str, path: str | os.PathLike[str], ref: str | None = None) -> Any:
-    """Define a session layer fixture ``name`` whose image is the OCI image or docker-archive
-    at ``path`` (relative paths are taken from the rootdir); usable as ``parent=`` of a
-    ``@layer``. Imported once per store; the image's DiffIDs and chain ids are kept."""
-    raise NotImplementedError

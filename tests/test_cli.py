@@ -1,0 +1,238 @@
+"""The ``pytest-layers`` command, run as a subprocess (its mounts live in its own namespace)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from treeutil import make_tree
+
+from pytest_layers import _linux, cli, layertar
+from pytest_layers.changeset import ImageView, changes_from_tree, write_layer
+from pytest_layers.store import Store
+
+VERBS = ["ls", "inspect", "diff", "mount", "umount", "shell", "export", "import", "verify", "prune"]
+
+
+def build_layer(store: Store, parent: str | None, tree: Path, name: str | None) -> str:
+    lowers = [store.layer_dir(i.chain_id) for i in reversed(store.chain(parent))] if parent else []
+    entries = changes_from_tree(tree, ImageView(lowers, store.flavor))
+    with store.staging() as staging:
+        staged = staging / "layer"
+        staged.mkdir()
+        write_layer(entries, staged, flavor=store.flavor)
+        return store.add_layer(staged, parent=parent, name=name, source="build").chain_id
+
+
+def run(
+    *args: str, store: Path | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "pytest_layers.cli"]
+    if store is not None:
+        cmd += ["--store", os.fspath(store)]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """A store holding ``base`` (etc/x, bin/) and ``app`` (changes etc/x, adds etc/app.conf)."""
+    st = Store(tmp_path / "store")
+    tree = make_tree(tmp_path / "tree", {"etc/x": "from base\n", "etc/gone": "g\n", "srv": None})
+    base = build_layer(st, None, tree, "base")
+    (tree / "etc/x").write_text("from app\n")
+    (tree / "etc/gone").unlink()
+    (tree / "etc/app.conf").write_text("debug=false\n")
+    build_layer(st, base, tree, "app")
+    return st.root
+
+
+def layer_digests(store: Path) -> dict[str, str]:
+    st = Store(store)
+    return {c: layertar.layer_diff_id(st.layer_dir(c), flavor=st.flavor) for c in st.layers()}
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb: str) -> None:
+    proc = run(verb, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: pytest-layers")
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert run().returncode == 2
+    assert run("frobnicate").returncode == 2
+    proc = run("export", "app", store=tmp_path)  # -o is required
+    assert proc.returncode == 2
+    assert "-o/--output" in proc.stderr
+
+
+def test_failures_are_one_line_without_traceback(store: Path, tmp_path: Path) -> None:
+    proc = run("inspect", "nope", store=store)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("pytest-layers: error: unknown layer 'nope'; known layers: app")
+    proc = run("ls", store=tmp_path / "missing")
+    assert proc.returncode == 1
+    assert "no layer store at" in proc.stderr
+    assert "--store PATH" in proc.stderr
+
+
+def test_ls_inspect_diff(store: Path) -> None:
+    proc = run("ls", store=store)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["REF", "CHAIN", "ID", "LAYERS", "SIZE", "CREATED", "SOURCE"]
+    assert [line.split()[0] for line in lines[1:]] == ["app", "base"]
+    assert run("ls", "-q", store=store).stdout.split() == ["app", "base"]
+
+    info = json.loads(run("inspect", "app", store=store).stdout)[0]
+    st = Store(store)
+    chain = st.chain(st.resolve("app"))
+    assert info["RootFS"] == {"Type": "layers", "Layers": [i.diff_id for i in chain]}
+    assert info["ChainIDs"] == [i.chain_id for i in chain]
+    assert info["ChainIDs"][-1] == layertar.chain_id(info["RootFS"]["Layers"])
+    assert info["Names"] == ["app"]
+    assert info["Source"] == "build"
+    assert info["Size"] == sum(i.size for i in chain)
+    # A unique hex prefix is a ref too.
+    assert json.loads(run("inspect", chain[0].chain_id[7:19], store=store).stdout)[0]["Names"] == [
+        "base"
+    ]
+
+    proc = run("diff", "app", store=store)
+    assert proc.stdout.splitlines() == [
+        "C /etc",
+        "A /etc/app.conf",
+        "D /etc/gone",
+        "C /etc/x",
+    ]
+
+
+def test_verify_and_prune(store: Path) -> None:
+    proc = run("verify", store=store)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    assert run("verify", "app", store=store).stdout.strip() == "ok (2 layers)"
+    victim = Store(store).layer_dir(Store(store).resolve("base")) / "etc/x"
+    os.chmod(victim, 0o644)
+    victim.write_text("tampered\n")
+    proc = run("verify", store=store)
+    assert proc.returncode == 1
+    assert "/etc/x" in proc.stdout
+    proc = run("prune", store=store)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("removed ")
+
+
+def test_export_then_import_via_cli(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "app.tar"
+    proc = run("export", "app", "-o", str(out), "--gzip", store=store)
+    assert proc.returncode == 0, proc.stderr
+    assert "layer 2/2" in proc.stderr
+    proc = run("export", "app", "-o", str(out), store=store)
+    assert proc.returncode == 1
+    assert "already exists" in proc.stderr
+    other = tmp_path / "other"
+    proc = run("import", str(out), "--name", "again", store=other)
+    assert proc.returncode == 0, proc.stderr
+    assert Store(other).resolve("again") == Store(store).resolve("app")
+
+
+def test_default_store_is_under_the_pytest_rootdir(tmp_path: Path) -> None:
+    (tmp_path / "proj/sub/deeper").mkdir(parents=True)
+    (tmp_path / "proj/tox.ini").write_text("[pytest]\n")
+    found = cli.default_store_path(tmp_path / "proj/sub/deeper")
+    assert found == (tmp_path / "proj/.pytest_cache/layers").resolve()
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    assert cli.default_store_path(lone) == lone.resolve() / ".pytest_cache/layers"
+    proc = run("ls", cwd=tmp_path / "proj/sub/deeper")
+    assert str(tmp_path / "proj/.pytest_cache/layers") in proc.stderr
+
+
+@pytest.mark.requires_overlay
+def test_shell_runs_a_command_in_the_image_and_discards_writes(store: Path) -> None:
+    before = layer_digests(store)
+    proc = run("shell", "app", "--", "cat", "/etc/x", store=store)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "from app\n"
+    proc = run(
+        "shell",
+        "app",
+        "--",
+        "sh",
+        "-c",
+        "echo changed > /etc/x; rm /etc/app.conf; exit 7",
+        store=store,
+    )
+    assert proc.returncode == 7, proc.stderr
+    assert run("shell", "app", "--", "cat", "/etc/x", store=store).stdout == "from app\n"
+    assert run("shell", "app", "--", "ls", "/etc", store=store).stdout.split() == [
+        "app.conf",
+        "x",
+    ]
+    assert layer_digests(store) == before
+    assert run("verify", store=store).returncode == 0
+    assert list((store / "tmp").iterdir()) == []
+
+
+@pytest.mark.requires_root
+@pytest.mark.requires_overlay
+@pytest.mark.parametrize("rw", [False, True], ids=["readonly", "rw"])
+def test_mount_and_umount(store: Path, tmp_path: Path, rw: bool) -> None:
+    target = tmp_path / "mnt"
+    target.mkdir()
+    before = layer_digests(store)
+    try:
+        proc = run("mount", "app", str(target), *(["--rw"] if rw else []), store=store)
+        assert proc.returncode == 0, proc.stderr
+        assert (target / "etc/x").read_text() == "from app\n"
+        assert not (target / "etc/gone").exists()
+        if rw:
+            (target / "etc/x").write_text("written\n")
+            assert (target / "etc/x").read_text() == "written\n"
+        else:
+            with pytest.raises(OSError, match="Read-only file system"):
+                (target / "etc/x").write_text("written\n")
+        again = run("mount", "app", str(target), store=store)
+        assert again.returncode == 1
+        assert "already a mount point" in again.stderr
+        proc = run("umount", str(target), store=store)
+        assert proc.returncode == 0, proc.stderr
+        assert list(target.iterdir()) == []
+    finally:
+        with open("/proc/self/mountinfo") as f:
+            if any(line.split()[4] == str(target) for line in f):
+                _linux.umount2(target, _linux.MNT_DETACH)
+    assert layer_digests(store) == before
+    assert list((store / "mounts").iterdir()) == []
+    assert run("umount", str(target), store=store).returncode == 1
+
+
+@pytest.mark.requires_user
+def test_mount_as_ordinary_user_points_to_shell(user_tmp_path: Path) -> None:
+    from conftest import run_as_user
+
+    Store(user_tmp_path / "store")
+    (user_tmp_path / "mnt").mkdir()
+    proc = run_as_user(
+        [
+            sys.executable,
+            "-m",
+            "pytest_layers.cli",
+            "--store",
+            str(user_tmp_path / "store"),
+            "mount",
+            "x",
+            str(user_tmp_path / "mnt"),
+        ],
+        cwd=user_tmp_path,
+        env={"PYTHONPATH": str(Path(cli.__file__).parent.parent)},
+    )
+    assert proc.returncode == 1
+    assert "mount needs root" in proc.stderr
+    assert "pytest-layers shell x" in proc.stderr
