@@ -5,8 +5,9 @@ canonical OCI changeset tar of DESIGN section 6 as a stream: headers are built h
 with ``tarfile.TarInfo.tobuf`` (several times faster, and independent of the running Python's
 ``tarfile`` version, so the same tree hashes the same everywhere); the bytes are what
 ``tarfile`` 3.11 would write for the same ``TarInfo`` objects in ``PAX_FORMAT``, except that
-directory names carry no trailing slash and the archive ends after the two zero blocks, without
-padding to a 10 KiB record (as Go's ``archive/tar``, which docker and umoci use, does).
+directory names carry no trailing slash, non-UTF-8 values go without a ``hdrcharset=BINARY``
+record (see ``_entry_bytes``), and the archive ends after the two zero blocks, without padding
+to a 10 KiB record (as Go's ``archive/tar``, which docker and umoci use, does).
 
 Applying (``apply_layer_tar``) parses with ``tarfile`` but never extracts with it: every path
 is resolved here, one component at a time from an ``O_PATH`` descriptor of the root, so that no
