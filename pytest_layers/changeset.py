@@ -18,6 +18,7 @@ import errno
 import functools
 import os
 import stat
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,15 +264,25 @@ def _copy_file_data(src: str, dst: str, size: int) -> None:
 def ctime_mark(directory: str | os.PathLike[str]) -> int:
     """A ``since_ns`` for :func:`changes_from_tree`, read from the filesystem's own clock.
 
-    Creates and removes a scratch file in ``directory`` (which must be on the tree's filesystem
-    but **outside** the tree) and returns its ctime. Taking ``time.time_ns()`` instead is wrong:
-    the kernel stamps ctimes from a coarse clock that lags the fine one by up to a tick, so a
-    change made just after ``time.time_ns()`` could carry an earlier ctime and be missed.
+    Uses a scratch file in ``directory`` (on the tree's filesystem but **outside** the tree),
+    removed again. Taking ``time.time_ns()`` instead is wrong: the kernel stamps ctimes from a
+    coarse clock that lags the fine one by up to a tick, so a change made just after
+    ``time.time_ns()`` could carry an earlier ctime and be missed. The mark is the first ctime
+    stamped after the one the scratch file got on creation, so everything written before the
+    call is older than the mark and everything written after is not (at most one clock tick,
+    a few milliseconds, of waiting).
     """
-    path = os.path.join(os.fspath(directory), f".ctime-mark-{os.getpid()}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path = os.path.join(os.fspath(directory), f".ctime-mark-{os.getpid()}-{id(directory)}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        return os.fstat(fd).st_ctime_ns
+        first = os.fstat(fd).st_ctime_ns
+        deadline = time.monotonic() + 1.0
+        while True:
+            os.utime(fd)  # restamps ctime from the same clock as every other change
+            mark = os.fstat(fd).st_ctime_ns
+            if mark > first or time.monotonic() > deadline:
+                return mark
+            time.sleep(0.0005)
     finally:
         os.close(fd)
         os.unlink(path)

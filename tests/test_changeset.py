@@ -1,0 +1,412 @@
+"""Unit tests of changeset.py: Change, ImageView, the change lists' rules, write_layer details.
+
+The end-to-end round trip of every DESIGN 6 edge case is in test_edge_cases.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from treeutil import make_tree, set_tree_mtimes, whiteout
+
+from pytest_layers import changeset, layertar
+from pytest_layers.changeset import Change, Entry, ImageView
+from pytest_layers.errors import InvalidLayerError
+
+EPOCH = layertar.DEFAULT_EPOCH
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def strs(entries: list[Entry]) -> list[str]:
+    return [str(c) for c in changeset.to_changes(entries)]
+
+
+def layer(path: Path, spec: dict[str, object]) -> Path:
+    make_tree(path, spec)
+    set_tree_mtimes(path, EPOCH)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Change
+
+
+def test_change_str_repr_and_order() -> None:
+    c = Change("A", "/etc/app.conf")
+    assert str(c) == "A /etc/app.conf"
+    assert repr(c) == "Change('A', '/etc/app.conf')"
+    assert (c.kind, c.path) == ("A", "/etc/app.conf")
+    assert c == Change(kind="A", path="/etc/app.conf")
+    assert len({c, Change("A", "/etc/app.conf")}) == 1
+    # Sorted by path, not by kind.
+    got = sorted([Change("D", "/b"), Change("A", "/a/b"), Change("C", "/a")])
+    assert [str(x) for x in got] == ["C /a", "A /a/b", "D /b"]
+
+
+@pytest.mark.parametrize(("kind", "path"), [("X", "/a"), ("A", "a"), ("a", "/a")])
+def test_change_rejects_bad_values(kind: str, path: str) -> None:
+    with pytest.raises(ValueError, match="Change"):
+        Change(kind, path)
+
+
+def test_change_is_frozen() -> None:
+    c = Change("C", "/x")
+    with pytest.raises(AttributeError):
+        c.kind = "A"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# ImageView
+
+
+def test_imageview_overlay_flavor(tmp_path: Path) -> None:
+    bottom = layer(
+        tmp_path / "l0",
+        {
+            "a": None,
+            "a/x": "x0",
+            "a/y": "y0",
+            "d": None,
+            "d/sub": None,
+            "d/sub/z": "z",
+            "f": None,
+            "f/child": "c",
+            "o": None,
+            "o/old": "old",
+            "keep": "k0",
+        },
+    )
+    middle = tmp_path / "l1"
+    make_tree(middle, {"a": None, "a/x": "x1", "a/new": "n", "f": "now a file"})
+    whiteout(middle / "a/y")
+    whiteout(middle / "d")
+    top = tmp_path / "l2"
+    make_tree(top, {"o": None, "o/fresh": "f", "d": None, "d/again": "g"})
+    os.setxattr(top / "o", "user.overlay.opaque", b"y")
+    view = ImageView([top, middle, bottom], "overlay")
+
+    assert view.listdir("") == ["a", "d", "f", "keep", "o"]
+    assert view.listdir("a") == ["new", "x"]
+    assert view.lookup("a/x") == middle / "a/x"
+    assert view.lookup("keep") == bottom / "keep"
+    assert view.lookup("a/y") is None  # whiteout
+    assert view.lstat("a/y") is None
+    # d was deleted in l1 and made again in l2: only l2's child is visible.
+    assert view.listdir("d") == ["again"]
+    assert view.lookup("d/sub") is None
+    # f became a file in l1: the lower directory's children are gone.
+    assert view.lookup("f/child") is None
+    assert view.listdir("f") == []
+    st = view.lstat("f")
+    assert st is not None
+    assert stat.S_ISREG(st.st_mode)
+    # o is opaque in l2.
+    assert view.listdir("o") == ["fresh"]
+    assert view.lookup("o/old") is None
+    assert view.lookup("nope") is None
+    assert view.lookup("nope/deeper") is None
+
+
+def test_imageview_marker_flavor(tmp_path: Path) -> None:
+    bottom = layer(tmp_path / "l0", {"a": None, "a/x": "x0", "a/y": "y0", "o": None, "o/old": "1"})
+    top = tmp_path / "l1"
+    # .wh.x with x in the same layer: deleted below, recreated here.
+    make_tree(
+        top,
+        {
+            "a": None,
+            "a/.wh.y": "",
+            "a/.wh.x": "",
+            "a/x": "x1",
+            "o": None,
+            "o/.wh..wh..opq": "",
+            "o/fresh": "f",
+        },
+    )
+    view = ImageView([top, bottom], "marker")
+    assert view.listdir("a") == ["x"]
+    assert view.lookup("a/x") == top / "a/x"
+    assert view.lookup("a/y") is None
+    assert view.lookup("a/.wh.y") is None
+    assert view.listdir("o") == ["fresh"]
+    assert view.lookup("o/old") is None
+
+
+def test_imageview_caches_directory_listings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec: dict[str, object] = {"d": None}
+    spec.update({f"d/f{i}": str(i) for i in range(50)})
+    bottom = layer(tmp_path / "l0", spec)
+    top = layer(tmp_path / "l1", {"d": None, "d/f0": "new"})
+    view = ImageView([top, bottom], "overlay")
+    calls: list[object] = []
+    real = os.scandir
+
+    def counting(path: object) -> object:
+        calls.append(path)
+        return real(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "scandir", counting)
+    for _ in range(3):
+        for i in range(50):
+            assert view.lstat(f"d/f{i}") is not None
+        assert len(view.listdir("d")) == 50
+    # Root and d of each layer, read once.
+    assert len(calls) == 4
+
+
+def test_imageview_empty_image() -> None:
+    view = ImageView([], "overlay")
+    assert view.listdir("") == []
+    assert view.lookup("") is None
+    assert view.lookup("etc") is None
+
+
+def test_imageview_rejects_unknown_flavor(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="flavor"):
+        ImageView([tmp_path], "aufs")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# change lists
+
+
+def _copy(src: Path, dst: Path) -> None:
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+
+
+def test_since_ns_reads_only_changed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec: dict[str, object] = {"d": None}
+    spec.update({f"d/f{i:03}": f"content {i:03}" for i in range(300)})
+    base = layer(tmp_path / "base", spec)
+    tree = tmp_path / "tree"
+    _copy(base, tree)
+    since = changeset.ctime_mark(tmp_path)
+    (tree / "d/f007").write_text("CONTENT 007")  # same size
+    compared: list[str] = []
+    real = changeset._same_content
+
+    def recording(a: str, b: str, size: int) -> bool:
+        compared.append(os.path.relpath(a, tree))
+        return real(a, b, size)
+
+    monkeypatch.setattr(changeset, "_same_content", recording)
+    view = ImageView([base], "overlay")
+    assert strs(changeset.changes_from_tree(tree, view, since_ns=since)) == ["C /d", "C /d/f007"]
+    assert compared == ["d/f007"]
+    compared.clear()
+    assert strs(changeset.changes_from_tree(tree, view)) == ["C /d", "C /d/f007"]
+    assert len(compared) == 300  # the exact mode does read everything
+
+
+def test_exclude_hides_init_layer_paths(tmp_path: Path) -> None:
+    base = layer(tmp_path / "base", {"etc": None, "etc/hosts": "h", "etc/os": "o"})
+    tree = tmp_path / "tree"
+    _copy(base, tree)
+    (tree / "etc/hostname").write_text("web-1\n")  # init layer file
+    (tree / "etc/hosts").write_text("changed by init\n")
+    (tree / "run").mkdir()
+    (tree / "run/init-only").write_text("x")
+    (tree / "etc/os").unlink()  # a real change
+    view = ImageView([base], "overlay")
+    exclude = ["etc/hostname", "/etc/hosts", "run/"]
+    got = changeset.changes_from_tree(tree, view, exclude=exclude)
+    assert strs(got) == ["C /etc", "D /etc/os"]
+
+    upper = tmp_path / "upper"
+    make_tree(upper, {"etc": None, "etc/hostname": "web-1\n", "run": None, "run/x": "x"})
+    whiteout(upper / "etc/hosts")  # the test deleted an init-layer file: still not ours
+    whiteout(upper / "etc/os")
+    assert strs(changeset.changes_from_upper(upper, view, exclude=exclude)) == [
+        "C /etc",
+        "D /etc/os",
+    ]
+
+
+def test_upper_fuse_marker_whiteouts_and_stray_whiteouts(tmp_path: Path) -> None:
+    base = layer(tmp_path / "base", {"etc": None, "etc/a": "a", "etc/b": "b"})
+    view = ImageView([base], "overlay")
+    upper = tmp_path / "upper"
+    make_tree(upper, {"etc": None, "etc/.wh.a": ""})
+    whiteout(upper / "etc/never-existed")  # nothing to delete: not a change
+    os.utime(upper / "etc", (EPOCH, EPOCH))
+    assert strs(changeset.changes_from_upper(upper, view, upper_flavor="fuse")) == [
+        "C /etc",
+        "D /etc/a",
+    ]
+    with pytest.raises(ValueError, match="upper flavor"):
+        changeset.changes_from_upper(upper, view, upper_flavor="tree")
+
+
+def test_imported_mtimes_above_epoch_are_not_changes(tmp_path: Path) -> None:
+    # Imported layers keep their own (late) mtimes; an untouched copy of them is no change,
+    # a touched one is (the layer will store the clamped mtime).
+    base = tmp_path / "base"
+    make_tree(base, {"etc": None, "etc/a": "a", "etc/b": "b"})
+    set_tree_mtimes(base, 1_700_000_000)
+    tree = tmp_path / "tree"
+    _copy(base, tree)
+    os.utime(tree / "etc/b", (1_700_000_100, 1_700_000_100))
+    view = ImageView([base], "overlay")
+    assert strs(changeset.changes_from_tree(tree, view)) == ["C /etc", "C /etc/b"]
+
+
+def test_to_changes_sorts_by_path_string() -> None:
+    entries = [Entry("a/b", "A", Path("/x")), Entry("a-b", "D", None), Entry("a", "C", Path("/"))]
+    assert [str(c) for c in changeset.to_changes(entries)] == ["C /a", "D /a-b", "A /a/b"]
+
+
+def test_ctime_mark_precedes_later_changes(tmp_path: Path) -> None:
+    mark = changeset.ctime_mark(tmp_path)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "later").write_text("x")
+    assert os.lstat(tmp_path / "later").st_ctime_ns >= mark
+
+
+# --------------------------------------------------------------------------------------------
+# write_layer
+
+
+def _entries_for(tree: Path, base: Path) -> list[Entry]:
+    return changeset.changes_from_tree(tree, ImageView([base], "overlay"))
+
+
+def test_write_layer_rejects_wh_names(tmp_path: Path) -> None:
+    base = layer(tmp_path / "base", {"etc": None})
+    tree = tmp_path / "tree"
+    _copy(base, tree)
+    (tree / "etc/.wh.sneaky").write_text("x")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(InvalidLayerError, match=r"etc/\.wh\.sneaky.*cannot be committed"):
+        changeset.write_layer(_entries_for(tree, base), dest, flavor="overlay")
+
+
+def test_write_layer_rejects_a_real_0_0_device(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    whiteout(src / "dev00")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(InvalidLayerError, match=r"dev00.*0/0"):
+        changeset.write_layer([Entry("dev00", "A", src / "dev00")], dest, flavor="marker")
+
+
+def test_write_layer_needs_an_empty_dest_and_ancestors(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "junk").touch()
+    with pytest.raises(ValueError, match="empty"):
+        changeset.write_layer([], dest, flavor="overlay")
+    (dest / "junk").unlink()
+    with pytest.raises(ValueError, match="parent directory 'a'"):
+        changeset.write_layer([Entry("a/f", "A", tmp_path / "f")], dest, flavor="overlay")
+
+
+def test_write_layer_clamps_mtimes_and_keeps_dirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = layer(tmp_path / "base", {"d": None})
+    tree = tmp_path / "tree"
+    _copy(base, tree)
+    (tree / "d/old").write_text("o")
+    os.utime(tree / "d/old", (1000, 1000))
+    (tree / "d/new").write_text("n")  # mtime now: after the epoch
+    os.symlink("old", tree / "d/link")
+    os.utime(tree / "d/link", (2_000_000_000, 2_000_000_000), follow_symlinks=False)
+    (tree / "d/sub").mkdir()
+    (tree / "d/sub/x").write_text("x")
+    os.chmod(tree / "d/sub", 0o555)  # read-only dir: its child must still get written
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1500000000")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    changeset.write_layer(_entries_for(tree, base), dest, flavor="overlay")
+    m = {p: os.lstat(dest / p).st_mtime for p in ("d", "d/old", "d/new", "d/link", "d/sub")}
+    assert m == {
+        "d": 1_500_000_000,
+        "d/old": 1000,
+        "d/new": 1_500_000_000,
+        "d/link": 1_500_000_000,
+        "d/sub": 1_500_000_000,
+    }
+    assert stat.S_IMODE(os.lstat(dest / "d/sub").st_mode) == 0o555
+    assert (dest / "d/sub/x").read_text() == "x"
+    os.chmod(dest / "d/sub", 0o755)  # let tmp_path cleanup in
+
+
+def test_write_layer_marker_whiteouts_stats_hardlinks_sockets(tmp_path: Path) -> None:
+    base = layer(tmp_path / "base", {"d": None, "d/gone": "g", "d/tree": None, "d/tree/x": "x"})
+    tree = tmp_path / "tree"
+    _copy(base, tree)
+    (tree / "d/gone").unlink()
+    subprocess.run(["rm", "-rf", str(tree / "d/tree")], check=True)
+    (tree / "d/data").write_bytes(b"0123456789")
+    os.link(tree / "d/data", tree / "d/data2")
+    os.symlink("data", tree / "d/sym")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tree / "d/sock"))
+    sock.close()
+    entries = _entries_for(tree, base)
+    assert "A /d/sock" in strs(entries)  # reported as a change, skipped in the layer
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    stats = changeset.write_layer(entries, dest, flavor="marker")
+    assert stats == changeset.LayerStats(files=3, size=10)
+    assert sorted(os.listdir(dest / "d")) == [".wh.gone", ".wh.tree", "data", "data2", "sym"]
+    wh = os.lstat(dest / "d/.wh.gone")
+    assert stat.S_ISREG(wh.st_mode)
+    assert wh.st_size == 0
+    assert os.lstat(dest / "d/data").st_ino == os.lstat(dest / "d/data2").st_ino
+    assert changeset.layer_changes(dest, ImageView([base], "overlay"), flavor="marker") == [
+        c for c in changeset.to_changes(entries) if c.path != "/d/sock"
+    ]
+
+
+def test_write_layer_keeps_holes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 256 * 1024 * 1024
+    with open(src / "sparse", "wb") as f:
+        f.truncate(size)
+        f.seek(100 * 1024 * 1024)
+        f.write(b"data")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    stats = changeset.write_layer([Entry("sparse", "A", src / "sparse")], dest, flavor="overlay")
+    assert stats.size == size
+    st = os.lstat(dest / "sparse")
+    assert st.st_size == size
+    assert st.st_blocks * 512 <= 1024 * 1024
+    with open(dest / "sparse", "rb") as f:
+        f.seek(100 * 1024 * 1024)
+        assert f.read(4) == b"data"
+
+
+# --------------------------------------------------------------------------------------------
+# layer_changes
+
+
+def test_layer_changes_of_a_foreign_opaque_dir(tmp_path: Path) -> None:
+    base = layer(tmp_path / "base", {"d": None, "d/a": "a", "d/b": "b", "e": None, "e/x": "x"})
+    lay = tmp_path / "lay"
+    make_tree(lay, {"d": None, "d/b": "B", "d/new": "n", "e": None})
+    os.setxattr(lay / "d", "user.overlay.opaque", b"y")
+    whiteout(lay / "e/x")
+    got = [
+        str(c) for c in changeset.layer_changes(lay, ImageView([base], "overlay"), flavor="overlay")
+    ]
+    assert got == ["C /d", "D /d/a", "C /d/b", "A /d/new", "C /e", "D /e/x"]
