@@ -113,7 +113,8 @@ def benchmark_tables(data: dict[str, Any]) -> str:
             if hit:
                 r = hit[0]
                 cells.append(
-                    f"{_ms(r['median_ms'])} ({_ms(r['p10_ms'])}-{_ms(r['p90_ms'])}, n={r['samples']})"
+                    f"{_ms(r['median_ms'])} ({_ms(r['p10_ms'])}-{_ms(r['p90_ms'])},"
+                    f" n={r['samples']})"
                 )
             else:
                 cells.append("not run")
@@ -142,9 +143,7 @@ def benchmark_tables(data: dict[str, Any]) -> str:
             "First test's setup (which resolves the whole layer chain) and the wall time of the "
             "whole `pytest` process, in milliseconds."
         )
-        out.append(
-            _table(["session", "layers", "files", "first setup (ms)", "wall (ms)"], rows)
-        )
+        out.append(_table(["session", "layers", "files", "first setup (ms)", "wall (ms)"], rows))
 
     if data.get("diff"):
         out.append("### `diff()` and `commit()` cost\n")
@@ -180,9 +179,7 @@ def benchmark_tables(data: dict[str, Any]) -> str:
             "Wall time of the whole run in milliseconds; `builds` counts how often the layer "
             "builder ran, starting from an empty store."
         )
-        out.append(
-            _table(["tool", "tests", "base files", "workers", "wall (ms)", "builds"], rows)
-        )
+        out.append(_table(["tool", "tests", "base files", "workers", "wall (ms)", "builds"], rows))
 
     if data.get("targets"):
         out.append("### Against the design targets\n")
