@@ -353,6 +353,10 @@ def _enter_namespace() -> bool:
     from pytest_layers import namespaces
     from pytest_layers.errors import BackendUnavailableError
 
+    # A namespace inherited from a pytest session (its marker is in the environment) is not
+    # ours: its mounts are the session's, and an exec'd process keeps only the capabilities the
+    # session made ambient (no CAP_SYS_CHROOT). A fresh one nested inside it has everything.
+    os.environ.pop(namespaces.ENV_VAR, None)
     try:
         if os.geteuid() == 0:
             namespaces.enter_private_mount_namespace()

@@ -93,8 +93,14 @@ def expected_nodes(tree: Path) -> dict[str, Node]:
 def comparable(nodes: dict[str, Node]) -> dict[str, Node]:
     if os.geteuid() == 0:
         return nodes
-    # umoci --rootless cannot give files away; owners are not what this compares then.
-    return {rel: replace(n, uid=0, gid=0) for rel, n in nodes.items()}
+    # umoci --rootless cannot give files away (it records owners in its own
+    # user.rootlesscontainers xattr instead); owners are not what this compares then.
+    return {
+        rel: replace(
+            n, uid=0, gid=0, xattrs=tuple(x for x in n.xattrs if x[0] != "user.rootlesscontainers")
+        )
+        for rel, n in nodes.items()
+    }
 
 
 def overlay_tree(store: Path, ref: str, tmp_path: Path) -> dict[str, Node]:
