@@ -1,0 +1,514 @@
+"""The portable backend: every view is a real copy of the merged image.
+
+No mount is needed for a writable view, so this works wherever the scratch directory is
+writable: in an unprivileged container, on a filesystem overlay cannot stack, with a store in
+the ``"marker"`` flavor.
+
+How a view is made:
+
+1. **Plan** (once per image and process). The layers are merged in memory, top first, as
+   overlayfs would merge them: 0/0 character devices (``"overlay"`` flavor) and ``.wh.NAME``
+   files (``"marker"`` flavor) delete lower entries, ``.wh..wh..opq`` or an ``overlay.opaque``
+   xattr hides a directory's lower children, a directory over a lower non-directory hides it.
+   The result is a list of entries with the layer file each one is copied from. Store layers
+   never change once written (DESIGN section 4), so the layer files themselves serve as the
+   flattened image: no flattened copy is written to disk, which would cost a full copy of
+   inodes (the expensive part on ext4) for nothing. Whiteouts are applied here and never copied.
+2. **Copy** (per view): directories first, then files, links and nodes, then directory
+   metadata deepest first (so directory mtimes stick). File data is cloned with ``FICLONE``
+   where the filesystem shares extents (btrfs, xfs), else copied with ``copy_file_range`` (holes
+   of sparse files kept). Kept: symlinks, hardlinks (entries sharing an inode in one layer stay
+   linked), permission bits with setuid/setgid/sticky, ownership (as root), xattrs (``user.*``,
+   ``security.capability``, minus overlay and fuse-overlayfs bookkeeping), fifos and device
+   nodes (devices need root), mtimes. Sockets are skipped, as layers skip them.
+3. **Mark**: :func:`~pytest_layers.changeset.ctime_mark` after the copy gives ``since_ns``, the
+   first ctime the filesystem stamps after the copy. ``changes()`` compares with the image only
+   the entries whose ctime is at least that (user space cannot set ctime, so nothing the test
+   touched can hide), never reading unchanged files.
+
+Read-only views: a copy cannot make writes fail with ``EROFS`` by itself, so a ``readonly``
+view is the copy bind-mounted read-only over itself, which needs root or the session's user
+namespace. Where mounting is not possible, ``open(readonly=True)`` raises
+:class:`~pytest_layers.errors.BackendUnavailableError` saying so; writable views still work.
+
+Measured on the project machine (ext4): see ``benchmarks/`` and the module docstring of
+``benchmarks/bench_mount.py``; file creation dominates, so the copy is a lean walker in Python
+(one create, data, chown, chmod, futimens, close per file) rather than ``cp -a`` (which also
+probes ACLs and reflinks per file and was slower here) or ``shutil.copytree``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pytest_layers.backends.base import View
+from pytest_layers.errors import BackendUnavailableError, MountError
+
+if TYPE_CHECKING:
+    from pytest_layers.changeset import Entry, ImageView
+    from pytest_layers.layertar import Flavor
+
+__all__ = ["CopyBackend", "CopyView", "FICLONE"]
+
+#: ``_IOW(0x94, 9, int)`` from <linux/fs.h>: share the source's extents with the destination.
+FICLONE = 0x40049409
+
+_WH = ".wh."
+_OPQ = ".wh..wh..opq"
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+# errnos that mean "this filesystem (pair) cannot clone": fall back to copying, for good.
+_NO_CLONE = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF}
+_NO_CFR = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP}
+_PRIVILEGED = {errno.EPERM, errno.ENOTSUP, errno.EACCES}
+_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _keep_xattr(name: str) -> bool:
+    # Overlay and fuse-overlayfs bookkeeping is what a mount hides; everything else is content.
+    return not name.startswith(("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs."))
+
+
+def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return ()
+    out = []
+    for name in names:
+        if _keep_xattr(name):
+            with contextlib.suppress(OSError):
+                out.append((name, os.getxattr(path, name, follow_symlinks=False)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _Item:
+    rel: str  # relative POSIX path in the image ("" for the root)
+    src: str  # the layer file it is copied from
+    st: os.stat_result
+    xattrs: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    dirs: tuple[_Item, ...]  # parents before children; the root first
+    others: tuple[_Item, ...]  # files, symlinks, fifos, devices
+    files: int
+
+
+class _Layer:
+    """One layer directory's view of one merged directory."""
+
+    __slots__ = ("entries", "opaque", "whiteouts")
+
+    def __init__(self, abs_dir: str, flavor: str) -> None:
+        self.entries: dict[str, os.DirEntry[str]] = {}
+        self.whiteouts: set[str] = set()
+        self.opaque = False
+        with os.scandir(abs_dir) as it:
+            for e in it:
+                name = e.name
+                if flavor == "marker" and name.startswith(_WH):
+                    if name == _OPQ:
+                        self.opaque = True
+                    else:
+                        self.whiteouts.add(name[len(_WH) :])
+                    continue
+                if flavor == "overlay":
+                    st = e.stat(follow_symlinks=False)  # cached by DirEntry for the plan
+                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                        self.whiteouts.add(name)
+                        continue
+                self.entries[name] = e
+        # A layer never hides its own entries (OCI); a whiteout only speaks about lower layers.
+        self.whiteouts.difference_update(self.entries)
+        if not self.opaque:
+            for xname in _OPAQUE_XATTRS:
+                with contextlib.suppress(OSError):
+                    if os.getxattr(abs_dir, xname) == b"y":
+                        self.opaque = True
+                        break
+
+
+def _plan(lowers_top_first: Sequence[str], flavor: str) -> _Plan:
+    """Merge the layers as overlayfs would and list what a copy must create."""
+    root_src = lowers_top_first[0]
+    dirs: list[_Item] = [_Item("", root_src, os.lstat(root_src), _xattrs(root_src))]
+    others: list[_Item] = []
+    files = 0
+    # (rel, abs dirs of the layers that merge into it, top first)
+    todo: list[tuple[str, list[str]]] = [("", list(lowers_top_first))]
+    while todo:
+        rel_dir, stack = todo.pop()
+        decided: set[str] = set()
+        layers = []
+        for abs_dir in stack:
+            layer = _Layer(abs_dir, flavor)
+            layers.append(layer)
+            if layer.opaque:
+                break
+        for depth, layer in enumerate(layers):
+            for name in sorted(layer.entries):
+                if name in decided:
+                    continue
+                decided.add(name)
+                e = layer.entries[name]
+                rel = f"{rel_dir}/{name}" if rel_dir else name
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISSOCK(st.st_mode):
+                    continue
+                xattrs = _xattrs(e.path) if not stat.S_ISLNK(st.st_mode) else ()
+                if stat.S_ISDIR(st.st_mode):
+                    dirs.append(_Item(rel, e.path, st, xattrs))
+                    # The directories of lower layers merge into it, down to a whiteout or a
+                    # non-directory of that name; an opaque one cuts the stack when scanned.
+                    child_stack = [e.path]
+                    for lower in layers[depth + 1 :]:
+                        if name in lower.whiteouts:
+                            break
+                        below = lower.entries.get(name)
+                        if below is None:
+                            continue
+                        if not below.is_dir(follow_symlinks=False):
+                            break
+                        child_stack.append(below.path)
+                    todo.append((rel, child_stack))
+                else:
+                    others.append(_Item(rel, e.path, st, xattrs))
+                    files += 1
+            decided.update(layer.whiteouts)
+    dirs.sort(key=lambda item: item.rel.split("/"))
+    return _Plan(tuple(dirs), tuple(others), files)
+
+
+@dataclass
+class CopyView(View):
+    """A copy view; ``since_ns`` is the ctime mark taken right after the copy."""
+
+    since_ns: int | None = None
+
+
+class _Copier:
+    """Replays a plan into a destination directory."""
+
+    def __init__(self, backend: CopyBackend) -> None:
+        self.backend = backend
+        self.root = os.geteuid() == 0
+        self.uid = os.geteuid()
+        self.gid = os.getegid()
+        self.linked: dict[tuple[int, int], str] = {}
+        self.dest_dev = 0
+
+    def run(self, plan: _Plan, dest: str) -> None:
+        self.dest_dev = os.stat(dest).st_dev
+        for item in plan.dirs[1:]:
+            # Owner-writable while filling it; the real mode is set at the end.
+            os.mkdir(f"{dest}/{item.rel}", 0o700)
+        for item in plan.others:
+            self.other(item, f"{dest}/{item.rel}")
+        for item in reversed(plan.dirs):
+            path = f"{dest}/{item.rel}" if item.rel else dest
+            self.meta(path, item, fd=None)
+
+    def other(self, item: _Item, path: str) -> None:
+        st = item.st
+        mode = st.st_mode
+        if st.st_nlink > 1 and not stat.S_ISDIR(mode):
+            key = (st.st_dev, st.st_ino)
+            first = self.linked.get(key)
+            if first is not None:
+                os.link(first, path)
+                return
+            self.linked[key] = path
+        if stat.S_ISREG(mode):
+            fd = os.open(path, _O_CREATE, 0o600)
+            try:
+                if st.st_size:
+                    self.backend._copy_data(item.src, fd, st, self.dest_dev)
+                self.meta(path, item, fd=fd)
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(item.src), path)
+            self.meta(path, item, fd=None)
+        else:
+            if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and not self.root:
+                try:
+                    os.mknod(path, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+                except PermissionError as exc:
+                    raise BackendUnavailableError(
+                        "copy",
+                        f"the image holds the device node {item.rel!r}, which an ordinary "
+                        "user cannot create (mknod needs CAP_MKNOD); run as root or use the "
+                        "overlay backend in a user namespace",
+                    ) from exc
+            else:
+                os.mknod(path, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+            self.meta(path, item, fd=None)
+
+    def meta(self, path: str, item: _Item, fd: int | None) -> None:
+        st = item.st
+        # Calls on an fd cannot take follow_symlinks; paths here may be symlinks.
+        target: int | str = fd if fd is not None else path
+        nofollow = {} if fd is not None else {"follow_symlinks": False}
+        if self.root or st.st_uid != self.uid or st.st_gid != self.gid:
+            try:
+                os.chown(target, st.st_uid, st.st_gid, **nofollow)
+            except PermissionError:
+                if self.root:
+                    raise
+                # An ordinary user cannot give files away; kernel overlay in a user namespace
+                # would show them as nobody, a copy shows them as the user's.
+        if not stat.S_ISLNK(st.st_mode):
+            # After chown, which clears setuid/setgid.
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+            for name, value in item.xattrs:
+                try:
+                    os.setxattr(target, name, value, **nofollow)
+                except OSError as exc:
+                    # trusted.* and security.* need privileges the image cannot demand.
+                    if name.startswith("user.") or exc.errno not in _PRIVILEGED:
+                        raise
+        times = (st.st_atime_ns, st.st_mtime_ns)
+        if fd is not None:
+            os.utime(fd, ns=times)
+        else:
+            os.utime(path, ns=times, follow_symlinks=False)
+
+
+class CopyBackend:
+    """Views as real copies of the merged image (see the module docstring).
+
+    ``clone`` can switch ``FICLONE`` off (``False``) for measurements; by default it is tried
+    once per filesystem pair and dropped after the first refusal.
+    """
+
+    name = "copy"
+
+    def __init__(self, *, clone: bool = True) -> None:
+        self._plans: dict[tuple[tuple[str, ...], str, tuple[tuple[int, int, int], ...]], _Plan]
+        self._plans = {}
+        self._clone = clone
+        # (src dev, dst dev) -> whether FICLONE works between them
+        self._clone_ok: dict[tuple[int, int], bool] = {}
+        self._cfr_ok = True
+
+    # ---- Backend protocol -------------------------------------------------------------------
+
+    def check(self, scratch: Path) -> None:
+        """Copy a small two-layer image (with a whiteout), write to it, then clean up."""
+        lower0 = scratch / "check-l0"
+        lower1 = scratch / "check-l1"
+        view_scratch = scratch / "check-view"
+        try:
+            (lower0 / "dir").mkdir(parents=True)
+            (lower0 / "keep").write_text("lower\n")
+            (lower0 / "gone").write_text("lower\n")
+            (lower0 / "dir" / "file").write_text("lower\n")
+            lower1.mkdir()
+            os.mknod(lower1 / "gone", stat.S_IFCHR | 0o600, 0)
+            (lower1 / "new").write_text("upper\n")
+            view_scratch.mkdir()
+            view = self.open([lower1, lower0], view_scratch)
+            try:
+                seen = sorted(os.listdir(view.path))
+                (view.path / "dir" / "written").write_text("view\n")
+                content = (view.path / "dir" / "file").read_text()
+            finally:
+                view.close()
+            if seen != ["dir", "keep", "new"] or content != "lower\n":
+                raise BackendUnavailableError(
+                    self.name,
+                    f"trial copy shows {seen} (dir/file {content!r}), expected "
+                    "['dir', 'keep', 'new'] ('lower\\n')",
+                )
+            if (lower0 / "dir" / "written").exists():
+                raise BackendUnavailableError(self.name, "a write to the copy reached the layer")
+        except OSError as exc:
+            if isinstance(exc, BackendUnavailableError):
+                raise
+            raise BackendUnavailableError(self.name, f"trial copy failed: {exc}") from exc
+        finally:
+            from pytest_layers.namespaces import remove_tree
+
+            for path in (lower0, lower1, view_scratch):
+                remove_tree(path)
+
+    def open(
+        self,
+        lowers_top_first: Sequence[Path],
+        scratch: Path,
+        *,
+        readonly: bool = False,
+        flavor: Flavor = "overlay",
+    ) -> CopyView:
+        """Copy the merged image to ``scratch/root``; read-only views are bind-mounted
+        read-only over themselves (root or a user namespace only)."""
+        from pytest_layers.changeset import ctime_mark
+
+        if flavor not in ("overlay", "marker"):
+            raise ValueError(f"unknown whiteout flavor {flavor!r}; expected overlay or marker")
+        dest = scratch / "root"
+        if not lowers_top_first:
+            os.mkdir(dest, 0o755)
+            plan = None
+        else:
+            plan = self.plan(lowers_top_first, flavor)
+            os.mkdir(dest, 0o700)
+        try:
+            if plan is not None:
+                _Copier(self).run(plan, os.fspath(dest))
+            if readonly:
+                _bind_readonly(dest)
+                return CopyView(
+                    path=dest,
+                    upper=None,
+                    upper_flavor="tree",
+                    _closer=lambda: _close(scratch, dest, mounted=True),
+                )
+            since = ctime_mark(scratch)
+        except BaseException:
+            _close(scratch, dest, mounted=False, keep_scratch=True)
+            raise
+        return CopyView(
+            path=dest,
+            upper=dest,
+            upper_flavor="tree",
+            since_ns=since,
+            _closer=lambda: _close(scratch, dest, mounted=False),
+        )
+
+    def changes(
+        self, view: View, image: ImageView, *, exclude: Collection[str] = ()
+    ) -> list[Entry]:
+        """Compare the copy with ``image``, reading only entries touched since the copy."""
+        from pytest_layers.changeset import changes_from_tree
+
+        if view.upper is None:
+            return []
+        since = view.since_ns if isinstance(view, CopyView) else None
+        return changes_from_tree(view.upper, image, since_ns=since, exclude=exclude)
+
+    # ---- the copy -----------------------------------------------------------------------------
+
+    def plan(self, lowers_top_first: Sequence[Path], flavor: Flavor = "overlay") -> _Plan:
+        """The merged image's entries (memoised per image: layers never change once stored)."""
+        lowers = tuple(os.path.abspath(os.fspath(p)) for p in lowers_top_first)
+        # Identity of each layer dir, so that a path reused for other content (tests, a pruned
+        # and rebuilt store) is not served from a stale plan.
+        ident = []
+        for p in lowers:
+            st = os.stat(p)
+            ident.append((st.st_dev, st.st_ino, st.st_ctime_ns))
+        key = (lowers, flavor, tuple(ident))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _plan(lowers, flavor)
+        return plan
+
+    def _copy_data(self, src: str, dst_fd: int, st: os.stat_result, dst_dev: int) -> None:
+        sfd = os.open(src, _O_SOURCE)
+        try:
+            pair = (st.st_dev, dst_dev)
+            if self._clone and self._clone_ok.get(pair, True):
+                try:
+                    fcntl.ioctl(dst_fd, FICLONE, sfd)
+                except OSError as exc:
+                    if exc.errno not in _NO_CLONE:
+                        raise
+                    self._clone_ok[pair] = False
+                else:
+                    self._clone_ok[pair] = True
+                    return
+            if st.st_blocks * 512 < st.st_size:
+                _copy_sparse(sfd, dst_fd, st.st_size, self)
+            else:
+                self._copy_range(sfd, dst_fd, 0, st.st_size)
+        finally:
+            os.close(sfd)
+
+    def _copy_range(self, sfd: int, dfd: int, start: int, end: int) -> None:
+        pos = start
+        while pos < end and self._cfr_ok:
+            try:
+                n = os.copy_file_range(sfd, dfd, end - pos, pos, pos)
+            except OSError as exc:
+                if exc.errno not in _NO_CFR:
+                    raise
+                self._cfr_ok = False
+                break
+            if n == 0:
+                raise OSError(errno.EIO, "source file shrank while copying")
+            pos += n
+        while pos < end:
+            chunk = os.pread(sfd, min(1 << 20, end - pos), pos)
+            if not chunk:
+                raise OSError(errno.EIO, "source file shrank while copying")
+            os.pwrite(dfd, chunk, pos)
+            pos += len(chunk)
+
+
+def _copy_sparse(sfd: int, dfd: int, size: int, backend: CopyBackend) -> None:
+    """Copy only the data extents and keep the holes (a sparse 8 GiB file stays small)."""
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                data = os.lseek(sfd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
+                    break
+                raise
+            hole = os.lseek(sfd, data, os.SEEK_HOLE)
+            backend._copy_range(sfd, dfd, data, min(hole, size))
+            pos = hole
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # no SEEK_DATA here: copy everything
+            raise
+        backend._copy_range(sfd, dfd, pos, size)
+    os.ftruncate(dfd, size)
+
+
+def _bind_readonly(dest: Path) -> None:
+    from pytest_layers import _linux
+
+    try:
+        _linux.mount(dest, dest, None, _linux.MS_BIND)
+    except MountError as exc:
+        raise BackendUnavailableError(
+            "copy",
+            f"a read-only view is the copy bind-mounted read-only, and mounting failed here "
+            f"({exc.reason}); run as root or in the session's user namespace, or use a "
+            "writable view",
+        ) from exc
+    try:
+        _linux.mount(None, dest, None, _linux.MS_BIND | _linux.MS_REMOUNT | _linux.MS_RDONLY, None)
+    except BaseException:
+        _linux.umount2(dest, _linux.MNT_DETACH)
+        raise
+
+
+def _close(scratch: Path, dest: Path, *, mounted: bool, keep_scratch: bool = False) -> None:
+    from pytest_layers import _linux
+    from pytest_layers.namespaces import remove_tree
+
+    if mounted:
+        try:
+            _linux.umount2(dest, _linux.MNT_DETACH)
+        except MountError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+    if keep_scratch:
+        for child in os.listdir(scratch):
+            remove_tree(scratch / child)
+    else:
+        remove_tree(scratch)
