@@ -192,7 +192,8 @@ def probe_flavor(directory: Path) -> Flavor:
     """
     if filesystem_type(directory) in _UNION_FS:
         return "marker"
-    probe = directory / f"probe-{os.getpid()}-{secrets.token_hex(4)}"
+    # Named like every tmp entry, so that a concurrent opener's sweep leaves it alone.
+    probe = directory / f"{_process_tag()}-probe-{secrets.token_hex(4)}"
     os.mkdir(probe, 0o700)
     try:
         device = probe / "whiteout"
@@ -480,30 +481,54 @@ class _GcLock:
 
 
 class _Lease:
-    """A file under ``leases/`` listing chain ids in use, valid while its filelock is held."""
+    """A file under ``leases/`` naming chain ids in use, valid while its filelock is held.
+
+    The file is a journal of ``+<chain id>`` / ``-<chain id>`` lines, only ever appended to:
+    an append is one small ``write`` (atomic with ``O_APPEND``), where rewriting the file and
+    renaming it over the old one costs a data flush on ext4 each time.
+    """
 
     def __init__(self, store: Store, chain_ids: Iterable[str]) -> None:
-        self.store = store
-        self.chain_ids: set[str] = set(chain_ids)
+        self.chain_ids: set[str] = set()
         base = store.root / "leases" / f"{_process_tag()}-{secrets.token_hex(6)}"
-        self.path = base.with_suffix(".json")
-        # The lock is taken before the list is written, so no sweeper ever sees a list whose
+        self.path = base.with_suffix(".held")
+        # The lock is taken before the file exists, so no sweeper ever sees a lease whose
         # lock is free although its owner is alive.
         self.lock = filelock.FileLock(str(base.with_suffix(".lock")))
         self.lock.acquire(timeout=10)
-        self.write()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        self.add(chain_ids)
 
-    def write(self) -> None:
-        data = {"pid": os.getpid(), "chain_ids": sorted(self.chain_ids)}
-        self.store._write_json_atomic(self.path, data)
+    def add(self, chain_ids: Iterable[str]) -> None:
+        new = set(chain_ids) - self.chain_ids
+        if new:
+            os.write(self.fd, "".join(f"+{c}\n" for c in sorted(new)).encode())
+            self.chain_ids |= new
+
+    def drop(self, chain_id: str) -> None:
+        if chain_id in self.chain_ids:
+            os.write(self.fd, f"-{chain_id}\n".encode())
+            self.chain_ids.discard(chain_id)
 
     def release(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        os.close(self.fd)
         lock_path = Path(self.lock.lock_file)
         with contextlib.suppress(FileNotFoundError):
             lock_path.unlink()
         self.lock.release()
+
+
+def _read_lease(path: Path) -> set[str]:
+    held: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in path.read_text().split("\n")[:-1]:  # a torn last line has no newline yet
+            if line[:1] == "+":
+                held.add(line[1:])
+            elif line[:1] == "-":
+                held.discard(line[1:])
+    return held
 
 
 def _release_lease(lease: _Lease | None) -> None:
@@ -565,14 +590,17 @@ class Store:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise self._not_writable(exc, d) from exc
-        # mkdir succeeds on existing directories without write access; prove we can write.
-        for d in (self._tmp, self._locks, self._layers):
-            probe = d / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
-            try:
-                probe.touch()
-                probe.unlink()
-            except OSError as exc:
-                raise self._not_writable(exc, d) from exc
+        # mkdir succeeds on existing directories without write access: check each one now
+        # rather than fail mid-session, and prove it with a real write where it is harmless.
+        for d in dirs:
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise self._not_writable(OSError(errno.EACCES, os.strerror(errno.EACCES)), d)
+        probe = self._new_tmp_path("probe")
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise self._not_writable(exc, self._tmp) from exc
 
     def _read_or_create_version(self) -> Flavor:
         path = self.root / "VERSION"
@@ -855,15 +883,13 @@ class Store:
         if self._auto_lease is None:
             self._auto_lease = _Lease(self, [chain_id])
             self._finalizer = weakref.finalize(self, _release_lease, self._auto_lease)
-        elif chain_id not in self._auto_lease.chain_ids:
-            self._auto_lease.chain_ids.add(chain_id)
-            self._auto_lease.write()
+        else:
+            self._auto_lease.add([chain_id])
 
     def _referenced(self, chain_id: str) -> None:
         lease = self._auto_lease
-        if lease is not None and chain_id in lease.chain_ids:
-            lease.chain_ids.discard(chain_id)
-            lease.write()
+        if lease is not None:
+            lease.drop(chain_id)
 
     def close(self) -> None:
         """Release this instance's own lease on layers it added but no ref points to yet."""
@@ -1068,15 +1094,14 @@ class Store:
         swept = 0
         leases = self.root / "leases"
         own = self._auto_lease.path if self._auto_lease is not None else None
-        for path in sorted(leases.glob("*.json")):
+        for path in sorted(leases.glob("*.held")):
             if path == own:
                 continue
             probe = filelock.FileLock(str(path.with_suffix(".lock")))
             try:
                 probe.acquire(timeout=0)
             except filelock.Timeout:
-                with contextlib.suppress(OSError, ValueError):
-                    held.update(json.loads(path.read_text()).get("chain_ids", []))
+                held |= _read_lease(path)
                 continue
             # Nobody holds it: its owner died without releasing.
             try:
