@@ -2,9 +2,9 @@
 
 Each view runs one ``fuse-overlayfs -f`` daemon as a child process::
 
-    fuse-overlayfs -f -o lowerdir=l/0:l/1,upperdir=u,workdir=w m      (cwd: the view's scratch)
+    fuse-overlayfs -f -o lowerdir=l0:l1,upperdir=u,workdir=w m      (cwd: the view's scratch)
 
-The lowers are reached through short symlinks ``scratch/l/N``, so the option string stays short
+The lowers are reached through short symlinks ``scratch/lN``, so the option string stays short
 whatever the layer paths are, and paths holding ``:`` or ``,`` (which the option parser would
 split on) need no escaping. A read-only view gets no upper and work dir: fuse-overlayfs then
 answers every write with ``EROFS``.
@@ -146,13 +146,11 @@ class FuseBackend:
         readonly: bool = False,
         flavor: Flavor = "overlay",
     ) -> View:
-        """Mount the union at ``scratch/m`` (upper ``u``, work ``w``, lower links ``l/N``)."""
+        """Mount the union at ``scratch/m`` (upper ``u``, work ``w``, lower links ``lN``)."""
         if flavor not in ("overlay", "marker"):
             raise ValueError(f"unknown whiteout flavor {flavor!r}; expected overlay or marker")
         binary = self._binary_path()
-        links = scratch / "l"
         merged = scratch / "m"
-        os.mkdir(links)
         os.mkdir(merged)
         lowers = list(lowers_top_first)
         if not lowers:
@@ -160,8 +158,9 @@ class FuseBackend:
             os.mkdir(empty)
             lowers = [empty]
         for i, lower in enumerate(lowers):
-            os.symlink(os.path.abspath(lower), links / str(i))
-        opts = "lowerdir=" + ":".join(f"l/{i}" for i in range(len(lowers)))
+            # In scratch itself: every extra directory costs an rmdir at close.
+            os.symlink(os.path.abspath(lower), scratch / f"l{i}")
+        opts = "lowerdir=" + ":".join(f"l{i}" for i in range(len(lowers)))
         upper: Path | None = None
         if not readonly:
             upper = scratch / "u"
@@ -169,6 +168,7 @@ class FuseBackend:
             os.mkdir(scratch / "w")
             opts += ",upperdir=u,workdir=w"
         log_path = scratch / "log"
+        _reap()
         try:
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(
@@ -280,23 +280,24 @@ def _unmount(merged: Path) -> None:
             )
 
 
+# Daemons whose mount is gone but which may still be exiting; reaped without waiting.
+_exiting: list[subprocess.Popen[bytes]] = []
+
+
+def _reap() -> None:
+    _exiting[:] = [proc for proc in _exiting if proc.poll() is None]
+
+
 def _stop(proc: subprocess.Popen[bytes], merged: Path) -> None:
-    """Unmount (if mounted) and reap the daemon; it exits once its mount is gone."""
-    if proc.poll() is None:
-        if _in_mountinfo(os.fspath(merged)):
-            _unmount(merged)
-        try:
-            proc.wait(MOUNT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            # Still serving a lazily detached mount (an open file): the test is over.
-            proc.terminate()
-            try:
-                proc.wait(MOUNT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    if _in_mountinfo(os.fspath(merged)):
+    """Unmount (if mounted); the daemon exits by itself once its mount is gone.
+
+    Waiting for that exit costs milliseconds per view, so the daemon is reaped later (at the
+    next open or close). One that still serves a lazily detached mount (a test left a file
+    open) keeps running until that file is closed, or dies with us (PDEATHSIG)."""
+    if proc.poll() is None and _in_mountinfo(os.fspath(merged)):
         _unmount(merged)
+    _exiting.append(proc)
+    _reap()
 
 
 def _close(proc: subprocess.Popen[bytes], merged: Path, scratch: Path) -> None:
