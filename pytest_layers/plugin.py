@@ -130,7 +130,7 @@ class _State:
     error: BaseException | None = None
     session: LayerSession | None = None
     backend: Any = None
-    seen_progress: set[tuple[str, str]] = field(default_factory=set)
+    seen_progress: dict[tuple[str, str], str] = field(default_factory=dict)
     snapshots: list[tuple[str, str]] = field(default_factory=list)
 
     def worker_info(self) -> dict[str, Any]:
@@ -281,6 +281,11 @@ def _setup(
 def _enter_namespace(store_path: Path, ns_mode: str, backend_opt: str) -> tuple[str, str]:
     """Enter the session's namespace; returns (where mounts live, why overlay is out or "")."""
     inherited = namespaces.inside_our_namespace()
+    if inherited is not None and inherited.kind == "private" and os.geteuid() != 0:
+        # A root session's private namespace, inherited through `runuser`/`su` (which keep the
+        # environment): an ordinary user cannot mount there, so it is not ours to use.
+        os.environ.pop(namespaces.ENV_VAR, None)
+        inherited = None
     if inherited is not None:
         return inherited.kind, ""
     if backend_opt == "copy":
@@ -620,24 +625,30 @@ class _Reporter:
         self.state = _state(config)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        lines = []
-        for line in getattr(report, "layers_progress", ()):
-            name, digest = line.split()[2], line.split()[-1]
-            if (name, digest) not in self.state.seen_progress:
-                self.state.seen_progress.add((name, digest))
-                lines.append(line)
-        tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        if lines and tr is not None and self.config.get_verbosity() >= 0:
-            for line in lines:
-                tr.write_line(line)
-            if self.config.get_verbosity() == 0 and not self.config.pluginmanager.hasplugin(
-                "dsession"
-            ):
-                # Put the file name back so the test's result letter does not dangle.
-                tr.write_fspath_result(report.nodeid, "")
         ref = getattr(report, "layers_snapshot", None)
         if ref:
             self.state.snapshots.append((report.nodeid, ref))
+        lines = []
+        for line in getattr(report, "layers_progress", ()):
+            words = line.split()
+            status, key = words[1], (words[2], words[-1])
+            # Under xdist a worker that waited for another's build reports "cached" and may be
+            # heard first; the build itself is still worth its line.
+            seen = self.state.seen_progress.get(key)
+            if seen is None or (seen == "cached" and status == "built"):
+                self.state.seen_progress[key] = status
+                lines.append(line)
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if not lines or tr is None or self.config.get_verbosity() < 0:
+            return
+        xdist = self.config.pluginmanager.hasplugin("dsession")
+        if xdist and getattr(tr._tw, "width_of_current_line", 0):
+            tr._tw.line()  # xdist writes result letters without tracking the line
+        for line in lines:
+            tr.write_line(line)
+        if self.config.get_verbosity() == 0 and not xdist:
+            # Put the file name back so the test's result letter does not dangle.
+            tr.write_fspath_result(report.nodeid, "")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.state.snapshots:
