@@ -67,6 +67,9 @@ class StoreError(LayersError, OSError):
 class LockTimeoutError(StoreError, TimeoutError):
     """Waiting for a store lock (a build-cache key, for one) took longer than its timeout."""
 
+    key: str = ""  # the build-cache key
+    lock_file: str = ""
+
 
 class AmbiguousRefError(LayersError, LookupError):
     """A hex prefix matches more than one chain id; ``candidates`` lists them."""

@@ -453,13 +453,15 @@ class _BuildLock(filelock.FileLock):
             return super().acquire(*args, **kwargs)
         except filelock.Timeout as exc:
             waited = kwargs.get("timeout", args[0] if args else self.timeout)
-            raise errors.LockTimeoutError(
+            err = errors.LockTimeoutError(
                 errno.ETIMEDOUT,
                 f"waited {waited:g} s for another process building cache key {self.key!r} "
                 f"(lock {self.lock_file}); if no pytest-layers process is running, the holder is "
                 "stuck: stop it, or raise the timeout",
-                self.lock_file,
-            ) from exc
+            )
+            err.key = self.key
+            err.lock_file = self.lock_file
+            raise err from exc
 
 
 class _GcLock:
@@ -801,6 +803,45 @@ class Store:
 
         container = self._adopt(staged)
         try:
+            info, existing = self._assemble(
+                container,
+                target,
+                chain_id,
+                diff_id,
+                tree_digest,
+                parent=parent,
+                name=name,
+                source=source,
+                blob=blob,
+                imported=imported,
+            )
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                what = f"layer {name!r}" if name else f"layer {_short(chain_id)} ({source})"
+                raise errors.NoSpaceError(what, str(self.root)) from exc
+            raise
+        if existing:
+            info = self.layer_info(chain_id)
+        return self._named(info, name)
+
+    def _assemble(
+        self,
+        container: Path,
+        target: Path,
+        chain_id: str,
+        diff_id: str,
+        tree_digest: str,
+        *,
+        parent: str | None,
+        name: str | None,
+        source: str,
+        blob: Path | None,
+        imported: bool,
+    ) -> tuple[LayerInfo, bool]:
+        """Complete ``container`` (manifest, metadata, blob) and rename it to ``target``;
+        returns the info and whether another process stored the layer first."""
+        existing = False
+        try:
             manifest = build_manifest(container / "diff")
             size = sum(r.get("size", 0) for r in manifest.values())
             kept_blob = None
@@ -843,8 +884,7 @@ class Store:
             raise
         if existing:
             _rmtree(container)
-            info = self.layer_info(chain_id)
-        return self._named(info, name)
+        return info, existing
 
     def _adopt(self, staged: Path) -> Path:
         """A tmp container holding ``staged`` as its ``diff``: the staging dir's own parent

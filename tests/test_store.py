@@ -374,6 +374,8 @@ def test_build_lock_timeout_names_key_and_lock(tmp_path: Path) -> None:
         assert "'key-1'" in str(info.value)
         assert str(store.root / "locks") in str(info.value)
         assert isinstance(info.value, TimeoutError)
+        assert info.value.key == "key-1"
+        assert info.value.lock_file == str(store.root / "locks/build-key-1.lock")
         with store.build_lock("key-2", timeout=0.2):  # other keys do not wait
             pass
 
@@ -563,3 +565,55 @@ def test_stale_tmp_is_swept_live_tmp_is_not(tmp_path: Path) -> None:
         assert live.is_dir()
         assert not stale.exists()
         assert not recycled.exists()
+
+
+_FULL_DISK = textwrap.dedent(
+    """
+    import ctypes, errno, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.unshare(0x00020000) == 0, "unshare(NS)"
+    libc.mount(b"none", b"/", None, 0x40000 | 0x4000, None)   # MS_PRIVATE | MS_REC
+    d = sys.argv[1]
+    assert libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=512k") == 0, "mount tmpfs"
+    from pytest_layers import errors
+    from pytest_layers.store import Store
+    store = Store(d + "/s")
+    with store.staging() as staged:
+        files = []
+        try:
+            for i in range(10_000):  # fill the disk, then free one page: no room for files.json
+                files.append(staged / f"file-with-a-longish-name-{i:05}")
+                files[-1].write_bytes(b"x")
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        files.pop().unlink(missing_ok=True)
+        files.pop().unlink()
+        try:
+            store.add_layer(staged, parent=None, name="big", source="build")
+        except errors.NoSpaceError as exc:
+            print("NoSpaceError:", exc)
+    assert store.layers() == [] and os.listdir(store.root / "tmp") == [], "inconsistent"
+    with store.staging() as staged:  # space is back once the failed layer is gone
+        (staged / "small").write_text("ok")
+        chain_id = store.add_layer(staged, parent=None, name="small", source="build").chain_id
+    assert store.verify() == [] and store.layers() == [chain_id]
+    print("recovered")
+    """
+)
+
+
+@pytest.mark.requires_root
+def test_full_disk_is_a_clear_error_and_the_store_stays_consistent(tmp_path: Path) -> None:
+    # The tmpfs lives in the child's private mount namespace and dies with it.
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(
+        "NoSpaceError: [Errno 28] no space left on device while writing layer 'big'"
+    ), lines
+    assert lines[1] == "recovered"
