@@ -55,6 +55,8 @@ __all__ = [
     "PruneReport",
     "probe_flavor",
     "filesystem_type",
+    "build_manifest",
+    "compare_manifests",
 ]
 
 #: Format of the store layout this module reads and writes (``VERSION``'s ``format``).

@@ -91,10 +91,13 @@ _ON_OVERLAYFS = textwrap.dedent(
     opts = f"lowerdir={d}/l,upperdir={d}/u,workdir={d}/w,userxattr".encode()
     if libc.mount(b"overlay", f"{d}/m".encode(), b"overlay", 0, opts) != 0:
         sys.exit("overlay mount failed: " + os.strerror(ctypes.get_errno()))
-    from pytest_layers.store import Store, filesystem_type, probe_flavor
-    store = Store(f"{d}/m/store")
-    print(json.dumps({"fstype": filesystem_type(store.root), "probe": probe_flavor(store.root),
-                      "flavor": store.flavor}))
+    import pytest_layers.store as st
+    store = st.Store(f"{d}/m/store")
+    result = {"fstype": st.filesystem_type(store.root), "probe": st.probe_flavor(store.root),
+              "flavor": store.flavor}
+    st.filesystem_type = lambda path: "ext4"  # blind the type check: the read-back must tell
+    result["read_back"] = st.probe_flavor(store.root)
+    print(json.dumps(result))
     """
 )
 
@@ -109,7 +112,12 @@ def test_flavor_on_overlayfs_is_marker(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"fstype": "overlay", "probe": "marker", "flavor": "marker"}
+    assert json.loads(proc.stdout) == {
+        "fstype": "overlay",
+        "probe": "marker",
+        "flavor": "marker",
+        "read_back": "marker",
+    }
     # The store itself went to the upper dir; its VERSION says marker for every later opener.
     version = json.loads((tmp_path / "u/store/VERSION").read_text())
     assert version["flavor"] == "marker"
@@ -463,6 +471,20 @@ def test_verify_without_manifest_still_reports_the_layer(verified: tuple[Store, 
     assert problems
     assert all(p.chain_id == base for p in problems)
     assert ("etc/passwd", "added (file, not in the stored manifest)") in _problems(store)
+
+
+def test_verify_catches_tampered_metadata(verified: tuple[Store, str, Path]) -> None:
+    store, base, diff = verified
+    meta_path = diff.parent / "layer.json"
+    meta = json.loads(meta_path.read_text())
+    meta["diff_id"] = "sha256:" + "4" * 64
+    meta_path.write_text(json.dumps(meta))
+    messages = [p.message for p in store.verify()]
+    assert any(m.startswith("diff_id sha256:4444") and base not in m for m in messages), messages
+    meta_path.write_text("{broken")
+    (problem,) = store.verify()
+    assert problem.chain_id == base
+    assert "damaged" in problem.message
 
 
 # -- leases and prune --------------------------------------------------------------------------
