@@ -642,7 +642,7 @@ class _Reporter:
         if not lines or tr is None or self.config.get_verbosity() < 0:
             return
         xdist = self.config.pluginmanager.hasplugin("dsession")
-        if xdist and getattr(tr._tw, "width_of_current_line", 0):
+        if xdist and tr._tw.width_of_current_line:
             tr._tw.line()  # xdist writes result letters without tracking the line
         for line in lines:
             tr.write_line(line)
