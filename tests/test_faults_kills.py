@@ -1,0 +1,450 @@
+"""Faults, group 1: pytest (or the CLI) killed with SIGKILL at the worst moments.
+
+Each case runs a real pytest session in a subprocess (``runpytest_subprocess`` cannot be killed
+midway), waits until it reaches the moment to kill (a builder or test writes its pid to a
+``ready`` file and sleeps; a commit is paused by the store's ``PYTEST_LAYERS_TEST_PAUSE`` hook,
+an export by the OCI module's), sends SIGKILL and then checks what a user would meet next: no
+mount left in the namespace the session was started in, no partial layer or dangling ref,
+``pytest-layers verify`` clean, and the next session passing without any manual cleanup.
+
+This module also holds the helpers the other ``test_faults_*`` files share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from pytest_layers import namespaces
+from pytest_layers.store import Store
+
+pytestmark = [pytest.mark.faults, pytest.mark.requires_overlay]
+
+# ---- shared helpers ---------------------------------------------------------------------------
+
+#: Variables a child session must not inherit from the pytest running these tests: the mount
+#: namespace marker (the child would think its parent's namespace is its own, and a SIGKILL
+#: would leave its mounts in ours), and whatever pytest/xdist tell their own workers.
+_SCRUB = (
+    namespaces.ENV_VAR,
+    "PYTEST_ADDOPTS",
+    "PYTEST_CURRENT_TEST",
+    "PYTEST_XDIST_WORKER",
+    "PYTEST_XDIST_WORKER_COUNT",
+    "PYTEST_XDIST_TESTRUNUID",
+    "PYTEST_LAYERS_TEST_PAUSE",
+    "PYTEST_LAYERS_REQUIRE",
+)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a fresh session started from a shell."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(extra)
+    return env
+
+
+def write_project(
+    path: Path, conftest: str, tests: str, *, ini: Sequence[str] = (), store: Path | None = None
+) -> Path:
+    """A pytest project in ``path`` (its own rootdir); returns its store path."""
+    store = store or path / "store"
+    lines = ["[pytest]", "addopts = -p no:cacheprovider", f"layers_store = {store}", *ini]
+    (path / "pytest.ini").write_text("\n".join(lines) + "\n")
+    (path / "conftest.py").write_text(conftest)
+    (path / "test_project.py").write_text(tests)
+    return store
+
+
+def pytest_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *args]
+
+
+def run_session(
+    path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a whole pytest session in ``path``; its output is in the result."""
+    return subprocess.run(
+        pytest_command(*args),
+        cwd=path,
+        env=env or child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli(
+    store: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``pytest-layers --store STORE ARGS`` in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_layers.cli", "--store", str(store), *args],
+        env=env or child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def out(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+def our_mounts_under(path: Path) -> list[Path]:
+    """Mounts at or below ``path`` in the namespace the child sessions were started in."""
+    return namespaces.mounts_under(path)
+
+
+def unmount_all_under(path: Path) -> None:
+    """Last-resort cleanup so that a failing test never leaves a mount behind."""
+    from pytest_layers import _linux
+
+    for point in our_mounts_under(path):
+        with contextlib.suppress(OSError):
+            _linux.umount2(point, _linux.MNT_DETACH)
+
+
+@contextlib.contextmanager
+def no_mounts_left(path: Path) -> Iterator[None]:
+    """Unmount whatever a failing test left below ``path``."""
+    try:
+        yield
+    finally:
+        unmount_all_under(path)
+
+
+def wait_for(
+    predicate: object, what: str, proc: subprocess.Popen[str], timeout: float = 60
+) -> None:
+    """Poll ``predicate()`` until true; fail (with the child's output) if the child exits."""
+    deadline = time.monotonic() + timeout
+    assert callable(predicate)
+    while not predicate():
+        if proc.poll() is not None:
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"the session exited before {what}:\n{stdout}\n{stderr}")
+        if time.monotonic() > deadline:
+            kill(proc.pid, proc)
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def kill(pid: int, proc: subprocess.Popen[str]) -> None:
+    """SIGKILL ``pid`` (the pytest process itself) and reap ``proc``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if proc.pid != pid:
+        # A wrapper (runuser) exits once its child is gone.
+        pass
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def ref_targets(store: Path) -> dict[str, str]:
+    """Every ref file in the store -> the chain id it points at."""
+    found = {}
+    for path in (store / "refs").rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            with contextlib.suppress(ValueError):
+                data = json.loads(path.read_text())
+                if isinstance(data, dict) and "chain_id" in data:
+                    found[str(path.relative_to(store))] = data["chain_id"]
+    return found
+
+
+def assert_store_consistent(store: Path) -> None:
+    """No partial layer, no dangling ref, every layer re-hashes to its digest (CLI and API)."""
+    for entry in (store / "layers").iterdir():
+        assert (entry / "layer.json").is_file(), f"partial layer visible: {entry}"
+    layers = {"sha256:" + e.name for e in (store / "layers").iterdir()}
+    for ref, chain_id in ref_targets(store).items():
+        assert chain_id in layers, f"ref {ref} points at a missing layer {chain_id}"
+    with Store(store) as opened:
+        problems = opened.verify()
+        for info_id in layers:
+            chain = opened.chain(info_id)
+            assert chain[-1].chain_id == info_id
+    assert not problems, "\n".join(map(str, problems))
+    proc = cli(store, "verify")
+    assert proc.returncode == 0, out(proc)
+
+
+def dead_leftovers(store: Path, *, views: bool = True) -> list[str]:
+    """Entries of dead processes in the store's tmp/ and (``views``) scratch/views/: a next
+    session must have swept them."""
+    left: list[str] = []
+    tmp = store / "tmp"
+    for name in os.listdir(tmp) if tmp.is_dir() else ():
+        m = re.match(r"(\d+)-", name)
+        if m is None or not _alive(int(m.group(1))):
+            left.append(f"tmp/{name}")
+    scratch = store / "scratch" / "views"
+    for name in os.listdir(scratch) if views and scratch.is_dir() else ():
+        m = re.match(r"(\d+)", name)
+        if m is None or not _alive(int(m.group(1))):
+            left.append(f"scratch/views/{name}")
+    return left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def builder_runs(path: Path) -> list[str]:
+    log = path / "runs.log"
+    return log.read_text().split() if log.exists() else []
+
+
+# ---- the project the kill tests run -----------------------------------------------------------
+
+CONFTEST = """
+import os, time
+from pathlib import Path
+from pytest_layers import layer
+
+HERE = Path(__file__).parent
+
+def pause(what):
+    if os.environ.get("FAULT_PAUSE") == what:
+        (HERE / "ready.tmp").write_text(str(os.getpid()))
+        os.rename(HERE / "ready.tmp", HERE / "ready")
+        time.sleep(3600)
+
+def log(name):
+    with open(HERE / "runs.log", "a") as f:
+        f.write(name + "\\n")
+
+@layer
+def base(root):
+    log("base")
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text("ID=demo\\n")
+    for i in range(50):
+        (root / "etc" / f"f{i}").write_text(str(i) * 100)
+    pause("build-base")
+
+@layer(parent=base)
+def app(root):
+    log("app")
+    (root / "etc/app.conf").write_text("debug=false\\n")
+    (root / "etc/os-release").unlink()
+    pause("build-app")
+"""
+
+TESTS = """
+import os
+import pytest
+from conftest import pause
+
+@pytest.mark.layer("app")
+def test_writes(rootfs):
+    (rootfs / "etc/app.conf").write_text("debug=true\\n")
+    (rootfs / "new").mkdir()
+    pause("test")
+    assert [str(c) for c in rootfs.diff()] == ["C /etc", "C /etc/app.conf", "A /new"]
+
+@pytest.mark.layer("app")
+def test_kept_when_failing(rootfs):
+    (rootfs / "etc/kept").write_text("evidence\\n")
+    assert os.environ.get("FAULT_FAIL") != "1", "fails on purpose: its rw layer is committed"
+
+def test_image_is_intact(app):
+    assert [str(c) for c in app.changes()] == ["C /etc", "A /etc/app.conf", "D /etc/os-release"]
+"""
+
+
+def _start(path: Path, env: dict[str, str], as_user: bool) -> subprocess.Popen[str]:
+    cmd = pytest_command()
+    if as_user:
+        from conftest import TEST_USER
+
+        cmd = ["runuser", "-u", TEST_USER, "--", "env", *(f"{k}={v}" for k, v in env.items()), *cmd]
+    return subprocess.Popen(
+        cmd, cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _kill_at(path: Path, store: Path, moment: str, *, as_user: bool = False) -> None:
+    """Start a session, SIGKILL it at ``moment``."""
+    ready = path / "ready"
+    ready.unlink(missing_ok=True)
+    if moment == "commit":
+        env = child_env(FAULT_FAIL="1", PYTEST_LAYERS_TEST_PAUSE="add_layer")
+    else:
+        env = child_env(FAULT_PAUSE=moment)
+    proc = _start(path, env, as_user)
+    if moment == "commit":
+        # The store's hook sleeps with the complete layer staged, just before the rename
+        # that would publish it; the staging dir is named after its owner's pid.
+        def staged() -> list[Path]:
+            return list((store / "tmp").glob("*/layer.json"))
+
+        wait_for(lambda: bool(staged()), "the commit to pause", proc)
+        pid = int(staged()[0].parent.name.split("-")[0])
+    else:
+        wait_for(ready.exists, f"the {moment} pause", proc)
+        pid = int(ready.read_text())
+    kill(pid, proc)
+    ready.unlink(missing_ok=True)
+
+
+MOMENTS = ["build-base", "build-app", "test", "commit"]
+
+
+def _check_after_kill_and_next_session(
+    path: Path, store: Path, moment: str, *, host_mode: bool, as_user: bool = False
+) -> None:
+    runs_before = builder_runs(path)
+    if not host_mode:
+        assert our_mounts_under(path) == [], "a killed private-namespace session left mounts"
+    assert_store_consistent(store)
+    if moment == "commit":
+        assert not [r for r in ref_targets(store) if r.startswith("refs/snapshots/")], (
+            "a snapshot ref of the killed commit is visible"
+        )
+    # The next session, as is: no cleanup by hand.
+    env = child_env()
+    if as_user:
+        from conftest import run_as_user
+
+        proc = run_as_user(pytest_command(), cwd=path, env={"PYTHONDONTWRITEBYTECODE": "1"})
+    else:
+        proc = run_session(path, env=env)
+    assert proc.returncode == 0, out(proc)
+    assert "3 passed" in proc.stdout, out(proc)
+    new_runs = builder_runs(path)[len(runs_before) :]
+    # A layer whose build was killed is built again; a complete one is never rebuilt.
+    expected = {"build-base": ["base", "app"], "build-app": ["app"]}.get(moment, [])
+    assert new_runs == expected, f"builders run by the next session: {new_runs}"
+    assert our_mounts_under(path) == [], "mounts left after the next session"
+    # Private mode's scratch dirs are checked on their own (test_next_private_session_sweeps...).
+    assert dead_leftovers(store, views=host_mode) == [], "a dead session's files were not swept"
+    assert_store_consistent(store)
+
+
+def _prepare(path: Path, moment: str, ini: Sequence[str] = ()) -> Path:
+    store = write_project(path, CONFTEST, TESTS, ini=ini)
+    if moment in ("test", "commit"):
+        # The layers exist already: the kill hits the test or its commit, not a build.
+        proc = run_session(path)
+        assert proc.returncode == 0, out(proc)
+    return store
+
+
+@pytest.mark.slow
+@pytest.mark.requires_root
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_sigkill_private_namespace(pytester: pytest.Pytester, moment: str) -> None:
+    path = pytester.path
+    with no_mounts_left(path):
+        store = _prepare(path, moment)
+        _kill_at(path, store, moment)
+        _check_after_kill_and_next_session(path, store, moment, host_mode=False)
+
+
+@pytest.mark.slow
+@pytest.mark.requires_root
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_sigkill_host_namespace(pytester: pytest.Pytester, moment: str) -> None:
+    path = pytester.path
+    with no_mounts_left(path):
+        store = _prepare(path, moment, ini=["layers_mount_namespace = host"])
+        _kill_at(path, store, moment)
+        if moment in ("build-app", "test"):
+            # The killed session's view is still mounted here (nothing can unmount it at
+            # SIGKILL): the next session must sweep it, and nothing else.
+            assert our_mounts_under(store / "scratch"), "expected the dead session's mount"
+        _check_after_kill_and_next_session(path, store, moment, host_mode=True)
+
+
+@pytest.mark.requires_root
+def test_next_private_session_sweeps_dead_sessions_scratch(pytester: pytest.Pytester) -> None:
+    """A killed private-namespace session's mounts die with it, but its scratch dir
+    (``scratch/views/<pid>-<start>``, holding the upper dirs when no scratch tmpfs could be
+    mounted) stays on disk: the next session must remove it, as host mode's sweep does."""
+    path = pytester.path
+    with no_mounts_left(path):
+        store = _prepare(path, "test")
+        _kill_at(path, store, "test")
+        assert dead_leftovers(store), "expected the killed session's scratch dir"
+        proc = run_session(path)
+        assert proc.returncode == 0, out(proc)
+        assert dead_leftovers(store) == [], "the next session left a dead session's scratch dir"
+
+
+@pytest.mark.slow
+@pytest.mark.requires_user
+@pytest.mark.parametrize("moment", ["build-app", "test", "commit"])
+def test_sigkill_as_ordinary_user(user_tmp_path: Path, moment: str) -> None:
+    from conftest import run_as_user
+
+    path = user_tmp_path
+    with no_mounts_left(path):
+        store = write_project(path, CONFTEST, TESTS)
+        if moment in ("test", "commit"):
+            proc = run_as_user(pytest_command(), cwd=path, env={"PYTHONDONTWRITEBYTECODE": "1"})
+            assert proc.returncode == 0, out(proc)
+        _kill_at(path, store, moment, as_user=True)
+        _check_after_kill_and_next_session(path, store, moment, host_mode=False, as_user=True)
+
+
+@pytest.mark.requires_root
+def test_sigkill_during_export(pytester: pytest.Pytester) -> None:
+    path = pytester.path
+    with no_mounts_left(path):
+        store = _prepare(path, "test")
+        dest = path / "image.tar"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pytest_layers.cli",
+                "--store",
+                str(store),
+                "export",
+                "app",
+                "-o",
+                str(dest),
+            ],
+            env=child_env(PYTEST_LAYERS_TEST_PAUSE="export"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("PAUSED "), line + (proc.stderr.read() if proc.stderr else "")
+        assert any(Path(line.split(" ", 1)[1].strip()).iterdir()), "nothing staged yet"
+        kill(proc.pid, proc)
+
+        assert not dest.exists(), "a partial export is visible at the destination"
+        assert_store_consistent(store)
+        again = cli(store, "export", "app", "-o", str(dest))
+        assert again.returncode == 0, out(again)
+        assert [p.name for p in path.iterdir() if p.name.startswith(".image.tar.")] == [], (
+            "the killed export's staging was not swept by the next export"
+        )
+        session = run_session(path)
+        assert session.returncode == 0, out(session)
+        assert builder_runs(path) == ["base", "app"]
