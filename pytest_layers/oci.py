@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pytest_layers import layertar
+from pytest_layers import store as store_mod
 from pytest_layers.errors import InvalidImageError, StoreError
 
 if TYPE_CHECKING:
@@ -292,7 +293,13 @@ def export_image(
         raise FileNotFoundError(f"{dest.parent} does not exist; create it first")
     chain = store.chain(chain_id)
     tag = tag or default_tag(chain[-1].name or chain_id)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    _sweep_dead_staging(dest)
+    # Named after its owner so that the next export can sweep it if this process is killed.
+    staging = Path(
+        tempfile.mkdtemp(
+            prefix=f".{dest.name}.{store_mod._process_tag()}-", suffix=".tmp", dir=dest.parent
+        )
+    )
     try:
         layout = staging / "layout"
         blobs = layout / "blobs" / "sha256"
@@ -311,6 +318,10 @@ def export_image(
                 part.unlink()
             else:
                 part.rename(final)
+            if n == 1 and os.environ.get("PYTEST_LAYERS_TEST_PAUSE") == "export":
+                # Fault-injection tests kill the process here, with the export half written.
+                print(f"PAUSED {staging}", flush=True)
+                time.sleep(3600)
             descriptors.append(
                 {
                     "mediaType": MEDIA_TYPE_LAYER_GZIP if gzip_layers else MEDIA_TYPE_LAYER,
@@ -410,6 +421,19 @@ def export_image(
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _sweep_dead_staging(dest: Path) -> None:
+    """Remove staging dirs that killed exports to ``dest`` left next to it."""
+    prefix = f".{dest.name}."
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(dest.parent):
+            name = entry.name
+            if not (name.startswith(prefix) and name.endswith(".tmp")):
+                continue
+            tag = name[len(prefix) :]
+            if store_mod._TMP_RE.match(tag) and not store_mod._owner_alive(tag):
+                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _tar_layout(layout: Path, out_path: Path) -> None:
