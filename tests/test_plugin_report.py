@@ -1,0 +1,45 @@
+"""Report header, --layers-store, --layers-verify."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = [pytest.mark.requires_overlay]
+
+CONFTEST = """
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text("ID=demo\\n")
+"""
+
+TESTS = """
+import pytest
+
+@pytest.mark.layer("base")
+def test_it(rootfs):
+    assert (rootfs / "etc/os-release").read_text() == "ID=demo\\n"
+"""
+
+
+@pytest.mark.slow
+def test_header_store_and_verify(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_r=TESTS)
+    result = pytester.runpytest_subprocess("--layers-store=my-store")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"layers: backend=overlay, store={pytester.path}/my-store (0 B)"])
+    result = pytester.runpytest_subprocess("--layers-store=my-store", "--layers-verify")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["layers: backend=overlay, store=*/my-store (8 B)"])
+
+    # Tamper with the stored layer: --layers-verify refuses to use it.
+    stored = next((pytester.path / "my-store" / "layers").glob("*/diff/etc/os-release"))
+    stored.write_text("ID=evil\n")
+    result = pytester.runpytest_subprocess("--layers-store=my-store", "--layers-verify")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*--layers-verify: 1 problem(s) in the store*"])
+    # Without it, the (damaged) cache is used as is: verification is opt-in.
+    pytester.runpytest_subprocess("--layers-store=my-store").assert_outcomes(failed=1)
