@@ -32,6 +32,7 @@ import os
 import platform
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1099,6 +1100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             pwd.getpwnam(args.as_user)
         except KeyError:
             ap.error(f"--as-user: no user named {args.as_user!r}")
+    # SIGTERM becomes SystemExit so that the work directory is removed and subprocess.run kills
+    # the pytest session it is waiting for.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work = Path(tempfile.mkdtemp(prefix="bench-compare-", dir=args.workdir))
     say(f"{plan.mode} run in {work}")
     try:
