@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [10, 10_000] if args.quick else [10, 10_000, 100_000]
     out = args.out or RESULTS / ("mount-quick.json" if args.quick else "mount.json")
 
+    # SIGTERM (timeout, CI cancel) must still run the cleanup below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Before anything else: no thread may exist when the namespace is entered.
     if os.geteuid() == 0:
         namespaces.enter_private_mount_namespace()

@@ -77,7 +77,9 @@ def _precondition(name: str, flavor: str) -> str | None:
     if flavor != "overlay":
         return (
             f"the store spells whiteouts as {flavor!r} files (it sits on a filesystem without "
-            "0/0 device files, such as overlayfs), which kernel overlay cannot use as lowers"
+            "0/0 device files, such as overlayfs), which kernel overlay cannot use as lowers; "
+            "to fix: put the store (--layers-store) on ext4, xfs, btrfs or tmpfs, or choose "
+            "--layers-backend=fuse or copy"
         )
     if os.geteuid() != 0:
         inside = namespaces.inside_our_namespace()
@@ -132,6 +134,8 @@ def choose_backend(
         try:
             return _try(name, scratch, flavor), []
         except BackendUnavailableError as exc:
+            if "to fix:" in exc.reason:
+                raise
             raise BackendUnavailableError(
                 exc.backend, f"{exc.reason}; to fix: {_FIX[name]}"
             ) from exc
