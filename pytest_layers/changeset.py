@@ -50,6 +50,7 @@ _OPAQUE_XATTRS = {
     "fuse": ("user.fuseoverlayfs.opaque", "trusted.overlay.opaque", "user.overlay.opaque"),
 }
 _CHUNK = 1 << 20
+_SCAN_AFTER = 8  # lookups in one layer directory before it is listed and cached whole
 
 
 @functools.total_ordering
@@ -297,8 +298,9 @@ class ImageView:
 
     Deletions are honoured in the given ``flavor`` (``"overlay"``: character device 0/0;
     ``"marker"``: ``.wh.NAME``), as are opaque directories, although stored layers never hold
-    those. Directory listings of every layer are read once and cached, so repeated lookups cost
-    dictionary hits; the layers must not change while a view is in use (they never do).
+    those. Every answer is cached, and a layer directory that sees more than a few lookups is
+    listed once, so repeated lookups cost dictionary hits while a handful of lookups never read
+    a big directory; the layers must not change while a view is in use (they never do).
     """
 
     def __init__(self, layers_top_first: Sequence[Path], flavor: layertar.Flavor) -> None:
@@ -310,6 +312,7 @@ class ImageView:
         self._stacks: dict[str, tuple[str, ...] | None] = {}
         self._found: dict[str, tuple[str, os.stat_result] | None] = {}
         self._merged: dict[str, list[str]] = {}
+        self._probes: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"ImageView({[os.fspath(p) for p in self.layers]!r}, flavor={self.flavor!r})"
@@ -327,14 +330,37 @@ class ImageView:
             self._listings[abs_dir] = ents
         return ents
 
-    def _is_whiteout(self, entry: os.DirEntry[str]) -> bool:
-        if self.flavor == "marker":
-            return False
-        return _is_whiteout_dev(entry.stat(follow_symlinks=False))
+    def _get(self, abs_dir: str, name: str) -> tuple[str, os.stat_result] | None:
+        """(path, lstat) of ``name`` in one layer's directory, None when absent.
+
+        A few lookups in a directory are single lstat calls (a diff of ten files must not read
+        ten 1000-entry directories); past ``_SCAN_AFTER`` the directory is listed once and the
+        rest are dictionary hits.
+        """
+        ents = self._listings.get(abs_dir)
+        if ents is None:
+            probes = self._probes.get(abs_dir, 0) + 1
+            self._probes[abs_dir] = probes
+            if probes > _SCAN_AFTER:
+                ents = self._entries(abs_dir)
+        if ents is not None:
+            entry = ents.get(name)
+            return None if entry is None else (entry.path, entry.stat(follow_symlinks=False))
+        path = os.path.join(abs_dir, name)
+        try:
+            return path, os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _is_whiteout(self, st: os.stat_result) -> bool:
+        return self.flavor == "overlay" and _is_whiteout_dev(st)
+
+    def _marked(self, abs_dir: str, name: str) -> bool:
+        return self.flavor == "marker" and self._get(abs_dir, _WH_PREFIX + name) is not None
 
     def _opaque(self, abs_dir: str) -> bool:
         if self.flavor == "marker":
-            return _OPAQUE_MARKER in self._entries(abs_dir)
+            return self._get(abs_dir, _OPAQUE_MARKER) is not None
         return _xattr_is_y(abs_dir, _OPAQUE_XATTRS["overlay"])
 
     def _stack(self, rel: str) -> tuple[str, ...] | None:
@@ -350,18 +376,16 @@ class ImageView:
                     break
         else:
             parent, name = _split(rel)
-            pstack = self._stack(parent)
-            for d in pstack or ():
-                ents = self._entries(d)
-                entry = ents.get(name)
-                marked = self.flavor == "marker" and (_WH_PREFIX + name) in ents
-                if entry is not None and not self._is_whiteout(entry):
-                    if not entry.is_dir(follow_symlinks=False):
+            for d in self._stack(parent) or ():
+                got = self._get(d, name)
+                marked = self._marked(d, name)
+                if got is not None and not self._is_whiteout(got[1]):
+                    if not stat.S_ISDIR(got[1].st_mode):
                         break  # a non-directory hides everything below it
-                    out.append(entry.path)
-                    if marked or self._opaque(entry.path):
+                    out.append(got[0])
+                    if marked or self._opaque(got[0]):
                         break
-                elif entry is not None or marked:
+                elif got is not None or marked:
                     break
         result = tuple(out) if (out or rel == "") else None
         self._stacks[rel] = result
@@ -379,13 +403,12 @@ class ImageView:
             parent, name = _split(rel)
             if not (self.flavor == "marker" and name.startswith(_WH_PREFIX)):
                 for d in self._stack(parent) or ():
-                    ents = self._entries(d)
-                    entry = ents.get(name)
-                    if entry is not None:
-                        if not self._is_whiteout(entry):
-                            found = (entry.path, entry.stat(follow_symlinks=False))
+                    got = self._get(d, name)
+                    if got is not None:
+                        if not self._is_whiteout(got[1]):
+                            found = got
                         break
-                    if self.flavor == "marker" and (_WH_PREFIX + name) in ents:
+                    if self._marked(d, name):
                         break
         self._found[rel] = found
         return found
@@ -421,7 +444,7 @@ class ImageView:
                         hidden_here.append(name[len(_WH_PREFIX) :])
                     continue
                 seen.add(name)
-                if not self._is_whiteout(entry):
+                if not self._is_whiteout(entry.stat(follow_symlinks=False)):
                     out.append(name)
             seen.update(hidden_here)
         out.sort()
@@ -586,42 +609,77 @@ def changes_from_tree(
 
     With ``since_ns`` (take it from :func:`ctime_mark` after the copy), only entries whose ctime
     is at least ``since_ns`` are compared with the image, and only directories whose ctime is
-    are checked for deletions: unchanged files are stat'ed, never read. Every entry below a path
-    that is not a directory of the image is new, whatever its ctime (a renamed directory keeps
-    its children's ctimes). ``since_ns=None`` compares everything (exact, slow). Gives the same
-    list as :func:`changes_from_upper` for the same operations.
+    are checked for deletions: unchanged entries are stat'ed, never read or looked up in the
+    image. A directory renamed into place keeps its children's ctimes, so every entry below a
+    path that is not a directory of the image is new, and a changed directory whose untouched
+    children do not match the image's metadata is compared whole. (A directory renamed over
+    one whose children match it in name, type, mode, owner, size and mtime second but not in
+    content goes unnoticed; ``since_ns=None`` catches that too.) ``since_ns=None`` compares
+    everything (exact, slow). Gives the same list as :func:`changes_from_upper` for the same
+    operations.
     """
     skip = _norm_exclude(exclude)
     root = os.fspath(tree)
     col = _Collector(root, image)
-    root_st = os.lstat(root)
-    # (rel_dir, its ctime, whether the image has rel_dir as a directory)
-    stack: list[tuple[str, int, bool]] = [("", root_st.st_ctime_ns, image._stack("") is not None)]
+    # Each directory is walked in one of three modes: "new" (not a directory of the image:
+    # everything below is added), "exact" (compare every entry), "fast" (trust ctimes).
+    stack: list[tuple[str, int, str]] = [
+        ("", os.lstat(root).st_ctime_ns, "exact" if since_ns is None else "fast")
+    ]
     while stack:
-        rel_dir, dir_ctime, in_image = stack.pop()
-        present: set[str] = set()
+        rel_dir, dir_ctime, mode = stack.pop()
+        ents = []
         for e in _scan(_abs(root, rel_dir)):
             rel = _join(rel_dir, e.name)
-            if rel in skip:
-                continue
-            present.add(e.name)
-            st = e.stat(follow_symlinks=False)
-            if not in_image:
-                col.consider(rel, e.path, st, None)
+            if rel not in skip:
+                ents.append((e, rel, e.stat(follow_symlinks=False)))
+        changed_dir = mode == "exact" or (since_ns is not None and dir_ctime >= since_ns)
+        if mode == "fast" and changed_dir:
+            # A directory renamed into place keeps its children's old ctimes. Children that do
+            # not even match the image's metadata give it away; then nothing below it can be
+            # trusted and the whole subtree is compared.
+            assert since_ns is not None
+            for _e, rel, st in ents:
+                if st.st_ctime_ns < since_ns and _moved(st, image._find(rel)):
+                    mode = "exact"
+                    break
+        for e, rel, st in ents:
+            img: tuple[str, os.stat_result] | None
+            known = True
+            if mode == "new":
                 img = None
-            else:
+                col.consider(rel, e.path, st, None)
+            elif mode == "exact" or (since_ns is not None and st.st_ctime_ns >= since_ns):
                 img = image._find(rel)
-                if img is None or since_ns is None or st.st_ctime_ns >= since_ns:
-                    col.consider(rel, e.path, st, img)
+                col.consider(rel, e.path, st, img)
+            else:
+                img, known = None, False  # untouched since the copy: as in the image
             if stat.S_ISDIR(st.st_mode):
-                child_in_image = img is not None and stat.S_ISDIR(img[1].st_mode)
-                stack.append((rel, st.st_ctime_ns, child_in_image))
-        if in_image and (since_ns is None or dir_ctime >= since_ns):
+                child = mode
+                if known and (img is None or not stat.S_ISDIR(img[1].st_mode)):
+                    child = "new"
+                stack.append((rel, st.st_ctime_ns, child))
+        if mode != "new" and changed_dir:
+            present = {e.name for e, _rel, _st in ents}
             for name in image.listdir(rel_dir):
                 rel = _join(rel_dir, name)
                 if name not in present and rel not in skip:
                     col.delete(rel)
     return col.finish()
+
+
+def _moved(st: os.stat_result, img: tuple[str, os.stat_result] | None) -> bool:
+    """Whether an entry whose ctime predates the copy cannot be the image's entry there."""
+    if img is None:
+        return True
+    old = img[1]
+    if stat.S_IFMT(st.st_mode) != stat.S_IFMT(old.st_mode):
+        return True
+    if (st.st_mode, st.st_uid, st.st_gid) != (old.st_mode, old.st_uid, old.st_gid):
+        return True
+    if st.st_mtime_ns // 1_000_000_000 != old.st_mtime_ns // 1_000_000_000:
+        return True
+    return stat.S_ISREG(st.st_mode) and st.st_size != old.st_size
 
 
 def to_changes(entries: Sequence[Entry]) -> list[Change]:

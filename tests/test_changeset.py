@@ -144,28 +144,45 @@ def test_imageview_marker_flavor(tmp_path: Path) -> None:
     assert view.lookup("o/old") is None
 
 
-def test_imageview_caches_directory_listings(
+def test_imageview_caches_lookups_and_listings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec: dict[str, object] = {"d": None}
     spec.update({f"d/f{i}": str(i) for i in range(50)})
     bottom = layer(tmp_path / "l0", spec)
     top = layer(tmp_path / "l1", {"d": None, "d/f0": "new"})
+    calls: list[str] = []
+    real_scandir, real_lstat = os.scandir, os.lstat
+
+    def scandir(path: object) -> object:
+        calls.append("scandir")
+        return real_scandir(path)  # type: ignore[call-overload]
+
+    def lstat(path: object, **kw: object) -> object:
+        calls.append("lstat")
+        return real_lstat(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "lstat", lstat)
+
+    # A couple of lookups cost a couple of lstat calls, no directory listing.
     view = ImageView([top, bottom], "overlay")
-    calls: list[object] = []
-    real = os.scandir
+    assert view.lookup("d/f3") == bottom / "d/f3"
+    assert view.lookup("d/f0") == top / "d/f0"
+    assert "scandir" not in calls
+    assert len(calls) <= 6
 
-    def counting(path: object) -> object:
-        calls.append(path)
-        return real(path)  # type: ignore[call-overload]
-
-    monkeypatch.setattr(os, "scandir", counting)
-    for _ in range(3):
+    # Many lookups list each layer directory once; repeating them costs no system call.
+    view = ImageView([top, bottom], "overlay")
+    for i in range(50):
+        assert view.lstat(f"d/f{i}") is not None
+    assert calls.count("scandir") <= 2
+    before = len(calls)
+    for _ in range(2):
         for i in range(50):
             assert view.lstat(f"d/f{i}") is not None
         assert len(view.listdir("d")) == 50
-    # Root and d of each layer, read once.
-    assert len(calls) == 4
+    assert len(calls) == before
 
 
 def test_imageview_empty_image() -> None:
@@ -210,6 +227,29 @@ def test_since_ns_reads_only_changed_files(tmp_path: Path, monkeypatch: pytest.M
     compared.clear()
     assert strs(changeset.changes_from_tree(tree, view)) == ["C /d", "C /d/f007"]
     assert len(compared) == 300  # the exact mode does read everything
+
+
+def test_since_ns_catches_a_directory_renamed_over_another(tmp_path: Path) -> None:
+    spec = {
+        "x": None,
+        "x/f": "1111",
+        "x/sub": None,
+        "x/sub/g": "g1",
+        "y": None,
+        "y/f": "22",
+        "y/sub": None,
+        "y/sub/g": "g2",
+    }
+    base = layer(tmp_path / "base", spec)
+    tree = tmp_path / "tree"
+    _copy(base, tree)
+    since = changeset.ctime_mark(tmp_path)
+    subprocess.run(["rm", "-rf", str(tree / "x")], check=True)
+    os.rename(tree / "y", tree / "x")  # x/sub/g keeps its old ctime but is y's content
+    view = ImageView([base], "overlay")
+    exact = changeset.changes_from_tree(tree, view)
+    assert strs(exact) == ["C /x", "C /x/f", "C /x/sub", "C /x/sub/g", "D /y"]
+    assert changeset.changes_from_tree(tree, view, since_ns=since) == exact
 
 
 def test_exclude_hides_init_layer_paths(tmp_path: Path) -> None:
