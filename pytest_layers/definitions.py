@@ -287,7 +287,9 @@ class Layer:
     """A stored layer and, through ``parent``, its image.
 
     ``name`` is the ``@layer`` name (None for an unnamed commit), ``diff_id`` the digest of the
-    layer's canonical tar, ``chain_id`` the OCI ChainID of the image it tops.
+    layer's canonical tar, ``chain_id`` the OCI ChainID of the image it tops. ``size`` is the
+    bytes of file content the layer stores, ``files`` how many non-directory entries it adds or
+    changes (whiteouts and directories are not counted).
     """
 
     name: str | None

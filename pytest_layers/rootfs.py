@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -196,32 +195,20 @@ class Rootfs(os.PathLike[str]):
 
     def _ensure_stored(self, image: Sequence[Layer]) -> None:
         # A union's layers sit at chain positions the store has never seen; a commit's parent
-        # must be a stored chain, so record each such position.
+        # must be a stored chain, so record each such position as an alias of the stored layer
+        # (no copy: a snapshot of a union costs what its rw layer holds).
         store = self._session.store
         for lay in image:
             if store.has_layer(lay.chain_id):
                 continue
-            parent = lay.parent.chain_id if lay.parent else None
-            add_alias = getattr(store, "add_alias", None)
-            if add_alias is not None and lay.origin is not None:
-                add_alias(lay.chain_id, lay.origin, parent=parent)
-                continue
-            # Without aliases, store a copy of the layer at its union position: the same tree
-            # gives the same diff_id, so the copy lands exactly at lay.chain_id.
-            with store.staging() as staged:
-                staged.rmdir()
-                subprocess.run(
-                    ["cp", "-a", "--reflink=auto", "--", str(lay.directory), str(staged)],
-                    check=True,
-                    capture_output=True,
-                )
-                info = store.add_layer(staged, parent=parent, name=lay.name, source="build")
-            if info.chain_id != lay.chain_id:
+            if lay.origin is None:
                 raise LayersError(
-                    f"storing layer {lay.name or lay.diff_id} at its union position gave "
-                    f"{info.chain_id}, expected {lay.chain_id}: the layer's copy differs from "
-                    "the original (run `pytest-layers verify`)"
+                    f"layer {lay.name or lay.chain_id} is not in the store {store.root} "
+                    "(pruned while the session used it?); rerun the tests to rebuild it"
                 )
+            store.add_alias(
+                lay.chain_id, lay.origin, parent=lay.parent.chain_id if lay.parent else None
+            )
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
         """Resolve ``path`` inside the rootfs as a chroot would.

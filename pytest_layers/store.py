@@ -42,7 +42,7 @@ from urllib.parse import quote
 import filelock
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 
-from pytest_layers import errors, layertar
+from pytest_layers import errors, layertar, namespaces
 from pytest_layers.layertar import Flavor
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "filesystem_type",
     "build_manifest",
     "compare_manifests",
+    "count_files",
 ]
 
 #: Format of the store layout this module reads and writes (``VERSION``'s ``format``).
@@ -83,7 +84,15 @@ _SKIPPED_XATTR_PREFIXES = ("user.overlay.", "user.fuseoverlayfs.")
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
-    """What ``layer.json`` says about a stored layer."""
+    """What ``layer.json`` says about a stored layer.
+
+    ``size`` is the bytes of regular-file content in the layer's tree (plus the kept blob of an
+    imported layer). ``files`` is the number of non-directory entries the layer adds or changes
+    (regular files, symlinks, devices, fifos; each hardlink counted): directories and whiteouts
+    are not counted, so a layer of 10,000 files in 100 directories says 10000.
+    ``alias_of`` is set on an alias: a chain position whose tree is the stored layer
+    ``alias_of`` (same diff_id, another parent), see :meth:`Store.add_alias`.
+    """
 
     chain_id: str
     diff_id: str
@@ -95,10 +104,16 @@ class LayerInfo:
     source: str
     blob: Path | None = None
     tree_digest: str | None = None
+    alias_of: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["blob"] = self.blob.name if self.blob is not None else None
+        if self.alias_of is None:
+            del data["alias_of"]
+        else:
+            # An alias has no blob or tree of its own: both are read from its target.
+            del data["blob"], data["tree_digest"]
         return data
 
     @classmethod
@@ -115,6 +130,7 @@ class LayerInfo:
             source=data["source"],
             blob=layer_root / blob if blob else None,
             tree_digest=data.get("tree_digest"),
+            alias_of=data.get("alias_of"),
         )
 
 
@@ -245,30 +261,11 @@ def _ref_filename(value: str) -> str:
     return name
 
 
-def _make_removable(path: Path) -> None:
-    # Stored trees keep their modes, so a layer may hold directories without write (or search)
-    # permission; an ordinary user must open them up before deleting their contents.
-    with contextlib.suppress(OSError):
-        if not path.is_symlink():
-            os.chmod(path, 0o700)
-    for dirpath, dirnames, _ in os.walk(path):
-        for d in dirnames:
-            child = os.path.join(dirpath, d)
-            if not os.path.islink(child):
-                with contextlib.suppress(OSError):
-                    os.chmod(child, 0o700)
-
-
 def _rmtree(path: Path) -> None:
-    """Remove a tree we own, whatever the modes inside it; a missing path is fine."""
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        return
-    except OSError:
-        _make_removable(path)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(path)
+    """Remove a tree we own, whatever the modes and the depth inside it; a missing path is
+    fine. (A test's committed rw layer may be deeper than Python's recursion limit, which
+    ``shutil.rmtree`` is not.)"""
+    namespaces.remove_tree(path)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -358,9 +355,14 @@ def build_manifest(tree: Path) -> dict[str, dict[str, Any]]:
     manifest: dict[str, dict[str, Any]] = {}
     first_of_inode: dict[tuple[int, int], str] = {}
 
-    def walk(directory: str, prefix: str) -> None:
+    # Iterative, depth first, children in name order: a layer may be deeper than Python's
+    # recursion limit (a test's committed rw layer with a 2,000-deep directory, say).
+    todo: list[tuple[str, str]] = [(os.fspath(tree), "")]
+    while todo:
+        directory, prefix = todo.pop()
         with os.scandir(directory) as it:
             entries = sorted(it, key=lambda e: e.name)
+        subdirs: list[tuple[str, str]] = []
         for entry in entries:
             rel = prefix + os.fsdecode(entry.name)
             st = entry.stat(follow_symlinks=False)
@@ -386,10 +388,26 @@ def build_manifest(tree: Path) -> dict[str, dict[str, Any]]:
                 rec["xattrs"] = xattrs
             manifest[rel] = rec
             if fmt == stat.S_IFDIR:
-                walk(entry.path, rel + "/")
-
-    walk(os.fspath(tree), "")
+                subdirs.append((entry.path, rel + "/"))
+        todo.extend(reversed(subdirs))
     return manifest
+
+
+def count_files(manifest: dict[str, dict[str, Any]], flavor: Flavor) -> int:
+    """What ``LayerInfo.files`` counts in a layer's manifest: entries that are neither
+    directories nor whiteouts (0/0 devices in the ``overlay`` flavor, ``.wh.*`` files in the
+    ``marker`` flavor)."""
+    count = 0
+    for rel, rec in manifest.items():
+        kind = rec.get("type")
+        if kind == "dir":
+            continue
+        if flavor == "overlay" and kind == "chardev" and rec.get("rdev") == [0, 0]:
+            continue
+        if flavor == "marker" and rel.rpartition("/")[2].startswith(".wh."):
+            continue
+        count += 1
+    return count
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -705,8 +723,17 @@ class Store:
     # -- layers --------------------------------------------------------------------------------
 
     def layer_dir(self, chain_id: str) -> Path:
-        """The layer's tree, ``STORE/layers/<hex>/diff``."""
-        return self._layers / _hex(chain_id) / "diff"
+        """The layer's tree, ``STORE/layers/<hex>/diff``; for an alias, its target's tree."""
+        path = self._layers / _hex(chain_id) / "diff"
+        info = self._info_cache.get(chain_id)
+        if info is None:
+            # An alias is the only stored layer without a tree of its own.
+            if path.is_dir() or not self.has_layer(chain_id):
+                return path
+            info = self.layer_info(chain_id)
+        if info.alias_of is not None:
+            return self._layers / _hex(info.alias_of) / "diff"
+        return path
 
     def has_layer(self, chain_id: str) -> bool:
         """Whether the store holds the (complete) layer ``chain_id``."""
@@ -734,6 +761,16 @@ class Store:
                 str(layer_root),
             ) from exc
         info = LayerInfo.from_json(data, layer_root)
+        if info.alias_of is not None:
+            try:
+                target = self.layer_info(info.alias_of)
+            except errors.LayerNotFoundError:
+                raise errors.LayerNotFoundError(
+                    chain_id,
+                    hint=f"it is an alias of {info.alias_of}, which is not in the store "
+                    f"{self.root}",
+                ) from None
+            info = dataclasses.replace(info, blob=target.blob, tree_digest=target.tree_digest)
         self._info_cache[chain_id] = info
         return info
 
@@ -826,6 +863,68 @@ class Store:
             info = self.layer_info(chain_id)
         return self._named(info, name)
 
+    def add_alias(self, chain_id: str, target_chain_id: str, parent: str | None) -> LayerInfo:
+        """Record the stored layer ``target_chain_id`` at another chain position, on ``parent``,
+        without copying its tree.
+
+        A union image (several marker names) puts a stored layer on another parent: same
+        diff_id, new chain id. A commit on a union needs that position stored, so the store
+        records an alias: a ``layer.json`` of its own (chain id, parent) whose tree, blob and
+        manifest are the target's. :meth:`layer_dir` follows it, :meth:`chain` walks through
+        it, ``prune`` keeps the target while an alias is reachable, ``verify`` hashes the
+        target once. Returns the layer already stored at ``chain_id``, if any.
+
+        Raises :class:`errors.LayerNotFoundError` when the target or ``parent`` is not stored,
+        and ``ValueError`` when ``chain_id`` is not the ChainID of the target's diff_id on
+        ``parent``.
+        """
+        if self.has_layer(chain_id):
+            with self._gc.hold(exclusive=False):
+                self._keep_alive(chain_id)
+            return self.layer_info(chain_id)
+        target = self.layer_info(target_chain_id)
+        real = target.alias_of or target.chain_id
+        parent_diff_ids = [info.diff_id for info in self.chain(parent)] if parent else []
+        expected = layertar.chain_id([*parent_diff_ids, target.diff_id])
+        if expected != chain_id:
+            raise ValueError(
+                f"alias {chain_id} of layer {_short(target_chain_id)} on parent "
+                f"{_short(parent) if parent else '(none)'}: that position's chain id is "
+                f"{expected}"
+            )
+        info = LayerInfo(
+            chain_id=chain_id,
+            diff_id=target.diff_id,
+            parent=parent,
+            name=target.name,
+            created=time.time(),
+            size=target.size,
+            files=target.files,
+            source=target.source,
+            blob=target.blob,
+            tree_digest=target.tree_digest,
+            alias_of=real,
+        )
+        container = self._new_tmp_dir("alias")
+        try:
+            (container / "layer.json").write_text(json.dumps(info.to_json(), indent=1) + "\n")
+            with self._gc.hold(exclusive=False):
+                # Under the shared gc lock: prune cannot take the target between this check
+                # and the lease that _keep_alive takes on the alias (which reaches the target).
+                if not (self._layers / _hex(real) / "layer.json").is_file():
+                    raise errors.LayerNotFoundError(
+                        real, hint=f"the target of alias {chain_id} is no longer stored"
+                    )
+                try:
+                    os.rename(container, self._layers / _hex(chain_id))
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                self._keep_alive(chain_id)
+        finally:
+            _rmtree(container)  # gone after a successful rename; a loser's copy otherwise
+        return self.layer_info(chain_id)
+
     def _assemble(
         self,
         container: Path,
@@ -858,7 +957,7 @@ class Store:
                 name=name,
                 created=time.time(),
                 size=size,
-                files=len(manifest),
+                files=count_files(manifest, self.flavor),
                 source=source,
                 blob=target / "blob.tar" if kept_blob else None,
                 tree_digest=tree_digest if imported else None,
@@ -951,7 +1050,9 @@ class Store:
         total = 0
         for chain_id in self.layers():
             with contextlib.suppress(errors.LayersError):
-                total += self.layer_info(chain_id).size
+                info = self.layer_info(chain_id)
+                if info.alias_of is None:  # an alias holds no bytes of its own
+                    total += info.size
         return total
 
     # -- refs ----------------------------------------------------------------------------------
@@ -1191,7 +1292,9 @@ class Store:
                         report.kept_layers += 1
                         continue
                     with contextlib.suppress(errors.LayersError):
-                        report.freed_bytes += self.layer_info(chain_id).size
+                        gone = self.layer_info(chain_id)
+                        if gone.alias_of is None:
+                            report.freed_bytes += gone.size
                     victim = self._new_tmp_path("prune")
                     # Out of layers/ in one rename: a kill leaves it in tmp/ for the next sweep.
                     os.rename(self._layers / _hex(chain_id), victim)
@@ -1219,11 +1322,13 @@ class Store:
                 continue
             reachable.add(chain_id)
             try:
-                parent = self.layer_info(chain_id).parent
+                info = self.layer_info(chain_id)
             except errors.LayersError:
                 continue
-            if parent:
-                stack.append(parent)
+            if info.parent:
+                stack.append(info.parent)
+            if info.alias_of:
+                stack.append(info.alias_of)
         return reachable
 
     # -- verify --------------------------------------------------------------------------------
@@ -1232,11 +1337,12 @@ class Store:
         """Re-hash stored layers (all, or ``chain_ids``) and report every inconsistency, naming
         the path inside the layer when one changed. An empty list means all is well."""
         problems: list[Problem] = []
+        hashed: set[str] = set()
         for chain_id in self.layers() if chain_ids is None else list(chain_ids):
-            problems.extend(self._verify_one(chain_id))
+            problems.extend(self._verify_one(chain_id, hashed))
         return problems
 
-    def _verify_one(self, chain_id: str) -> list[Problem]:
+    def _verify_one(self, chain_id: str, hashed: set[str]) -> list[Problem]:
         self._info_cache.pop(chain_id, None)  # verify reads what is on disk now
         try:
             info = self.layer_info(chain_id)
@@ -1264,6 +1370,27 @@ class Store:
                     None, f"diff_id {info.diff_id} on its parent gives chain id {expected_chain}"
                 )
 
+        if info.alias_of is not None:
+            # Its tree is the target's: check they agree, then hash the target (once).
+            self._info_cache.pop(info.alias_of, None)
+            try:
+                target = self.layer_info(info.alias_of)
+            except errors.LayersError as exc:
+                problem(None, f"alias of {info.alias_of}, which is missing or damaged: {exc}")
+                return problems
+            if target.diff_id != info.diff_id:
+                problem(
+                    None,
+                    f"alias of {target.chain_id} with diff_id {target.diff_id}, "
+                    f"but the alias says {info.diff_id}",
+                )
+            if (layer_root / "diff").exists():
+                problem(None, "an alias must not have a tree of its own")
+            chain_id, info = target.chain_id, target
+            layer_root = self._layers / _hex(chain_id)
+        if chain_id in hashed:
+            return problems
+        hashed.add(chain_id)
         expected = info.tree_digest or info.diff_id
         try:
             actual = layertar.layer_diff_id(layer_root / "diff", flavor=self.flavor)

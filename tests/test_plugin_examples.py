@@ -24,7 +24,7 @@ def test_configtool_example_builds_once(pytester: pytest.Pytester) -> None:
         [
             "layers: built etc_base in *",
             "layers: built etc_app in *",
-            "layers: built zoneinfo in * (1010? files, *",
+            "layers: built zoneinfo in * (10000 files, *",
         ]
     )
     result = pytester.runpytest_subprocess(

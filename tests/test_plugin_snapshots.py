@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from pytest_layers.store import Store
 
 pytestmark = [pytest.mark.requires_overlay]
 
@@ -74,20 +78,19 @@ def test_commit(rootfs):
 """
 
 
-def _store(pytester: pytest.Pytester) -> object:
-    from pytest_layers.store import Store
-
+def _store(pytester: pytest.Pytester) -> Store:
     return Store(pytester.path / ".pytest_cache" / "layers")
 
 
-def _tree(path: object) -> dict[str, str]:
-    from pathlib import Path
-
-    root = Path(str(path))
-    return {
-        str(p.relative_to(root)): (p.read_text() if p.is_file() else "<dir>")
-        for p in sorted(root.rglob("*"))
-    }
+def _tree(path: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(path.rglob("*")):
+        st = p.lstat()
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            out[str(p.relative_to(path))] = "<whiteout>"
+        else:
+            out[str(p.relative_to(path))] = p.read_text() if p.is_file() else "<dir>"
+    return out
 
 
 @pytest.mark.slow
@@ -118,7 +121,7 @@ def test_snapshots(pytester: pytest.Pytester) -> None:
     result.stdout.no_fnmatch_line("snapshot:test_snap.py::test_passes *")
 
     store = _store(pytester)
-    snaps = {s.test: s for s in store.snapshots()}  # type: ignore[attr-defined]
+    snaps = {s.test: s for s in store.snapshots()}
     assert set(snaps) == {
         "test_snap.py::test_fails",
         "test_snap.py::test_passes_always",
@@ -126,13 +129,29 @@ def test_snapshots(pytester: pytest.Pytester) -> None:
     }
     # The snapshot holds exactly the rw layer: no init files (hook's or marker's).
     fails = snaps["test_snap.py::test_fails"].chain_id
-    tree = _tree(store.layer_dir(fails))  # type: ignore[attr-defined]
-    assert tree == {"etc": "<dir>", "etc/app.conf": "debug=true\n", "etc/old": tree["etc/old"]}
-    info = store.layer_info(fails)  # type: ignore[attr-defined]
-    assert store.layer_info(info.parent).name == "base"  # type: ignore[attr-defined]
+    tree = _tree(store.layer_dir(fails))
+    deleted = {"etc/old": "<whiteout>"} if store.flavor == "overlay" else {"etc/.wh.old": ""}
+    assert tree == {"etc": "<dir>", "etc/app.conf": "debug=true\n", **deleted}
+    info = store.layer_info(fails)
+    assert store.layer_info(info.parent).name == "base"
     # The union snapshot sits on the union's chain: base, then tools.
-    union = store.chain(snaps["test_snap.py::test_union_fails"].chain_id)  # type: ignore[attr-defined]
+    union = store.chain(snaps["test_snap.py::test_union_fails"].chain_id)
     assert len(union) == 3
+    # tools sits on base only in the union: that position is an alias of the stored tools
+    # layer, sharing its tree (same directory, same inodes), not a copy of it.
+    tools = store.get_name("tools")
+    assert (union[0].chain_id, union[1].parent) == (store.get_name("base"), union[0].chain_id)
+    assert union[1].alias_of == tools
+    assert union[1].diff_id == store.layer_info(tools).diff_id
+    assert store.layer_dir(union[1].chain_id) == store.layer_dir(tools)
+    assert sorted(p.name for p in (store.root / "layers" / union[1].chain_id[7:]).iterdir()) == [
+        "layer.json"
+    ]
+    # Bytes held: base, tools, and the rw layers of the snapshots, nothing twice.
+    held = {c for c in store.layers() if store.layer_info(c).alias_of is None}
+    assert store.size() == sum(store.layer_info(c).size for c in held)
+    assert len(held) == len(store.layers()) - 1
+    assert (store.layer_dir(union[2].chain_id) / "bin/tool").read_text() == "patched"
     assert (pytester.path / "hook.log").read_text().split("\n")[0] == (
         "snapshot:test_snap.py::test_fails base"
     )
@@ -143,27 +162,30 @@ def test_snapshots(pytester: pytest.Pytester) -> None:
     for _ in range(2):
         pytester.runpytest_subprocess("-k", "test_fails and not never").assert_outcomes(failed=1)
     store = _store(pytester)
-    kept = store.snapshots("test_snap.py::test_fails")  # type: ignore[attr-defined]
+    kept = store.snapshots("test_snap.py::test_fails")
     assert [s.n for s in kept] == [2, 3]
 
-    # The CLI can read what the plugin stored.
+    # The CLI reads what the plugin stored: the snapshot's own changes, and the union
+    # snapshot exports as an ordinary three-layer OCI image.
+    cli = [sys.executable, "-m", "pytest_layers.cli", "--store", str(store.root)]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest_layers.cli",
-            "--store",
-            str(pytester.path / ".pytest_cache/layers"),
-            "diff",
-            "snapshot:test_snap.py::test_fails",
-        ],
+        [*cli, "diff", "snapshot:test_snap.py::test_fails"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["C /etc", "A /etc/app.conf", "D /etc/old"]
+    out = pytester.path / "union-oci"
+    proc = subprocess.run(
+        [*cli, "export", "snapshot:test_snap.py::test_union_fails", "-o", str(out)],
         capture_output=True,
         text=True,
-        check=False,
     )
-    if proc.returncode == 0:
-        assert "A /etc/app.conf" in proc.stdout
-        assert json.dumps  # the CLI is another helper's; only checked when it runs
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((out / "index.json").read_text())
+    manifest_hex = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((out / "blobs/sha256" / manifest_hex).read_text())
+    config_hex = manifest["config"]["digest"].split(":")[1]
+    config = json.loads((out / "blobs/sha256" / config_hex).read_text())
+    assert config["rootfs"]["diff_ids"] == [x.diff_id for x in union]
 
 
 def test_keep_always_option(pytester: pytest.Pytester) -> None:
@@ -182,4 +204,4 @@ def test_keep_always_option(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--layers-keep=always")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["snapshot:test_opt.py::test_ok  (test_opt.py::test_ok)"])
-    assert [s.test for s in _store(pytester).snapshots()] == ["test_opt.py::test_ok"]  # type: ignore[attr-defined]
+    assert [s.test for s in _store(pytester).snapshots()] == ["test_opt.py::test_ok"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import run_as_user
-from treeutil import make_tree
+from treeutil import make_tree, whiteout
 
 from pytest_layers import errors, layertar
 from pytest_layers.store import FORMAT_VERSION, Store, probe_flavor
@@ -55,7 +55,7 @@ def test_layout_and_version(tmp_path: Path) -> None:
         None,
         "base",
         "build",
-        2,
+        1,
     )
     manifest = json.loads((layer / "files.json").read_text())
     assert manifest["etc/os-release"]["type"] == "file"
@@ -64,6 +64,28 @@ def test_layout_and_version(tmp_path: Path) -> None:
     assert manifest["etc"]["type"] == "dir"
     assert json.loads((root / "refs/names/base").read_text())["chain_id"] == chain_id
     assert os.listdir(root / "tmp") == []
+
+
+def test_files_counts_non_directories_without_whiteouts(tmp_path: Path) -> None:
+    # 100 dirs x 10 files, a symlink, a hardlink pair and a whiteout of a parent's file: the
+    # count is what a user would call the layer's files, not its tar entries.
+    store = Store(tmp_path / "store")
+    spec: dict[str, Any] = {f"d{d:02d}/f{f}": "x" for d in range(100) for f in range(10)}
+    base = add(store, spec, name="base")
+    assert store.layer_info(base).files == 1000
+    with store.staging() as staged:
+        make_tree(
+            staged, {"d00/link": ("symlink", "f1"), "d01/a": "a", "d01/b": ("hardlink", "d01/a")}
+        )
+        if store.flavor == "overlay":
+            whiteout(staged / "d02/f0")
+        else:
+            (staged / "d02").mkdir()
+            (staged / "d02/.wh.f0").touch()
+        child = store.add_layer(staged, parent=base, name="child", source="build").chain_id
+    assert store.layer_info(child).files == 3  # link, a, b: not the dirs nor the whiteout
+    meta = json.loads((tmp_path / "store/layers" / child[7:] / "layer.json").read_text())
+    assert meta["files"] == 3
 
 
 def test_flavor_on_ext4_is_overlay(tmp_path: Path) -> None:
