@@ -21,11 +21,10 @@ outlive a killed session; :func:`sweep_stale_mounts` removes those of dead sessi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-import shutil
 import stat
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -353,30 +352,90 @@ def _session_dirs(views: Path) -> Iterator[tuple[Path, int, int | None]]:
 
 
 def remove_tree(path: Path) -> None:
-    """``rmtree`` that also copes with the mode-000 ``work/work`` dirs overlay leaves behind."""
+    """Remove ``path`` and everything below it, best effort.
 
-    def onexc(func: object, failed: str, exc: object) -> None:
-        parent = os.path.dirname(failed)
-        try:
-            # Listing or unlinking failed on permissions: open up the dir and the parent.
-            os.chmod(failed, stat.S_IRWXU)
-            os.chmod(parent, stat.S_IRWXU)
-        except OSError:
-            return
-        try:
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                shutil.rmtree(failed, ignore_errors=True)
-            else:
-                os.unlink(failed)
-        except OSError:
-            pass
-
-    if not os.path.lexists(path):
+    Copes with the mode-000 ``work/work`` dirs overlay leaves behind (they are opened up first)
+    and with trees deeper than ``PATH_MAX`` or Python's recursion limit, which a test's rw layer
+    may hold (``shutil.rmtree`` fails on both): the walk is iterative, one directory fd at a
+    time, every name relative to it. It never descends into another filesystem, so a mount still
+    sitting in the tree is left alone rather than emptied.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
         return
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=onexc)
-    else:
-        shutil.rmtree(path, onerror=onexc)  # deprecated from 3.12, the only hook before it
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+    try:
+        fd = _open_dir(os.fspath(path), None)
+    except OSError:
+        return
+    try:
+        fd = _remove_contents(fd, st.st_dev)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _open_dir(name: str, dir_fd: int | None) -> int:
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        # A mode-000 dir (overlay's work/work; a test's chmod): open it up. It is a directory
+        # (lstat said so, O_NOFOLLOW would have refused a link), so chmod may follow.
+        os.chmod(name, stat.S_IRWXU, dir_fd=dir_fd)
+        return os.open(name, flags, dir_fd=dir_fd)
+
+
+def _remove_contents(fd: int, dev: int) -> int:
+    """Empty the directory open as ``fd``; returns the fd it ends on (the same directory)."""
+    # Per level below the top: the directory's name in its parent and the names still to remove
+    # in the parent. Only the current directory is open, so depth costs no file descriptors.
+    stack: list[tuple[str, list[str]]] = []
+    pending = os.listdir(fd)
+    while True:
+        if pending:
+            name = pending.pop()
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
+                try:
+                    child = _open_dir(name, fd)
+                    names = os.listdir(child)
+                except OSError:
+                    continue
+                stack.append((name, pending))
+                os.close(fd)
+                fd, pending = child, names
+            elif not stat.S_ISDIR(st.st_mode):
+                _unlink_at(name, fd)
+            continue
+        if not stack:
+            return fd
+        name, pending = stack.pop()
+        parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        os.close(fd)
+        fd = parent
+        _unlink_at(name, fd, directory=True)
+
+
+def _unlink_at(name: str, dir_fd: int, *, directory: bool = False) -> None:
+    remove = os.rmdir if directory else os.unlink
+    try:
+        remove(name, dir_fd=dir_fd)
+    except PermissionError:
+        # The parent lacks write permission for an ordinary user: open it up and retry.
+        with contextlib.suppress(OSError):
+            os.chmod(dir_fd, stat.S_IRWXU)
+            remove(name, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 def sweep_stale_mounts(store_tmp_root: Path) -> list[Path]:
