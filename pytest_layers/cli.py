@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["main", "build_parser", "default_store_path"]
 
 PROG = "pytest-layers"
-_ROOT_MARKERS = ("pytest.ini", "pyproject.toml", "tox.ini", "setup.cfg")
 #: Top-level host directories a ``shell`` may borrow when the image has no programs of its own.
 _HOST_TOOL_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
@@ -45,14 +44,17 @@ class CommandError(Exception):
 
 
 def default_store_path(cwd: Path | None = None) -> Path:
-    """``.pytest_cache/layers`` under the pytest rootdir of ``cwd``: the nearest directory
-    upward holding ``pytest.ini``, ``pyproject.toml``, ``tox.ini`` or ``setup.cfg``, else
-    ``cwd`` itself."""
-    start = (cwd or Path.cwd()).resolve()
-    for d in (start, *start.parents):
-        if any((d / marker).is_file() for marker in _ROOT_MARKERS):
-            return d / ".pytest_cache" / "layers"
-    return start / ".pytest_cache" / "layers"
+    """The store a pytest session started in ``cwd`` uses by default: ini ``layers_store``, else
+    ``<cache_dir>/layers`` (``.pytest_cache/layers`` unless ini ``cache_dir`` moves it), under
+    the rootdir pytest would pick (the nearest directory upward with a pytest config file)."""
+    from pytest_layers import _settings
+
+    ini = _settings.find_ini(cwd or Path.cwd())
+    return _settings.store_path(
+        ini.rootdir,
+        layers_store=ini.values.get("layers_store"),
+        cache_dir=ini.values.get("cache_dir"),
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pytest_layers import _linux, definitions, hookspecs, namespaces
+from pytest_layers import _linux, _settings, definitions, hookspecs, namespaces
 from pytest_layers.definitions import Layer, LayerDef, LayerSession, human_size
 from pytest_layers.errors import BackendUnavailableError, LayerDefinitionError, LayersError
 from pytest_layers.rootfs import Rootfs, check_init_path
@@ -81,7 +81,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--layers-store",
         default=None,
         metavar="PATH",
-        help="Layer store directory (default: .pytest_cache/layers under the rootdir)",
+        help="Layer store directory (default: ini layers_store, else <cache_dir>/layers, "
+        ".pytest_cache/layers under the rootdir unless cache_dir is set)",
     )
     group.addoption(
         "--layers-rebuild",
@@ -97,7 +98,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("layers_backend", "Mount backend: auto, overlay, fuse or copy", default="auto")
     parser.addini("layers_keep", "Snapshot policy: failed, always or never", default="failed")
-    parser.addini("layers_store", "Layer store directory, relative to the rootdir", default="")
+    parser.addini(
+        "layers_store",
+        "Layer store directory, relative to the rootdir (default: <cache_dir>/layers)",
+        default="",
+    )
     parser.addini("layers_keep_count", "Snapshots kept per test", default="3")
     parser.addini("layers_verify", "Re-hash layers before use", type="bool", default=False)
     parser.addini(
@@ -172,6 +177,15 @@ def _ini_choice(config: pytest.Config, name: str, choices: Sequence[str]) -> str
     return value
 
 
+def _cache_dir(config: pytest.Config) -> str | None:
+    """pytest's ``cache_dir`` ini value (``-o cache_dir=`` included), or None when the cache
+    provider is disabled (``-p no:cacheprovider``) and the option does not exist."""
+    try:
+        return str(config.getini("cache_dir")) or None
+    except ValueError:
+        return None
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
@@ -208,11 +222,15 @@ def pytest_configure(config: pytest.Config) -> None:
             namespace=winfo["namespace"],
         )
     else:
-        store_opt = config.getoption("layers_store") or str(config.getini("layers_store"))
-        store_path = Path(store_opt) if store_opt else rootdir / ".pytest_cache" / "layers"
-        if not store_path.is_absolute():
-            base = Path.cwd() if config.getoption("layers_store") else rootdir
-            store_path = base / store_path
+        store_opt = config.getoption("layers_store")
+        if store_opt:
+            store_path = Path.cwd() / store_opt
+        else:
+            store_path = _settings.store_path(
+                rootdir,
+                layers_store=str(config.getini("layers_store")),
+                cache_dir=_cache_dir(config),
+            )
         state = _State(
             store_path=store_path,
             rootdir=rootdir,
