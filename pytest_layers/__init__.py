@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pytest_layers.changeset import Change
-from pytest_layers.definitions import Layer, layer
+from pytest_layers.definitions import Layer, layer, oci_image
 from pytest_layers.errors import LayersError
 from pytest_layers.rootfs import Rootfs
 
-__all__ = ["layer", "Layer", "Rootfs", "Change", "LayersError"]
+__all__ = ["layer", "oci_image", "Layer", "Rootfs", "Change", "LayersError"]

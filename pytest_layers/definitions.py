@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import os
 import stat
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,13 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pytest_layers import changeset, layertar, namespaces
-from pytest_layers.errors import LayerBuildError, LayerDefinitionError, StoreError
+from pytest_layers.errors import (
+    InvalidImageError,
+    LayerBuildError,
+    LayerDefinitionError,
+    StoreError,
+    UnsafeEntryError,
+)
 
 if TYPE_CHECKING:
     from pytest_layers.backends.base import Backend
@@ -33,6 +40,8 @@ __all__ = [
     "Progress",
     "LayerSession",
     "layer",
+    "oci_image",
+    "ImageSource",
     "registry",
     "lookup",
     "definition_of",
@@ -48,12 +57,27 @@ F = TypeVar("F", bound=Callable[..., Any])
 # ---- definitions ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """Where an :func:`oci_image` comes from."""
+
+    #: As given: absolute, or relative to the rootdir.
+    path: str
+    #: The tag to pick when the layout holds several images.
+    ref: str | None
+    #: ``file:line`` of the ``oci_image()`` call, for error messages.
+    where: str
+    #: The module that called ``oci_image()``.
+    module: str
+
+
 @dataclass(eq=False)
 class LayerDef:
-    """What ``@layer`` recorded: the builder and the inputs of its build-cache key."""
+    """What ``@layer`` recorded: the builder and the inputs of its build-cache key; or, for an
+    :func:`oci_image`, where the image comes from (``image``; then ``builder`` is None)."""
 
     name: str
-    builder: Callable[..., Any]
+    builder: Callable[..., Any] | None
     parent: str | None
     inputs: tuple[str, ...]
     version: str | None
@@ -61,20 +85,27 @@ class LayerDef:
     extra_args: tuple[str, ...]
     #: The object ``@layer`` returned (the pytest fixture), set by the plugin.
     fixture: Any = None
+    image: ImageSource | None = None
 
     @property
     def qualname(self) -> str:
+        if self.builder is None:
+            return f"{self.image.module if self.image else '?'}.{self.name}"
         return f"{self.builder.__module__}.{self.builder.__qualname__}"
 
     @property
     def where(self) -> str:
-        """``file:line`` of the builder, for error messages."""
+        """``file:line`` of the builder (or of the ``oci_image()`` call), for error messages."""
+        if self.builder is None:
+            return self.image.where if self.image else self.name
         try:
             return f"{inspect.getsourcefile(self.builder)}:{self.builder.__code__.co_firstlineno}"
         except (TypeError, AttributeError):
             return self.qualname
 
     def source(self) -> str:
+        if self.builder is None:
+            return f"oci_image({self.name!r}, {self.image!r})"
         try:
             return textwrap.dedent(inspect.getsource(self.builder))
         except (OSError, TypeError):
@@ -279,6 +310,53 @@ def _make_def(
     )
 
 
+def oci_image(name: str, path: str | os.PathLike[str], ref: str | None = None) -> Any:
+    """Define a session-scoped fixture ``name`` whose value is the :class:`Layer` on top of a
+    real image: an OCI image layout (a directory or a tar) or a ``docker save`` archive.
+
+    ``path`` is absolute or relative to the rootdir; ``ref`` picks an image by tag when the
+    file holds several. Use it like a ``@layer``: as the ``parent=`` of a ``@layer`` (the
+    returned object or its name) and in ``@pytest.mark.layer(name)``. The image is imported
+    into the store once (every DiffID checked, layers applied with the secure applier), keyed
+    by its manifest digest and ``ref``; later sessions and other xdist workers reuse it.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LayerDefinitionError(
+            f"oci_image({name!r}, ...): the name must be a Python identifier (it is also the "
+            "fixture's name)"
+        )
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise LayerDefinitionError(
+            f"oci_image({name!r}, {path!r}): path must be the path of an OCI layout (directory "
+            "or tar) or of a docker-archive tar"
+        )
+    if ref is not None and not isinstance(ref, str):
+        raise LayerDefinitionError(f"oci_image({name!r}, ...): ref must be a str tag, not {ref!r}")
+    caller = sys._getframe(1)
+    source = ImageSource(
+        path=os.fspath(path),
+        ref=ref,
+        where=f"{caller.f_code.co_filename}:{caller.f_lineno}",
+        module=str(caller.f_globals.get("__name__", "?")),
+    )
+    defn = LayerDef(
+        name=name,
+        builder=None,
+        parent=None,
+        inputs=(),
+        version=None,
+        extra_args=(),
+        image=source,
+    )
+    from pytest_layers import plugin  # pytest is imported only on use
+
+    fixture = plugin.image_fixture(defn)
+    defn.fixture = fixture
+    _REGISTRY[name] = defn
+    _BY_OBJECT[id(fixture)] = defn
+    return fixture
+
+
 # ---- the Layer value ------------------------------------------------------------------------
 
 
@@ -430,7 +508,7 @@ class Progress:
     """One layer built or found in the cache during this session."""
 
     name: str
-    status: str  # "built" | "cached"
+    status: str  # "built" | "imported" | "cached"
     seconds: float
     files: int
     size: int
@@ -572,6 +650,77 @@ class LayerSession:
         )
         return lay
 
+    def image_path(self, defn: LayerDef) -> Path:
+        """The file or directory of an :func:`oci_image`; a clear error when it is missing."""
+        if defn.image is None:
+            raise LayerDefinitionError(f"layer {defn.name!r} ({defn.where}) is not an oci_image")
+        path = Path(os.path.expanduser(defn.image.path))
+        full = path if path.is_absolute() else self.rootdir / path
+        if not full.exists():
+            raise LayerDefinitionError(
+                f"oci_image {defn.name!r} ({defn.where}): {defn.image.path!r} does not exist "
+                f"(looked for {full}; a relative path is relative to the rootdir "
+                f"{self.rootdir}); give the path of an OCI layout (directory or tar) or of a "
+                "docker-archive (`docker save -o FILE IMAGE`)"
+            )
+        return full
+
+    def get_image(self, defn: LayerDef) -> Layer:
+        """The top layer of an :func:`oci_image`, imported into the store now or found there.
+
+        The import runs under the store's build lock for the image's identity (manifest digest
+        and ref), so concurrent sessions and xdist workers import it once; a later session only
+        reads the image's metadata to find it in the build cache.
+        """
+        from pytest_layers import oci
+
+        path = self.image_path(defn)
+        ref = defn.image.ref if defn.image else None
+        start = time.perf_counter()
+        try:
+            ident = oci.image_id(path, ref=ref)
+        except (InvalidImageError, UnsafeEntryError) as exc:
+            raise LayerDefinitionError(
+                f"oci_image {defn.name!r} ({defn.where}): cannot read the image: {exc}"
+            ) from exc
+        key = hashlib.sha256(
+            f"pytest-layers oci_image 1\0{ident}\0{ref or ''}".encode()
+        ).hexdigest()
+        with self.store.build_lock(key):
+            top = self.store.cache_get(key)
+            if top is not None and self.store.has_layer(top):
+                status = "cached"
+            else:
+                try:
+                    result = oci.import_image(self.store, path, ref=ref, backend=self.backend)
+                except (InvalidImageError, UnsafeEntryError) as exc:
+                    raise LayerDefinitionError(
+                        f"oci_image {defn.name!r} ({defn.where}): cannot import {path}: {exc}"
+                    ) from exc
+                top = result.chain_id
+                self.store.cache_set(key, top)
+                # Another image (or tag) with the same layers may have brought them already.
+                status = "imported" if result.imported else "cached"
+            self.store.set_name(defn.name, top)
+        parent: Layer | None = None
+        infos = self.store.chain(top)
+        for i, info in enumerate(infos):
+            name = defn.name if i == len(infos) - 1 else info.name
+            parent = self.layer_from_store(info.chain_id, parent, name)
+        if parent is None:
+            raise StoreError(f"stored chain {top} is empty")
+        self.progress.append(
+            Progress(
+                defn.name,
+                status,
+                time.perf_counter() - start,
+                sum(x.files for x in infos),
+                sum(x.size for x in infos),
+                parent.diff_id,
+            )
+        )
+        return parent
+
     def _build(self, defn: LayerDef, parent: Layer | None, kwargs: Mapping[str, Any]) -> Layer:
         flavor = self.store.flavor
         with contextlib.ExitStack() as stack:
@@ -602,6 +751,10 @@ class LayerSession:
 
     @staticmethod
     def _run_builder(defn: LayerDef, root: Path, kwargs: Mapping[str, Any]) -> None:
+        if defn.builder is None:
+            raise LayerDefinitionError(
+                f"layer {defn.name!r} ({defn.where}) is an imported image; it has no builder"
+            )
         result = defn.builder(root, **kwargs)
         if inspect.isgenerator(result) or inspect.iscoroutine(result):
             if inspect.iscoroutine(result):

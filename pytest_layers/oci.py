@@ -47,6 +47,7 @@ __all__ = [
     "Progress",
     "export_image",
     "import_image",
+    "image_id",
     "MEDIA_TYPE_INDEX",
     "MEDIA_TYPE_MANIFEST",
     "MEDIA_TYPE_CONFIG",
@@ -606,6 +607,7 @@ class _Image:
     layers: list[_LayerRef]
     diff_ids: list[str]
     config: dict[str, Any]
+    digest: str  # the manifest's digest (OCI layout) or the config's (docker-archive: image ID)
 
 
 def _pick_manifest(src: _Source, index: Any, ref: str | None, where: str) -> dict[str, Any]:
@@ -681,6 +683,7 @@ def _read_image(src: _Source, ref: str | None) -> _Image:
                 f"{MEDIA_TYPE_CONFIG}",
             )
         config = _loads(_read_verified(src, cdesc, "image config"), "image config")
+        digest = str(desc["digest"])
         layers: list[_LayerRef] = []
         for i, ldesc in enumerate(manifest.get("layers") or []):
             lwhat = f"layer {i + 1} ({ldesc.get('digest') if isinstance(ldesc, dict) else ldesc})"
@@ -725,6 +728,7 @@ def _read_image(src: _Source, ref: str | None) -> _Image:
         if m and hashlib.sha256(raw).hexdigest() != m.group(1):
             raise InvalidImageError(config_name, "content does not match the digest in its name")
         config = _loads(raw, config_name)
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         layers = [
             _LayerRef(name=str(n), compression="detect", digest=None, size=None)
             for n in entry.get("Layers") or []
@@ -760,7 +764,7 @@ def _read_image(src: _Source, ref: str | None) -> _Image:
                 f"layer {n} ({layer_ref.digest or layer_ref.name})",
                 f"blob {layer_ref.name} is missing from {src.path}",
             )
-    return _Image(layers=layers, diff_ids=[str(d) for d in diff_ids], config=config)
+    return _Image(layers=layers, diff_ids=[str(d) for d in diff_ids], config=config, digest=digest)
 
 
 def _unpack_blob(src: _Source, layer: _LayerRef, n: int, expected_diff: str, out: Path) -> int:
@@ -869,6 +873,20 @@ def _restore_mtimes(entries: Sequence[Entry], staged: Path) -> None:
             os.utime(target, ns=(st.st_mtime_ns, st.st_mtime_ns), follow_symlinks=False)
         except FileNotFoundError:
             continue
+
+
+def image_id(path: Path, *, ref: str | None = None) -> str:
+    """The identity of the image at ``path`` without importing it: the digest of its manifest
+    (OCI layout, directory or tar) or of its config (docker-archive, Docker's image ID).
+
+    Reads only the layout's small metadata files; raises :class:`InvalidImageError` naming the
+    culprit when ``path`` is not an image, has no image tagged ``ref``, or misses a blob.
+    """
+    src = _Source(Path(path))
+    try:
+        return _read_image(src, ref).digest
+    finally:
+        src.close()
 
 
 def import_image(

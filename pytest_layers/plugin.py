@@ -23,7 +23,7 @@ from pytest_layers.definitions import Layer, LayerDef, LayerSession, human_size
 from pytest_layers.errors import BackendUnavailableError, LayerDefinitionError, LayersError
 from pytest_layers.rootfs import Rootfs, check_init_path
 
-__all__ = ["layer_fixture", "BACKEND_CHOICES", "KEEP_CHOICES"]
+__all__ = ["layer_fixture", "image_fixture", "BACKEND_CHOICES", "KEEP_CHOICES"]
 
 BACKEND_CHOICES = ("auto", "overlay", "fuse", "copy")
 KEEP_CHOICES = ("failed", "always", "never")
@@ -391,6 +391,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def layer_fixture(defn: LayerDef) -> Any:
     """Wrap a layer definition into a session-scoped pytest fixture named ``defn.name``."""
+    if defn.builder is None:
+        raise LayerDefinitionError(f"layer {defn.name!r} has no builder; use image_fixture")
+    builder = defn.builder
     asked = [n for n in defn.extra_args if n != "request"]
 
     def layer_fixture_function(request: pytest.FixtureRequest, **kwargs: Any) -> Layer:
@@ -404,13 +407,36 @@ def layer_fixture(defn: LayerDef) -> Any:
     func: Any = layer_fixture_function
     func.__signature__ = inspect.Signature(params)
     func.__name__ = defn.name
-    func.__qualname__ = defn.builder.__qualname__
-    func.__module__ = defn.builder.__module__
+    func.__qualname__ = builder.__qualname__
+    func.__module__ = builder.__module__
     parent = f" on {defn.parent!r}" if defn.parent else ""
-    func.__doc__ = defn.builder.__doc__ or f"Layer {defn.name!r}{parent}, built by {defn.qualname}."
+    func.__doc__ = builder.__doc__ or f"Layer {defn.name!r}{parent}, built by {defn.qualname}."
     # Lets `pytest --fixtures` point at the builder; pytest calls this wrapper, not the builder
     # (it stops unwrapping at __signature__).
-    func.__wrapped__ = defn.builder
+    func.__wrapped__ = builder
+    return pytest.fixture(scope="session", name=defn.name)(func)
+
+
+def image_fixture(defn: LayerDef) -> Any:
+    """Wrap an ``oci_image`` definition into a session-scoped pytest fixture named ``defn.name``."""
+
+    def oci_image_fixture_function(request: pytest.FixtureRequest) -> Layer:
+        __tracebackhide__ = True
+        state = _state(request.config)
+        try:
+            return state.get_session().get_image(defn)
+        except (LayerDefinitionError, BackendUnavailableError) as exc:
+            message = str(exc)
+        # Outside the except block: the failure is the one line, without the chained errors.
+        pytest.fail(message, pytrace=False)
+
+    func: Any = oci_image_fixture_function
+    func.__name__ = defn.name
+    func.__qualname__ = defn.name
+    func.__module__ = defn.image.module if defn.image else __name__
+    image = defn.image
+    ref = f" (ref {image.ref!r})" if image and image.ref else ""
+    func.__doc__ = f"Image {defn.name!r} imported from {image.path if image else '?'}{ref}."
     return pytest.fixture(scope="session", name=defn.name)(func)
 
 
@@ -653,7 +679,7 @@ class _Reporter:
             # Under xdist a worker that waited for another's build reports "cached" and may be
             # heard first; the build itself is still worth its line.
             seen = self.state.seen_progress.get(key)
-            if seen is None or (seen == "cached" and status == "built"):
+            if seen is None or (seen == "cached" and status != "cached"):
                 self.state.seen_progress[key] = status
                 lines.append(line)
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
