@@ -32,10 +32,7 @@ def tools(root):
 def pytest_layers_init(item):
     return {"etc/hostname": item.name + "\\n"}
 
-COMMITTED = []
-
 def pytest_layers_snapshot_committed(item, ref, layer):
-    COMMITTED.append(ref)
     with open(str(item.config.rootpath / "hook.log"), "a") as f:
         f.write(f"{ref} {layer.parent.name}\\n")
 """
@@ -152,9 +149,12 @@ def test_snapshots(pytester: pytest.Pytester) -> None:
     assert store.size() == sum(store.layer_info(c).size for c in held)
     assert len(held) == len(store.layers()) - 1
     assert (store.layer_dir(union[2].chain_id) / "bin/tool").read_text() == "patched"
-    assert (pytester.path / "hook.log").read_text().split("\n")[0] == (
-        "snapshot:test_snap.py::test_fails base"
-    )
+    # The hook saw every snapshot, in order, with its committed layer (parent: the image top).
+    assert (pytester.path / "hook.log").read_text().splitlines() == [
+        "snapshot:test_snap.py::test_fails base",
+        "snapshot:test_snap.py::test_passes_always base",
+        "snapshot:test_snap.py::test_union_fails tools",
+    ]
     # Passing tests under "failed" leave no scratch behind.
     assert list((pytester.path / ".pytest_cache/layers/scratch/views").iterdir()) == []
 

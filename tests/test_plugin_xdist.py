@@ -49,7 +49,15 @@ def grandchild(root):
 TESTS = """
 import pytest
 
+import os
+
 IMAGES = ["base"] + [f"child{n}" for n in range(1, 7)] + ["grandchild"]
+# What each image adds to /etc beyond the base's os-release.
+EXPECT = {
+    "base": {},
+    "grandchild": {"child6": "6", "grandchild": "g"},
+    **{f"child{n}": {f"child{n}": str(n)} for n in range(1, 7)},
+}
 
 @pytest.mark.parametrize("i", range(40))
 def test_image(request, i):
@@ -57,8 +65,9 @@ def test_image(request, i):
     request.applymarker(pytest.mark.layer(name))
     rootfs = request.getfixturevalue("rootfs")
     assert (rootfs / "etc/os-release").read_text() == "ID=demo\\n"
-    if name.startswith("child"):
-        assert (rootfs / f"etc/{name}").read_text() == name[5:]
+    assert sorted(os.listdir(rootfs / "etc")) == sorted(["os-release", *EXPECT[name]])
+    for fname, content in EXPECT[name].items():
+        assert (rootfs / "etc" / fname).read_text() == content
     (rootfs / "etc/scratch").write_text(str(i))
     if i == 39:
         assert False, "keep me"
