@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from pytest_layers import oci
 from pytest_layers.store import Store
+from tests.conftest import run_as_user
 
 pytestmark = [pytest.mark.requires_overlay]
 
@@ -236,3 +238,26 @@ def test_oci_image_definition_errors() -> None:
 
     assert "my-image" not in registry()  # nothing was registered by a refused definition
     assert "x" not in registry()
+
+
+@pytest.mark.slow
+@pytest.mark.requires_user
+def test_oci_image_as_ordinary_user(user_tmp_path: Path, tmp_path: Path) -> None:
+    # Imported in the session's user namespace (no root): same files, imported once under -n 2.
+    expected = _make_images(user_tmp_path / "images", tmp_path / "build-store")
+    (user_tmp_path / "expected.json").write_text(json.dumps(expected))
+    (user_tmp_path / "conftest.py").write_text(CONFTEST)
+    (user_tmp_path / "test_img.py").write_text(TESTS)
+    (user_tmp_path / "pytest.ini").write_text("[pytest]\n")
+    owner = user_tmp_path.stat().st_uid
+    for dirpath, dirnames, filenames in os.walk(user_tmp_path):
+        for name in [*dirnames, *filenames]:
+            os.chown(os.path.join(dirpath, name), owner, owner)
+    proc = run_as_user(
+        [sys.executable, "-m", "pytest", "-n", "2", "--dist", "each", str(user_tmp_path)],
+        cwd=user_tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    assert "14 passed" in out, out[-3000:]
+    assert "layers: backend=overlay (user namespace)" in out, out
+    assert _imports(user_tmp_path) == [0, 2]
