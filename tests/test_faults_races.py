@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.requires_overlay]
 
 CONFTEST = """
 import os, time
+from pathlib import Path
 from pytest_layers import layer
 
 HERE = Path(__file__).parent
@@ -136,6 +137,7 @@ def test_four_sessions_with_two_workers_each_build_every_key_once(
 
 HOLD_CONFTEST = """
 import os, time
+from pathlib import Path
 from pytest_layers import layer
 
 HERE = Path(__file__).parent
@@ -149,6 +151,7 @@ def base(root):
 
 HOLD_TESTS = """
 import os, time
+from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
