@@ -26,7 +26,7 @@ def etc_base(root: Path) -> None:
     )
 
 
-@layer(parent=etc_base, inputs=["tests/data/app.conf"], version="1")
+@layer(parent=etc_base, inputs=["configtool/tests/data/app.conf"], version="1")
 def etc_app(root: Path) -> None:
     """The app package: its own settings file from tests/data, and a retired file removed."""
     src = Path(__file__).resolve().parent / "data" / "app.conf"
