@@ -23,10 +23,10 @@ import os
 import stat
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 from pytest_layers.errors import InvalidLayerError, UnsafeEntryError
 
@@ -248,6 +248,8 @@ class _Child:
 
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_READDIR = _O_READ | os.O_DIRECTORY
+#: Directory fds ``_walk`` keeps open at most (the deepest levels of the current path).
+_OPEN_DIRS = 64
 
 
 def _kind(entry: os.DirEntry[str]) -> int:
@@ -399,14 +401,19 @@ def _walk(sink: _Sink, root: bytes, flavor: str, epoch: int | None) -> None:
     # the fd of a regular file gives its stat and xattrs without more path walks.
     root_fd = os.open(root, _O_READDIR)
     # Depth-first over sorted children gives "sorted by path components, parents first".
-    stack: list[tuple[bytes, int, bytes, Iterator[_Child]]] = []
+    # Entries: [prefix, dir fd, dir path, children]. Only the deepest _OPEN_DIRS levels keep
+    # their fd open (a test's committed rw layer may nest deeper than RLIMIT_NOFILE allows);
+    # an ancestor whose fd was closed is reopened through ".." on the way back up.
+    stack: list[list[Any]] = []
     try:
-        stack.append((b"", root_fd, root, iter(_children(root_fd, root, flavor))))
+        stack.append([b"", root_fd, root, iter(_children(root_fd, root, flavor))])
         while stack:
             prefix, dfd, dpath, it = stack[-1]
             child = next(it, None)
             if child is None:
                 stack.pop()
+                if stack and stack[-1][1] < 0:
+                    stack[-1][1] = os.open(b"..", _O_READDIR, dir_fd=dfd)
                 os.close(dfd)
                 continue
             name = prefix + child.tarname
@@ -442,8 +449,11 @@ def _walk(sink: _Sink, root: bytes, flavor: str, epoch: int | None) -> None:
                     if opaque:
                         sub.append(_Child(OPAQUE_MARKER.encode(), "", stat.S_IFREG, True))
                         sub.sort(key=lambda c: c.tarname)
-                    stack.append((name + b"/", fd, sub_path, iter(sub)))
+                    stack.append([name + b"/", fd, sub_path, iter(sub)])
                     fd = -1  # now owned by the stack
+                    if len(stack) > _OPEN_DIRS and stack[-_OPEN_DIRS - 1][1] >= 0:
+                        os.close(stack[-_OPEN_DIRS - 1][1])
+                        stack[-_OPEN_DIRS - 1][1] = -1
                     continue
                 if st.st_nlink > 1:
                     key = (st.st_dev, st.st_ino)
@@ -488,7 +498,8 @@ def _walk(sink: _Sink, root: bytes, flavor: str, epoch: int | None) -> None:
                     os.close(fd)
     finally:
         for _prefix, dfd, _dpath, _it in stack:
-            os.close(dfd)
+            if dfd >= 0:
+                os.close(dfd)
     sink.add(b"\0" * (2 * _BLOCK))
     sink.flush()
 
