@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,8 +103,10 @@ def _try(name: str, scratch: Path, flavor: str) -> Backend:
     key = (name, os.geteuid(), namespaces.current_namespace())
     if key in _proven:
         return backend
-    trial = scratch / f"trial-{name}"
-    trial.mkdir(parents=True, exist_ok=True)
+    # A dir of our own: sessions sharing a store start at the same time, and one's cleanup
+    # must not pull another's trial mount from under it.
+    scratch.mkdir(parents=True, exist_ok=True)
+    trial = Path(tempfile.mkdtemp(prefix=f"trial-{name}-{os.getpid()}-", dir=scratch))
     try:
         backend.check(trial)
     except BackendUnavailableError as exc:
