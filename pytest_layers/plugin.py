@@ -417,15 +417,24 @@ def layer_fixture(defn: LayerDef) -> Any:
     return pytest.fixture(scope="session", name=defn.name)(func)
 
 
+def _session_or_fail(state: _State) -> LayerSession:
+    """The session's layer machinery, or a one-line failure saying why the store or backend
+    set up at configure time is unusable (no traceback from deep inside the store)."""
+    __tracebackhide__ = True
+    if state.error is not None:
+        pytest.fail(f"pytest-layers cannot run in this session: {state.error}", pytrace=False)
+    return state.get_session()
+
+
 def image_fixture(defn: LayerDef) -> Any:
     """Wrap an ``oci_image`` definition into a session-scoped pytest fixture named ``defn.name``."""
 
     def oci_image_fixture_function(request: pytest.FixtureRequest) -> Layer:
         __tracebackhide__ = True
-        state = _state(request.config)
+        session = _session_or_fail(_state(request.config))
         try:
-            return state.get_session().get_image(defn)
-        except (LayerDefinitionError, BackendUnavailableError) as exc:
+            return session.get_image(defn)
+        except LayerDefinitionError as exc:
             message = str(exc)
         # Outside the except block: the failure is the one line, without the chained errors.
         pytest.fail(message, pytrace=False)
@@ -443,10 +452,10 @@ def image_fixture(defn: LayerDef) -> Any:
 def _layer_value(request: pytest.FixtureRequest, defn: LayerDef, kwargs: dict[str, Any]) -> Layer:
     __tracebackhide__ = True
     state = _state(request.config)
+    session = _session_or_fail(state)
     try:
-        session = state.get_session()
         definitions.chain_of_names(defn.name)
-    except (LayerDefinitionError, BackendUnavailableError) as exc:
+    except LayerDefinitionError as exc:
         pytest.fail(f"layer {defn.name!r}: {exc}", pytrace=False)
     parent: Layer | None = None
     if defn.parent is not None:
@@ -562,9 +571,9 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
     state = _state(request.config)
     try:
         spec = _marker_spec(item)
-        session = state.get_session()
-    except (LayerDefinitionError, BackendUnavailableError) as exc:
+    except LayerDefinitionError as exc:
         pytest.fail(f"{item.nodeid}: {exc}", pytrace=False)
+    session = _session_or_fail(state)
     if not spec.names:
         pytest.fail(
             f"{item.nodeid} uses the rootfs fixture but names no image: add "
