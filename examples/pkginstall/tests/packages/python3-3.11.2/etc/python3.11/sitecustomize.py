@@ -1,0 +1,7 @@
+# Install the apport exception handler if available.
+try:
+    import apport_python_hook
+except ImportError:
+    pass
+else:
+    apport_python_hook.install()

@@ -1,0 +1,3 @@
+"""Implementation of JSONDecoder."""
+
+NaN = float("nan")

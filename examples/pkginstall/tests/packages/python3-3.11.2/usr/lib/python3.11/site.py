@@ -1,0 +1,5 @@
+"""Append module search paths for third-party packages to sys.path."""
+
+import sys
+
+PREFIXES = [sys.prefix, sys.exec_prefix]

@@ -1,0 +1,3 @@
+"""JSON (JavaScript Object Notation) encoder and decoder."""
+
+__version__ = "2.0.9"

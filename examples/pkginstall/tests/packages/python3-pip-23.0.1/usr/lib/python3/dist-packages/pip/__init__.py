@@ -1,0 +1,3 @@
+"""The Python package installer."""
+
+__version__ = "23.0.1"
