@@ -332,19 +332,27 @@ def _borrow_host_tools(view_path: Path) -> list[str]:
     """Bind the host's program directories, read-only, where the image has none of its own."""
     from pytest_layers import _linux
 
-    borrowed = []
+    borrowed: list[str] = []
+    links = []
     for name in _HOST_TOOL_DIRS:
         host = Path("/") / name
         inside = view_path / name
         if not os.path.lexists(host) or os.path.lexists(inside):
             continue
         if host.is_symlink():  # merged-/usr systems: /bin -> usr/bin
-            os.symlink(os.readlink(host), inside)
-        else:
-            inside.mkdir()
-            _linux.mount(host, inside, None, _linux.MS_BIND | _linux.MS_REC)
-            _linux.mount(None, inside, None, _linux.MS_REMOUNT | _linux.MS_BIND | _linux.MS_RDONLY)
+            links.append((name, os.readlink(host)))
+            continue
+        inside.mkdir()
+        _linux.mount(host, inside, None, _linux.MS_BIND | _linux.MS_REC)
+        _linux.mount(None, inside, None, _linux.MS_REMOUNT | _linux.MS_BIND | _linux.MS_RDONLY)
         borrowed.append(f"/{name}")
+    # A link such as /bin -> usr/bin lends the host's programs only when its target directory
+    # was lent too; into an image with its own /usr it would point at the image's programs.
+    for name, target in links:
+        parts = Path(target.lstrip("/")).parts
+        if parts and f"/{parts[0]}" in borrowed:
+            os.symlink(target, view_path / name)
+            borrowed.append(f"/{name}")
     return borrowed
 
 

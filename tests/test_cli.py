@@ -180,6 +180,21 @@ def test_shell_runs_a_command_in_the_image_and_discards_writes(store: Path) -> N
     assert list((store / "tmp").iterdir()) == []
 
 
+def test_shell_in_an_image_with_its_own_usr_but_no_shell(tmp_path: Path) -> None:
+    # On a merged-/usr host, /bin is a link to usr/bin: lending that link to an image that has a
+    # /usr of its own would point at the image's (shell-less) /usr/bin.
+    st = Store(tmp_path / "store")
+    tree = make_tree(tmp_path / "tree", {"usr/share/doc/readme": "docs\n", "etc/x": "own usr\n"})
+    build_layer(st, None, tree, "ownusr")
+    # Without a shell of its own and with its /usr in the way, the host's cat runs with the
+    # view's root as its working directory, and says so.
+    proc = run("shell", "ownusr", "--", "cat", "etc/x", store=st.root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "own usr\n"
+    assert "the image has no cat" in proc.stderr
+    assert "(absolute paths are the host's)" in proc.stderr
+
+
 @pytest.mark.requires_root
 @pytest.mark.requires_overlay
 @pytest.mark.parametrize("rw", [False, True], ids=["readonly", "rw"])
