@@ -296,8 +296,25 @@ def _setup(
     )
 
 
+def _sweep_dead_sessions(store_path: Path) -> None:
+    """Remove the view scratch of sessions that died without cleaning up (SIGKILL).
+
+    In a private or user namespace their mounts died with them, but their scratch dirs (upper
+    dirs when no scratch tmpfs could be mounted, the copy backend's trees) stay on disk; in
+    host mode their mounts stay too. Only dirs of dead processes are touched, so it runs in
+    every mode, *before* entering a namespace (inside one it could only detach private copies
+    of host mounts). Cheap when nothing died: one directory listing and a ``/proc`` read per
+    live session; mountinfo is read only for a dead session's dir.
+    """
+    # Best effort: a mount we may not unmount (another user's, as an ordinary user) must not
+    # stop this session, whose own scratch is a fresh dir.
+    with contextlib.suppress(OSError):
+        namespaces.sweep_stale_mounts(store_path / "scratch")
+
+
 def _enter_namespace(store_path: Path, ns_mode: str, backend_opt: str) -> tuple[str, str]:
     """Enter the session's namespace; returns (where mounts live, why overlay is out or "")."""
+    _sweep_dead_sessions(store_path)
     inherited = namespaces.inside_our_namespace()
     if inherited is not None and inherited.kind == "private" and os.geteuid() != 0:
         # A root session's private namespace, inherited through `runuser`/`su` (which keep the
@@ -310,12 +327,10 @@ def _enter_namespace(store_path: Path, ns_mode: str, backend_opt: str) -> tuple[
         return "host", ""
     if os.geteuid() == 0:
         if ns_mode == "host":
-            namespaces.sweep_stale_mounts(store_path / "scratch")
             return "host", ""
         try:
             return namespaces.enter_private_mount_namespace().kind, ""
         except BackendUnavailableError as exc:
-            namespaces.sweep_stale_mounts(store_path / "scratch")
             return "host", f"no private mount namespace ({exc.reason}), mounting in the host's"
     if backend_opt == "fuse" or ns_mode == "host":
         return "host", ""
