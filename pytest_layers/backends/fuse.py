@@ -37,6 +37,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Collection, Sequence
@@ -83,7 +84,8 @@ class FuseBackend:
 
     def check(self, scratch: Path) -> None:
         """Check the binary and ``/dev/fuse``, then mount a two-layer image (with a whiteout in
-        each flavor), write, delete, read back and unmount."""
+        each flavor the scratch filesystem can hold), write, delete, read back, check the upper
+        dir records the deletion, and unmount."""
         self._binary_path()
         if not os.path.exists("/dev/fuse"):
             raise BackendUnavailableError(
@@ -108,11 +110,21 @@ class FuseBackend:
             for name in ("keep", "gone", "gone2"):
                 (lower0 / name).write_text("lower\n")
             lower1.mkdir()
-            os.mknod(lower1 / "gone", 0o020600, 0)
+            flavor: Flavor = "overlay"
+            try:
+                os.mknod(lower1 / "gone", 0o020600, 0)
+            except OSError as exc:
+                # overlayfs (a container's root) refuses 0/0 devices: a store there is of the
+                # marker flavor, whose layers spell every whiteout as a .wh. file, and so does
+                # fuse-overlayfs in an upper dir there.
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                (lower1 / ".wh.gone").write_text("")
+                flavor = "marker"
             (lower1 / ".wh.gone2").write_text("")
             view_scratch.mkdir()
             try:
-                view = self.open([lower1, lower0], view_scratch)
+                view = self.open([lower1, lower0], view_scratch, flavor=flavor)
             except MountError as exc:
                 raise BackendUnavailableError(self.name, f"trial mount failed: {exc}") from exc
             try:
@@ -120,6 +132,7 @@ class FuseBackend:
                 (view.path / "new").write_text("upper\n")
                 (view.path / "keep").unlink()
                 after = sorted(os.listdir(view.path))
+                recorded = _deleted_in_upper(view)
             finally:
                 view.close()
             if seen != ["keep"] or after != ["new"]:
@@ -127,6 +140,12 @@ class FuseBackend:
                     self.name,
                     f"trial mount shows {seen} then {after}, expected ['keep'] then ['new'] "
                     "(whiteouts of the lower layer not applied?)",
+                )
+            if "keep" not in recorded:
+                raise BackendUnavailableError(
+                    self.name,
+                    "the trial mount's upper dir does not record the deletion of a lower file "
+                    "(neither a 0/0 device nor a .wh. file), so commits would lose deletions",
                 )
         except OSError as exc:
             if isinstance(exc, BackendUnavailableError):
@@ -216,6 +235,21 @@ class FuseBackend:
                 "(apt-get install fuse-overlayfs)",
             )
         return found
+
+
+def _deleted_in_upper(view: View) -> set[str]:
+    """Names the upper dir's top level marks as deleted, in either spelling."""
+    if view.upper is None:
+        return set()
+    deleted = set()
+    for entry in os.scandir(view.upper):
+        if entry.name.startswith(".wh.") and entry.is_file(follow_symlinks=False):
+            deleted.add(entry.name[len(".wh.") :])
+            continue
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            deleted.add(entry.name)
+    return deleted
 
 
 def _wait_mounted(proc: subprocess.Popen[bytes], scratch: Path, merged: Path, log: Path) -> None:
