@@ -8,6 +8,7 @@ lives in :class:`LayerSession`, which the plugin creates once per process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import inspect
 import os
@@ -25,6 +26,7 @@ from pytest_layers.errors import (
     InvalidImageError,
     LayerBuildError,
     LayerDefinitionError,
+    NoSpaceError,
     StoreError,
     UnsafeEntryError,
 )
@@ -722,6 +724,34 @@ class LayerSession:
         return parent
 
     def _build(self, defn: LayerDef, parent: Layer | None, kwargs: Mapping[str, Any]) -> Layer:
+        try:
+            return self._build_staged(defn, parent, kwargs)
+        except OSError as exc:
+            # The staging dirs are gone already (the ExitStack closed them on the way out), so
+            # a rerun after freeing space starts clean.
+            if not self._out_of_space(exc):
+                raise
+            raise NoSpaceError(f"layer {defn.name!r}", str(self.store.root)) from exc
+
+    def _out_of_space(self, exc: OSError) -> bool:
+        """Whether ``exc`` is the store's (or the session scratch's) filesystem filling up
+        while a layer is built: not one already converted, nor a builder's write elsewhere."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(exc, NoSpaceError):
+            return False
+        if exc.filename is None:
+            return True  # write(2) and close(2) name no file
+        try:
+            where = os.path.abspath(os.fsdecode(exc.filename))
+        except TypeError:
+            return True  # a file descriptor number
+        return any(
+            where == str(root) or where.startswith(str(root).rstrip("/") + "/")
+            for root in (self.store.root.absolute(), self.scratch_root.absolute())
+        )
+
+    def _build_staged(
+        self, defn: LayerDef, parent: Layer | None, kwargs: Mapping[str, Any]
+    ) -> Layer:
         flavor = self.store.flavor
         with contextlib.ExitStack() as stack:
             if parent is None:

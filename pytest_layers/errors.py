@@ -132,7 +132,15 @@ class NoSpaceError(LayersError, OSError):
 
     def __init__(self, what: str, path: str) -> None:
         self.what = what
+        self.path = path  # also after a trip through xdist, which keeps only errno and strerror
         super().__init__(_errno.ENOSPC, f"no space left on device while writing {what}", path)
+
+    def __str__(self) -> str:
+        return (
+            f"[Errno {self.errno}] {self.strerror} to the store {self.path}: free space on its "
+            "filesystem, or point the store at a bigger one (pytest --layers-store PATH, ini "
+            "layers_store; pytest-layers --store PATH)"
+        )
 
 
 class LayerBuildError(LayersError, RuntimeError):

@@ -20,7 +20,12 @@ import pytest
 
 from pytest_layers import _linux, _settings, definitions, hookspecs, namespaces
 from pytest_layers.definitions import Layer, LayerDef, LayerSession, human_size
-from pytest_layers.errors import BackendUnavailableError, LayerDefinitionError, LayersError
+from pytest_layers.errors import (
+    BackendUnavailableError,
+    LayerDefinitionError,
+    LayersError,
+    NoSpaceError,
+)
 from pytest_layers.rootfs import Rootfs, check_init_path
 
 __all__ = ["layer_fixture", "image_fixture", "BACKEND_CHOICES", "KEEP_CHOICES"]
@@ -449,7 +454,7 @@ def image_fixture(defn: LayerDef) -> Any:
         session = _session_or_fail(_state(request.config))
         try:
             return session.get_image(defn)
-        except LayerDefinitionError as exc:
+        except (LayerDefinitionError, NoSpaceError) as exc:
             message = str(exc)
         # Outside the except block: the failure is the one line, without the chained errors.
         pytest.fail(message, pytrace=False)
@@ -481,7 +486,11 @@ def _layer_value(request: pytest.FixtureRequest, defn: LayerDef, kwargs: dict[st
                 f"(it gave {type(parent).__name__})",
                 pytrace=False,
             )
-    return session.get(defn, parent, kwargs)
+    try:
+        return session.get(defn, parent, kwargs)
+    except NoSpaceError as exc:
+        message = str(exc)  # names the layer, the store and what to do; no store traceback
+    pytest.fail(message, pytrace=False)
 
 
 # ---- the marker ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from pytest_layers import changeset, namespaces
 from pytest_layers.definitions import Layer, LayerSession
-from pytest_layers.errors import LayerDefinitionError, LayersError
+from pytest_layers.errors import LayerDefinitionError, LayersError, NoSpaceError
 
 __all__ = ["Rootfs", "check_init_path", "MAX_SYMLINKS"]
 
@@ -179,19 +179,34 @@ class Rootfs(os.PathLike[str]):
             raise LayersError("a readonly rootfs has no writable layer to commit")
         store = self._session.store
         parent = self._image[-1] if self._image else None
-        self._ensure_stored(self._image)
-        entries = self._entries()
-        with store.staging() as staged:
-            changeset.write_layer(entries, staged, flavor=store.flavor)
-            info = store.add_layer(
-                staged,
-                parent=parent.chain_id if parent else None,
-                name=name,
-                source="commit",
-            )
-        if name is not None:
-            store.set_name(name, info.chain_id)
+        try:
+            self._ensure_stored(self._image)
+            entries = self._entries()
+            with store.staging() as staged:
+                changeset.write_layer(entries, staged, flavor=store.flavor)
+                info = store.add_layer(
+                    staged,
+                    parent=parent.chain_id if parent else None,
+                    name=name,
+                    source="commit",
+                )
+            if name is not None:
+                store.set_name(name, info.chain_id)
+        except OSError as exc:
+            # Copying the rw layer into staging fills the store's filesystem (the rw layer
+            # itself may live on the scratch tmpfs); the staging is removed by now.
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(exc, NoSpaceError):
+                raise
+            raise NoSpaceError(self._commit_label(name), str(store.root)) from exc
         return self._session.layer_from_store(info.chain_id, parent, name)
+
+    def _commit_label(self, name: str | None) -> str:
+        if name is not None:
+            return f"layer {name!r}"
+        if not self._image:
+            return "the rw layer on an empty image"
+        top = self._image[-1]
+        return f"the rw layer on {top.name or top.chain_id[:19]!r}"
 
     def _ensure_stored(self, image: Sequence[Layer]) -> None:
         # A union's layers sit at chain positions the store has never seen; a commit's parent

@@ -159,3 +159,60 @@ def test_bad_options(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(
         ["*ini option layers_mount_namespace: invalid value 'shared'; choose one of private, host"]
     )
+
+
+NO_SPACE_CONFTEST = """
+import errno
+from pytest_layers import layer
+
+@layer
+def full(root):
+    (root / "etc").mkdir()
+    # As write(2) reports a full disk: no file name.
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+@layer
+def quota(root):
+    raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+@layer
+def elsewhere(root):
+    # The builder's own business, outside the layer and the store: left as it is.
+    raise OSError(errno.ENOSPC, "No space left on device", "/var/cache/other/file")
+"""
+
+
+def test_out_of_space_while_building_names_the_layer_and_the_fix(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(NO_SPACE_CONFTEST)
+    pytester.makepyfile(
+        test_full="""
+        import pytest
+
+        @pytest.mark.layer("full")
+        def test_full(rootfs): pass
+
+        @pytest.mark.layer("quota")
+        def test_quota(rootfs): pass
+
+        @pytest.mark.layer("elsewhere")
+        def test_elsewhere(rootfs): pass
+        """
+    )
+    result = pytester.runpytest_subprocess("--layers-store=store")
+    result.assert_outcomes(errors=3)
+    store = pytester.path / "store"
+    for name in ("full", "quota"):
+        result.stdout.fnmatch_lines(
+            [
+                f"[[]Errno 28[]] no space left on device while writing layer {name!r} to the "
+                f"store {store}: free space on its filesystem, or point the store at a bigger "
+                "one (pytest --layers-store PATH*"
+            ]
+        )
+    result.stdout.fnmatch_lines(
+        ["E   *OSError: [[]Errno 28[]] No space left on device: '/var/cache/other/file'"]
+    )
+    assert "NoSpaceError" not in result.stdout.str()
+    assert list((store / "tmp").iterdir()) == [], "a failed build left its staging behind"
