@@ -23,11 +23,12 @@ import os
 import stat
 import tarfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import BinaryIO, Literal
 
+from pytest_layers import _dirfd
 from pytest_layers.errors import InvalidLayerError, UnsafeEntryError
 
 __all__ = [
@@ -247,9 +248,7 @@ class _Child:
 
 
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_READDIR = _O_READ | os.O_DIRECTORY
-#: Directory fds ``_walk`` keeps open at most (the deepest levels of the current path).
-_OPEN_DIRS = 64
+_O_READDIR = _dirfd.O_DIR
 
 
 def _kind(entry: os.DirEntry[str]) -> int:
@@ -399,22 +398,22 @@ def _walk(sink: _Sink, root: bytes, flavor: str, epoch: int | None) -> None:
     links: dict[tuple[int, int], bytes] = {}
     # Every entry is opened relative to its directory's fd: one path component per lookup, and
     # the fd of a regular file gives its stat and xattrs without more path walks.
-    root_fd = os.open(root, _O_READDIR)
     # Depth-first over sorted children gives "sorted by path components, parents first".
-    # Entries: [prefix, dir fd, dir path, children]. Only the deepest _OPEN_DIRS levels keep
-    # their fd open (a test's committed rw layer may nest deeper than RLIMIT_NOFILE allows);
-    # an ancestor whose fd was closed is reopened through ".." on the way back up.
-    stack: list[list[Any]] = []
+    # Frames: (prefix, dir path, children); the directories' fds are in `dirs`, which keeps
+    # only the deepest few open (a test's committed rw layer may nest deeper than PATH_MAX and
+    # than RLIMIT_NOFILE allows).
+    dirs = _dirfd.DirStack(os.open(root, _O_READDIR))
+    stack: list[tuple[bytes, bytes, Iterator[_Child]]] = []
     try:
-        stack.append([b"", root_fd, root, iter(_children(root_fd, root, flavor))])
+        stack.append((b"", root, iter(_children(dirs.top, root, flavor))))
         while stack:
-            prefix, dfd, dpath, it = stack[-1]
+            prefix, dpath, it = stack[-1]
+            dfd = dirs.top
             child = next(it, None)
             if child is None:
                 stack.pop()
-                if stack and stack[-1][1] < 0:
-                    stack[-1][1] = os.open(b"..", _O_READDIR, dir_fd=dfd)
-                os.close(dfd)
+                if stack:
+                    os.close(dirs.pop())
                 continue
             name = prefix + child.tarname
             if child.whiteout:
@@ -431,7 +430,10 @@ def _walk(sink: _Sink, root: bytes, flavor: str, epoch: int | None) -> None:
                     xattrs, opaque = _xattrs_of(fd)
                 else:
                     st = os.stat(child.name, dir_fd=dfd, follow_symlinks=False)
-                    xattrs, opaque = _xattrs_of(dpath + b"/" + child.tarname)
+                    full = dpath + b"/" + child.tarname
+                    if not _dirfd.fits(full):
+                        full = os.fsencode(_dirfd.at(dfd, child.name))
+                    xattrs, opaque = _xattrs_of(full)
                 if stat.S_IFMT(st.st_mode) != kind:
                     raise InvalidLayerError(
                         f"{os.fsdecode(dpath + b'/' + child.tarname)!r} changed type while it "
@@ -449,11 +451,9 @@ def _walk(sink: _Sink, root: bytes, flavor: str, epoch: int | None) -> None:
                     if opaque:
                         sub.append(_Child(OPAQUE_MARKER.encode(), "", stat.S_IFREG, True))
                         sub.sort(key=lambda c: c.tarname)
-                    stack.append([name + b"/", fd, sub_path, iter(sub)])
-                    fd = -1  # now owned by the stack
-                    if len(stack) > _OPEN_DIRS and stack[-_OPEN_DIRS - 1][1] >= 0:
-                        os.close(stack[-_OPEN_DIRS - 1][1])
-                        stack[-_OPEN_DIRS - 1][1] = -1
+                    dirs.push(fd, (st.st_dev, st.st_ino))
+                    fd = -1  # now owned by `dirs`
+                    stack.append((name + b"/", sub_path, iter(sub)))
                     continue
                 if st.st_nlink > 1:
                     key = (st.st_dev, st.st_ino)
@@ -497,9 +497,7 @@ def _walk(sink: _Sink, root: bytes, flavor: str, epoch: int | None) -> None:
                 if fd >= 0:
                     os.close(fd)
     finally:
-        for _prefix, dfd, _dpath, _it in stack:
-            if dfd >= 0:
-                os.close(dfd)
+        dirs.close()
     sink.add(b"\0" * (2 * _BLOCK))
     sink.flush()
 
