@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import os
 import shlex
+import traceback
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -142,6 +143,7 @@ class _State:
     backend: Any = None
     seen_progress: dict[tuple[str, str], str] = field(default_factory=dict)
     snapshots: list[tuple[str, str]] = field(default_factory=list)
+    snapshot_errors: list[tuple[str, str]] = field(default_factory=list)
 
     def worker_info(self) -> dict[str, Any]:
         return {
@@ -632,15 +634,40 @@ def _decide(item: pytest.Item, view: _TestView, *, failed: bool) -> None:
     if view.rootfs.readonly or not (view.keep == "always" or (view.keep == "failed" and failed)):
         return
     state = _state(item.config)
+    # Runs inside pytest_runtest_makereport: anything escaping would end the whole session with
+    # INTERNALERROR. Keeping a snapshot is a service on top of the test, so a failure becomes a
+    # line on that test's report and the test keeps its own outcome.
     try:
         session = state.get_session()
         lay = view.rootfs.commit()
         ref = session.store.add_snapshot(item.nodeid, lay.chain_id, keep=state.keep_count)
-    except (LayersError, OSError) as exc:
-        view.error = f"could not keep the rw layer as a snapshot: {exc}"
+    except _CAUGHT as exc:
+        view.error = f"could not keep the rw layer as a snapshot: {_describe(exc)}"
         return
     view.snapshot = (ref, lay)
-    item.config.hook.pytest_layers_snapshot_committed(item=item, ref=ref, layer=lay)
+    try:
+        item.config.hook.pytest_layers_snapshot_committed(item=item, ref=ref, layer=lay)
+    except _CAUGHT as exc:
+        view.error = (
+            f"kept as {ref}, but a pytest_layers_snapshot_committed hook failed: {_describe(exc)}"
+        )
+
+
+#: What a snapshot failure may raise and still be reported on the test: any error, and
+#: pytest.fail()/skip() called from a hook (BaseExceptions); never KeyboardInterrupt or exit.
+_CAUGHT = (Exception, pytest.fail.Exception, pytest.skip.Exception)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for ``exc``: our errors and OSErrors say enough; anything else (a bug, a
+    hook's own error) gets its type and the line that raised it."""
+    if isinstance(exc, (LayersError, OSError)):
+        return str(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        text += f" (at {frames[-1].filename}:{frames[-1].lineno})"
+    return text
 
 
 def _plural(n: int, word: str) -> str:
@@ -678,6 +705,8 @@ def pytest_runtest_makereport(
             view.snapshot = None
         if view.error is not None:
             report.sections.append(("layers snapshot", view.error))
+            # Also for the terminal summary: a passing test's sections are not shown.
+            report.layers_snapshot_error = view.error  # type: ignore[attr-defined]
             view.error = None
     if state.session is not None and state.session.progress:
         report.layers_progress = [p.line() for p in state.session.progress]  # type: ignore[attr-defined]
@@ -705,6 +734,9 @@ class _Reporter:
         ref = getattr(report, "layers_snapshot", None)
         if ref:
             self.state.snapshots.append((report.nodeid, ref))
+        error = getattr(report, "layers_snapshot_error", None)
+        if error:
+            self.state.snapshot_errors.append((report.nodeid, error))
         lines = []
         for line in getattr(report, "layers_progress", ()):
             words = line.split()
@@ -728,12 +760,15 @@ class _Reporter:
             tr.write_fspath_result(report.nodeid, "")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.state.snapshots:
+        if not self.state.snapshots and not self.state.snapshot_errors:
             return
         terminalreporter.write_sep("-", "layers snapshots")
         for nodeid, ref in self.state.snapshots:
             terminalreporter.write_line(f"{ref}  ({nodeid})")
-        store = shlex.quote(str(self.state.store_path))
-        terminalreporter.write_line(
-            f"inspect with: pytest-layers --store {store} diff|shell|export 'snapshot:NODEID'"
-        )
+        if self.state.snapshots:
+            store = shlex.quote(str(self.state.store_path))
+            terminalreporter.write_line(
+                f"inspect with: pytest-layers --store {store} diff|shell|export 'snapshot:NODEID'"
+            )
+        for nodeid, error in self.state.snapshot_errors:
+            terminalreporter.write_line(f"{nodeid}: {error}", red=True)

@@ -205,3 +205,89 @@ def test_keep_always_option(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["snapshot:test_opt.py::test_ok  (test_opt.py::test_ok)"])
     assert [s.test for s in _store(pytester).snapshots()] == ["test_opt.py::test_ok"]
+
+
+BROKEN_CONFTEST = """
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+
+def pytest_layers_snapshot_committed(item, ref, layer):
+    if item.name == "test_hook_breaks":
+        raise RuntimeError("the hook broke")
+"""
+
+BROKEN_TESTS = """
+import pytest
+
+@pytest.mark.layer("base")
+def test_hook_breaks(rootfs):
+    (rootfs / "etc/a").write_text("a")
+    assert False, "fails on purpose"
+
+@pytest.mark.layer("base", keep="always")
+def test_commit_breaks_on_a_passing_test(rootfs):
+    def broken(name=None):
+        raise ValueError("the commit broke")
+    rootfs.commit = broken  # what the plugin calls to keep the rw layer
+
+@pytest.mark.layer("base")
+def test_commit_breaks_on_a_failing_test(rootfs):
+    def broken(name=None):
+        pytest.fail("fail() inside the commit")
+    rootfs.commit = broken
+    assert False, "fails on its own"
+
+@pytest.mark.layer("base")
+def test_after_them(rootfs):
+    assert (rootfs / "etc").is_dir()
+"""
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_failure_to_keep_a_snapshot_is_reported_on_the_test(
+    pytester: pytest.Pytester, workers: list[str]
+) -> None:
+    pytester.makeconftest(BROKEN_CONFTEST)
+    pytester.makepyfile(test_broken=BROKEN_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:randomly", *workers)
+    text = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in text, text
+    # Each test keeps its own outcome; the session goes on.
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*- layers snapshots -*",
+            "snapshot:test_broken.py::test_hook_breaks  (test_broken.py::test_hook_breaks)",
+            "inspect with: *",
+        ]
+    )
+    # The failing tests' sections and, for every test, the summary name what went wrong.
+    result.stdout.fnmatch_lines(
+        [
+            "*- layers snapshot -*",
+            "kept as snapshot:test_broken.py::test_hook_breaks, but a "
+            "pytest_layers_snapshot_committed hook failed: RuntimeError: the hook broke "
+            "(at *conftest.py:9)",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*- layers snapshot -*",
+            "could not keep the rw layer as a snapshot: Failed: fail() inside the commit (at *)",
+        ]
+    )
+    summary = text.split("- layers snapshots -", 1)[1]
+    for line in [
+        "test_broken.py::test_commit_breaks_on_a_passing_test: could not keep the rw layer as "
+        "a snapshot: ValueError: the commit broke (at *test_broken.py:11)",
+        "test_broken.py::test_hook_breaks: kept as snapshot:test_broken.py::test_hook_breaks, "
+        "but a pytest_layers_snapshot_committed hook failed: RuntimeError: the hook broke*",
+        "test_broken.py::test_commit_breaks_on_a_failing_test: could not keep the rw layer as "
+        "a snapshot: Failed: fail() inside the commit*",
+    ]:
+        pytest.LineMatcher(summary.splitlines()).fnmatch_lines([line])
+    snapshots = Store(pytester.path / ".pytest_cache" / "layers").snapshots()
+    assert [s.test for s in snapshots] == ["test_broken.py::test_hook_breaks"]
