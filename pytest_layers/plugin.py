@@ -153,6 +153,9 @@ class _State:
             "reason": self.backend_reason,
             "rebuild": self.rebuild_token,
             "namespace": self.namespace,
+            # Workers never set up on their own: without the controller's reason they would
+            # only know that no backend was chosen.
+            "error": None if self.error is None else str(self.error),
         }
 
     def get_session(self) -> LayerSession:
@@ -247,11 +250,14 @@ def pytest_configure(config: pytest.Config) -> None:
             rebuild_token=uuid.uuid4().hex if config.getoption("layers_rebuild") else None,
         )
     config.stash[_STATE] = state
-    try:
-        _setup(config, state, backend_opt, ns_mode, worker=winfo is not None)
-    except (LayersError, OSError) as exc:
-        # Deferred: a session that never uses a layer must not fail because of the store.
-        state.error = exc
+    if winfo is not None and winfo.get("error"):
+        state.error = LayersError(winfo["error"])
+    else:
+        try:
+            _setup(config, state, backend_opt, ns_mode, worker=winfo is not None)
+        except (LayersError, OSError) as exc:
+            # Deferred: a session that never uses a layer must not fail because of the store.
+            state.error = exc
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(state), "pytest-layers-xdist")
 

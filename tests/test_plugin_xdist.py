@@ -136,3 +136,111 @@ def test_xdist_builds_once_as_user(user_tmp_path: Path) -> None:
     assert "1 failed, 39 passed" in out, out[:3000]
     assert "layers: backend=overlay (user namespace)" in out, out
     _check_runs(user_tmp_path)
+
+
+REFUSED_TESTS = """
+import pytest
+
+@pytest.mark.layer("base")
+def test_needs_a_layer(rootfs):
+    pass
+
+@pytest.mark.parametrize("i", range(3))
+def test_without_layers(i):
+    pass
+"""
+
+
+def _refused_outcome(out: str) -> None:
+    assert "None backend unavailable" not in out, out
+    assert "INTERNALERROR" not in out, out
+    assert "3 passed, 1 error" in out, out
+    assert "[gw" in out, out  # the failing test ran in a worker
+
+
+def test_controller_setup_error_reaches_workers(pytester: pytest.Pytester) -> None:
+    """The controller refuses a store of a newer format; the workers, which do not set up
+    themselves, show the controller's reason."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_refused=REFUSED_TESTS)
+    store = pytester.path / "store"
+    store.mkdir()
+    (store / "VERSION").write_text('{"format": 99, "flavor": "overlay"}')
+    result = pytester.runpytest_subprocess("-n", "2", "--layers-store=store")
+    out = result.stdout.str() + result.stderr.str()
+    _refused_outcome(out)
+    result.stdout.fnmatch_lines(
+        [
+            "layers: unavailable: the layer store */store has format version 99, newer than *",
+            "*pytest-layers cannot run in this session: the layer store */store has format "
+            "version 99, newer than the version * this pytest-layers supports; *",
+        ]
+    )
+
+
+def test_controller_backend_error_reaches_workers(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend the controller was told to use does not work: the workers, which open the
+    store fine, used to fail with "None backend unavailable" instead of the reason."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_refused=REFUSED_TESTS)
+    bare = pytester.path / "bin"
+    bare.mkdir()  # a PATH without fuse-overlayfs
+    monkeypatch.setenv("PATH", str(bare))
+    result = pytester.runpytest_subprocess("-n", "2", "--layers-backend=fuse")
+    out = result.stdout.str() + result.stderr.str()
+    _refused_outcome(out)
+    result.stdout.fnmatch_lines(
+        [
+            "layers: unavailable: fuse backend unavailable: fuse-overlayfs is not installed *",
+            "pytest-layers cannot run in this session: fuse backend unavailable: fuse-overlayfs "
+            "is not installed or not executable (apt-get install fuse-overlayfs); to fix: *",
+        ]
+    )
+
+
+@pytest.mark.requires_user
+@pytest.mark.parametrize("cause", ["unwritable store", "overlay without a user namespace"])
+def test_controller_error_reaches_workers_as_user(user_tmp_path: Path, cause: str) -> None:
+    store = Path(f"{user_tmp_path}-root-store")
+    store.mkdir(mode=0o755)  # root's: the test user cannot write it
+    if cause == "unwritable store":
+        args = [f"--layers-store={store}"]
+        expected = (
+            f"pytest-layers cannot run in this session: *the layer store {store} is not "
+            "writable by uid * or choose another directory with --layers-store=PATH*"
+        )
+    else:
+        args = ["--layers-backend=overlay", "-o", "layers_mount_namespace=host"]
+        expected = (
+            "pytest-layers cannot run in this session: overlay (user namespace) backend "
+            "unavailable: not root and this process is not in a user namespace *"
+        )
+    try:
+        (user_tmp_path / "conftest.py").write_text(CONFTEST)
+        (user_tmp_path / "test_refused.py").write_text(REFUSED_TESTS)
+        proc = run_as_user(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-n",
+                "2",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "no:randomly",
+                "--rootdir",
+                str(user_tmp_path),
+                *args,
+                str(user_tmp_path),
+            ],
+            cwd=user_tmp_path,
+        )
+        out = proc.stdout + proc.stderr
+        _refused_outcome(out)
+        pytest.LineMatcher(out.splitlines()).fnmatch_lines([expected])
+        assert list(store.iterdir()) == []
+    finally:
+        store.rmdir()
