@@ -325,32 +325,46 @@ def _sweep_dead_sessions(store_path: Path) -> None:
         namespaces.sweep_stale_mounts(store_path / "scratch")
 
 
+#: (pid, mount namespace) this process entered for a session: an in-process nested session
+#: (``pytester.runpytest()``) shares the process's fate, so it may share the namespace too.
+_entered_here: tuple[int, str] | None = None
+
+
 def _enter_namespace(store_path: Path, ns_mode: str, backend_opt: str) -> tuple[str, str]:
-    """Enter the session's namespace; returns (where mounts live, why overlay is out or "")."""
+    """Enter the session's namespace; returns (where mounts live, why overlay is out or "").
+
+    Called in the process that owns the session, never in an xdist worker (``workerinput``
+    says which), which shares its controller's namespace.
+    """
+    global _entered_here
     _sweep_dead_sessions(store_path)
     inherited = namespaces.inside_our_namespace()
-    if inherited is not None and inherited.kind == "private" and os.geteuid() != 0:
-        # A root session's private namespace, inherited through `runuser`/`su` (which keep the
-        # environment): an ordinary user cannot mount there, so it is not ours to use.
-        os.environ.pop(namespaces.ENV_VAR, None)
-        inherited = None
-    if inherited is not None:
+    if inherited is not None and _entered_here == (os.getpid(), inherited.mnt_ns):
         return inherited.kind, ""
+    # Any other namespace inherited with its environment variable belongs to a parent session
+    # (a test that runs pytest in a subprocess; a root session's, passed on by `runuser`, where
+    # an ordinary user cannot even mount). Sharing it would leave a SIGKILLed session's mounts
+    # in the parent's namespace until that one ends; a fresh one dies with this process.
+    # Unsharing again is cheap, and an ordinary user may nest user namespaces 32 deep.
+    os.environ.pop(namespaces.ENV_VAR, None)
     if backend_opt == "copy":
         return "host", ""
     if os.geteuid() == 0:
         if ns_mode == "host":
             return "host", ""
         try:
-            return namespaces.enter_private_mount_namespace().kind, ""
+            info = namespaces.enter_private_mount_namespace()
         except BackendUnavailableError as exc:
             return "host", f"no private mount namespace ({exc.reason}), mounting in the host's"
-    if backend_opt == "fuse" or ns_mode == "host":
-        return "host", ""
-    try:
-        return namespaces.enter_user_namespace().kind, ""
-    except BackendUnavailableError as exc:
-        return "host", f"no user namespace: {exc.reason}"
+    else:
+        if backend_opt == "fuse" or ns_mode == "host":
+            return "host", ""
+        try:
+            info = namespaces.enter_user_namespace()
+        except BackendUnavailableError as exc:
+            return "host", f"no user namespace: {exc.reason}"
+    _entered_here = (os.getpid(), info.mnt_ns)
+    return info.kind, ""
 
 
 @pytest.hookimpl(trylast=True)

@@ -3,6 +3,10 @@
 * Every session start removes the view scratch (``STORE/scratch/views/<pid>-<start>``) of
   sessions that died without cleaning up, whatever the mode (private or user namespace, host,
   copy backend), and never a live session's.
+* A pytest session started from inside another one (a test that runs pytest) enters a fresh
+  namespace of its own, although it inherits the outer one's namespace and its environment
+  variable: SIGKILLed, it leaves no mount in the outer session. Only xdist workers, told so
+  through ``workerinput``, share their controller's.
 """
 
 from __future__ import annotations
@@ -107,3 +111,151 @@ def test_user_session_start_removes_dead_sessions_scratch(user_tmp_path: Path) -
     assert "1 passed" in proc.stdout
     assert not dead.exists(), "the dead session's scratch dir was left on disk"
     assert live.is_dir(), "a live session's scratch dir was removed"
+
+
+OUTER_TEST = '''
+import os, signal, subprocess, sys, time
+from pathlib import Path
+from pytest_layers import _linux, namespaces
+
+INNER_TESTS = """
+import os, time
+import pytest
+
+@pytest.mark.layer("base")
+def test_paused(rootfs):
+    (rootfs / "etc/new").write_text("x")
+    ready = os.path.join(os.environ["INNER_DIR"], "ready")
+    with open(ready + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(ready + ".tmp", ready)
+    time.sleep(3600)
+"""
+
+def test_killed_inner_session_leaves_no_mount_here(tmp_path):
+    # The outer session (this one) entered its namespace and says so in the environment, which
+    # the inner session inherits, as a test running pytest passes it on.
+    assert namespaces.inside_our_namespace() is not None
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "pytest.ini").write_text("[pytest]\\naddopts = -p no:cacheprovider\\n")
+    (inner / "conftest.py").write_text((Path(__file__).parent / "inner_conftest.txt").read_text())
+    (inner / "test_inner.py").write_text(INNER_TESTS)
+    env = dict(os.environ, INNER_DIR=str(inner))
+    for name in ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", f"--layers-store={inner}/s"],
+        cwd=inner, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (inner / "ready").exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the inner session never reached its test"
+            time.sleep(0.02)
+        while_alive = namespaces.mounts_under(inner)
+        os.kill(int((inner / "ready").read_text()), signal.SIGKILL)
+        proc.wait(timeout=60)
+        after_kill = namespaces.mounts_under(inner)
+        assert while_alive == [], f"the inner session mounts in ours: {while_alive}"
+        assert after_kill == [], f"the killed inner session left mounts here: {after_kill}"
+    finally:
+        proc.kill()
+        proc.wait()
+        for point in namespaces.mounts_under(inner):
+            _linux.umount2(point, _linux.MNT_DETACH)
+'''
+
+
+def _write_outer(path: Path) -> None:
+    (path / "inner_conftest.txt").write_text(CONFTEST)
+    (path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider -p no:randomly\n")
+    (path / "test_outer.py").write_text(OUTER_TEST)
+
+
+@pytest.mark.requires_root
+def test_nested_session_killed_leaves_no_mount_in_the_outer_one(pytester: pytest.Pytester) -> None:
+    _write_outer(pytester.path)
+    result = pytester.runpytest_subprocess(f"--layers-store={pytester.path}/outer-store")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.requires_user
+@pytest.mark.requires_userns
+def test_nested_user_session_killed_leaves_no_mount_in_the_outer_one(
+    user_tmp_path: Path,
+) -> None:
+    _write_outer(user_tmp_path)
+    uid = pwd.getpwnam(TEST_USER).pw_uid
+    for child in user_tmp_path.iterdir():
+        os.chown(child, uid, uid)
+    proc = run_as_user(
+        [sys.executable, "-m", "pytest", "-q", f"--layers-store={user_tmp_path}/outer-store"],
+        cwd=user_tmp_path,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout
+
+
+IN_PROCESS_TEST = '''
+import pytest
+from pytest_layers import namespaces
+
+pytest_plugins = ["pytester"]
+
+INNER = """
+import pytest
+from pytest_layers import layer
+
+@layer
+def inner_base(root):
+    (root / "etc").mkdir()
+
+@pytest.mark.layer("inner_base")
+def test_inner(rootfs):
+    (rootfs / "etc/x").write_text("x")
+"""
+
+@pytest.mark.layer("base")
+def test_in_process_session_shares_our_namespace(rootfs, pytester):
+    before = namespaces.current_namespace()
+    pytester.makepyfile(test_inner=INNER)
+    pytester.runpytest("-p", "no:randomly", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    # Same process, same fate: no new namespace (one would strand our own mounts, and an
+    # ordinary user's nested user namespace would lock them), and our view still works.
+    assert namespaces.current_namespace() == before
+    assert namespaces.inside_our_namespace() is not None
+    (rootfs / "etc/after").write_text("ok")
+    assert [str(c) for c in rootfs.diff()] == ["C /etc", "A /etc/after"]
+'''
+
+
+def _write_in_process(path: Path) -> None:
+    (path / "conftest.py").write_text(CONFTEST)
+    (path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider -p no:randomly\n")
+    (path / "test_outer.py").write_text(IN_PROCESS_TEST)
+
+
+@pytest.mark.requires_root
+def test_in_process_nested_session_shares_the_namespace(pytester: pytest.Pytester) -> None:
+    _write_in_process(pytester.path)
+    result = pytester.runpytest_subprocess(f"--layers-store={pytester.path}/store")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.requires_user
+@pytest.mark.requires_userns
+def test_in_process_nested_user_session_shares_the_namespace(user_tmp_path: Path) -> None:
+    _write_in_process(user_tmp_path)
+    uid = pwd.getpwnam(TEST_USER).pw_uid
+    for child in user_tmp_path.iterdir():
+        os.chown(child, uid, uid)
+    proc = run_as_user(
+        [sys.executable, "-m", "pytest", "-q", f"--layers-store={user_tmp_path}/store"],
+        cwd=user_tmp_path,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout
