@@ -14,16 +14,19 @@ travel as ``surrogateescape`` strings, which every ``os`` call here accepts as t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import stat
 import time
-from collections.abc import Collection, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from pytest_layers import layertar
+from pytest_layers import _dirfd, layertar
 from pytest_layers.errors import InvalidLayerError
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "layer_changes",
     "kept_xattrs",
     "ctime_mark",
+    "open_source",
 ]
 
 _KINDS = ("A", "C", "D")
@@ -51,6 +55,11 @@ _OPAQUE_XATTRS = {
 }
 _CHUNK = 1 << 20
 _SCAN_AFTER = 8  # lookups in one layer directory before it is listed and cached whole
+_O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never blocks on a FIFO
+_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_IMAGE_DIRS = 64  # directory fds an ImageView keeps open at most
+_O_ROOT = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # a tree's root (may be a symlink to it)
 
 
 @functools.total_ordering
@@ -83,18 +92,69 @@ class Change:
         return (self.path, self.kind) < (other.path, other.kind)
 
 
-@dataclass(frozen=True)
 class Entry:
     """One entry of a layer being made.
 
     ``kind`` is ``"A"`` (not in the image), ``"C"`` (in the image: changed, or an ancestor or
     hardlink partner of a change) or ``"D"`` (deleted; its children are implied). ``source`` is
     where the new entry is (in the upper dir or the new tree), ``None`` for ``"D"``.
+
+    The change lists give entries a ``root`` (the upper dir or tree) instead of a ``source``:
+    ``source`` is then ``root / path``, made only when asked for. Such a path can be longer
+    than ``PATH_MAX`` (a test may nest 10,000 directories), and the kernel refuses those, so
+    read an entry with :func:`open_source` (any depth) rather than passing ``source`` to ``os``
+    calls; :func:`write_layer` walks the root with directory fds and never builds the path.
     """
 
+    __slots__ = ("_source", "kind", "path", "root")
     path: str
     kind: str
-    source: Path | None
+    root: str | None
+    _source: Path | None
+
+    def __init__(
+        self,
+        path: str,
+        kind: str,
+        source: Path | None = None,
+        *,
+        root: str | os.PathLike[str] | None = None,
+    ) -> None:
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "root", None if root is None else os.fspath(root))
+        object.__setattr__(self, "_source", source)
+
+    @property
+    def source(self) -> Path | None:
+        """Where the new entry is; ``None`` for ``"D"``."""
+        if self._source is not None or self.root is None or self.kind == "D":
+            return self._source
+        return Path(self.root, self.path) if self.path else Path(self.root)
+
+    def _key(self) -> tuple[str, str, str | None, Path | None]:
+        return (self.path, self.kind, self.root, self._source)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Entry is immutable; cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Entry({self.path!r}, {self.kind!r}, {self.source!r})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_make_entry, self._key())
+
+
+def _make_entry(path: str, kind: str, root: str | None, source: Path | None) -> Entry:
+    return Entry(path, kind, source, root=root)
 
 
 @dataclass(frozen=True)
@@ -120,13 +180,11 @@ def _split(rel: str) -> tuple[str, str]:
     return parent, name
 
 
-def _abs(root: str, rel: str) -> str:
-    return os.path.join(root, rel) if rel else root
-
-
-def _sort_key(rel: str) -> list[str]:
-    # Component order puts every parent before its children ("a" < "a/b" < "a-b").
-    return rel.split("/")
+def _sort_key(rel: str) -> str:
+    # Component order puts every parent before its children ("a" < "a/b" < "a-b"): with "/"
+    # as NUL, which no name holds, plain string order is component order. One flat string per
+    # path, where a list of components would cost a pointer per level of a 10,000-deep path.
+    return rel.replace("/", "\0")
 
 
 def _is_whiteout_dev(st: os.stat_result) -> bool:
@@ -139,15 +197,14 @@ def _keep_xattr(name: str) -> bool:
     return name.startswith("user.") or name == "security.capability"
 
 
-def kept_xattrs(path: str | os.PathLike[str], st: os.stat_result | None = None) -> dict[str, bytes]:
-    """The xattrs a layer carries for ``path`` (``user.*`` and ``security.capability``, minus the
-    overlay and fuse-overlayfs bookkeeping). Only regular files and directories can hold them."""
-    if st is None:
-        st = os.lstat(path)
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        return {}
+def _xattrs(target: int | str) -> dict[str, bytes]:
+    """The kept xattrs of an open fd (not ``O_PATH``) or of a path (not followed)."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = (
+            os.listxattr(target)
+            if isinstance(target, int)
+            else os.listxattr(target, follow_symlinks=False)
+        )
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.ENOENT):
             return {}
@@ -156,17 +213,50 @@ def kept_xattrs(path: str | os.PathLike[str], st: os.stat_result | None = None) 
     for name in names:
         if _keep_xattr(name):
             try:
-                out[name] = os.getxattr(path, name, follow_symlinks=False)
+                if isinstance(target, int):
+                    out[name] = os.getxattr(target, name)
+                else:
+                    out[name] = os.getxattr(target, name, follow_symlinks=False)
             except OSError as exc:
                 if exc.errno != errno.ENODATA:
                     raise
     return out
 
 
-def _xattr_is_y(path: str, names: Sequence[str]) -> bool:
+def _has_xattrs(st: os.stat_result) -> bool:
+    # user.* xattrs exist only on regular files and directories, as does security.capability.
+    return stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+
+
+def _xattrs_at(dir_fd: int, name: str, st: os.stat_result) -> dict[str, bytes]:
+    """The kept xattrs of ``name`` in the directory open as ``dir_fd`` (any depth)."""
+    return _xattrs(_dirfd.at(dir_fd, name)) if _has_xattrs(st) else {}
+
+
+def kept_xattrs(path: str | os.PathLike[str], st: os.stat_result | None = None) -> dict[str, bytes]:
+    """The xattrs a layer carries for ``path`` (``user.*`` and ``security.capability``, minus the
+    overlay and fuse-overlayfs bookkeeping). Only regular files and directories can hold them.
+    ``path`` may be longer than ``PATH_MAX``."""
+    spath = os.fspath(path)
+    if _dirfd.fits(spath):
+        if st is None:
+            st = os.lstat(spath)
+        return _xattrs(spath) if _has_xattrs(st) else {}
+    parent, name = os.path.split(spath)
+    pfd = _dirfd.open_path(parent, _O_PATH_DIR)
+    try:
+        if st is None:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        return _xattrs_at(pfd, name, st)
+    finally:
+        os.close(pfd)
+
+
+def _xattr_is_y(target: int, names: Sequence[str]) -> bool:
+    """Whether the directory open as ``target`` carries any of the xattrs ``names`` as ``y``."""
     for name in names:
         try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+            if os.getxattr(target, name) == b"y":
                 return True
         except OSError as exc:
             # trusted.* is unreadable without CAP_SYS_ADMIN and simply absent for us then.
@@ -211,21 +301,14 @@ def _ranges_equal(fa: int, fb: int, start: int, end: int) -> bool:
     return True
 
 
-def _same_content(a: str, b: str, size: int) -> bool:
-    fa = os.open(a, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        fb = os.open(b, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            ea, eb = _data_extents(fa, size), _data_extents(fb, size)
-            if ea is not None and ea == eb:
-                # Identical hole maps: holes read as zeros on both sides, so only data counts.
-                # This keeps a multi-GiB sparse file cheap to compare.
-                return all(_ranges_equal(fa, fb, s, e) for s, e in ea)
-            return _ranges_equal(fa, fb, 0, size)
-        finally:
-            os.close(fb)
-    finally:
-        os.close(fa)
+def _same_content(fa: int, fb: int, size: int) -> bool:
+    """Whether two open regular files hold the same first ``size`` bytes."""
+    ea, eb = _data_extents(fa, size), _data_extents(fb, size)
+    if ea is not None and ea == eb:
+        # Identical hole maps: holes read as zeros on both sides, so only data counts. This
+        # keeps a multi-GiB sparse file cheap to compare.
+        return all(_ranges_equal(fa, fb, s, e) for s, e in ea)
+    return _ranges_equal(fa, fb, 0, size)
 
 
 def _copy_range(src: int, dst: int, start: int, end: int) -> None:
@@ -246,20 +329,33 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
         pos += done
 
 
-def _copy_file_data(src: str, dst: str, size: int) -> None:
-    """Copy a regular file's bytes, keeping holes (a sparse 8 GiB file stays sparse)."""
-    fs = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+def _copy_file_data(src: int, dst: int, size: int) -> None:
+    """Copy a regular file's bytes between open fds, keeping holes (a sparse 8 GiB file stays
+    sparse)."""
+    extents = _data_extents(src, size)
+    for start, end in extents if extents is not None else [(0, size)]:
+        _copy_range(src, dst, start, end)
+    os.ftruncate(dst, size)
+
+
+def open_source(entry: Entry, flags: int = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC) -> int:
+    """An fd of ``entry``'s new content, at any depth (the caller closes it).
+
+    With the default ``flags`` it is an ``O_PATH`` fd of the entry itself (a symlink stays the
+    symlink): ``os.fstat`` gives its metadata. Pass ``os.O_RDONLY | os.O_NOFOLLOW`` to read a
+    regular file. Deletions have no source.
+    """
+    if entry.kind == "D":
+        raise ValueError(f"{entry.path!r} is a deletion: a D entry has no source")
+    if entry.root is not None and entry._source is None:
+        root_fd = os.open(entry.root, _dirfd.O_DIR)
         try:
-            extents = _data_extents(fs, size)
-            for start, end in extents if extents is not None else [(0, size)]:
-                _copy_range(fs, fd, start, end)
-            os.ftruncate(fd, size)
+            return _dirfd.open_path(entry.path or ".", flags, dir_fd=root_fd)
         finally:
-            os.close(fd)
-    finally:
-        os.close(fs)
+            os.close(root_fd)
+    if entry._source is None:
+        raise ValueError(f"entry {entry.path!r} has no source")
+    return _dirfd.open_path(os.fspath(entry._source), flags)
 
 
 def ctime_mark(directory: str | os.PathLike[str]) -> int:
@@ -301,6 +397,11 @@ class ImageView:
     those. Every answer is cached, and a layer directory that sees more than a few lookups is
     listed once, so repeated lookups cost dictionary hits while a handful of lookups never read
     a big directory; the layers must not change while a view is in use (they never do).
+
+    Layer directories are read through directory fds, each opened relative to its parent's,
+    so paths deeper than ``PATH_MAX`` work; the view keeps the most recently used few open.
+    The change-list functions close them when done; whoever uses a view directly may call
+    :meth:`close` (or use it as a context manager), else they are closed with the view.
     """
 
     def __init__(self, layers_top_first: Sequence[Path], flavor: layertar.Flavor) -> None:
@@ -308,117 +409,212 @@ class ImageView:
             raise ValueError(f"unknown whiteout flavor {flavor!r}; expected 'overlay' or 'marker'")
         self.layers: tuple[Path, ...] = tuple(Path(p) for p in layers_top_first)
         self.flavor: layertar.Flavor = flavor
-        self._listings: dict[str, dict[str, os.DirEntry[str]]] = {}
-        self._stacks: dict[str, tuple[str, ...] | None] = {}
-        self._found: dict[str, tuple[str, os.stat_result] | None] = {}
+        # A directory of layer i at rel is keyed (i, rel): without redirects, the merged
+        # directory rel is made of the rel of some of the layers, nothing else.
+        self._fds: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self._listings: dict[tuple[int, str], dict[str, bool]] = {}  # name -> 0/0 whiteout
+        self._probes: dict[tuple[int, str], int] = {}
+        self._stacks: dict[str, tuple[int, ...] | None] = {}
+        self._found: dict[str, tuple[int, os.stat_result] | None] = {}
         self._merged: dict[str, list[str]] = {}
-        self._probes: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"ImageView({[os.fspath(p) for p in self.layers]!r}, flavor={self.flavor!r})"
 
-    # -- caches over the layer directories
+    def __enter__(self) -> ImageView:
+        return self
 
-    def _entries(self, abs_dir: str) -> dict[str, os.DirEntry[str]]:
-        ents = self._listings.get(abs_dir)
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def close(self) -> None:
+        """Close the directory fds the view holds; the view stays usable (it reopens them)."""
+        fds = getattr(self, "_fds", None)
+        while fds:
+            os.close(fds.popitem()[1])
+
+    # -- directories of the layers
+
+    def _dir_fd(self, i: int, rel: str) -> int:
+        """An fd of layer ``i``'s directory ``rel``, opened from the nearest open ancestor.
+
+        Valid until the next call (it may be closed to make room)."""
+        fds = self._fds
+        key = (i, rel)
+        fd = fds.get(key)
+        if fd is not None:
+            fds.move_to_end(key)
+            return fd
+        missing: list[str] = []
+        cur = rel
+        while cur and (i, cur) not in fds:
+            cur, name = _split(cur)
+            missing.append(name)
+        base = fds.get((i, cur))
+        if base is None:
+            base = self._keep((i, ""), os.open(self.layers[i], _dirfd.O_DIR))
+        else:
+            fds.move_to_end((i, cur))
+        for name in reversed(missing):
+            cur = _join(cur, name)
+            base = self._keep((i, cur), os.open(name, _dirfd.O_DIR, dir_fd=base))
+        return base
+
+    def _keep(self, key: tuple[int, str], fd: int) -> int:
+        self._fds[key] = fd
+        if len(self._fds) > _OPEN_IMAGE_DIRS:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _entries(self, i: int, rel: str) -> dict[str, bool]:
+        key = (i, rel)
+        ents = self._listings.get(key)
         if ents is None:
+            ents = {}
             try:
-                with os.scandir(abs_dir) as it:
-                    ents = {e.name: e for e in it}
+                with os.scandir(self._dir_fd(i, rel)) as it:
+                    for e in it:
+                        # d_type answers file/dir/symlink without a stat; only the rest can
+                        # be a 0/0 whiteout.
+                        ents[e.name] = (
+                            self.flavor == "overlay"
+                            and not e.is_file(follow_symlinks=False)
+                            and not e.is_dir(follow_symlinks=False)
+                            and not e.is_symlink()
+                            and _is_whiteout_dev(e.stat(follow_symlinks=False))
+                        )
             except (FileNotFoundError, NotADirectoryError):
                 ents = {}
-            self._listings[abs_dir] = ents
+            self._listings[key] = ents
         return ents
 
-    def _get(self, abs_dir: str, name: str) -> tuple[str, os.stat_result] | None:
-        """(path, lstat) of ``name`` in one layer's directory, None when absent.
+    def _get(self, i: int, rel_dir: str, name: str) -> os.stat_result | None:
+        """lstat of ``name`` in layer ``i``'s directory ``rel_dir``, None when absent.
 
-        A few lookups in a directory are single lstat calls (a diff of ten files must not read
-        ten 1000-entry directories); past ``_SCAN_AFTER`` the directory is listed once and the
-        rest are dictionary hits.
+        A few lookups in a directory are single stat calls (a diff of ten files must not read
+        ten 1000-entry directories); past ``_SCAN_AFTER`` the directory is listed once and
+        names it lacks are dictionary misses.
         """
-        ents = self._listings.get(abs_dir)
+        key = (i, rel_dir)
+        ents = self._listings.get(key)
         if ents is None:
-            probes = self._probes.get(abs_dir, 0) + 1
-            self._probes[abs_dir] = probes
+            probes = self._probes.get(key, 0) + 1
+            self._probes[key] = probes
             if probes > _SCAN_AFTER:
-                ents = self._entries(abs_dir)
-        if ents is not None:
-            entry = ents.get(name)
-            return None if entry is None else (entry.path, entry.stat(follow_symlinks=False))
-        path = os.path.join(abs_dir, name)
+                ents = self._entries(i, rel_dir)
+        if ents is not None and name not in ents:
+            return None
         try:
-            return path, os.lstat(path)
+            return os.stat(name, dir_fd=self._dir_fd(i, rel_dir), follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             return None
 
     def _is_whiteout(self, st: os.stat_result) -> bool:
         return self.flavor == "overlay" and _is_whiteout_dev(st)
 
-    def _marked(self, abs_dir: str, name: str) -> bool:
-        return self.flavor == "marker" and self._get(abs_dir, _WH_PREFIX + name) is not None
+    def _marked(self, i: int, rel_dir: str, name: str) -> bool:
+        return self.flavor == "marker" and self._get(i, rel_dir, _WH_PREFIX + name) is not None
 
-    def _opaque(self, abs_dir: str) -> bool:
+    def _opaque(self, i: int, rel: str) -> bool:
         if self.flavor == "marker":
-            return self._get(abs_dir, _OPAQUE_MARKER) is not None
-        return _xattr_is_y(abs_dir, _OPAQUE_XATTRS["overlay"])
+            return self._get(i, rel, _OPAQUE_MARKER) is not None
+        return _xattr_is_y(self._dir_fd(i, rel), _OPAQUE_XATTRS["overlay"])
 
-    def _stack(self, rel: str) -> tuple[str, ...] | None:
-        """The directories, top first, whose union is the merged directory ``rel``; None when
-        ``rel`` is not a directory of the image."""
-        if rel in self._stacks:
-            return self._stacks[rel]
-        out: list[str] = []
-        if rel == "":
-            for layer in self.layers:
-                out.append(os.fspath(layer))
-                if self._opaque(out[-1]):
+    def _stack(self, rel: str) -> tuple[int, ...] | None:
+        """The layers, top first, whose directory ``rel`` makes up the merged directory
+        ``rel``; None when ``rel`` is not a directory of the image."""
+        stacks = self._stacks
+        if rel in stacks:
+            return stacks[rel]
+        pending: list[str] = []
+        cur = rel
+        while cur and cur not in stacks:
+            pending.append(cur)
+            cur = _split(cur)[0]
+        if cur not in stacks:  # the root
+            out: list[int] = []
+            for i in range(len(self.layers)):
+                out.append(i)
+                if self._opaque(i, ""):
                     break
-        else:
-            parent, name = _split(rel)
-            for d in self._stack(parent) or ():
-                got = self._get(d, name)
-                marked = self._marked(d, name)
-                if got is not None and not self._is_whiteout(got[1]):
-                    if not stat.S_ISDIR(got[1].st_mode):
-                        break  # a non-directory hides everything below it
-                    out.append(got[0])
-                    if marked or self._opaque(got[0]):
+            stacks[""] = tuple(out)
+        result = stacks[cur]
+        for sub in reversed(pending):  # iterative: a path may be 10,000 levels deep
+            if result is not None:
+                parent, name = _split(sub)
+                found: list[int] = []
+                for i in result:
+                    got = self._get(i, parent, name)
+                    marked = self._marked(i, parent, name)
+                    if got is not None and not self._is_whiteout(got):
+                        if not stat.S_ISDIR(got.st_mode):
+                            break  # a non-directory hides everything below it
+                        found.append(i)
+                        if marked or self._opaque(i, sub):
+                            break
+                    elif got is not None or marked:
                         break
-                elif got is not None or marked:
-                    break
-        result = tuple(out) if (out or rel == "") else None
-        self._stacks[rel] = result
+                result = tuple(found) if found else None
+            stacks[sub] = result
         return result
 
-    def _find(self, rel: str) -> tuple[str, os.stat_result] | None:
+    def _find(self, rel: str, parent: str | None = None) -> tuple[int, os.stat_result] | None:
+        """(layer, lstat) of ``rel`` in the image. ``parent``, when given, is ``rel``'s parent
+        (the walkers have it: this saves a copy of a deep path per entry)."""
         if rel in self._found:
             return self._found[rel]
-        found: tuple[str, os.stat_result] | None = None
+        found: tuple[int, os.stat_result] | None = None
         if rel == "":
             if self.layers:
-                top = os.fspath(self.layers[0])
-                found = (top, os.lstat(top))
+                found = (0, os.lstat(self.layers[0]))
         else:
-            parent, name = _split(rel)
+            if parent is None:
+                parent, name = _split(rel)
+            else:
+                name = rel[len(parent) + 1 :] if parent else rel
             if not (self.flavor == "marker" and name.startswith(_WH_PREFIX)):
-                for d in self._stack(parent) or ():
-                    got = self._get(d, name)
+                for i in self._stack(parent) or ():
+                    got = self._get(i, parent, name)
                     if got is not None:
-                        if not self._is_whiteout(got[1]):
-                            found = got
+                        if not self._is_whiteout(got):
+                            found = (i, got)
                         break
-                    if self._marked(d, name):
+                    if self._marked(i, parent, name):
                         break
         self._found[rel] = found
         return found
 
+    # -- reading an entry of the image (for comparisons)
+
+    def _open(self, i: int, rel: str, flags: int) -> int:
+        parent, name = _split(rel)
+        return os.open(name, flags, dir_fd=self._dir_fd(i, parent))
+
+    def _readlink(self, i: int, rel: str) -> str:
+        parent, name = _split(rel)
+        return os.readlink(name, dir_fd=self._dir_fd(i, parent))
+
+    def _xattrs(self, i: int, rel: str, st: os.stat_result) -> dict[str, bytes]:
+        if not _has_xattrs(st):
+            return {}
+        parent, name = _split(rel)
+        return _xattrs(_dirfd.at(self._dir_fd(i, parent), name))
+
     # -- the contract
 
     def lookup(self, rel: str) -> Path | None:
-        """Real path of ``rel`` in the topmost layer that has it, None when the image lacks it."""
+        """Real path of ``rel`` in the topmost layer that has it, None when the image lacks it.
+
+        Beyond ``PATH_MAX`` such a path cannot be passed to ``os`` calls (see :class:`Entry`).
+        """
         found = self._find(rel)
-        return Path(found[0]) if found is not None else None
+        if found is None:
+            return None
+        return self.layers[found[0]] / rel if rel else self.layers[found[0]]
 
     def lstat(self, rel: str) -> os.stat_result | None:
         """``os.lstat`` of ``rel`` in the image, None when the image lacks it."""
@@ -433,9 +629,9 @@ class ImageView:
             return list(cached)
         seen: set[str] = set()
         out: list[str] = []
-        for d in self._stack(rel) or ():
+        for i in self._stack(rel) or ():
             hidden_here: list[str] = []
-            for name, entry in self._entries(d).items():
+            for name, whiteout in self._entries(i, rel).items():
                 if name in seen:
                     continue
                 if self.flavor == "marker" and name.startswith(_WH_PREFIX):
@@ -444,7 +640,7 @@ class ImageView:
                         hidden_here.append(name[len(_WH_PREFIX) :])
                     continue
                 seen.add(name)
-                if not self._is_whiteout(entry.stat(follow_symlinks=False)):
+                if not whiteout:
                     out.append(name)
             seen.update(hidden_here)
         out.sort()
@@ -466,24 +662,35 @@ class _Collector:
         self.entries: dict[str, Entry] = {}
         self.inodes: dict[tuple[int, int], list[str]] = {}
 
-    def _source(self, rel: str) -> Path:
-        return Path(_abs(self.root, rel))
-
     def consider(
-        self, rel: str, path: str, st: os.stat_result, img: tuple[str, os.stat_result] | None
+        self,
+        rel: str,
+        dir_fd: int,
+        name: str,
+        st: os.stat_result,
+        img: tuple[int, os.stat_result] | None,
     ) -> None:
-        """A candidate of the new tree: included when it is new or differs from the image."""
+        """A candidate of the new tree, ``name`` in the directory open as ``dir_fd``: included
+        when it is new or differs from the image."""
         if img is None:
-            self.entries[rel] = Entry(rel, "A", Path(path))
-        elif self.differs(path, st, img[0], img[1]):
-            self.entries[rel] = Entry(rel, "C", Path(path))
+            self.entries[rel] = Entry(rel, "A", root=self.root)
+        elif self.differs(dir_fd, name, st, rel, img):
+            self.entries[rel] = Entry(rel, "C", root=self.root)
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             self.inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
 
     def delete(self, rel: str) -> None:
         self.entries[rel] = Entry(rel, "D", None)
 
-    def differs(self, new: str, ns: os.stat_result, old: str, os_: os.stat_result) -> bool:
+    def differs(
+        self,
+        dir_fd: int,
+        name: str,
+        ns: os.stat_result,
+        rel: str,
+        img: tuple[int, os.stat_result],
+    ) -> bool:
+        layer, os_ = img
         if stat.S_IFMT(ns.st_mode) != stat.S_IFMT(os_.st_mode):
             return True
         if stat.S_IMODE(ns.st_mode) != stat.S_IMODE(os_.st_mode):
@@ -497,16 +704,27 @@ class _Collector:
         if new_s != old_s and min(ns.st_mtime_ns, self.epoch_ns) // 1_000_000_000 != old_s:
             return True
         if stat.S_ISLNK(ns.st_mode):
-            same = os.readlink(new) == os.readlink(old)
+            same = os.readlink(name, dir_fd=dir_fd) == self.image._readlink(layer, rel)
         elif stat.S_ISCHR(ns.st_mode) or stat.S_ISBLK(ns.st_mode):
             same = ns.st_rdev == os_.st_rdev
         elif stat.S_ISREG(ns.st_mode):
-            same = ns.st_size == os_.st_size and _same_content(new, old, ns.st_size)
+            same = ns.st_size == os_.st_size and self.same_file(dir_fd, name, layer, rel, ns)
         else:
             same = True
         if not same:
             return True
-        return kept_xattrs(new, ns) != kept_xattrs(old, os_)
+        return _xattrs_at(dir_fd, name, ns) != self.image._xattrs(layer, rel, os_)
+
+    def same_file(self, dir_fd: int, name: str, layer: int, rel: str, st: os.stat_result) -> bool:
+        fa = os.open(name, _O_READ, dir_fd=dir_fd)
+        try:
+            fb = self.image._open(layer, rel, _O_READ)
+            try:
+                return _same_content(fa, fb, st.st_size)
+            finally:
+                os.close(fb)
+        finally:
+            os.close(fa)
 
     def finish(self) -> list[Entry]:
         # Hardlink partners travel together: the layer must hold the whole inode group, or
@@ -515,7 +733,7 @@ class _Collector:
             if len(group) > 1 and any(rel in self.entries for rel in group):
                 for rel in group:
                     if rel not in self.entries:
-                        self.entries[rel] = Entry(rel, "C", self._source(rel))
+                        self.entries[rel] = Entry(rel, "C", root=self.root)
         done: set[str] = set()
         for rel in list(self.entries):
             parent = _split(rel)[0]
@@ -523,7 +741,7 @@ class _Collector:
                 done.add(parent)
                 if parent not in self.entries:
                     kind = "C" if self.image.lstat(parent) is not None else "A"
-                    self.entries[parent] = Entry(parent, kind, self._source(parent))
+                    self.entries[parent] = Entry(parent, kind, root=self.root)
                 parent = _split(parent)[0]
         return sorted(self.entries.values(), key=lambda e: _sort_key(e.path))
 
@@ -532,9 +750,33 @@ def _norm_exclude(exclude: Collection[str]) -> frozenset[str]:
     return frozenset(p.strip("/") for p in exclude if p.strip("/"))
 
 
-def _scan(abs_dir: str) -> list[os.DirEntry[str]]:
-    with os.scandir(abs_dir) as it:
-        return sorted(it, key=lambda e: e.name)
+_T = TypeVar("_T")
+#: What a walk does in one directory: given its rel path, its fd (valid during the call) and
+#: the state its parent passed down, the subdirectories to enter, each as (name, its
+#: (st_dev, st_ino) from the listing, state for it).
+_Visit = Callable[[str, int, _T], list[tuple[str, _dirfd.Ident, _T]]]
+
+
+def _walk(root: str, state: _T, visit: _Visit[_T]) -> None:
+    """Depth-first over the directories of ``root``, through directory fds (any depth).
+
+    Every directory is opened relative to its parent's fd (``O_NOFOLLOW``: a symlink planted in
+    the tree is never entered); a :class:`_dirfd.DirStack` keeps only the deepest few open.
+    """
+    with _dirfd.DirStack(os.open(root, _O_ROOT)) as dirs:
+        stack = [("", iter(visit("", dirs.top, state)))]
+        while stack:
+            rel_dir, todo = stack[-1]
+            nxt = next(todo, None)
+            if nxt is None:
+                stack.pop()
+                if stack:
+                    os.close(dirs.pop())
+                continue
+            name, ident, sub_state = nxt
+            dirs.push(os.open(name, _dirfd.O_DIR, dir_fd=dirs.top), ident)
+            rel = _join(rel_dir, name)
+            stack.append((rel, iter(visit(rel, dirs.top, sub_state))))
 
 
 def changes_from_upper(
@@ -551,26 +793,26 @@ def changes_from_upper(
     opaque directory becomes ``C dir``, one ``D`` per lower child it hides, and its own entries.
     Overlay's own xattrs (``user.overlay.*``, ``trusted.overlay.*``) are ignored. Entries
     identical to the image are dropped unless they are an ancestor or a hardlink partner of a
-    change; ``exclude`` (the init layer's paths) and everything below never appear.
+    change; ``exclude`` (the init layer's paths) and everything below never appear. Works at
+    any depth (directory fds); the entries carry ``upper`` as their ``root``.
     """
     if upper_flavor not in _OPAQUE_XATTRS:
         raise ValueError(f"unknown upper flavor {upper_flavor!r}; expected 'overlay' or 'fuse'")
     fuse = upper_flavor == "fuse"
+    opaque_xattrs = _OPAQUE_XATTRS[upper_flavor]
     skip = _norm_exclude(exclude)
-    root = os.fspath(upper)
-    col = _Collector(root, image)
-    # (rel_dir, parent_hidden): parent_hidden says an opaque ancestor already hides the lower.
-    stack: list[tuple[str, bool]] = [("", False)]
-    while stack:
-        rel_dir, parent_hidden = stack.pop()
-        abs_dir = _abs(root, rel_dir)
-        ents = _scan(abs_dir)
-        names = {e.name for e in ents}
-        hidden = parent_hidden or _xattr_is_y(abs_dir, _OPAQUE_XATTRS[upper_flavor])
-        if fuse and _OPAQUE_MARKER in names:
+    col = _Collector(os.fspath(upper), image)
+
+    # state: whether an opaque ancestor already hides the lower directories.
+    def visit(rel_dir: str, fd: int, parent_hidden: bool) -> list[tuple[str, _dirfd.Ident, bool]]:
+        with os.scandir(fd) as it:
+            ents = list(it)
+        hidden = parent_hidden or _xattr_is_y(fd, opaque_xattrs)
+        if fuse and any(e.name == _OPAQUE_MARKER for e in ents):
             hidden = True
         present: set[str] = set()
         deleted: list[str] = []
+        subdirs: list[tuple[str, _dirfd.Ident, bool]] = []
         for e in ents:
             name = e.name
             if fuse and name.startswith(_WH_PREFIX):
@@ -585,17 +827,23 @@ def changes_from_upper(
                 deleted.append(name)
                 continue
             present.add(name)
-            col.consider(rel, e.path, st, image._find(rel))
+            col.consider(rel, fd, name, st, image._find(rel, rel_dir))
             if stat.S_ISDIR(st.st_mode):
-                stack.append((rel, hidden))
+                subdirs.append((name, (st.st_dev, st.st_ino), hidden))
         gone = [n for n in deleted if n not in present]
         if hidden:
             gone.extend(n for n in image.listdir(rel_dir) if n not in present)
         for name in gone:
             rel = _join(rel_dir, name)
-            if rel not in skip and image.lstat(rel) is not None:
+            if rel not in skip and image._find(rel, rel_dir) is not None:
                 col.delete(rel)
-    return col.finish()
+        return subdirs
+
+    try:
+        _walk(col.root, False, visit)
+        return col.finish()
+    finally:
+        image.close()
 
 
 def changes_from_tree(
@@ -616,59 +864,69 @@ def changes_from_tree(
     one whose children match it in name, type, mode, owner, size and mtime second but not in
     content goes unnoticed; ``since_ns=None`` catches that too.) ``since_ns=None`` compares
     everything (exact, slow). Gives the same list as :func:`changes_from_upper` for the same
-    operations.
+    operations. Works at any depth (directory fds); the entries carry ``tree`` as their
+    ``root``.
     """
     skip = _norm_exclude(exclude)
-    root = os.fspath(tree)
-    col = _Collector(root, image)
+    col = _Collector(os.fspath(tree), image)
+
     # Each directory is walked in one of three modes: "new" (not a directory of the image:
-    # everything below is added), "exact" (compare every entry), "fast" (trust ctimes).
-    stack: list[tuple[str, int, str]] = [
-        ("", os.lstat(root).st_ctime_ns, "exact" if since_ns is None else "fast")
-    ]
-    while stack:
-        rel_dir, dir_ctime, mode = stack.pop()
-        ents = []
-        for e in _scan(_abs(root, rel_dir)):
-            rel = _join(rel_dir, e.name)
-            if rel not in skip:
-                ents.append((e, rel, e.stat(follow_symlinks=False)))
+    # everything below is added), "exact" (compare every entry), "fast" (trust ctimes). The
+    # state is (the directory's ctime, its mode).
+    def visit(
+        rel_dir: str, fd: int, state: tuple[int, str]
+    ) -> list[tuple[str, _dirfd.Ident, tuple[int, str]]]:
+        dir_ctime, mode = state
+        ents: list[tuple[str, str, os.stat_result]] = []
+        with os.scandir(fd) as it:
+            for e in it:
+                rel = _join(rel_dir, e.name)
+                if rel not in skip:
+                    ents.append((e.name, rel, e.stat(follow_symlinks=False)))
         changed_dir = mode == "exact" or (since_ns is not None and dir_ctime >= since_ns)
         if mode == "fast" and changed_dir:
             # A directory renamed into place keeps its children's old ctimes. Children that do
             # not even match the image's metadata give it away; then nothing below it can be
             # trusted and the whole subtree is compared.
             assert since_ns is not None
-            for _e, rel, st in ents:
-                if st.st_ctime_ns < since_ns and _moved(st, image._find(rel)):
+            for _name, rel, st in ents:
+                if st.st_ctime_ns < since_ns and _moved(st, image._find(rel, rel_dir)):
                     mode = "exact"
                     break
-        for e, rel, st in ents:
-            img: tuple[str, os.stat_result] | None
+        subdirs: list[tuple[str, _dirfd.Ident, tuple[int, str]]] = []
+        for name, rel, st in ents:
+            img: tuple[int, os.stat_result] | None
             known = True
             if mode == "new":
                 img = None
-                col.consider(rel, e.path, st, None)
+                col.consider(rel, fd, name, st, None)
             elif mode == "exact" or (since_ns is not None and st.st_ctime_ns >= since_ns):
-                img = image._find(rel)
-                col.consider(rel, e.path, st, img)
+                img = image._find(rel, rel_dir)
+                col.consider(rel, fd, name, st, img)
             else:
                 img, known = None, False  # untouched since the copy: as in the image
             if stat.S_ISDIR(st.st_mode):
                 child = mode
                 if known and (img is None or not stat.S_ISDIR(img[1].st_mode)):
                     child = "new"
-                stack.append((rel, st.st_ctime_ns, child))
+                subdirs.append((name, (st.st_dev, st.st_ino), (st.st_ctime_ns, child)))
         if mode != "new" and changed_dir:
-            present = {e.name for e, _rel, _st in ents}
+            present = {name for name, _rel, _st in ents}
             for name in image.listdir(rel_dir):
                 rel = _join(rel_dir, name)
                 if name not in present and rel not in skip:
                     col.delete(rel)
-    return col.finish()
+        return subdirs
+
+    try:
+        root_ctime = os.lstat(col.root).st_ctime_ns
+        _walk(col.root, (root_ctime, "exact" if since_ns is None else "fast"), visit)
+        return col.finish()
+    finally:
+        image.close()
 
 
-def _moved(st: os.stat_result, img: tuple[str, os.stat_result] | None) -> bool:
+def _moved(st: os.stat_result, img: tuple[int, os.stat_result] | None) -> bool:
     """Whether an entry whose ctime predates the copy cannot be the image's entry there."""
     if img is None:
         return True
@@ -690,17 +948,16 @@ def to_changes(entries: Sequence[Entry]) -> list[Change]:
 def layer_changes(layer_dir: Path, parent: ImageView, *, flavor: layertar.Flavor) -> list[Change]:
     """A stored layer's own changeset: a whiteout is ``D``, an entry the parent image lacks is
     ``A``, any other entry ``C``. Opaque directories (only in foreign layer dirs) give ``D`` for
-    each parent child they hide."""
-    root = os.fspath(layer_dir)
+    each parent child they hide. Works at any depth (directory fds)."""
     out: list[Change] = []
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        abs_dir = _abs(root, rel_dir)
-        ents = _scan(abs_dir)
+
+    def visit(rel_dir: str, fd: int, _state: None) -> list[tuple[str, _dirfd.Ident, None]]:
+        with os.scandir(fd) as it:
+            ents = list(it)
         names = {e.name for e in ents}
         present: set[str] = set()
         gone: set[str] = set()
+        subdirs: list[tuple[str, _dirfd.Ident, None]] = []
         for e in ents:
             if flavor == "marker" and e.name.startswith(_WH_PREFIX):
                 if e.name != _OPAQUE_MARKER:
@@ -712,18 +969,25 @@ def layer_changes(layer_dir: Path, parent: ImageView, *, flavor: layertar.Flavor
                 gone.add(e.name)
                 continue
             present.add(e.name)
-            out.append(Change("C" if parent.lstat(rel) is not None else "A", "/" + rel))
+            known = parent._find(rel, rel_dir) is not None
+            out.append(Change("C" if known else "A", "/" + rel))
             if stat.S_ISDIR(st.st_mode):
-                stack.append(rel)
+                subdirs.append((e.name, (st.st_dev, st.st_ino), None))
         if rel_dir:
             opaque = (
                 _OPAQUE_MARKER in names
                 if flavor == "marker"
-                else _xattr_is_y(abs_dir, _OPAQUE_XATTRS["overlay"])
+                else _xattr_is_y(fd, _OPAQUE_XATTRS["overlay"])
             )
             if opaque:
                 gone.update(n for n in parent.listdir(rel_dir) if n not in present)
         out.extend(Change("D", "/" + _join(rel_dir, n)) for n in gone if n not in present)
+        return subdirs
+
+    try:
+        _walk(os.fspath(layer_dir), None, visit)
+    finally:
+        parent.close()
     return sorted(out)
 
 
@@ -745,12 +1009,18 @@ def _check_name(rel: str, st: os.stat_result) -> None:
         )
 
 
-def _chown(path: str, uid: int, gid: int, rel: str) -> None:
-    cur = os.lstat(path)
+def _chown(where: int, name: str | None, st: os.stat_result, rel: str) -> None:
+    """Give the written entry (the fd ``where``, or ``name`` in the directory ``where``) the
+    owner of ``st``."""
+    cur = os.fstat(where) if name is None else os.stat(name, dir_fd=where, follow_symlinks=False)
+    uid, gid = st.st_uid, st.st_gid
     if (cur.st_uid, cur.st_gid) == (uid, gid):
         return
     try:
-        os.chown(path, uid, gid, follow_symlinks=False)
+        if name is None:
+            os.chown(where, uid, gid)
+        else:
+            os.chown(name, uid, gid, dir_fd=where, follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EINVAL):
             raise
@@ -758,13 +1028,246 @@ def _chown(path: str, uid: int, gid: int, rel: str) -> None:
             exc.errno,
             f"cannot give {rel!r} owner {uid}:{gid} in the layer ({os.strerror(exc.errno)}); "
             "only root can store files owned by other users: commit as root",
-            path,
         ) from exc
 
 
-def _set_xattrs(path: str, xattrs: dict[str, bytes]) -> None:
+def _set_xattrs(fd: int, xattrs: dict[str, bytes]) -> None:
     for name, value in sorted(xattrs.items()):
-        os.setxattr(path, name, value, follow_symlinks=False)
+        os.setxattr(fd, name, value)
+
+
+def _bad_rel(rel: str) -> bool:
+    # Without splitting: a 10,000-deep path would be a 10,000-item list per entry.
+    return (
+        not rel
+        or rel.startswith("/")
+        or rel == ".."
+        or rel.startswith("../")
+        or rel.endswith("/..")
+        or "/../" in rel
+    )
+
+
+_DirMeta = tuple[os.stat_result, dict[str, bytes]]
+
+
+class _Cursor:
+    """The current directory of a walk over sorted relative paths below a root.
+
+    :meth:`goto` leaves the directories that do not contain the target (calling ``on_leave``
+    with each one's fd, while it is still open and after its parent is reopened) and enters the
+    missing ones by name, one lookup per level; the fds live in a :class:`_dirfd.DirStack`, so
+    any depth works with a bounded number of open fds.
+    """
+
+    def __init__(
+        self, root_fd: int, on_leave: Callable[[str, int, _DirMeta], None] | None = None
+    ) -> None:
+        self.dirs = _dirfd.DirStack(root_fd)
+        self.rel = ""
+        self._starts: list[int] = []  # per level below the root: where its own name starts
+        self._meta: list[_DirMeta | None] = []
+        self._on_leave = on_leave
+
+    def goto(self, rel_dir: str) -> int:
+        """Make ``rel_dir`` the current directory; returns its fd (valid until the next move)."""
+        while self.rel and not (
+            rel_dir.startswith(self.rel)
+            and (len(rel_dir) == len(self.rel) or rel_dir[len(self.rel)] == "/")
+        ):
+            self.leave()
+        if rel_dir != self.rel:
+            rest = rel_dir[len(self.rel) + 1 :] if self.rel else rel_dir
+            for name in rest.split("/"):
+                self.enter(name)
+        return self.dirs.top
+
+    def enter(self, name: str, meta: _DirMeta | None = None) -> int:
+        """Enter the subdirectory ``name``; ``meta`` is handed to ``on_leave`` later."""
+        self.dirs.push(os.open(name, _dirfd.O_DIR, dir_fd=self.dirs.top))
+        self._starts.append(len(self.rel))
+        self.rel = _join(self.rel, name)
+        self._meta.append(meta)
+        return self.dirs.top
+
+    def leave(self) -> None:
+        fd = self.dirs.pop()
+        rel, meta = self.rel, self._meta.pop()
+        self.rel = rel[: self._starts.pop()]
+        try:
+            if self._on_leave is not None and meta is not None:
+                self._on_leave(rel, fd, meta)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.dirs.close()
+
+
+class _LayerWriter:
+    """:func:`write_layer`'s state: the layer's current directory, the source tree's, and the
+    hardlink groups seen so far."""
+
+    def __init__(self, root: str, flavor: layertar.Flavor) -> None:
+        self.flavor = flavor
+        self.epoch_ns = layertar.clamp_epoch() * 1_000_000_000
+        self.links: dict[tuple[int, int], str] = {}
+        self.written: set[str] = {""}
+        self.files = self.size = 0
+        self.src: _Cursor | None = None
+        self.src_root: str | None = None
+        self.root_fd = os.open(root, _O_ROOT)  # hardlinks reach back from here
+        try:
+            self.out = _Cursor(os.open(root, _O_ROOT), self.finish_dir)
+        except BaseException:
+            os.close(self.root_fd)
+            raise
+
+    def close(self) -> None:
+        try:
+            self.out.close()
+            if self.src is not None:
+                self.src.close()
+        finally:
+            os.close(self.root_fd)
+
+    def mtime(self, st: os.stat_result) -> int:
+        return min(st.st_mtime_ns, self.epoch_ns)
+
+    def add(self, entry: Entry) -> None:
+        rel = entry.path
+        if _bad_rel(rel):
+            raise ValueError(f"bad layer entry path {rel!r}: must be relative and inside the layer")
+        parent, name = _split(rel)
+        if parent not in self.written:
+            raise ValueError(
+                f"entry {rel!r} has no entry for its parent directory {parent!r}; the entry "
+                "lists from changes_from_upper/changes_from_tree always include ancestors"
+            )
+        out = self.out.goto(parent)
+        if entry.kind == "D":
+            self.whiteout(out, name)
+            return
+        if entry.kind not in ("A", "C") or (entry.root is None and entry._source is None):
+            raise ValueError(f"bad layer entry {entry!r}: A and C entries need a source")
+        if entry._source is None and entry.root is not None:
+            if self.src is None:
+                self.src = _Cursor(os.open(entry.root, _O_ROOT))
+                self.src_root = entry.root
+            if entry.root == self.src_root:
+                self.copy(rel, out, name, self.src.goto(parent), name)
+                return
+            where = os.path.join(entry.root, parent)
+            src_name = name
+        else:
+            assert entry._source is not None  # checked above
+            where, src_name = os.path.split(os.fspath(entry._source))
+        # A source outside the one tree the cursor follows: opened by its path (any length).
+        src_dir = _dirfd.open_path(where or ".", _O_PATH_DIR)
+        try:
+            self.copy(rel, out, name, src_dir, src_name or ".")
+        finally:
+            os.close(src_dir)
+
+    def whiteout(self, out: int, name: str) -> None:
+        if self.flavor == "overlay":
+            os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=out)
+            os.utime(name, ns=(0, 0), dir_fd=out, follow_symlinks=False)
+            return
+        fd = os.open(_WH_PREFIX + name, _O_CREATE, 0o600, dir_fd=out)
+        try:
+            os.utime(fd, ns=(0, 0))
+        finally:
+            os.close(fd)
+
+    def copy(self, rel: str, out: int, name: str, src_dir: int, src_name: str) -> None:
+        """Write the entry ``src_name`` of the directory ``src_dir`` as ``name`` in ``out``."""
+        st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+        if stat.S_ISSOCK(st.st_mode):
+            return  # sockets cannot travel in a layer (DESIGN 6)
+        _check_name(rel, st)
+        self.written.add(rel)
+        mode = stat.S_IFMT(st.st_mode)
+        if mode == stat.S_IFDIR:
+            os.mkdir(name, 0o700, dir_fd=out)  # final mode on leaving: children come first
+            self.out.enter(name, (st, _xattrs_at(src_dir, src_name, st)))
+            return
+        self.files += 1
+        if mode == stat.S_IFREG:
+            key = (st.st_dev, st.st_ino)
+            first = self.links.get(key) if st.st_nlink > 1 else None
+            if first is not None:
+                self.link(first, out, name)
+                return
+            self.copy_file(rel, out, name, src_dir, src_name, st)
+            self.size += st.st_size
+            if st.st_nlink > 1:
+                self.links[key] = rel
+            return
+        if mode == stat.S_IFLNK:
+            os.symlink(os.readlink(src_name, dir_fd=src_dir), name, dir_fd=out)
+        elif mode == stat.S_IFIFO:
+            os.mkfifo(name, 0o600, dir_fd=out)
+        elif mode in (stat.S_IFCHR, stat.S_IFBLK):
+            try:
+                os.mknod(name, mode | 0o600, st.st_rdev, dir_fd=out)
+            except PermissionError as exc:
+                raise PermissionError(
+                    exc.errno,
+                    f"cannot store device node {rel!r}: creating devices needs CAP_MKNOD; "
+                    "commit as root",
+                ) from exc
+        else:
+            raise InvalidLayerError(f"{rel!r}: unsupported file type {oct(mode)}")
+        _chown(out, name, st, rel)
+        if mode != stat.S_IFLNK:
+            # After chown, which clears setuid/setgid. (No xattrs: only regular files and
+            # directories carry the kept ones.)
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=out)
+        os.utime(name, ns=(self.mtime(st), self.mtime(st)), dir_fd=out, follow_symlinks=False)
+
+    def copy_file(
+        self, rel: str, out: int, name: str, src_dir: int, src_name: str, st: os.stat_result
+    ) -> None:
+        """Copy a regular file, holes kept, and give it the source's metadata through its fd."""
+        src = os.open(src_name, _O_READ, dir_fd=src_dir)
+        try:
+            fd = os.open(name, _O_CREATE, 0o600, dir_fd=out)
+            try:
+                _copy_file_data(src, fd, st.st_size)
+                self.set_meta(fd, st, _xattrs(src), rel)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(src)
+
+    def set_meta(self, fd: int, st: os.stat_result, xattrs: dict[str, bytes], rel: str) -> None:
+        _chown(fd, None, st, rel)
+        # After chown, which clears setuid/setgid and file capabilities; before chmod, which
+        # may take away the write permission that setting user.* xattrs needs.
+        _set_xattrs(fd, xattrs)
+        os.chmod(fd, stat.S_IMODE(st.st_mode))
+        os.utime(fd, ns=(self.mtime(st), self.mtime(st)))
+
+    def finish_dir(self, rel: str, fd: int, meta: _DirMeta) -> None:
+        st, xattrs = meta
+        self.set_meta(fd, st, xattrs, rel)
+
+    def link(self, first: str, out: int, name: str) -> None:
+        parent, first_name = _split(first)
+        if parent == self.out.rel:
+            os.link(first_name, name, src_dir_fd=out, dst_dir_fd=out, follow_symlinks=False)
+            return
+        # The first path of the group is in a directory already left: reach it from the root
+        # (a path of our own layer, so only directories we made are on the way).
+        where = _dirfd.open_path(parent or ".", _O_PATH_DIR, dir_fd=self.root_fd)
+        try:
+            os.link(first_name, name, src_dir_fd=where, dst_dir_fd=out, follow_symlinks=False)
+        finally:
+            os.close(where)
+
+    def finish(self) -> None:
+        self.out.goto("")  # leaves every directory, setting its metadata
 
 
 def write_layer(entries: Sequence[Entry], dest: Path, *, flavor: layertar.Flavor) -> LayerStats:
@@ -773,95 +1276,23 @@ def write_layer(entries: Sequence[Entry], dest: Path, *, flavor: layertar.Flavor
     Regular files are copied (holes kept; hardlink groups of the new tree stay hardlinks within
     the layer), symlinks, devices, fifos, modes, owners and kept xattrs are reproduced, deletions
     become whiteouts in ``flavor``, sockets are skipped. Mtimes later than
-    :func:`layertar.clamp_epoch` are set to it, directories last so their mtimes stick.
-    A file named ``.wh.*`` raises :class:`InvalidLayerError`.
+    :func:`layertar.clamp_epoch` are set to it, each directory's once its children are written
+    so its mtime sticks. A file named ``.wh.*`` raises :class:`InvalidLayerError`.
+
+    Works at any depth: the layer and the entries' ``root`` are walked in step with directory
+    fds, in the order of the sorted entries; an entry with an explicit ``source`` instead is
+    opened by that path.
     """
     if flavor not in ("overlay", "marker"):
         raise ValueError(f"unknown whiteout flavor {flavor!r}; expected 'overlay' or 'marker'")
     root = os.fspath(dest)
     if os.listdir(root):
         raise ValueError(f"write_layer needs an empty staging directory, {root!r} is not empty")
-    epoch_ns = layertar.clamp_epoch() * 1_000_000_000
-    ordered = sorted(entries, key=lambda e: _sort_key(e.path))
-    links: dict[tuple[int, int], str] = {}
-    dirs: list[tuple[str, os.stat_result, dict[str, bytes]]] = []
-    written: set[str] = {""}
-    files = size = 0
-
-    def mtime_of(st: os.stat_result) -> int:
-        return min(st.st_mtime_ns, epoch_ns)
-
-    for entry in ordered:
-        rel = entry.path
-        if not rel or rel.startswith("/") or ".." in rel.split("/"):
-            raise ValueError(f"bad layer entry path {rel!r}: must be relative and inside the layer")
-        parent, name = _split(rel)
-        if parent not in written:
-            raise ValueError(
-                f"entry {rel!r} has no entry for its parent directory {parent!r}; the entry "
-                "lists from changes_from_upper/changes_from_tree always include ancestors"
-            )
-        out = os.path.join(root, rel)
-        if entry.kind == "D":
-            if flavor == "overlay":
-                os.mknod(out, stat.S_IFCHR | 0o000, os.makedev(0, 0))
-            else:
-                out = os.path.join(root, parent, _WH_PREFIX + name)
-                os.close(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            os.utime(out, ns=(0, 0), follow_symlinks=False)
-            continue
-        if entry.kind not in ("A", "C") or entry.source is None:
-            raise ValueError(f"bad layer entry {entry!r}: A and C entries need a source")
-        src = os.fspath(entry.source)
-        st = os.lstat(src)
-        if stat.S_ISSOCK(st.st_mode):
-            continue  # sockets cannot travel in a layer (DESIGN 6)
-        _check_name(rel, st)
-        written.add(rel)
-        mode = stat.S_IFMT(st.st_mode)
-        if mode == stat.S_IFDIR:
-            os.mkdir(out, 0o700)  # final mode later: children must still be writable
-            dirs.append((rel, st, kept_xattrs(src, st)))
-            continue
-        if mode == stat.S_IFREG:
-            files += 1
-            key = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and key in links:
-                os.link(links[key], out)
-                continue
-            _copy_file_data(src, out, st.st_size)
-            size += st.st_size
-            if st.st_nlink > 1:
-                links[key] = out
-        elif mode == stat.S_IFLNK:
-            files += 1
-            os.symlink(os.readlink(src), out)
-        elif mode == stat.S_IFIFO:
-            files += 1
-            os.mkfifo(out, 0o600)
-        elif mode in (stat.S_IFCHR, stat.S_IFBLK):
-            files += 1
-            try:
-                os.mknod(out, mode | 0o600, st.st_rdev)
-            except PermissionError as exc:
-                raise PermissionError(
-                    exc.errno,
-                    f"cannot store device node {rel!r}: creating devices needs CAP_MKNOD; "
-                    "commit as root",
-                    out,
-                ) from exc
-        else:
-            raise InvalidLayerError(f"{rel!r}: unsupported file type {oct(mode)}")
-        _chown(out, st.st_uid, st.st_gid, rel)
-        if mode != stat.S_IFLNK:
-            # After chown, which clears setuid/setgid and file capabilities.
-            os.chmod(out, stat.S_IMODE(st.st_mode))
-            _set_xattrs(out, kept_xattrs(src, st))
-        os.utime(out, ns=(mtime_of(st), mtime_of(st)), follow_symlinks=False)
-    for rel, st, xattrs in reversed(dirs):
-        out = os.path.join(root, rel)
-        _chown(out, st.st_uid, st.st_gid, rel)
-        os.chmod(out, stat.S_IMODE(st.st_mode))
-        _set_xattrs(out, xattrs)
-        os.utime(out, ns=(mtime_of(st), mtime_of(st)))
-    return LayerStats(files=files, size=size)
+    writer = _LayerWriter(root, flavor)
+    try:
+        for entry in sorted(entries, key=lambda e: _sort_key(e.path)):
+            writer.add(entry)
+        writer.finish()
+    finally:
+        writer.close()
+    return LayerStats(files=writer.files, size=writer.size)

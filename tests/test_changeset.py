@@ -152,7 +152,7 @@ def test_imageview_caches_lookups_and_listings(
     bottom = layer(tmp_path / "l0", spec)
     top = layer(tmp_path / "l1", {"d": None, "d/f0": "new"})
     calls: list[str] = []
-    real_scandir, real_lstat = os.scandir, os.lstat
+    real_scandir, real_lstat, real_stat = os.scandir, os.lstat, os.stat
 
     def scandir(path: object) -> object:
         calls.append("scandir")
@@ -162,8 +162,13 @@ def test_imageview_caches_lookups_and_listings(
         calls.append("lstat")
         return real_lstat(path, **kw)  # type: ignore[arg-type]
 
+    def stat_(path: object, **kw: object) -> object:
+        calls.append("lstat")  # the view stats names relative to directory fds
+        return real_stat(path, **kw)  # type: ignore[arg-type]
+
     monkeypatch.setattr(os, "scandir", scandir)
     monkeypatch.setattr(os, "lstat", lstat)
+    monkeypatch.setattr(os, "stat", stat_)
 
     # A couple of lookups cost a couple of lstat calls, no directory listing.
     view = ImageView([top, bottom], "overlay")
@@ -216,8 +221,8 @@ def test_since_ns_reads_only_changed_files(tmp_path: Path, monkeypatch: pytest.M
     compared: list[str] = []
     real = changeset._same_content
 
-    def recording(a: str, b: str, size: int) -> bool:
-        compared.append(os.path.relpath(a, tree))
+    def recording(a: int, b: int, size: int) -> bool:
+        compared.append(os.path.relpath(os.readlink(f"/proc/self/fd/{a}"), tree))
         return real(a, b, size)
 
     monkeypatch.setattr(changeset, "_same_content", recording)
