@@ -5,16 +5,21 @@ The end-to-end round trip of every DESIGN 6 edge case is in test_edge_cases.py.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import resource
 import socket
 import stat
 import subprocess
+import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from treeutil import make_tree, set_tree_mtimes, whiteout
 
-from pytest_layers import changeset, layertar
+from pytest_layers import changeset, layertar, namespaces
 from pytest_layers.changeset import Change, Entry, ImageView
 from pytest_layers.errors import InvalidLayerError
 
@@ -455,3 +460,269 @@ def test_layer_changes_of_a_foreign_opaque_dir(tmp_path: Path) -> None:
         str(c) for c in changeset.layer_changes(lay, ImageView([base], "overlay"), flavor="overlay")
     ]
     assert got == ["C /d", "D /d/a", "C /d/b", "A /d/new", "C /e", "D /e/x"]
+
+
+# --------------------------------------------------------------------------------------------
+# trees deeper than PATH_MAX
+
+DEPTH = 2_500  # 5,000 bytes of "d/": beyond PATH_MAX (4096 bytes) wherever tmp_path is
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+@pytest.fixture
+def deep_tmp(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    # pytest's own cleanup (shutil.rmtree) cannot reach entries beyond PATH_MAX.
+    for child in tmp_path.iterdir():
+        namespaces.remove_tree(child)
+
+
+def chain(depth: int, name: str = "") -> str:
+    rel = "/".join(["d"] * depth)
+    return f"{rel}/{name}" if name else rel
+
+
+def deep(
+    root: Path,
+    depth: int,
+    bottom: Callable[[int], None],
+    *,
+    middle: Callable[[int], None] | None = None,
+    mtime: int | None = EPOCH,
+) -> None:
+    """Make (or enter) ``root/d/.../d`` (``depth`` levels) through dir fds, call ``bottom``
+    with the deepest one's fd (``middle`` half-way), and give every directory ``mtime`` on
+    the way back up (``None``: leave the mtimes alone)."""
+    root.mkdir(exist_ok=True)
+    fd = os.open(root, _O_DIR)
+    try:
+        for level in range(depth):
+            if level == depth // 2 and middle is not None:
+                middle(fd)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", _O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        bottom(fd)
+        for _ in range(depth + 1):
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+            if _ == depth:
+                break
+            up = os.open("..", _O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = up
+    finally:
+        os.close(fd)
+
+
+def put(fd: int, name: str, data: bytes, mtime: int | None = EPOCH) -> None:
+    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd)
+    try:
+        os.write(out, data)
+        if mtime is not None:
+            os.utime(out, (mtime, mtime))
+    finally:
+        os.close(out)
+
+
+def listing(root: Path) -> list[str]:
+    """Every entry below ``root`` as find(1) sees it (find walks any depth): path, type,
+    mode, owner, mtime, link count, size of non-directories, link target."""
+    out = subprocess.run(
+        ["find", str(root), "-mindepth", "1", "-printf", r"%P|%y|%m|%U:%G|%T@|%n|%s|%l\n"],
+        check=True,
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+    ).stdout
+    lines = []
+    for line in out.splitlines():
+        fields = line.split("|")
+        if fields[1] == "d":
+            fields[5] = fields[6] = ""  # a directory's size and link count depend on the fs
+        lines.append("|".join(fields))
+    return sorted(lines)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def few_fds() -> Iterator[None]:
+    # Well below the 2,500 fds a walk that kept every level open would need: proves the
+    # walkers, the image view and write_layer keep a bounded number open.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(400, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _deep_upper_bottom(fd: int) -> None:
+    put(fd, "leaf", b"bottom\n")
+    os.setxattr(changeset._dirfd.at(fd, "leaf"), "user.deep", b"value")
+    os.link("leaf", "leaf2", src_dir_fd=fd, dst_dir_fd=fd)
+    os.symlink("leaf", "link", dir_fd=fd)
+    os.utime("link", (EPOCH, EPOCH), dir_fd=fd, follow_symlinks=False)
+    os.mkfifo("fifo", 0o640, dir_fd=fd)
+    os.utime("fifo", (EPOCH, EPOCH), dir_fd=fd)
+    os.mkdir("ro", dir_fd=fd)
+    ro = os.open("ro", _O_DIR, dir_fd=fd)
+    try:
+        put(ro, "x", b"x")
+        os.utime(ro, (EPOCH, EPOCH))
+        os.chmod(ro, 0o555)
+    finally:
+        os.close(ro)
+
+
+@pytest.mark.parametrize("flavor", ["overlay", "marker"])
+@pytest.mark.usefixtures("few_fds")
+def test_deep_upper_diff_write_layer_and_tar_round_trip(
+    deep_tmp: Path, flavor: layertar.Flavor
+) -> None:
+    base = layer(deep_tmp / "base", {"etc": None, "etc/keep": "k"})
+    upper = deep_tmp / "upper"
+    deep(upper, DEPTH, _deep_upper_bottom, middle=lambda fd: put(fd, "mid", b"half way\n"))
+    fds = open_fds()
+
+    entries = changeset.changes_from_upper(upper, ImageView([base], flavor))
+    bottom = ["fifo", "leaf", "leaf2", "link", "ro", "ro/x"]
+    expected = [f"A /{chain(n)}" for n in range(1, DEPTH + 1)]
+    expected += [f"A /{chain(DEPTH, name)}" for name in bottom] + [f"A /{chain(DEPTH // 2, 'mid')}"]
+    assert strs(entries) == sorted(expected)
+    by_path = {e.path: e for e in entries}
+    leaf = by_path[chain(DEPTH, "leaf")]
+    assert os.fspath(leaf.source) == os.path.join(upper, chain(DEPTH, "leaf"))
+    fd = changeset.open_source(leaf, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        assert os.read(fd, 100) == b"bottom\n"
+    finally:
+        os.close(fd)
+
+    dest = deep_tmp / "dest"
+    dest.mkdir()
+    stats = changeset.write_layer(entries, dest, flavor=flavor)
+    assert stats == changeset.LayerStats(files=6, size=len(b"bottom\nhalf way\nx"))
+    assert listing(dest) == listing(upper)
+    assert changeset.kept_xattrs(dest / chain(DEPTH, "leaf")) == {"user.deep": b"value"}
+    assert open_fds() == fds, "a file descriptor was left open"
+
+    # Its canonical tar holds every entry at full length, as find(1) sees the upper dir.
+    diff_id = layertar.layer_diff_id(dest, flavor=flavor)
+    tar_path = deep_tmp / "layer.tar"
+    with open(tar_path, "wb") as f:
+        assert layertar.write_layer_tar(dest, f, flavor=flavor) == diff_id
+    types = {tarfile.REGTYPE: "f", tarfile.LNKTYPE: "f", tarfile.DIRTYPE: "d"}
+    types.update({tarfile.SYMTYPE: "l", tarfile.FIFOTYPE: "p"})
+    with tarfile.open(tar_path) as tf:
+        members = tf.getmembers()
+        seen = {
+            m.name: (types[m.type], f"{m.mode:o}", f"{m.uid}:{m.gid}", m.mtime, m.linkname)
+            for m in members
+        }
+        leaf_member = tf.getmember(chain(DEPTH, "leaf"))
+        assert tf.extractfile(leaf_member).read() == b"bottom\n"  # type: ignore[union-attr]
+    names = [m.name for m in members]
+    assert names == sorted(names, key=lambda n: n.split("/"))  # parents first
+    want = {}
+    for line in listing(upper):
+        path, kind, mode, owner, mtime, _n, _size, target = line.split("|")
+        want[path] = (kind, mode, owner, int(float(mtime)), target)
+    want[chain(DEPTH, "leaf2")] = (*want[chain(DEPTH, "leaf2")][:4], chain(DEPTH, "leaf"))
+    assert seen == want
+    assert leaf_member.pax_headers["SCHILY.xattr.user.deep"] == "value"
+
+    # The same tree read as a copy (changes_from_tree) makes the same layer.
+    again = deep_tmp / "again"
+    again.mkdir()
+    changeset.write_layer(
+        changeset.changes_from_tree(upper, ImageView([], flavor)), again, flavor=flavor
+    )
+    assert layertar.layer_diff_id(again, flavor=flavor) == diff_id
+    assert open_fds() == fds, "a file descriptor was left open"
+
+
+def _deep_image_bottom(fd: int) -> None:
+    put(fd, "old", b"old\n")
+    put(fd, "gone", b"gone\n")
+    put(fd, "keep", b"keep\n")
+
+
+@pytest.mark.usefixtures("few_fds")
+def test_deep_image_lookups_and_every_change_list(deep_tmp: Path) -> None:
+    base = deep_tmp / "base"
+    deep(base, DEPTH, _deep_image_bottom)
+    view = ImageView([base], "overlay")
+    bottom = chain(DEPTH)
+    st = view.lstat(chain(DEPTH, "old"))
+    assert st is not None
+    assert st.st_size == 4
+    assert view.lookup(chain(DEPTH, "keep")) == base / chain(DEPTH, "keep")
+    assert view.lstat(chain(DEPTH, "nothing")) is None
+    assert view.lstat(chain(DEPTH + 3)) is None
+    assert view.listdir(bottom) == ["gone", "keep", "old"]
+    view.close()
+    layer_list = changeset.layer_changes(base, ImageView([], "overlay"), flavor="overlay")
+    assert len(layer_list) == DEPTH + 3
+    assert {c.kind for c in layer_list} == {"A"}
+
+    expected = ["C /" + chain(n) for n in range(1, DEPTH + 1)] + [
+        "D /" + chain(DEPTH, "gone"),
+        "A /" + chain(DEPTH, "new"),
+        "C /" + chain(DEPTH, "old"),
+    ]
+
+    # The copy backend's shape: a full copy, changed after the mark; both modes agree.
+    tree = deep_tmp / "tree"
+    deep(tree, DEPTH, _deep_image_bottom)
+    assert listing(tree) == listing(base)
+    since = changeset.ctime_mark(deep_tmp)
+
+    def change(fd: int) -> None:
+        put(fd, "old", b"OLD\n", mtime=None)  # same size: only the content says it changed
+        os.unlink("gone", dir_fd=fd)
+        put(fd, "new", b"new\n", mtime=None)
+
+    deep(tree, DEPTH, change, mtime=None)
+    fast = changeset.changes_from_tree(tree, view, since_ns=since)
+    assert sorted(strs(fast)) == sorted(expected)
+    assert strs(changeset.changes_from_tree(tree, ImageView([base], "overlay"))) == strs(fast)
+
+    # The overlay shape: copied-up directories, a 0/0 whiteout, the changed and the new file.
+    upper = deep_tmp / "upper"
+
+    def upper_bottom(fd: int) -> None:
+        put(fd, "old", b"OLD\n")
+        put(fd, "new", b"new\n")
+        os.mknod("gone", stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=fd)
+
+    deep(upper, DEPTH, upper_bottom)
+    assert strs(changeset.changes_from_upper(upper, ImageView([base], "overlay"))) == strs(fast)
+
+    # Committed, the layer's own change list is the same, read through the deep image.
+    dest = deep_tmp / "dest"
+    dest.mkdir()
+    changeset.write_layer(fast, dest, flavor="overlay")
+    assert [str(c) for c in changeset.layer_changes(dest, view, flavor="overlay")] == strs(fast)
+
+
+def test_dir_stack_refuses_a_directory_moved_under_the_walk(tmp_path: Path) -> None:
+    (tmp_path / "a/b").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    stack = changeset._dirfd.DirStack(os.open(tmp_path, _O_DIR), keep=2)
+    try:
+        a = os.open("a", _O_DIR, dir_fd=stack.top)
+        stack.push(a)
+        stack.push(os.open("b", _O_DIR, dir_fd=a))  # the root's fd is closed now
+        os.rename(tmp_path / "a", tmp_path / "elsewhere/a")
+        os.close(stack.pop())
+        with pytest.raises(OSError, match="moved while the tree was being read") as info:
+            stack.pop()
+        assert info.value.errno == errno.ESTALE
+    finally:
+        stack.close()
