@@ -708,7 +708,7 @@ class _Collector:
         elif stat.S_ISCHR(ns.st_mode) or stat.S_ISBLK(ns.st_mode):
             same = ns.st_rdev == os_.st_rdev
         elif stat.S_ISREG(ns.st_mode):
-            same = ns.st_size == os_.st_size and self.same_file(dir_fd, name, layer, rel, ns)
+            return ns.st_size != os_.st_size or not self.same_file(dir_fd, name, layer, rel, ns)
         else:
             same = True
         if not same:
@@ -716,11 +716,12 @@ class _Collector:
         return _xattrs_at(dir_fd, name, ns) != self.image._xattrs(layer, rel, os_)
 
     def same_file(self, dir_fd: int, name: str, layer: int, rel: str, st: os.stat_result) -> bool:
+        """Same content and kept xattrs (read through the open fds: no more lookups)."""
         fa = os.open(name, _O_READ, dir_fd=dir_fd)
         try:
             fb = self.image._open(layer, rel, _O_READ)
             try:
-                return _same_content(fa, fb, st.st_size)
+                return _same_content(fa, fb, st.st_size) and _xattrs(fa) == _xattrs(fb)
             finally:
                 os.close(fb)
         finally:
