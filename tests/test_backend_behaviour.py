@@ -241,7 +241,7 @@ SCENARIOS: dict[str, Scenario] = {
 # ---- backends ------------------------------------------------------------------------------
 
 # backend -> capabilities it needs to run in this process (no namespace of its own)
-BACKEND_CAPS = {"overlay": ("overlay",), "fuse": ("root", "fuse"), "copy": ()}
+BACKEND_CAPS = {"overlay": ("overlay",), "fuse": ("fuse",), "copy": ()}
 
 
 def _missing(backend: str) -> str | None:
@@ -257,7 +257,7 @@ def _missing(backend: str) -> str | None:
 def _backend_param(name: str) -> object:
     marks = {
         "overlay": [pytest.mark.requires_overlay],
-        "fuse": [pytest.mark.requires_root, pytest.mark.requires_fuse],
+        "fuse": [pytest.mark.requires_fuse],
         "copy": [],
     }[name]
     return pytest.param(name, marks=marks, id=name)
