@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import resource
 import socket
 import stat
@@ -312,6 +313,26 @@ def test_imported_mtimes_above_epoch_are_not_changes(tmp_path: Path) -> None:
     os.utime(tree / "etc/b", (1_700_000_100, 1_700_000_100))
     view = ImageView([base], "overlay")
     assert strs(changeset.changes_from_tree(tree, view)) == ["C /etc", "C /etc/b"]
+
+
+def test_entry_is_immutable_and_builds_its_source_on_demand(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    rooted = Entry("f", "A", root=tmp_path)
+    assert rooted.source == tmp_path / "f"
+    assert rooted == Entry("f", "A", root=os.fspath(tmp_path))
+    assert rooted != Entry("f", "A", tmp_path / "f")  # same place, said differently
+    assert pickle.loads(pickle.dumps(rooted)) == rooted
+    assert len({rooted, Entry("f", "A", root=tmp_path)}) == 1
+    with pytest.raises(AttributeError, match="immutable"):
+        rooted.kind = "C"  # type: ignore[misc]
+    assert Entry("f", "D", root=tmp_path).source is None
+    fd = changeset.open_source(rooted)
+    try:
+        assert stat.S_ISREG(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    with pytest.raises(ValueError, match="deletion"):
+        changeset.open_source(Entry("f", "D", None))
 
 
 def test_to_changes_sorts_by_path_string() -> None:
@@ -636,6 +657,14 @@ def test_deep_upper_diff_write_layer_and_tar_round_trip(
     want[chain(DEPTH, "leaf2")] = (*want[chain(DEPTH, "leaf2")][:4], chain(DEPTH, "leaf"))
     assert seen == want
     assert leaf_member.pax_headers["SCHILY.xattr.user.deep"] == "value"
+
+    # An entry given by an explicit source path beyond PATH_MAX is read too.
+    single = deep_tmp / "single"
+    single.mkdir()
+    explicit = Entry("copied", "A", Path(upper, chain(DEPTH, "leaf")))
+    changeset.write_layer([explicit], single, flavor=flavor)
+    assert (single / "copied").read_bytes() == b"bottom\n"
+    assert changeset.kept_xattrs(single / "copied") == {"user.deep": b"value"}
 
     # The same tree read as a copy (changes_from_tree) makes the same layer.
     again = deep_tmp / "again"
