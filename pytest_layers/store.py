@@ -42,7 +42,7 @@ from urllib.parse import quote
 import filelock
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 
-from pytest_layers import errors, layertar, namespaces
+from pytest_layers import _dirfd, errors, layertar, namespaces
 from pytest_layers.layertar import Flavor
 
 __all__ = [
@@ -355,16 +355,16 @@ def build_manifest(tree: Path) -> dict[str, dict[str, Any]]:
     manifest: dict[str, dict[str, Any]] = {}
     first_of_inode: dict[tuple[int, int], str] = {}
 
-    # Iterative, depth first, children in name order: a layer may be deeper than Python's
-    # recursion limit (a test's committed rw layer with a 2,000-deep directory, say).
-    todo: list[tuple[str, str]] = [(os.fspath(tree), "")]
-    while todo:
-        directory, prefix = todo.pop()
-        with os.scandir(directory) as it:
+    # Iterative, depth first, children in name order, every entry named relative to its
+    # directory's fd: a layer may be deeper than Python's recursion limit and than PATH_MAX (a
+    # test's committed rw layer with a 10,000-deep directory chain, say).
+    def record(fd: int, prefix: str) -> list[tuple[str, tuple[int, int], str]]:
+        with os.scandir(fd) as it:
             entries = sorted(it, key=lambda e: e.name)
-        subdirs: list[tuple[str, str]] = []
+        subdirs: list[tuple[str, tuple[int, int], str]] = []
         for entry in entries:
-            rel = prefix + os.fsdecode(entry.name)
+            name = entry.name
+            rel = prefix + os.fsdecode(name)
             st = entry.stat(follow_symlinks=False)
             fmt = stat.S_IFMT(st.st_mode)
             rec: dict[str, Any] = {
@@ -376,21 +376,43 @@ def build_manifest(tree: Path) -> dict[str, dict[str, Any]]:
             }
             if fmt == stat.S_IFREG:
                 rec["size"] = st.st_size
-                rec["sha256"] = _sha256_file(Path(entry.path))
+                rec["sha256"] = _sha256_at(fd, name)
             elif fmt == stat.S_IFLNK:
-                rec["target"] = os.fsdecode(os.readlink(entry.path))
+                rec["target"] = os.fsdecode(os.readlink(name, dir_fd=fd))
             elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
                 rec["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
             if fmt != stat.S_IFDIR and st.st_nlink > 1:
                 rec["link_group"] = first_of_inode.setdefault((st.st_dev, st.st_ino), rel)
-            xattrs = _kept_xattrs(entry.path)
+            xattrs = _kept_xattrs(_dirfd.at(fd, name))
             if xattrs:
                 rec["xattrs"] = xattrs
             manifest[rel] = rec
             if fmt == stat.S_IFDIR:
-                subdirs.append((entry.path, rel + "/"))
-        todo.extend(reversed(subdirs))
+                subdirs.append((name, (st.st_dev, st.st_ino), rel + "/"))
+        return subdirs
+
+    with _dirfd.DirStack(os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) as dirs:
+        stack = [iter(record(dirs.top, ""))]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                stack.pop()
+                if stack:
+                    os.close(dirs.pop())
+                continue
+            name, ident, prefix = nxt
+            dirs.push(os.open(name, _dirfd.O_DIR, dir_fd=dirs.top), ident)
+            stack.append(iter(record(dirs.top, prefix)))
     return manifest
+
+
+def _sha256_at(dir_fd: int, name: str) -> str:
+    h = hashlib.sha256()
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    with open(fd, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def count_files(manifest: dict[str, dict[str, Any]], flavor: Flavor) -> int:
