@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
+
+from pytest_layers.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
     from pytest_layers.changeset import Entry, ImageView
@@ -78,3 +84,38 @@ class Backend(Protocol):
     ) -> list[Entry]:
         """The view's changes against ``image`` (the lowers it was opened on)."""
         ...
+
+
+@contextlib.contextmanager
+def trial(backend: str, failed: str, *paths: Path) -> Iterator[None]:
+    """The frame of a backend's ``check()``: an ``OSError`` in the block becomes a
+    :class:`~pytest_layers.errors.BackendUnavailableError` of ``backend`` whose reason starts
+    with ``failed`` (``"trial mount failed"``), and ``paths``, the trial's dirs in the check's
+    scratch, are removed however the block ends, so the scratch is left empty."""
+    try:
+        yield
+    except BackendUnavailableError:
+        raise
+    except OSError as exc:
+        raise BackendUnavailableError(backend, f"{failed}: {exc}") from exc
+    finally:
+        # Imported here: namespaces pulls in psutil, which only a check needs from this module.
+        from pytest_layers.namespaces import remove_tree
+
+        for path in paths:
+            remove_tree(path)
+
+
+def trial_whiteout(layer: Path, name: str) -> Flavor:
+    """Delete ``name`` in the trial ``layer`` with a 0/0 character device (the ``"overlay"``
+    flavor) or, where the filesystem refuses one, with a ``.wh.`` file; return the flavor."""
+    try:
+        os.mknod(layer / name, stat.S_IFCHR | 0o600, 0)
+    except OSError as exc:
+        # overlayfs (a container's root) refuses 0/0 devices: a store there spells whiteouts as
+        # marker files, and the copy and fuse backends are what it relies on.
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        (layer / f".wh.{name}").touch()
+        return "marker"
+    return "overlay"

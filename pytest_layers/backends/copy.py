@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_layers.backends.base import View
+from pytest_layers.backends.base import View, trial, trial_whiteout
 from pytest_layers.errors import BackendUnavailableError, MountError
 
 if TYPE_CHECKING:
@@ -309,22 +309,13 @@ class CopyBackend:
         lower0 = scratch / "check-l0"
         lower1 = scratch / "check-l1"
         view_scratch = scratch / "check-view"
-        try:
+        with trial(self.name, "trial copy failed", lower0, lower1, view_scratch):
             (lower0 / "dir").mkdir(parents=True)
             (lower0 / "keep").write_text("lower\n")
             (lower0 / "gone").write_text("lower\n")
             (lower0 / "dir" / "file").write_text("lower\n")
             lower1.mkdir()
-            flavor: Flavor = "overlay"
-            try:
-                os.mknod(lower1 / "gone", stat.S_IFCHR | 0o600, 0)
-            except OSError as exc:
-                # overlayfs (a container's root) refuses 0/0 devices: a store there spells
-                # whiteouts as marker files, and the copy backend is what it relies on.
-                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                (lower1 / ".wh.gone").touch()
-                flavor = "marker"
+            flavor = trial_whiteout(lower1, "gone")
             (lower1 / "new").write_text("upper\n")
             view_scratch.mkdir()
             view = self.open([lower1, lower0], view_scratch, flavor=flavor)
@@ -342,15 +333,6 @@ class CopyBackend:
                 )
             if (lower0 / "dir" / "written").exists():
                 raise BackendUnavailableError(self.name, "a write to the copy reached the layer")
-        except OSError as exc:
-            if isinstance(exc, BackendUnavailableError):
-                raise
-            raise BackendUnavailableError(self.name, f"trial copy failed: {exc}") from exc
-        finally:
-            from pytest_layers.namespaces import remove_tree
-
-            for path in (lower0, lower1, view_scratch):
-                remove_tree(path)
 
     def open(
         self,

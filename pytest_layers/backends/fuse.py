@@ -44,7 +44,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_layers.backends.base import View
+from pytest_layers.backends.base import View, trial, trial_whiteout
 from pytest_layers.errors import BackendUnavailableError, MountError
 
 if TYPE_CHECKING:
@@ -105,22 +105,14 @@ class FuseBackend:
         lower0 = scratch / "check-l0"
         lower1 = scratch / "check-l1"
         view_scratch = scratch / "check-view"
-        try:
+        with trial(self.name, "trial mount failed", lower0, lower1, view_scratch):
             lower0.mkdir()
             for name in ("keep", "gone", "gone2"):
                 (lower0 / name).write_text("lower\n")
             lower1.mkdir()
-            flavor: Flavor = "overlay"
-            try:
-                os.mknod(lower1 / "gone", 0o020600, 0)
-            except OSError as exc:
-                # overlayfs (a container's root) refuses 0/0 devices: a store there is of the
-                # marker flavor, whose layers spell every whiteout as a .wh. file, and so does
-                # fuse-overlayfs in an upper dir there.
-                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                (lower1 / ".wh.gone").write_text("")
-                flavor = "marker"
+            # A store on overlayfs (a container's root) is of the marker flavor, and
+            # fuse-overlayfs writes .wh. files in an upper dir there too.
+            flavor = trial_whiteout(lower1, "gone")
             (lower1 / ".wh.gone2").write_text("")
             view_scratch.mkdir()
             try:
@@ -147,15 +139,6 @@ class FuseBackend:
                     "the trial mount's upper dir does not record the deletion of a lower file "
                     "(neither a 0/0 device nor a .wh. file), so commits would lose deletions",
                 )
-        except OSError as exc:
-            if isinstance(exc, BackendUnavailableError):
-                raise
-            raise BackendUnavailableError(self.name, f"trial mount failed: {exc}") from exc
-        finally:
-            from pytest_layers.namespaces import remove_tree
-
-            for path in (lower0, lower1, view_scratch):
-                remove_tree(path)
 
     def open(
         self,

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pytest_layers import _linux
-from pytest_layers.backends.base import View
+from pytest_layers.backends.base import View, trial
 from pytest_layers.errors import BackendUnavailableError, MountError, TooManyLayersError
 from pytest_layers.namespaces import remove_tree
 
@@ -124,7 +124,7 @@ class OverlayBackend:
             )
         lower = scratch / "check-lower"
         view_scratch = scratch / "check-view"
-        try:
+        with trial(self.name, "trial mount failed", lower, view_scratch):
             lower.mkdir()
             (lower / "keep").write_text("lower\n")
             (lower / "gone").write_text("lower\n")
@@ -158,13 +158,6 @@ class OverlayBackend:
                 raise BackendUnavailableError(
                     self.name, "trial mount did not write a 0/0 whiteout for a deleted file"
                 )
-        except OSError as exc:
-            if isinstance(exc, BackendUnavailableError):
-                raise
-            raise BackendUnavailableError(self.name, f"trial mount failed: {exc}") from exc
-        finally:
-            remove_tree(lower)
-            remove_tree(view_scratch)
 
     def open(
         self,
