@@ -42,6 +42,7 @@ __all__ = [
     "kept_xattrs",
     "ctime_mark",
     "open_source",
+    "data_extents",
 ]
 
 _KINDS = ("A", "C", "D")
@@ -265,8 +266,9 @@ def _xattr_is_y(target: int, names: Sequence[str]) -> bool:
     return False
 
 
-def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
-    """(start, end) of every data extent, or None when the filesystem cannot say."""
+def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """(start, end) of every data extent in the first ``size`` bytes of the open file ``fd``
+    (holes left out), or None when the filesystem cannot say."""
     out: list[tuple[int, int]] = []
     pos = 0
     try:
@@ -303,7 +305,7 @@ def _ranges_equal(fa: int, fb: int, start: int, end: int) -> bool:
 
 def _same_content(fa: int, fb: int, size: int) -> bool:
     """Whether two open regular files hold the same first ``size`` bytes."""
-    ea, eb = _data_extents(fa, size), _data_extents(fb, size)
+    ea, eb = data_extents(fa, size), data_extents(fb, size)
     if ea is not None and ea == eb:
         # Identical hole maps: holes read as zeros on both sides, so only data counts. This
         # keeps a multi-GiB sparse file cheap to compare.
@@ -332,7 +334,7 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
 def _copy_file_data(src: int, dst: int, size: int) -> None:
     """Copy a regular file's bytes between open fds, keeping holes (a sparse 8 GiB file stays
     sparse)."""
-    extents = _data_extents(src, size)
+    extents = data_extents(src, size)
     for start, end in extents if extents is not None else [(0, size)]:
         _copy_range(src, dst, start, end)
     os.ftruncate(dst, size)

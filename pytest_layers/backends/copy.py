@@ -450,22 +450,12 @@ class CopyBackend:
 
 def _copy_sparse(sfd: int, dfd: int, size: int, backend: CopyBackend) -> None:
     """Copy only the data extents and keep the holes (a sparse 8 GiB file stays small)."""
-    pos = 0
-    try:
-        while pos < size:
-            try:
-                data = os.lseek(sfd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole is left
-                    break
-                raise
-            hole = os.lseek(sfd, data, os.SEEK_HOLE)
-            backend._copy_range(sfd, dfd, data, min(hole, size))
-            pos = hole
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:  # no SEEK_DATA here: copy everything
-            raise
-        backend._copy_range(sfd, dfd, pos, size)
+    from pytest_layers.changeset import data_extents
+
+    extents = data_extents(sfd, size)
+    # None: no SEEK_DATA here, copy everything.
+    for start, end in extents if extents is not None else [(0, size)]:
+        backend._copy_range(sfd, dfd, start, end)
     os.ftruncate(dfd, size)
 
 
