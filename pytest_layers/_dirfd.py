@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
-__all__ = ["O_DIR", "KEEP_OPEN", "DirStack", "Ident", "open_path", "at", "fits"]
+__all__ = ["O_DIR", "KEEP_OPEN", "DirStack", "Ident", "Visit", "walk", "open_path", "at", "fits"]
 
 #: Opening a directory of a walk: never through a symlink, never inherited by a child process.
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -25,6 +27,14 @@ KEEP_OPEN = 64
 _FITS = 4000
 
 Ident = tuple[int, int]  # (st_dev, st_ino) of a directory
+
+_T = TypeVar("_T")
+#: What a :func:`walk` does in one directory: given its rel path, its fd (valid during the
+#: call) and the state its parent passed down, the subdirectories to enter, each as (name, its
+#: (st_dev, st_ino) from the listing, state for it).
+Visit = Callable[[str, int, _T], list[tuple[str, Ident, _T]]]
+#: A tree's root (may be a symlink to it).
+_O_ROOT = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def fits(path: str | bytes) -> bool:
@@ -113,6 +123,30 @@ class DirStack:
             if fd >= 0:
                 os.close(fd)
         self._fds = [-1]
+
+
+def walk(root: str | os.PathLike[str], state: _T, visit: Visit[_T]) -> None:
+    """Depth-first over the directories of ``root`` (any depth), in the order ``visit`` lists
+    them; ``state`` goes to the root's visit.
+
+    Every directory is opened relative to its parent's fd (``O_NOFOLLOW``: a symlink planted in
+    the tree is never entered); a :class:`DirStack` keeps only the deepest few open. Iterative,
+    so a tree deeper than Python's recursion limit is fine.
+    """
+    with DirStack(os.open(root, _O_ROOT)) as dirs:
+        stack = [("", iter(visit("", dirs.top, state)))]
+        while stack:
+            rel_dir, todo = stack[-1]
+            nxt = next(todo, None)
+            if nxt is None:
+                stack.pop()
+                if stack:
+                    os.close(dirs.pop())
+                continue
+            name, ident, sub_state = nxt
+            dirs.push(os.open(name, O_DIR, dir_fd=dirs.top), ident)
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            stack.append((rel, iter(visit(rel, dirs.top, sub_state))))
 
 
 def open_path(

@@ -24,7 +24,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from pytest_layers import _dirfd, layertar
 from pytest_layers.errors import InvalidLayerError
@@ -753,35 +752,6 @@ def _norm_exclude(exclude: Collection[str]) -> frozenset[str]:
     return frozenset(p.strip("/") for p in exclude if p.strip("/"))
 
 
-_T = TypeVar("_T")
-#: What a walk does in one directory: given its rel path, its fd (valid during the call) and
-#: the state its parent passed down, the subdirectories to enter, each as (name, its
-#: (st_dev, st_ino) from the listing, state for it).
-_Visit = Callable[[str, int, _T], list[tuple[str, _dirfd.Ident, _T]]]
-
-
-def _walk(root: str, state: _T, visit: _Visit[_T]) -> None:
-    """Depth-first over the directories of ``root``, through directory fds (any depth).
-
-    Every directory is opened relative to its parent's fd (``O_NOFOLLOW``: a symlink planted in
-    the tree is never entered); a :class:`_dirfd.DirStack` keeps only the deepest few open.
-    """
-    with _dirfd.DirStack(os.open(root, _O_ROOT)) as dirs:
-        stack = [("", iter(visit("", dirs.top, state)))]
-        while stack:
-            rel_dir, todo = stack[-1]
-            nxt = next(todo, None)
-            if nxt is None:
-                stack.pop()
-                if stack:
-                    os.close(dirs.pop())
-                continue
-            name, ident, sub_state = nxt
-            dirs.push(os.open(name, _dirfd.O_DIR, dir_fd=dirs.top), ident)
-            rel = _join(rel_dir, name)
-            stack.append((rel, iter(visit(rel, dirs.top, sub_state))))
-
-
 def changes_from_upper(
     upper: Path,
     image: ImageView,
@@ -843,7 +813,7 @@ def changes_from_upper(
         return subdirs
 
     try:
-        _walk(col.root, False, visit)
+        _dirfd.walk(col.root, False, visit)
         return col.finish()
     finally:
         image.close()
@@ -923,7 +893,7 @@ def changes_from_tree(
 
     try:
         root_ctime = os.lstat(col.root).st_ctime_ns
-        _walk(col.root, (root_ctime, "exact" if since_ns is None else "fast"), visit)
+        _dirfd.walk(col.root, (root_ctime, "exact" if since_ns is None else "fast"), visit)
         return col.finish()
     finally:
         image.close()
@@ -988,7 +958,7 @@ def layer_changes(layer_dir: Path, parent: ImageView, *, flavor: layertar.Flavor
         return subdirs
 
     try:
-        _walk(os.fspath(layer_dir), None, visit)
+        _dirfd.walk(os.fspath(layer_dir), None, visit)
     finally:
         parent.close()
     return sorted(out)

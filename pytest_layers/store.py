@@ -355,10 +355,10 @@ def build_manifest(tree: Path) -> dict[str, dict[str, Any]]:
     manifest: dict[str, dict[str, Any]] = {}
     first_of_inode: dict[tuple[int, int], str] = {}
 
-    # Iterative, depth first, children in name order, every entry named relative to its
-    # directory's fd: a layer may be deeper than Python's recursion limit and than PATH_MAX (a
-    # test's committed rw layer with a 10,000-deep directory chain, say).
-    def record(fd: int, prefix: str) -> list[tuple[str, tuple[int, int], str]]:
+    # Depth first, children in name order, every entry named relative to its directory's fd: a
+    # layer may be deeper than Python's recursion limit and than PATH_MAX (a test's committed
+    # rw layer with a 10,000-deep directory chain, say).
+    def record(_rel: str, fd: int, prefix: str) -> list[tuple[str, tuple[int, int], str]]:
         with os.scandir(fd) as it:
             entries = sorted(it, key=lambda e: e.name)
         subdirs: list[tuple[str, tuple[int, int], str]] = []
@@ -391,18 +391,7 @@ def build_manifest(tree: Path) -> dict[str, dict[str, Any]]:
                 subdirs.append((name, (st.st_dev, st.st_ino), rel + "/"))
         return subdirs
 
-    with _dirfd.DirStack(os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) as dirs:
-        stack = [iter(record(dirs.top, ""))]
-        while stack:
-            nxt = next(stack[-1], None)
-            if nxt is None:
-                stack.pop()
-                if stack:
-                    os.close(dirs.pop())
-                continue
-            name, ident, prefix = nxt
-            dirs.push(os.open(name, _dirfd.O_DIR, dir_fd=dirs.top), ident)
-            stack.append(iter(record(dirs.top, prefix)))
+    _dirfd.walk(tree, "", record)
     return manifest
 
 
