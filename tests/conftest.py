@@ -68,9 +68,15 @@ def _probe(capability: str) -> str | None:
         try:
             pwd.getpwnam(TEST_USER)
         except KeyError:
-            return f"test user {TEST_USER!r} does not exist (.ci/run creates it: useradd -m {TEST_USER})"
+            return (
+                f"test user {TEST_USER!r} does not exist "
+                f"(.ci/run creates it: useradd -m {TEST_USER})"
+            )
         if not os.access(sys.executable, os.X_OK) or _run_probe("", as_user=TEST_USER):
-            return f"{sys.executable} is not usable by {TEST_USER!r} (build the venv from /usr/bin/python3)"
+            return (
+                f"{sys.executable} is not usable by {TEST_USER!r} "
+                "(build the venv from /usr/bin/python3)"
+            )
         return None
     if capability.startswith("tool:"):
         tool = capability[5:]
@@ -123,15 +129,29 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def run_as_user(
-    args: Sequence[str], *, cwd: Path | str | None = None, env: dict[str, str] | None = None,
+    args: Sequence[str],
+    *,
+    cwd: Path | str | None = None,
+    env: dict[str, str] | None = None,
     timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command as the unprivileged test user (the caller must be root)."""
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": f"/home/{TEST_USER}"}
     full_env.update(env or {})
     return subprocess.run(
-        ["runuser", "-u", TEST_USER, "--", "env", *(f"{k}={v}" for k, v in full_env.items()), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [
+            "runuser",
+            "-u",
+            TEST_USER,
+            "--",
+            "env",
+            *(f"{k}={v}" for k, v in full_env.items()),
+            *args,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
