@@ -9,23 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from treeutil import make_tree
+from treeutil import build_layer, make_tree
 
 from pytest_layers import _linux, cli, layertar
-from pytest_layers.changeset import ImageView, changes_from_tree, write_layer
 from pytest_layers.store import Store
 
 VERBS = ["ls", "inspect", "diff", "mount", "umount", "shell", "export", "import", "verify", "prune"]
-
-
-def build_layer(store: Store, parent: str | None, tree: Path, name: str | None) -> str:
-    lowers = [store.layer_dir(i.chain_id) for i in reversed(store.chain(parent))] if parent else []
-    entries = changes_from_tree(tree, ImageView(lowers, store.flavor))
-    with store.staging() as staging:
-        staged = staging / "layer"
-        staged.mkdir()
-        write_layer(entries, staged, flavor=store.flavor)
-        return store.add_layer(staged, parent=parent, name=name, source="build").chain_id
 
 
 def run(

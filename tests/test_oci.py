@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from treeutil import Node, diff_snapshots, make_tree, snapshot_tree
+from treeutil import Node, build_layer, diff_snapshots, make_tree, snapshot_tree
 
 from pytest_layers import layertar, oci
-from pytest_layers.changeset import ImageView, changes_from_tree, write_layer
 from pytest_layers.errors import InvalidImageError, StoreError
 from pytest_layers.store import Store
 
@@ -42,17 +41,6 @@ BASE_TREE: dict[str, Any] = {
     "var/empty": None,
     "unicodé/名前": "utf8 name\n",
 }
-
-
-def build_layer(store: Store, parent: str | None, tree: Path, name: str | None) -> str:
-    """Store the difference between ``tree`` and the image ``parent`` as a new layer."""
-    lowers = [store.layer_dir(i.chain_id) for i in reversed(store.chain(parent))] if parent else []
-    entries = changes_from_tree(tree, ImageView(lowers, store.flavor))
-    with store.staging() as staging:
-        staged = staging / "layer"
-        staged.mkdir()
-        write_layer(entries, staged, flavor=store.flavor)
-        return store.add_layer(staged, parent=parent, name=name, source="build").chain_id
 
 
 @pytest.fixture

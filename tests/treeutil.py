@@ -11,7 +11,8 @@ Hardlink groups are named by the smallest path of the group, so the same groups 
 trees compare equal although the inode numbers differ.
 
 Tree-building helpers (``make_file``, ``make_tree``, ``set_mtime``, ``whiteout``) keep test
-bodies short. ``make_tree`` takes a dict of relative path -> spec:
+bodies short; ``build_layer`` stores a built tree as a layer without mounting. ``make_tree``
+takes a dict of relative path -> spec:
 
 * ``bytes`` or ``str``: a regular file with that content
 * ``None``: a directory
@@ -30,6 +31,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pytest_layers.changeset import ImageView, changes_from_tree, write_layer
+from pytest_layers.store import Store
+
 __all__ = [
     "Node",
     "snapshot_tree",
@@ -39,6 +43,7 @@ __all__ = [
     "set_mtime",
     "set_tree_mtimes",
     "whiteout",
+    "build_layer",
     "default_xattr_filter",
     "type_name",
 ]
@@ -236,3 +241,14 @@ def set_tree_mtimes(root: Path, seconds: int) -> None:
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames + dirnames:
             set_mtime(Path(dirpath, name), seconds)
+
+
+def build_layer(store: Store, parent: str | None, tree: Path, name: str | None) -> str:
+    """Store the difference between ``tree`` and the image ``parent`` as a new layer."""
+    lowers = [store.layer_dir(i.chain_id) for i in reversed(store.chain(parent))] if parent else []
+    entries = changes_from_tree(tree, ImageView(lowers, store.flavor))
+    with store.staging() as staging:
+        staged = staging / "layer"
+        staged.mkdir()
+        write_layer(entries, staged, flavor=store.flavor)
+        return store.add_layer(staged, parent=parent, name=name, source="build").chain_id
