@@ -21,17 +21,9 @@ import pytest
 
 from pytest_layers import namespaces
 from tests.conftest import TEST_USER, run_as_user
+from tests.plugin_util import BASE_CONFTEST
 
 pytestmark = [pytest.mark.requires_overlay]
-
-CONFTEST = """
-from pytest_layers import layer
-
-@layer
-def base(root):
-    (root / "etc").mkdir()
-    (root / "etc/os-release").write_text("ID=demo\\n")
-"""
 
 TESTS = """
 import pytest
@@ -75,7 +67,7 @@ def _write(path: Path, store: Path, *ini: str) -> None:
         *ini,
     ]
     (path / "pytest.ini").write_text("\n".join(lines) + "\n")
-    (path / "conftest.py").write_text(CONFTEST)
+    (path / "conftest.py").write_text(BASE_CONFTEST)
     (path / "test_ns.py").write_text(TESTS)
 
 
@@ -169,7 +161,7 @@ def test_killed_inner_session_leaves_no_mount_here(tmp_path):
 
 
 def _write_outer(path: Path) -> None:
-    (path / "inner_conftest.txt").write_text(CONFTEST)
+    (path / "inner_conftest.txt").write_text(BASE_CONFTEST)
     (path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider -p no:randomly\n")
     (path / "test_outer.py").write_text(OUTER_TEST)
 
@@ -233,7 +225,7 @@ def test_in_process_session_shares_our_namespace(rootfs, pytester):
 
 
 def _write_in_process(path: Path) -> None:
-    (path / "conftest.py").write_text(CONFTEST)
+    (path / "conftest.py").write_text(BASE_CONFTEST)
     (path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider -p no:randomly\n")
     (path / "test_outer.py").write_text(IN_PROCESS_TEST)
 

@@ -6,30 +6,15 @@ import os
 
 import pytest
 
+from tests.plugin_util import BASE_CONFTEST, BASE_TESTS
+
 pytestmark = [pytest.mark.requires_overlay]
-
-CONFTEST = """
-from pytest_layers import layer
-
-@layer
-def base(root):
-    (root / "etc").mkdir()
-    (root / "etc/os-release").write_text("ID=demo\\n")
-"""
-
-TESTS = """
-import pytest
-
-@pytest.mark.layer("base")
-def test_it(rootfs):
-    assert (rootfs / "etc/os-release").read_text() == "ID=demo\\n"
-"""
 
 
 @pytest.mark.slow
 def test_header_store_and_verify(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(test_r=TESTS)
+    pytester.makeconftest(BASE_CONFTEST)
+    pytester.makepyfile(test_r=BASE_TESTS)
     # Run as an ordinary user (CI's second pass), the kernel overlay is mounted in a user
     # namespace, and the header says so.
     label = "overlay" if os.geteuid() == 0 else "overlay (user namespace)"

@@ -12,23 +12,7 @@ import pytest
 
 from pytest_layers import _settings, cli
 from tests.conftest import run_as_user
-
-CONFTEST = """
-from pytest_layers import layer
-
-@layer
-def base(root):
-    (root / "etc").mkdir()
-    (root / "etc/os-release").write_text("ID=demo\\n")
-"""
-
-TESTS = """
-import pytest
-
-@pytest.mark.layer("base")
-def test_it(rootfs):
-    assert (rootfs / "etc/os-release").read_text() == "ID=demo\\n"
-"""
+from tests.plugin_util import BASE_CONFTEST, BASE_TESTS
 
 
 def _cli_ls(cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -92,8 +76,8 @@ def test_store_location_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.mark.requires_overlay
 def test_cache_dir_moves_the_store_and_the_cli_follows(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(test_loc=TESTS)
+    pytester.makeconftest(BASE_CONFTEST)
+    pytester.makepyfile(test_loc=BASE_TESTS)
     pytester.makeini("[pytest]\ncache_dir = build/cache\n")
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1)
@@ -132,8 +116,8 @@ def test_read_only_checkout_with_cache_dir_elsewhere(tmp_path: Path, user_tmp_pa
     checkout.mkdir(mode=0o755)
     try:
         (checkout / "pytest.ini").write_text("[pytest]\n")
-        (checkout / "conftest.py").write_text(CONFTEST)
-        (checkout / "test_ro.py").write_text(TESTS)
+        (checkout / "conftest.py").write_text(BASE_CONFTEST)
+        (checkout / "test_ro.py").write_text(BASE_TESTS)
         cache = user_tmp_path / "cache"
         proc = run_as_user(
             [sys.executable, "-m", "pytest", "-o", f"cache_dir={cache}"],
