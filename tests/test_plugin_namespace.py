@@ -160,15 +160,28 @@ def test_killed_inner_session_leaves_no_mount_here(tmp_path):
 '''
 
 
-def _write_outer(path: Path) -> None:
-    (path / "inner_conftest.txt").write_text(BASE_CONFTEST)
+def _write_outer(path: Path, conftest_name: str, test: str) -> None:
+    """Lay out an outer session: the base layer as ``conftest_name``, ``test`` as its module."""
+    (path / conftest_name).write_text(BASE_CONFTEST)
     (path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider -p no:randomly\n")
-    (path / "test_outer.py").write_text(OUTER_TEST)
+    (path / "test_outer.py").write_text(test)
+
+
+def _run_outer_as_user(path: Path, store: Path) -> subprocess.CompletedProcess[str]:
+    """Give ``path``'s files to the test user and run the outer session as that user."""
+    uid = pwd.getpwnam(TEST_USER).pw_uid
+    for child in path.iterdir():
+        os.chown(child, uid, uid)
+    return run_as_user(
+        [sys.executable, "-m", "pytest", "-q", f"--layers-store={store}"],
+        cwd=path,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
 
 
 @pytest.mark.requires_root
 def test_nested_session_killed_leaves_no_mount_in_the_outer_one(pytester: pytest.Pytester) -> None:
-    _write_outer(pytester.path)
+    _write_outer(pytester.path, "inner_conftest.txt", OUTER_TEST)
     result = pytester.runpytest_subprocess(f"--layers-store={pytester.path}/outer-store")
     result.assert_outcomes(passed=1)
 
@@ -178,15 +191,8 @@ def test_nested_session_killed_leaves_no_mount_in_the_outer_one(pytester: pytest
 def test_nested_user_session_killed_leaves_no_mount_in_the_outer_one(
     user_tmp_path: Path,
 ) -> None:
-    _write_outer(user_tmp_path)
-    uid = pwd.getpwnam(TEST_USER).pw_uid
-    for child in user_tmp_path.iterdir():
-        os.chown(child, uid, uid)
-    proc = run_as_user(
-        [sys.executable, "-m", "pytest", "-q", f"--layers-store={user_tmp_path}/outer-store"],
-        cwd=user_tmp_path,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
-    )
+    _write_outer(user_tmp_path, "inner_conftest.txt", OUTER_TEST)
+    proc = _run_outer_as_user(user_tmp_path, user_tmp_path / "outer-store")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
 
@@ -224,15 +230,9 @@ def test_in_process_session_shares_our_namespace(rootfs, pytester):
 '''
 
 
-def _write_in_process(path: Path) -> None:
-    (path / "conftest.py").write_text(BASE_CONFTEST)
-    (path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider -p no:randomly\n")
-    (path / "test_outer.py").write_text(IN_PROCESS_TEST)
-
-
 @pytest.mark.requires_root
 def test_in_process_nested_session_shares_the_namespace(pytester: pytest.Pytester) -> None:
-    _write_in_process(pytester.path)
+    _write_outer(pytester.path, "conftest.py", IN_PROCESS_TEST)
     result = pytester.runpytest_subprocess(f"--layers-store={pytester.path}/store")
     result.assert_outcomes(passed=1)
 
@@ -240,14 +240,7 @@ def test_in_process_nested_session_shares_the_namespace(pytester: pytest.Pyteste
 @pytest.mark.requires_user
 @pytest.mark.requires_userns
 def test_in_process_nested_user_session_shares_the_namespace(user_tmp_path: Path) -> None:
-    _write_in_process(user_tmp_path)
-    uid = pwd.getpwnam(TEST_USER).pw_uid
-    for child in user_tmp_path.iterdir():
-        os.chown(child, uid, uid)
-    proc = run_as_user(
-        [sys.executable, "-m", "pytest", "-q", f"--layers-store={user_tmp_path}/store"],
-        cwd=user_tmp_path,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
-    )
+    _write_outer(user_tmp_path, "conftest.py", IN_PROCESS_TEST)
+    proc = _run_outer_as_user(user_tmp_path, user_tmp_path / "store")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
