@@ -94,6 +94,16 @@ def test_flavor_on_ext4_is_overlay(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["s"]  # the probe cleans up after itself
 
 
+def _run_script(script: str, tmp_path: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a child Python with ``tmp_path`` as its argument; capture its output."""
+    return subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 _ON_OVERLAYFS = textwrap.dedent(
     r"""
     import ctypes, json, os, sys
@@ -127,12 +137,7 @@ _ON_OVERLAYFS = textwrap.dedent(
 @pytest.mark.requires_overlay
 def test_flavor_on_overlayfs_is_marker(tmp_path: Path) -> None:
     # The mount lives in the child's private mount namespace and dies with it.
-    proc = subprocess.run(
-        [sys.executable, "-c", _ON_OVERLAYFS, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _run_script(_ON_OVERLAYFS, tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {
         "fstype": "overlay",
@@ -649,12 +654,7 @@ _FULL_DISK = textwrap.dedent(
 @pytest.mark.requires_root
 def test_full_disk_is_a_clear_error_and_the_store_stays_consistent(tmp_path: Path) -> None:
     # The tmpfs lives in the child's private mount namespace and dies with it.
-    proc = subprocess.run(
-        [sys.executable, "-c", _FULL_DISK, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _run_script(_FULL_DISK, tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(
