@@ -22,8 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_backend_behaviour import BASE, SCENARIOS, TOP
-from test_faults_kills import (
+from faults_util import (
     assert_store_consistent,
     no_mounts_left,
     our_mounts_under,
@@ -32,6 +31,7 @@ from test_faults_kills import (
     unmount_all_under,
     write_project,
 )
+from test_backend_behaviour import BASE, SCENARIOS, TOP
 from treeutil import make_tree, snapshot_tree
 
 from pytest_layers import _linux, changeset

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_faults_kills import (
+from faults_util import (
     assert_store_consistent,
     builder_runs,
     child_env,

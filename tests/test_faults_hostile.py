@@ -23,7 +23,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_faults_kills import (
+from faults_util import (
     child_env,
     cli,
     no_mounts_left,

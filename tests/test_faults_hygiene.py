@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_faults_kills import (
+from faults_util import (
     child_env,
     no_mounts_left,
     our_mounts_under,

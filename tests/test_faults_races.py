@@ -13,7 +13,7 @@ import subprocess
 from collections import Counter
 
 import pytest
-from test_faults_kills import (
+from faults_util import (
     assert_store_consistent,
     builder_runs,
     child_env,

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_faults_kills import cli, out, pytest_command, run_session, write_project
+from faults_util import cli, out, pytest_command, run_session, write_project
 
 pytestmark = [pytest.mark.faults, pytest.mark.requires_overlay]
 

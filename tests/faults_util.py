@@ -1,0 +1,203 @@
+"""Helpers the ``test_faults_*`` suites share: child sessions started as from a shell, the CLI,
+mount cleanup, and the store checks a user would meet after a fault."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from pytest_layers import namespaces
+from pytest_layers.store import Store
+
+#: Variables a child session must not inherit from the pytest running these tests: the mount
+#: namespace marker (the child would think its parent's namespace is its own, and a SIGKILL
+#: would leave its mounts in ours), and whatever pytest/xdist tell their own workers.
+_SCRUB = (
+    namespaces.ENV_VAR,
+    "PYTEST_ADDOPTS",
+    "PYTEST_CURRENT_TEST",
+    "PYTEST_XDIST_WORKER",
+    "PYTEST_XDIST_WORKER_COUNT",
+    "PYTEST_XDIST_TESTRUNUID",
+    "PYTEST_LAYERS_TEST_PAUSE",
+    "PYTEST_LAYERS_REQUIRE",
+)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a fresh session started from a shell."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(extra)
+    return env
+
+
+def write_project(
+    path: Path, conftest: str, tests: str, *, ini: Sequence[str] = (), store: Path | None = None
+) -> Path:
+    """A pytest project in ``path`` (its own rootdir); returns its store path."""
+    store = store or path / "store"
+    lines = ["[pytest]", "addopts = -p no:cacheprovider", f"layers_store = {store}", *ini]
+    (path / "pytest.ini").write_text("\n".join(lines) + "\n")
+    (path / "conftest.py").write_text(conftest)
+    (path / "test_project.py").write_text(tests)
+    return store
+
+
+def pytest_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *args]
+
+
+def run_session(
+    path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a whole pytest session in ``path``; its output is in the result."""
+    return subprocess.run(
+        pytest_command(*args),
+        cwd=path,
+        env=env or child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli(
+    store: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``pytest-layers --store STORE ARGS`` in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_layers.cli", "--store", str(store), *args],
+        env=env or child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def out(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+def our_mounts_under(path: Path) -> list[Path]:
+    """Mounts at or below ``path`` in the namespace the child sessions were started in."""
+    return namespaces.mounts_under(path)
+
+
+def unmount_all_under(path: Path) -> None:
+    """Last-resort cleanup so that a failing test never leaves a mount behind."""
+    from pytest_layers import _linux
+
+    for point in our_mounts_under(path):
+        with contextlib.suppress(OSError):
+            _linux.umount2(point, _linux.MNT_DETACH)
+
+
+@contextlib.contextmanager
+def no_mounts_left(path: Path) -> Iterator[None]:
+    """Unmount whatever a failing test left below ``path``."""
+    try:
+        yield
+    finally:
+        unmount_all_under(path)
+
+
+def wait_for(
+    predicate: object, what: str, proc: subprocess.Popen[str], timeout: float = 60
+) -> None:
+    """Poll ``predicate()`` until true; fail (with the child's output) if the child exits."""
+    deadline = time.monotonic() + timeout
+    assert callable(predicate)
+    while not predicate():
+        if proc.poll() is not None:
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"the session exited before {what}:\n{stdout}\n{stderr}")
+        if time.monotonic() > deadline:
+            kill(proc.pid, proc)
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def kill(pid: int, proc: subprocess.Popen[str]) -> None:
+    """SIGKILL ``pid`` (the pytest process itself) and reap ``proc``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if proc.pid != pid:
+        # A wrapper (runuser) exits once its child is gone.
+        pass
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def ref_targets(store: Path) -> dict[str, str]:
+    """Every ref file in the store -> the chain id it points at."""
+    found = {}
+    for path in (store / "refs").rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            with contextlib.suppress(ValueError):
+                data = json.loads(path.read_text())
+                if isinstance(data, dict) and "chain_id" in data:
+                    found[str(path.relative_to(store))] = data["chain_id"]
+    return found
+
+
+def assert_store_consistent(store: Path) -> None:
+    """No partial layer, no dangling ref, every layer re-hashes to its digest (CLI and API)."""
+    for entry in (store / "layers").iterdir():
+        assert (entry / "layer.json").is_file(), f"partial layer visible: {entry}"
+    layers = {"sha256:" + e.name for e in (store / "layers").iterdir()}
+    for ref, chain_id in ref_targets(store).items():
+        assert chain_id in layers, f"ref {ref} points at a missing layer {chain_id}"
+    with Store(store) as opened:
+        problems = opened.verify()
+        for info_id in layers:
+            chain = opened.chain(info_id)
+            assert chain[-1].chain_id == info_id
+    assert not problems, "\n".join(map(str, problems))
+    proc = cli(store, "verify")
+    assert proc.returncode == 0, out(proc)
+
+
+def dead_leftovers(store: Path, *, views: bool = True) -> list[str]:
+    """Entries of dead processes in the store's tmp/ and (``views``) scratch/views/: a next
+    session must have swept them."""
+    left: list[str] = []
+    tmp = store / "tmp"
+    for name in os.listdir(tmp) if tmp.is_dir() else ():
+        m = re.match(r"(\d+)-", name)
+        if m is None or not _alive(int(m.group(1))):
+            left.append(f"tmp/{name}")
+    scratch = store / "scratch" / "views"
+    for name in os.listdir(scratch) if views and scratch.is_dir() else ():
+        m = re.match(r"(\d+)", name)
+        if m is None or not _alive(int(m.group(1))):
+            left.append(f"scratch/views/{name}")
+    return left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def builder_runs(path: Path) -> list[str]:
+    log = path / "runs.log"
+    return log.read_text().split() if log.exists() else []
