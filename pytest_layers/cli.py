@@ -4,7 +4,8 @@ The debugging loop it serves: a test fails and its rw layer is committed as a sn
 ``pytest-layers diff snapshot:NODEID`` shows what the test changed, ``shell snapshot:NODEID``
 opens a throw-away writable view of it, ``export`` hands it to Docker or Podman.
 
-Exit codes: 0 ok, 1 failure (one line on stderr naming what failed and the fix), 2 usage.
+Exit codes: 0 ok, 1 failure (one line on stderr naming what failed and the fix), 2 usage,
+141 when the reader of the output went away (``| head``), as for a tool killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +28,7 @@ from pytest_layers.errors import LayersError
 
 if TYPE_CHECKING:
     from pytest_layers.backends.base import Backend, View
-    from pytest_layers.store import LayerInfo, Store
+    from pytest_layers.store import LayerInfo, SnapshotInfo, Store
 
 __all__ = ["main", "build_parser", "default_store_path"]
 
@@ -85,7 +87,7 @@ def _human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _created(info: LayerInfo) -> str:
+def _created(info: LayerInfo | SnapshotInfo) -> str:
     value: Any = getattr(info, "created", None)
     if isinstance(value, (int, float)):
         return _dt.datetime.fromtimestamp(value, tz=_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -100,6 +102,46 @@ def _print_progress(line: str) -> None:
     print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
 
+#: C escapes ``ls -b`` uses; other non-printable characters become ``\ooo`` (octal).
+_ESCAPES = {
+    "\\": "\\\\",
+    "\a": "\\a",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\v": "\\v",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def quote_name(name: str) -> str:
+    """``name`` with backslash and every non-printable character escaped as ``ls -b`` does
+    (``\\n``, ``\\t``, ``\\033``; bytes that are not UTF-8 as ``\\ooo``), so that one
+    listed path is always one line: a name holding ``"\\nA /etc/shadow"`` cannot forge a
+    line of ``diff`` output."""
+    out = []
+    for ch in name:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif "\udc80" <= ch <= "\udcff":  # an undecodable byte (surrogateescape)
+            out.append(f"\\{ord(ch) - 0xDC00:03o}")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.extend(f"\\{b:03o}" for b in ch.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def _seen_chain(store: Store, ref: str, chain_id: str) -> str:
+    """The chain a view of ``ref`` shows: for a snapshot whose test had init files, the image
+    with the init layer under the rw layer (what the test saw); else ``chain_id`` itself."""
+    snap = store.snapshot(ref)
+    if snap is not None and snap.with_init is not None and store.has_layer(snap.with_init):
+        return snap.with_init
+    return chain_id
+
+
 # --------------------------------------------------------------------------------------------
 # verbs
 
@@ -109,32 +151,38 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows: list[tuple[str, str, str, str, str, str]] = []
     for name, cid in sorted(store.names().items()):
         if store.has_layer(cid):
-            rows.append(_ls_row(store, name, cid))
-    for snap in store.snapshots():
+            rows.append(_ls_row(store, quote_name(name), cid, store.layer_info(cid)))
+    snaps = store.snapshots()
+    for i, snap in enumerate(snaps):
         if store.has_layer(snap.chain_id):
-            rows.append(_ls_row(store, f"{snap.ref} #{snap.n}", snap.chain_id))
+            # The latest of a test answers to snapshot:NODEID (what its report printed); older
+            # ones only by number. Every listed ref is one the other verbs accept.
+            latest = i + 1 == len(snaps) or snaps[i + 1].test != snap.test
+            ref = snap.ref if latest else snap.numbered_ref
+            rows.append(_ls_row(store, quote_name(ref), snap.chain_id, snap))
     if args.quiet:
         for row in rows:
             print(row[0])
         return 0
-    header = ("REF", "CHAIN ID", "LAYERS", "SIZE", "CREATED", "SOURCE")
+    header = ("REF", "CHAIN ID", "LAYERS", "DISK USE", "CREATED", "SOURCE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
-def _ls_row(store: Store, ref: str, cid: str) -> tuple[str, str, str, str, str, str]:
+def _ls_row(
+    store: Store, ref: str, cid: str, when: LayerInfo | SnapshotInfo
+) -> tuple[str, str, str, str, str, str]:
     chain = store.chain(cid)
     top = chain[-1]
-    size = sum(info.size for info in chain)
     return (
         ref,
         _short(cid),
         str(len(chain)),
-        _human(size),
-        _created(top),
-        top.source,
+        _human(store.disk_use(info.chain_id for info in chain)),
+        _created(when),
+        "snapshot" if when is not top else top.source,
     )
 
 
@@ -145,6 +193,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         cid = store.resolve(ref)
         chain = store.chain(cid)
         top = chain[-1]
+        snap = store.snapshot(ref)
         names = sorted(name for name, named in store.names().items() if named == cid)
         out.append(
             {
@@ -152,9 +201,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "Ref": ref,
                 "Names": names,
                 "Parent": top.parent,
-                "Created": _created(top),
+                "Created": _created(snap or top),
                 "Source": top.source,
+                # Size: bytes of file content (as Layer.size); DiskUse: what du says.
                 "Size": sum(info.size for info in chain),
+                "DiskUse": store.disk_use(info.chain_id for info in chain),
                 "RootFS": {"Type": "layers", "Layers": [info.diff_id for info in chain]},
                 "ChainIDs": [info.chain_id for info in chain],
                 "Layers": [
@@ -171,19 +222,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 ],
             }
         )
+        if snap is not None:
+            out[-1]["Snapshot"] = {
+                "Test": snap.test,
+                "Number": snap.n,
+                "Ref": snap.numbered_ref,
+                "Created": _created(snap),
+                # The chain the test saw (init layer under the rw layer); export leaves the
+                # init layer out unless --with-init.
+                "WithInit": snap.with_init,
+            }
     print(json.dumps(out, indent=4))
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from pytest_layers.changeset import ImageView, layer_changes
+    from pytest_layers.changeset import Change, ImageView, layer_changes
 
     store = _store(args)
     cid = store.resolve(args.ref)
     chain = store.chain(cid)
-    parent = ImageView(_lowers(store, chain[:-1]), store.flavor)
-    for change in layer_changes(store.layer_dir(cid), parent, flavor=store.flavor):
-        print(str(change))
+    image = _lowers(store, chain[:-1])
+    changes = layer_changes(
+        store.layer_dir(cid), ImageView(image, store.flavor), flavor=store.flavor
+    )
+    if args.init:
+        seen = _seen_chain(store, args.ref, cid)
+        if seen == cid:
+            raise CommandError(
+                f"{args.ref} has no init layer (--init shows a snapshot's init files, when its "
+                "test had some); drop --init"
+            )
+        init = store.chain(seen)[-2]
+        init_changes = layer_changes(
+            store.layer_dir(init.chain_id), ImageView(image, store.flavor), flavor=store.flavor
+        )
+        # Both lists are against the image: a path either adds is "A", else the rw layer's.
+        kinds = {c.path: c.kind for c in init_changes}
+        for c in changes:
+            kinds[c.path] = "A" if kinds.get(c.path) == "A" else c.kind
+        changes = sorted(Change(kind, path) for path, kind in kinds.items())
+    if args.json:
+        print(json.dumps([{"Path": c.path, "Kind": c.kind} for c in changes], indent=4))
+        return 0
+    for change in changes:
+        print(f"{change.kind} {quote_name(change.path)}")
     return 0
 
 
@@ -230,7 +313,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{target} is recorded as mounted by {PROG} ({record}); `{PROG} umount {target}`"
         )
-    chain = store.chain(cid)
+    chain = store.chain(_seen_chain(store, args.ref, cid))
     _mounts_dir(store).mkdir(parents=True, exist_ok=True)
     scratch = _mounts_dir(store) / record.stem
     scratch.mkdir()
@@ -389,7 +472,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
         command = [os.environ.get("SHELL") or "/bin/sh"]
     store = _store(args)
     cid = store.resolve(args.ref)
-    chain = store.chain(cid)
+    chain = store.chain(_seen_chain(store, args.ref, cid))
     isolated = _enter_namespace()
     with store.staging() as scratch_root:
         backend, _skipped = detect.choose_backend(
@@ -459,9 +542,18 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pytest_layers import oci
+    from pytest_layers.store import disk_use
 
     store = _store(args)
     cid = store.resolve(args.ref)
+    if args.with_init:
+        seen = _seen_chain(store, args.ref, cid)
+        if seen == cid:
+            raise CommandError(
+                f"{args.ref} has no init layer (--with-init adds a snapshot's init files, "
+                "when its test had some); drop --with-init"
+            )
+        cid = seen
     tar = True if args.tar else (False if args.dir else None)
     started = time.monotonic()
     result = oci.export_image(
@@ -474,11 +566,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         tag=args.tag or oci.default_tag(args.ref),
         progress=None if args.quiet else _print_progress,
     )
-    kind = "tar" if result.tar else "directory"
+    kind = ("gzipped tar" if result.gzipped else "tar") if result.tar else "directory"
     print(
-        f"exported {args.ref} ({len(result.diff_ids)} layers, {_human(result.size)}) to "
-        f"{result.path} as {args.format} {kind} in {time.monotonic() - started:.1f}s; "
-        f"manifest {result.manifest_digest}"
+        f"exported {args.ref} ({len(result.diff_ids)} layers, "
+        f"{_human(disk_use([result.path]))} disk use) to {result.path} as {args.format} "
+        f"{kind} in {time.monotonic() - started:.1f}s; manifest {result.manifest_digest}"
     )
     return 0
 
@@ -535,7 +627,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(
         f"removed {len(report.removed_layers)} layer(s), {len(report.removed_snapshots)} "
         f"snapshot(s), {report.removed_tmp} stale temporary dir(s); freed "
-        f"{_human(report.freed_bytes)}; {report.kept_layers} layer(s) kept"
+        f"{_human(report.freed_bytes)} disk use; {report.kept_layers} layer(s) kept"
     )
     return 0
 
@@ -551,25 +643,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect, diff, shell into, export and import the layers of a "
         "pytest-layers store.",
         epilog="REF: a layer name (its latest build), sha256:HEX or a unique hex prefix of a "
-        "chain id, or snapshot:NODEID (that test's latest snapshot).",
+        "chain id (else of a diff_id), snapshot:NODEID (that test's latest snapshot) or "
+        "snapshot:NODEID@N (its snapshot N); `ls -q` lists them. Sizes are disk use, as du "
+        "counts it.",
     )
     parser.add_argument(
         "--store",
         metavar="PATH",
-        help="Layer store (default: .pytest_cache/layers under the pytest rootdir)",
+        help="Layer store (default: as pytest run here would use: ini layers_store, else "
+        "<cache_dir>/layers, .pytest_cache/layers under the rootdir)",
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     p = sub.add_parser("ls", help="List named layers and snapshots")
-    p.add_argument("-q", "--quiet", action="store_true", help="Print refs only")
+    p.add_argument("-q", "--quiet", action="store_true", help="Print refs only (each one a REF)")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("inspect", help="Show an image as JSON (RootFS layers, chain ids, sizes)")
     p.add_argument("refs", nargs="+", metavar="REF")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("diff", help="Changes of a layer against its parent, as docker diff")
+    p = sub.add_parser(
+        "diff",
+        help="Changes of a layer against its parent, as docker diff",
+        description="One line per change, `KIND /path` (A added, C changed, D deleted); "
+        "backslash and non-printable characters in a path are escaped as `ls -b` does "
+        "(\\n, \\t, \\ooo).",
+    )
     p.add_argument("ref", metavar="REF")
+    p.add_argument(
+        "--init",
+        action="store_true",
+        help="For a snapshot: include its test's init files (what the test saw)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help='JSON list of {"Path", "Kind"}, paths unescaped'
+    )
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser(
@@ -610,13 +719,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_shell)
 
-    p = sub.add_parser("export", help="Export an image as an OCI layout or docker-archive")
+    p = sub.add_parser(
+        "export",
+        help="Export an image as an OCI layout or docker-archive",
+        description="PATH's name picks the output: *.tar a tar, *.tar.gz or *.tgz a gzipped "
+        "tar, any other name a directory (oci) or a tar (docker-archive); --tar/--dir "
+        "override it. A snapshot is exported without its test's init layer unless --with-init.",
+    )
     p.add_argument("ref", metavar="REF")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="Output (must not exist)")
     p.add_argument("--format", choices=("oci", "docker-archive"), default="oci")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--tar", action="store_true", help="Write a tar (default for *.tar)")
     form.add_argument("--dir", action="store_true", help="Write a directory (oci only)")
+    p.add_argument(
+        "--with-init",
+        action="store_true",
+        help="For a snapshot: keep its test's init layer (under the rw layer) in the image",
+    )
     p.add_argument("--gzip", action="store_true", help="gzip the layer blobs")
     p.add_argument("--tag", help="Image name:tag recorded in the output")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress lines")
@@ -629,7 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="No progress lines")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("verify", help="Re-hash layers and report damage (all, or REF's chain)")
+    p = sub.add_parser(
+        "verify", help="Re-hash layers and report damage (all, or the chains of the REFs)"
+    )
     p.add_argument("refs", nargs="*", metavar="REF")
     p.set_defaults(func=cmd_verify)
 
@@ -645,6 +767,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_closed() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as a Unix tool does.
+
+    The recipe of the Python docs (signal module, "Note on SIGPIPE"): point stdout at
+    /dev/null so that the interpreter's own flush at exit does not raise again. The status is
+    the shell's for a program killed by SIGPIPE (a pipeline without ``pipefail`` reports the
+    reader's status anyway)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def _fail(message: str, code: int = 1) -> NoReturn:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -655,7 +790,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        rc = int(args.func(args))
+        sys.stdout.flush()  # here, so that a closed pipe is seen below and not at exit
+        return rc
+    except BrokenPipeError:
+        return _output_closed()
     except UsageError as exc:
         parser.error(str(exc))
     except (LayersError, CommandError) as exc:

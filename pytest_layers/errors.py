@@ -72,14 +72,14 @@ class LockTimeoutError(StoreError, TimeoutError):
 
 
 class AmbiguousRefError(LayersError, LookupError):
-    """A hex prefix matches more than one chain id; ``candidates`` lists them."""
+    """A hex prefix matches more than one chain id (or diff_id); ``candidates`` lists them."""
 
-    def __init__(self, ref: str, candidates: list[str]) -> None:
+    def __init__(self, ref: str, candidates: list[str], hint: str = "") -> None:
         self.ref = ref
         self.candidates = sorted(candidates)
         super().__init__(
             f"ambiguous layer reference {ref!r} matches {len(self.candidates)} layers: "
-            f"{', '.join(self.candidates)}; give more hex digits"
+            f"{', '.join(self.candidates)}; {hint or 'give more hex digits'}"
         )
 
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 from pytest_layers import layertar
 from pytest_layers import store as store_mod
@@ -114,7 +114,8 @@ class ExportResult:
     config_digest: str
     diff_ids: list[str]
     chain_ids: list[str]
-    size: int  # bytes of layer blobs written
+    size: int  # bytes of layer blobs written (not the output's disk use)
+    gzipped: bool = False  # the tar itself is gzipped (*.tar.gz, *.tgz)
 
 
 @dataclass(frozen=True)
@@ -277,16 +278,15 @@ def export_image(
     ``format="oci"`` writes an OCI image layout, as a directory or (``tar=True``, or ``dest``
     ending in ``.tar``) a tar of it; ``"docker-archive"`` always writes a tar that ``docker load``
     and ``skopeo copy docker-archive:`` read (an OCI layout plus ``manifest.json`` and
-    ``repositories``, as ``docker save`` writes since Docker 25). ``gzip_layers`` compresses the
-    layer blobs; the DiffIDs stay the digests of the uncompressed tars. ``dest`` must not exist;
-    it appears only complete.
+    ``repositories``, as ``docker save`` writes since Docker 25). A ``dest`` ending in ``.tar.gz``
+    or ``.tgz`` gets a gzipped tar (``oci-archive:`` and ``docker load`` read it); one ending in
+    another archive or compression suffix is refused rather than written as a directory of that
+    name (:func:`output_form`). ``gzip_layers`` compresses the layer blobs; the DiffIDs stay
+    the digests of the uncompressed tars. ``dest`` must not exist; it appears only complete.
     """
     if format not in ("oci", "docker-archive"):
         raise ValueError(f"unknown export format {format!r}; use 'oci' or 'docker-archive'")
-    if tar is None:
-        tar = format == "docker-archive" or dest.name.endswith(".tar")
-    if format == "docker-archive" and not tar:
-        raise ValueError("a docker-archive is always a tar: drop the directory option")
+    tar, gzipped = output_form(dest, format, tar)
     dest = Path(os.path.abspath(dest))
     if os.path.lexists(dest):
         raise FileExistsError(f"{dest} already exists; remove it or choose another -o path")
@@ -406,7 +406,7 @@ def export_image(
             (layout / "repositories").write_bytes(_json_bytes({repo: {version: top_id}}))
         if tar:
             staged_tar = staging / "out.tar"
-            _tar_layout(layout, staged_tar)
+            _tar_layout(layout, staged_tar, compress=gzipped)
             staged_tar.rename(dest)
         else:
             layout.rename(dest)
@@ -419,9 +419,36 @@ def export_image(
             diff_ids=diff_ids,
             chain_ids=layertar.chain_ids(diff_ids),
             size=total,
+            gzipped=gzipped,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+#: Output names that say "a tar, compressed" in a way export does not write.
+_OTHER_ARCHIVES = (".gz", ".xz", ".zst", ".bz2", ".lz4", ".zip", ".tbz", ".tbz2", ".txz", ".tzst")
+
+
+def output_form(dest: Path, format: Format, tar: bool | None = None) -> tuple[bool, bool]:
+    """``(tar, gzipped)`` for an export to ``dest``: ``*.tar`` a tar, ``*.tar.gz``/``*.tgz`` a
+    gzipped tar, any other name a directory (``oci``) or a tar (``docker-archive``, always a
+    tar); ``tar`` (True/False) overrides the name. A name with another archive suffix
+    (``.zip``, ``.tar.xz``, ...) raises ``ValueError`` naming the choices: writing a directory
+    called ``image.tar.xz`` would only surprise."""
+    name = dest.name.lower()
+    gzipped = name.endswith((".tar.gz", ".tgz"))
+    if tar is None:
+        if not gzipped and name.endswith(_OTHER_ARCHIVES):
+            raise ValueError(
+                f"{dest.name}: export writes a directory, a .tar or a gzipped .tar.gz/.tgz; "
+                "rename the output to one of those (or pass --tar / --dir to choose yourself)"
+            )
+        tar = format == "docker-archive" or gzipped or name.endswith(".tar")
+    elif not tar:
+        gzipped = False
+    if format == "docker-archive" and not tar:
+        raise ValueError("a docker-archive is always a tar: drop the directory option")
+    return tar, gzipped
 
 
 def _sweep_dead_staging(dest: Path) -> None:
@@ -437,9 +464,9 @@ def _sweep_dead_staging(dest: Path) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _tar_layout(layout: Path, out_path: Path) -> None:
-    """Tar ``layout`` deterministically, removing each blob once it is in the tar so that the
-    export never needs twice the image's size on disk."""
+def _tar_layout(layout: Path, out_path: Path, *, compress: bool = False) -> None:
+    """Tar ``layout`` deterministically (gzipped when ``compress``), removing each blob once it
+    is in the tar so that the export never needs twice the image's size on disk."""
 
     def info_for(rel: str, path: Path) -> tarfile.TarInfo:
         st = path.lstat()
@@ -455,7 +482,14 @@ def _tar_layout(layout: Path, out_path: Path) -> None:
             ti.size = st.st_size
         return ti
 
-    with tarfile.open(out_path, "w", format=tarfile.PAX_FORMAT) as tf:
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(open(out_path, "wb"))
+        # mtime=0 and no file name in the gzip header: the same image gives the same bytes.
+        fileobj: IO[bytes] = raw
+        if compress:
+            gz = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
+            fileobj = cast(IO[bytes], stack.enter_context(gz))
+        tf = stack.enter_context(tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT))
         tf.addfile(info_for("blobs", layout / "blobs"))
         tf.addfile(info_for("blobs/sha256", layout / "blobs" / "sha256"))
         for blob in sorted((layout / "blobs" / "sha256").iterdir()):

@@ -424,7 +424,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     why = f" ({state.backend_reason})" if state.backend_reason else ""
     return [
         f"layers: backend={state.backend_label or state.backend_name}{why}, "
-        f"store={state.store_path} ({human_size(store.size())})"
+        f"store={state.store_path} ({human_size(store.disk_use())} disk use)"
     ]
 
 
@@ -603,6 +603,7 @@ class _TestView:
     decided: bool = False
     snapshot: tuple[str, Layer] | None = None
     error: str | None = None
+    init_kept: bool = False
 
 
 @pytest.fixture
@@ -660,7 +661,11 @@ def _decide(item: pytest.Item, view: _TestView, *, failed: bool) -> None:
     try:
         session = state.get_session()
         lay = view.rootfs.commit()
-        ref = session.store.add_snapshot(item.nodeid, lay.chain_id, keep=state.keep_count)
+        with_init = view.rootfs.commit_with_init(lay)
+        ref = session.store.add_snapshot(
+            item.nodeid, lay.chain_id, keep=state.keep_count, with_init=with_init
+        )
+        view.init_kept = with_init is not None
     except _CAUGHT as exc:
         view.error = f"could not keep the rw layer as a snapshot: {_describe(exc)}"
         return
@@ -720,7 +725,12 @@ def pytest_runtest_makereport(
     if view is not None and report.when in ("call", "teardown"):
         if view.snapshot is not None:
             ref, lay = view.snapshot
-            report.sections.append(("layers snapshot", _snapshot_section(state, ref, lay)))
+            section = _snapshot_section(state, ref, lay)
+            if view.init_kept:
+                section += (
+                    "init layer kept: shell/mount show it; export leaves it out (--with-init)\n"
+                )
+            report.sections.append(("layers snapshot", section))
             report.layers_snapshot = ref  # type: ignore[attr-defined]  # travels through xdist
             view.snapshot = None
         if view.error is not None:

@@ -13,7 +13,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from pytest_layers import changeset, namespaces
+from pytest_layers import changeset, layertar, namespaces
 from pytest_layers.definitions import Layer, LayerSession
 from pytest_layers.errors import LayerDefinitionError, LayersError, NoSpaceError
 
@@ -71,10 +71,12 @@ class Rootfs(os.PathLike[str]):
             lowers = list(self._lowers)
             self._exclude: set[str] = set()
             self._init_dirs: set[str] = set()
+            self._init_dir: Path | None = None
             if init:
                 init_dir = self._scratch / "init"
                 self._exclude, self._init_dirs = self._write_init(init_dir, init)
                 lowers.insert(0, init_dir)
+                self._init_dir = init_dir
             view_scratch = self._scratch / "view"
             view_scratch.mkdir()
             self._view = session.backend.open(
@@ -199,6 +201,32 @@ class Rootfs(os.PathLike[str]):
                 raise
             raise NoSpaceError(self._commit_label(name), str(store.root)) from exc
         return self._session.layer_from_store(info.chain_id, parent, name)
+
+    def commit_with_init(self, committed: Layer) -> str | None:
+        """Store the init layer under ``committed`` (a :meth:`commit` of this rootfs), so that
+        a snapshot can show what the test saw; returns the chain id of image + init layer +
+        rw layer, or None when the test had no init files.
+
+        ``committed`` itself stays the rw layer on the image (its chain id and what ``export``
+        writes do not change); the rw layer above the init layer is an alias of it, no copy.
+        """
+        if self._init_dir is None:
+            return None
+        store = self._session.store
+        parent = self._image[-1].chain_id if self._image else None
+        try:
+            entries = changeset.changes_from_upper(self._init_dir, self._image_view())
+            with store.staging() as staged:
+                changeset.write_layer(entries, staged, flavor=store.flavor)
+                init = store.add_layer(staged, parent=parent, name=None, source="init")
+            diff_ids = [x.diff_id for x in self._image]
+            top = layertar.chain_id([*diff_ids, init.diff_id, committed.diff_id])
+            store.add_alias(top, committed.chain_id, parent=init.chain_id)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(exc, NoSpaceError):
+                raise
+            raise NoSpaceError("the init layer of a snapshot", str(store.root)) from exc
+        return top
 
     def _commit_label(self, name: str | None) -> str:
         if name is not None:

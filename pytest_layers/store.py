@@ -66,7 +66,7 @@ FORMAT_VERSION = 1
 DEFAULT_LOCK_TIMEOUT = 1800.0
 
 _FLAVORS: tuple[Flavor, ...] = ("overlay", "marker")
-_SOURCES = ("build", "commit", "import")
+_SOURCES = ("build", "commit", "import", "init")
 _CHAIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX_RE = re.compile(r"[0-9a-f]+")
 _TMP_RE = re.compile(r"(\d+)-(\d+)-")
@@ -136,16 +136,29 @@ class LayerInfo:
 
 @dataclasses.dataclass(frozen=True)
 class SnapshotInfo:
-    """One committed snapshot of a test: ``snapshot:<test>`` resolves to the highest ``n``."""
+    """One committed snapshot of a test: ``snapshot:<test>`` resolves to the highest ``n``,
+    ``snapshot:<test>@<n>`` to that one.
+
+    ``chain_id`` is the rw layer on the image (what ``export`` writes). ``with_init`` is the
+    chain the test saw: the image, the test's init layer, then the rw layer (None when the test
+    had no init files); ``shell``, ``mount`` and ``diff --init`` show it.
+    """
 
     test: str
     n: int
     chain_id: str
     created: float
+    with_init: str | None = None
 
     @property
     def ref(self) -> str:
+        """``snapshot:<test>``: the test's latest snapshot (this one only while it is)."""
         return f"snapshot:{self.test}"
+
+    @property
+    def numbered_ref(self) -> str:
+        """``snapshot:<test>@<n>``: this snapshot, for as long as it is kept."""
+        return f"snapshot:{self.test}@{self.n}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +181,8 @@ class Problem:
 
 @dataclasses.dataclass
 class PruneReport:
-    """What ``prune`` removed and how many bytes it freed."""
+    """What ``prune`` removed and how many bytes it freed (``freed_bytes``: the disk use of
+    the removed layers, as ``du`` counts it)."""
 
     removed_layers: list[str] = dataclasses.field(default_factory=list)
     removed_snapshots: list[str] = dataclasses.field(default_factory=list)
@@ -274,6 +288,31 @@ def _tree_bytes(path: Path) -> int:
         for f in filenames:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def disk_use(paths: Iterable[Path]) -> int:
+    """Disk use of the trees at ``paths``, as ``du -s`` counts it: allocated blocks
+    (``st_blocks * 512``) of every entry, directories included, each inode once however many
+    hard links (or trees) reach it; symlinks are not followed and a missing path counts 0.
+
+    The one notion of size the CLI and the report header print as "disk use"; a layer's
+    ``size`` is something else (the bytes of its files' content, see docs/reference/cli.md)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    stack = [os.fspath(p) for p in paths]
+    while stack:  # a stack, not recursion: a committed rw layer may be very deep
+        path = stack.pop()
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+        if stat.S_ISDIR(st.st_mode):
+            with contextlib.suppress(OSError), os.scandir(path) as it:
+                stack.extend(e.path for e in it)
     return total
 
 
@@ -1066,6 +1105,17 @@ class Store:
                     total += info.size
         return total
 
+    def disk_use(self, chain_ids: Iterable[str] | None = None) -> int:
+        """Disk use (see :func:`disk_use`) of the whole store directory, or of the layers
+        ``chain_ids`` (an alias adds its target's tree; a tree shared by several counts once)."""
+        if chain_ids is None:
+            return disk_use([self.root])
+        paths: list[Path] = []
+        for chain_id in chain_ids:
+            paths.append(self._layers / _hex(chain_id))
+            paths.append(self.layer_dir(chain_id))
+        return disk_use(paths)
+
     # -- refs ----------------------------------------------------------------------------------
 
     def _ref_path(self, kind: str, value: str) -> Path:
@@ -1123,14 +1173,19 @@ class Store:
 
     # -- snapshots -----------------------------------------------------------------------------
 
-    def add_snapshot(self, test: str, chain_id: str, keep: int) -> str:
+    def add_snapshot(
+        self, test: str, chain_id: str, keep: int, *, with_init: str | None = None
+    ) -> str:
         """Record ``chain_id`` as the newest snapshot of ``test`` and drop all but the newest
-        ``keep``; returns the ref ``snapshot:<test>``."""
+        ``keep``; returns the ref ``snapshot:<test>``. ``with_init`` is the chain the test saw
+        (image, init layer, rw layer), kept alongside (see :class:`SnapshotInfo`)."""
         if keep < 1:
             raise ValueError(
                 f"keep must be at least 1 to keep the snapshot being added, not {keep}"
             )
         self._require(chain_id)
+        if with_init is not None:
+            self._require(with_init)
         directory = self.root / "refs" / "snapshots" / _ref_filename(test)
         with filelock.FileLock(str(self._locks / "snapshots.lock"), timeout=60):
             directory.mkdir(exist_ok=True)
@@ -1141,7 +1196,14 @@ class Store:
                 last = 0
             numbers = self._snapshot_numbers(directory)
             n = max([last, *numbers]) + 1
-            data = {"test": test, "n": n, "chain_id": chain_id, "created": time.time()}
+            data: dict[str, Any] = {
+                "test": test,
+                "n": n,
+                "chain_id": chain_id,
+                "created": time.time(),
+            }
+            if with_init is not None:
+                data["with_init"] = with_init
             self._write_json_atomic(directory / str(n), data)
             # The counter survives a prune that removes every snapshot, so ids never repeat.
             tmp = self._new_tmp_path("ref")
@@ -1151,6 +1213,8 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     (directory / str(old)).unlink()
         self._referenced(chain_id)
+        if with_init is not None:
+            self._referenced(with_init)
         return f"snapshot:{test}"
 
     @staticmethod
@@ -1170,28 +1234,59 @@ class Store:
                 data = self._read_ref(directory / str(n))
                 if data is None or (test is not None and data.get("test") != test):
                     continue
+                with_init = data.get("with_init")
                 out.append(
                     SnapshotInfo(
-                        test=data["test"], n=n, chain_id=data["chain_id"], created=data["created"]
+                        test=data["test"],
+                        n=n,
+                        chain_id=data["chain_id"],
+                        created=data["created"],
+                        with_init=with_init if isinstance(with_init, str) else None,
                     )
                 )
         out.sort(key=lambda s: (s.test, s.n))
         return out
 
+    def snapshot(self, ref: str) -> SnapshotInfo | None:
+        """The snapshot ``ref`` names: ``snapshot:NODEID`` (the latest) or
+        ``snapshot:NODEID@N`` (number N); None when ``ref`` is not a snapshot ref.
+        Raises :class:`errors.LayerNotFoundError` for a snapshot ref that names none."""
+        if not ref.startswith("snapshot:"):
+            return None
+        test = ref[len("snapshot:") :]
+        snaps = self.snapshots(test)
+        number: int | None = None
+        if not snaps:
+            # A node id may itself contain "@" (a parameter); only fall back to "@N" when the
+            # whole string names no test.
+            m = re.fullmatch(r"(.+)@([0-9]+)", test)
+            if m is not None:
+                test, number = m.group(1), int(m.group(2))
+                snaps = self.snapshots(test)
+        if not snaps:
+            tests = sorted({s.ref for s in self.snapshots()})
+            raise errors.LayerNotFoundError(
+                ref, known=tests, hint=f"no snapshot of test {test!r} in {self.root}"
+            )
+        if number is None:
+            return snaps[-1]
+        for snap in snaps:
+            if snap.n == number:
+                return snap
+        kept = ", ".join(s.numbered_ref for s in snaps)
+        raise errors.LayerNotFoundError(
+            ref, hint=f"test {test!r} has no snapshot {number} any more; kept: {kept}"
+        )
+
     # -- resolving -----------------------------------------------------------------------------
 
     def resolve(self, ref: str) -> str:
-        """Chain id of ``ref``: a layer name, ``sha256:HEX``, a unique hex prefix of a chain id,
-        or ``snapshot:NODEID`` (that test's latest snapshot)."""
-        if ref.startswith("snapshot:"):
-            test = ref[len("snapshot:") :]
-            snaps = self.snapshots(test)
-            if not snaps:
-                tests = sorted({s.ref for s in self.snapshots()})
-                raise errors.LayerNotFoundError(
-                    ref, known=tests, hint=f"no snapshot of test {test!r} in {self.root}"
-                )
-            return self._existing(snaps[-1].chain_id, ref)
+        """Chain id of ``ref``: a layer name, ``sha256:HEX`` or a unique hex prefix of a chain id
+        or of a diff_id, ``snapshot:NODEID`` (that test's latest snapshot) or
+        ``snapshot:NODEID@N`` (its snapshot number N)."""
+        snap = self.snapshot(ref)
+        if snap is not None:
+            return self._existing(snap.chain_id, ref)
         if ref.startswith("sha256:"):
             return self._by_prefix(ref, ref[7:])
         chain_id = self.get_name(ref)
@@ -1202,7 +1297,8 @@ class Store:
         raise errors.LayerNotFoundError(
             ref,
             known=list(self.names()),
-            hint="a ref is a layer name, sha256:HEX, a unique hex prefix or snapshot:NODEID",
+            hint="a ref is a layer name, sha256:HEX, a unique hex prefix of a chain id or "
+            "diff_id, snapshot:NODEID or snapshot:NODEID@N",
         )
 
     def _existing(self, chain_id: str, ref: str) -> str:
@@ -1213,16 +1309,39 @@ class Store:
         return chain_id
 
     def _by_prefix(self, ref: str, prefix: str) -> str:
+        """The one stored layer whose chain id starts with ``prefix``, else the one whose
+        diff_id does. (A base layer's chain id is its diff_id; the same diff_id on other
+        parents is other images, so those are listed as candidates, not picked.)"""
         if not _HEX_RE.fullmatch(prefix) or len(prefix) > 64:
             raise errors.LayerNotFoundError(ref, hint="sha256: must be followed by hex digits")
-        matches = [c for c in self.layers() if c[7:].startswith(prefix)]
+        layers = self.layers()
+        matches = [c for c in layers if c[7:].startswith(prefix)]
+        if len(matches) == 1:
+            return matches[0]
         if len(matches) > 1:
             raise errors.AmbiguousRefError(ref, matches)
-        if not matches:
-            raise errors.LayerNotFoundError(
-                ref, known=list(self.names()), hint=f"no stored chain id starts with {prefix}"
+        by_diff: dict[str, tuple[str, str]] = {}  # chain id -> (diff_id, label)
+        for chain_id in layers:
+            with contextlib.suppress(errors.LayersError):
+                info = self.layer_info(chain_id)
+                if info.diff_id[7:].startswith(prefix):
+                    by_diff[chain_id] = (info.diff_id, f"{chain_id} ({info.name or info.source})")
+        if len(by_diff) == 1:
+            return next(iter(by_diff))
+        if by_diff:
+            one_diff = len({diff for diff, _ in by_diff.values()}) == 1
+            raise errors.AmbiguousRefError(
+                ref,
+                [label for _, label in by_diff.values()],
+                hint="that diff_id is the top layer of several images; give one of their chain ids"
+                if one_diff
+                else "",
             )
-        return matches[0]
+        raise errors.LayerNotFoundError(
+            ref,
+            known=list(self.names()),
+            hint=f"no stored chain id or diff_id starts with {prefix}",
+        )
 
     # -- leases --------------------------------------------------------------------------------
 
@@ -1294,7 +1413,10 @@ class Store:
                     data = self._read_ref(path)
                     if data:
                         roots.add(data["chain_id"])
-                roots.update(s.chain_id for s in self.snapshots())
+                for snap in self.snapshots():
+                    roots.add(snap.chain_id)
+                    if snap.with_init is not None:
+                        roots.add(snap.with_init)
                 leased, report.removed_leases = self._live_leases()
                 roots |= leased
                 reachable = self._closure(roots)
@@ -1302,10 +1424,6 @@ class Store:
                     if chain_id in reachable:
                         report.kept_layers += 1
                         continue
-                    with contextlib.suppress(errors.LayersError):
-                        gone = self.layer_info(chain_id)
-                        if gone.alias_of is None:
-                            report.freed_bytes += gone.size
                     victim = self._new_tmp_path("prune")
                     # Out of layers/ in one rename: a kill leaves it in tmp/ for the next sweep.
                     os.rename(self._layers / _hex(chain_id), victim)
@@ -1319,6 +1437,9 @@ class Store:
                     with contextlib.suppress(OSError):
                         os.rename(self._layers / name, victim)
                         doomed.append(victim)
+        # Disk use, as du counts it (what removing these trees gives back, hard links to kept
+        # layers aside); measured once they are out of layers/ and nobody can reach them.
+        report.freed_bytes = disk_use(doomed)
         for victim in doomed:
             _rmtree(victim)
         report.removed_tmp = self._sweep_tmp()
