@@ -74,7 +74,7 @@ def test_ls_inspect_diff(store: Path) -> None:
     proc = run("ls", store=store)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["REF", "CHAIN", "ID", "LAYERS", "SIZE", "CREATED", "SOURCE"]
+    assert lines[0].split() == ["REF", "CHAIN", "ID", "LAYERS", "DISK", "USE", "CREATED", "SOURCE"]
     assert [line.split()[0] for line in lines[1:]] == ["app", "base"]
     assert run("ls", "-q", store=store).stdout.split() == ["app", "base"]
 

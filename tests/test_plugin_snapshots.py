@@ -144,10 +144,22 @@ def test_snapshots(pytester: pytest.Pytester) -> None:
     assert sorted(p.name for p in (store.root / "layers" / union[1].chain_id[7:]).iterdir()) == [
         "layer.json"
     ]
-    # Bytes held: base, tools, and the rw layers of the snapshots, nothing twice.
+    # Bytes held: base, tools, the rw and init layers of the snapshots, nothing twice. Each
+    # snapshot also keeps the chain its test saw (image, init layer, rw layer): the rw layer
+    # there is an alias, not a copy.
     held = {c for c in store.layers() if store.layer_info(c).alias_of is None}
     assert store.size() == sum(store.layer_info(c).size for c in held)
-    assert len(held) == len(store.layers()) - 1
+    with_init = [s.with_init for s in snaps.values()]
+    assert None not in with_init  # every test had init files (the conftest's hook)
+    assert len(held) == len(store.layers()) - 1 - len(with_init)
+    for snap in snaps.values():
+        assert snap.with_init is not None
+        seen = store.chain(snap.with_init)
+        assert seen[-1].alias_of == snap.chain_id
+        assert seen[-2].source == "init"
+        assert [x.diff_id for x in seen[:-2]] == [
+            x.diff_id for x in store.chain(snap.chain_id)[:-1]
+        ]
     assert (store.layer_dir(union[2].chain_id) / "bin/tool").read_text() == "patched"
     # The hook saw every snapshot, in order, with its committed layer (parent: the image top).
     assert (pytester.path / "hook.log").read_text().splitlines() == [
