@@ -66,6 +66,25 @@ def test_a_diff_id_on_two_parents_is_ambiguous_and_lists_both(store: Path, tmp_p
     ]
 
 
+@pytest.mark.parametrize(
+    ("ini", "where"),
+    [("layers_store = custom/store", "custom/store"), ("cache_dir = .mycache", ".mycache/layers")],
+)
+def test_store_default_follows_the_ini(tmp_path: Path, ini: str, where: str) -> None:
+    (tmp_path / "proj/sub").mkdir(parents=True)
+    (tmp_path / "proj/pytest.ini").write_text(f"[pytest]\n{ini}\n")
+    st = Store(tmp_path / "proj" / where)
+    build_layer(st, None, make_tree(tmp_path / "t", {"a": "a"}), "found")
+    proc = run("ls", "-q", cwd=tmp_path / "proj/sub")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "found\n"
+
+
+def test_inspect_and_verify_take_several_refs(store: Path) -> None:
+    assert len(json.loads(run("inspect", "app", "base", store=store).stdout)) == 2
+    assert run("verify", "app", "base", store=store).stdout.strip() == "ok (2 layers)"
+
+
 # -- item 2: every line of ls -q is a ref ----------------------------------------------------
 
 
@@ -367,6 +386,11 @@ def test_readme_snapshot_shows_its_init_files_and_exports_without_them(
     # The snapshot's chain id did not change: the rw layer on the image, as without init files.
     assert layertar.chain_id(diff_ids) == snap.chain_id
     assert st.layer_info(snap.chain_id).parent == st.resolve("app")
+    # The init layer lives as long as its snapshot: prune keeps it, then drops it with it.
+    assert cli_run("prune").returncode == 0
+    assert [st.layer_info(c).source for c in st.layers()].count("init") == 1
+    assert cli_run("prune", "--keep-snapshots", "0").returncode == 0
+    assert sorted(st.layer_info(c).name for c in Store(store).layers()) == ["app", "base"]
 
 
 @pytest.mark.slow
