@@ -1406,7 +1406,7 @@ class Store:
                     for snap in snaps[: max(0, len(snaps) - keep_snapshots)]:
                         with contextlib.suppress(FileNotFoundError):
                             (directory / str(snap.n)).unlink()
-                        report.removed_snapshots.append(f"{snap.ref}#{snap.n}")
+                        report.removed_snapshots.append(snap.numbered_ref)
             with self._gc.hold(exclusive=True):
                 roots = set(self.names().values())
                 for path in (self.root / "refs" / "cache").iterdir():
