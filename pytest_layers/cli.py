@@ -90,8 +90,12 @@ def _human(n: float) -> str:
 def _created(info: LayerInfo | SnapshotInfo) -> str:
     value: Any = getattr(info, "created", None)
     if isinstance(value, (int, float)):
-        return _dt.datetime.fromtimestamp(value, tz=_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return _iso(value)
     return str(value) if value is not None else "-"
+
+
+def _iso(timestamp: float) -> str:
+    return _dt.datetime.fromtimestamp(timestamp, tz=_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _lowers(store: Store, chain: Sequence[LayerInfo]) -> list[Path]:
@@ -151,7 +155,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows: list[tuple[str, str, str, str, str, str]] = []
     for name, cid in sorted(store.names().items()):
         if store.has_layer(cid):
-            rows.append(_ls_row(store, quote_name(name), cid, store.layer_info(cid)))
+            info = store.layer_info(cid)
+            rows.append(_ls_row(store, quote_name(name), cid, info.created, info.source))
     snaps = store.snapshots()
     for i, snap in enumerate(snaps):
         if store.has_layer(snap.chain_id):
@@ -159,7 +164,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             # ones only by number. Every listed ref is one the other verbs accept.
             latest = i + 1 == len(snaps) or snaps[i + 1].test != snap.test
             ref = snap.ref if latest else snap.numbered_ref
-            rows.append(_ls_row(store, quote_name(ref), snap.chain_id, snap))
+            rows.append(_ls_row(store, quote_name(ref), snap.chain_id, snap.created, "snapshot"))
     if args.quiet:
         for row in rows:
             print(row[0])
@@ -172,17 +177,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _ls_row(
-    store: Store, ref: str, cid: str, when: LayerInfo | SnapshotInfo
+    store: Store, ref: str, cid: str, created: float, source: str
 ) -> tuple[str, str, str, str, str, str]:
     chain = store.chain(cid)
-    top = chain[-1]
     return (
         ref,
         _short(cid),
         str(len(chain)),
         _human(store.disk_use(info.chain_id for info in chain)),
-        _created(when),
-        "snapshot" if when is not top else top.source,
+        _iso(created),
+        source,
     )
 
 
