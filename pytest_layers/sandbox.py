@@ -1,7 +1,8 @@
 """Run a program with a directory as its root, confined as a container runtime would.
 
 :class:`Sandbox` is the one home of "run code from an image": ``pytest-layers shell`` uses it,
-and so can ``Rootfs.run()``. The program gets, in this order (see docs/concepts/security.md):
+and so can ``Rootfs.run()``. The program gets, in this order (docs/reference/cli.md says the
+same for users, under ``shell``):
 
 * a new **user namespace** (as root too): uid 0 inside is the caller outside (an ordinary user)
   or real root with every id mapped to itself (root). Capabilities then only reach what the

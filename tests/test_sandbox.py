@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 import pytest
-from treeutil import BUSYBOX, build_layer, busybox_tree, snapshot_tree
+from conftest import require
+from treeutil import build_layer, busybox_tree, snapshot_tree
 
 from pytest_layers import sandbox
 from pytest_layers.errors import SandboxError
 from pytest_layers.store import Store
 
-pytestmark = pytest.mark.skipif(not BUSYBOX.exists(), reason="needs Debian's busybox-static")
+pytestmark = pytest.mark.requires_tool("busybox")
+
+
+@pytest.fixture(autouse=True)
+def _namespaces() -> None:
+    # The sandbox runs in a user namespace: an ordinary user needs them allowed.
+    if os.geteuid() != 0:
+        require("userns")
+
 
 # A hostile program: harmless probes first (inside the sandbox), escapes last, so that a broken
 # sandbox lets it write only the canary.
@@ -78,8 +86,7 @@ def cli(*args: str, store: Path) -> list[str]:
 @pytest.fixture
 def hostile_store(tmp_path: Path) -> Path:
     """A store with ``hostile``: busybox plus ``/escape``, a static binary (gcc -static)."""
-    if shutil.which("gcc") is None:
-        pytest.skip("needs gcc and libc6-dev (static libc.a) to build the hostile binary")
+    require("tool:gcc")  # with libc6-dev's static libc.a
     src = tmp_path / "escape.c"
     src.write_text(ESCAPE_C)
     tree = busybox_tree(tmp_path / "tree")
@@ -139,15 +146,14 @@ def test_double_chroot_escape_as_root_writes_nothing_outside(
 def test_double_chroot_escape_as_ordinary_user_writes_nothing_outside(
     tmp_path: Path, user_tmp_path: Path
 ) -> None:
-    from conftest import run_as_user
+    from conftest import TEST_USER, run_as_user
 
-    if shutil.which("gcc") is None:
-        pytest.skip("needs gcc and libc6-dev (static libc.a) to build the hostile binary")
+    require("tool:gcc")  # with libc6-dev's static libc.a
     src = tmp_path / "escape.c"
     src.write_text(ESCAPE_C)
     tree = busybox_tree(user_tmp_path / "tree")
     subprocess.run(["gcc", "-static", "-O1", "-o", tree / "escape", src], check=True)
-    subprocess.run(["chown", "-R", "layersci:", os.fspath(user_tmp_path)], check=True)
+    subprocess.run(["chown", "-R", f"{TEST_USER}:", os.fspath(user_tmp_path)], check=True)
     store = user_tmp_path / "store"
     made = run_as_user(
         [
@@ -165,7 +171,7 @@ def test_double_chroot_escape_as_ordinary_user_writes_nothing_outside(
     assert made.returncode == 0, made.stderr
     outside = user_tmp_path / "outside"
     outside.mkdir()
-    os.chown(outside, *_ids("layersci"))
+    os.chown(outside, *_ids(TEST_USER))
     canary = outside / "canary"
     proc = run_as_user(
         cli("shell", "hostile", "--", "/escape", os.fspath(canary), store=store),
