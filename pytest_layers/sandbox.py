@@ -144,16 +144,29 @@ class Sandbox:
         os.close(err_w)
         os.close(status_w)
         proc = SandboxProcess(pid, status_r)
-        message = _read_all(err_r)
+        try:
+            message = _read_all(err_r)
+        finally:
+            os.close(err_r)
         if message:
             proc.wait()
             code, _, text = message.decode(errors="replace").partition(":")
             raise SandboxError(int(code) if code.isdigit() else errno.EIO, text)
         return proc
 
-    def run(self, argv: Sequence[str], **kwargs: object) -> int:
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        stdin: int | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+    ) -> int:
         """:meth:`spawn`, then wait: the program's exit status, ``-N`` when signal N ended it."""
-        return self.spawn(argv, **kwargs).wait()  # type: ignore[arg-type]  # spawn's keywords
+        proc = self.spawn(argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr)
+        return proc.wait()
 
 
 class SandboxProcess:
@@ -348,18 +361,39 @@ def _inside(root_fd: int, rel: str, *, directory: bool = True) -> int:
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             raise
-    parent, _, name = rel.rpartition("/")
-    parent_fd = _linux.open_in_root(root_fd, parent or ".", os.O_DIRECTORY)
-    try:
-        if directory:
-            os.mkdir(name, 0o755, dir_fd=parent_fd)
-        else:
-            os.close(
-                os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644, dir_fd=parent_fd)
-            )
-    finally:
-        os.close(parent_fd)
+    _make_inside(root_fd, rel, directory=directory)
     return _linux.open_in_root(root_fd, rel, flags)
+
+
+def _make_inside(root_fd: int, rel: str, *, directory: bool, hops: int = 0) -> None:
+    """``mkdir -p`` (or touch) ``rel`` inside the root. A dangling symlink on the way (an
+    image's ``/dev -> /somewhere``) gets its target made, resolved inside the root as well."""
+    if hops > 40:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), rel)
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    for i, name in enumerate(parts):
+        last = i == len(parts) - 1
+        try:
+            os.close(_linux.open_in_root(root_fd, "/".join(parts[: i + 1]), os.O_PATH))
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        parent = _linux.open_in_root(root_fd, "/".join(parts[:i]) or ".", os.O_PATH)
+        try:
+            if directory or not last:
+                os.mkdir(name, 0o755, dir_fd=parent)
+            else:
+                flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                os.close(os.open(name, flags, 0o644, dir_fd=parent))
+        except FileExistsError:
+            target = os.readlink(name, dir_fd=parent)
+            base = "" if target.startswith("/") else "/".join(parts[:i])
+            _make_inside(
+                root_fd, f"{base}/{target}", directory=directory or not last, hops=hops + 1
+            )
+        finally:
+            os.close(parent)
 
 
 def _at(fd: int) -> str:
@@ -490,6 +524,9 @@ def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
 def _exec(plan: _Plan, err_w: int) -> None:  # pragma: no cover - child
     """The program's process: stdio, privileges, then execve (err_w closes on success)."""
     try:
+        # Above the stdio slots, which dup2 is about to overwrite (a caller without a stdin
+        # may have had the pipe made at fd 0).
+        err_w = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, 3)
         for target, fd in enumerate(plan.stdio):
             if fd is not None and fd != target:
                 os.dup2(fd, target)

@@ -258,7 +258,10 @@ def build_layer(store: Store, parent: str | None, tree: Path, name: str | None) 
 
 #: Debian's busybox-static: one static binary, so an image made of it runs anywhere.
 BUSYBOX = Path("/bin/busybox")
-_APPLETS = ("sh", "cat", "echo", "ls", "id", "hostname", "mount", "umount", "ps", "sleep", "touch")
+_APPLETS = (
+    *("sh", "cat", "echo", "ls", "id", "hostname", "mount", "umount", "ps", "sleep", "touch"),
+    *("grep", "head", "tail", "cut", "wc", "readlink", "kill"),
+)
 
 
 def busybox_tree(root: Path, files: Mapping[str, Any] | None = None) -> Path:
