@@ -394,11 +394,12 @@ def cmd_shell(args: argparse.Namespace) -> int:
             binds = _borrow_host_tools(root) if args.host_tools else []
             if binds:
                 print(
-                    f"{PROG}: note: the host's {', '.join(b.target for b in binds)} are bound "
-                    "read-only into the sandbox (--host-tools)",
+                    f"{PROG}: note: bound read-only from the host into the sandbox "
+                    f"(--host-tools): {', '.join(b.target for b in binds)}",
                     file=sys.stderr,
                 )
-            if interactive and not _exists_inside(root, "bin/sh"):
+            # (With host tools lent, the sandbox itself says whether /bin/sh is found.)
+            if interactive and not binds and not _exists_inside(root, "bin/sh"):
                 raise CommandError(
                     f"{args.ref} has no /bin/sh; name a program of the image after `--` "
                     f"(`{PROG} shell {args.ref} -- /path/in/image`), or pass --host-tools to "

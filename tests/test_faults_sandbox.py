@@ -238,7 +238,8 @@ def _shell(who: str, base: Path, files: dict[str, object], *args: str) -> str:
 
 @pytest.fixture(params=["root", "user"])
 def who(request: pytest.FixtureRequest) -> str:
-    require("overlay" if request.param == "root" else "user")
+    for capability in ("root", "overlay") if request.param == "root" else ("user",):
+        require(capability)
     return str(request.param)
 
 
