@@ -131,13 +131,13 @@ class Sandbox:
         environ = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "HOME": "/root"}
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
-        uid, gid = os.geteuid(), os.getegid()
+        uid, gid, caller = os.geteuid(), os.getegid(), os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child (measured by its effects)
             os.close(err_r)
             os.close(status_r)
             _child(
-                _Plan(self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid),
+                _Plan(self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid, caller),
                 err_w,
                 status_w,
             )
@@ -216,6 +216,7 @@ class _Plan:
     stdio: tuple[int | None, int | None, int | None]
     uid: int
     gid: int
+    caller: int
 
 
 class _Stage(Exception):
@@ -235,6 +236,8 @@ def _child(plan: _Plan, err_w: int, status_w: int) -> None:  # pragma: no cover 
         for sig in (signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_IGN)
         _linux.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != plan.caller:
+            os._exit(125)  # the caller died before the line above: nobody wants us any more
         _enter_namespaces(plan)
         init = os.fork()
         if init == 0:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 import pytest
 from conftest import TEST_USER, require, run_as_user
+from faults_util import kill
 from treeutil import build_layer, busybox_tree, snapshot_tree
 
 from pytest_layers import sandbox
@@ -292,3 +294,28 @@ def test_dev_and_proc_symlinked_to_host_dirs_stay_inside(
     )
     assert out.splitlines() == ["4", "/dev/null", "/proc/self/status"]
     assert snapshot_tree(outside) == before
+
+
+@pytest.mark.requires_root
+@pytest.mark.requires_overlay
+def test_sigkill_of_the_cli_ends_everything_inside(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    build_layer(st, None, busybox_tree(tmp_path / "tree"), "bb")
+    script = "sleep 1000 </dev/null >/dev/null 2>&1 & readlink /proc/self/ns/pid; wait"
+    proc = subprocess.Popen(
+        cli("shell", "bb", "--", "sh", "-c", script, store=st.root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    pid_ns = proc.stdout.readline().strip()
+    assert pid_ns.startswith("pid:["), proc.stderr.read() if proc.stderr else ""
+    assert _processes_in(pid_ns) != []
+    kill(proc.pid, proc)
+    # The kernel delivers the parent-death signals and empties the namespace asynchronously;
+    # the deadline only guards against a hang.
+    deadline = time.monotonic() + 60
+    while _processes_in(pid_ns) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _processes_in(pid_ns) == []
