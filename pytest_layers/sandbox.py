@@ -38,6 +38,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from pytest_layers import _linux
 from pytest_layers.errors import SandboxError
@@ -132,7 +133,12 @@ class Sandbox:
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
         uid, gid, caller = os.geteuid(), os.getegid(), os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (err_r, err_w, status_r, status_w):
+                os.close(fd)
+            raise
         if pid == 0:  # pragma: no cover - runs in the child (measured by its effects)
             os.close(err_r)
             os.close(status_r)
@@ -146,6 +152,10 @@ class Sandbox:
         proc = SandboxProcess(pid, status_r)
         try:
             message = _read_all(err_r)
+        except BaseException:  # ^C while it starts: nothing may keep running unsupervised
+            proc.kill()
+            proc.wait()
+            raise
         finally:
             os.close(err_r)
         if message:
@@ -166,7 +176,12 @@ class Sandbox:
     ) -> int:
         """:meth:`spawn`, then wait: the program's exit status, ``-N`` when signal N ended it."""
         proc = self.spawn(argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr)
-        return proc.wait()
+        try:
+            return proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
 
 
 class SandboxProcess:
@@ -229,7 +244,7 @@ def _stage(what: str, exc: OSError) -> _Stage:
     return _Stage(exc.errno or errno.EIO, f"{what}: {exc.strerror or exc}")
 
 
-def _child(plan: _Plan, err_w: int, status_w: int) -> None:  # pragma: no cover - child
+def _child(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cover - child
     """The keeper: never returns (a forked copy of the caller must not run the caller's code)."""
     code = 125
     try:
@@ -311,7 +326,7 @@ def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
         raise _stage("cannot set up the sandbox's namespaces", exc) from None
 
 
-def _write_maps(plan: _Plan, pid: int, go_r: int) -> None:  # pragma: no cover - child
+def _write_maps(plan: _Plan, pid: int, go_r: int) -> NoReturn:  # pragma: no cover - child
     code = 1
     try:
         if os.read(go_r, 1):
@@ -329,7 +344,7 @@ def _write_maps(plan: _Plan, pid: int, go_r: int) -> None:  # pragma: no cover -
     os._exit(code)
 
 
-def _init(plan: _Plan, err_w: int, status_w: int) -> None:  # pragma: no cover - child
+def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cover - child
     """PID 1 inside: mounts, pivot_root, then the program; exits with the program's status."""
     try:
         _linux.set_pdeathsig(signal.SIGKILL)
@@ -524,7 +539,7 @@ def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
     _linux.set_no_new_privs()
 
 
-def _exec(plan: _Plan, err_w: int) -> None:  # pragma: no cover - child
+def _exec(plan: _Plan, err_w: int) -> NoReturn:  # pragma: no cover - child
     """The program's process: stdio, privileges, then execve (err_w closes on success)."""
     try:
         # Above the stdio slots, which dup2 is about to overwrite (a caller without a stdin
