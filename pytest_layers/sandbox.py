@@ -293,28 +293,36 @@ def _write(path: str, text: str) -> None:
 
 def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
     flags = _NAMESPACES | (_linux.CLONE_NEWNET if plan.box.network == "none" else 0)
-    # A map beyond one's own id must be written from the parent namespace, with CAP_SETUID
-    # there: a helper left behind outside writes it once we are inside.
-    go_r, go_w = os.pipe()
-    mapper = os.fork()
-    if mapper == 0:
-        os.close(go_w)
-        _write_maps(plan, os.getppid(), go_r)
-    os.close(go_r)
+    mapper = go_w = -1
+    if plan.uid == 0:
+        # A map beyond one's own id must be written from the parent namespace, with CAP_SETUID
+        # there: a helper left behind outside writes it once we are inside. An ordinary user
+        # maps only its own id, which it may write itself.
+        go_r, go_w = os.pipe()
+        mapper = os.fork()
+        if mapper == 0:
+            os.close(go_w)
+            _write_maps(plan, os.getppid(), go_r)
+        os.close(go_r)
     try:
         _linux.unshare(flags)
     except OSError as exc:
-        os.close(go_w)
-        os.waitpid(mapper, 0)
+        if mapper > 0:
+            os.close(go_w)
+            os.waitpid(mapper, 0)
         raise _stage(
             "cannot create the sandbox's namespaces (user, mount, pid, uts, ipc, net): a "
             "seccomp filter, an LSM policy or a sysctl forbids them",
             exc,
         ) from None
-    os.write(go_w, b"1")
-    os.close(go_w)
-    _, status = os.waitpid(mapper, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if mapper > 0:
+        os.write(go_w, b"1")
+        os.close(go_w)
+        _, status = os.waitpid(mapper, 0)
+        mapped = os.waitstatus_to_exitcode(status) == 0
+    else:
+        mapped = _maps(plan, "self")
+    if not mapped:
         raise _Stage(errno.EPERM, "cannot write the sandbox's uid and gid maps")
     try:
         _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
@@ -326,18 +334,25 @@ def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
         raise _stage("cannot set up the sandbox's namespaces", exc) from None
 
 
+def _maps(plan: _Plan, pid: str) -> bool:  # pragma: no cover - child
+    try:
+        if plan.uid == 0:
+            # Root stays root with real ids: every id maps to itself.
+            _write(f"/proc/{pid}/uid_map", "0 0 4294967295")
+            _write(f"/proc/{pid}/gid_map", "0 0 4294967295")
+        else:
+            _write(f"/proc/{pid}/setgroups", "deny")
+            _write(f"/proc/{pid}/uid_map", f"0 {plan.uid} 1")
+            _write(f"/proc/{pid}/gid_map", f"0 {plan.gid} 1")
+    except OSError:
+        return False
+    return True
+
+
 def _write_maps(plan: _Plan, pid: int, go_r: int) -> NoReturn:  # pragma: no cover - child
     code = 1
     try:
-        if os.read(go_r, 1):
-            if plan.uid == 0:
-                # Root stays root with real ids: every id maps to itself.
-                _write(f"/proc/{pid}/uid_map", "0 0 4294967295")
-                _write(f"/proc/{pid}/gid_map", "0 0 4294967295")
-            else:
-                _write(f"/proc/{pid}/setgroups", "deny")
-                _write(f"/proc/{pid}/uid_map", f"0 {plan.uid} 1")
-                _write(f"/proc/{pid}/gid_map", f"0 {plan.gid} 1")
+        if os.read(go_r, 1) and _maps(plan, str(pid)):
             code = 0
     except BaseException:  # the keeper reports the failure
         pass
