@@ -18,12 +18,13 @@ same for users, under ``shell``):
 * ``PR_SET_NO_NEW_PRIVS`` and only :data:`KEPT_CAPS` in its bounding set.
 
 Process tree: the caller forks a *keeper* that unshares the namespaces and forks the *init*
-(PID 1 of the new PID namespace). Init sets up the mounts, pivots, forks the program and waits
-for it; when the program exits, init exits with its status, and the kernel kills whatever the
-program left behind (a PID namespace dies with its init). Each of them gets ``SIGKILL`` when its
-parent dies, so killing the keeper ends everything. Fork is used, not ``clone``, so it works
-from a threaded caller too: the forked child is single-threaded, as ``unshare(CLONE_NEWUSER)``
-requires.
+(PID 1 of the new PID namespace). Init sets up the mounts, pivots, drops its own privileges,
+starts the program (``posix_spawn``) and reaps; when the program exits, init reports its status
+and exits, and the kernel kills whatever the program left behind (a PID namespace dies with its
+init). Keeper and init get ``SIGKILL`` when their parent dies, so nothing outlives the caller.
+Fork is used, not ``clone``, so it works from a threaded caller too: the forked child is
+single-threaded, as ``unshare(CLONE_NEWUSER)`` requires. A caller with threads must not hold
+locks the child needs (the child only makes syscalls and small Python objects).
 """
 
 from __future__ import annotations
@@ -360,13 +361,12 @@ def _write_maps(plan: _Plan, pid: int, go_r: int) -> NoReturn:  # pragma: no cov
 
 
 def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cover - child
-    """PID 1 inside: mounts, pivot_root, then the program; exits with the program's status."""
+    """PID 1 inside: mounts, pivot_root, drop privileges, then start the program and reap
+    until it exits; exits itself right after, which ends whatever the program left."""
     try:
         _linux.set_pdeathsig(signal.SIGKILL)
         _build_root(plan.box)
-        program = os.fork()
-        if program == 0:
-            _exec(plan, err_w)
+        program = _start(plan)
         os.close(err_w)
         forward = lambda sig, _frame: os.kill(program, sig)  # noqa: E731
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
@@ -554,41 +554,40 @@ def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
     _linux.set_no_new_privs()
 
 
-def _exec(plan: _Plan, err_w: int) -> NoReturn:  # pragma: no cover - child
-    """The program's process: stdio, privileges, then execve (err_w closes on success)."""
+def _start(plan: _Plan) -> int:  # pragma: no cover - child
+    """Start the program from init, already inside: init gives up its own privileges first
+    (it needs none any more), so the program inherits only what is left. ``posix_spawn``
+    (vfork and exec) returns once the program is exec'd, or raises why it could not be."""
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(int(name), False)
     try:
-        # Above the stdio slots, which dup2 is about to overwrite (a caller without a stdin
-        # may have had the pipe made at fd 0).
-        err_w = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, 3)
-        for target, fd in enumerate(plan.stdio):
-            if fd is not None and fd != target:
-                os.dup2(fd, target)
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd > 2 and fd != err_w:
-                with contextlib.suppress(OSError):
-                    os.set_inheritable(fd, False)
-        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        try:
-            os.chdir(plan.cwd)
-        except OSError as exc:
-            raise _stage(f"cwd {plan.cwd!r} inside the image", exc) from None
-        try:
-            _drop_privileges(plan.uid == 0)
-        except OSError as exc:
-            raise _stage("cannot drop privileges", exc) from None
-        try:
-            os.execvpe(plan.argv[0], plan.argv, plan.env)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                raise _Stage(
-                    errno.ENOENT,
-                    f"{plan.argv[0]}: not found in the image (PATH={plan.env.get('PATH', '')})",
-                ) from None
-            raise _stage(f"cannot run {plan.argv[0]}", exc) from None
-    except _Stage as exc:
-        _report(err_w, exc.code, str(exc))
-    except BaseException as exc:  # anything must end in _exit
-        _report(err_w, errno.EIO, f"sandbox: {exc}")
-    os._exit(127)
+        os.chdir(plan.cwd)
+    except OSError as exc:
+        raise _stage(f"cwd {plan.cwd!r} inside the image", exc) from None
+    try:
+        _drop_privileges(plan.uid == 0)
+    except OSError as exc:
+        raise _stage("cannot drop privileges", exc) from None
+    # posix_spawnp searches the PATH of the caller's environment, not of the one it passes on.
+    path = plan.env.get("PATH", DEFAULT_PATH)
+    os.environ["PATH"] = path
+    stdio = [
+        (os.POSIX_SPAWN_DUP2, fd, target)
+        for target, fd in enumerate(plan.stdio)
+        if fd is not None and fd != target
+    ]
+    # Python ignores SIGPIPE and SIGXFSZ, init ignores ^C and ^\: the program must not inherit
+    # that (the handlers init installs are reset by exec anyway).
+    defaults = (signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGXFSZ)
+    try:
+        return os.posix_spawnp(
+            plan.argv[0], plan.argv, plan.env, file_actions=stdio, setsigdef=defaults
+        )
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise _Stage(
+                errno.ENOENT, f"{plan.argv[0]}: not found in the image (PATH={path})"
+            ) from None
+        raise _stage(f"cannot run {plan.argv[0]}", exc) from None
