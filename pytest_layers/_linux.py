@@ -1,4 +1,4 @@
-"""ctypes bindings for the Linux syscalls the mount backends need.
+"""ctypes bindings for the Linux syscalls the mount backends and the sandbox need.
 
 Everything here is a thin, typed wrapper around one syscall that raises
 :class:`~pytest_layers.errors.MountError` (an ``OSError`` carrying ``errno``, the operation and
