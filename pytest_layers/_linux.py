@@ -1,4 +1,4 @@
-"""ctypes bindings for the Linux syscalls the mount backends need.
+"""ctypes bindings for the Linux syscalls the mount backends and the sandbox need.
 
 Everything here is a thin, typed wrapper around one syscall that raises
 :class:`~pytest_layers.errors.MountError` (an ``OSError`` carrying ``errno``, the operation and
@@ -38,6 +38,16 @@ __all__ = [
     "UMOUNT_NOFOLLOW",
     "CLONE_NEWNS",
     "CLONE_NEWUSER",
+    "CLONE_NEWPID",
+    "CLONE_NEWUTS",
+    "CLONE_NEWIPC",
+    "CLONE_NEWNET",
+    "CLONE_NEWCGROUP",
+    "MOUNT_ATTR_NOSUID",
+    "MOUNT_ATTR_NODEV",
+    "MOUNT_ATTR_NOEXEC",
+    "AT_RECURSIVE",
+    "CAP_LAST_CAP",
     "FSOPEN_CLOEXEC",
     "FSCONFIG_SET_FLAG",
     "FSCONFIG_SET_STRING",
@@ -71,6 +81,14 @@ __all__ = [
     "ambient_raise",
     "ambient_is_set",
     "has_effective_cap",
+    "pivot_root",
+    "mount_setattr",
+    "sethostname",
+    "set_no_new_privs",
+    "set_pdeathsig",
+    "bounding_drop",
+    "ambient_clear_all",
+    "open_in_root",
 ]
 
 # mount(2) flags (<linux/mount.h>)
@@ -95,6 +113,11 @@ UMOUNT_NOFOLLOW = 8
 # unshare(2) flags
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWCGROUP = 0x02000000
 
 # new mount API (<linux/mount.h>)
 FSOPEN_CLOEXEC = 1
@@ -104,6 +127,10 @@ FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 1
 MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+AT_RECURSIVE = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 AT_FDCWD = -100
 
@@ -115,9 +142,15 @@ CAP_FOWNER = 3
 CAP_MKNOD = 27
 CAP_SETFCAP = 31
 CAP_SYS_ADMIN = 21
+#: The highest capability number the kernel knows (``/proc/sys/kernel/cap_last_cap``).
+CAP_LAST_CAP = 40
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # prctl(2)
+_PR_SET_PDEATHSIG = 1
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_IS_SET = 1
 _PR_CAP_AMBIENT_RAISE = 2
@@ -128,18 +161,24 @@ _SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {
         "capget": 125,
         "capset": 126,
+        "pivot_root": 155,
         "move_mount": 429,
         "fsopen": 430,
         "fsconfig": 431,
         "fsmount": 432,
+        "mount_setattr": 442,
+        "openat2": 437,
     },
     "aarch64": {
         "capget": 90,
         "capset": 91,
+        "pivot_root": 41,
         "move_mount": 429,
         "fsopen": 430,
         "fsconfig": 431,
         "fsmount": 432,
+        "mount_setattr": 442,
+        "openat2": 437,
     },
 }
 _ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
@@ -166,6 +205,8 @@ _libc.prctl.argtypes = [
 ]
 _libc.prctl.restype = ctypes.c_int
 _libc.syscall.restype = ctypes.c_long
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.sethostname.restype = ctypes.c_int
 
 
 def _syscall_number(name: str) -> int:
@@ -412,3 +453,113 @@ def ambient_is_set(cap: int) -> bool:
 def has_effective_cap(cap: int) -> bool:
     """Whether ``cap`` is in this thread's effective set (in its own user namespace)."""
     return bool(capget().effective & (1 << cap))
+
+
+def pivot_root(new_root: str | os.PathLike[str], put_old: str | os.PathLike[str]) -> None:
+    """``pivot_root(2)``: make ``new_root`` the root mount of this mount namespace.
+
+    Unlike ``chroot``, the old root stops being reachable once it is unmounted, whatever the
+    process does with ``chdir("..")`` afterwards (the double-chroot escape needs a root above).
+    """
+    ret = _libc.syscall(
+        ctypes.c_long(_syscall_number("pivot_root")),
+        ctypes.c_char_p(os.fsencode(new_root)),
+        ctypes.c_char_p(os.fsencode(put_old)),
+    )
+    if ret < 0:
+        raise _fail("pivot_root", os.fsdecode(new_root))
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def mount_setattr(
+    path: str | os.PathLike[str],
+    attr_set: int,
+    *,
+    attr_clr: int = 0,
+    recursive: bool = True,
+    dirfd: int = AT_FDCWD,
+) -> None:
+    """``mount_setattr(2)`` (Linux >= 5.12): change only the given attributes of the mount at
+    ``path`` (and of every mount below it when ``recursive``). A remount would have to repeat
+    every flag the kernel locked on a mount inherited from a more privileged namespace."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    ret = _libc.syscall(
+        ctypes.c_long(_syscall_number("mount_setattr")),
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.c_uint(AT_RECURSIVE if recursive else 0),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    if ret < 0:
+        raise _fail("mount_setattr", os.fsdecode(path))
+
+
+def sethostname(name: str) -> None:
+    """``sethostname(2)`` in the calling process's UTS namespace."""
+    raw = name.encode()
+    if _libc.sethostname(raw, len(raw)) != 0:
+        raise _fail("sethostname", name)
+
+
+def _prctl(option: int, arg: int, what: str) -> None:
+    if _libc.prctl(option, arg, 0, 0, 0) != 0:
+        raise _fail("prctl", what)
+
+
+def set_no_new_privs() -> None:
+    """``PR_SET_NO_NEW_PRIVS``: execve never grants privileges again (setuid bits and file
+    capabilities are ignored) for this process and all its descendants."""
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+
+
+def set_pdeathsig(sig: int) -> None:
+    """``PR_SET_PDEATHSIG``: the kernel sends ``sig`` to this process when its parent dies."""
+    _prctl(_PR_SET_PDEATHSIG, sig, "PR_SET_PDEATHSIG")
+
+
+def bounding_drop(cap: int) -> None:
+    """``PR_CAPBSET_DROP``: no later execve can give this process ``cap`` back."""
+    _prctl(_PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP, {cap}")
+
+
+def ambient_clear_all() -> None:
+    """Empty this thread's ambient capability set."""
+    if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        raise _fail("prctl", "PR_CAP_AMBIENT_CLEAR_ALL")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
+
+
+def open_in_root(root_fd: int, path: str, flags: int) -> int:
+    """``openat2(2)`` with ``RESOLVE_IN_ROOT``: open ``path`` as if ``root_fd`` were ``/``.
+
+    Absolute symlinks and ``..`` met on the way stay inside ``root_fd`` (Linux >= 5.6), which is
+    how a path an image controls is resolved without trusting its symlinks.
+    """
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    ret = _libc.syscall(
+        ctypes.c_long(_syscall_number("openat2")),
+        ctypes.c_int(root_fd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise _fail("openat2", path, err)
+    return int(ret)

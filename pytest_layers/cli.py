@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from pytest_layers.errors import LayersError
 
 if TYPE_CHECKING:
     from pytest_layers.backends.base import Backend, View
+    from pytest_layers.sandbox import Bind
     from pytest_layers.store import LayerInfo, SnapshotInfo, Store
 
 __all__ = ["main", "build_parser", "default_store_path"]
@@ -378,16 +378,6 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_program(root: Path, program: str) -> bool:
-    if "/" in program:
-        rel = program.lstrip("/")
-        return _exists_inside(root, rel)
-    for d in ("usr/local/sbin", "usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin"):
-        if _exists_inside(root, f"{d}/{program}"):
-            return True
-    return False
-
-
 def _exists_inside(root: Path, rel: str) -> bool:
     """Whether ``rel`` exists in ``root`` treating ``root`` as ``/`` (symlinks resolved inside)."""
     parts = [p for p in rel.split("/") if p not in ("", ".")]
@@ -415,32 +405,29 @@ def _exists_inside(root: Path, rel: str) -> bool:
     return True
 
 
-def _borrow_host_tools(view_path: Path) -> list[str]:
-    """Bind the host's program directories, read-only, where the image has none of its own."""
-    from pytest_layers import _linux
+def _borrow_host_tools(view_path: Path) -> list[Bind]:
+    """The host's program directories the image has none of, to bind read-only into the sandbox
+    (``--host-tools``). Links such as ``/bin -> usr/bin`` are copied into the throw-away view."""
+    from pytest_layers.sandbox import Bind
 
-    borrowed: list[str] = []
+    binds: list[Bind] = []
     links = []
     for name in _HOST_TOOL_DIRS:
         host = Path("/") / name
-        inside = view_path / name
-        if not os.path.lexists(host) or os.path.lexists(inside):
+        if not os.path.lexists(host) or os.path.lexists(view_path / name):
             continue
         if host.is_symlink():  # merged-/usr systems: /bin -> usr/bin
             links.append((name, os.readlink(host)))
             continue
-        inside.mkdir()
-        _linux.mount(host, inside, None, _linux.MS_BIND | _linux.MS_REC)
-        _linux.mount(None, inside, None, _linux.MS_REMOUNT | _linux.MS_BIND | _linux.MS_RDONLY)
-        borrowed.append(f"/{name}")
+        binds.append(Bind(host, f"/{name}"))
     # A link such as /bin -> usr/bin lends the host's programs only when its target directory
     # was lent too; into an image with its own /usr it would point at the image's programs.
+    lent = {bind.target for bind in binds}
     for name, target in links:
         parts = Path(target.lstrip("/")).parts
-        if parts and f"/{parts[0]}" in borrowed:
+        if parts and f"/{parts[0]}" in lent:
             os.symlink(target, view_path / name)
-            borrowed.append(f"/{name}")
-    return borrowed
+    return binds
 
 
 def _enter_namespace() -> bool:
@@ -466,18 +453,22 @@ def _enter_namespace() -> bool:
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
+    import signal
+
     from pytest_layers.backends import detect
+    from pytest_layers.sandbox import DEFAULT_PATH, Sandbox
 
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     interactive = not command
     if interactive:
-        command = [os.environ.get("SHELL") or "/bin/sh"]
+        # The image's own shell: a host $SHELL would not exist inside, nor run confined.
+        command = ["/bin/sh"]
     store = _store(args)
     cid = store.resolve(args.ref)
     chain = store.chain(_seen_chain(store, args.ref, cid))
-    isolated = _enter_namespace()
+    _enter_namespace()
     with store.staging() as scratch_root:
         backend, _skipped = detect.choose_backend(
             args.backend, scratch_root / "probe", flavor=store.flavor
@@ -487,58 +478,42 @@ def cmd_shell(args: argparse.Namespace) -> int:
         view = backend.open(_lowers(store, chain), scratch, flavor=store.flavor)
         try:
             root = view.path
-            chroot = isolated
-            if isolated and not _find_program(root, command[0]):
-                borrowed = _borrow_host_tools(root) if args.host_tools else []
-                if _find_program(root, command[0]) or (
-                    "/" not in command[0] and shutil.which(command[0]) and borrowed
-                ):
-                    if borrowed:
-                        print(
-                            f"{PROG}: note: the image has no {command[0]}; the host's "
-                            f"{', '.join(borrowed)} are bound read-only into this throw-away view",
-                            file=sys.stderr,
-                        )
-                else:
-                    chroot = False
-                    print(
-                        f"{PROG}: note: the image has no {command[0]} and the host's programs "
-                        f"cannot be borrowed without hiding its own /usr or /bin; running "
-                        f"{command[0]} from the host in {root} (absolute paths are the host's)",
-                        file=sys.stderr,
-                    )
+            binds = _borrow_host_tools(root) if args.host_tools else []
+            if binds:
+                print(
+                    f"{PROG}: note: bound read-only from the host into the sandbox "
+                    f"(--host-tools): {', '.join(b.target for b in binds)}",
+                    file=sys.stderr,
+                )
+            # (With host tools lent, the sandbox itself says whether /bin/sh is found.)
+            if interactive and not binds and not _exists_inside(root, "bin/sh"):
+                raise CommandError(
+                    f"{args.ref} has no /bin/sh; name a program of the image after `--` "
+                    f"(`{PROG} shell {args.ref} -- /path/in/image`), or pass --host-tools to "
+                    "bind the host's /usr, /bin, /lib read-only into it"
+                )
             if interactive:
                 print(
                     f"{PROG}: shell in {args.ref} ({_short(cid)}); changes are thrown away on exit",
                     file=sys.stderr,
                 )
-            env = dict(os.environ)
-            env["PYTEST_LAYERS_REF"] = args.ref
+            # Only what the shell needs: the host's environment (tokens, paths) is not the
+            # image's business.
+            env = {"PATH": DEFAULT_PATH, "HOME": "/root", "PYTEST_LAYERS_REF": args.ref}
+            if "TERM" in os.environ:
+                env["TERM"] = os.environ["TERM"]
             if interactive:
-                env.setdefault("PS1", f"[layers {_short(cid)}] \\w \\$ ")
-            preexec = None
-            if chroot:
-                root_s = os.fsdecode(root)
-
-                def preexec() -> None:
-                    os.chroot(root_s)
-                    os.chdir("/")
-
+                env["PS1"] = f"[layers {_short(cid)}] \\w \\$ "
+            sandbox = Sandbox(root, hostname=f"layers-{_short(cid)}", binds=binds)
             sys.stdout.flush()
             sys.stderr.flush()
+            # Like system(3): ^C and ^\ belong to the program, which decides whether to die.
+            saved = [signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGQUIT)]
             try:
-                proc = subprocess.run(
-                    command,
-                    cwd=None if chroot else root,
-                    env=env,
-                    preexec_fn=preexec,
-                    check=False,
-                )
-            except FileNotFoundError:
-                raise CommandError(
-                    f"{command[0]}: command not found in the view of {args.ref}"
-                ) from None
-            rc = proc.returncode
+                rc = sandbox.run(command, env=env)
+            finally:
+                signal.signal(signal.SIGINT, saved[0])
+                signal.signal(signal.SIGQUIT, saved[1])
             return 128 - rc if rc < 0 else rc
         finally:
             view.close()
@@ -702,10 +677,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "shell",
-        help="Run a shell (or CMD) in a writable throw-away view of REF",
-        description="Open a private writable view of REF, run $SHELL (or CMD) with the view "
-        "as its root, and throw the view away on exit. The exit code is CMD's.",
-        usage=f"{PROG} shell [-h] [--backend NAME] [--no-host-tools] REF [-- CMD ...]",
+        help="Run the image's /bin/sh (or CMD) confined in a throw-away view of REF",
+        description="Open a private writable view of REF, run the image's /bin/sh (or CMD) "
+        "inside it, confined in namespaces with the view as its root (pivot_root, no new "
+        "privileges, reduced capabilities, network: loopback only), and throw the view away on "
+        "exit. The exit code is CMD's.",
+        usage=f"{PROG} shell [-h] [--backend NAME] [--host-tools] REF [-- CMD ...]",
     )
     p.add_argument("ref", metavar="REF")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD")
@@ -716,10 +693,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Mount backend (default: auto)",
     )
     p.add_argument(
-        "--no-host-tools",
+        "--host-tools",
         dest="host_tools",
-        action="store_false",
-        help="Do not bind the host's /usr, /bin, /lib into an image that has no programs",
+        action="store_true",
+        help="Bind the host's /usr, /bin, /lib read-only into an image that has none",
+    )
+    # The default until 0.x was to borrow; the old opt-out stays accepted.
+    p.add_argument(
+        "--no-host-tools", dest="host_tools", action="store_false", help=argparse.SUPPRESS
     )
     p.set_defaults(func=cmd_shell)
 

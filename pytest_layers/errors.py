@@ -27,6 +27,7 @@ __all__ = [
     "LayerDefinitionError",
     "NoSpaceError",
     "InvalidImageError",
+    "SandboxError",
 ]
 
 
@@ -162,3 +163,14 @@ class InvalidImageError(LayersError, ValueError):
         self.what = what
         self.reason = reason
         super().__init__(f"{what}: {reason}")
+
+
+class SandboxError(LayersError, OSError):
+    """A program could not be started inside an image: the sandbox could not be set up, or the
+    program is not in the image (``errno.ENOENT``). The message names the step and the cause."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from treeutil import build_layer, make_tree
+from treeutil import build_layer, busybox_tree, make_tree
 
 from pytest_layers import _linux, cli, layertar
 from pytest_layers.store import Store
@@ -143,45 +143,85 @@ def test_default_store_is_under_the_pytest_rootdir(tmp_path: Path) -> None:
     assert str(tmp_path / "proj/.pytest_cache/layers") in proc.stderr
 
 
+def _busybox_store(root: Path) -> Path:
+    st = Store(root / "store")
+    tree = busybox_tree(root / "tree", {"etc/x": "from image\n"})
+    build_layer(st, None, tree, "bb")
+    return st.root
+
+
 @pytest.mark.requires_overlay
-def test_shell_runs_a_command_in_the_image_and_discards_writes(store: Path) -> None:
+@pytest.mark.requires_tool("busybox")
+# "self" is whoever runs the suite (root, or the test user in CI's second pass); "user" is root
+# switching to the test user.
+@pytest.mark.parametrize("who", ["self", "user"])
+def test_shell_runs_the_image_shell_and_discards_writes(
+    tmp_path: Path, who: str, request: pytest.FixtureRequest
+) -> None:
+    command = [sys.executable, "-m", "pytest_layers.cli"]
+    if who == "user":
+        from conftest import TEST_USER
+
+        base = request.getfixturevalue("user_tmp_path")
+        store = _busybox_store(base)
+        subprocess.run(["chown", "-R", f"{TEST_USER}:", os.fspath(base)], check=True)
+        pythonpath = f"PYTHONPATH={Path(cli.__file__).parent.parent}"
+        command = ["runuser", "-u", TEST_USER, "--", "env", pythonpath, *command]
+    else:
+        store = _busybox_store(tmp_path)
+
+    def shell(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*command, "--store", str(store), "shell", "bb", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     before = layer_digests(store)
-    proc = run("shell", "app", "--", "cat", "/etc/x", store=store)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "from app\n"
-    proc = run(
-        "shell",
-        "app",
-        "--",
-        "sh",
-        "-c",
-        "echo changed > /etc/x; rm /etc/app.conf; exit 7",
-        store=store,
-    )
-    assert proc.returncode == 7, proc.stderr
-    assert run("shell", "app", "--", "cat", "/etc/x", store=store).stdout == "from app\n"
-    assert run("shell", "app", "--", "ls", "/etc", store=store).stdout.split() == [
-        "app.conf",
-        "x",
-    ]
+    proc = shell("--", "/bin/sh", "-c", "echo hi; exit 3")
+    assert (proc.returncode, proc.stdout) == (3, "hi\n"), proc.stderr
+    proc = shell("--", "sh", "-c", "echo changed > /etc/x; rm /bin/cat; id -u")
+    assert (proc.returncode, proc.stdout) == (0, "0\n"), proc.stderr
+    proc = shell("--", "cat", "/etc/x")
+    assert (proc.returncode, proc.stdout) == (0, "from image\n"), proc.stderr
+    # Without a command: the image's own /bin/sh, here reading its commands from stdin.
+    proc = shell(stdin="echo $PYTEST_LAYERS_REF; readlink /proc/self/exe; exit 5\n")
+    assert (proc.returncode, proc.stdout) == (5, "bb\n/bin/busybox\n"), proc.stderr
     assert layer_digests(store) == before
-    assert run("verify", store=store).returncode == 0
     assert list((store / "tmp").iterdir()) == []
 
 
-def test_shell_in_an_image_with_its_own_usr_but_no_shell(tmp_path: Path) -> None:
-    # On a merged-/usr host, /bin is a link to usr/bin: lending that link to an image that has a
-    # /usr of its own would point at the image's (shell-less) /usr/bin.
-    st = Store(tmp_path / "store")
-    tree = make_tree(tmp_path / "tree", {"usr/share/doc/readme": "docs\n", "etc/x": "own usr\n"})
-    build_layer(st, None, tree, "ownusr")
-    # Without a shell of its own and with its /usr in the way, the host's cat runs with the
-    # view's root as its working directory, and says so.
-    proc = run("shell", "ownusr", "--", "cat", "etc/x", store=st.root)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "own usr\n"
-    assert "the image has no cat" in proc.stderr
-    assert "(absolute paths are the host's)" in proc.stderr
+@pytest.mark.requires_overlay
+def test_shell_without_a_shell_in_the_image(store: Path) -> None:
+    # The image has no programs: a one-line error, never a host shell outside the sandbox.
+    proc = run("shell", "app", store=store)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "pytest-layers: error: app has no /bin/sh; name a program of the image after `--` "
+        "(`pytest-layers shell app -- /path/in/image`), or pass --host-tools to bind the "
+        "host's /usr, /bin, /lib read-only into it"
+    ]
+    proc = run("shell", "app", "--", "cat", "/etc/x", store=store)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "pytest-layers: error: cat: not found in the image "
+        "(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)\n"
+    )
+    assert list((store / "tmp").iterdir()) == []
+
+
+@pytest.mark.requires_overlay
+def test_shell_with_host_tools_binds_them_read_only(store: Path) -> None:
+    proc = run(
+        "shell", "--host-tools", "app", "--", "sh", "-c", "cat /etc/x; touch /usr/x", store=store
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == "from app\n"
+    assert "Read-only file system" in proc.stderr
+    assert "(--host-tools)" in proc.stderr
+    assert not Path("/usr/x").exists()
 
 
 @pytest.mark.requires_root

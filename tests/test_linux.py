@@ -99,3 +99,23 @@ def test_new_mount_api_and_legacy_mount_in_a_private_namespace(tmp_path: Path) -
         "seen": [str(tmp_path / "a"), str(tmp_path / "b")],
         "left": [],
     }
+
+
+def test_open_in_root_keeps_absolute_symlinks_and_dotdot_inside(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/hostname").write_text("inside\n")
+    os.symlink("/etc", root / "abs")
+    os.symlink("../../../../../../../etc", root / "up")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for path in ("abs/hostname", "up/hostname", "/../etc/hostname"):
+            file_fd = _linux.open_in_root(fd, path, os.O_RDONLY)
+            with os.fdopen(file_fd) as f:
+                assert f.read() == "inside\n"
+        # The host's /etc/passwd exists; the root's does not.
+        with pytest.raises(MountError) as info:
+            _linux.open_in_root(fd, "abs/passwd", os.O_RDONLY)
+        assert info.value.errno == errno.ENOENT
+    finally:
+        os.close(fd)

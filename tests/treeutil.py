@@ -46,6 +46,8 @@ __all__ = [
     "build_layer",
     "default_xattr_filter",
     "type_name",
+    "BUSYBOX",
+    "busybox_tree",
 ]
 
 _TYPES = {
@@ -252,3 +254,25 @@ def build_layer(store: Store, parent: str | None, tree: Path, name: str | None) 
         staged.mkdir()
         write_layer(entries, staged, flavor=store.flavor)
         return store.add_layer(staged, parent=parent, name=name, source="build").chain_id
+
+
+#: Debian's busybox-static: one static binary, so an image made of it runs anywhere.
+BUSYBOX = Path("/bin/busybox")
+_APPLETS = (
+    *("sh", "cat", "echo", "ls", "id", "hostname", "mount", "umount", "ps", "sleep", "touch"),
+    *("grep", "head", "tail", "cut", "wc", "readlink", "kill"),
+)
+
+
+def busybox_tree(root: Path, files: Mapping[str, Any] | None = None) -> Path:
+    """A minimal image tree: ``bin/busybox`` (copied from the host's busybox-static) with applet
+    links (``bin/sh``, ``bin/cat``...), empty ``etc``, ``tmp``, ``proc``, ``dev``, plus ``files``
+    as :func:`make_tree` takes them."""
+    make_tree(root, {"etc": None, "tmp": None, "proc": None, "dev": None, **(files or {})})
+    (root / "bin").mkdir(exist_ok=True)
+    target = root / "bin/busybox"
+    target.write_bytes(BUSYBOX.read_bytes())
+    target.chmod(0o755)
+    for applet in _APPLETS:
+        os.symlink("busybox", root / "bin" / applet)
+    return root

@@ -1,0 +1,593 @@
+"""Run a program with a directory as its root, confined as a container runtime would.
+
+:class:`Sandbox` is the one home of "run code from an image": ``pytest-layers shell`` uses it,
+and so can ``Rootfs.run()``. The program gets, in this order (docs/reference/cli.md says the
+same for users, under ``shell``):
+
+* a new **user namespace** (as root too): uid 0 inside is the caller outside (an ordinary user)
+  or real root with every id mapped to itself (root). Capabilities then only reach what the
+  namespace owns: no device nodes, no module loading, no raw I/O, even for "root";
+* new **mount, PID, UTS, IPC, cgroup and network** namespaces (network ``"none"``: only ``lo``,
+  up; ``"host"`` keeps the host's);
+* the view as ``/`` by ``pivot_root`` (never ``chroot``), the old root detached, so no chain of
+  ``chroot``/``chdir("..")`` reaches the host; every mount of the view ``nosuid,nodev``;
+* a fresh ``/proc`` of its own PID namespace with the host-wide knobs read-only or masked as
+  Docker does (``/proc/sys``, ``/proc/sysrq-trigger``, ``/proc/kcore``...), no ``/sys``;
+* a ``/dev`` tmpfs holding only null, zero, full, random, urandom and tty (bound from the
+  host), a private ``pts`` and ``shm``;
+* ``PR_SET_NO_NEW_PRIVS`` and only :data:`KEPT_CAPS` in its bounding set.
+
+Process tree: the caller forks a *keeper* that unshares the namespaces and forks the *init*
+(PID 1 of the new PID namespace). Init sets up the mounts, pivots, drops its own privileges,
+starts the program (``posix_spawn``) and reaps; when the program exits, init reports its status
+and exits, and the kernel kills whatever the program left behind (a PID namespace dies with its
+init). Keeper and init get ``SIGKILL`` when their parent dies, so nothing outlives the caller.
+Fork is used, not ``clone``, so it works from a threaded caller too: the forked child is
+single-threaded, as ``unshare(CLONE_NEWUSER)`` requires. A caller with threads must not hold
+locks the child needs (the child only makes syscalls and small Python objects).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import socket
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from pytest_layers import _linux
+from pytest_layers.errors import SandboxError
+
+__all__ = ["KEPT_CAPS", "DEFAULT_PATH", "Bind", "Sandbox", "SandboxProcess"]
+
+#: Docker's default capability set minus CAP_NET_RAW (raw sockets give nothing on a loopback-only
+#: network and were the way in for CVE-2020-14386). CAP_SYS_CHROOT stays: after ``pivot_root``
+#: with the old root detached there is nothing above ``/`` to climb to, and installers chroot.
+KEPT_CAPS = (
+    0,  # CAP_CHOWN
+    1,  # CAP_DAC_OVERRIDE
+    3,  # CAP_FOWNER
+    4,  # CAP_FSETID
+    5,  # CAP_KILL
+    6,  # CAP_SETGID
+    7,  # CAP_SETUID
+    8,  # CAP_SETPCAP
+    10,  # CAP_NET_BIND_SERVICE
+    18,  # CAP_SYS_CHROOT
+    27,  # CAP_MKNOD (device nodes stay refused: they need the initial user namespace)
+    29,  # CAP_AUDIT_WRITE
+    31,  # CAP_SETFCAP
+)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# Docker's lists (moby oci/defaults.go): host-wide knobs stay readable but not writable, and
+# files that leak host state are covered.
+_PROC_READONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
+_PROC_MASKED_FILES = ("kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug")
+_PROC_MASKED_DIRS = ("acpi", "asound", "scsi")
+_NAMESPACES = (
+    _linux.CLONE_NEWUSER
+    | _linux.CLONE_NEWNS
+    | _linux.CLONE_NEWPID
+    | _linux.CLONE_NEWUTS
+    | _linux.CLONE_NEWIPC
+    | _linux.CLONE_NEWCGROUP
+)
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path shown inside at ``target`` (read-only unless ``readonly=False``)."""
+
+    source: Path
+    target: str
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """Where and how programs run: ``root`` (a directory, usually a mounted view) becomes ``/``.
+
+    ``network`` is ``"none"`` (own namespace, loopback only) or ``"host"``. ``binds`` are mounted
+    after everything else, targets resolved inside ``root``. Missing ``/proc``, ``/dev`` and bind
+    targets are created in ``root``.
+    """
+
+    root: Path
+    network: str = "none"
+    hostname: str = "pytest-layers"
+    binds: Sequence[Bind] = ()
+
+    def __post_init__(self) -> None:
+        if self.network not in ("none", "host"):
+            raise ValueError(f"network={self.network!r}: use 'none' or 'host'")
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        stdin: int | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+    ) -> SandboxProcess:
+        """Start ``argv`` inside; returns once it is exec'd. ``env`` replaces the environment
+        (default: ``PATH`` and ``HOME=/root`` only); ``stdin``... are fds (default: ours).
+
+        Raises :class:`SandboxError` (one line) when the sandbox cannot be set up or the
+        program cannot be started (``errno.ENOENT``: not in the image).
+        """
+        if not argv:
+            raise ValueError("argv is empty: name the program to run")
+        environ = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "HOME": "/root"}
+        err_r, err_w = os.pipe()
+        status_r, status_w = os.pipe()
+        uid, gid, caller = os.geteuid(), os.getegid(), os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (err_r, err_w, status_r, status_w):
+                os.close(fd)
+            raise
+        if pid == 0:  # pragma: no cover - runs in the child (measured by its effects)
+            os.close(err_r)
+            os.close(status_r)
+            _child(
+                _Plan(self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid, caller),
+                err_w,
+                status_w,
+            )
+        os.close(err_w)
+        os.close(status_w)
+        proc = SandboxProcess(pid, status_r)
+        try:
+            message = _read_all(err_r)
+        except BaseException:  # ^C while it starts: nothing may keep running unsupervised
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            os.close(err_r)
+        if message:
+            proc.wait()
+            code, _, text = message.decode(errors="replace").partition(":")
+            raise SandboxError(int(code) if code.isdigit() else errno.EIO, text)
+        return proc
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        stdin: int | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+    ) -> int:
+        """:meth:`spawn`, then wait: the program's exit status, ``-N`` when signal N ended it."""
+        proc = self.spawn(argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr)
+        try:
+            return proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+
+
+class SandboxProcess:
+    """A running sandbox: ``pid`` is the keeper's (killing it ends every process inside)."""
+
+    def __init__(self, pid: int, status_fd: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._status_fd = status_fd
+
+    def wait(self) -> int:
+        """Wait for the program; its exit status, or ``-N`` when signal N ended it."""
+        if self.returncode is not None:
+            return self.returncode
+        _, status = os.waitpid(self.pid, 0)
+        reported = _read_all(self._status_fd).decode()
+        os.close(self._status_fd)
+        keeper = os.waitstatus_to_exitcode(status)
+        # Without a report from init (the keeper or init was killed), the keeper's own end.
+        self.returncode = int(reported) if reported else keeper
+        return self.returncode
+
+    def kill(self) -> None:
+        """End the program and everything it started with ``SIGKILL``; :meth:`wait` then
+        returns once no process of the sandbox is left."""
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class _Plan:
+    box: Sandbox
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    stdio: tuple[int | None, int | None, int | None]
+    uid: int
+    gid: int
+    caller: int
+
+
+class _Stage(Exception):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def _stage(what: str, exc: OSError) -> _Stage:
+    return _Stage(exc.errno or errno.EIO, f"{what}: {exc.strerror or exc}")
+
+
+def _child(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cover - child
+    """The keeper: never returns (a forked copy of the caller must not run the caller's code)."""
+    code = 125
+    try:
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+        _linux.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != plan.caller:
+            os._exit(125)  # the caller died before the line above: nobody wants us any more
+        _enter_namespaces(plan)
+        init = os.fork()
+        if init == 0:
+            _init(plan, err_w, status_w)
+        os.close(err_w)
+        os.close(status_w)
+        # SIGTERM from the caller (SandboxProcess.kill) ends init; the kernel then kills the
+        # rest, and init is reaped only once its PID namespace is empty, so our exit means "all
+        # gone". (Should the caller die instead, each of us gets SIGKILL from PR_SET_PDEATHSIG.)
+        signal.signal(signal.SIGTERM, lambda _sig, _frame: os.kill(init, signal.SIGKILL))
+        _, status = os.waitpid(init, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            # Die of the same signal, so that the caller's wait() says -N as subprocess does.
+            with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
+                signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+            code = 128 - code
+    except _Stage as exc:
+        _report(err_w, exc.code, str(exc))
+    except BaseException as exc:  # anything must end in _exit, never unwind
+        _report(err_w, errno.EIO, f"sandbox: {exc}")
+    os._exit(code)
+
+
+def _report(fd: int, code: int, text: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, f"{code}:{text}".encode(errors="replace"))
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
+    flags = _NAMESPACES | (_linux.CLONE_NEWNET if plan.box.network == "none" else 0)
+    mapper = go_w = -1
+    if plan.uid == 0:
+        # A map beyond one's own id must be written from the parent namespace, with CAP_SETUID
+        # there: a helper left behind outside writes it once we are inside. An ordinary user
+        # maps only its own id, which it may write itself.
+        go_r, go_w = os.pipe()
+        mapper = os.fork()
+        if mapper == 0:
+            os.close(go_w)
+            _write_maps(plan, os.getppid(), go_r)
+        os.close(go_r)
+    try:
+        _linux.unshare(flags)
+    except OSError as exc:
+        if mapper > 0:
+            os.close(go_w)
+            os.waitpid(mapper, 0)
+        raise _stage(
+            "cannot create the sandbox's namespaces (user, mount, pid, uts, ipc, net): a "
+            "seccomp filter, an LSM policy or a sysctl forbids them",
+            exc,
+        ) from None
+    if mapper > 0:
+        os.write(go_w, b"1")
+        os.close(go_w)
+        _, status = os.waitpid(mapper, 0)
+        mapped = os.waitstatus_to_exitcode(status) == 0
+    else:
+        mapped = _maps(plan, "self")
+    if not mapped:
+        raise _Stage(errno.EPERM, "cannot write the sandbox's uid and gid maps")
+    try:
+        _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
+        _linux.sethostname(plan.box.hostname)
+        if plan.box.network == "none":
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", _IFF_UP))
+    except OSError as exc:
+        raise _stage("cannot set up the sandbox's namespaces", exc) from None
+
+
+def _maps(plan: _Plan, pid: str) -> bool:  # pragma: no cover - child
+    try:
+        if plan.uid == 0:
+            # Root stays root with real ids: every id maps to itself.
+            _write(f"/proc/{pid}/uid_map", "0 0 4294967295")
+            _write(f"/proc/{pid}/gid_map", "0 0 4294967295")
+        else:
+            _write(f"/proc/{pid}/setgroups", "deny")
+            _write(f"/proc/{pid}/uid_map", f"0 {plan.uid} 1")
+            _write(f"/proc/{pid}/gid_map", f"0 {plan.gid} 1")
+    except OSError:
+        return False
+    return True
+
+
+def _write_maps(plan: _Plan, pid: int, go_r: int) -> NoReturn:  # pragma: no cover - child
+    code = 1
+    try:
+        if os.read(go_r, 1) and _maps(plan, str(pid)):
+            code = 0
+    except BaseException:  # the keeper reports the failure
+        pass
+    os._exit(code)
+
+
+def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cover - child
+    """PID 1 inside: mounts, pivot_root, drop privileges, then start the program and reap
+    until it exits; exits itself right after, which ends whatever the program left."""
+    try:
+        _linux.set_pdeathsig(signal.SIGKILL)
+        _build_root(plan.box)
+        program = _start(plan)
+        os.close(err_w)
+        forward = lambda sig, _frame: os.kill(program, sig)  # noqa: E731
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, forward)
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == program:
+                break
+        code = os.waitstatus_to_exitcode(status)
+        os.write(status_w, str(code).encode())
+        os._exit(0)
+    except _Stage as exc:
+        _report(err_w, exc.code, str(exc))
+    except BaseException as exc:  # anything must end in _exit
+        _report(err_w, errno.EIO, f"sandbox: {exc}")
+    os._exit(125)
+
+
+def _inside(root_fd: int, rel: str, *, directory: bool = True) -> int:
+    """An ``O_PATH`` fd of ``rel`` resolved inside the root (the image's symlinks stay inside),
+    made when missing."""
+    flags = os.O_PATH | (os.O_DIRECTORY if directory else 0)
+    try:
+        return _linux.open_in_root(root_fd, rel, flags)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+    _make_inside(root_fd, rel, directory=directory)
+    return _linux.open_in_root(root_fd, rel, flags)
+
+
+def _make_inside(root_fd: int, rel: str, *, directory: bool, hops: int = 0) -> None:
+    """``mkdir -p`` (or touch) ``rel`` inside the root. A dangling symlink on the way (an
+    image's ``/dev -> /somewhere``) gets its target made, resolved inside the root as well."""
+    if hops > 40:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), rel)
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    for i, name in enumerate(parts):
+        last = i == len(parts) - 1
+        try:
+            os.close(_linux.open_in_root(root_fd, "/".join(parts[: i + 1]), os.O_PATH))
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        parent = _linux.open_in_root(root_fd, "/".join(parts[:i]) or ".", os.O_PATH)
+        try:
+            if directory or not last:
+                os.mkdir(name, 0o755, dir_fd=parent)
+            else:
+                flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                os.close(os.open(name, flags, 0o644, dir_fd=parent))
+        except FileExistsError:
+            target = os.readlink(name, dir_fd=parent)
+            base = "" if target.startswith("/") else "/".join(parts[:i])
+            _make_inside(
+                root_fd, f"{base}/{target}", directory=directory or not last, hops=hops + 1
+            )
+        finally:
+            os.close(parent)
+
+
+def _at(fd: int) -> str:
+    # mount(2) follows this magic link to the very inode the fd holds: a mount target the image
+    # cannot redirect between our check and the mount.
+    return f"/proc/self/fd/{fd}"
+
+
+def _build_root(box: Sandbox) -> None:  # pragma: no cover - child
+    root = os.fsdecode(os.path.abspath(box.root))
+    step = "bind the view"
+    try:
+        _linux.mount(root, root, None, _linux.MS_BIND | _linux.MS_REC)
+        _linux.mount_setattr(root, _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NODEV)
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+        step = "mount /proc"
+        fd = _inside(root_fd, "proc")
+        _linux.mount("proc", _at(fd), "proc", _linux.MS_NOSUID | _linux.MS_NODEV | _linux.MS_NOEXEC)
+        os.close(fd)
+        step = "make /dev"
+        _build_dev(root_fd)
+        for bind in box.binds:
+            step = f"bind {bind.source} at {bind.target}"
+            fd = _inside(root_fd, bind.target.strip("/"), directory=os.path.isdir(bind.source))
+            _linux.mount(os.fspath(bind.source), _at(fd), None, _linux.MS_BIND | _linux.MS_REC)
+            os.close(fd)
+            fd = _linux.open_in_root(root_fd, bind.target.strip("/"), os.O_PATH)
+            attrs = _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NODEV
+            _linux.mount_setattr(
+                _at(fd), attrs | (_linux.MOUNT_ATTR_RDONLY if bind.readonly else 0)
+            )
+            os.close(fd)
+        step = "pivot_root into the view"
+        os.fchdir(root_fd)
+        os.close(root_fd)
+        # The old root ends up stacked on the new one; detaching it leaves nothing above "/".
+        _linux.pivot_root(".", ".")
+        _linux.umount2(".", _linux.MNT_DETACH)
+        os.chdir("/")
+        step = "protect /proc"
+        _protect_proc()
+    except OSError as exc:
+        raise _stage(f"cannot {step} in {root}", exc) from None
+
+
+def _build_dev(root_fd: int) -> None:  # pragma: no cover - child
+    fd = _inside(root_fd, "dev")
+    _linux.mount(
+        "tmpfs", _at(fd), "tmpfs", _linux.MS_NOSUID | _linux.MS_NOEXEC, "mode=0755,size=1m"
+    )
+    os.close(fd)
+    dev = _linux.open_in_root(root_fd, "dev", os.O_DIRECTORY)
+    try:
+        for name in _DEVICES:
+            os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o666, dir_fd=dev))
+            node = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dev)
+            _linux.mount(f"/dev/{name}", _at(node), None, _linux.MS_BIND)
+            os.close(node)
+            node = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dev)
+            _linux.mount_setattr(
+                _at(node), _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NOEXEC, recursive=False
+            )
+            os.close(node)
+        for name in ("pts", "shm"):
+            os.mkdir(name, 0o755, dir_fd=dev)
+        pts = os.open("pts", os.O_PATH, dir_fd=dev)
+        _linux.mount(
+            "devpts",
+            _at(pts),
+            "devpts",
+            _linux.MS_NOSUID | _linux.MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        )
+        os.close(pts)
+        shm = os.open("shm", os.O_PATH, dir_fd=dev)
+        _linux.mount(
+            "shm", _at(shm), "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV, "mode=1777,size=64m"
+        )
+        os.close(shm)
+        links = {
+            "ptmx": "pts/ptmx",
+            "fd": "/proc/self/fd",
+            "stdin": "/proc/self/fd/0",
+            "stdout": "/proc/self/fd/1",
+            "stderr": "/proc/self/fd/2",
+        }
+        for name, target in links.items():
+            os.symlink(target, name, dir_fd=dev)
+    finally:
+        os.close(dev)
+
+
+def _protect_proc() -> None:  # pragma: no cover - child
+    for name in _PROC_READONLY:
+        path = f"/proc/{name}"
+        if os.path.lexists(path):
+            _linux.mount(path, path, None, _linux.MS_BIND | _linux.MS_REC)
+            _linux.mount_setattr(path, _linux.MOUNT_ATTR_RDONLY)
+    for name in _PROC_MASKED_FILES:
+        path = f"/proc/{name}"
+        if os.path.lexists(path):
+            _linux.mount("/dev/null", path, None, _linux.MS_BIND)
+    for name in _PROC_MASKED_DIRS:
+        path = f"/proc/{name}"
+        if os.path.isdir(path):
+            _linux.mount("tmpfs", path, "tmpfs", _linux.MS_RDONLY, "size=0")
+
+
+def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
+    try:
+        last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    except (OSError, ValueError):
+        last = _linux.CAP_LAST_CAP
+    if root:
+        # Real root's supplementary groups are real host groups: give none of them inside.
+        os.setgroups([])
+    for cap in range(last + 1):
+        if cap not in KEPT_CAPS:
+            _linux.bounding_drop(cap)
+    kept = sum(1 << cap for cap in KEPT_CAPS)
+    caps = _linux.capget()
+    # uid 0 gets its bounding set at execve; no inheritable or ambient bit may add to it.
+    _linux.capset(_linux.Capabilities(caps.effective & kept, caps.permitted & kept, 0))
+    _linux.ambient_clear_all()
+    _linux.set_no_new_privs()
+
+
+def _start(plan: _Plan) -> int:  # pragma: no cover - child
+    """Start the program from init, already inside: init gives up its own privileges first
+    (it needs none any more), so the program inherits only what is left. ``posix_spawn``
+    (vfork and exec) returns once the program is exec'd, or raises why it could not be."""
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(int(name), False)
+    try:
+        os.chdir(plan.cwd)
+    except OSError as exc:
+        raise _stage(f"cwd {plan.cwd!r} inside the image", exc) from None
+    try:
+        _drop_privileges(plan.uid == 0)
+    except OSError as exc:
+        raise _stage("cannot drop privileges", exc) from None
+    # posix_spawnp searches the PATH of the caller's environment, not of the one it passes on.
+    path = plan.env.get("PATH", DEFAULT_PATH)
+    os.environ["PATH"] = path
+    stdio = [
+        (os.POSIX_SPAWN_DUP2, fd, target)
+        for target, fd in enumerate(plan.stdio)
+        if fd is not None and fd != target
+    ]
+    # Python ignores SIGPIPE and SIGXFSZ, init ignores ^C and ^\: the program must not inherit
+    # that (the handlers init installs are reset by exec anyway).
+    defaults = (signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGXFSZ)
+    try:
+        return os.posix_spawnp(
+            plan.argv[0], plan.argv, plan.env, file_actions=stdio, setsigdef=defaults
+        )
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise _Stage(
+                errno.ENOENT, f"{plan.argv[0]}: not found in the image (PATH={path})"
+            ) from None
+        raise _stage(f"cannot run {plan.argv[0]}", exc) from None

@@ -1,0 +1,143 @@
+"""The sandbox that runs image code (``pytest-layers shell``, later ``rootfs.run``): what the
+program sees, its exit status, and that nothing outlives it. The attacks through the CLI are in
+``test_faults_sandbox.py``."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
+import pytest
+from conftest import require
+from treeutil import busybox_tree
+
+from pytest_layers import sandbox
+from pytest_layers.errors import SandboxError
+
+pytestmark = pytest.mark.requires_tool("busybox")
+
+
+@pytest.fixture(autouse=True)
+def _namespaces() -> None:
+    # The sandbox runs in a user namespace: an ordinary user needs them allowed.
+    if os.geteuid() != 0:
+        require("userns")
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return busybox_tree(tmp_path / "image", {"etc/os-release": "ID=busybox\n"})
+
+
+def run_captured(box: sandbox.Sandbox, script: str, tmp_path: Path) -> tuple[int, str]:
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as f:
+        rc = box.run(["/bin/sh", "-c", script], stdout=f.fileno(), stderr=f.fileno())
+    return rc, out.read_text()
+
+
+def test_program_sees_the_image_and_only_itself(image: Path, tmp_path: Path) -> None:
+    box = sandbox.Sandbox(image, hostname="inside")
+    script = (
+        "cat /etc/os-release; id -u; hostname; ls /proc | grep -c '^[0-9]'; "
+        "tail -n +3 /proc/net/dev | cut -d: -f1; grep -E '^(CapBnd|CapEff|NoNewPrivs)' "
+        "/proc/self/status; ls /dev; ls /sys 2>&1; cat /proc/self/mountinfo"
+    )
+    rc, out = run_captured(box, script, tmp_path)
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert lines[:3] == ["ID=busybox", "0", "inside"]
+    # PID 1 (the sandbox's init), the shell, grep and ls: nothing of the host's.
+    assert int(lines[3]) <= 4
+    assert [name.strip() for name in lines[4:5]] == ["lo"]
+    kept = sum(1 << cap for cap in sandbox.KEPT_CAPS)
+    assert lines[5:8] == [f"CapEff:\t{kept:016x}", f"CapBnd:\t{kept:016x}", "NoNewPrivs:\t1"]
+    dev = "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
+    assert lines[8:21] == dev.split()
+    assert "No such file or directory" in lines[21]  # no /sys
+    mounts = lines[22:]
+    assert mounts[0].split()[3:5] == [os.fspath(image), "/"]
+    assert {"nosuid", "nodev"} <= set(mounts[0].split()[5].split(","))
+    assert not any(os.fspath(tmp_path) in line.split()[4] for line in mounts)
+
+
+def test_exit_status_passes_through(image: Path, tmp_path: Path) -> None:
+    box = sandbox.Sandbox(image)
+    assert box.run(["/bin/sh", "-c", "exit 3"]) == 3
+    assert box.run(["/bin/sh", "-c", "kill -9 $$"]) == -9
+    # writes land in the root directory (the caller's view), nowhere else
+    assert box.run(["/bin/sh", "-c", "echo hi > /etc/x"]) == 0
+    assert (image / "etc/x").read_text() == "hi\n"
+
+
+def test_program_missing_from_the_image_is_one_line(image: Path) -> None:
+    with pytest.raises(SandboxError) as info:
+        sandbox.Sandbox(image).run(["nope", "arg"])
+    assert info.value.errno == errno.ENOENT
+    assert str(info.value) == f"nope: not found in the image (PATH={sandbox.DEFAULT_PATH})"
+    assert psutil.Process().children() == []
+
+
+def _processes_in(pid_ns: str) -> list[int]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.readlink(f"/proc/{proc.pid}/ns/pid") == pid_ns:
+                found.append(proc.pid)
+        except OSError:
+            continue
+    return found
+
+
+def _mountinfo() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return sorted(line.split(" ", 1)[1] for line in f)
+
+
+def test_nothing_outlives_the_program(image: Path, tmp_path: Path) -> None:
+    mounts = _mountinfo()
+    # A daemon the program leaves behind dies with the sandbox's PID namespace.
+    rc, out = run_captured(
+        sandbox.Sandbox(image),
+        "sleep 1000 </dev/null >/dev/null 2>&1 & readlink /proc/self/ns/pid",
+        tmp_path,
+    )
+    assert rc == 0, out
+    pid_ns = out.strip()
+    assert pid_ns.startswith("pid:[")
+    assert pid_ns != os.readlink("/proc/self/ns/pid")
+    assert _processes_in(pid_ns) == []
+    assert psutil.Process().children() == []
+    assert _mountinfo() == mounts
+
+
+def test_kill_ends_every_process_inside(image: Path) -> None:
+    read, write = os.pipe()
+    proc = sandbox.Sandbox(image).spawn(
+        ["/bin/sh", "-c", "sleep 1000 & readlink /proc/self/ns/pid; wait"], stdout=write
+    )
+    os.close(write)
+    with os.fdopen(read) as f:
+        pid_ns = f.readline().strip()
+        proc.kill()
+        assert proc.wait() == -9
+    assert pid_ns.startswith("pid:[")
+    assert _processes_in(pid_ns) == []
+    assert psutil.Process().children() == []
+
+
+def test_binds_are_read_only_and_land_inside(image: Path, tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "f").write_text("from host\n")
+    # The image points /opt outside with an absolute symlink: it resolves inside the image.
+    os.symlink("/../../../../../..", image / "opt")
+    box = sandbox.Sandbox(image, binds=[sandbox.Bind(host, "/opt/data")])
+    rc, out = run_captured(box, "cat /data/f; touch /data/g", tmp_path)
+    assert rc != 0
+    assert out.splitlines()[0] == "from host"
+    assert "Read-only file system" in out
+    assert sorted(os.listdir(host)) == ["f"]
+    assert (image / "data").is_dir()
