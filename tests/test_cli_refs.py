@@ -348,8 +348,9 @@ def test_readme_snapshot_shows_its_init_files_and_exports_without_them(
     def cli_run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=120)
 
-    # What the test asserted on is there in the shell (and the test's own write).
-    proc = cli_run("shell", ref, "--", "cat", "/etc/hostname", "/etc/app.conf")
+    # What the test asserted on is there in the shell (and the test's own write). The README's
+    # image has no programs of its own: the host's tools are lent, read-only.
+    proc = cli_run("shell", "--host-tools", ref, "--", "cat", "/etc/hostname", "/etc/app.conf")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "web-1\ndebug=true\n"
     # diff is the test's own changes, as rootfs.diff() said; --init adds the init files.
