@@ -61,7 +61,15 @@ class LayerNotFoundError(LayersError, LookupError):
 
 
 class StoreError(LayersError, OSError):
-    """The store cannot be used as it is (permissions, corruption, layout)."""
+    """The store cannot be used as it is (permissions, ownership, corruption, layout).
+
+    Built as ``StoreError(errno, message, path)``: it prints as the message alone, which
+    names the path already (OSError's ``[Errno N] message: 'path'`` said it twice)."""
+
+    def __str__(self) -> str:
+        if self.strerror and self.filename is not None:
+            return str(self.strerror)
+        return super().__str__()
 
 
 class LockTimeoutError(StoreError, TimeoutError):
