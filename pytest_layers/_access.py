@@ -41,6 +41,18 @@ def group_name(gid: int) -> str:
         return str(gid)
 
 
+def _gid_mapped(gid: int) -> bool:
+    """Whether ``gid`` means itself in this process's user namespace. A session may run in a
+    user namespace that maps only the user's own ids: there every other group reads as the
+    overflow gid (``nobody``), so the group checks were made before entering it."""
+    try:
+        with open("/proc/self/gid_map", encoding="ascii") as f:
+            ranges = [tuple(map(int, line.split())) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return True
+    return any(inside <= gid < inside + count for inside, _, count in ranges)
+
+
 def _kind(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "symlink"
@@ -77,7 +89,8 @@ class Access:
                 f"shared store group {group!r} does not exist: create it (groupadd {group}) or "
                 "fix --layers-store-shared / ini layers_store_shared",
             ) from None
-        if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        member = gid == os.getegid() or gid in os.getgroups() or not _gid_mapped(gid)
+        if os.geteuid() != 0 and not member:
             raise errors.StoreError(
                 errno.EPERM,
                 f"you ({owner_name(os.geteuid())}) are not a member of the shared store group "
@@ -105,18 +118,33 @@ class Access:
         """What the report header says of the store: ``yours`` or ``shared with group G``."""
         return f"shared with group {self.group}" if self.shared else "yours"
 
-    def make_dir(self, path: str | os.PathLike[str], *, exist_ok: bool = False) -> bool:
-        """``mkdir`` with :attr:`dir_mode` whatever the umask; returns whether it was created."""
+    def make_dir(
+        self, path: str | os.PathLike[str], *, exist_ok: bool = False, inherit: bool = True
+    ) -> bool:
+        """``mkdir`` with :attr:`dir_mode` whatever the umask; returns whether it was created.
+
+        ``inherit=False`` (a shared store's scratch): group-shared but not setgid, so that
+        what a session creates below keeps its creator's group, which its user namespace maps
+        (a setgid group there reads as nobody, and overlayfs refuses such upper dirs)."""
+        mode = self.dir_mode if inherit or not self.shared else 0o1770
         try:
-            os.mkdir(path, self.dir_mode)
+            os.mkdir(path, mode)
         except FileExistsError:
             if not exist_ok:
                 raise
             return False
-        if self.shared:
-            os.chown(path, -1, self.gid)
-        os.chmod(path, self.dir_mode)
+        if self.shared and _gid_mapped(self.gid):
+            os.chown(path, -1, self.gid)  # else the setgid parent gave it the group already
+        os.chmod(path, mode)
         return True
+
+    def private_subtree(self, path: str | os.PathLike[str]) -> None:
+        """Make the new directory ``path`` (a layer tree being staged) its creator's: no
+        setgid group inherited, so a layer's content, and so its digest, is the same in a
+        shared store as in a private one."""
+        if self.shared:
+            os.chown(path, -1, os.getegid())
+            os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & ~stat.S_ISGID)
 
     def check(self, path: str | os.PathLike[str], st: os.stat_result) -> None:
         """Raise :class:`errors.StoreError` unless ``st`` (an ``lstat`` of ``path``) is a
@@ -150,7 +178,7 @@ class Access:
                     os.fspath(path),
                 )
             return
-        if st.st_gid != self.gid:
+        if st.st_gid != self.gid and _gid_mapped(self.gid):
             raise errors.StoreError(
                 errno.EPERM,
                 f"{path} belongs to group {group_name(st.st_gid)!r}, not to the shared store "

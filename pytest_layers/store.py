@@ -866,7 +866,8 @@ class Store:
         for d in dirs:
             if not self.read_only:
                 try:
-                    self.access.make_dir(d, exist_ok=True)
+                    scratch = d in (self.root / "scratch", self.root / "scratch" / "views")
+                    self.access.make_dir(d, exist_ok=True, inherit=not scratch)
                 except OSError as exc:
                     raise self._not_writable(exc, d) from None
             # Every directory of the store is trusted input: ours (or the group's), real
@@ -1017,6 +1018,7 @@ class Store:
         container = self._new_tmp_dir("stage")
         staged = container / "diff"
         staged.mkdir()
+        self.access.private_subtree(staged)
         try:
             yield staged
         finally:
