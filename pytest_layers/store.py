@@ -716,7 +716,7 @@ def preflight(root: Path | str, *, shared_group: str | None = None) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise _access.not_a_directory(path, st.st_mode)
     access.check(path, st)
-    for sub in ("layers", "tmp", "locks", "leases", "refs", "scratch", "scratch/views"):
+    for sub in ("layers", "tmp", "locks", "leases", "refs", "scratch", "scratch/views", "mounts"):
         with contextlib.suppress(FileNotFoundError):
             access.check(path / sub, os.lstat(path / sub))
 
@@ -859,6 +859,7 @@ class Store:
             self.root / "refs" / "rebuild",
             self.root / "scratch",
             self.root / "scratch" / "views",
+            self.root / "mounts",  # pytest-layers mount's records and views
         ]
 
     def _make_layout(self) -> None:
@@ -867,6 +868,7 @@ class Store:
             if not self.read_only:
                 try:
                     scratch = d in (self.root / "scratch", self.root / "scratch" / "views")
+                    scratch = scratch or d == self.root / "mounts"
                     self.access.make_dir(d, exist_ok=True, inherit=not scratch)
                 except OSError as exc:
                     raise self._not_writable(exc, d) from None
@@ -877,9 +879,6 @@ class Store:
             except FileNotFoundError:
                 if not self.read_only:
                     raise
-        mounts = self.root / "mounts"
-        with contextlib.suppress(FileNotFoundError):
-            self.access.check(mounts, os.lstat(mounts))
         if not self.access.shared:
             self._check_entries(dirs[:4] + dirs[5:9])
         if self.read_only:
