@@ -20,10 +20,10 @@ def test_header_store_and_verify(pytester: pytest.Pytester) -> None:
     label = "overlay" if os.geteuid() == 0 else "overlay (user namespace)"
     result = pytester.runpytest_subprocess("--layers-store=my-store")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([f"layers: backend={label}, store={pytester.path}/my-store (0 B)"])
+    result.stdout.fnmatch_lines([f"layers: backend={label}, store={pytester.path}/my-store (yours, 0 B)"])
     result = pytester.runpytest_subprocess("--layers-store=my-store", "--layers-verify")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([f"layers: backend={label}, store=*/my-store (8 B)"])
+    result.stdout.fnmatch_lines([f"layers: backend={label}, store=*/my-store (yours, 8 B)"])
 
     # Tamper with the stored layer: --layers-verify refuses to use it.
     stored = next((pytester.path / "my-store" / "layers").glob("*/diff/etc/os-release"))

@@ -177,3 +177,33 @@ def test_store_shared_with_a_group(world_dir: Path, second_user: str) -> None:
     assert proc.returncode != 0, _out(proc)
     assert f"layers: unavailable: {store} belongs to uid 0 (root), not to you" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_root_owned_leftovers_in_a_users_store_are_one_line(world_dir: Path) -> None:
+    # What a `sudo pytest` of an older version left in the user's own store: a layer and a lock.
+    user = pwd.getpwnam(TEST_USER)
+    shutil.chown(world_dir, user.pw_uid, user.pw_gid)
+    store = world_dir / "store"
+    proc = run_as_user(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pytest_layers.store import Store; Store(sys.argv[1])",
+            str(store),
+        ],
+        cwd="/",
+    )
+    assert proc.returncode == 0, _out(proc)
+    (store / "layers" / ("ab" * 32)).mkdir(mode=0o755)
+    (store / "locks" / "build-x.lock").write_text("")
+    before = sorted(p.name for p in (store / "layers").iterdir())
+    for verb in ("prune", "ls"):
+        proc = run_as_user(
+            [sys.executable, "-m", "pytest_layers.cli", "--store", str(store), verb], cwd="/"
+        )
+        assert proc.returncode == 1, _out(proc)
+        assert "Traceback" not in proc.stderr, _out(proc)
+        (line,) = proc.stderr.strip().splitlines()
+        assert "belongs to uid 0 (root), not to you" in line, line
+        assert "sudo rm -rf" in line, line
+    assert sorted(p.name for p in (store / "layers").iterdir()) == before
