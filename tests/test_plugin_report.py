@@ -20,7 +20,9 @@ def test_header_store_and_verify(pytester: pytest.Pytester) -> None:
     label = "overlay" if os.geteuid() == 0 else "overlay (user namespace)"
     result = pytester.runpytest_subprocess("--layers-store=my-store")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([f"layers: backend={label}, store={pytester.path}/my-store (yours, 0 B)"])
+    result.stdout.fnmatch_lines(
+        [f"layers: backend={label}, store={pytester.path}/my-store (yours, 0 B)"]
+    )
     result = pytester.runpytest_subprocess("--layers-store=my-store", "--layers-verify")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"layers: backend={label}, store=*/my-store (yours, 8 B)"])
