@@ -9,13 +9,16 @@ store a session wrote is the store ``pytest-layers`` opens.
 from __future__ import annotations
 
 import configparser
+import hashlib
 import os
+import pwd
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_CACHE_DIR", "IniFile", "find_ini", "store_path"]
+__all__ = ["DEFAULT_CACHE_DIR", "IniFile", "find_ini", "store_path", "personal_store"]
 
 #: pytest's own default for the ini option ``cache_dir``.
 DEFAULT_CACHE_DIR = ".pytest_cache"
@@ -39,13 +42,59 @@ def store_path(rootdir: Path, *, layers_store: str | None, cache_dir: str | None
     with ``cache_dir`` resolved as pytest resolves it (``~`` and ``$VARS`` expanded, relative to
     the rootdir), ``.pytest_cache`` when unset. So ``-o cache_dir=/tmp/c`` puts the store in
     ``/tmp/c/layers``, next to pytest's own cache.
+
+    Every uid gets a store of its own by default (docs/concepts/security.md): ``<cache_dir>/
+    layers`` when it is yours or yours to create; when it belongs to another user (a ``sudo
+    pytest`` in your checkout), ``<cache_dir>/layers-uid<N>``; when the cache directory itself
+    is another user's (root running in a user's checkout, a user in root's), a store in your
+    own cache, :func:`personal_store`, so that nobody leaves entries the other cannot remove.
+    ``layers_store`` is used as given.
     """
     if layers_store:
         chosen = Path(layers_store)
         return chosen if chosen.is_absolute() else rootdir / chosen
     cache = os.path.expandvars(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR))
     base = Path(cache)
-    return (base if base.is_absolute() else rootdir / base) / "layers"
+    base = base if base.is_absolute() else rootdir / base
+    for candidate in (base / "layers", base / f"layers-uid{os.geteuid()}"):
+        if _yours_or_yours_to_create(candidate):
+            return candidate
+    return personal_store(base)
+
+
+def _yours_or_yours_to_create(path: Path) -> bool:
+    """Whether ``path`` is a directory of this uid, or absent with its nearest existing
+    ancestor this uid's (or a sticky directory such as ``/tmp``, where entries are their
+    creator's)."""
+    me = os.geteuid()
+    for p in (path, *path.parents):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        if p == path:
+            return st.st_uid == me
+        return st.st_uid == me or bool(st.st_mode & stat.S_ISVTX)
+    return False
+
+
+def personal_store(cache: Path) -> Path:
+    """This uid's own store for the cache directory ``cache``: under ``$XDG_CACHE_HOME`` (when
+    it is yours) or ``~/.cache`` of the passwd entry (``sudo`` may keep the caller's HOME),
+    one per cache directory."""
+    home = pwd.getpwuid(os.geteuid()).pw_dir
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(home) / ".cache"
+    if os.path.isabs(xdg):
+        try:
+            if os.stat(xdg).st_uid == os.geteuid():
+                root = Path(xdg)
+        except OSError:
+            pass
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(cache))).hexdigest()[:16]
+    return root / "pytest-layers" / "stores" / f"{cache.parent.name or 'root'}-{digest}"
 
 
 @dataclass(frozen=True)

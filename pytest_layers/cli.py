@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -63,16 +64,38 @@ def default_store_path(cwd: Path | None = None) -> Path:
 # helpers
 
 
+#: Stores this command opened: their warnings (stray entries skipped) are printed at the end.
+_opened: list[Store] = []
+
+
 def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
+    from pytest_layers import _access, _settings
     from pytest_layers.store import Store
 
     path = Path(args.store) if args.store else default_store_path()
-    if not create and not path.is_dir():
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise _access.not_a_directory(path, st.st_mode)
+    if not create and st is None:
         raise CommandError(
             f"no layer store at {path}; run pytest first, or pass --store PATH "
             "(the store a session used is printed in its report header)"
         )
-    return Store(path)
+    shared = getattr(args, "store_shared", None)
+    if shared is None:
+        shared = _settings.find_ini(Path.cwd()).values.get("layers_store_shared") or None
+    store = Store(path, shared_group=shared)
+    _opened.append(store)
+    return store
+
+
+def _print_warnings() -> None:
+    for store in _opened:
+        for line in store.warnings:
+            print(f"{PROG}: warning: {line}", file=sys.stderr)
 
 
 def _short(digest: str | None) -> str:
@@ -632,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Layer store (default: as pytest run here would use: ini layers_store, else "
         "<cache_dir>/layers, .pytest_cache/layers under the rootdir)",
     )
+    parser.add_argument(
+        "--store-shared",
+        metavar="GROUP",
+        help="The store is shared with the members of GROUP (default: ini layers_store_shared, "
+        "else the store is yours alone)",
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     p = sub.add_parser("ls", help="List named layers and snapshots")
@@ -776,6 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rc = int(args.func(args))
+        _print_warnings()
         sys.stdout.flush()  # here, so that a closed pipe is seen below and not at exit
         return rc
     except BrokenPipeError:

@@ -611,16 +611,10 @@ class LayerSession:
 
     # -- building
 
-    def _rebuild_marker(self, key: str) -> Path:
-        return self.store.root / "refs" / "rebuild" / key
-
     def _must_rebuild(self, key: str) -> bool:
         if self.rebuild_token is None:
             return False
-        try:
-            return self._rebuild_marker(key).read_text() != self.rebuild_token
-        except FileNotFoundError:
-            return True
+        return not self.store.rebuild_marked(key, self.rebuild_token)
 
     def get(self, defn: LayerDef, parent: Layer | None, kwargs: Mapping[str, Any]) -> Layer:
         """The layer of ``defn`` on ``parent``: from the build cache, or built now.
@@ -638,11 +632,7 @@ class LayerSession:
                 lay = self._build(defn, parent, kwargs)
                 self.store.cache_set(key, lay.chain_id)
                 if self.rebuild_token is not None:
-                    marker = self._rebuild_marker(key)
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = marker.with_name(f".{key}.{os.getpid()}")
-                    tmp.write_text(self.rebuild_token)
-                    os.replace(tmp, marker)
+                    self.store.mark_rebuilt(key, self.rebuild_token)
                 status = "built"
             self.store.set_name(defn.name, lay.chain_id)
         self.progress.append(

@@ -62,7 +62,16 @@ class LayerNotFoundError(LayersError, LookupError):
 
 
 class StoreError(LayersError, OSError):
-    """The store cannot be used as it is (permissions, corruption, layout)."""
+    """The store cannot be used as it is (permissions, ownership, corruption, layout).
+
+    Built as ``StoreError(errno, message[, path])``: it prints as the message alone, a
+    sentence that names the path already (OSError's ``[Errno N] message: 'path'`` said the
+    path twice)."""
+
+    def __str__(self) -> str:
+        if self.strerror:
+            return str(self.strerror)
+        return super().__str__()
 
 
 class LockTimeoutError(StoreError, TimeoutError):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
-from pytest_layers import layertar
+from pytest_layers import _faultpoints, layertar
 from pytest_layers import store as store_mod
 from pytest_layers.errors import InvalidImageError, StoreError
 
@@ -319,10 +319,9 @@ def export_image(
                 part.unlink()
             else:
                 part.rename(final)
-            if n == 1 and os.environ.get("PYTEST_LAYERS_TEST_PAUSE") == "export":
+            if n == 1:
                 # Fault-injection tests kill the process here, with the export half written.
-                print(f"PAUSED {staging}", flush=True)
-                time.sleep(3600)
+                _faultpoints.reached("export", str(staging))
             descriptors.append(
                 {
                     "mediaType": MEDIA_TYPE_LAYER_GZIP if gzip_layers else MEDIA_TYPE_LAYER,

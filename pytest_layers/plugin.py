@@ -91,6 +91,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ".pytest_cache/layers under the rootdir unless cache_dir is set)",
     )
     group.addoption(
+        "--layers-store-shared",
+        default=None,
+        metavar="GROUP",
+        help="Share the layer store with the members of GROUP (setgid, group-writable); by "
+        "default a store is its owner's alone (ini: layers_store_shared)",
+    )
+    group.addoption(
         "--layers-rebuild",
         action="store_true",
         default=False,
@@ -107,6 +114,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "layers_store",
         "Layer store directory, relative to the rootdir (default: <cache_dir>/layers)",
+        default="",
+    )
+    parser.addini(
+        "layers_store_shared",
+        "Group whose members share the layer store (default: none, the store is yours alone)",
         default="",
     )
     parser.addini("layers_keep_count", "Snapshots kept per test", default="3")
@@ -132,6 +144,7 @@ class _State:
     keep_count: int
     verify: bool
     rebuild_token: str | None
+    store_shared: str | None = None
     backend_name: str | None = None
     backend_label: str | None = None
     store: Any = None
@@ -148,6 +161,7 @@ class _State:
     def worker_info(self) -> dict[str, Any]:
         return {
             "store": str(self.store_path),
+            "store_shared": self.store_shared,
             "backend": self.backend_name,
             "label": self.backend_label,
             "reason": self.backend_reason,
@@ -221,6 +235,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if winfo is not None:
         state = _State(
             store_path=Path(winfo["store"]),
+            store_shared=winfo.get("store_shared"),
             rootdir=rootdir,
             keep=keep,
             keep_count=keep_count,
@@ -248,6 +263,9 @@ def pytest_configure(config: pytest.Config) -> None:
             keep_count=keep_count,
             verify=verify,
             rebuild_token=uuid.uuid4().hex if config.getoption("layers_rebuild") else None,
+            store_shared=config.getoption("layers_store_shared")
+            or str(config.getini("layers_store_shared")).strip()
+            or None,
         )
     config.stash[_STATE] = state
     if winfo is not None and winfo.get("error"):
@@ -266,15 +284,19 @@ def _setup(
     config: pytest.Config, state: _State, backend_opt: str, ns_mode: str, *, worker: bool
 ) -> None:
     from pytest_layers.backends import detect  # keeps `pytest --help` light
-    from pytest_layers.store import Store
+    from pytest_layers.store import Store, preflight
 
     if not worker:
+        # Who owns the store is only visible outside a user namespace (inside, every other
+        # uid reads as nobody): check it before entering one, and before sweeping its scratch.
+        preflight(state.store_path, shared_group=state.store_shared)
         # Namespaces first: unshare(2) moves only the calling thread, so before anything that
         # could start one. Workers inherit the controller's namespace and stay in it.
         state.namespace, state.backend_reason = _enter_namespace(
-            state.store_path, ns_mode, backend_opt
+            state.store_path, ns_mode, backend_opt, state.store_shared
         )
-    state.store = Store(state.store_path)
+    state.store = Store(state.store_path, shared_group=state.store_shared)
+    state.store.check_writable()  # a session builds and commits: say so now if it cannot
     if worker:
         backend = detect.get_backend(str(state.backend_name))
     else:
@@ -309,7 +331,7 @@ def _setup(
     )
 
 
-def _sweep_dead_sessions(store_path: Path) -> None:
+def _sweep_dead_sessions(store_path: Path, shared: str | None) -> None:
     """Remove the view scratch of sessions that died without cleaning up (SIGKILL).
 
     In a private or user namespace their mounts died with them, but their scratch dirs (upper
@@ -319,9 +341,14 @@ def _sweep_dead_sessions(store_path: Path) -> None:
     of host mounts). Cheap when nothing died: one directory listing and a ``/proc`` read per
     live session; mountinfo is read only for a dead session's dir.
     """
+    from pytest_layers.store import preflight
+
     # Best effort: a mount we may not unmount (another user's, as an ordinary user) must not
     # stop this session, whose own scratch is a fresh dir.
     with contextlib.suppress(OSError):
+        # Only in a store this user may trust (a planted scratch/views symlink would make the
+        # sweep unmount and delete elsewhere); opening the store then says what is wrong.
+        preflight(store_path, shared_group=shared)
         namespaces.sweep_stale_mounts(store_path / "scratch")
 
 
@@ -330,14 +357,16 @@ def _sweep_dead_sessions(store_path: Path) -> None:
 _entered_here: tuple[int, str] | None = None
 
 
-def _enter_namespace(store_path: Path, ns_mode: str, backend_opt: str) -> tuple[str, str]:
+def _enter_namespace(
+    store_path: Path, ns_mode: str, backend_opt: str, shared: str | None = None
+) -> tuple[str, str]:
     """Enter the session's namespace; returns (where mounts live, why overlay is out or "").
 
     Called in the process that owns the session, never in an xdist worker (``workerinput``
     says which), which shares its controller's namespace.
     """
     global _entered_here
-    _sweep_dead_sessions(store_path)
+    _sweep_dead_sessions(store_path, shared)
     inherited = namespaces.inside_our_namespace()
     if inherited is not None and _entered_here == (os.getpid(), inherited.mnt_ns):
         return inherited.kind, ""
@@ -424,7 +453,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     why = f" ({state.backend_reason})" if state.backend_reason else ""
     return [
         f"layers: backend={state.backend_label or state.backend_name}{why}, "
-        f"store={state.store_path} ({human_size(store.disk_use())} disk use)"
+        f"store={state.store_path} ({store.access.describe()}, "
+        f"{human_size(store.recorded_disk_use())} disk use)"
     ]
 
 

@@ -42,13 +42,15 @@ from urllib.parse import quote
 import filelock
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 
-from pytest_layers import _dirfd, errors, layertar, namespaces
+from pytest_layers import _access, _dirfd, _faultpoints, errors, layertar, namespaces
 from pytest_layers.layertar import Flavor
 
 __all__ = [
     "FORMAT_VERSION",
     "DEFAULT_LOCK_TIMEOUT",
+    "MAX_CHAIN_LENGTH",
     "Store",
+    "preflight",
     "LayerInfo",
     "SnapshotInfo",
     "Problem",
@@ -64,6 +66,17 @@ __all__ = [
 FORMAT_VERSION = 1
 #: Seconds ``build_lock`` waits for another builder of the same key before giving up.
 DEFAULT_LOCK_TIMEOUT = 1800.0
+#: Layers in one chain at most: the kernel stacks 500, OCI images hold a few dozen. A longer
+#: ``parent`` chain (or a loop) in ``layer.json`` is a damaged or hostile store.
+MAX_CHAIN_LENGTH = 4096
+#: Bytes a ref or ``layer.json`` may hold; refs are a few hundred.
+_MAX_JSON = 1 << 20
+#: Names a store's own directory may hold: a directory holding anything else and no ``VERSION``
+#: is not a store, and is never adopted as one (its tmp/ and layers/ would be emptied).
+_LAYOUT_NAMES = frozenset(
+    {"VERSION", "layers", "tmp", "locks", "leases", "refs", "scratch", "mounts", "lost+found"}
+)
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 _FLAVORS: tuple[Flavor, ...] = ("overlay", "marker")
 _SOURCES = ("build", "commit", "import", "init")
@@ -92,6 +105,9 @@ class LayerInfo:
     are not counted, so a layer of 10,000 files in 100 directories says 10000.
     ``alias_of`` is set on an alias: a chain position whose tree is the stored layer
     ``alias_of`` (same diff_id, another parent), see :meth:`Store.add_alias`.
+    ``disk_use`` is the layer directory's disk use (see :func:`disk_use`) measured when it was
+    stored, so that a session header can sum it without walking trees (None in stores made
+    before it was recorded).
     """
 
     chain_id: str
@@ -105,10 +121,13 @@ class LayerInfo:
     blob: Path | None = None
     tree_digest: str | None = None
     alias_of: str | None = None
+    disk_use: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["blob"] = self.blob.name if self.blob is not None else None
+        if self.disk_use is None:
+            del data["disk_use"]
         if self.alias_of is None:
             del data["alias_of"]
         else:
@@ -118,7 +137,16 @@ class LayerInfo:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], layer_root: Path) -> LayerInfo:
+        """Raises ``KeyError``, ``TypeError`` or ``ValueError`` for a record that is not one."""
         blob = data.get("blob")
+        if blob is not None and (not isinstance(blob, str) or "/" in blob or blob in ("", "..")):
+            raise ValueError(f"blob {blob!r} is not a file name")
+        for key in ("chain_id", "diff_id", "source"):
+            if not isinstance(data[key], str):
+                raise TypeError(f"{key} is not a string")
+        for key in ("parent", "alias_of"):
+            if data.get(key) is not None and not _CHAIN_RE.fullmatch(str(data[key])):
+                raise ValueError(f"{key} {data[key]!r} is not a chain id")
         return cls(
             chain_id=data["chain_id"],
             diff_id=data["diff_id"],
@@ -131,6 +159,7 @@ class LayerInfo:
             blob=layer_root / blob if blob else None,
             tree_digest=data.get("tree_digest"),
             alias_of=data.get("alias_of"),
+            disk_use=int(data["disk_use"]) if data.get("disk_use") is not None else None,
         )
 
 
@@ -280,6 +309,49 @@ def _rmtree(path: Path) -> None:
     fine. (A test's committed rw layer may be deeper than Python's recursion limit, which
     ``shutil.rmtree`` is not.)"""
     namespaces.remove_tree(path)
+
+
+class _BadJson(ValueError):
+    """A store file that is not what it should be; the message says what it is instead."""
+
+
+def _read_json(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> dict[str, Any]:
+    """The JSON object in the store file ``path``: never through a symlink, only from a
+    regular file of at most :data:`_MAX_JSON` bytes (a fifo planted there must not hang the
+    reader). ``FileNotFoundError`` when absent; :class:`_BadJson` saying why otherwise."""
+    try:
+        fd = os.open(path, _O_READ, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _BadJson("a symlink, not a file of the store") from None
+        if exc.errno in (errno.EISDIR, errno.ENXIO):
+            raise _BadJson("not a regular file") from None
+        raise
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _BadJson("not a regular file")
+        raw = f.read(_MAX_JSON + 1)
+    if len(raw) > _MAX_JSON:
+        raise _BadJson(f"larger than {_MAX_JSON} bytes")
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise _BadJson("JSON nested too deeply") from None
+    except ValueError as exc:
+        raise _BadJson(f"not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _BadJson(f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _write_new(path: str | os.PathLike[str], text: str, mode: int = 0o644) -> None:
+    """Write a new file (a tmp name of our own): ``O_EXCL | O_NOFOLLOW``, so a name planted in
+    advance is never written through; ``mode`` whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with open(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, mode)
+        f.write(text)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -511,11 +583,55 @@ def compare_manifests(
 # Locks and leases
 
 
-class _BuildLock(filelock.FileLock):
+def _planted(path: str | os.PathLike[str], exc: OSError) -> errors.StoreError:
+    """The error for a lock or lease name that cannot be opened as our own file."""
+    try:
+        owner = os.lstat(path).st_uid
+    except OSError:
+        owner = os.geteuid()
+    if owner != os.geteuid() and exc.errno != errno.ELOOP:
+        return errors.StoreError(
+            exc.errno or errno.EACCES,
+            f"{path} belongs to {_access.owner_name(owner)}, not to you "
+            f"({_access.owner_name(os.geteuid())}): remove it as its owner (it is only a lock), "
+            "or use a store of your own (--layers-store PATH)",
+            os.fspath(path),
+        )
+    why = "a symlink" if exc.errno == errno.ELOOP else f"unusable ({exc.strerror or exc})"
+    return errors.StoreError(
+        exc.errno or errno.EPERM,
+        f"{path} is {why}, where the store keeps a lock file: someone planted it; remove it "
+        "(rm) and run again",
+        os.fspath(path),
+    )
+
+
+class _StoreLock(filelock.FileLock):
+    """A store lock: created with the store's lock mode, never opened through a symlink (the
+    pinned filelock opens lock files with ``O_NOFOLLOW``; see pyproject.toml), and an entry
+    planted in its place is a one-line :class:`errors.StoreError`."""
+
+    def __init__(self, lock_file: str, *, timeout: float = -1, mode: int = 0o600) -> None:
+        super().__init__(lock_file, timeout=timeout, mode=mode)
+
+    def acquire(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().acquire(*args, **kwargs)
+        except filelock.Timeout:
+            raise
+        except OSError as exc:
+            if isinstance(exc, errors.LayersError):
+                raise
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM):
+                raise _planted(self.lock_file, exc) from None
+            raise
+
+
+class _BuildLock(_StoreLock):
     """A build-cache key's lock whose timeout error names the key and the lock file."""
 
-    def __init__(self, lock_file: str, *, key: str, timeout: float) -> None:
-        super().__init__(lock_file, timeout=timeout)
+    def __init__(self, lock_file: str, *, key: str, timeout: float, mode: int = 0o600) -> None:
+        super().__init__(lock_file, timeout=timeout, mode=mode)
         self.key = key
 
     def acquire(self, *args: Any, **kwargs: Any) -> Any:
@@ -539,13 +655,26 @@ class _GcLock:
     layers away; adding a layer or a lease holds it shared, so a layer cannot vanish between
     "it exists" and "it is leased". (filelock has no shared mode, hence plain flock.)"""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mode: int = 0o600) -> None:
         self.path = path
+        self.mode = mode
 
     @contextlib.contextmanager
     def hold(self, *, exclusive: bool) -> Iterator[None]:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        # O_NOFOLLOW: a symlink planted as gc.lock must not make us create or open its target.
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
+            fd = os.open(self.path, flags, self.mode)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise _planted(self.path, exc) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _planted(self.path, OSError(errno.EINVAL, "not a regular file"))
+            st = os.fstat(fd)
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != self.mode:
+                os.fchmod(fd, self.mode)  # the umask must not keep other members out
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
         finally:
@@ -566,9 +695,12 @@ class _Lease:
         self.path = base.with_suffix(".held")
         # The lock is taken before the file exists, so no sweeper ever sees a lease whose
         # lock is free although its owner is alive.
-        self.lock = filelock.FileLock(str(base.with_suffix(".lock")))
+        mode = store.access.lock_mode
+        self.lock = _StoreLock(str(base.with_suffix(".lock")), mode=mode)
         self.lock.acquire(timeout=10)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags, mode)
+        os.fchmod(self.fd, mode)
         self.add(chain_ids)
 
     def add(self, chain_ids: Iterable[str]) -> None:
@@ -594,8 +726,13 @@ class _Lease:
 
 def _read_lease(path: Path) -> set[str]:
     held: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in path.read_text().split("\n")[:-1]:  # a torn last line has no newline yet
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        fd = os.open(path, _O_READ)
+        with open(fd, encoding="utf-8") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return held
+            text = f.read()
+        for line in text.split("\n")[:-1]:  # a torn last line has no newline yet
             if line[:1] == "+":
                 held.add(line[1:])
             elif line[:1] == "-":
@@ -612,17 +749,47 @@ def _release_lease(lease: _Lease | None) -> None:
 # The store
 
 
+def preflight(root: Path | str, *, shared_group: str | None = None) -> None:
+    """The checks :class:`Store` makes of an existing store, without creating or writing
+    anything: a session makes them before it enters a user namespace, where other users' uids
+    all read as ``nobody``, and before it sweeps the store's scratch directories."""
+    access = _access.Access.resolve(shared_group)
+    path = Path(os.path.abspath(root))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise _access.not_a_directory(path, st.st_mode)
+    access.check(path, st)
+    for sub in ("layers", "tmp", "locks", "leases", "refs", "scratch", "scratch/views", "mounts"):
+        with contextlib.suppress(FileNotFoundError):
+            access.check(path / sub, os.lstat(path / sub))
+
+
 class Store:
     """A layer store rooted at ``root``; creates the layout and probes the flavor when new.
 
-    Raises :class:`errors.StoreError` when the directory cannot be written and
+    The store is its owner's alone unless ``shared_group`` names the group whose members share
+    it (docs/concepts/security.md): a store, or any directory in it, owned by another user (or
+    group) or writable by others is refused, and so is a non-empty directory that is not a
+    store. On a read-only filesystem the store opens read-only (:attr:`read_only`): reading
+    works, writing raises.
+
+    Raises :class:`errors.StoreError` when the directory cannot be used or written and
     :class:`errors.StoreFormatError` when ``VERSION`` names a format this version cannot read.
     """
 
     root: Path
     flavor: Flavor
+    #: The sharing policy: private (the owner only) or one group's.
+    access: _access.Access
+    #: True when the store's filesystem is mounted read-only.
+    read_only: bool
+    #: One line per stray entry skipped while reading (a directory in ``refs/names``, say).
+    warnings: list[str]
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, shared_group: str | None = None) -> None:
         self.root = Path(os.path.abspath(root))
         self._layers = self.root / "layers"
         self._tmp = self.root / "tmp"
@@ -630,56 +797,178 @@ class Store:
         self._info_cache: dict[str, LayerInfo] = {}
         self._auto_lease: _Lease | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self.warnings = []
+        self.access = _access.Access.resolve(shared_group)
+        self.read_only = self._open_root()
         self._make_layout()
         self.flavor = self._read_or_create_version()
-        self._gc = _GcLock(self._locks / "gc.lock")
-        self._sweep_tmp()
+        self._gc = _GcLock(self._locks / "gc.lock", self.access.lock_mode)
+        if not self.read_only:
+            self._sweep_tmp()
 
     # -- opening -------------------------------------------------------------------------------
 
     def _not_writable(self, exc: OSError, path: Path) -> errors.StoreError:
+        if exc.errno == errno.EROFS:
+            return self._read_only_error()
+        where = "its directory" if path == self.root else str(path.relative_to(self.root))
         return errors.StoreError(
             exc.errno or errno.EACCES,
-            f"the layer store {self.root} is not writable by uid {os.geteuid()} "
-            f"({exc.strerror or exc}): make it writable (chown/chmod) or choose another "
-            "directory with --layers-store=PATH (ini: layers_store)",
+            f"the layer store {self.root} is not writable by {_access.owner_name(os.geteuid())} "
+            f"({exc.strerror or exc} on {where}): make it writable (chown/chmod) or choose "
+            "another directory with --layers-store=PATH (ini: layers_store)",
             str(path),
         )
 
-    def _make_layout(self) -> None:
-        dirs = [
-            self.root,
+    def _read_only_error(self) -> errors.StoreError:
+        return errors.StoreError(
+            errno.EROFS,
+            f"the layer store {self.root} is on a read-only filesystem: ls, inspect, diff, "
+            "verify and export work there, building, committing, importing and pruning do not; "
+            "point --layers-store (pytest-layers --store) at a writable directory",
+            str(self.root),
+        )
+
+    def check_writable(self) -> None:
+        """Raise :class:`errors.StoreError` (``EROFS``) when the store is read-only."""
+        if self.read_only:
+            raise self._read_only_error()
+
+    _writable = check_writable
+
+    def _open_root(self) -> bool:
+        """Create the store's directory or check the existing one; returns whether its
+        filesystem is read-only."""
+        try:
+            st = os.stat(self.root)  # the root itself may be a symlink its owner made
+        except FileNotFoundError:
+            try:
+                self.root.parent.mkdir(parents=True, exist_ok=True)
+                self.access.make_dir(self.root, exist_ok=True)
+                st = os.stat(self.root)
+            except OSError as exc:
+                if isinstance(exc, errors.LayersError):
+                    raise
+                if exc.errno == errno.ENOTDIR:
+                    raise errors.StoreError(
+                        errno.ENOTDIR,
+                        f"cannot create the layer store {self.root}: a parent of it is not a "
+                        "directory; point --layers-store (pytest-layers --store) at a directory",
+                        str(self.root),
+                    ) from None
+                raise self._not_writable(exc, self.root) from None
+        except OSError as exc:
+            raise self._not_writable(exc, self.root) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise _access.not_a_directory(self.root, st.st_mode)
+        self.access.check(self.root, st)
+        read_only = bool(os.statvfs(self.root).f_flag & os.ST_RDONLY)
+        try:
+            os.lstat(self.root / "VERSION")
+        except FileNotFoundError:
+            strangers = sorted(set(os.listdir(self.root)) - _LAYOUT_NAMES)
+            if strangers:
+                shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+                raise errors.StoreError(
+                    errno.ENOTEMPTY,
+                    f"{self.root} is not empty ({shown}) and has no VERSION file, so it is not "
+                    "a pytest-layers store; it is never adopted as one (its tmp/ and layers/ "
+                    "would be emptied): point --layers-store (pytest-layers --store) at a new "
+                    "or empty directory",
+                    str(self.root),
+                ) from None
+            if read_only:
+                raise errors.StoreError(
+                    errno.EROFS,
+                    f"{self.root} is on a read-only filesystem and holds no store (no VERSION "
+                    "file): point --layers-store (pytest-layers --store) at a store",
+                    str(self.root),
+                ) from None
+        if not read_only and stat.S_IMODE(st.st_mode) & ~self.access.dir_mode & 0o777:
+            # A store made before stores were private (0755): nobody else needs to reach it.
+            try:
+                os.chmod(self.root, self.access.dir_mode)
+            except OSError as exc:
+                raise self._not_writable(exc, self.root) from None
+        return read_only
+
+    def _layout(self) -> list[Path]:
+        return [
             self._layers,
             self._tmp,
             self._locks,
             self.root / "leases",
+            self.root / "refs",
             self.root / "refs" / "names",
             self.root / "refs" / "cache",
             self.root / "refs" / "snapshots",
+            self.root / "refs" / "rebuild",
+            self.root / "scratch",
+            self.root / "scratch" / "views",
+            self.root / "mounts",  # pytest-layers mount's records and views
         ]
+
+    def _make_layout(self) -> None:
+        dirs = self._layout()
         for d in dirs:
+            if not self.read_only:
+                try:
+                    scratch = d in (self.root / "scratch", self.root / "scratch" / "views")
+                    scratch = scratch or d == self.root / "mounts"
+                    self.access.make_dir(d, exist_ok=True, inherit=not scratch)
+                except OSError as exc:
+                    raise self._not_writable(exc, d) from None
+            # Every directory of the store is trusted input: ours (or the group's), real
+            # (no symlink to elsewhere), writable by nobody else.
             try:
-                d.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise self._not_writable(exc, d) from exc
+                self.access.check(d, os.lstat(d))
+            except FileNotFoundError:
+                if not self.read_only:
+                    raise
+        if not self.access.shared:
+            self._check_entries(dirs[:4] + dirs[5:9])
+        if self.read_only:
+            return
         # mkdir succeeds on existing directories without write access: check each one now
         # rather than fail mid-session, and prove it with a real write where it is harmless.
-        for d in dirs:
+        for d in [self.root, *dirs]:
             if not os.access(d, os.W_OK | os.X_OK):
                 raise self._not_writable(OSError(errno.EACCES, os.strerror(errno.EACCES)), d)
         probe = self._new_tmp_path("probe")
         try:
-            probe.touch()
+            _write_new(probe, "")
             probe.unlink()
         except OSError as exc:
             raise self._not_writable(exc, self._tmp) from exc
 
+    def _check_entries(self, dirs: list[Path]) -> None:
+        """Refuse a private store holding another user's entries (a layer or a lock that a
+        ``sudo pytest`` of an older version left): they would fail this run half-way, and a
+        layer someone else can change is not this user's to mount."""
+        me = os.geteuid()
+        for d in dirs:
+            try:
+                entries = list(os.scandir(d))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                owner = entry.stat(follow_symlinks=False).st_uid
+                if owner != me:
+                    raise errors.StoreError(
+                        errno.EPERM,
+                        f"{entry.path} belongs to {_access.owner_name(owner)}, not to you "
+                        f"({_access.owner_name(me)}): another user wrote into your store; "
+                        f"remove it as that user (`sudo rm -rf {entry.path}`) or use another "
+                        "store (--layers-store PATH)",
+                        entry.path,
+                    )
+
     def _read_or_create_version(self) -> Flavor:
         path = self.root / "VERSION"
-        if not path.exists():
+        if not os.path.lexists(path):
             data = {"format": FORMAT_VERSION, "flavor": probe_flavor(self._tmp)}
             tmp = self._new_tmp_path("version")
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            _write_new(tmp, json.dumps(data, indent=2) + "\n", self._file_mode)
             try:
                 # link, not replace: two processes creating one store keep the first VERSION.
                 os.link(tmp, path)
@@ -689,19 +978,23 @@ class Store:
                 tmp.unlink()
         return self._check_version(path)
 
+    @property
+    def _file_mode(self) -> int:
+        return 0o664 if self.access.shared else 0o644
+
     def _check_version(self, path: Path) -> Flavor:
         fix = (
             f"upgrade pytest-layers, or use another store with --layers-store=PATH "
             f"(this pytest-layers reads store format {FORMAT_VERSION})"
         )
         try:
-            data = json.loads(path.read_text())
+            data = _read_json(path)
         except (OSError, ValueError) as exc:
             raise errors.StoreFormatError(
-                f"{path} is unreadable or not JSON ({exc}): the store is damaged or was written "
-                f"by another tool; {fix}"
-            ) from exc
-        found = data.get("format") if isinstance(data, dict) else None
+                f"{path} is unreadable or not a JSON object ({exc}): the store is damaged or "
+                f"was written by another tool; {fix}"
+            ) from None
+        found = data.get("format")
         if not isinstance(found, int) or isinstance(found, bool) or found < 1:
             raise errors.StoreFormatError(f"{path} names an unknown store format {found!r}; {fix}")
         if found > FORMAT_VERSION:
@@ -724,8 +1017,9 @@ class Store:
 
     def _new_tmp_dir(self, purpose: str) -> Path:
         path = self._new_tmp_path(purpose)
-        path.mkdir()
-        os.chmod(path, 0o755)  # becomes layers/<hex>: readable by every user of the store
+        # Becomes layers/<hex>: its owner's (or the shared group's) alone, so that nobody else
+        # reaches the layer's setuid files or device nodes through the store.
+        self.access.make_dir(path)
         return path
 
     def _sweep_tmp(self) -> int:
@@ -746,7 +1040,10 @@ class Store:
             except OSError:
                 continue
             if claimed.is_dir() and not claimed.is_symlink():
-                _rmtree(claimed)
+                # In a shared store another member's leftovers may hold directories only
+                # their owner can empty: left for that member's next sweep.
+                with contextlib.suppress(PermissionError):
+                    _rmtree(claimed)
             else:
                 with contextlib.suppress(FileNotFoundError):
                     claimed.unlink()
@@ -755,16 +1052,18 @@ class Store:
 
     def _write_json_atomic(self, path: Path, data: Any) -> None:
         tmp = self._new_tmp_path("ref")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        _write_new(tmp, json.dumps(data, indent=1, sort_keys=True) + "\n", self._file_mode)
+        os.replace(tmp, path)  # replaces a planted symlink itself, never its target
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A fresh empty directory in ``STORE/tmp`` to build a layer tree in; removed on exit
         unless ``add_layer`` took it."""
+        self._writable()
         container = self._new_tmp_dir("stage")
         staged = container / "diff"
         staged.mkdir()
+        self.access.private_subtree(staged)
         try:
             yield staged
         finally:
@@ -793,27 +1092,45 @@ class Store:
             return False
 
     def layer_info(self, chain_id: str) -> LayerInfo:
-        """The layer's ``layer.json``; :class:`errors.LayerNotFoundError` when it is absent."""
+        """The layer's ``layer.json``; :class:`errors.LayerNotFoundError` when it is absent,
+        :class:`errors.StoreError` when the layer directory or its record is not what the store
+        wrote (a symlink, another user's directory, a record that is not a JSON object)."""
+        return self._layer_info(chain_id, alias_ok=True)
+
+    def _layer_info(self, chain_id: str, *, alias_ok: bool) -> LayerInfo:
         info = self._info_cache.get(chain_id)
         if info is not None:
             return info
         layer_root = self._layers / _hex(chain_id)
+        record = layer_root / "layer.json"
         try:
-            data = json.loads((layer_root / "layer.json").read_text())
+            self.access.check(layer_root, os.lstat(layer_root))
+            data = _read_json(record)
+            info = LayerInfo.from_json(data, layer_root)
         except FileNotFoundError:
             raise errors.LayerNotFoundError(
                 chain_id, hint=f"not in the store {self.root}"
             ) from None
-        except ValueError as exc:
+        except (_BadJson, KeyError, TypeError, ValueError) as exc:
+            what = f"lacks {exc}" if isinstance(exc, KeyError) else f"is {exc}"
+            if not isinstance(exc, _BadJson):
+                what = f"is not a layer record ({what.removeprefix('is ')})"
             raise errors.StoreError(
                 errno.EIO,
-                f"{layer_root / 'layer.json'} is damaged ({exc}); run `pytest-layers verify`",
-                str(layer_root),
-            ) from exc
-        info = LayerInfo.from_json(data, layer_root)
+                f"{record} {what}: the store is damaged; run `pytest-layers verify`, then "
+                "`pytest-layers prune` or delete that layer directory",
+                str(record),
+            ) from None
         if info.alias_of is not None:
+            if not alias_ok:
+                raise errors.StoreError(
+                    errno.EIO,
+                    f"{record}: alias of {info.alias_of}, itself an alias: the store is "
+                    "damaged; run `pytest-layers verify`",
+                    str(record),
+                )
             try:
-                target = self.layer_info(info.alias_of)
+                target = self._layer_info(info.alias_of, alias_ok=False)
             except errors.LayerNotFoundError:
                 raise errors.LayerNotFoundError(
                     chain_id,
@@ -824,19 +1141,52 @@ class Store:
         self._info_cache[chain_id] = info
         return info
 
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def _layer_names(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        with os.scandir(self._layers) as it:
+            for entry in it:
+                if len(entry.name) == 64 and _HEX_RE.fullmatch(entry.name):
+                    yield "sha256:" + entry.name, entry
+
     def layers(self) -> list[str]:
-        """Chain ids of every stored layer."""
-        return sorted(
-            "sha256:" + n
-            for n in os.listdir(self._layers)
-            if (self._layers / n / "layer.json").is_file()
-        )
+        """Chain ids of every stored layer (an entry of ``layers/`` that is a symlink or a
+        file is skipped, with a line in :attr:`warnings`; ``verify`` reports it)."""
+        out = []
+        for chain_id, entry in self._layer_names():
+            if not entry.is_dir(follow_symlinks=False):
+                if os.path.lexists(os.path.join(entry.path, "layer.json")):
+                    self._warn(f"{entry.path}: not a layer directory (skipped; see verify)")
+                continue
+            if os.path.lexists(os.path.join(entry.path, "layer.json")):
+                out.append(chain_id)
+        return sorted(out)
 
     def chain(self, chain_id: str) -> list[LayerInfo]:
-        """The layer and its ancestors, bottom first."""
-        out = []
+        """The layer and its ancestors, bottom first.
+
+        Raises :class:`errors.StoreError` for a ``parent`` loop or a chain longer than
+        :data:`MAX_CHAIN_LENGTH` (a damaged or hostile store)."""
+        out: list[LayerInfo] = []
+        seen: set[str] = set()
         current: str | None = chain_id
         while current is not None:
+            if current in seen or len(out) >= MAX_CHAIN_LENGTH:
+                why = (
+                    f"its parents loop back to {current}"
+                    if current in seen
+                    else f"it is longer than {MAX_CHAIN_LENGTH} layers"
+                )
+                raise errors.StoreError(
+                    errno.ELOOP,
+                    f"the chain of layer {chain_id} in the store {self.root} is broken: {why} "
+                    f"(layers/{_hex(out[-1].chain_id)}/layer.json names parent {current}); "
+                    "run `pytest-layers verify`, then delete the damaged layers",
+                    str(self.root),
+                )
+            seen.add(current)
             info = self.layer_info(current)
             out.append(info)
             current = info.parent
@@ -862,6 +1212,7 @@ class Store:
         """
         if source not in _SOURCES:
             raise ValueError(f"source must be one of {', '.join(_SOURCES)}, not {source!r}")
+        self._writable()
         staged = Path(os.path.abspath(staged))
         parent_diff_ids = [info.diff_id for info in self.chain(parent)] if parent else []
         tree_digest = layertar.layer_diff_id(staged, flavor=self.flavor)
@@ -928,6 +1279,7 @@ class Store:
         and ``ValueError`` when ``chain_id`` is not the ChainID of the target's diff_id on
         ``parent``.
         """
+        self._writable()
         if self.has_layer(chain_id):
             with self._gc.hold(exclusive=False):
                 self._keep_alive(chain_id)
@@ -957,7 +1309,11 @@ class Store:
         )
         container = self._new_tmp_dir("alias")
         try:
-            (container / "layer.json").write_text(json.dumps(info.to_json(), indent=1) + "\n")
+            _write_new(
+                container / "layer.json",
+                json.dumps(info.to_json(), indent=1) + "\n",
+                self._file_mode,
+            )
             with self._gc.hold(exclusive=False):
                 # Under the shared gc lock: prune cannot take the target between this check
                 # and the lease that _keep_alive takes on the alias (which reaches the target).
@@ -999,6 +1355,7 @@ class Store:
             if blob is not None:
                 kept_blob = container / "blob.tar"
                 shutil.copyfile(blob, kept_blob)
+                os.chmod(kept_blob, self._file_mode)
                 size += kept_blob.stat().st_size
             info = LayerInfo(
                 chain_id=chain_id,
@@ -1011,16 +1368,22 @@ class Store:
                 source=source,
                 blob=target / "blob.tar" if kept_blob else None,
                 tree_digest=tree_digest if imported else None,
+                # Measured before the records are written: they are a few KiB at most.
+                disk_use=disk_use([container]),
             )
-            (container / "files.json").write_text(
-                json.dumps(manifest, separators=(",", ":"), sort_keys=True)
+            _write_new(
+                container / "files.json",
+                json.dumps(manifest, separators=(",", ":"), sort_keys=True),
+                self._file_mode,
             )
             # layer.json last: a directory is a layer only once it has one.
-            (container / "layer.json").write_text(json.dumps(info.to_json(), indent=1) + "\n")
-            if os.environ.get("PYTEST_LAYERS_TEST_PAUSE") == "add_layer":
-                # Fault-injection tests kill the process here, just before the rename.
-                print(f"PAUSED {container}", flush=True)
-                time.sleep(3600)
+            _write_new(
+                container / "layer.json",
+                json.dumps(info.to_json(), indent=1) + "\n",
+                self._file_mode,
+            )
+            # Fault-injection tests kill the process here, just before the rename.
+            _faultpoints.reached("add_layer", str(container))
             with self._gc.hold(exclusive=False):
                 try:
                     os.rename(container, target)
@@ -1105,6 +1468,19 @@ class Store:
                     total += info.size
         return total
 
+    def recorded_disk_use(self) -> int:
+        """The stored layers' disk use as recorded in their ``layer.json`` when they were
+        stored: what :meth:`disk_use` would measure for them, without walking any tree (a
+        session header prints it; a store may hold 100,000s of files). A layer stored before
+        disk use was recorded counts its ``size``."""
+        total = 0
+        for chain_id in self.layers():
+            with contextlib.suppress(errors.LayersError):
+                info = self.layer_info(chain_id)
+                if info.alias_of is None:  # an alias holds no tree of its own
+                    total += info.disk_use if info.disk_use is not None else info.size
+        return total
+
     def disk_use(self, chain_ids: Iterable[str] | None = None) -> int:
         """Disk use (see :func:`disk_use`) of the whole store directory, or of the layers
         ``chain_ids`` (an alias adds its target's tree; a tree shared by several counts once)."""
@@ -1121,15 +1497,24 @@ class Store:
     def _ref_path(self, kind: str, value: str) -> Path:
         return self.root / "refs" / kind / _ref_filename(value)
 
-    def _read_ref(self, path: Path) -> dict[str, Any] | None:
+    def _read_ref(self, path: Path, *, dir_fd: int | None = None) -> dict[str, Any] | None:
+        """A ref's record, or None when it is absent or not a ref (a stray entry, noted in
+        :attr:`warnings`: reading the store never stops at one)."""
         try:
-            data = json.loads(path.read_text())
-        except (FileNotFoundError, NotADirectoryError, ValueError):
+            data = _read_json(path.name if dir_fd is not None else path, dir_fd=dir_fd)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        return data if isinstance(data, dict) and isinstance(data.get("chain_id"), str) else None
+        except (OSError, ValueError) as exc:
+            self._warn(f"{path}: {exc} (skipped)")
+            return None
+        if not isinstance(data.get("chain_id"), str):
+            self._warn(f"{path}: not a ref, it names no chain id (skipped)")
+            return None
+        return data
 
     def set_name(self, name: str, chain_id: str) -> None:
         """Point ``refs/names/<name>`` at ``chain_id`` (the latest build of that name)."""
+        self._writable()
         self._require(chain_id)
         self._write_json_atomic(self._ref_path("names", name), {"name": name, "chain_id": chain_id})
         self._referenced(chain_id)
@@ -1142,7 +1527,7 @@ class Store:
     def names(self) -> dict[str, str]:
         """Every layer name -> chain id."""
         out = {}
-        for path in (self.root / "refs" / "names").iterdir():
+        for path in sorted((self.root / "refs" / "names").iterdir()):
             data = self._read_ref(path)
             if data and isinstance(data.get("name"), str):
                 out[data["name"]] = data["chain_id"]
@@ -1157,15 +1542,31 @@ class Store:
 
     def cache_set(self, key: str, chain_id: str) -> None:
         """Record that build-cache ``key`` produced ``chain_id``."""
+        self._writable()
         self._require(chain_id)
         self._write_json_atomic(self._ref_path("cache", key), {"key": key, "chain_id": chain_id})
         self._referenced(chain_id)
 
+    def rebuild_marked(self, key: str, token: str) -> bool:
+        """Whether the ``--layers-rebuild`` run ``token`` already rebuilt build-cache ``key``
+        (xdist workers share the run's token, so each key is rebuilt once per run)."""
+        try:
+            data = _read_json(self._ref_path("rebuild", key))
+        except (OSError, ValueError):
+            return False
+        return data.get("key") == key and data.get("token") == token
+
+    def mark_rebuilt(self, key: str, token: str) -> None:
+        """Record that the ``--layers-rebuild`` run ``token`` rebuilt ``key``."""
+        self._writable()
+        self._write_json_atomic(self._ref_path("rebuild", key), {"key": key, "token": token})
+
     def build_lock(self, key: str, timeout: float = DEFAULT_LOCK_TIMEOUT) -> filelock.BaseFileLock:
         """A cross-process lock for building ``key``: hold it while checking the cache,
         building and recording, so concurrent builders of one key build it once."""
+        self._writable()
         path = self._locks / f"build-{_ref_filename(key)}.lock"
-        return _BuildLock(str(path), key=key, timeout=timeout)
+        return _BuildLock(str(path), key=key, timeout=timeout, mode=self.access.lock_mode)
 
     def _require(self, chain_id: str) -> None:
         if not self.has_layer(chain_id):
@@ -1183,67 +1584,102 @@ class Store:
             raise ValueError(
                 f"keep must be at least 1 to keep the snapshot being added, not {keep}"
             )
+        self._writable()
         self._require(chain_id)
         if with_init is not None:
             self._require(with_init)
         directory = self.root / "refs" / "snapshots" / _ref_filename(test)
-        with filelock.FileLock(str(self._locks / "snapshots.lock"), timeout=60):
-            directory.mkdir(exist_ok=True)
-            seq_path = directory / ".seq"
-            try:
-                last = int(seq_path.read_text())
-            except (FileNotFoundError, ValueError):
-                last = 0
-            numbers = self._snapshot_numbers(directory)
-            n = max([last, *numbers]) + 1
-            data: dict[str, Any] = {
-                "test": test,
-                "n": n,
-                "chain_id": chain_id,
-                "created": time.time(),
-            }
-            if with_init is not None:
-                data["with_init"] = with_init
-            self._write_json_atomic(directory / str(n), data)
-            # The counter survives a prune that removes every snapshot, so ids never repeat.
-            tmp = self._new_tmp_path("ref")
-            tmp.write_text(f"{n}\n")
-            os.replace(tmp, seq_path)
-            for old in sorted([*numbers, n])[:-keep]:
-                with contextlib.suppress(FileNotFoundError):
-                    (directory / str(old)).unlink()
+        mode = self.access.lock_mode
+        with _StoreLock(str(self._locks / "snapshots.lock"), timeout=60, mode=mode):
+            self.access.make_dir(directory, exist_ok=True)
+            with self._snapshot_dir(directory) as dfd:
+                last = self._read_seq(dfd)
+                numbers = self._snapshot_numbers(dfd)
+                n = max([last, *numbers]) + 1
+                data: dict[str, Any] = {
+                    "test": test,
+                    "n": n,
+                    "chain_id": chain_id,
+                    "created": time.time(),
+                }
+                if with_init is not None:
+                    data["with_init"] = with_init
+                tmp = self._new_tmp_path("ref")
+                _write_new(tmp, json.dumps(data, indent=1, sort_keys=True) + "\n", self._file_mode)
+                os.replace(tmp, str(n), dst_dir_fd=dfd)
+                # The counter survives a prune that removes every snapshot, so ids never repeat.
+                tmp = self._new_tmp_path("ref")
+                _write_new(tmp, f"{n}\n", self._file_mode)
+                os.replace(tmp, ".seq", dst_dir_fd=dfd)
+                for old in sorted([*numbers, n])[:-keep]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(str(old), dir_fd=dfd)
         self._referenced(chain_id)
         if with_init is not None:
             self._referenced(with_init)
         return f"snapshot:{test}"
 
     @staticmethod
-    def _snapshot_numbers(directory: Path) -> list[int]:
+    def _read_seq(dfd: int) -> int:
         try:
-            return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-        except FileNotFoundError:
-            return []
+            with open(os.open(".seq", _O_READ, dir_fd=dfd), "rb") as f:
+                return int(f.read(32))
+        except (OSError, ValueError):
+            return 0  # absent or damaged: the listed numbers still keep ids increasing
+
+    @contextlib.contextmanager
+    def _snapshot_dir(self, directory: Path) -> Iterator[int]:
+        """The fd of a test's snapshot directory: opened without following a symlink and
+        checked like every directory of the store, so that a symlink planted there never
+        makes a commit or a prune write or delete elsewhere."""
+        try:
+            fd = os.open(directory, _dirfd.O_DIR)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            self.access.check(directory, os.lstat(directory))
+            raise
+        try:
+            self.access.check(directory, os.fstat(fd))
+            yield fd
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _snapshot_numbers(dfd: int) -> list[int]:
+        return sorted(int(n) for n in os.listdir(dfd) if n.isdigit())
 
     def snapshots(self, test: str | None = None) -> list[SnapshotInfo]:
-        """Snapshots of ``test`` (or of every test), by test then oldest first."""
+        """Snapshots of ``test`` (or of every test), by test then oldest first. A stray entry
+        in ``refs/snapshots`` is skipped, with a line in :attr:`warnings`."""
         base = self.root / "refs" / "snapshots"
         dirs = [base / _ref_filename(test)] if test is not None else sorted(base.iterdir())
         out = []
         for directory in dirs:
-            for n in self._snapshot_numbers(directory):
-                data = self._read_ref(directory / str(n))
-                if data is None or (test is not None and data.get("test") != test):
-                    continue
-                with_init = data.get("with_init")
-                out.append(
-                    SnapshotInfo(
-                        test=data["test"],
-                        n=n,
-                        chain_id=data["chain_id"],
-                        created=data["created"],
-                        with_init=with_init if isinstance(with_init, str) else None,
-                    )
-                )
+            try:
+                with self._snapshot_dir(directory) as dfd:
+                    for n in self._snapshot_numbers(dfd):
+                        data = self._read_ref(directory / str(n), dir_fd=dfd)
+                        if data is None or (test is not None and data.get("test") != test):
+                            continue
+                        with_init = data.get("with_init")
+                        try:
+                            snap = SnapshotInfo(
+                                test=str(data["test"]),
+                                n=n,
+                                chain_id=data["chain_id"],
+                                created=float(data["created"]),
+                                with_init=with_init if isinstance(with_init, str) else None,
+                            )
+                        except (KeyError, TypeError, ValueError):
+                            self._warn(f"{directory / str(n)}: not a snapshot record (skipped)")
+                            continue
+                        out.append(snap)
+            except FileNotFoundError:
+                continue
+            except (OSError, errors.LayersError) as exc:
+                self._warn(f"{directory}: not a snapshot directory ({exc}) (skipped)")
+                continue
         out.sort(key=lambda s: (s.test, s.n))
         return out
 
@@ -1351,6 +1787,12 @@ class Store:
         ``prune`` leaves them alone. Raises :class:`errors.LayerNotFoundError` for a layer that
         is not stored."""
         ids = list(chain_ids)
+        if self.read_only:
+            # Nothing prunes a read-only store from here; a lease could not be written anyway.
+            for chain_id in ids:
+                self._require(chain_id)
+            yield
+            return
         with self._gc.hold(exclusive=False):
             for chain_id in ids:
                 self._require(chain_id)
@@ -1370,7 +1812,7 @@ class Store:
         for path in sorted(leases.glob("*.held")):
             if path == own:
                 continue
-            probe = filelock.FileLock(str(path.with_suffix(".lock")))
+            probe = _StoreLock(str(path.with_suffix(".lock")), mode=self.access.lock_mode)
             try:
                 probe.acquire(timeout=0)
             except filelock.Timeout:
@@ -1394,19 +1836,22 @@ class Store:
         (name, cache key, snapshot) and no live lease reaches, and leftovers of dead processes."""
         if keep_snapshots < 0:
             raise ValueError(f"keep_snapshots must be >= 0, not {keep_snapshots}")
+        self._writable()
         report = PruneReport()
         doomed: list[Path] = []
-        with filelock.FileLock(str(self._locks / "prune.lock"), timeout=600):
-            with filelock.FileLock(str(self._locks / "snapshots.lock"), timeout=60):
+        mode = self.access.lock_mode
+        with _StoreLock(str(self._locks / "prune.lock"), timeout=600, mode=mode):
+            with _StoreLock(str(self._locks / "snapshots.lock"), timeout=60, mode=mode):
                 by_test: dict[str, list[SnapshotInfo]] = {}
                 for snap in self.snapshots():
                     by_test.setdefault(snap.test, []).append(snap)
                 for test, snaps in by_test.items():
                     directory = self.root / "refs" / "snapshots" / _ref_filename(test)
-                    for snap in snaps[: max(0, len(snaps) - keep_snapshots)]:
-                        with contextlib.suppress(FileNotFoundError):
-                            (directory / str(snap.n)).unlink()
-                        report.removed_snapshots.append(snap.numbered_ref)
+                    with self._snapshot_dir(directory) as dfd:
+                        for snap in snaps[: max(0, len(snaps) - keep_snapshots)]:
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(str(snap.n), dir_fd=dfd)
+                            report.removed_snapshots.append(snap.numbered_ref)
             with self._gc.hold(exclusive=True):
                 roots = set(self.names().values())
                 for path in (self.root / "refs" / "cache").iterdir():
@@ -1426,22 +1871,31 @@ class Store:
                         continue
                     victim = self._new_tmp_path("prune")
                     # Out of layers/ in one rename: a kill leaves it in tmp/ for the next sweep.
-                    os.rename(self._layers / _hex(chain_id), victim)
+                    try:
+                        os.rename(self._layers / _hex(chain_id), victim)
+                    except PermissionError:
+                        # Another member's layer in a shared store: theirs to prune.
+                        self._warn(f"{self._layers / _hex(chain_id)}: not yours to remove (kept)")
+                        continue
                     self._info_cache.pop(chain_id, None)
                     doomed.append(victim)
                     report.removed_layers.append(chain_id)
             # Directories that lost their layer.json (damaged by hand) are not layers either.
             for name in os.listdir(self._layers):
-                if not (self._layers / name / "layer.json").is_file():
-                    victim = self._new_tmp_path("prune")
-                    with contextlib.suppress(OSError):
-                        os.rename(self._layers / name, victim)
+                entry = self._layers / name
+                with contextlib.suppress(OSError):
+                    if not stat.S_ISDIR(os.lstat(entry).st_mode):
+                        entry.unlink()  # a stray file or symlink: the entry goes, no target
+                    elif not os.path.lexists(entry / "layer.json"):
+                        victim = self._new_tmp_path("prune")
+                        os.rename(entry, victim)
                         doomed.append(victim)
         # Disk use, as du counts it (what removing these trees gives back, hard links to kept
         # layers aside); measured once they are out of layers/ and nobody can reach them.
         report.freed_bytes = disk_use(doomed)
         for victim in doomed:
-            _rmtree(victim)
+            with contextlib.suppress(PermissionError):  # a shared store's: left for its owner
+                _rmtree(victim)
         report.removed_tmp = self._sweep_tmp()
         return report
 
@@ -1470,7 +1924,14 @@ class Store:
         the path inside the layer when one changed. An empty list means all is well."""
         problems: list[Problem] = []
         hashed: set[str] = set()
-        for chain_id in self.layers() if chain_ids is None else list(chain_ids):
+        if chain_ids is None:
+            # Entries that are not layer directories (a symlink put in place of one) as well.
+            chain_ids = sorted(
+                c
+                for c, e in self._layer_names()
+                if not e.is_dir(follow_symlinks=False) or os.path.lexists(e.path + "/layer.json")
+            )
+        for chain_id in chain_ids:
             problems.extend(self._verify_one(chain_id, hashed))
         return problems
 

@@ -29,9 +29,29 @@ _SCRUB = (
     "PYTEST_XDIST_WORKER",
     "PYTEST_XDIST_WORKER_COUNT",
     "PYTEST_XDIST_TESTRUNUID",
-    "PYTEST_LAYERS_TEST_PAUSE",
     "PYTEST_LAYERS_REQUIRE",
 )
+
+
+def pause_source(point: str) -> str:
+    """Python to run first in a child process (``python -c``): when the code reaches the fault
+    point ``point`` (pytest_layers/_faultpoints.py), print ``PAUSED <detail>`` and sleep until
+    killed. Production code has no switch for it: only code running in the process can."""
+    return (
+        "import time as _time\n"
+        "from pytest_layers import _faultpoints as _fp\n"
+        "def _pause(name, detail):\n"
+        f"    if name == {point!r}:\n"
+        "        print('PAUSED ' + detail, flush=True)\n"
+        "        _time.sleep(3600)\n"
+        "_fp.hook = _pause\n"
+    )
+
+
+def cli_command(*args: str, pause: str | None = None) -> list[str]:
+    """``pytest-layers ARGS`` as a child process, paused at the fault point ``pause`` if given."""
+    main = "import sys\nfrom pytest_layers.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return [sys.executable, "-c", (pause_source(pause) if pause else "") + main, *args]
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -75,14 +95,36 @@ def run_session(
 def cli(
     store: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``pytest-layers --store STORE ARGS`` in a subprocess."""
+    """``pytest-layers --store STORE ARGS`` in a subprocess, as the store's owner: a store is
+    its owner's alone, so root looks into a user's store as that user."""
     return subprocess.run(
-        [sys.executable, "-m", "pytest_layers.cli", "--store", str(store), *args],
+        [*as_owner(store), sys.executable, "-m", "pytest_layers.cli", "--store", str(store), *args],
         env=env or child_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def as_owner(store: Path) -> list[str]:
+    """A command prefix that runs as the owner of ``store`` when that is another user."""
+    import pwd
+
+    owner = os.stat(store).st_uid
+    if owner == os.geteuid():
+        return []
+    return ["runuser", "-u", pwd.getpwuid(owner).pw_name, "--"]
+
+
+_CHECK_STORE = """
+import sys
+from pytest_layers.store import Store
+with Store(sys.argv[1]) as opened:
+    problems = opened.verify()
+    for chain_id in opened.layers():
+        assert opened.chain(chain_id)[-1].chain_id == chain_id, chain_id
+print("\\n".join(map(str, problems)))
+"""
 
 
 def out(proc: subprocess.CompletedProcess[str]) -> str:
@@ -161,12 +203,23 @@ def assert_store_consistent(store: Path) -> None:
     layers = {"sha256:" + e.name for e in (store / "layers").iterdir()}
     for ref, chain_id in ref_targets(store).items():
         assert chain_id in layers, f"ref {ref} points at a missing layer {chain_id}"
-    with Store(store) as opened:
-        problems = opened.verify()
-        for info_id in layers:
-            chain = opened.chain(info_id)
-            assert chain[-1].chain_id == info_id
-    assert not problems, "\n".join(map(str, problems))
+    if as_owner(store):
+        check = subprocess.run(
+            [*as_owner(store), sys.executable, "-c", _CHECK_STORE, str(store)],
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert check.returncode == 0, out(check)
+        assert not check.stdout.strip(), out(check)
+    else:
+        with Store(store) as opened:
+            problems = opened.verify()
+            for info_id in layers:
+                chain = opened.chain(info_id)
+                assert chain[-1].chain_id == info_id
+        assert not problems, "\n".join(map(str, problems))
     proc = cli(store, "verify")
     assert proc.returncode == 0, out(proc)
 

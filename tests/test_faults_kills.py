@@ -2,16 +2,16 @@
 
 Each case runs a real pytest session in a subprocess (``runpytest_subprocess`` cannot be killed
 midway), waits until it reaches the moment to kill (a builder or test writes its pid to a
-``ready`` file and sleeps; a commit is paused by the store's ``PYTEST_LAYERS_TEST_PAUSE`` hook,
-an export by the OCI module's), sends SIGKILL and then checks what a user would meet next: no
-mount left in the namespace the session was started in, no partial layer or dangling ref,
-``pytest-layers verify`` clean, and the next session passing without any manual cleanup.
+``ready`` file and sleeps; a commit or an export stops at a fault point of the store or the OCI
+module, whose hook the child's own code installs: pytest_layers/_faultpoints.py), sends SIGKILL
+and then checks what a user would meet next: no mount left in the namespace the session was
+started in, no partial layer or dangling ref, ``pytest-layers verify`` clean, and the next
+session passing without any manual cleanup.
 """
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from faults_util import (
     builder_runs,
     child_env,
     cli,
+    cli_command,
     dead_leftovers,
     kill,
     no_mounts_left,
@@ -40,7 +41,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.requires_overlay]
 CONFTEST = """
 import os, time
 from pathlib import Path
-from pytest_layers import layer
+from pytest_layers import _faultpoints, layer
 
 HERE = Path(__file__).parent
 
@@ -49,6 +50,10 @@ def pause(what):
         (HERE / "ready.tmp").write_text(str(os.getpid()))
         os.rename(HERE / "ready.tmp", HERE / "ready")
         time.sleep(3600)
+
+# The store's fault point sits after layer.json is written, before the rename that publishes
+# the layer; only the test's own code installs the hook (pytest_layers/_faultpoints.py).
+_faultpoints.hook = lambda point, detail: pause("commit") if point == "add_layer" else None
 
 def log(name):
     with open(HERE / "runs.log", "a") as f:
@@ -108,22 +113,13 @@ def _kill_at(path: Path, store: Path, moment: str, *, as_user: bool = False) -> 
     """Start a session, SIGKILL it at ``moment``."""
     ready = path / "ready"
     ready.unlink(missing_ok=True)
-    if moment == "commit":
-        env = child_env(FAULT_FAIL="1", PYTEST_LAYERS_TEST_PAUSE="add_layer")
-    else:
-        env = child_env(FAULT_PAUSE=moment)
+    env = child_env(FAULT_PAUSE=moment, **({"FAULT_FAIL": "1"} if moment == "commit" else {}))
     proc = _start(path, env, as_user)
+    wait_for(ready.exists, f"the {moment} pause", proc)
+    pid = int(ready.read_text())
     if moment == "commit":
-        # The store's hook sleeps with the complete layer staged, just before the rename
-        # that would publish it; the staging dir is named after its owner's pid.
-        def staged() -> list[Path]:
-            return list((store / "tmp").glob("*/layer.json"))
-
-        wait_for(lambda: bool(staged()), "the commit to pause", proc)
-        pid = int(staged()[0].parent.name.split("-")[0])
-    else:
-        wait_for(ready.exists, f"the {moment} pause", proc)
-        pid = int(ready.read_text())
+        # Paused with the complete layer staged, just before the rename that would publish it.
+        assert list((store / "tmp").glob("*/layer.json")), "the commit paused elsewhere"
     kill(pid, proc)
     ready.unlink(missing_ok=True)
 
@@ -235,18 +231,8 @@ def test_sigkill_during_export(pytester: pytest.Pytester) -> None:
         store = _prepare(path, "test")
         dest = path / "image.tar"
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pytest_layers.cli",
-                "--store",
-                str(store),
-                "export",
-                "app",
-                "-o",
-                str(dest),
-            ],
-            env=child_env(PYTEST_LAYERS_TEST_PAUSE="export"),
+            cli_command("--store", str(store), "export", "app", "-o", str(dest), pause="export"),
+            env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -21,12 +21,14 @@ def test_header_store_and_verify(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--layers-store=my-store")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
-        [f"layers: backend={label}, store={pytester.path}/my-store (* disk use)"]
+        [f"layers: backend={label}, store={pytester.path}/my-store (yours, * disk use)"]
     )
     result = pytester.runpytest_subprocess("--layers-store=my-store", "--layers-verify")
     result.assert_outcomes(passed=1)
     # Disk use, as du counts it (blocks), not the 8 bytes of the layer's one file.
-    result.stdout.fnmatch_lines([f"layers: backend={label}, store=*/my-store (*KiB disk use)"])
+    result.stdout.fnmatch_lines(
+        [f"layers: backend={label}, store=*/my-store (yours, *KiB disk use)"]
+    )
 
     # Tamper with the stored layer: --layers-verify refuses to use it.
     stored = next((pytester.path / "my-store" / "layers").glob("*/diff/etc/os-release"))

@@ -207,9 +207,9 @@ def test_controller_error_reaches_workers_as_user(user_tmp_path: Path, cause: st
     store.mkdir(mode=0o755)  # root's: the test user cannot write it
     if cause == "unwritable store":
         args = [f"--layers-store={store}"]
-        expected = (
-            f"pytest-layers cannot run in this session: *the layer store {store} is not "
-            "writable by uid * or choose another directory with --layers-store=PATH*"
+        expected = (  # another user's store is refused before anything is written to it
+            f"pytest-layers cannot run in this session: {store} belongs to uid 0 (root), "
+            "not to you * a store is used by its owner only; use a store of your own*"
         )
     else:
         args = ["--layers-backend=overlay", "-o", "layers_mount_namespace=host"]

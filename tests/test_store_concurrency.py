@@ -68,12 +68,16 @@ _WORKER = textwrap.dedent(
 
 @contextmanager
 def workers(
-    n: int, *args: str, env: dict[str, str] | None = None
+    n: int, *args: str, env: dict[str, str] | None = None, pause: str | None = None
 ) -> Iterator[list[subprocess.Popen[str]]]:
-    """Start n workers, wait until each is ready, then release them all at once."""
+    """Start n workers, wait until each is ready, then release them all at once; ``pause``
+    names a fault point where they stop (tests/faults_util.py)."""
+    from faults_util import pause_source
+
+    code = (pause_source(pause) if pause else "") + _WORKER
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, *args],
+            [sys.executable, "-c", code, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -152,9 +156,7 @@ def _kill_after(proc: subprocess.Popen[str], delay: float) -> None:
 def test_sigkill_just_before_the_rename_leaves_no_partial_layer(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     # The pause sits after layer.json is written and before the rename: the worst moment.
-    with workers(
-        1, "add", str(store.root), "-", "p", "50", env={"PYTEST_LAYERS_TEST_PAUSE": "add_layer"}
-    ) as (proc,):
+    with workers(1, "add", str(store.root), "-", "p", "50", pause="add_layer") as (proc,):
         assert proc.stdout is not None
         paused = proc.stdout.readline()
         assert paused.startswith("PAUSED "), paused
