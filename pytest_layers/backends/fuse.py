@@ -44,7 +44,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_layers.backends.base import View, trial, trial_whiteout
+from pytest_layers.backends.base import MountPolicy, View, trial, trial_whiteout
 from pytest_layers.errors import BackendUnavailableError, MountError
 
 if TYPE_CHECKING:
@@ -72,13 +72,15 @@ def _in_mountinfo(path: str) -> bool:
 class FuseBackend:
     """Views mounted by ``fuse-overlayfs`` (see the module docstring).
 
-    ``binary`` overrides the ``fuse-overlayfs`` found on ``PATH``.
+    ``binary`` overrides the ``fuse-overlayfs`` found on ``PATH``; ``policy`` says whether views
+    honour setuid bits and device nodes (default: neither, ``-o nosuid,nodev``).
     """
 
     name = "fuse"
 
-    def __init__(self, *, binary: str | None = None) -> None:
+    def __init__(self, *, binary: str | None = None, policy: MountPolicy | None = None) -> None:
         self._binary = binary
+        self.policy = policy or MountPolicy()
 
     # ---- Backend protocol -------------------------------------------------------------------
 
@@ -169,6 +171,9 @@ class FuseBackend:
             os.mkdir(upper)
             os.mkdir(scratch / "w")
             opts += ",upperdir=u,workdir=w"
+        # fuse-overlayfs mounts as root with suid (and nodev) unless told; fusermount3 forces
+        # nosuid,nodev for an ordinary user anyway.
+        opts += "," + ",".join(self.policy.words)
         log_path = scratch / "log"
         _reap()
         try:
