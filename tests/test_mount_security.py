@@ -1,0 +1,358 @@
+"""Mounts and views as a trust boundary (docs/concepts/security.md, "Mounts and views").
+
+Written as the attacks: an image's setuid-root program and device node grant another user
+nothing through a view or a CLI mount; teardown never empties a host directory a test
+bind-mounted into its rootfs, nor follows a directory swapped under its walk; a forged mount
+record never makes ``umount`` remove anything but its own scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import TEST_USER, _probe, run_as_user
+from treeutil import build_layer, make_tree
+
+from pytest_layers import _linux, namespaces
+from pytest_layers.backends.base import MountPolicy
+from pytest_layers.backends.detect import get_backend
+from pytest_layers.store import Store
+
+BACKENDS = {"overlay": "overlay", "fuse": "fuse", "copy": "root"}
+
+
+def run_cli(*args: str, store: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "pytest_layers.cli", "--store", os.fspath(store), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def privileged_tree(root: Path) -> Path:
+    """A layer tree holding a setuid-root copy of ``id`` and a world-writable device node with
+    /dev/null's numbers (harmless if opened, but opening it at all is the attack)."""
+    (root / "bin").mkdir(parents=True)
+    (root / "dev").mkdir()
+    shutil.copy2(shutil.which("id") or "/usr/bin/id", root / "bin/id")
+    os.chown(root / "bin/id", 0, 0)
+    os.chmod(root / "bin/id", 0o4755)
+    os.mknod(root / "dev/null", stat.S_IFCHR | 0o666, os.stat("/dev/null").st_rdev)
+    os.chmod(root / "dev/null", 0o666)
+    return root
+
+
+def user_sees(view: Path) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """(the test user's euid running the image's setuid ``id``, the result of opening its
+    device node) as that user."""
+    euid = run_as_user([str(view / "bin/id"), "-u"])
+    assert euid.returncode == 0, euid.stderr
+    opened = run_as_user(
+        [sys.executable, "-c", f"open({str(view / 'dev/null')!r}, 'w').write('x')"]
+    )
+    return euid.stdout.strip(), opened
+
+
+def _unmount_all(path: Path) -> None:
+    for point in namespaces.mounts_under(path):
+        _linux.umount2(point, _linux.MNT_DETACH)
+
+
+@pytest.mark.requires_root
+@pytest.mark.requires_user
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("policy", ["nosuid,nodev", "suid,dev"])
+def test_view_grants_an_image_privileges_only_when_opted_in(
+    backend: str, policy: str, user_tmp_path: Path
+) -> None:
+    why = _probe(BACKENDS[backend])
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+    user_uid = str(pwd.getpwnam(TEST_USER).pw_uid)
+    layer = privileged_tree(user_tmp_path / "layer")
+    scratch = user_tmp_path / "scratch"
+    scratch.mkdir()
+    view = get_backend(backend, MountPolicy.parse(policy)).open([layer], scratch)
+    try:
+        euid, opened = user_sees(view.path)
+        if policy == "nosuid,nodev":
+            assert euid == user_uid  # the setuid bit grants nothing
+            assert opened.returncode != 0
+            assert "Permission denied" in opened.stderr  # nodev: EACCES on open
+        else:  # the control: the same image, opted in, does grant them
+            assert euid == "0"
+            assert opened.returncode == 0, opened.stderr
+    finally:
+        view.close()
+        _unmount_all(user_tmp_path)
+    assert not scratch.exists()
+
+
+def test_mount_policy_parses_and_refuses_unknown_words() -> None:
+    assert str(MountPolicy.parse("")) == "nosuid,nodev"
+    assert str(MountPolicy.parse("suid")) == "suid,nodev"
+    assert MountPolicy.parse("suid, dev") == MountPolicy(suid=True, dev=True)
+    with pytest.raises(ValueError, match="unknown mount option 'exec'"):
+        MountPolicy.parse("nosuid,exec")
+
+
+def test_plugin_refuses_a_bad_mount_options_value(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess("--layers-mount-options=suid,setgid")
+    result.stderr.fnmatch_lines(["*--layers-mount-options: invalid value 'suid,setgid'*"])
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+# ---- the CLI's mount -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def priv_store(tmp_path: Path) -> Iterator[Path]:
+    """A store (reachable by the test user) whose ``priv`` image holds privileged content."""
+    base = Path("/tmp") / f"pytest-layers-mountsec-{os.getpid()}-{tmp_path.name}"
+    base.mkdir(mode=0o755)
+    try:
+        st = Store(base / "store")
+        build_layer(st, None, privileged_tree(base / "tree"), "priv")
+        st.close()
+        for d in (base / "store", base / "store/layers"):
+            os.chmod(d, 0o755)
+        yield base
+    finally:
+        _unmount_all(base)
+        namespaces.remove_tree(base)
+
+
+@pytest.mark.requires_root
+@pytest.mark.requires_overlay
+@pytest.mark.requires_user
+@pytest.mark.parametrize("opt_in", [[], ["--suid", "--dev"]], ids=["default", "opted-in"])
+def test_cli_mount_is_nosuid_nodev_unless_opted_in(priv_store: Path, opt_in: list[str]) -> None:
+    target = priv_store / "mnt"
+    target.mkdir()
+    store = priv_store / "store"
+    proc = run_cli("mount", "priv", str(target), *opt_in, store=store)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        entry = namespaces.mount_at(target)
+        assert entry is not None
+        euid, opened = user_sees(target)
+        if not opt_in:
+            assert "nosuid,nodev" in proc.stdout
+            assert {"nosuid", "nodev"} <= entry.options
+            assert euid == str(pwd.getpwnam(TEST_USER).pw_uid)
+            assert "Permission denied" in opened.stderr
+        else:
+            assert euid == "0"
+            assert opened.returncode == 0, opened.stderr
+    finally:
+        assert run_cli("umount", str(target), store=store).returncode == 0
+    assert namespaces.mount_at(target) is None
+
+
+@pytest.mark.requires_root
+@pytest.mark.requires_overlay
+def test_forged_mount_record_removes_nothing(priv_store: Path) -> None:
+    """A record whose scratch points at the store (``mounts/..``) or whose target is someone
+    else's mount: umount refuses, the store and the other mount stay."""
+    store = priv_store / "store"
+    target = priv_store / "mnt"
+    target.mkdir()
+    (store / "mounts").mkdir(mode=0o700)
+    record = store / "mounts" / f"{_key(target)}.json"
+    before = sorted(p.name for p in (store / "layers").iterdir())
+    # 1. The old record format, aimed at the store itself: the target is not mounted.
+    record.write_text(json.dumps({"dir": str(target), "scratch": str(store / "mounts/..")}))
+    proc = run_cli("umount", str(target), store=store)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1
+    assert "refusing the mount record" in proc.stderr
+    # 2. A well-formed record, but the mount at the target is not the one it names.
+    _linux.mount("tmpfs", target, "tmpfs", 0, "size=1m")
+    try:
+        (target / "canary").write_text("someone else's\n")
+        record.write_text(json.dumps({"dir": str(target), "mnt_id": 1, "fstype": "overlay"}))
+        proc = run_cli("umount", str(target), store=store)
+        assert proc.returncode == 1
+        assert "not by the mount" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+        assert (target / "canary").read_text() == "someone else's\n"
+        # 3. Another user's record (or a symlink to one) is refused outright.
+        os.chown(record, 65534, 65534)
+        assert "refusing" in run_cli("umount", str(target), store=store).stderr
+        record.unlink()
+        record.symlink_to(store / "VERSION")
+        assert "refusing" in run_cli("umount", str(target), store=store).stderr
+    finally:
+        _linux.umount2(target, _linux.MNT_DETACH)
+    assert sorted(p.name for p in (store / "layers").iterdir()) == before
+    assert (store / "VERSION").is_file()
+    assert run_cli("verify", store=store).returncode == 0
+
+
+def _key(target: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(os.fsencode(os.path.realpath(target))).hexdigest()[:16]
+
+
+@pytest.fixture
+def unnamed_store(tmp_path: Path) -> tuple[Path, str]:
+    """A store holding one layer that nothing but a lease or pin keeps from ``prune``."""
+    st = Store(tmp_path / "store")
+    cid = build_layer(st, None, make_tree(tmp_path / "tree", {"etc/x": "kept\n"}), None)
+    st.close()
+    return st.root, cid
+
+
+@pytest.mark.requires_root
+@pytest.mark.requires_overlay
+def test_prune_leaves_a_mounted_image_until_umount(
+    unnamed_store: tuple[Path, str], tmp_path: Path
+) -> None:
+    store, cid = unnamed_store
+    target = tmp_path / "mnt"
+    target.mkdir()
+    assert run_cli("mount", cid, str(target), store=store).returncode == 0
+    try:
+        prune = run_cli("prune", store=store)
+        assert prune.returncode == 0, prune.stderr
+        assert (target / "etc/x").read_text() == "kept\n"
+        assert Store(store).has_layer(cid)
+    finally:
+        assert run_cli("umount", str(target), store=store).returncode == 0
+    assert "removed 1 layer(s)" in run_cli("prune", store=store).stdout
+    assert not Store(store).has_layer(cid)
+
+
+@pytest.mark.requires_overlay
+def test_prune_leaves_the_image_of_a_live_shell(unnamed_store: tuple[Path, str]) -> None:
+    store, cid = unnamed_store
+    cmd = [sys.executable, "-m", "pytest_layers.cli", "--store", os.fspath(store)]
+    # `cat` (the host's, bound in) waits on stdin: the shell lives until we close it.
+    shell = subprocess.Popen(
+        [*cmd, "shell", cid, "--", "sh", "-c", "echo ready; cat; cat /etc/x"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert shell.stdout is not None
+        assert shell.stdout.readline() == "ready\n"
+        assert run_cli("prune", store=store).returncode == 0
+        assert Store(store).has_layer(cid)
+        out, err = shell.communicate("", timeout=60)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+            shell.wait()
+    assert shell.returncode == 0, err
+    assert out == "kept\n"
+    assert "removed 1 layer(s)" in run_cli("prune", store=store).stdout
+
+
+# ---- teardown never crosses a mount --------------------------------------------------------
+
+
+@pytest.mark.requires_root
+def test_remove_tree_detaches_a_bind_mount_instead_of_emptying_it(tmp_path: Path) -> None:
+    canary = make_tree(tmp_path / "host", {"secret": "host data\n", "sub/deep": "deep\n"})
+    tree = make_tree(tmp_path / "tree", {"a/file": "x\n", "a/mnt": None, "b": None})
+    _linux.mount(canary, tree / "a/mnt", None, _linux.MS_BIND)
+    # A second, nested bind, and one whose detach the walk must survive (bind over a file).
+    _linux.mount(canary / "sub", tree / "b", None, _linux.MS_BIND)
+    try:
+        namespaces.remove_tree(tree)
+    finally:
+        _unmount_all(tmp_path)
+    assert not tree.exists()
+    assert (canary / "secret").read_text() == "host data\n"
+    assert (canary / "sub/deep").read_text() == "deep\n"
+
+
+def test_mount_id_tells_a_bind_mount_from_its_parent(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert _linux.mount_id("d", fd) == _linux.mount_id("", fd) == _linux.mount_id(tmp_path)
+    finally:
+        os.close(fd)
+    assert _linux.mount_id("/proc") != _linux.mount_id("/")
+
+
+@pytest.mark.parametrize("depth", [1, 40], ids=["fds-kept", "climbs-dotdot"])
+def test_remove_tree_never_follows_a_directory_moved_under_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: int
+) -> None:
+    """The walk is inside ``victim/a/...`` when ``a`` is renamed out to ``outside/`` and a
+    symlink to ``outside`` is put in its place. A walk that climbs by ``..`` would climb into
+    ``outside`` and go on removing ``z`` (still pending in ``victim``) there."""
+    victim = make_tree(tmp_path / "victim", {"z/own": "removed\n"})
+    deep = victim / "a"
+    for _ in range(depth):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    outside = make_tree(tmp_path / "outside", {"z/canary": "kept\n"})
+    monkeypatch.setattr(namespaces, "_KEEP_OPEN", 4)
+    moved: list[str] = []
+
+    def swap(rel: str) -> None:
+        if rel.count("/") == depth and not moved:
+            os.rename(victim / "a", outside / "a")
+            os.symlink(outside, victim / "a")
+            moved.append(rel)
+
+    monkeypatch.setattr(namespaces, "_walk_hook", swap)
+    namespaces.remove_tree(victim)
+    assert moved, "the hook never fired: the walk did not reach the bottom"
+    assert (outside / "z/canary").read_text() == "kept\n"
+    assert not (victim / "z/own").exists() or depth > 4  # a stopped walk may leave some
+
+
+COPY_ATTACK = """
+import os, pytest
+from pytest_layers import _linux
+
+@pytest.mark.layer("base")
+def test_installer_leaves_a_bind_mount(rootfs):
+    (rootfs / "mnt").mkdir()
+    _linux.mount({canary!r}, os.fspath(rootfs / "mnt"), None, _linux.MS_BIND)
+    (rootfs / "etc/written").write_text("by the test\\n")
+    assert False, "fails, so its rw layer is committed"
+"""
+
+
+@pytest.mark.requires_root
+def test_copy_teardown_and_snapshot_never_reach_a_bind_mounted_host_dir(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    from plugin_util import BASE_CONFTEST
+
+    canary = make_tree(tmp_path / "canary", {"secret": "host data\n", "sub/deep": "deep\n"})
+    pytester.makeconftest(BASE_CONFTEST)
+    pytester.makepyfile(COPY_ATTACK.format(canary=os.fspath(canary)))
+    store = pytester.path / "store"
+    result = pytester.runpytest_subprocess("--layers-backend=copy", f"--layers-store={store}")
+    result.assert_outcomes(failed=1)
+    assert (canary / "secret").read_text() == "host data\n"
+    assert (canary / "sub/deep").read_text() == "deep\n"
+    # The snapshot holds the test's own write and no host content.
+    diff = run_cli(
+        "diff",
+        "snapshot:test_copy_teardown_and_snapshot_never_reach_a_bind_mounted_host_dir.py"
+        "::test_installer_leaves_a_bind_mount",
+        store=store,
+    )
+    assert diff.returncode == 0, diff.stderr
+    assert "A /etc/written" in diff.stdout.splitlines()
+    assert "secret" not in diff.stdout
+    assert "deep" not in diff.stdout
+    with open("/proc/self/mountinfo") as f:
+        assert os.fspath(pytester.path) not in f.read()
