@@ -141,12 +141,18 @@ def _ls_row(store: Store, ref: str, cid: str) -> tuple[str, str, str, str, str, 
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pytest_layers.audit import privileged_content
+
     store = _store(args)
     out = []
     for ref in args.refs:
         cid = store.resolve(ref)
         chain = store.chain(cid)
         top = chain[-1]
+        privileged = privileged_content(
+            [store.layer_dir(info.chain_id) for info in chain], store.flavor
+        )
+        _warn_privileged(ref, privileged)
         names = sorted(name for name, named in store.names().items() if named == cid)
         out.append(
             {
@@ -171,10 +177,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     }
                     for info in chain
                 ],
+                "Privileged": privileged,
             }
         )
     print(json.dumps(out, indent=4))
     return 0
+
+
+def _warn_privileged(ref: str, privileged: dict[str, list[str]]) -> None:
+    labels = {
+        "Capabilities": "file-capability",
+        "Devices": "device",
+        "WorldWritable": "world-writable",
+    }
+    counts = [
+        f"{len(paths)} {labels.get(kind, kind.lower())}"
+        for kind, paths in privileged.items()
+        if paths
+    ]
+    if counts:
+        print(
+            f"{PROG}: warning: {ref} holds privileged content ({', '.join(counts)}; see "
+            '"Privileged"); views and mounts of it are nosuid,nodev unless you opt out',
+            file=sys.stderr,
+        )
 
 
 def cmd_diff(args: argparse.Namespace) -> int:

@@ -356,3 +356,44 @@ def test_copy_teardown_and_snapshot_never_reach_a_bind_mounted_host_dir(
     assert "deep" not in diff.stdout
     with open("/proc/self/mountinfo") as f:
         assert os.fspath(pytester.path) not in f.read()
+
+
+# ---- inspect says what privileged content an image holds --------------------------------------
+
+
+@pytest.mark.requires_root
+def test_inspect_reports_privileged_content(tmp_path: Path) -> None:
+    tree = privileged_tree(tmp_path / "tree")
+    (tree / "bin/ping").write_bytes(b"\x7fELF")
+    # VFS_CAP_REVISION_2, cap_net_raw (13) permitted and effective.
+    caps = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+    os.setxattr(tree / "bin/ping", "security.capability", caps)
+    (tree / "bin/wall").write_bytes(b"\x7fELF")
+    os.chmod(tree / "bin/wall", 0o2755)
+    (tree / "etc").mkdir()
+    (tree / "etc/open").write_text("anyone writes\n")
+    os.chmod(tree / "etc/open", 0o666)
+    (tree / "tmp").mkdir()
+    os.chmod(tree / "tmp", 0o1777)  # sticky: as /tmp is, not reported
+    st = Store(tmp_path / "store")
+    base = build_layer(st, None, make_tree(tmp_path / "plain", {"etc/x": "x\n"}), "plain")
+    build_layer(st, base, tree, "priv")
+    st.close()
+
+    proc = run_cli("inspect", "priv", store=st.root)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["Privileged"] == {
+        "Setuid": ["/bin/id"],
+        "Setgid": ["/bin/wall"],
+        "Capabilities": ["/bin/ping"],
+        "Devices": ["/dev/null c 1:3"],
+        "WorldWritable": ["/etc/open"],
+    }
+    assert proc.stderr.splitlines() == [
+        "pytest-layers: warning: priv holds privileged content (1 setuid, 1 setgid, "
+        '1 file-capability, 1 device, 1 world-writable; see "Privileged"); views and mounts of it '
+        "are nosuid,nodev unless you opt out"
+    ]
+    clean = run_cli("inspect", "plain", store=st.root)
+    assert clean.stderr == ""
+    assert not any(json.loads(clean.stdout)[0]["Privileged"].values())
