@@ -397,3 +397,66 @@ def test_inspect_reports_privileged_content(tmp_path: Path) -> None:
     clean = run_cli("inspect", "plain", store=st.root)
     assert clean.stderr == ""
     assert not any(json.loads(clean.stdout)[0]["Privileged"].values())
+
+
+# ---- an ordinary user's test that locks itself out keeps its snapshot ---------------------------
+
+LOCKOUT_TESTS = """
+import os, pytest
+
+@pytest.mark.layer("base")
+def test_locks_itself_out(rootfs):
+    (rootfs / "etc/os-release").write_text("ID=changed\\n")
+    (rootfs / "locked").mkdir()
+    (rootfs / "locked/inside").write_text("kept\\n")
+    os.chmod(rootfs / "locked", 0)
+    os.chmod(rootfs / "etc", 0)
+    assert False, "fails, so its rw layer is committed"
+"""
+
+
+def _run_unprivileged(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """pytest in ``path`` as an ordinary user: the test user when we are root, else us."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *args]
+    if os.geteuid() == 0:
+        return run_as_user(cmd, cwd=path, env={"PYTHONDONTWRITEBYTECODE": "1"})
+    return subprocess.run(cmd, cwd=path, capture_output=True, text=True, timeout=300)
+
+
+def test_copy_snapshot_of_a_test_that_made_dirs_unreadable(tmp_path: Path) -> None:
+    from plugin_util import BASE_CONFTEST
+
+    if os.geteuid() == 0:
+        from conftest import require
+
+        require("user")
+        path = Path("/tmp") / f"pytest-layers-lockout-{os.getpid()}-{tmp_path.name}"
+        path.mkdir(mode=0o755)
+        entry = pwd.getpwnam(TEST_USER)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    else:
+        path = tmp_path
+    try:
+        (path / "conftest.py").write_text(BASE_CONFTEST)
+        (path / "test_lockout.py").write_text(LOCKOUT_TESTS)
+        for p in path.iterdir():
+            os.chmod(p, 0o644)
+        store = path / "store"
+        proc = _run_unprivileged(path, "--layers-backend=copy", f"--layers-store={store}")
+        assert "1 failed" in proc.stdout, proc.stdout + proc.stderr
+        assert "snapshot:test_lockout.py::test_locks_itself_out" in proc.stdout, proc.stdout
+        st = Store(store)
+        snap = st.snapshots()[0]
+        layer = st.layer_dir(snap.chain_id)
+        # The layer keeps the content under them, with the owner's access put back (a store
+        # must read its own layers).
+        assert stat.S_IMODE(os.lstat(layer / "etc").st_mode) == 0o700
+        assert stat.S_IMODE(os.lstat(layer / "locked").st_mode) == 0o700
+        assert (layer / "locked/inside").read_text() == "kept\n"
+        assert (layer / "etc/os-release").read_text() == "ID=changed\n"
+        assert Store(store).verify() == []
+        # Teardown coped too: nothing of the view is left.
+        assert list((store / "scratch" / "views").iterdir()) == []
+    finally:
+        if os.geteuid() == 0:
+            namespaces.remove_tree(path)
