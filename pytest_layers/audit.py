@@ -3,7 +3,7 @@
 A layer imported as root keeps setuid/setgid programs, file capabilities and device nodes.
 Views and CLI mounts are ``nosuid,nodev`` by default, so these grant nothing there; this says
 what an opt-out (``--layers-mount-options=suid,dev``, ``mount --suid --dev``) would expose
-(docs/concepts/security.md). Walks each layer's stored tree with directory fds (any depth,
+(docs/reference/cli.md, "inspect"). Walks each layer's stored tree with directory fds (any depth,
 never following a symlink); reads only metadata and one xattr per regular file.
 """
 
