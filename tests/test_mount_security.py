@@ -1,4 +1,4 @@
-"""Mounts and views as a trust boundary (docs/concepts/security.md, "Mounts and views").
+"""Mounts and views as a trust boundary (docs/reference/options.md, layers_mount_options).
 
 Written as the attacks: an image's setuid-root program and device node grant another user
 nothing through a view or a CLI mount; teardown never empties a host directory a test
@@ -330,23 +330,28 @@ def test_installer_leaves_a_bind_mount(rootfs):
 
 
 @pytest.mark.requires_root
-def test_copy_teardown_and_snapshot_never_reach_a_bind_mounted_host_dir(
-    pytester: pytest.Pytester, tmp_path: Path
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_teardown_and_snapshot_never_reach_a_bind_mounted_host_dir(
+    pytester: pytest.Pytester, tmp_path: Path, backend: str
 ) -> None:
     from plugin_util import BASE_CONFTEST
+
+    why = _probe(BACKENDS[backend])
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
 
     canary = make_tree(tmp_path / "canary", {"secret": "host data\n", "sub/deep": "deep\n"})
     pytester.makeconftest(BASE_CONFTEST)
     pytester.makepyfile(COPY_ATTACK.format(canary=os.fspath(canary)))
     store = pytester.path / "store"
-    result = pytester.runpytest_subprocess("--layers-backend=copy", f"--layers-store={store}")
+    result = pytester.runpytest_subprocess(f"--layers-backend={backend}", f"--layers-store={store}")
     result.assert_outcomes(failed=1)
     assert (canary / "secret").read_text() == "host data\n"
     assert (canary / "sub/deep").read_text() == "deep\n"
     # The snapshot holds the test's own write and no host content.
     diff = run_cli(
         "diff",
-        "snapshot:test_copy_teardown_and_snapshot_never_reach_a_bind_mounted_host_dir.py"
+        "snapshot:test_teardown_and_snapshot_never_reach_a_bind_mounted_host_dir.py"
         "::test_installer_leaves_a_bind_mount",
         store=store,
     )
