@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TEST_USER, _probe, run_as_user
+from conftest import TEST_USER, require, run_as_user
 from treeutil import build_layer, make_tree
 
 from pytest_layers import _linux, namespaces
@@ -71,9 +71,7 @@ def _unmount_all(path: Path) -> None:
 def test_view_grants_an_image_privileges_only_when_opted_in(
     backend: str, policy: str, user_tmp_path: Path
 ) -> None:
-    why = _probe(BACKENDS[backend])
-    if why is not None:
-        pytest.skip(f"{backend}: {why}")
+    require(BACKENDS[backend])  # skips (or fails under PYTEST_LAYERS_REQUIRE) with the reason
     user_uid = str(pwd.getpwnam(TEST_USER).pw_uid)
     layer = privileged_tree(user_tmp_path / "layer")
     scratch = user_tmp_path / "scratch"
@@ -336,9 +334,7 @@ def test_teardown_and_snapshot_never_reach_a_bind_mounted_host_dir(
 ) -> None:
     from plugin_util import BASE_CONFTEST
 
-    why = _probe(BACKENDS[backend])
-    if why is not None:
-        pytest.skip(f"{backend}: {why}")
+    require(BACKENDS[backend])  # skips (or fails under PYTEST_LAYERS_REQUIRE) with the reason
 
     canary = make_tree(tmp_path / "canary", {"secret": "host data\n", "sub/deep": "deep\n"})
     pytester.makeconftest(BASE_CONFTEST)
@@ -439,8 +435,6 @@ def test_copy_snapshot_of_a_test_that_made_dirs_unreadable(tmp_path: Path) -> No
     from plugin_util import BASE_CONFTEST
 
     if os.geteuid() == 0:
-        from conftest import require
-
         require("user")
         path = Path("/tmp") / f"pytest-layers-lockout-{os.getpid()}-{tmp_path.name}"
         path.mkdir(mode=0o755)
