@@ -466,3 +466,34 @@ def test_copy_snapshot_of_a_test_that_made_dirs_unreadable(tmp_path: Path) -> No
     finally:
         if os.geteuid() == 0:
             namespaces.remove_tree(path)
+
+
+FLAGS_TESTS = """
+import os
+from pathlib import Path
+
+import pytest
+from pytest_layers import namespaces
+
+@pytest.mark.layer("base")
+def test_flags(rootfs):
+    entry = namespaces.mount_at(Path(os.path.realpath(rootfs.path)))
+    assert sorted(entry.options & {{"nosuid", "nodev"}}) == {expected!r}
+"""
+
+
+@pytest.mark.requires_overlay
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [((), ["nodev", "nosuid"]), (("--layers-mount-options=suid,dev",), [])],
+    ids=["default", "opted-in"],
+)
+def test_plugin_views_follow_layers_mount_options(
+    pytester: pytest.Pytester, args: tuple[str, ...], expected: list[str]
+) -> None:
+    from plugin_util import BASE_CONFTEST
+
+    pytester.makeconftest(BASE_CONFTEST)
+    pytester.makepyfile(FLAGS_TESTS.format(expected=expected))
+    result = pytester.runpytest_subprocess("--layers-backend=overlay", *args)
+    result.assert_outcomes(passed=1)
