@@ -8,6 +8,7 @@ record never makes ``umount`` remove anything but its own scratch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -312,6 +313,39 @@ def test_remove_tree_never_follows_a_directory_moved_under_the_walk(
     assert moved, "the hook never fired: the walk did not reach the bottom"
     assert (outside / "z/canary").read_text() == "kept\n"
     assert not (victim / "z/own").exists() or depth > 4  # a stopped walk may leave some
+
+
+def test_remove_tree_racing_a_swapping_thread_never_reaches_outside(tmp_path: Path) -> None:
+    """The same attack without a hook: a thread keeps moving the tree's subdirectory out and
+    putting a symlink to ``outside`` in its place while the walk runs (a bounded number of
+    rounds); whatever the interleaving, nothing outside is removed."""
+    import threading
+
+    outside = make_tree(tmp_path / "outside", {f"m{i}/canary": "kept\n" for i in range(8)})
+    for round_ in range(20):
+        victim = make_tree(
+            tmp_path / f"victim{round_}",
+            {**{f"a/{'d/' * 30}x": "x\n"}, **{f"m{i}/own": "gone\n" for i in range(8)}},
+        )
+        stop = threading.Event()
+
+        def swap(victim: Path = victim, round_: int = round_, stop: threading.Event = stop) -> None:
+            for k in range(200):
+                if stop.is_set():
+                    return
+                with contextlib.suppress(OSError):
+                    os.rename(victim / "a", outside / f"moved-{round_}-{k}")
+                    os.symlink(outside, victim / "a")
+
+        thread = threading.Thread(target=swap)
+        thread.start()
+        try:
+            namespaces.remove_tree(victim)
+        finally:
+            stop.set()
+            thread.join()
+        for i in range(8):
+            assert (outside / f"m{i}/canary").read_text() == "kept\n"
 
 
 COPY_ATTACK = """
