@@ -16,6 +16,7 @@ import ctypes
 import errno as _errno
 import os
 import platform
+import sys
 from collections.abc import Iterable
 
 from pytest_layers.errors import MountError
@@ -89,6 +90,7 @@ __all__ = [
     "bounding_drop",
     "ambient_clear_all",
     "open_in_root",
+    "mount_id",
 ]
 
 # mount(2) flags (<linux/mount.h>)
@@ -182,6 +184,13 @@ _SYSCALLS: dict[str, dict[str, int]] = {
     },
 }
 _ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+# statx(2) (<linux/stat.h>): only the mount id is read, at its fixed offset in struct statx.
+_STATX_MNT_ID = 0x1000
+_STATX_MNT_ID_OFFSET = 0x90
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_NO_AUTOMOUNT = 0x800
+_AT_EMPTY_PATH = 0x1000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [
@@ -563,3 +572,48 @@ def open_in_root(root_fd: int, path: str, flags: int) -> int:
         err = ctypes.get_errno()
         raise _fail("openat2", path, err)
     return int(ret)
+
+
+_statx = getattr(_libc, "statx", None)  # glibc >= 2.28
+
+
+def mount_id(name: str | os.PathLike[str], dir_fd: int | None = None) -> int:
+    """The id of the mount ``name`` (relative to ``dir_fd``, never followed if a symlink) sits
+    on, as ``/proc/self/mountinfo`` numbers mounts; ``name=""`` asks about ``dir_fd`` itself.
+
+    This, not ``st_dev``, tells a bind mount from the directory it sits in: a bind of the same
+    filesystem has the same device. ``statx(STX_MNT_ID)`` where the C library and kernel
+    (>= 5.8) have it, else the ``mnt_id`` of an ``O_PATH`` fd in ``/proc/self/fdinfo``.
+    Raises ``OSError`` as ``lstat`` would.
+    """
+    raw = os.fsencode(name)
+    fd = AT_FDCWD if dir_fd is None else dir_fd
+    if _statx is not None:
+        buf = ctypes.create_string_buffer(256)
+        flags = _AT_SYMLINK_NOFOLLOW | _AT_NO_AUTOMOUNT | (_AT_EMPTY_PATH if not raw else 0)
+        if _statx(ctypes.c_int(fd), raw, ctypes.c_int(flags), ctypes.c_uint(_STATX_MNT_ID), buf):
+            err = ctypes.get_errno()
+            if err != _errno.ENOSYS:
+                raise OSError(err, os.strerror(err), os.fsdecode(name))
+        else:
+            mask = int.from_bytes(buf.raw[:4], "little" if _LITTLE else "big")
+            if mask & _STATX_MNT_ID:
+                off = _STATX_MNT_ID_OFFSET
+                return int.from_bytes(buf.raw[off : off + 8], "little" if _LITTLE else "big")
+    if not raw:
+        if dir_fd is None:
+            raise OSError(_errno.ENOENT, "mount_id: an empty name needs dir_fd")
+        path_fd = os.dup(dir_fd)
+    else:
+        path_fd = os.open(raw, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        with open(f"/proc/self/fdinfo/{path_fd}", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    finally:
+        os.close(path_fd)
+    raise OSError(_errno.ENOSYS, "this kernel reports no mount ids (statx, fdinfo)")
+
+
+_LITTLE = sys.byteorder == "little"

@@ -11,11 +11,11 @@ Exit codes: 0 ok, 1 failure (one line on stderr naming what failed and the fix),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
 import signal
 import stat
 import sys
@@ -214,6 +214,8 @@ def _ls_row(
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pytest_layers.audit import privileged_content
+
     store = _store(args)
     out = []
     for ref in args.refs:
@@ -221,6 +223,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         chain = store.chain(cid)
         top = chain[-1]
         snap = store.snapshot(ref)
+        privileged = privileged_content(
+            [store.layer_dir(info.chain_id) for info in chain], store.flavor
+        )
+        _warn_privileged(ref, privileged)
         names = sorted(name for name, named in store.names().items() if named == cid)
         out.append(
             {
@@ -247,6 +253,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     }
                     for info in chain
                 ],
+                "Privileged": privileged,
             }
         )
         if snap is not None:
@@ -261,6 +268,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             }
     print(json.dumps(out, indent=4))
     return 0
+
+
+def _warn_privileged(ref: str, privileged: dict[str, list[str]]) -> None:
+    labels = {
+        "Capabilities": "file-capability",
+        "Devices": "device",
+        "WorldWritable": "world-writable",
+    }
+    counts = [
+        f"{len(paths)} {labels.get(kind, kind.lower())}"
+        for kind, paths in privileged.items()
+        if paths
+    ]
+    if counts:
+        print(
+            f"{PROG}: warning: {ref} holds privileged content ({', '.join(counts)}; see "
+            '"Privileged"); views and mounts of it are nosuid,nodev unless you opt out',
+            file=sys.stderr,
+        )
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -301,25 +327,71 @@ def _mounts_dir(store: Store) -> Path:
     return store.root / "mounts"
 
 
+def _mount_key(target: Path) -> str:
+    return hashlib.sha256(os.fsencode(target)).hexdigest()[:16]
+
+
 def _mount_record(store: Store, target: Path) -> Path:
-    key = hashlib.sha256(os.fsencode(target)).hexdigest()[:16]
-    return _mounts_dir(store) / f"{key}.json"
+    return _mounts_dir(store) / f"{_mount_key(target)}.json"
 
 
 def _is_mountpoint(path: Path) -> bool:
-    target = os.fsdecode(path)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            mnt = line.split(" ")[4]
-            mnt = mnt.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            mnt = mnt.replace("\\134", "\\")
-            if mnt == target:
-                return True
-    return False
+    from pytest_layers import namespaces
+
+    return namespaces.mount_at(path) is not None
+
+
+def _own_mounts_dir(store: Store) -> Path:
+    """``STORE/mounts``, created 0700; refused unless it is a real directory of ours."""
+    path = _mounts_dir(store)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise CommandError(
+            f"{path} is not a directory owned by uid {os.geteuid()}; it was not made by "
+            f"{PROG}: remove it after checking what it is"
+        )
+    return path
+
+
+def _read_mount_record(record: Path, target: Path) -> dict[str, Any]:
+    """The record ``mount`` wrote for ``target``; anything else (a link, another user's file,
+    a record naming another directory) is refused, so a forged record cannot steer umount."""
+    forged = (
+        f"refusing the mount record {record}: it was not written by `{PROG} mount` for "
+        f"{target} as uid {os.geteuid()}; nothing was unmounted or removed (check it, then "
+        "delete it by hand)"
+    )
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        raise CommandError(forged) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > 65536:
+            raise CommandError(forged)
+        raw = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        raise CommandError(forged) from None
+    if (
+        not isinstance(info, dict)
+        or info.get("dir") != os.fsdecode(target)
+        or not isinstance(info.get("mnt_id"), int)
+    ):
+        raise CommandError(forged)
+    return info
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from pytest_layers import _linux
+    from pytest_layers import _linux, namespaces
+    from pytest_layers.backends.base import MountPolicy
     from pytest_layers.backends.overlay import OverlayBackend
 
     if os.geteuid() != 0:
@@ -330,72 +402,96 @@ def cmd_mount(args: argparse.Namespace) -> int:
         )
     store = _store(args)
     cid = store.resolve(args.ref)
-    target = Path(os.path.abspath(args.dir))
+    target = Path(os.path.realpath(args.dir))
     if not target.is_dir():
         raise CommandError(f"{target} is not a directory; create it first (mkdir -p {target})")
     if _is_mountpoint(target):
         raise CommandError(f"{target} is already a mount point; `{PROG} umount {target}` first")
     record = _mount_record(store, target)
-    if record.exists():
+    if os.path.lexists(record):
         raise CommandError(
             f"{target} is recorded as mounted by {PROG} ({record}); `{PROG} umount {target}`"
         )
-    chain = store.chain(_seen_chain(store, args.ref, cid))
-    _mounts_dir(store).mkdir(parents=True, exist_ok=True)
-    scratch = _mounts_dir(store) / record.stem
+    policy = MountPolicy(suid=args.suid, dev=args.dev)
+    seen = _seen_chain(store, args.ref, cid)
+    chain = store.chain(seen)
+    key = _mount_key(target)
+    scratch = _own_mounts_dir(store) / key
     scratch.mkdir()
-    backend: Backend = OverlayBackend()
+    # prune must leave the image alone for as long as the mount exists, which outlives this
+    # process: a pin, released by umount.
+    store.pin(f"mount-{key}", [seen])
+    backend: Backend = OverlayBackend(policy=policy)
     view: View | None = None
+    mounted = False
     try:
         view = backend.open(
             _lowers(store, chain), scratch, readonly=not args.rw, flavor=store.flavor
         )
-        flags = _linux.MS_BIND | _linux.MS_REC
-        _linux.mount(view.path, target, None, flags)
-        if not args.rw:
-            _linux.mount(None, target, None, _linux.MS_REMOUNT | _linux.MS_BIND | _linux.MS_RDONLY)
+        _linux.mount(view.path, target, None, _linux.MS_BIND | _linux.MS_REC)
+        mounted = True
+        flags = _linux.MS_REMOUNT | _linux.MS_BIND | policy.ms_flags
+        _linux.mount(None, target, None, flags | (0 if args.rw else _linux.MS_RDONLY))
         # The bind at target keeps the overlay alive; the view's own mount point in the
         # scratch dir is not needed any more and would only be one more mount to clean up.
         _linux.umount2(view.path, _linux.MNT_DETACH)
-        record.write_text(
-            json.dumps(
-                {
-                    "dir": os.fsdecode(target),
-                    "scratch": os.fsdecode(scratch),
-                    "chain_id": cid,
-                    "rw": bool(args.rw),
-                }
-            )
-        )
+        entry = namespaces.mount_at(target)
+        if entry is None:
+            raise CommandError(f"{target} is not listed in /proc/self/mountinfo after mounting")
+        info = {
+            "dir": os.fsdecode(target),
+            "chain_id": cid,
+            "rw": bool(args.rw),
+            "mnt_id": entry.mnt_id,
+            "fstype": entry.fstype,
+            "options": str(policy),
+        }
+        fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
     except BaseException:
-        if _is_mountpoint(target):
+        if mounted:
             _linux.umount2(target, _linux.MNT_DETACH)
         if view is not None:
             view.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+        namespaces.remove_tree(scratch)
+        store.unpin(f"mount-{key}")
         raise
     mode = "read-write (changes are thrown away at umount)" if args.rw else "read-only"
-    print(f"mounted {args.ref} ({_short(cid)}) at {target}, {mode}; `{PROG} umount {target}`")
+    print(
+        f"mounted {args.ref} ({_short(cid)}) at {target}, {mode}, {policy}; "
+        f"`{PROG} umount {target}`"
+    )
     return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from pytest_layers import _linux
+    from pytest_layers import _linux, namespaces
 
     store = _store(args)
-    target = Path(os.path.abspath(args.dir))
+    target = Path(os.path.realpath(args.dir))
     record = _mount_record(store, target)
-    if not record.exists():
+    try:
+        info = _read_mount_record(record, target)
+    except FileNotFoundError:
         raise CommandError(
             f"{target} was not mounted by `{PROG} mount` with this store ({store.root})"
-        )
-    info = json.loads(record.read_text())
-    if _is_mountpoint(target):
-        _linux.umount2(target, _linux.MNT_DETACH)
-    scratch = Path(info["scratch"])
-    # Only ever remove a scratch dir that sits where cmd_mount puts them.
-    if scratch.parent == _mounts_dir(store):
-        shutil.rmtree(scratch, ignore_errors=True)
+        ) from None
+    entry = namespaces.mount_at(target)
+    if entry is not None:
+        if entry.mnt_id != info["mnt_id"] or entry.fstype != info.get("fstype"):
+            raise CommandError(
+                f"{target} is mounted ({entry.fstype}, mount id {entry.mnt_id}), but not by "
+                f"the mount {record} records; left alone: unmount it yourself, then run "
+                f"`{PROG} umount {target}` again to drop the record"
+            )
+        _linux.umount2(target, _linux.MNT_DETACH | _linux.UMOUNT_NOFOLLOW)
+    else:
+        print(f"{PROG}: note: {target} was no longer mounted; dropping its record", file=sys.stderr)
+    # Only ever the scratch dir named by the key, never a path read from the record.
+    key = _mount_key(target)
+    namespaces.remove_tree(_mounts_dir(store) / key)
+    store.unpin(f"mount-{key}")
     record.unlink()
     print(f"unmounted {target}")
     return 0
@@ -490,9 +586,11 @@ def cmd_shell(args: argparse.Namespace) -> int:
         command = ["/bin/sh"]
     store = _store(args)
     cid = store.resolve(args.ref)
-    chain = store.chain(_seen_chain(store, args.ref, cid))
+    seen = _seen_chain(store, args.ref, cid)
+    chain = store.chain(seen)
     _enter_namespace()
-    with store.staging() as scratch_root:
+    # The lease keeps prune away from the image's layers while the shell runs.
+    with store.lease([seen]), store.staging() as scratch_root:
         backend, _skipped = detect.choose_backend(
             args.backend, scratch_root / "probe", flavor=store.flavor
         )
@@ -698,6 +796,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--rw", action="store_true", help="Writable, with a throw-away upper layer")
+    p.add_argument(
+        "--suid",
+        action="store_true",
+        help="Honour setuid/setgid bits and file capabilities (default: nosuid; trusted images "
+        "only: anyone who can reach DIR runs them with their owner's rights)",
+    )
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help="Honour device nodes (default: nodev; trusted images only)",
+    )
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="Unmount a DIR mounted by `pytest-layers mount`")

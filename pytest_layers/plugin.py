@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from pytest_layers import _linux, _settings, definitions, hookspecs, namespaces
+from pytest_layers.backends.base import MountPolicy
 from pytest_layers.definitions import Layer, LayerDef, LayerSession, human_size
 from pytest_layers.errors import (
     BackendUnavailableError,
@@ -48,6 +49,18 @@ def _choice(flag: str, choices: Sequence[str]) -> Callable[[str], str]:
                 f"{flag}: invalid value {value!r}; choose one of {', '.join(choices)}"
             )
         return value
+
+    return validate
+
+
+def _mount_policy(flag: str) -> Callable[[str], MountPolicy]:
+    def validate(value: str) -> MountPolicy:
+        try:
+            return MountPolicy.parse(value)
+        except ValueError as exc:
+            raise pytest.UsageError(
+                f"{flag}: invalid value {value!r}: {exc} (default: nosuid,nodev)"
+            ) from None
 
     return validate
 
@@ -109,7 +122,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="Re-hash every layer a session uses before using it",
     )
+    group.addoption(
+        "--layers-mount-options",
+        type=_mount_policy("--layers-mount-options"),
+        default=None,
+        metavar="OPTS",
+        help="Mount views nosuid,nodev (default) or honour setuid bits and devices of images "
+        "with suid,dev (only for images you trust)",
+    )
     parser.addini("layers_backend", "Mount backend: auto, overlay, fuse or copy", default="auto")
+    parser.addini(
+        "layers_mount_options",
+        "nosuid,nodev (default), or suid and/or dev to honour setuid bits and device nodes",
+        default="nosuid,nodev",
+    )
     parser.addini("layers_keep", "Snapshot policy: failed, always or never", default="failed")
     parser.addini(
         "layers_store",
@@ -154,6 +180,7 @@ class _State:
     error: BaseException | None = None
     session: LayerSession | None = None
     backend: Any = None
+    policy: MountPolicy = field(default_factory=MountPolicy)
     seen_progress: dict[tuple[str, str], str] = field(default_factory=dict)
     snapshots: list[tuple[str, str]] = field(default_factory=list)
     snapshot_errors: list[tuple[str, str]] = field(default_factory=list)
@@ -226,6 +253,9 @@ def pytest_configure(config: pytest.Config) -> None:
     keep = config.getoption("layers_keep") or _ini_choice(config, "layers_keep", KEEP_CHOICES)
     keep_count = _keep_count("ini option layers_keep_count", config.getini("layers_keep_count"))
     ns_mode = _ini_choice(config, "layers_mount_namespace", NAMESPACE_CHOICES)
+    policy = config.getoption("layers_mount_options") or _mount_policy(
+        "ini option layers_mount_options"
+    )(str(config.getini("layers_mount_options")))
     verify = config.getoption("layers_verify")
     if verify is None:
         verify = bool(config.getini("layers_verify"))
@@ -267,6 +297,7 @@ def pytest_configure(config: pytest.Config) -> None:
             or str(config.getini("layers_store_shared")).strip()
             or None,
         )
+    state.policy = policy
     config.stash[_STATE] = state
     if winfo is not None and winfo.get("error"):
         state.error = LayersError(winfo["error"])
@@ -298,7 +329,7 @@ def _setup(
     state.store = Store(state.store_path, shared_group=state.store_shared)
     state.store.check_writable()  # a session builds and commits: say so now if it cannot
     if worker:
-        backend = detect.get_backend(str(state.backend_name))
+        backend = detect.get_backend(str(state.backend_name), state.policy)
     else:
         candidates = list(detect.BACKEND_NAMES) if backend_opt == "auto" else [backend_opt]
         chosen = config.hook.pytest_layers_choose_backend(config=config, candidates=candidates)
@@ -376,7 +407,12 @@ def _enter_namespace(
     # in the parent's namespace until that one ends; a fresh one dies with this process.
     # Unsharing again is cheap, and an ordinary user may nest user namespaces 32 deep.
     os.environ.pop(namespaces.ENV_VAR, None)
-    if backend_opt == "copy":
+    if backend_opt == "copy" and os.geteuid() != 0:
+        # The copy needs no mount, and a user namespace would change what tests observe: its
+        # capabilities let the test process read and write its own mode-000 files. Mounts an
+        # ordinary user's test can make live in a namespace of its own, invisible here. Root's
+        # copy sessions do enter a private namespace: a bind mount a test leaves in its rootfs
+        # then dies with the session instead of staying in the host.
         return "host", ""
     if os.geteuid() == 0:
         if ns_mode == "host":
@@ -405,12 +441,14 @@ def pytest_layers_choose_backend(config: pytest.Config, candidates: Sequence[str
     scratch = state.store_path / "scratch"
     flavor = state.store.flavor
     if tuple(candidates) == tuple(detect.BACKEND_NAMES):
-        backend, skipped = detect.choose_backend("auto", scratch, flavor=flavor)
+        backend, skipped = detect.choose_backend(
+            "auto", scratch, flavor=flavor, policy=state.policy
+        )
         return backend, "; ".join(skipped)
     skipped = []
     for name in candidates:
         try:
-            backend, _ = detect.choose_backend(name, scratch, flavor=flavor)
+            backend, _ = detect.choose_backend(name, scratch, flavor=flavor, policy=state.policy)
         except BackendUnavailableError as exc:
             if len(candidates) == 1:
                 raise

@@ -7,13 +7,14 @@ plugin's ``rootfs`` fixture is a thin wrapper that opens one and closes it after
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from pytest_layers import changeset, layertar, namespaces
+from pytest_layers import _dirfd, changeset, layertar, namespaces
 from pytest_layers.definitions import Layer, LayerSession
 from pytest_layers.errors import LayerDefinitionError, LayersError, NoSpaceError
 
@@ -133,7 +134,21 @@ class Rootfs(os.PathLike[str]):
         return str(self._view.path)
 
     def __truediv__(self, other: str | os.PathLike[str]) -> Path:
-        return self._view.path / os.fspath(other).lstrip("/")
+        """``rootfs / "etc/app.conf"``: a path inside the rootfs, always.
+
+        A leading ``/`` is the rootfs's root, and ``..`` is resolved lexically against it, as
+        a chroot treats ``/..``: ``rootfs / "../../etc/passwd"`` is the image's
+        ``/etc/passwd``, never the host's. Symlinks are not resolved (the result is a plain
+        :class:`pathlib.Path`); :meth:`resolve` also follows them inside the rootfs.
+        """
+        parts: list[str] = []
+        for part in os.fspath(other).split("/"):
+            if part == "..":
+                if parts:
+                    parts.pop()
+            elif part not in ("", "."):
+                parts.append(part)
+        return self._view.path.joinpath(*parts)
 
     def __repr__(self) -> str:
         names = "+".join(x.name or x.chain_id[:19] for x in self._image[-1:]) or "(empty)"
@@ -152,6 +167,49 @@ class Rootfs(os.PathLike[str]):
     @property
     def readonly(self) -> bool:
         return self._readonly
+
+    @contextlib.contextmanager
+    def _readable(self) -> Iterator[dict[str, int]]:
+        """Read the rw layer even where the test took the owner's own access away.
+
+        An ordinary user cannot list a directory the test made mode 000 (root reads through
+        it), so the first :meth:`_entries` would fail with ``PermissionError``. On that failure
+        such directories of the user's own are opened up (``u+rwx``) while the changes are
+        read and the layer written; yields ``{rel: original mode}`` (empty when nothing had to
+        be opened) and restores the modes on exit, so the test's view is unchanged. The layer
+        keeps the opened-up mode: a store must be able to read, hash, verify and copy its own
+        layers, which an ordinary user cannot do through a mode-000 directory
+        (docs/reference/rootfs.md).
+        """
+        opened: dict[str, int] = {}
+        try:
+            yield opened
+        finally:
+            upper = self._view.upper
+            for rel in sorted(opened, key=lambda r: r.count("/"), reverse=True):
+                if upper is not None:
+                    with contextlib.suppress(OSError):
+                        os.chmod(upper / rel if rel else upper, opened[rel])
+
+    def _read_entries(self, opened: dict[str, int]) -> list[changeset.Entry]:
+        try:
+            return self._entries()
+        except PermissionError:
+            upper = self._view.upper
+            if upper is None or os.geteuid() == 0:
+                raise
+            opened.update(_open_up(upper))
+            if not opened:
+                raise
+        entries = self._entries()
+        have = {e.path for e in entries}
+        # A directory whose opened-up mode happens to equal the image's still changed.
+        for rel in opened:
+            while rel and rel not in have:
+                entries.append(changeset.Entry(rel, "C", root=self._view.upper))
+                have.add(rel)
+                rel = rel.rpartition("/")[0]
+        return sorted(entries, key=lambda e: e.path.replace("/", "\0"))
 
     def _entries(self) -> list[changeset.Entry]:
         if self._view.upper is None:
@@ -173,7 +231,8 @@ class Rootfs(os.PathLike[str]):
 
     def diff(self) -> list[changeset.Change]:
         """What the test changed, as ``docker diff`` would list it (sorted by path)."""
-        return changeset.to_changes(self._entries())
+        with self._readable() as opened:
+            return changeset.to_changes(self._read_entries(opened))
 
     def commit(self, name: str | None = None) -> Layer:
         """Commit the rw layer now, as a layer whose parent is the image; return it."""
@@ -183,8 +242,8 @@ class Rootfs(os.PathLike[str]):
         parent = self._image[-1] if self._image else None
         try:
             self._ensure_stored(self._image)
-            entries = self._entries()
-            with store.staging() as staged:
+            with self._readable() as opened, store.staging() as staged:
+                entries = self._read_entries(opened)
                 changeset.write_layer(entries, staged, flavor=store.flavor)
                 info = store.add_layer(
                     staged,
@@ -304,3 +363,36 @@ class Rootfs(os.PathLike[str]):
             self._view.close()
         finally:
             namespaces.remove_tree(self._scratch)
+
+
+def _open_up(tree: Path) -> dict[str, int]:
+    """Give the owner ``rwx`` on every directory of ``tree`` it owns but cannot list or
+    search; returns ``{rel: original mode}`` (``""`` for ``tree`` itself)."""
+    uid = os.geteuid()
+    opened: dict[str, int] = {}
+
+    def open_up(rel: str, name: str, dir_fd: int | None) -> None:
+        # chmod through an O_PATH fd of what lstat saw: never a symlink's target.
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and st.st_mode & 0o500 != 0o500:
+                os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
+                opened[rel] = stat.S_IMODE(st.st_mode)
+        finally:
+            os.close(fd)
+
+    open_up("", os.fspath(tree), None)
+
+    def visit(rel_dir: str, fd: int, _state: None) -> list[tuple[str, _dirfd.Ident, None]]:
+        subdirs: list[tuple[str, _dirfd.Ident, None]] = []
+        for name in os.listdir(fd):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                rel = f"{rel_dir}/{name}" if rel_dir else name
+                open_up(rel, name, fd)
+                subdirs.append((name, (st.st_dev, st.st_ino), None))
+        return subdirs
+
+    _dirfd.walk(tree, None, visit)
+    return opened

@@ -1802,12 +1802,37 @@ class Store:
         finally:
             lease.release()
 
+    def pin(self, owner: str, chain_ids: Iterable[str]) -> Path:
+        """A lease that outlives this process (``pytest-layers mount``): ``prune`` leaves these
+        layers alone until :meth:`unpin` with the same ``owner`` (a short name: letters, digits,
+        ``-``). Raises :class:`errors.LayerNotFoundError` for a layer that is not stored."""
+        if not owner or not all(c.isalnum() or c == "-" for c in owner):
+            raise ValueError(f"pin owner {owner!r} must be letters, digits and '-'")
+        ids = list(chain_ids)
+        path = self.root / "leases" / f"pin-{owner}.pin"
+        with self._gc.hold(exclusive=False):
+            for chain_id in ids:
+                self._require(chain_id)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, "".join(f"+{c}\n" for c in ids).encode())
+            finally:
+                os.close(fd)
+        return path
+
+    def unpin(self, owner: str) -> None:
+        """Release the pin :meth:`pin` took for ``owner`` (nothing if there is none)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "leases" / f"pin-{owner}.pin").unlink()
+
     def _live_leases(self) -> tuple[set[str], int]:
-        """Chain ids held by live leases (other than this instance's own auto lease), and how
-        many dead leases were swept."""
+        """Chain ids held by live leases (other than this instance's own auto lease) and pins,
+        and how many dead leases were swept."""
         held: set[str] = set()
         swept = 0
         leases = self.root / "leases"
+        for pin in sorted(leases.glob("pin-*.pin")):
+            held |= _read_lease(pin)
         own = self._auto_lease.path if self._auto_lease is not None else None
         for path in sorted(leases.glob("*.held")):
             if path == own:

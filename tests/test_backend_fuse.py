@@ -151,3 +151,45 @@ def test_auto_chooses_fuse_for_a_store_on_overlayfs(
     # Kernel overlay cannot read marker whiteouts; fuse-overlayfs can, and is faster than copy.
     result.stdout.fnmatch_lines([f"layers: backend=fuse (overlay: *marker*), store={store} *"])
     assert "marker" in (store / "VERSION").read_text()
+
+
+def test_write_through_one_name_of_a_lower_hardlink_pair_is_committed_as_seen(
+    tmp_path: Path,
+) -> None:
+    """fuse-overlayfs shows a write through ``etc/a`` through ``srv/b`` too (one inode) but its
+    upper holds one copy: the change list and the layer must show both names changed, still
+    linked, as the view does."""
+    from treeutil import build_layer, make_tree
+
+    from pytest_layers.backends.fuse import FuseBackend
+
+    store = Store(tmp_path / "store")
+    tree = make_tree(
+        tmp_path / "tree", {"etc/a": "orig\n", "srv/b": ("hardlink", "etc/a"), "etc/c": "c\n"}
+    )
+    base = build_layer(store, None, tree, "base")
+    lowers = [store.layer_dir(base)]
+    backend = FuseBackend()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    view = backend.open(lowers, scratch, flavor=store.flavor)
+    try:
+        with open(view.path / "etc/a", "a") as f:
+            f.write("new\n")
+        assert (view.path / "srv/b").read_text() == "orig\nnew\n"  # what the test sees
+        entries = backend.changes(view, changeset.ImageView(lowers, store.flavor))
+        assert [str(c) for c in changeset.to_changes(entries)] == [
+            "C /etc",
+            "C /etc/a",
+            "C /srv",
+            "C /srv/b",
+        ]
+        with store.staging() as staged:
+            changeset.write_layer(entries, staged, flavor=store.flavor)
+            top = store.add_layer(staged, parent=base, name="top", source="commit").chain_id
+    finally:
+        view.close()
+    layer = store.layer_dir(top)
+    assert (layer / "etc/a").read_text() == (layer / "srv/b").read_text() == "orig\nnew\n"
+    assert os.stat(layer / "etc/a").st_ino == os.stat(layer / "srv/b").st_ino
+    assert not (layer / "etc/c").exists()

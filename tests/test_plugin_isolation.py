@@ -74,6 +74,9 @@ def test_resolve_and_paths(rootfs):
     root = rootfs.path
     assert os.fspath(rootfs) == str(root)
     assert rootfs / "/etc/passwd" == root / "etc/passwd"   # a leading / stays inside
+    assert rootfs / "../../etc/passwd" == root / "etc/passwd"   # so does a climb with ..
+    assert rootfs / "etc/../../../usr/./lib" == root / "usr/lib"
+    assert rootfs / ".." == root
     assert rootfs.resolve("/lib/libc.so") == root / "usr/lib/libc.so"
     assert rootfs.resolve("etc/up/etc/passwd") == root / "etc/passwd"
     assert rootfs.resolve("../../../etc") == root / "etc"

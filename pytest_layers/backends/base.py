@@ -18,7 +18,63 @@ if TYPE_CHECKING:
     from pytest_layers.changeset import Entry, ImageView
     from pytest_layers.layertar import Flavor
 
-__all__ = ["Backend", "View"]
+__all__ = ["Backend", "MountPolicy", "View"]
+
+
+@dataclass(frozen=True)
+class MountPolicy:
+    """Whether views honour setuid/setgid bits and file capabilities (``suid``) and device
+    nodes (``dev``). Both off by default: every view is mounted ``nosuid,nodev``, so an image's
+    setuid-root program or ``dev/kmsg`` grants nothing to whoever runs it from the view (see
+    docs/reference/options.md, ``layers_mount_options``)."""
+
+    suid: bool = False
+    dev: bool = False
+
+    #: The words :meth:`parse` accepts.
+    WORDS = ("suid", "nosuid", "dev", "nodev")
+
+    @classmethod
+    def parse(cls, text: str) -> MountPolicy:
+        """``"nosuid,nodev"`` (the default), ``"suid,dev"``, ``"suid"``...; raises
+        ``ValueError`` naming the word it does not know."""
+        suid = dev = False
+        for word in (w.strip() for w in text.replace(" ", ",").split(",")):
+            if not word:
+                continue
+            if word not in cls.WORDS:
+                raise ValueError(
+                    f"unknown mount option {word!r}; use a comma-separated list of "
+                    f"{', '.join(cls.WORDS)}"
+                )
+            if word in ("suid", "nosuid"):
+                suid = word == "suid"
+            else:
+                dev = word == "dev"
+        return cls(suid=suid, dev=dev)
+
+    def __str__(self) -> str:
+        return f"{'' if self.suid else 'no'}suid,{'' if self.dev else 'no'}dev"
+
+    @property
+    def ms_flags(self) -> int:
+        """The ``mount(2)`` flags: ``MS_NOSUID | MS_NODEV`` by default."""
+        from pytest_layers import _linux
+
+        return (0 if self.suid else _linux.MS_NOSUID) | (0 if self.dev else _linux.MS_NODEV)
+
+    @property
+    def attr_flags(self) -> int:
+        """The ``fsmount(2)`` attribute flags: ``MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV``."""
+        from pytest_layers import _linux
+
+        nosuid = 0 if self.suid else _linux.MOUNT_ATTR_NOSUID
+        return nosuid | (0 if self.dev else _linux.MOUNT_ATTR_NODEV)
+
+    @property
+    def words(self) -> list[str]:
+        """As mount(8) options: ``["nosuid", "nodev"]`` by default."""
+        return str(self).split(",")
 
 
 @dataclass
@@ -58,6 +114,8 @@ class Backend(Protocol):
 
     #: ``"overlay"`` (kernel overlay, as root or in a user namespace), ``"fuse"``, ``"copy"``
     name: str
+    #: How views are mounted (``nosuid,nodev`` unless the user opted out).
+    policy: MountPolicy
 
     def check(self, scratch: Path) -> None:
         """Prove the backend works here with a real trial mount inside ``scratch`` (an empty

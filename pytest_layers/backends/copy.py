@@ -26,6 +26,12 @@ How a view is made:
    the entries whose ctime is at least that (user space cannot set ctime, so nothing the test
    touched can hide), never reading unchanged files.
 
+Privileged content: a copy made as root keeps setuid bits, file capabilities and device
+nodes, so a view is the copy bind-mounted over itself ``nosuid,nodev`` (unless the
+:class:`~pytest_layers.backends.base.MountPolicy` opts out) wherever this process may mount. An
+ordinary user who cannot mount needs no bind: its copies are its own files (a setuid bit on
+them grants nothing) and it cannot create device nodes.
+
 Read-only views: a copy cannot make writes fail with ``EROFS`` by itself, so a ``readonly``
 view is the copy bind-mounted read-only over itself, which needs root or the session's user
 namespace. Where mounting is not possible, ``open(readonly=True)`` raises
@@ -49,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_layers.backends.base import View, trial, trial_whiteout
+from pytest_layers.backends.base import MountPolicy, View, trial, trial_whiteout
 from pytest_layers.errors import BackendUnavailableError, MountError
 
 if TYPE_CHECKING:
@@ -289,12 +295,14 @@ class CopyBackend:
     """Views as real copies of the merged image (see the module docstring).
 
     ``clone`` can switch ``FICLONE`` off (``False``) for measurements; by default it is tried
-    once per filesystem pair and dropped after the first refusal.
+    once per filesystem pair and dropped after the first refusal. ``policy`` says whether views
+    honour setuid bits and device nodes (default: neither).
     """
 
     name = "copy"
 
-    def __init__(self, *, clone: bool = True) -> None:
+    def __init__(self, *, clone: bool = True, policy: MountPolicy | None = None) -> None:
+        self.policy = policy or MountPolicy()
         self._plans: dict[tuple[tuple[str, ...], str, tuple[tuple[int, int, int], ...]], _Plan]
         self._plans = {}
         self._clone = clone
@@ -359,13 +367,17 @@ class CopyBackend:
             if plan is not None:
                 _Copier(self).run(plan, os.fspath(dest))
             if readonly:
-                _bind_readonly(dest)
+                _bind(dest, self.policy, readonly=True)
                 return CopyView(
                     path=dest,
                     upper=None,
                     upper_flavor="tree",
                     _closer=lambda: _close(scratch, dest, mounted=True),
                 )
+            mounted = False
+            if (not self.policy.suid or not self.policy.dev) and _may_mount():
+                _bind(dest, self.policy, readonly=False)
+                mounted = True
             since = ctime_mark(scratch)
         except BaseException:
             _close(scratch, dest, mounted=False, keep_scratch=True)
@@ -375,7 +387,7 @@ class CopyBackend:
             upper=dest,
             upper_flavor="tree",
             since_ns=since,
-            _closer=lambda: _close(scratch, dest, mounted=False),
+            _closer=lambda: _close(scratch, dest, mounted=mounted),
         )
 
     def changes(
@@ -387,7 +399,10 @@ class CopyBackend:
         if view.upper is None:
             return []
         since = view.since_ns if isinstance(view, CopyView) else None
-        return changes_from_tree(view.upper, image, since_ns=since, exclude=exclude)
+        # Mounts a test made inside its copy (a bind of a host directory, as chroot-style
+        # installers do) are not the test's writes: never read through them into a snapshot.
+        skip = set(exclude) | _mount_points_in(view.upper)
+        return changes_from_tree(view.upper, image, since_ns=since, exclude=skip)
 
     # ---- the copy -----------------------------------------------------------------------------
 
@@ -459,20 +474,43 @@ def _copy_sparse(sfd: int, dfd: int, size: int, backend: CopyBackend) -> None:
     os.ftruncate(dfd, size)
 
 
-def _bind_readonly(dest: Path) -> None:
+def _may_mount() -> bool:
+    from pytest_layers import _linux
+
+    return os.geteuid() == 0 or _linux.has_effective_cap(_linux.CAP_SYS_ADMIN)
+
+
+def _mount_points_in(tree: Path) -> set[str]:
+    """Paths relative to ``tree`` of the mounts below it (not ``tree`` itself)."""
+    from pytest_layers.namespaces import mounts_under
+
+    root = os.path.realpath(tree)
+    found = set()
+    for point in mounts_under(Path(root)):
+        rel = os.path.relpath(point, root)
+        if rel != ".":
+            found.add(rel)
+    return found
+
+
+def _bind(dest: Path, policy: MountPolicy, *, readonly: bool) -> None:
+    """Bind ``dest`` over itself with ``policy``'s flags (and read-only)."""
     from pytest_layers import _linux
 
     try:
         _linux.mount(dest, dest, None, _linux.MS_BIND)
     except MountError as exc:
+        if not readonly:
+            raise
         raise BackendUnavailableError(
             "copy",
             f"a read-only view is the copy bind-mounted read-only, and mounting failed here "
             f"({exc.reason}); run as root or in the session's user namespace, or use a "
             "writable view",
         ) from exc
+    flags = _linux.MS_BIND | _linux.MS_REMOUNT | policy.ms_flags
     try:
-        _linux.mount(None, dest, None, _linux.MS_BIND | _linux.MS_REMOUNT | _linux.MS_RDONLY, None)
+        _linux.mount(None, dest, None, flags | (_linux.MS_RDONLY if readonly else 0), None)
     except BaseException:
         _linux.umount2(dest, _linux.MNT_DETACH)
         raise

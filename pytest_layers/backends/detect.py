@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pytest_layers import namespaces
-from pytest_layers.backends.base import Backend
+from pytest_layers.backends.base import Backend, MountPolicy
 from pytest_layers.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -44,8 +44,9 @@ _FIX = {
 _proven: set[tuple[str, int, str]] = set()
 
 
-def get_backend(name: str) -> Backend:
-    """A fresh, unchecked instance of the backend called ``name``."""
+def get_backend(name: str, policy: MountPolicy | None = None) -> Backend:
+    """A fresh, unchecked instance of the backend called ``name``, mounting views as ``policy``
+    says (default: ``nosuid,nodev``)."""
     try:
         module_name, class_name = _CLASSES[name]
     except KeyError:
@@ -53,7 +54,7 @@ def get_backend(name: str) -> Backend:
             name, f"unknown backend; choose auto, {', '.join(BACKEND_NAMES)}"
         ) from None
     cls = getattr(importlib.import_module(module_name), class_name)
-    backend: Backend = cls()
+    backend: Backend = cls(policy=policy or MountPolicy())
     return backend
 
 
@@ -92,12 +93,12 @@ def _precondition(name: str, flavor: str) -> str | None:
     return None
 
 
-def _try(name: str, scratch: Path, flavor: str) -> Backend:
+def _try(name: str, scratch: Path, flavor: str, policy: MountPolicy | None) -> Backend:
     why = _precondition(name, flavor)
     if why is not None:
         raise BackendUnavailableError(_label(name), why)
     try:
-        backend = get_backend(name)
+        backend = get_backend(name, policy)
     except ImportError as exc:
         raise BackendUnavailableError(name, f"cannot import its module: {exc}") from exc
     key = (name, os.geteuid(), namespaces.current_namespace())
@@ -120,13 +121,14 @@ def _try(name: str, scratch: Path, flavor: str) -> Backend:
 
 
 def choose_backend(
-    name: str, scratch: Path, *, flavor: Flavor = "overlay"
+    name: str, scratch: Path, *, flavor: Flavor = "overlay", policy: MountPolicy | None = None
 ) -> tuple[Backend, list[str]]:
     """The backend to use and, for ``auto``, one line per faster backend skipped and why.
 
     ``scratch`` is a directory for the trial mounts (created if missing, left empty).
-    ``flavor`` is the store's whiteout flavor. With an explicit ``name``, a backend that cannot
-    work raises :class:`BackendUnavailableError` with the reason and the fix.
+    ``flavor`` is the store's whiteout flavor; ``policy`` how views are mounted. With an
+    explicit ``name``, a backend that cannot work raises :class:`BackendUnavailableError`
+    with the reason and the fix.
     """
     scratch.mkdir(parents=True, exist_ok=True)
     if name != "auto":
@@ -135,7 +137,7 @@ def choose_backend(
                 name, f"unknown backend; choose auto, {', '.join(BACKEND_NAMES)}"
             )
         try:
-            return _try(name, scratch, flavor), []
+            return _try(name, scratch, flavor, policy), []
         except BackendUnavailableError as exc:
             if "to fix:" in exc.reason:
                 raise
@@ -145,7 +147,7 @@ def choose_backend(
     skipped: list[str] = []
     for candidate in BACKEND_NAMES:
         try:
-            return _try(candidate, scratch, flavor), skipped
+            return _try(candidate, scratch, flavor, policy), skipped
         except BackendUnavailableError as exc:
             skipped.append(f"{exc.backend}: {exc.reason}")
     raise BackendUnavailableError("auto", "no backend works here: " + " | ".join(skipped))

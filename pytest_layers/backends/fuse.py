@@ -44,7 +44,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_layers.backends.base import View, trial, trial_whiteout
+from pytest_layers.backends.base import MountPolicy, View, trial, trial_whiteout
 from pytest_layers.errors import BackendUnavailableError, MountError
 
 if TYPE_CHECKING:
@@ -72,13 +72,15 @@ def _in_mountinfo(path: str) -> bool:
 class FuseBackend:
     """Views mounted by ``fuse-overlayfs`` (see the module docstring).
 
-    ``binary`` overrides the ``fuse-overlayfs`` found on ``PATH``.
+    ``binary`` overrides the ``fuse-overlayfs`` found on ``PATH``; ``policy`` says whether views
+    honour setuid bits and device nodes (default: neither, ``-o nosuid,nodev``).
     """
 
     name = "fuse"
 
-    def __init__(self, *, binary: str | None = None) -> None:
+    def __init__(self, *, binary: str | None = None, policy: MountPolicy | None = None) -> None:
         self._binary = binary
+        self.policy = policy or MountPolicy()
 
     # ---- Backend protocol -------------------------------------------------------------------
 
@@ -169,6 +171,9 @@ class FuseBackend:
             os.mkdir(upper)
             os.mkdir(scratch / "w")
             opts += ",upperdir=u,workdir=w"
+        # fuse-overlayfs mounts as root with suid (and nodev) unless told; fusermount3 forces
+        # nosuid,nodev for an ordinary user anyway.
+        opts += "," + ",".join(self.policy.words)
         log_path = scratch / "log"
         _reap()
         try:
@@ -202,12 +207,18 @@ class FuseBackend:
     def changes(
         self, view: View, image: ImageView, *, exclude: Collection[str] = ()
     ) -> list[Entry]:
-        """Read the upper dir (0/0 whiteouts, ``.wh..wh..opq`` and the fuse opaque xattr)."""
-        from pytest_layers.changeset import changes_from_upper
+        """Read the upper dir (0/0 whiteouts, ``.wh..wh..opq`` and the fuse opaque xattr),
+        plus the hardlink partners a write changed too (:func:`_with_link_partners`)."""
+        from pytest_layers.changeset import ImageView, changes_from_upper
 
         if view.upper is None:
             return []
-        return changes_from_upper(view.upper, image, upper_flavor="fuse", exclude=exclude)
+        partners_image = ImageView(image.layers, image.flavor)
+        entries = changes_from_upper(view.upper, image, upper_flavor="fuse", exclude=exclude)
+        try:
+            return _with_link_partners(entries, view.path, partners_image, set(exclude))
+        finally:
+            partners_image.close()
 
     def _binary_path(self) -> str:
         found = self._binary or shutil.which("fuse-overlayfs")
@@ -218,6 +229,88 @@ class FuseBackend:
                 "(apt-get install fuse-overlayfs)",
             )
         return found
+
+
+def _with_link_partners(
+    entries: list[Entry], merged: Path, image: ImageView, exclude: set[str]
+) -> list[Entry]:
+    """Make the change list say what the view shows for hardlinks of the image.
+
+    fuse-overlayfs keeps a lower hardlink group one inode in the view: a write through one
+    name shows through every name (kernel overlay with ``index=off`` breaks the link at
+    copy-up instead), but the upper dir holds a single copy, under one of the names. A snapshot
+    taken from the upper alone would then show the other names unchanged. So every name of a
+    changed lower inode that is still that inode in the view becomes a ``C`` entry, all read
+    from the view, where they share an inode: the layer keeps them as one hardlink group with
+    the content the test saw.
+    """
+    from pytest_layers.changeset import Entry, _sort_key
+
+    have = {e.path: e for e in entries}
+    by_layer: dict[int, dict[int, list[str]]] = {}
+    extra: dict[str, Entry] = {}
+    for entry in entries:
+        if entry.kind != "C" or entry.root is None:
+            continue
+        found = image._find(entry.path)
+        if found is None:
+            continue
+        layer, st = found
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            continue
+        try:
+            seen = os.lstat(merged / entry.path)
+        except OSError:
+            continue
+        if layer not in by_layer:
+            by_layer[layer] = _names_by_inode(image.layers[layer])
+        names = [entry.path] + [
+            rel for rel in by_layer[layer].get(st.st_ino, []) if rel != entry.path
+        ]
+        group = []
+        for rel in names:
+            if rel in exclude:
+                continue
+            try:
+                other = os.lstat(merged / rel)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (seen.st_dev, seen.st_ino):
+                group.append(rel)
+        if len(group) < 2:
+            continue
+        for rel in group:
+            extra[rel] = Entry(rel, "C", root=merged)
+            parent = rel.rpartition("/")[0]
+            while parent and parent not in have and parent not in extra:
+                extra[parent] = Entry(parent, "C", root=merged)
+                parent = parent.rpartition("/")[0]
+    if not extra:
+        return entries
+    merged_entries = {**have, **extra}
+    return sorted(merged_entries.values(), key=lambda e: _sort_key(e.path))
+
+
+def _names_by_inode(layer_dir: Path) -> dict[int, list[str]]:
+    """Every non-directory of a layer whose inode has several names, by inode number."""
+    from pytest_layers import _dirfd
+
+    names: dict[int, list[str]] = {}
+
+    def visit(rel_dir: str, fd: int, _state: None) -> list[tuple[str, _dirfd.Ident, None]]:
+        subdirs: list[tuple[str, _dirfd.Ident, None]] = []
+        with os.scandir(fd) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append((e.name, (st.st_dev, st.st_ino), None))
+                elif st.st_nlink > 1:
+                    names.setdefault(st.st_ino, []).append(rel)
+        return subdirs
+
+    _dirfd.walk(layer_dir, None, visit)
+    return names
 
 
 def _deleted_in_upper(view: View) -> set[str]:

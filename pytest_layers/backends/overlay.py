@@ -18,6 +18,9 @@ Older kernels get a fallback chosen once, at the first mount:
   that is only safe because mounting happens before tests start threads of their own (the
   namespace module refuses to start in a multi-threaded process anyway).
 
+Every view is mounted ``nosuid,nodev`` unless its :class:`MountPolicy` opts out: an image's
+setuid-root program or device node then grants nothing to whoever runs or opens it there.
+
 Options: ``volatile`` for writable views (no sync of the upper filesystem at unmount: the
 upper dir is disposable, and when it sits on the root filesystem that sync flushed every
 process's dirty data, making a 0.3 ms unmount cost tens of milliseconds under write load),
@@ -49,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pytest_layers import _linux
-from pytest_layers.backends.base import View, trial
+from pytest_layers.backends.base import MountPolicy, View, trial
 from pytest_layers.errors import BackendUnavailableError, MountError, TooManyLayersError
 from pytest_layers.namespaces import remove_tree
 
@@ -97,13 +100,15 @@ class OverlayBackend:
 
     ``api`` forces one mount interface (``"fd"``, ``"string"`` or ``"legacy"``, see the module
     docstring); the default picks the newest the kernel supports at the first mount.
+    ``policy`` says whether views honour setuid bits and device nodes (default: neither).
     """
 
     name = "overlay"
 
-    def __init__(self, *, api: str | None = None) -> None:
+    def __init__(self, *, api: str | None = None, policy: MountPolicy | None = None) -> None:
         if api is not None and api not in _APIS:
             raise ValueError(f"api must be one of {', '.join(_APIS)}, not {api!r}")
+        self.policy = policy or MountPolicy()
         self._forced = api
         self._api: str | None = api
 
@@ -234,9 +239,9 @@ class OverlayBackend:
                 api = self._api or _API_FD
                 try:
                     if api == _API_LEGACY:
-                        _mount_legacy(lower_fds, upper_fd, work_fd, merged, ro)
+                        _mount_legacy(lower_fds, upper_fd, work_fd, merged, ro, self.policy)
                     else:
-                        _mount_new(api, lower_fds, upper_fd, work_fd, merged, ro)
+                        _mount_new(api, lower_fds, upper_fd, work_fd, merged, ro, self.policy)
                 except _Unsupported:
                     if self._forced is not None or api == _API_LEGACY:
                         raise MountError(
@@ -259,6 +264,7 @@ def _mount_new(
     work_fd: int | None,
     merged: Path,
     ro: bool,
+    policy: MountPolicy = MountPolicy(),  # noqa: B008  # frozen, so one shared default is fine
 ) -> None:
     try:
         ctx = _linux.fsopen("overlay")
@@ -289,7 +295,8 @@ def _mount_new(
                 if exc.errno != errno.EINVAL:  # Linux < 5.10 lacks it: only slower unmounts
                     raise
         _linux.fsconfig_create(ctx)
-        mnt = _linux.fsmount(ctx, attr_flags=_linux.MOUNT_ATTR_RDONLY if ro else 0)
+        attrs = policy.attr_flags | (_linux.MOUNT_ATTR_RDONLY if ro else 0)
+        mnt = _linux.fsmount(ctx, attr_flags=attrs)
         try:
             _linux.move_mount(mnt, merged)
         finally:
@@ -312,6 +319,7 @@ def _mount_legacy(
     work_fd: int | None,
     merged: Path,
     ro: bool,
+    policy: MountPolicy = MountPolicy(),  # noqa: B008  # frozen, so one shared default is fine
 ) -> None:
     data = "lowerdir=" + ":".join(str(fd) for fd in lower_fds)
     if upper_fd is not None and work_fd is not None:
@@ -330,7 +338,8 @@ def _mount_legacy(
         # The kernel resolves relative lowerdirs against the cwd during the call; from
         # /proc/self/fd each layer is just its fd number (see the module docstring).
         os.chdir("/proc/self/fd")
-        _linux.mount("overlay", target, "overlay", _linux.MS_RDONLY if ro else 0, data)
+        flags = policy.ms_flags | (_linux.MS_RDONLY if ro else 0)
+        _linux.mount("overlay", target, "overlay", flags, data)
     finally:
         os.fchdir(saved)
         os.close(saved)
