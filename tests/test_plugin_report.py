@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -33,3 +36,114 @@ def test_header_store_and_verify(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*--layers-verify: 1 problem(s) in the store*"])
     # Without it, the (damaged) cache is used as is: verification is opt-in.
     pytester.runpytest_subprocess("--layers-store=my-store").assert_outcomes(failed=1)
+
+
+REPORT_CONFTEST = """
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text("ID=demo\\n")
+
+@layer(parent=base)
+def app(root):
+    (root / "etc/app.conf").write_text("a\\n")
+    (root / "etc/b.conf").write_text("b\\n")
+"""
+
+REPORT_TESTS = """
+import pytest
+
+@pytest.mark.layer("base")
+@pytest.mark.parametrize("i", range(3))
+def test_base(rootfs, i):
+    pass
+
+@pytest.mark.layer("app")
+@pytest.mark.parametrize("i", range(3))
+def test_app(rootfs, i):
+    (rootfs / "etc/new").write_text("x")
+    assert i != 1
+"""
+
+
+def test_report_follows_pytest_conventions(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(REPORT_CONFTEST)
+    pytester.makepyfile(test_rep=REPORT_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=5, failed=1)
+    # Progress lines do not break pytest's row of result letters; they come in the summary,
+    # with the plural right and the chain id that the CLI takes.
+    result.stdout.fnmatch_lines(["test_rep.py ....F. *[[]100%[]]"])
+    result.stdout.fnmatch_lines(
+        [
+            "*- layers -*",
+            "layers: built base in *s (1 file, 8 B) sha256:*",
+            "layers: built app in *s (2 files, 4 B) sha256:*",
+        ]
+    )
+    # One -rA style line per snapshot, ending in a command to paste.
+    store = pytester.path / ".pytest_cache" / "layers"
+    result.stdout.fnmatch_lines(
+        [
+            "*- layers snapshots -*",
+            f"SNAPSHOT test_rep.py::test_app[[]1[]] -> pytest-layers --store {store} diff "
+            "'snapshot:test_rep.py::test_app[[]1[]]'",
+        ]
+    )
+    line = next(x for x in result.stdout.lines if x.startswith("SNAPSHOT "))
+    command = shlex.split(line.split(" -> ", 1)[1])
+    pasted = subprocess.run(
+        [sys.executable, "-m", "pytest_layers.cli", *command[1:]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (pasted.returncode, pasted.stdout) == (0, "C /etc\nA /etc/new\n"), pasted.stderr
+    result.stdout.no_fnmatch_line("*NODEID*")
+
+
+def test_quiet_session_still_names_the_backend(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(REPORT_CONFTEST)
+    pytester.makepyfile(test_rep=REPORT_TESTS)
+    label = "overlay" if os.geteuid() == 0 else "overlay (user namespace)"
+    result = pytester.runpytest_subprocess("-q", "-p", "no:randomly")
+    result.assert_outcomes(passed=5, failed=1)
+    result.stdout.fnmatch_lines([f"layers: backend={label}; 2 built"])
+    result.stdout.no_fnmatch_line("layers: built *")
+    result = pytester.runpytest_subprocess("-q", "-p", "no:randomly")
+    result.stdout.fnmatch_lines([f"layers: backend={label}; 2 cached"])
+
+
+@pytest.mark.requires_root
+def test_fallback_reason_is_short_in_the_header_and_full_with_v(
+    pytester: pytest.Pytester,
+) -> None:
+    """A store on overlayfs makes kernel overlay impossible: the header says so in a few words;
+    the full reason, with its fix, is shown with -v."""
+    pytester.makeconftest(REPORT_CONFTEST)
+    pytester.makepyfile(test_rep=REPORT_TESTS.replace("assert i != 1", "pass"))
+    lower, upper, work, merged = (pytester.path / n for n in ("lower", "upper", "work", "m"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    mount = [
+        "mount", "-t", "overlay", "overlay", "-o",
+        f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged),
+    ]  # fmt: skip
+    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount an overlayfs here to put the store on")
+    try:
+        args = ["-p", "no:randomly", f"--layers-store={merged}/store", "-o", "cache_dir=c"]
+        result = pytester.runpytest_subprocess(*args)
+        result.assert_outcomes(passed=6)
+        header = next(x for x in result.stdout.lines if x.startswith("layers: backend="))
+        assert header.startswith(
+            "layers: backend=fuse (overlay: the store spells whiteouts as 'marker' files), "
+        ) or header.startswith("layers: backend=copy (overlay: the store spells"), header
+        assert len(header) < 160 + len(str(merged)), header
+        result.stdout.no_fnmatch_line("layers: why:*")
+        result = pytester.runpytest_subprocess("-v", *args)
+        result.stdout.fnmatch_lines(["layers: why: overlay: the store spells*to fix: *"])
+    finally:
+        subprocess.run(["umount", "-l", str(merged)], check=False)
