@@ -1,19 +1,22 @@
-"""Report header, --layers-store, --layers-verify."""
+"""Report header and summary, --layers-store, --layers-verify, the options reference."""
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.plugin_util import BASE_CONFTEST, BASE_TESTS
 
-pytestmark = [pytest.mark.requires_overlay]
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "reference"
 
 
+@pytest.mark.requires_overlay
 @pytest.mark.slow
 def test_header_store_and_verify(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(BASE_CONFTEST)
@@ -68,6 +71,7 @@ def test_app(rootfs, i):
 """
 
 
+@pytest.mark.requires_overlay
 def test_report_follows_pytest_conventions(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(REPORT_CONFTEST)
     pytester.makepyfile(test_rep=REPORT_TESTS)
@@ -104,6 +108,7 @@ def test_report_follows_pytest_conventions(pytester: pytest.Pytester) -> None:
     result.stdout.no_fnmatch_line("*NODEID*")
 
 
+@pytest.mark.requires_overlay
 def test_quiet_session_still_names_the_backend(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(REPORT_CONFTEST)
     pytester.makepyfile(test_rep=REPORT_TESTS)
@@ -116,6 +121,7 @@ def test_quiet_session_still_names_the_backend(pytester: pytest.Pytester) -> Non
     result.stdout.fnmatch_lines([f"layers: backend={label}; 2 cached"])
 
 
+@pytest.mark.requires_overlay
 @pytest.mark.requires_root
 def test_fallback_reason_is_short_in_the_header_and_full_with_v(
     pytester: pytest.Pytester,
@@ -147,3 +153,25 @@ def test_fallback_reason_is_short_in_the_header_and_full_with_v(
         result.stdout.fnmatch_lines(["layers: why: overlay: the store spells*to fix: *"])
     finally:
         subprocess.run(["umount", "-l", str(merged)], check=False)
+
+
+def test_options_reference_matches_help(pytester: pytest.Pytester) -> None:
+    """Every option and ini option in the `layers` group of `pytest --help` is in options.md,
+    and the reference lists no other; ini types are pytest's own (an int shows as `(int)`)."""
+    result = pytester.runpytest_subprocess("--help")
+    text = result.stdout.str()
+    group = text.split("layered filesystems (pytest-layers):", 1)[1].split("\n\n", 1)[0]
+    flags = set(re.findall(r"^  (--layers-[a-z-]+)", group, re.M))
+    inis = dict(re.findall(r"^  (layers_[a-z_]+) \((\w+)\):", text, re.M))
+    assert flags, text
+    assert inis, text
+    assert inis["layers_keep_count"] == "int"
+    assert inis["layers_verify"] == "bool"
+    rows = [
+        line.split("|")[1:3]
+        for line in (DOCS / "options.md").read_text().splitlines()
+        if line.startswith("| ")
+    ]
+    documented = {name.strip("` ") for row in rows for name in row if name.strip("` ")}
+    documented -= {"command line", "ini"}
+    assert documented == flags | set(inis)
