@@ -396,7 +396,10 @@ def _enter_namespace(store_path: Path, ns_mode: str, backend_opt: str) -> tuple[
         try:
             info = namespaces.enter_user_namespace()
         except BackendUnavailableError as exc:
-            return "host", _ns_reason(f"no user namespace: {exc.reason}")
+            detail = exc.reason.removeprefix("cannot enter a user namespace: ")
+            return "host", _ns_reason(
+                f"no user namespace: {exc.reason}", f"no user namespace: {detail}"
+            )
     _entered_here = (os.getpid(), info.mnt_ns)
     return info.kind, ""
 

@@ -175,3 +175,20 @@ def test_options_reference_matches_help(pytester: pytest.Pytester) -> None:
     documented = {name.strip("` ") for row in rows for name in row if name.strip("` ")}
     documented -= {"command line", "ini"}
     assert documented == flags | set(inis)
+
+
+def test_short_reason_is_the_first_clause_and_the_full_text_stays() -> None:
+    from pytest_layers.backends import detect
+
+    text = (
+        "overlay (user namespace): not root and not in a user namespace of its own "
+        "(namespaces.enter_user_namespace() was not called, or failed)"
+    )
+    reasons = [detect.Reason(text), detect.Reason("fuse: /dev/fuse does not exist (modprobe)")]
+    joined = detect.join_reasons(reasons)
+    assert joined.short == (
+        "overlay (user namespace): not root and not in a user namespace of its own; "
+        "fuse: /dev/fuse does not exist"
+    )
+    assert str(joined) == f"{text}; fuse: /dev/fuse does not exist (modprobe)"
+    assert detect.shorten("x" * 100) == "x" * 59 + "\u2026"

@@ -69,7 +69,11 @@ class Reason(str):
 
     def __new__(cls, text: str, short: str | None = None) -> Reason:
         self = super().__new__(cls, text)
-        self.short = shorten(text) if short is None else short
+        if short is None:
+            # "BACKEND: reason" keeps its label whole: "overlay (user namespace): ..."
+            label, sep, rest = text.partition(": ")
+            short = f"{label}: {shorten(rest)}" if sep and len(label) <= 30 else shorten(text)
+        self.short = short
         return self
 
 
