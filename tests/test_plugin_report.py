@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_as_user
 from tests.plugin_util import BASE_CONFTEST, BASE_TESTS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "reference"
@@ -192,3 +193,32 @@ def test_short_reason_is_the_first_clause_and_the_full_text_stays() -> None:
     )
     assert str(joined) == f"{text}; fuse: /dev/fuse does not exist (modprobe)"
     assert detect.shorten("x" * 100) == "x" * 59 + "\u2026"
+
+
+NEST = """#!/bin/sh
+# Run "$@" inside $1 more nested user namespaces.
+n=$1; shift
+if [ "$n" -le 0 ]; then exec "$@"; fi
+exec unshare --user --map-current-user "$0" $((n-1)) "$@"
+"""
+
+
+@pytest.mark.requires_user
+@pytest.mark.requires_tool("unshare")
+def test_user_namespace_limit_gives_a_short_true_header(user_tmp_path: Path) -> None:
+    """Nested 33 user namespaces deep, the session cannot enter its own: the header says so
+    in a few words (not "not in a user namespace"), and -v has the whole story with the fix."""
+    (user_tmp_path / "conftest.py").write_text(REPORT_CONFTEST)
+    (user_tmp_path / "test_rep.py").write_text(REPORT_TESTS.replace("assert i != 1", "pass"))
+    nest = user_tmp_path / "nest.sh"
+    nest.write_text(NEST)
+    nest.chmod(0o755)
+    args = [str(nest), "33", sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+    args += ["-p", "no:randomly", "--layers-store=store", "--rootdir", str(user_tmp_path)]
+    proc = run_as_user([*args, "-v"], cwd=user_tmp_path)
+    lines = pytest.LineMatcher(proc.stdout.splitlines())
+    lines.fnmatch_lines(["*6 passed*"])
+    header = next(x for x in proc.stdout.splitlines() if x.startswith("layers: backend="))
+    assert "(no user namespace: the user namespace limit is reached" in header, header
+    assert "not in a user namespace" not in header, header
+    lines.fnmatch_lines(["layers: why: no user namespace: *nesting depth of 32*; raise it with *"])

@@ -130,8 +130,9 @@ def _precondition(name: str, flavor: str) -> str | None:
             # Short first clause: the report header shows it. Being in *a* user namespace (a
             # parent's) is not enough: the session must have entered one of its own.
             return (
-                "not root and not in a user namespace of its own "
-                "(namespaces.enter_user_namespace() was not called, or failed)"
+                "not root and not in a user namespace of its own (a pytest session enters one "
+                "unless layers_mount_namespace = host; other callers must call "
+                "namespaces.enter_user_namespace() first)"
             )
     return None
 
