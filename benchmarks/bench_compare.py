@@ -1084,9 +1084,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="USER",
         help="Also measure pytest-layers' overlay backend as this ordinary user (needs root)",
     )
-    ap.add_argument("--workdir", type=Path, help="Where to generate suites and stores")
+    ap.add_argument(
+        "--workdir", type=Path, help="Where to generate suites and stores (created if missing)"
+    )
     ap.add_argument("--keep", action="store_true", help="Keep the work directory")
     args = ap.parse_args(argv)
+    if args.workdir is not None:
+        # Created like --out; only a path that cannot be a directory is refused, in one line.
+        try:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            ap.error(f"--workdir {args.workdir}: cannot create it: {exc.strerror}")
     plan = QUICK if args.quick else FULL
     out = args.out or (
         REPO / "benchmarks" / "results" / "compare-quick"

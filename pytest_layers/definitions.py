@@ -505,6 +505,11 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def plural(n: int, word: str) -> str:
+    """``1 file``, ``2 files``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 @dataclass(frozen=True)
 class Progress:
     """One layer built or found in the cache during this session."""
@@ -514,13 +519,14 @@ class Progress:
     seconds: float
     files: int
     size: int
-    digest: str
+    chain_id: str  # the image's identity: what every CLI REF takes, unlike the diff_id
 
     def line(self) -> str:
-        short = self.digest.split(":", 1)[-1][:12]
+        # ``sha256:`` + 12 hex digits: a chain id prefix that `pytest-layers` accepts as a REF.
+        short = "sha256:" + self.chain_id.split(":", 1)[-1][:12]
         return (
             f"layers: {self.status} {self.name} in {self.seconds:.2f}s "
-            f"({self.files} files, {human_size(self.size)}) {short}"
+            f"({plural(self.files, 'file')}, {human_size(self.size)}) {short}"
         )
 
 
@@ -637,7 +643,7 @@ class LayerSession:
             self.store.set_name(defn.name, lay.chain_id)
         self.progress.append(
             Progress(
-                defn.name, status, time.perf_counter() - start, lay.files, lay.size, lay.diff_id
+                defn.name, status, time.perf_counter() - start, lay.files, lay.size, lay.chain_id
             )
         )
         return lay
@@ -708,7 +714,7 @@ class LayerSession:
                 time.perf_counter() - start,
                 sum(x.files for x in infos),
                 sum(x.size for x in infos),
-                parent.diff_id,
+                parent.chain_id,
             )
         )
         return parent

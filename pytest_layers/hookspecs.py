@@ -27,7 +27,10 @@ def pytest_layers_choose_backend(config: Any, candidates: Sequence[str]) -> Any:
     Return a ``(backend, reason)`` tuple, where ``backend`` satisfies
     ``pytest_layers.backends.base.Backend`` and ``reason`` says in one line why faster
     candidates were not used (empty when the first one works), or ``None`` to let the next
-    implementation decide. Called once, in the controller process, before any test runs.
+    implementation decide. The report header shows the reason's first clause (up to `` (``,
+    ``;`` or ``. ``), or its ``short`` attribute when it is a
+    ``pytest_layers.backends.detect.Reason``; ``-v`` shows it in full. Called once, in the
+    controller process, before any test runs.
     """
 
 

@@ -19,9 +19,12 @@ from typing import Any
 
 import pytest
 
+# pytest.fail.Exception's class, importable for subclassing (pytest exposes only the attribute).
+from _pytest.outcomes import Failed
+
 from pytest_layers import _linux, _settings, definitions, hookspecs, namespaces
 from pytest_layers.backends.base import MountPolicy
-from pytest_layers.definitions import Layer, LayerDef, LayerSession, human_size
+from pytest_layers.definitions import Layer, LayerDef, LayerSession, human_size, plural
 from pytest_layers.errors import (
     BackendUnavailableError,
     LayerDefinitionError,
@@ -30,7 +33,13 @@ from pytest_layers.errors import (
 )
 from pytest_layers.rootfs import Rootfs, check_init_path
 
-__all__ = ["layer_fixture", "image_fixture", "BACKEND_CHOICES", "KEEP_CHOICES"]
+__all__ = [
+    "layer_fixture",
+    "image_fixture",
+    "BACKEND_CHOICES",
+    "KEEP_CHOICES",
+    "LayerMarkerWarning",
+]
 
 BACKEND_CHOICES = ("auto", "overlay", "fuse", "copy")
 KEEP_CHOICES = ("failed", "always", "never")
@@ -72,7 +81,7 @@ def _keep_count(flag: str, value: object) -> int:
         count = 0
     if count < 1:
         raise pytest.UsageError(
-            f"{flag}: invalid value {value!r}; give a whole number of snapshots to keep per "
+            f"{flag}: invalid value {str(value)!r}; give a whole number of snapshots to keep per "
             "test, at least 1 (use --layers-keep=never to keep none)"
         )
     return count
@@ -147,7 +156,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "Group whose members share the layer store (default: none, the store is yours alone)",
         default="",
     )
-    parser.addini("layers_keep_count", "Snapshots kept per test", default="3")
+    parser.addini("layers_keep_count", "Snapshots kept per test", type="int", default=3)
     parser.addini("layers_verify", "Re-hash layers before use", type="bool", default=False)
     parser.addini(
         "layers_mount_namespace",
@@ -175,7 +184,8 @@ class _State:
     backend_label: str | None = None
     store: Any = None
     scratch_tmpfs: bool = False
-    backend_reason: str = ""
+    backend_reason: str = ""  # why faster backends were skipped, in full (`-v`, diagnostics)
+    backend_why: str = ""  # the same in a few words, for the report header
     namespace: str = "host"
     error: BaseException | None = None
     session: LayerSession | None = None
@@ -192,6 +202,7 @@ class _State:
             "backend": self.backend_name,
             "label": self.backend_label,
             "reason": self.backend_reason,
+            "why": self.backend_why,
             "rebuild": self.rebuild_token,
             "namespace": self.namespace,
             # Workers never set up on their own: without the controller's reason they would
@@ -228,6 +239,15 @@ def _ini_choice(config: pytest.Config, name: str, choices: Sequence[str]) -> str
     return value
 
 
+def _raw_ini(config: pytest.Config, name: str) -> object:
+    """The text of ini option ``name`` as written (``-o`` first), for an error message."""
+    for override in config.getoption("override_ini", None) or ():
+        key, _, value = str(override).partition("=")
+        if key.strip() == name:
+            return value
+    return config.inicfg.get(name, "?") if hasattr(config, "inicfg") else "?"
+
+
 def _cache_dir(config: pytest.Config) -> str | None:
     """pytest's ``cache_dir`` ini value (``-o cache_dir=`` included), or None when the cache
     provider is disabled (``-p no:cacheprovider``) and the option does not exist."""
@@ -251,7 +271,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config, "layers_backend", BACKEND_CHOICES
     )
     keep = config.getoption("layers_keep") or _ini_choice(config, "layers_keep", KEEP_CHOICES)
-    keep_count = _keep_count("ini option layers_keep_count", config.getini("layers_keep_count"))
+    try:
+        keep_count_value: object = config.getini("layers_keep_count")
+    except (ValueError, TypeError, pytest.UsageError):  # let our message name option and fix
+        keep_count_value = _raw_ini(config, "layers_keep_count")
+    keep_count = _keep_count("ini option layers_keep_count", keep_count_value)
     ns_mode = _ini_choice(config, "layers_mount_namespace", NAMESPACE_CHOICES)
     policy = config.getoption("layers_mount_options") or _mount_policy(
         "ini option layers_mount_options"
@@ -274,6 +298,7 @@ def pytest_configure(config: pytest.Config) -> None:
             backend_name=winfo["backend"],
             backend_label=winfo["label"],
             backend_reason=winfo["reason"],
+            backend_why=winfo["why"],
             namespace=winfo["namespace"],
         )
     else:
@@ -323,9 +348,10 @@ def _setup(
         preflight(state.store_path, shared_group=state.store_shared)
         # Namespaces first: unshare(2) moves only the calling thread, so before anything that
         # could start one. Workers inherit the controller's namespace and stay in it.
-        state.namespace, state.backend_reason = _enter_namespace(
+        state.namespace, ns_reason = _enter_namespace(
             state.store_path, ns_mode, backend_opt, state.store_shared
         )
+        state.backend_reason, state.backend_why = ns_reason, getattr(ns_reason, "short", "")
     state.store = Store(state.store_path, shared_group=state.store_shared)
     state.store.check_writable()  # a session builds and commits: say so now if it cannot
     if worker:
@@ -340,7 +366,14 @@ def _setup(
         backend, reason = chosen
         state.backend_name = backend.name
         state.backend_label = detect.backend_label(backend)
+        reason = reason if isinstance(reason, detect.Reason) else detect.Reason(str(reason or ""))
         state.backend_reason = "; ".join(x for x in (state.backend_reason, reason) if x)
+        if state.backend_why:
+            # The namespace failure is the cause; overlay's own line only repeats it.
+            shorts = [p for p in reason.short.split("; ") if p and not p.startswith("overlay")]
+        else:
+            shorts = [reason.short] if reason.short else []
+        state.backend_why = "; ".join([state.backend_why, *shorts] if state.backend_why else shorts)
     state.backend = backend
     scratch = state.store_path / "scratch" / "views" / namespaces.session_dir_name()
     scratch.mkdir(parents=True)
@@ -420,16 +453,28 @@ def _enter_namespace(
         try:
             info = namespaces.enter_private_mount_namespace()
         except BackendUnavailableError as exc:
-            return "host", f"no private mount namespace ({exc.reason}), mounting in the host's"
+            return "host", _ns_reason(
+                f"no private mount namespace ({exc.reason}), mounting in the host's",
+                f"no private mount namespace: {exc.reason}",
+            )
     else:
         if backend_opt == "fuse" or ns_mode == "host":
             return "host", ""
         try:
             info = namespaces.enter_user_namespace()
         except BackendUnavailableError as exc:
-            return "host", f"no user namespace: {exc.reason}"
+            detail = exc.reason.removeprefix("cannot enter a user namespace: ")
+            return "host", _ns_reason(
+                f"no user namespace: {exc.reason}", f"no user namespace: {detail}"
+            )
     _entered_here = (os.getpid(), info.mnt_ns)
     return info.kind, ""
+
+
+def _ns_reason(text: str, short_of: str | None = None) -> str:
+    from pytest_layers.backends import detect
+
+    return detect.Reason(text, detect.shorten(short_of or text, 72))
 
 
 @pytest.hookimpl(trylast=True)
@@ -444,7 +489,7 @@ def pytest_layers_choose_backend(config: pytest.Config, candidates: Sequence[str
         backend, skipped = detect.choose_backend(
             "auto", scratch, flavor=flavor, policy=state.policy
         )
-        return backend, "; ".join(skipped)
+        return backend, detect.join_reasons(skipped)
     skipped = []
     for name in candidates:
         try:
@@ -452,9 +497,9 @@ def pytest_layers_choose_backend(config: pytest.Config, candidates: Sequence[str
         except BackendUnavailableError as exc:
             if len(candidates) == 1:
                 raise
-            skipped.append(f"{exc.backend}: {exc.reason}")
+            skipped.append(detect.Reason(f"{exc.backend}: {exc.reason}", detect.skipped_short(exc)))
             continue
-        return backend, "; ".join(skipped)
+        return backend, detect.join_reasons(skipped)
     return None
 
 
@@ -488,12 +533,15 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if state.error is not None:
         return [f"layers: unavailable: {state.error}"]
     store = state.get_session().store
-    why = f" ({state.backend_reason})" if state.backend_reason else ""
-    return [
+    why = f" ({state.backend_why})" if state.backend_why else ""
+    lines = [
         f"layers: backend={state.backend_label or state.backend_name}{why}, "
         f"store={state.store_path} ({store.access.describe()}, "
         f"{human_size(store.recorded_disk_use())} disk use)"
     ]
+    if state.backend_reason and config.get_verbosity() > 0:
+        lines.append(f"layers: why: {state.backend_reason}")
+    return lines
 
 
 # ---- @layer fixtures -----------------------------------------------------------------------
@@ -578,9 +626,44 @@ def _layer_value(request: pytest.FixtureRequest, defn: LayerDef, kwargs: dict[st
             )
     try:
         return session.get(defn, parent, kwargs)
-    except NoSpaceError as exc:
-        message = str(exc)  # names the layer, the store and what to do; no store traceback
-    pytest.fail(message, pytrace=False)
+    except LayersError as exc:
+        # Ours name the layer and the fix (a missing inputs= path, a full disk, a whiteout
+        # name left by the builder): one line, no plugin traceback.
+        message = str(exc)
+    except Exception as exc:
+        message = _builder_failure(defn, exc)
+    # Outside the except block, so the report is this message, without chained tracebacks.
+    raise _LayerBuildFailed(defn.name, message)
+
+
+class _LayerBuildFailed(Failed):
+    """A layer fixture's failure. pytest keeps a session fixture's error and raises it again
+    for every test that asks for the layer; ``rootfs`` reports it in full for the first of
+    them and as one line naming the layer for the rest (docs/reference/errors.md)."""
+
+    # As pytest's own Failed: the short test summary says "Failed: <message>".
+    __module__ = "builtins"
+    __qualname__ = "Failed"
+
+    def __init__(self, layer: str, message: str) -> None:
+        super().__init__(message, pytrace=False)
+        self.layer = layer
+        self.first: str | None = None
+
+
+def _builder_failure(defn: LayerDef, exc: Exception) -> str:
+    """What a builder's exception says: the layer, then the builder's own frames only (the
+    plugin's and the store's frames above it are of no help to the builder's author)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    here = definitions.__file__
+    starts = [i for i, f in enumerate(frames) if f.filename == here and f.name == "_run_builder"]
+    own = frames[starts[-1] + 1 :] if starts else frames
+    lines = [f"layer {defn.name!r} ({defn.where}) failed to build: {type(exc).__name__}: {exc}"]
+    if own:
+        lines.append("Traceback (the builder's frames):")
+        lines.extend(x.rstrip("\n") for x in traceback.format_list(own))
+    lines.extend(x.rstrip("\n") for x in traceback.format_exception_only(type(exc), exc))
+    return "\n".join(lines)
 
 
 # ---- the marker ----------------------------------------------------------------------------
@@ -594,6 +677,18 @@ class _Spec:
     readonly: bool
 
 
+class LayerMarkerWarning(pytest.PytestWarning):
+    """A ``layer`` marker that has no effect: the test never asks for a ``rootfs``."""
+
+
+def _default_source(config: pytest.Config) -> str:
+    """Where ``layers_default`` was set, for messages: ``-o`` or the ini file's name."""
+    for override in config.getoption("override_ini", None) or ():
+        if str(override).split("=", 1)[0].strip() == "layers_default":
+            return "-o layers_default"
+    return config.inipath.name if config.inipath else "the ini file"
+
+
 def _marker_spec(item: pytest.Item) -> _Spec:
     """The validated ``layer`` marker of ``item`` (closest wins); raises LayerDefinitionError."""
     marker = item.get_closest_marker("layer")
@@ -601,8 +696,13 @@ def _marker_spec(item: pytest.Item) -> _Spec:
     if marker is None:
         default = str(item.config.getini("layers_default") or "").strip()
         defaults = tuple(default.split()) if default else ()
+        source = f"layers_default = {default} in {_default_source(item.config)}: "
         for name in defaults:
-            definitions.chain_of_names(name)
+            definitions.lookup(name, where=source)
+            try:
+                definitions.chain_of_names(name)
+            except LayerDefinitionError as exc:
+                raise LayerDefinitionError(f"{source}{exc}") from None
         return _Spec(defaults, {}, None, False)
     unknown = sorted(set(marker.kwargs) - set(_MARKER_KWARGS))
     if unknown:
@@ -642,23 +742,49 @@ def _marker_spec(item: pytest.Item) -> _Spec:
     return _Spec(tuple(names), dict(init), keep, readonly)
 
 
+_MARKER_ERROR = pytest.StashKey[str]()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_pycollect_makeitem(
     collector: pytest.Collector, name: str, obj: object
 ) -> Generator[None, Any, Any]:
+    """Check every test's ``layer`` marker (and ``layers_default``) as it is collected.
+
+    A problem is kept on the item and reported as that test's error at setup (see
+    :func:`pytest_runtest_setup`), so a test that ``-k`` or ``-m`` deselects costs nothing and
+    one bad marker does not stop the other tests. A marker on a test that never asks for a
+    ``rootfs`` has no effect: it is still checked (a typo is an error) and warned about.
+    """
     result = yield
     items: list[object] = result if isinstance(result, list) else [result]
-    problems: list[str] = []
     for item in items:
-        if not isinstance(item, pytest.Function) or "rootfs" not in item.fixturenames:
+        if not isinstance(item, pytest.Function):
+            continue
+        uses_rootfs = "rootfs" in item.fixturenames
+        own = any(m.name == "layer" for m in item.own_markers)
+        if not uses_rootfs and item.get_closest_marker("layer") is None:
             continue
         try:
             _marker_spec(item)
         except LayerDefinitionError as exc:
-            problems.append(f"{item.nodeid}: {exc}")
-    if problems:
-        raise pytest.Collector.CollectError("\n".join(problems))
+            item.stash[_MARKER_ERROR] = str(exc)
+        if own and not uses_rootfs:
+            item.warn(
+                LayerMarkerWarning(
+                    f"{item.nodeid}: @pytest.mark.layer has no effect: the test does not use "
+                    "the rootfs fixture (add a `rootfs` argument, or remove the marker)"
+                )
+            )
     return result
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A bad ``layer`` marker found at collection: this test errors, the others run."""
+    problem = item.stash.get(_MARKER_ERROR, None)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
 
 
 # ---- the rootfs fixture and snapshots ------------------------------------------------------
@@ -687,17 +813,33 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
     try:
         spec = _marker_spec(item)
     except LayerDefinitionError as exc:
-        pytest.fail(f"{item.nodeid}: {exc}", pytrace=False)
+        message = str(exc)
+    else:
+        message = ""
+    if message:  # outside the except block: one line, no chained traceback
+        pytest.fail(message, pytrace=False)
     session = _session_or_fail(state)
     if not spec.names:
         pytest.fail(
-            f"{item.nodeid} uses the rootfs fixture but names no image: add "
+            "the test uses the rootfs fixture but names no image: add "
             '@pytest.mark.layer("<layer name>") to the test (or its class or module), or set '
             f"layers_default in the ini file; known layers: "
             f"{', '.join(sorted(definitions.registry())) or '(none)'}",
             pytrace=False,
         )
-    tops = [request.getfixturevalue(name) for name in spec.names]
+    failed: _LayerBuildFailed | None = None
+    try:
+        tops = [request.getfixturevalue(name) for name in spec.names]
+    except _LayerBuildFailed as exc:
+        failed = exc
+    if failed is not None:
+        if failed.first is None:
+            failed.first = item.nodeid
+            raise failed
+        pytest.fail(
+            f"layer {failed.layer!r} failed to build (see the first error, at {failed.first})",
+            pytrace=False,
+        )
     image = definitions.compose(tops)
     session.use(image)
     init: dict[str, str | bytes] = {}
@@ -763,15 +905,11 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def _snapshot_section(state: _State, ref: str, lay: Layer) -> str:
     store = shlex.quote(str(state.store_path))
     q = shlex.quote(ref)
     return (
-        f"{ref} ({lay.chain_id[:19]}, {_plural(lay.files, 'file')}, {human_size(lay.size)})\n"
+        f"{ref} ({lay.chain_id[:19]}, {plural(lay.files, 'file')}, {human_size(lay.size)})\n"
         f"inspect it with:\n"
         f"  pytest-layers --store {store} diff {q}\n"
         f"  pytest-layers --store {store} shell {q}\n"
@@ -821,12 +959,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 class _Reporter:
-    """Prints progress lines and collects snapshot refs, in the process that owns the terminal
-    (the controller under xdist, whose workers send both along with their reports)."""
+    """Collects progress lines and snapshot refs in the process that owns the terminal (the
+    controller under xdist, whose workers send both along with their reports) and prints them
+    in the terminal summary: written while tests run, they would break pytest's rows of
+    result letters."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.state = _state(config)
+        self.progress: list[str] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         ref = getattr(report, "layers_snapshot", None)
@@ -835,38 +976,53 @@ class _Reporter:
         error = getattr(report, "layers_snapshot_error", None)
         if error:
             self.state.snapshot_errors.append((report.nodeid, error))
-        lines = []
         for line in getattr(report, "layers_progress", ()):
             words = line.split()
             status, key = words[1], (words[2], words[-1])
             # Under xdist a worker that waited for another's build reports "cached" and may be
             # heard first; the build itself is still worth its line.
             seen = self.state.seen_progress.get(key)
-            if seen is None or (seen == "cached" and status != "cached"):
-                self.state.seen_progress[key] = status
-                lines.append(line)
-        tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        if not lines or tr is None or self.config.get_verbosity() < 0:
-            return
-        xdist = self.config.pluginmanager.hasplugin("dsession")
-        if xdist and tr._tw.width_of_current_line:
-            tr._tw.line()  # xdist writes result letters without tracking the line
-        for line in lines:
-            tr.write_line(line)
-        if self.config.get_verbosity() == 0 and not xdist:
-            # Put the file name back so the test's result letter does not dangle.
-            tr.write_fspath_result(report.nodeid, "")
+            if seen is None:
+                self.progress.append(line)
+            elif seen == "cached" and status != "cached":
+                self.progress[self.progress.index(_find(self.progress, key))] = line
+            else:
+                continue
+            self.state.seen_progress[key] = status
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.state.snapshots and not self.state.snapshot_errors:
+        tr = terminalreporter
+        state = self.state
+        if self.config.get_verbosity() < 0:
+            # Quiet CI logs still say which backend ran (the header is not shown with -q).
+            if state.error is not None:
+                tr.write_line(f"layers: unavailable: {state.error}")
+            elif state.backend_name is not None:
+                why = f" ({state.backend_why})" if state.backend_why else ""
+                counts = [
+                    f"{sum(1 for s in state.seen_progress.values() if s == st)} {st}"
+                    for st in ("built", "imported", "cached")
+                    if any(s == st for s in state.seen_progress.values())
+                ]
+                tail = f"; {', '.join(counts)}" if counts else ""
+                tr.write_line(f"layers: backend={state.backend_label}{why}{tail}")
+        elif self.progress:
+            tr.write_sep("-", "layers")
+            for line in self.progress:
+                tr.write_line(line)
+        if not state.snapshots and not state.snapshot_errors:
             return
-        terminalreporter.write_sep("-", "layers snapshots")
-        for nodeid, ref in self.state.snapshots:
-            terminalreporter.write_line(f"{ref}  ({nodeid})")
-        if self.state.snapshots:
-            store = shlex.quote(str(self.state.store_path))
-            terminalreporter.write_line(
-                f"inspect with: pytest-layers --store {store} diff|shell|export 'snapshot:NODEID'"
+        tr.write_sep("-", "layers snapshots")
+        store = shlex.quote(str(state.store_path))
+        for nodeid, ref in state.snapshots:
+            # As pytest's -rA lines: what, which test, then a command to paste.
+            tr.write_line(
+                f"SNAPSHOT {nodeid} -> pytest-layers --store {store} diff {shlex.quote(ref)}"
             )
-        for nodeid, error in self.state.snapshot_errors:
-            terminalreporter.write_line(f"{nodeid}: {error}", red=True)
+        for nodeid, error in state.snapshot_errors:
+            tr.write_line(f"{nodeid}: {error}", red=True)
+
+
+def _find(lines: list[str], key: tuple[str, str]) -> str:
+    """The progress line of layer ``key`` (name, short chain id) among ``lines``."""
+    return next(x for x in lines if (x.split()[2], x.split()[-1]) == key)

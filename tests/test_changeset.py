@@ -601,6 +601,7 @@ def _deep_upper_bottom(fd: int) -> None:
         os.close(ro)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", ["overlay", "marker"])
 @pytest.mark.usefixtures("few_fds")
 def test_deep_upper_diff_write_layer_and_tar_round_trip(
@@ -682,6 +683,7 @@ def _deep_image_bottom(fd: int) -> None:
     put(fd, "keep", b"keep\n")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("few_fds")
 def test_deep_image_lookups_and_every_change_list(deep_tmp: Path) -> None:
     base = deep_tmp / "base"

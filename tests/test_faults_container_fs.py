@@ -38,7 +38,12 @@ from pytest_layers import _linux, changeset
 from pytest_layers.backends.detect import get_backend
 from pytest_layers.store import Store, filesystem_type
 
-pytestmark = [pytest.mark.faults, pytest.mark.requires_root, pytest.mark.requires_overlay]
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.slow,
+    pytest.mark.requires_root,
+    pytest.mark.requires_overlay,
+]
 
 
 @pytest.fixture(scope="module")

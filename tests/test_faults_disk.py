@@ -30,7 +30,12 @@ from faults_util import (
 
 from pytest_layers import _linux
 
-pytestmark = [pytest.mark.faults, pytest.mark.requires_root, pytest.mark.requires_overlay]
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.slow,
+    pytest.mark.requires_root,
+    pytest.mark.requires_overlay,
+]
 
 SIZE = 8 << 20
 

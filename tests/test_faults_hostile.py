@@ -35,7 +35,7 @@ from faults_util import (
 
 from pytest_layers import namespaces
 
-pytestmark = [pytest.mark.faults]
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 CONFTEST = """
 from pytest_layers import layer

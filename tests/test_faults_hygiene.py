@@ -25,7 +25,7 @@ from faults_util import (
     write_project,
 )
 
-pytestmark = [pytest.mark.faults]
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 N_TESTS = 2000
 RSS_BOUND = 50 << 20

@@ -34,7 +34,7 @@ from faults_util import (
     write_project,
 )
 
-pytestmark = [pytest.mark.faults, pytest.mark.requires_overlay]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.requires_overlay]
 
 # ---- the project the kill tests run -----------------------------------------------------------
 

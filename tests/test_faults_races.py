@@ -27,7 +27,7 @@ from faults_util import (
     write_project,
 )
 
-pytestmark = [pytest.mark.faults, pytest.mark.requires_overlay]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.requires_overlay]
 
 CONFTEST = """
 import os, time

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from faults_util import cli, out, pytest_command, run_session, write_project
 
-pytestmark = [pytest.mark.faults, pytest.mark.requires_overlay]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.requires_overlay]
 
 CONFTEST = """
 from pytest_layers import layer

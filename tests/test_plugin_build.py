@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 pytestmark = [pytest.mark.requires_overlay]
@@ -77,7 +82,7 @@ def test_build_once_and_cache_invalidation(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=51)
     result.stdout.re_match_lines(
         [
-            r"layers: built base in \d+\.\d\ds \(\d+ files, \d+ B\) [0-9a-f]{12}",
+            r"layers: built base in \d+\.\d\ds \(\d+ files, \d+ B\) sha256:[0-9a-f]{12}",
             r"layers: built app in .*",
         ]
     )
@@ -151,12 +156,79 @@ def test_builder_error_is_not_cached(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(errors=3)
     result.stdout.fnmatch_lines(
         [
-            "*def flaky(root):*",
-            '*raise RuntimeError("mirror unreachable")*',
-            "E*RuntimeError: mirror unreachable",
+            "layer 'flaky' (*conftest.py:*) failed to build: RuntimeError: mirror unreachable",
+            "Traceback (the builder's frames):",
+            '    raise RuntimeError("mirror unreachable")',
+            "RuntimeError: mirror unreachable",
         ]
     )
     assert _runs(pytester) == ["flaky"]  # pytest caches the session fixture's error
     (pytester.path / "broken").unlink()
     pytester.runpytest_subprocess().assert_outcomes(passed=3)
     assert _runs(pytester) == ["flaky"]  # the failure was not cached: retried, then built
+
+
+CHAIN_CONFTEST = """
+import os
+from pytest_layers import layer
+
+@layer(inputs=["release"])
+def base(root):
+    (root / "etc").mkdir()
+    src = os.path.join(os.path.dirname(__file__), "release")
+    (root / "etc/release").write_text(open(src).read())
+
+@layer(parent=base)
+def app(root):
+    (root / "etc/app.conf").write_text("same content on any base\\n")
+"""
+
+
+def _tokens(out: str) -> dict[str, str]:
+    found = re.findall(r"^layers: (?:built|cached) (\w+) in .* (\S+)$", out, re.M)
+    return dict(found)
+
+
+def _inspect(store: Path, ref: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_layers.cli", "--store", str(store), "inspect", ref],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_progress_line_names_the_image_as_the_cli_takes_it(pytester: pytest.Pytester) -> None:
+    """The token at the end of a progress line is a chain id prefix: the CLI accepts it as a
+    REF, and a child rebuilt on a changed parent gets a new one even when its own diff is
+    the same."""
+    pytester.makeconftest(CHAIN_CONFTEST)
+    pytester.makepyfile(
+        test_c="""
+        import pytest
+        @pytest.mark.layer("app")
+        def test_app(rootfs):
+            assert (rootfs / "etc/app.conf").exists()
+        """
+    )
+    (pytester.path / "release").write_text("1\n")
+    store = pytester.path / ".pytest_cache" / "layers"
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["layers: built base in *s (1 file, 2 B) sha256:*"])
+    first = _tokens(result.stdout.str())
+    assert set(first) == {"base", "app"}, result.stdout.str()
+    for name, token in first.items():
+        assert re.fullmatch(r"sha256:[0-9a-f]{12}", token), token
+        shown = _inspect(store, token)
+        assert shown.returncode == 0, shown.stderr
+        assert f'"{name}"' in shown.stdout, shown.stdout
+
+    (pytester.path / "release").write_text("2\n")
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    second = _tokens(result.stdout.str())
+    # The app layer's diff is the same on either base; its image is not.
+    assert second["base"] != first["base"]
+    assert second["app"] != first["app"]
+    assert _inspect(store, second["app"]).returncode == 0

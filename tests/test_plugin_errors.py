@@ -19,13 +19,17 @@ def app(root):
 """
 
 
-def test_bad_markers_fail_at_collection(pytester: pytest.Pytester) -> None:
+def test_bad_markers_error_on_their_own_test(pytester: pytest.Pytester) -> None:
+    """Checked at collection, each bad marker is one line on its own test's error; the other
+    tests of the session still run."""
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(
         test_unknown="""
         import pytest
         @pytest.mark.layer("nope")
         def test_a(rootfs): pass
+        @pytest.mark.layer("app")
+        def test_good(rootfs): pass
         """,
         test_wrong_type="""
         import pytest
@@ -64,24 +68,88 @@ def test_bad_markers_fail_at_collection(pytester: pytest.Pytester) -> None:
             def test_h(self, rootfs): pass
         """,
     )
-    result = pytester.runpytest_subprocess("--continue-on-collection-errors")
-    result.assert_outcomes(errors=8)
-    result.stdout.fnmatch_lines_random(
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(errors=8, passed=1)
+    for test, message in [
+        ("test_a", "unknown layer 'nope'; known layers: app, base*"),
+        ("test_b", "expected a layer name or a @layer function, got int 42*"),
+        ("test_c", "init path '/etc/hostname' is absolute*"),
+        ("test_d", "init path 'etc/../../x' contains '..'*"),
+        ("test_e", "init= must be a dict*not list"),
+        ("test_f", "keep='sometimes' is invalid; choose one of failed, always, never*"),
+        ("test_g", "unknown argument(s) colour*"),
+        ("TestC.test_h", "unknown layer 'missing'*"),
+    ]:
+        # The section names the test; its body is the one line, no traceback.
+        result.stdout.fnmatch_lines(
+            [f"*_ ERROR at setup of {test} _*", f"@pytest.mark.layer: {message}", "[_=]*"]
+        )
+    assert "Traceback" not in result.stdout.str()
+    result.stdout.no_fnmatch_line("*Interrupted*")
+
+
+def test_bad_marker_of_a_deselected_test_costs_nothing(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_sel="""
+        import pytest
+        @pytest.mark.layer("tyop")
+        def test_bad(rootfs): pass
+        @pytest.mark.layer("app")
+        def test_good(rootfs): pass
+        """
+    )
+    pytester.runpytest_subprocess("-k", "good").assert_outcomes(passed=1, deselected=1)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1, errors=1)
+
+
+@pytest.mark.parametrize("where", ["pytest.ini", "pyproject.toml", "-o"])
+def test_unknown_layers_default_names_its_source(pytester: pytest.Pytester, where: str) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_d="def test_default(rootfs): pass\ndef test_plain(): pass\n")
+    args: list[str] = []
+    if where == "pytest.ini":
+        pytester.makefile(".ini", pytest="[pytest]\nlayers_default = ghost\n")
+    elif where == "pyproject.toml":
+        pytester.makepyprojecttoml('[tool.pytest.ini_options]\nlayers_default = "ghost"\n')
+    else:
+        args = ["-o", "layers_default=ghost"]
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=1, errors=1)
+    source = "-o layers_default" if where == "-o" else where
+    result.stdout.fnmatch_lines(
+        [f"layers_default = ghost in {source}: unknown layer 'ghost'; known layers: app, base*"]
+    )
+
+
+def test_marker_on_a_test_without_rootfs_is_checked_and_warned_about(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_w="""
+        import pytest
+        @pytest.mark.layer("app")
+        def test_no_rootfs(app): pass
+        @pytest.mark.layer("tyop")
+        def test_typo_no_rootfs(): pass
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, errors=1, warnings=2)
+    result.stdout.fnmatch_lines(
+        ["*_ ERROR at setup of test_typo_no_rootfs _*", "@pytest.mark.layer: unknown layer 'tyop'*"]
+    )
+    result.stdout.fnmatch_lines(
         [
-            "*test_unknown.py::test_a: @pytest.mark.layer: unknown layer 'nope'; "
-            "known layers: app, base*",
-            "*test_wrong_type.py::test_b: @pytest.mark.layer: expected a layer name or a @layer "
-            "function, got int 42*",
-            "*test_init_abs.py::test_c: @pytest.mark.layer: init path '/etc/hostname' is absolute*",
-            "*test_init_dotdot.py::test_d: @pytest.mark.layer: init path 'etc/../../x' "
-            "contains '..'*",
-            "*test_init_type.py::test_e: @pytest.mark.layer: init= must be a dict*not list*",
-            "*test_keep.py::test_f: @pytest.mark.layer: keep='sometimes' is invalid; choose one "
-            "of failed, always, never*",
-            "*test_kwarg.py::test_g: @pytest.mark.layer: unknown argument(s) colour*",
-            "*test_class.py::TestC::test_h: @pytest.mark.layer: unknown layer 'missing'*",
+            "*LayerMarkerWarning: test_w.py::test_no_rootfs: @pytest.mark.layer has no effect: "
+            "the test does not use the rootfs fixture*"
         ]
     )
+    # A warning like pytest's own for unknown marks: -W error turns it into an error.
+    result = pytester.runpytest_subprocess("-W", "error::pytest.PytestWarning")
+    result.stdout.fnmatch_lines(["*LayerMarkerWarning*has no effect*"])
+    assert result.ret != 0
 
 
 def test_definition_errors(pytester: pytest.Pytester) -> None:
@@ -125,16 +193,27 @@ def test_definition_errors(pytester: pytest.Pytester) -> None:
         def test_n(rootfs): pass
         """,
     )
-    result = pytester.runpytest_subprocess("--continue-on-collection-errors")
+    result = pytester.runpytest_subprocess()
     result.assert_outcomes(errors=5)
-    result.stdout.fnmatch_lines_random(
+    result.stdout.fnmatch_lines(["*ERROR at setup of test_a*", "layer parent cycle: a -> b -> a*"])
+    result.stdout.fnmatch_lines(
         [
-            "*test_cycle.py::test_a: layer parent cycle: a -> b -> a*",
-            "*test_orphan.py::test_o: layer 'orphan' (*conftest.py:*) has unknown parent "
-            "'ghost'; known layers: a, b, orphan, whiteout",
-            "*LayerBuildError: layer 'whiteout': builder conftest.whiteout (*) left "
-            "/etc/.wh.passwd; names starting with '.wh.' are OCI whiteout markers*",
-            "*test_noimage.py::test_n uses the rootfs fixture but names no image: add "
+            "*ERROR at setup of test_o*",
+            "layer 'orphan' (*conftest.py:*) has unknown parent 'ghost'; known layers: a, b, "
+            "orphan, whiteout",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_w1*",
+            "layer 'whiteout': builder conftest.whiteout (*) left /etc/.wh.passwd; names "
+            "starting with '.wh.' are OCI whiteout markers*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_n*",
+            "the test uses the rootfs fixture but names no image: add "
             '@pytest.mark.layer("<layer name>")*layers_default*',
         ]
     )
@@ -212,7 +291,99 @@ def test_out_of_space_while_building_names_the_layer_and_the_fix(
             ]
         )
     result.stdout.fnmatch_lines(
-        ["E   *OSError: [[]Errno 28[]] No space left on device: '/var/cache/other/file'"]
+        ["OSError: [[]Errno 28[]] No space left on device: '/var/cache/other/file'"]
     )
     assert "NoSpaceError" not in result.stdout.str()
     assert list((store / "tmp").iterdir()) == [], "a failed build left its staging behind"
+
+
+BUILD_FAILURE_CONFTEST = """
+from pytest_layers import layer
+
+def fetch(url):
+    raise ConnectionError(f"cannot reach {url}")
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+
+@layer(parent=base)
+def mirror(root):
+    fetch("https://mirror.invalid/pkgs")
+
+@layer(parent=mirror)
+def on_mirror(root):
+    pass
+
+@layer(inputs=["data/settings.conf"])
+def needs_data(root):
+    pass
+"""
+
+
+def test_build_failure_is_reported_once_with_the_builders_frames(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(BUILD_FAILURE_CONFTEST)
+    pytester.makepyfile(
+        test_bf="""
+        import pytest
+
+        @pytest.mark.layer("mirror")
+        @pytest.mark.parametrize("i", range(3))
+        def test_mirror(rootfs, i): pass
+
+        @pytest.mark.layer("on_mirror")
+        def test_child(rootfs): pass
+
+        @pytest.mark.layer("needs_data")
+        @pytest.mark.parametrize("i", range(2))
+        def test_data(rootfs, i): pass
+
+        @pytest.mark.layer("base")
+        def test_fine(rootfs): pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=1, errors=6)
+    out = result.stdout.str()
+    # The first test of the layer: its name, then the builder's frames and nothing of ours.
+    result.stdout.fnmatch_lines(
+        [
+            "*_ ERROR at setup of test_mirror[[]0[]] _*",
+            "layer 'mirror' (*conftest.py:*) failed to build: ConnectionError: cannot reach "
+            "https://mirror.invalid/pkgs",
+            "Traceback (the builder's frames):",
+            '  File "*conftest.py", line *, in mirror',
+            '    fetch("https://mirror.invalid/pkgs")',
+            '  File "*conftest.py", line *, in fetch',
+            '    raise ConnectionError(f"cannot reach {url}")',
+            "ConnectionError: cannot reach https://mirror.invalid/pkgs",
+            "*_ ERROR at setup of test_mirror[[]1[]] _*",
+            "layer 'mirror' failed to build (see the first error, at "
+            "test_bf.py::test_mirror[[]0[]])",
+        ]
+    )
+    assert out.count("Traceback (the builder's frames)") == 1, out
+    # A child of the failed layer points at the same first error.
+    result.stdout.fnmatch_lines(
+        [
+            "*_ ERROR at setup of test_child _*",
+            "layer 'mirror' failed to build (see the first error, at "
+            "test_bf.py::test_mirror[[]0[]])",
+        ]
+    )
+    # A missing inputs= path: one line naming the layer and the path, then a short one.
+    result.stdout.fnmatch_lines(
+        [
+            "*_ ERROR at setup of test_data[[]0[]] _*",
+            "layer 'needs_data' (*conftest.py:*): input 'data/settings.conf' does not exist "
+            "(inputs are relative to the rootdir *)",
+            "*_ ERROR at setup of test_data[[]1[]] _*",
+            "layer 'needs_data' failed to build (see the first error, at "
+            "test_bf.py::test_data[[]0[]])",
+        ]
+    )
+    for ours in ("plugin.py", "definitions.py", "store.py", "_pytest"):
+        assert ours not in out, (ours, out)
+    result.stdout.fnmatch_lines(["ERROR test_bf.py::test_mirror[[]0[]] - Failed: layer 'mirror'*"])

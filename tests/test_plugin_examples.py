@@ -124,7 +124,7 @@ def test_demo_failure_leaves_a_snapshot_the_cli_can_inspect(
             f"  pytest-layers --store {store} diff {ref}",
             f"  pytest-layers --store {store} shell {ref}",
             "*- layers snapshots -*",
-            f"{ref}  ({DEMO})",
+            f"SNAPSHOT {DEMO} -> pytest-layers --store {store} diff {ref}",
         ]
     )
     printed = next(
@@ -141,6 +141,10 @@ def test_demo_failure_leaves_a_snapshot_the_cli_can_inspect(
 
     # The diff command exactly as the report printed it, from anywhere.
     diff = run(*shlex.split(printed)[1:])
+    assert (diff.returncode, diff.stdout, diff.stderr) == (0, DEMO_CHANGES, "")
+    # So does the command at the end of the summary line.
+    summary = next(line for line in result.stdout.lines if line.startswith("SNAPSHOT "))
+    diff = run(*shlex.split(summary.split(" -> ", 1)[1])[1:])
     assert (diff.returncode, diff.stdout, diff.stderr) == (0, DEMO_CHANGES, "")
     # From examples/ (as examples/README.md says) the CLI finds the store without --store.
     diff = run("diff", ref, cwd=pytester.path / "examples")

@@ -102,3 +102,45 @@ def test_fixtures_listing(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         ["left [[]session scope[]] -- conftest.py:*", "    Layer 'left' on 'base', built by *"]
     )
+
+
+FUNCTION_ARGS = """
+import pytest
+from pytest_layers import layer
+
+@layer
+def lower(root):
+    (root / "who").write_text("lower")
+
+@layer(parent=lower)
+def upper(root):
+    (root / "who").write_text("upper")
+
+@layer
+def other(root):
+    (root / "other").write_text("o")
+
+@pytest.mark.layer.with_args(upper)
+def test_one_function_with_args(rootfs):
+    assert (rootfs / "who").read_text() == "upper"
+
+@pytest.mark.layer(other, upper)
+def test_several_functions(rootfs):
+    assert [x.name for x in rootfs.layers] == ["lower", "upper", "other"]
+
+@pytest.mark.layer(upper, readonly=True)
+def test_function_and_keyword(rootfs):
+    assert rootfs.readonly
+"""
+
+
+def test_marker_takes_layer_functions_as_the_docs_say(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_fn=FUNCTION_ARGS)
+    pytester.runpytest_subprocess().assert_outcomes(passed=3)
+    # One bare function is what pytest itself takes as "decorate this": markers.md says to
+    # write a name, or use .with_args().
+    pytester.makepyfile(
+        test_fn=FUNCTION_ARGS + "\n@pytest.mark.layer(upper)\ndef test_bare(rootfs): pass\n"
+    )
+    result = pytester.runpytest_subprocess()
+    result.stdout.fnmatch_lines(["*Marks cannot be applied to fixtures*"])

@@ -148,7 +148,7 @@ def test_oci_image_as_parent_and_marker_imported_once(pytester: pytest.Pytester)
     result.assert_outcomes(passed=7)
     # 2 layers, 5 files: os-release, motd, tool, the bin link; debian_version (not the whiteout)
     result.stdout.re_match_lines(
-        [r"layers: imported debian in \d+\.\d\ds \(5 files, .*\) [0-9a-f]{12}"]
+        [r"layers: imported debian in \d+\.\d\ds \(5 files, .*\) sha256:[0-9a-f]{12}"]
     )
     result.stdout.fnmatch_lines(["layers: built app in *"])
     # The docker-archive carries the same OCI manifest (as `docker save` does since Docker 25):

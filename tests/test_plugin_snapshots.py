@@ -109,13 +109,16 @@ def test_snapshots(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "*- layers snapshots -*",
-            "snapshot:test_snap.py::test_fails  (test_snap.py::test_fails)",
-            "snapshot:test_snap.py::test_passes_always  (test_snap.py::test_passes_always)",
-            "snapshot:test_snap.py::test_union_fails  (test_snap.py::test_union_fails)",
+            "SNAPSHOT test_snap.py::test_fails -> pytest-layers --store * diff "
+            "snapshot:test_snap.py::test_fails",
+            "SNAPSHOT test_snap.py::test_passes_always -> pytest-layers --store * diff "
+            "snapshot:test_snap.py::test_passes_always",
+            "SNAPSHOT test_snap.py::test_union_fails -> pytest-layers --store * diff "
+            "snapshot:test_snap.py::test_union_fails",
         ]
     )
-    result.stdout.no_fnmatch_line("snapshot:test_snap.py::test_fails_never*")
-    result.stdout.no_fnmatch_line("snapshot:test_snap.py::test_passes *")
+    result.stdout.no_fnmatch_line("SNAPSHOT test_snap.py::test_fails_never *")
+    result.stdout.no_fnmatch_line("SNAPSHOT test_snap.py::test_passes *")
 
     store = _store(pytester)
     snaps = {s.test: s for s in store.snapshots()}
@@ -215,7 +218,7 @@ def test_keep_always_option(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("--layers-keep=always")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["snapshot:test_opt.py::test_ok  (test_opt.py::test_ok)"])
+    result.stdout.fnmatch_lines(["SNAPSHOT test_opt.py::test_ok -> *snapshot:test_opt.py::test_ok"])
     assert [s.test for s in _store(pytester).snapshots()] == ["test_opt.py::test_ok"]
 
 
@@ -272,8 +275,8 @@ def test_failure_to_keep_a_snapshot_is_reported_on_the_test(
     result.stdout.fnmatch_lines(
         [
             "*- layers snapshots -*",
-            "snapshot:test_broken.py::test_hook_breaks  (test_broken.py::test_hook_breaks)",
-            "inspect with: *",
+            "SNAPSHOT test_broken.py::test_hook_breaks -> pytest-layers --store * diff "
+            "snapshot:test_broken.py::test_hook_breaks",
         ]
     )
     # The failing tests' sections and, for every test, the summary name what went wrong.

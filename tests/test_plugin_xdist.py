@@ -95,7 +95,7 @@ def test_xdist_builds_once_as_root(pytester: pytest.Pytester) -> None:
         ["*- layers snapshot -*", "snapshot:test_x.py::test_image[[]39[]] (sha256:*"]
     )
     result.stdout.fnmatch_lines(
-        ["*- layers snapshots -*", "snapshot:test_x.py::test_image[[]39[]]*"]
+        ["*- layers snapshots -*", "SNAPSHOT test_x.py::test_image[[]39[]] -> *"]
     )
     result.stdout.fnmatch_lines(["layers: built base in *"])
     # A second run with more workers reuses everything.
@@ -215,7 +215,7 @@ def test_controller_error_reaches_workers_as_user(user_tmp_path: Path, cause: st
         args = ["--layers-backend=overlay", "-o", "layers_mount_namespace=host"]
         expected = (
             "pytest-layers cannot run in this session: overlay (user namespace) backend "
-            "unavailable: not root and this process is not in a user namespace *"
+            "unavailable: not root and not in a user namespace of its own *"
         )
     try:
         (user_tmp_path / "conftest.py").write_text(CONFTEST)

@@ -152,6 +152,7 @@ def _kill_after(proc: subprocess.Popen[str], delay: float) -> None:
     proc.send_signal(signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_sigkill_just_before_the_rename_leaves_no_partial_layer(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")

@@ -22,7 +22,16 @@ from pytest_layers.errors import BackendUnavailableError
 if TYPE_CHECKING:
     from pytest_layers.layertar import Flavor
 
-__all__ = ["BACKEND_NAMES", "backend_label", "choose_backend", "get_backend"]
+__all__ = [
+    "BACKEND_NAMES",
+    "Reason",
+    "backend_label",
+    "choose_backend",
+    "get_backend",
+    "join_reasons",
+    "shorten",
+    "skipped_short",
+]
 
 #: Every backend, fastest first; ``auto`` tries them in this order.
 BACKEND_NAMES = ("overlay", "fuse", "copy")
@@ -39,6 +48,39 @@ _FIX = {
     "fuse": "install fuse-overlayfs and make /dev/fuse usable, or choose --layers-backend=copy",
     "copy": "make the scratch directory writable",
 }
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """The first clause of ``text`` (up to `` (``, ``;`` or ``. ``), at most ``limit`` chars."""
+    cut = len(text)
+    for sep in (" (", "; ", ". "):
+        at = text.find(sep)
+        if 0 < at < cut:
+            cut = at
+    head = text[:cut]
+    return head if len(head) <= limit else head[: limit - 1].rstrip() + "\u2026"
+
+
+class Reason(str):
+    """Why a backend was skipped: the full text (the str value, for ``-v`` and diagnostics)
+    and ``short``, a few words for one-line reports such as the pytest report header."""
+
+    short: str
+
+    def __new__(cls, text: str, short: str | None = None) -> Reason:
+        self = super().__new__(cls, text)
+        if short is None:
+            # "BACKEND: reason" keeps its label whole: "overlay (user namespace): ..."
+            label, sep, rest = text.partition(": ")
+            short = f"{label}: {shorten(rest)}" if sep and len(label) <= 30 else shorten(text)
+        self.short = short
+        return self
+
+
+def join_reasons(reasons: list[Reason]) -> Reason:
+    """Several reasons as one: full texts and short forms each joined with ``"; "``."""
+    return Reason("; ".join(reasons), "; ".join(r.short for r in reasons))
+
 
 # Trial mounts passed in this process, keyed by what could change their outcome.
 _proven: set[tuple[str, int, str]] = set()
@@ -86,11 +128,19 @@ def _precondition(name: str, flavor: str) -> str | None:
     if os.geteuid() != 0:
         inside = namespaces.inside_our_namespace()
         if inside is None or inside.kind != "userns":
+            # Short first clause: the report header shows it. Being in *a* user namespace (a
+            # parent's) is not enough: the session must have entered one of its own.
             return (
-                "not root and this process is not in a user namespace "
-                "(namespaces.enter_user_namespace() was not called, or failed)"
+                "not root and not in a user namespace of its own (a pytest session enters one "
+                "unless layers_mount_namespace = host; other callers must call "
+                "namespaces.enter_user_namespace() first)"
             )
     return None
+
+
+def skipped_short(exc: BackendUnavailableError) -> str:
+    """``"backend: first clause of the reason"``, the header's form of a skipped backend."""
+    return f"{exc.backend}: {shorten(exc.reason)}"
 
 
 def _try(name: str, scratch: Path, flavor: str, policy: MountPolicy | None) -> Backend:
@@ -122,8 +172,8 @@ def _try(name: str, scratch: Path, flavor: str, policy: MountPolicy | None) -> B
 
 def choose_backend(
     name: str, scratch: Path, *, flavor: Flavor = "overlay", policy: MountPolicy | None = None
-) -> tuple[Backend, list[str]]:
-    """The backend to use and, for ``auto``, one line per faster backend skipped and why.
+) -> tuple[Backend, list[Reason]]:
+    """The backend to use and, for ``auto``, one :class:`Reason` per faster backend skipped.
 
     ``scratch`` is a directory for the trial mounts (created if missing, left empty).
     ``flavor`` is the store's whiteout flavor; ``policy`` how views are mounted. With an
@@ -144,10 +194,10 @@ def choose_backend(
             raise BackendUnavailableError(
                 exc.backend, f"{exc.reason}; to fix: {_FIX[name]}"
             ) from exc
-    skipped: list[str] = []
+    skipped: list[Reason] = []
     for candidate in BACKEND_NAMES:
         try:
             return _try(candidate, scratch, flavor, policy), skipped
         except BackendUnavailableError as exc:
-            skipped.append(f"{exc.backend}: {exc.reason}")
+            skipped.append(Reason(f"{exc.backend}: {exc.reason}", skipped_short(exc)))
     raise BackendUnavailableError("auto", "no backend works here: " + " | ".join(skipped))

@@ -1,0 +1,36 @@
+"""The benchmark scripts' command lines: bad arguments get one line, not a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_compare.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_workdir_is_created_when_missing(tmp_path: Path) -> None:
+    workdir = tmp_path / "not" / "yet"
+    # An argument error that comes after the work dir is prepared stops the run before any
+    # benchmark starts.
+    proc = _run("--workdir", str(workdir), "--as-user", "no-such-user-for-bench")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert workdir.is_dir()
+
+
+def test_workdir_that_cannot_be_a_directory_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = _run("--workdir", str(blocker / "sub"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"bench_compare.py: error: --workdir {blocker}/sub: cannot create it: Not a directory"
+    )
