@@ -24,7 +24,7 @@ from treeutil import build_layer, busybox_tree, snapshot_tree
 from pytest_layers import sandbox
 from pytest_layers.store import Store
 
-pytestmark = [pytest.mark.faults, pytest.mark.requires_tool("busybox")]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.requires_tool("busybox")]
 PYTHONPATH = {"PYTHONPATH": os.fspath(Path(sandbox.__file__).parent.parent)}
 
 

@@ -26,7 +26,7 @@ from pytest_layers import errors
 from pytest_layers.store import MAX_CHAIN_LENGTH, Store
 from tests.conftest import TEST_USER, run_as_user
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
 def _layer(store: Store, name: str, files: dict[str, str], parent: str | None = None) -> str:
