@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import IO, Any, BinaryIO, ClassVar, Literal
 
 from pytest_layers import _dirfd
 from pytest_layers.errors import InvalidLayerError, UnsafeEntryError
@@ -41,6 +41,7 @@ __all__ = [
     "chain_ids",
     "apply_layer_tar",
     "ApplyStats",
+    "Limits",
 ]
 
 Flavor = Literal["overlay", "marker"]
@@ -554,6 +555,195 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+_GiB = 1 << 30
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count written as an integer with an optional binary suffix (``512M``, ``16G``)."""
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = raw[-1:] if raw[-1:] in _UNITS else ""
+    number = raw[: len(raw) - len(unit)]
+    if not number.isdigit():
+        raise ValueError(f"{text!r} is not a size; write bytes, or a number with K, M, G or T")
+    return int(number) * _UNITS[unit]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one untrusted layer tar may make the importer read, write and hold in memory
+    (docs/reference/options.md, "Image import limits"). Each is checked while the tar streams,
+    before the bytes it bounds are read, buffered or written."""
+
+    #: Uncompressed bytes of one layer tar, and apparent bytes of the files it holds (a sparse
+    #: file counts at its full size: the store hashes it and an export writes it in full).
+    max_layer_size: int = 8 * _GiB
+    #: Uncompressed bytes per compressed byte of one layer blob, enforced once the layer is
+    #: past :attr:`RATIO_FLOOR` (a small layer of zeros may compress 1000:1 and harm nobody).
+    max_ratio: int = 100
+    #: Bytes of one PAX extended header, GNU long name or link, or GNU sparse map, and of all
+    #: PAX global headers of a tar together: ``tarfile`` reads each whole into memory.
+    max_header: int = 1 << 20
+
+    RATIO_FLOOR: ClassVar[int] = 256 << 20
+    #: Environment variables that set each limit (the CLI flags override them).
+    ENV: ClassVar[dict[str, str]] = {
+        "max_layer_size": "PYTEST_LAYERS_MAX_LAYER_SIZE",
+        "max_ratio": "PYTEST_LAYERS_MAX_RATIO",
+        "max_header": "PYTEST_LAYERS_MAX_HEADER",
+    }
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: int | None) -> Limits:
+        """The defaults, replaced by the ``PYTEST_LAYERS_MAX_*`` variables that are set, then by
+        the ``overrides`` that are not None."""
+        env = os.environ if environ is None else environ
+        values: dict[str, int] = {}
+        for attr, var in cls.ENV.items():
+            text = env.get(var, "").strip()
+            if text:
+                try:
+                    values[attr] = parse_size(text)
+                except ValueError as exc:
+                    raise ValueError(f"{var}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _limit_error(what: str, size: int, limit: int, attr: str, flag: str) -> InvalidLayerError:
+    return InvalidLayerError(
+        f"{what} is {size} bytes, more than the limit of {limit} for an image; if the image "
+        f"is trusted, raise it with `pytest-layers import {flag}` or {Limits.ENV[attr]}"
+    )
+
+
+_HEADER_KINDS = {
+    tarfile.XHDTYPE: "PAX extended header",
+    tarfile.XGLTYPE: "PAX global header",
+    tarfile.SOLARIS_XHDTYPE: "PAX extended header",
+    tarfile.GNUTYPE_LONGNAME: "GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long link name",
+}
+
+
+def _truncated(where: str) -> InvalidLayerError:
+    return InvalidLayerError(f"{where}: the layer tar ends inside it (truncated or damaged)")
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """``tarfile.TarInfo`` that refuses oversized headers before ``tarfile`` reads them whole.
+
+    ``tarfile`` reads a PAX header, a GNU long name and a GNU sparse map into memory in one
+    piece, however large the archive says it is; these hooks run on the 512-byte header block
+    first and stop the read. (Private ``tarfile`` hooks, unchanged from Python 3.8 to 3.13.)
+    """
+
+    limits: ClassVar[Limits] = Limits()
+
+    @classmethod
+    def bounded(cls, limits: Limits) -> type[_BoundedTarInfo]:
+        return type("_BoundedTarInfo", (cls,), {"limits": limits})
+
+    def _where(self) -> str:
+        return f"tar header {self.name[:100]!r} at byte {self.offset}"
+
+    def _proc_member(self, tf: Any) -> Any:
+        kind = _HEADER_KINDS.get(self.type)
+        if kind is not None:
+            limit = self.limits.max_header
+            if self.size > limit:
+                raise _limit_error(
+                    f"{self._where()}: its {kind}", self.size, limit, "max_header", "--max-header"
+                )
+            if self.type == tarfile.XGLTYPE:
+                total = getattr(tf, "_layers_global_bytes", 0) + self.size
+                tf._layers_global_bytes = total
+                if total > limit:
+                    raise _limit_error(
+                        f"{self._where()}: the PAX global headers together",
+                        total,
+                        limit,
+                        "max_header",
+                        "--max-header",
+                    )
+        return super()._proc_member(tf)  # type: ignore[misc]
+
+    def _proc_sparse(self, tf: Any) -> Any:
+        # As tarfile's own, with a bound on the extension blocks and a check for a short read.
+        structs, isextended, origsize = self._sparse_structs  # type: ignore[attr-defined]
+        del self._sparse_structs  # type: ignore[attr-defined]
+        read = 0
+        while isextended:
+            read += _BLOCK
+            if read > self.limits.max_header:
+                raise _limit_error(
+                    f"{self._where()}: its GNU sparse map",
+                    read,
+                    self.limits.max_header,
+                    "max_header",
+                    "--max-header",
+                )
+            buf = tf.fileobj.read(_BLOCK)
+            if len(buf) < _BLOCK:
+                raise _truncated(self._where())
+            for pos in range(0, 21 * 24, 24):
+                try:
+                    offset = tarfile.nti(buf[pos : pos + 12])  # type: ignore[attr-defined]
+                    numbytes = tarfile.nti(buf[pos + 12 : pos + 24])  # type: ignore[attr-defined]
+                except ValueError:
+                    break
+                if offset and numbytes:
+                    structs.append((offset, numbytes))
+            isextended = bool(buf[504])
+        self.sparse = structs
+        self.offset_data = tf.fileobj.tell()
+        tf.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+        self.size = origsize
+        return self
+
+    def _proc_gnusparse_10(self, next: Any, pax_headers: Any, tf: Any) -> None:
+        # GNU sparse 1.0 keeps its map at the start of the data: decimal numbers, one a line,
+        # the count first. tarfile reads lines until it has them all, without a bound and
+        # without noticing the end of the archive (an endless loop there).
+        limit = self.limits.max_header
+        buf = bytearray()
+        pos = 0
+
+        def number() -> int:
+            nonlocal pos
+            while (end := buf.find(b"\n", pos)) < 0:
+                if len(buf) >= limit:
+                    raise _limit_error(
+                        f"{self._where()}: its GNU sparse map",
+                        len(buf),
+                        limit,
+                        "max_header",
+                        "--max-header",
+                    )
+                more = tf.fileobj.read(_BLOCK)
+                if len(more) < _BLOCK:
+                    raise _truncated(self._where())
+                buf.extend(more)
+            text = bytes(buf[pos:end])
+            pos = end + 1
+            if not text.isdigit() or len(text) > 20:
+                raise InvalidLayerError(f"{self._where()}: a malformed GNU sparse map")
+            return int(text)
+
+        fields = number()
+        if fields * 4 > limit:
+            raise _limit_error(
+                f"{self._where()}: its GNU sparse map",
+                fields * 4,
+                limit,
+                "max_header",
+                "--max-header",
+            )
+        values = [number() for _ in range(fields * 2)]
+        next.offset_data = tf.fileobj.tell()
+        next.sparse = list(zip(values[::2], values[1::2], strict=True))
+
+
 @dataclass
 class ApplyStats:
     """What ``apply_layer_tar`` did."""
@@ -572,6 +762,9 @@ class ApplyStats:
 
 
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NAME_MAX = 255  # bytes of one file name component (Linux NAME_MAX)
+_SYMLINK_MAX = 4095  # bytes of a symlink target (PATH_MAX less the NUL)
+_XATTR_SIZE_MAX = 65536  # bytes of one xattr value (Linux XATTR_SIZE_MAX)
 
 
 def _normalize(name: str, *, what: str = "entry") -> str:
@@ -582,6 +775,12 @@ def _normalize(name: str, *, what: str = "entry") -> str:
     for part in name.split("/"):
         if part in ("", "."):
             continue
+        if len(part.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+            raise UnsafeEntryError(
+                name[:300] + ("..." if len(name) > 300 else ""),
+                f"a name component of {len(part.encode('utf-8', 'surrogateescape'))} bytes; "
+                f"Linux file names are at most {_NAME_MAX} bytes",
+            )
         if part == "..":
             if not parts:
                 raise UnsafeEntryError(name, f"the {what} name climbs out of the root with '..'")
@@ -592,9 +791,14 @@ def _normalize(name: str, *, what: str = "entry") -> str:
 
 
 class _Applier:
-    def __init__(self, root: Path, stats: ApplyStats) -> None:
+    def __init__(
+        self, root: Path, stats: ApplyStats, limits: Limits, *, strict_devices: bool = False
+    ) -> None:
         self.root_fd = os.open(root, _O_DIR)
         self.stats = stats
+        self.limits = limits
+        self.strict_devices = strict_devices
+        self.apparent = 0  # bytes of regular files so far, sparse ones at full size
         self.is_root = os.geteuid() == 0
         self.written: set[str] = set()
         self.ancestors: set[str] = set()  # every proper ancestor of a written path
@@ -703,6 +907,19 @@ class _Applier:
     # -- entries -------------------------------------------------------------------------------
 
     def apply(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        if member.isreg():
+            self.apparent += member.size
+            if self.apparent > self.limits.max_layer_size:
+                what = f"{member.name!r}: the layer's files up to it" + (
+                    " (sparse files at their full size)" if member.sparse is not None else ""
+                )
+                raise _limit_error(
+                    what,
+                    self.apparent,
+                    self.limits.max_layer_size,
+                    "max_layer_size",
+                    "--max-layer-size",
+                )
         rel = _normalize(member.name)
         if rel == "":
             self.stats.warnings.append(f"{member.name!r}: root entry ignored")
@@ -786,6 +1003,10 @@ class _Applier:
             self.regular(tf, m, parent, base, mtime_ns)
             return
         if m.issym():
+            if len(m.linkname.encode("utf-8", "surrogateescape")) > _SYMLINK_MAX:
+                raise UnsafeEntryError(
+                    m.name, f"a symlink target longer than the {_SYMLINK_MAX} bytes Linux allows"
+                )
             os.symlink(m.linkname, base, dir_fd=parent)
             self.stats.symlinks += 1
         elif m.ischr() or m.isblk():
@@ -793,6 +1014,13 @@ class _Applier:
             try:
                 os.mknod(base, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=parent)
             except PermissionError:
+                if self.strict_devices:
+                    raise UnsafeEntryError(
+                        m.name,
+                        f"device node {m.devmajor}/{m.devminor} cannot be created here "
+                        "(creating device nodes needs CAP_MKNOD); import the image as root, "
+                        "or use an image without device nodes",
+                    ) from None
                 self.stats.warnings.append(
                     f"{m.name!r}: device {m.devmajor}/{m.devminor} not created "
                     "(creating device nodes needs CAP_MKNOD)"
@@ -819,7 +1047,11 @@ class _Applier:
         try:
             src = tf.extractfile(m)
             written = 0
-            if src is not None:
+            if src is not None and m.sparse is not None:
+                # Only the data runs are in the tar: seek over the holes instead of reading
+                # them as zeros from tarfile (linear in the apparent size, 16 GiB of zeros).
+                written = self.sparse_data(m, src, fd)
+            elif src is not None:
                 while chunk := src.read(_CHUNK):
                     if chunk[0] == 0 and chunk[-1] == 0 and chunk.count(0) == len(chunk):
                         # Keep zero runs as holes: a sparse image file stays sparse.
@@ -838,6 +1070,29 @@ class _Applier:
         finally:
             os.close(fd)
         self.stats.files += 1
+
+    def sparse_data(self, m: tarfile.TarInfo, src: IO[bytes], fd: int) -> int:
+        end = 0
+        runs: list[tuple[int, int]] = list(m.sparse or ())  # type: ignore[arg-type]
+        for offset, numbytes in runs:
+            if offset < end or numbytes < 0 or offset + numbytes > m.size:
+                raise InvalidLayerError(
+                    f"{m.name!r}: its sparse map is not ascending data runs within the file's "
+                    f"{m.size} bytes; the layer tar is damaged"
+                )
+            end = offset + numbytes
+            src.seek(offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+            left = numbytes
+            while left:
+                chunk = src.read(min(left, _CHUNK))
+                if not chunk:
+                    raise _truncated(repr(m.name))
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                left -= len(chunk)
+        return m.size
 
     def hardlink(
         self, m: tarfile.TarInfo, parent: int, base: str, existing: os.stat_result | None
@@ -868,7 +1123,16 @@ class _Applier:
                     self.stats.hardlinks += 1
                     return
                 self.remove(parent, base, "", keep_own=False)
-            os.link(t_base, base, src_dir_fd=t_fd, dst_dir_fd=parent, follow_symlinks=False)
+            try:
+                os.link(t_base, base, src_dir_fd=t_fd, dst_dir_fd=parent, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != errno.EMLINK:
+                    raise
+                raise UnsafeEntryError(
+                    m.name,
+                    f"hardlink to {m.linkname!r}, which already has {t_st.st_nlink} links, the "
+                    "most this filesystem allows for one file",
+                ) from None
         finally:
             os.close(t_fd)
         self.stats.hardlinks += 1
@@ -907,6 +1171,12 @@ class _Applier:
                 self.stats.warnings.append(f"{m.name!r}: xattr {name} not restored")
                 continue
             raw = value.encode("utf-8", "surrogateescape")
+            if len(raw) > _XATTR_SIZE_MAX:
+                raise UnsafeEntryError(
+                    m.name,
+                    f"xattr {name} holds {len(raw)} bytes; Linux allows at most "
+                    f"{_XATTR_SIZE_MAX} in one xattr value",
+                )
             try:
                 if base is None:
                     os.setxattr(where, name, raw)
@@ -921,7 +1191,11 @@ class _Applier:
                         os.close(fd)
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
-                    raise
+                    # E2BIG, ENOSPC (no room for more xattrs on the inode), EINVAL (a
+                    # malformed security.capability): the image's fault, said in one line.
+                    raise UnsafeEntryError(
+                        m.name, f"xattr {name} cannot be set ({exc.strerror})"
+                    ) from None
                 self.stats.warnings.append(
                     f"{m.name!r}: xattr {name} not restored ({exc.strerror})"
                 )
@@ -947,7 +1221,13 @@ class _Applier:
                 os.close(fd)
 
 
-def apply_layer_tar(tar: BinaryIO | Path, root: Path) -> ApplyStats:
+def apply_layer_tar(
+    tar: BinaryIO | Path,
+    root: Path,
+    *,
+    limits: Limits | None = None,
+    strict_devices: bool = False,
+) -> ApplyStats:
     """Apply an OCI layer tar (plain or gzip) onto the writable merged tree ``root``.
 
     The tar is read once, as a stream (a pipe works; nothing is spooled). Whiteouts delete from
@@ -957,10 +1237,15 @@ def apply_layer_tar(tar: BinaryIO | Path, root: Path) -> ApplyStats:
     ``root`` (absolute symlinks relative to it); an entry that would escape raises
     ``errors.UnsafeEntryError`` naming it, before anything is written for that entry.
     Modes (setuid included), owners (as root; elsewhere best effort), mtimes, ``user.*`` xattrs
-    (and ``security.capability`` as root), devices, fifos and hardlinks are restored.
+    (and ``security.capability`` as root), devices, fifos and hardlinks are restored; a device
+    node that cannot be created is a warning, or with ``strict_devices`` an error. Sparse
+    files are written with holes. The tar is untrusted: ``limits`` bound its headers and sizes
+    (checked before the bytes are read), and damage raises ``errors.InvalidLayerError`` naming
+    the entry.
     """
     stats = ApplyStats()
-    applier = _Applier(root, stats)
+    limits = limits or Limits()
+    applier = _Applier(root, stats, limits, strict_devices=strict_devices)
     own = None
     try:
         if isinstance(tar, (str, os.PathLike)):
@@ -968,9 +1253,22 @@ def apply_layer_tar(tar: BinaryIO | Path, root: Path) -> ApplyStats:
             fileobj: BinaryIO = own
         else:
             fileobj = tar
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
-            for member in tf:
-                applier.apply(tf, member)
+        current = "the first entry"
+        try:
+            with tarfile.open(
+                fileobj=fileobj, mode="r|*", tarinfo=_BoundedTarInfo.bounded(limits)
+            ) as tf:
+                while (member := tf.next()) is not None:
+                    # A stream-mode TarFile keeps every header it read: 1,000,000 entries
+                    # held a GiB. Links are resolved here, never through tf.members.
+                    tf.members.clear()  # type: ignore[attr-defined]
+                    current = f"entry {member.name[:300]!r}"
+                    applier.apply(tf, member)
+                    current = f"the entry after {member.name[:300]!r}"
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise InvalidLayerError(
+                f"the layer tar is damaged at {current}: {exc}; nothing of the layer was kept"
+            ) from None
         applier.finish_dirs()
     finally:
         applier.close()
