@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, ClassVar, Literal
+from typing import Any, BinaryIO, ClassVar, Literal
 
 from pytest_layers import _dirfd
 from pytest_layers.errors import InvalidLayerError, UnsafeEntryError
@@ -612,8 +612,8 @@ class Limits:
 
 def _limit_error(what: str, size: int, limit: int, attr: str, flag: str) -> InvalidLayerError:
     return InvalidLayerError(
-        f"{what} is {size} bytes, more than the limit of {limit} for an image; if the image "
-        f"is trusted, raise it with `pytest-layers import {flag}` or {Limits.ENV[attr]}"
+        f"{what}: {size} bytes, more than the limit of {limit} for an image; if the image is "
+        f"trusted, raise it with `pytest-layers import {flag}` or {Limits.ENV[attr]}"
     )
 
 
@@ -910,8 +910,8 @@ class _Applier:
         if member.isreg():
             self.apparent += member.size
             if self.apparent > self.limits.max_layer_size:
-                what = f"{member.name!r}: the layer's files up to it" + (
-                    " (sparse files at their full size)" if member.sparse is not None else ""
+                what = f"{member.name!r}: the layer's files up to this one" + (
+                    " (a sparse file counts at its full size)" if member.sparse is not None else ""
                 )
                 raise _limit_error(
                     what,
@@ -1045,13 +1045,16 @@ class _Applier:
             dir_fd=parent,
         )
         try:
-            src = tf.extractfile(m)
             written = 0
-            if src is not None and m.sparse is not None:
-                # Only the data runs are in the tar: seek over the holes instead of reading
-                # them as zeros from tarfile (linear in the apparent size, 16 GiB of zeros).
-                written = self.sparse_data(m, src, fd)
-            elif src is not None:
+            src = None
+            if m.sparse is not None:
+                # Only the data runs are in the tar, one after the other: read them and seek
+                # over the holes, where tarfile's reader would hand us every hole as zeros
+                # (linear in the apparent size: 16 GiB of zeros for a 10 KB tar).
+                written = self.sparse_data(m, tf, fd)
+            else:
+                src = tf.extractfile(m)
+            if src is not None:
                 while chunk := src.read(_CHUNK):
                     if chunk[0] == 0 and chunk[-1] == 0 and chunk.count(0) == len(chunk):
                         # Keep zero runs as holes: a sparse image file stays sparse.
@@ -1071,21 +1074,24 @@ class _Applier:
             os.close(fd)
         self.stats.files += 1
 
-    def sparse_data(self, m: tarfile.TarInfo, src: IO[bytes], fd: int) -> int:
+    def sparse_data(self, m: tarfile.TarInfo, tf: tarfile.TarFile, fd: int) -> int:
         end = 0
         runs: list[tuple[int, int]] = list(m.sparse or ())  # type: ignore[arg-type]
+        stream: Any = tf.fileobj
+        stream.seek(m.offset_data)  # a stream only moves forward: this is where we are
         for offset, numbytes in runs:
+            if numbytes == 0:
+                continue  # GNU tar ends its maps with empty runs (at the end, or at 0)
             if offset < end or numbytes < 0 or offset + numbytes > m.size:
                 raise InvalidLayerError(
                     f"{m.name!r}: its sparse map is not ascending data runs within the file's "
                     f"{m.size} bytes; the layer tar is damaged"
                 )
             end = offset + numbytes
-            src.seek(offset)
             os.lseek(fd, offset, os.SEEK_SET)
             left = numbytes
             while left:
-                chunk = src.read(min(left, _CHUNK))
+                chunk = stream.read(min(left, _CHUNK))
                 if not chunk:
                     raise _truncated(repr(m.name))
                 view = memoryview(chunk)
