@@ -630,6 +630,9 @@ def _truncated(where: str) -> InvalidLayerError:
     return InvalidLayerError(f"{where}: the layer tar ends inside it (truncated or damaged)")
 
 
+_MAX_HEADER_RUN = 16
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
     """``tarfile.TarInfo`` that refuses oversized headers before ``tarfile`` reads them whole.
 
@@ -649,7 +652,18 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
     def _proc_member(self, tf: Any) -> Any:
         kind = _HEADER_KINDS.get(self.type)
-        if kind is not None:
+        if kind is None:
+            return super()._proc_member(tf)  # type: ignore[misc]
+        # tarfile reads the header after an extended header by recursing: a long run of them
+        # ends in RecursionError. Real tars have at most one of each kind before an entry.
+        depth = getattr(tf, "_layers_depth", 0)
+        if depth >= _MAX_HEADER_RUN:
+            raise InvalidLayerError(
+                f"{self._where()}: more than {_MAX_HEADER_RUN} extended headers in a row; "
+                "the layer tar is damaged or hostile"
+            )
+        tf._layers_depth = depth + 1
+        try:
             limit = self.limits.max_header
             if self.size > limit:
                 raise _limit_error(
@@ -666,7 +680,9 @@ class _BoundedTarInfo(tarfile.TarInfo):
                         "max_header",
                         "--max-header",
                     )
-        return super()._proc_member(tf)  # type: ignore[misc]
+            return super()._proc_member(tf)  # type: ignore[misc]
+        finally:
+            tf._layers_depth = depth
 
     def _proc_sparse(self, tf: Any) -> Any:
         # As tarfile's own, with a bound on the extension blocks and a check for a short read.
@@ -799,12 +815,14 @@ class _Applier:
         self.limits = limits
         self.strict_devices = strict_devices
         self.apparent = 0  # bytes of regular files so far, sparse ones at full size
+        self._cached: tuple[tuple[str, ...], int] | None = None  # see open_dir
         self.is_root = os.geteuid() == 0
         self.written: set[str] = set()
         self.ancestors: set[str] = set()  # every proper ancestor of a written path
         self.dir_meta: dict[str, tuple[int, int, int, int]] = {}  # rel -> (dev, ino, mode, ns)
 
     def close(self) -> None:
+        self.drop_cache()
         os.close(self.root_fd)
 
     # -- path resolution ---------------------------------------------------------------------
@@ -814,10 +832,40 @@ class _Applier:
 
         Symlinks met on the way are followed here, never by the kernel: absolute targets restart
         from the root, relative ones from the link's directory, and ``..`` above the root is an
-        escape.
+        escape. One fd is open at a time, whatever the depth (``..`` is the real parent of a
+        directory reached from the root without symlinks, so it is opened, not remembered):
+        ``ulimit -n 64`` and a tree deeper than PATH_MAX both work. The last directory reached
+        without a symlink is kept, so a tar's next entry in the same directory (or below it)
+        starts there instead of at the root.
         """
-        stack = [os.dup(self.root_fd)]
-        todo = list(reversed(parts))
+        key = tuple(p for p in parts if p not in ("", "."))
+        cur = -1
+        if self._cached is not None:
+            # From the kept directory: up to the common ancestor, then down, when that is
+            # shorter than down from the root (the next entry of a tar, a parent's metadata).
+            ckey, cfd = self._cached
+            common = 0
+            for a, b in zip(ckey, key, strict=False):
+                if a != b:
+                    break
+                common += 1
+            if len(ckey) - common + len(key) - common < len(key) + 1:
+                cur = os.dup(cfd)
+                try:
+                    for _ in range(len(ckey) - common):
+                        up = os.open("..", _O_DIR, dir_fd=cur)
+                        os.close(cur)
+                        cur = up
+                except BaseException:
+                    os.close(cur)
+                    raise
+                depth = common
+                todo = list(reversed(key[common:]))
+        if cur < 0:
+            cur = os.dup(self.root_fd)
+            depth = 0
+            todo = list(reversed(key))
+        direct = True  # no symlink followed: the fd is the directory named ``key``
         follows = 0
         try:
             while todo:
@@ -825,13 +873,15 @@ class _Applier:
                 if comp in ("", "."):
                     continue
                 if comp == "..":
-                    if len(stack) == 1:
+                    if depth == 0:
                         raise UnsafeEntryError(
                             entry, "resolving it follows a symlink whose '..' climbs above the root"
                         )
-                    os.close(stack.pop())
+                    up = os.open("..", _O_DIR, dir_fd=cur)
+                    os.close(cur)
+                    cur = up
+                    depth -= 1
                     continue
-                cur = stack[-1]
                 try:
                     fd = os.open(comp, _O_DIR, dir_fd=cur)
                 except FileNotFoundError:
@@ -849,20 +899,39 @@ class _Applier:
                             "the layer must replace it with a directory entry first"
                         ) from None
                     follows += 1
+                    direct = False
                     if follows > _MAX_SYMLINK_FOLLOWS:
                         raise UnsafeEntryError(entry, "too many levels of symbolic links") from None
                     target = os.readlink(comp, dir_fd=cur)
                     if target.startswith("/"):
-                        for extra in stack[1:]:
-                            os.close(extra)
-                        del stack[1:]
+                        os.close(cur)
+                        cur = os.dup(self.root_fd)
+                        depth = 0
                     todo.extend(reversed(target.split("/")))
                     continue
-                stack.append(fd)
-            return stack.pop()
+                os.close(cur)
+                cur = fd
+                depth += 1
+            if direct:
+                self.drop_cache()
+                self._cached = (key, os.dup(cur))
+            result, cur = cur, -1
+            return result
         finally:
-            for fd in stack:
-                os.close(fd)
+            if cur >= 0:
+                os.close(cur)
+
+    def drop_cache(self) -> None:
+        if self._cached is not None:
+            os.close(self._cached[1])
+            self._cached = None
+
+    def invalidate(self, rel: str) -> None:
+        """Forget the kept directory if the entry ``rel`` may replace it or an ancestor."""
+        if self._cached is not None:
+            cached = "/".join(self._cached[0])
+            if cached == rel or cached.startswith(rel + "/") or not rel:
+                self.drop_cache()
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -927,8 +996,10 @@ class _Applier:
         parent_rel, _, base = rel.rpartition("/")
         parent_parts = parent_rel.split("/") if parent_rel else []
         if base.startswith(WHITEOUT_PREFIX):
+            self.drop_cache()  # a whiteout may remove any directory below its own
             self.whiteout(member.name, parent_rel, parent_parts, base)
             return
+        self.invalidate(rel)
         parent_fd = self.open_dir(parent_parts, member.name, create=True)
         assert parent_fd is not None
         try:
