@@ -1013,6 +1013,41 @@ def _default_backend(store: Store, scratch: Path) -> Backend:
     return backend
 
 
+def _apply(blob: Path, root: Path, limits: layertar.Limits, n: int, layer: _LayerRef) -> None:
+    try:
+        layertar.apply_layer_tar(blob, root, limits=limits, strict_devices=True)
+    except (InvalidLayerError, UnsafeEntryError) as exc:
+        raise InvalidImageError(f"layer {n} ({layer.digest or layer.name})", str(exc)) from None
+
+
+def _apply_on_view(
+    store: Store,
+    backend: Backend | None,
+    staging: Path,
+    parents: list[str],
+    blob: Path,
+    staged: Path,
+    limits: layertar.Limits,
+    n: int,
+    layer: _LayerRef,
+) -> None:
+    """Apply layer ``n`` onto a writable view of its ``parents`` and write what changed."""
+    from pytest_layers.changeset import ImageView, write_layer
+
+    lowers = [store.layer_dir(c) for c in reversed(parents)]
+    scratch = staging / "view"
+    scratch.mkdir()
+    chosen = backend or _default_backend(store, staging / "probe")
+    view = chosen.open(lowers, scratch, flavor=store.flavor)
+    try:
+        _apply(blob, view.path, limits, n, layer)
+        entries = chosen.changes(view, ImageView(lowers, store.flavor))
+        # An imported layer keeps its image's mtimes (docs/concepts).
+        write_layer(entries, staged, flavor=store.flavor, clamp_mtimes=False)
+    finally:
+        view.close()
+
+
 def image_id(path: Path, *, ref: str | None = None, limits: layertar.Limits | None = None) -> str:
     """The identity of the image at ``path`` without importing it: the digest of its manifest
     (OCI layout, directory or tar) or of its config (docker-archive, Docker's image ID).
@@ -1051,8 +1086,6 @@ def import_image(
     expand to; a device node an ordinary user cannot create is an error, not a silent gap; a
     full disk raises :class:`NoSpaceError` naming the image.
     """
-    from pytest_layers.changeset import ImageView, write_layer
-
     limits = limits or layertar.Limits.from_env()
     src = _Source(Path(path), limits)
     try:
@@ -1074,27 +1107,17 @@ def import_image(
                 with store.staging() as staging:
                     blob = staging / "blob.tar"
                     size, usize = _unpack_blob(src, layer, n, image.diff_ids[i], blob, limits)
-                    lowers = [store.layer_dir(c) for c in reversed(chain_ids[:i])]
-                    scratch = staging / "view"
-                    scratch.mkdir()
-                    chosen = backend or _default_backend(store, staging / "probe")
-                    view = chosen.open(lowers, scratch, flavor=store.flavor)
-                    try:
-                        try:
-                            layertar.apply_layer_tar(
-                                blob, view.path, limits=limits, strict_devices=True
-                            )
-                        except (InvalidLayerError, UnsafeEntryError) as exc:
-                            raise InvalidImageError(
-                                f"layer {n} ({layer.digest or layer.name})", str(exc)
-                            ) from None
-                        entries = chosen.changes(view, ImageView(lowers, store.flavor))
-                        staged = staging / "layer"
-                        staged.mkdir()
-                        # An imported layer keeps its image's mtimes (docs/concepts).
-                        write_layer(entries, staged, flavor=store.flavor, clamp_mtimes=False)
-                    finally:
-                        view.close()
+                    staged = staging / "layer"
+                    staged.mkdir()
+                    if i == 0:
+                        # Nothing below the bottom layer: its tar applied as it is is the
+                        # layer (whiteouts and opaque markers have nothing to hide), so no
+                        # view, no change list, no second copy of every file.
+                        _apply(blob, staged, limits, n, layer)
+                    else:
+                        _apply_on_view(
+                            store, backend, staging, chain_ids[:i], blob, staged, limits, n, layer
+                        )
                     info = store.add_layer(
                         staged,
                         parent=parent,
