@@ -148,6 +148,23 @@ def gzip_bomb(uncompressed: int) -> bytes:
     return one * (uncompressed // piece)
 
 
+def gzip_header_bomb(dest: Path, size: int) -> Path:
+    """An image whose gzip layer starts with a GNU long name of ``size`` real bytes (what
+    tarfile would read into memory whole), made of repeated 64 MiB gzip members; its DiffID is
+    right, so only the header limit can stop it."""
+    piece = 64 << 20
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    body = b"".join(comp.compress(b"a" * (1 << 20)) for _ in range(piece >> 20)) + comp.flush()
+    header = raw_header(b"././@LongLink", tarfile.GNUTYPE_LONGNAME, size)
+    diff = hashlib.sha256(header)
+    for _ in range(size >> 20):
+        diff.update(b"a" * (1 << 20))
+    blob = gzip.compress(header) + body * (size // piece)
+    return oci_layout(
+        dest, [blob], diff_ids=["sha256:" + diff.hexdigest()], media=oci.MEDIA_TYPE_LAYER_GZIP
+    )
+
+
 def sparse_tar(tmp: Path, size: int, fmt: str) -> bytes:
     """GNU tar's sparse archive of a ``size``-byte file that is all hole but 8 bytes."""
     work = tmp / f"sparse-{fmt}"
@@ -674,6 +691,16 @@ BOMB_IMAGES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], str]] = {
         "no space left on device while writing image",
     ),
     "gnu-long-name": (lambda t: oci_layout(t / "img", [_gnu_longname_bomb()]), (), "GNU long"),
+    "gzip-gnu-long-name-2-GiB": (
+        lambda t: gzip_header_bomb(t / "img", 2 * GiB),
+        (),
+        "a ratio above the limit",
+    ),
+    "gzip-gnu-long-name-512-MiB-ratio-raised": (
+        lambda t: gzip_header_bomb(t / "img", 512 << 20),
+        ("--max-ratio", "100000"),
+        "its GNU long name: 536870912 bytes",
+    ),
     "pax-header": (lambda t: oci_layout(t / "img", [_pax_bomb()]), (), "PAX extended header"),
     "sparse-16-GiB": (
         lambda t: oci_layout(t / "img", [sparse_tar(t, 16 * GiB, "posix")]),
