@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -20,8 +21,20 @@ __all__ = ["O_DIR", "KEEP_OPEN", "DirStack", "Ident", "Visit", "walk", "open_pat
 
 #: Opening a directory of a walk: never through a symlink, never inherited by a child process.
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _keep_open() -> int:
+    # Several walks run side by side (a change list walks the upper dir and the image, a
+    # layer writer its output and its source), each with a DirStack: a sixteenth of the fd
+    # limit each, 64 at most, keeps `ulimit -n 64` working (4 each, re-opened through "..").
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 64
+    return max(4, min(64, soft // 16))
+
+
 #: Directory fds a :class:`DirStack` keeps open at most (the deepest levels of its path).
-KEEP_OPEN = 64
+KEEP_OPEN = _keep_open()
 #: Path strings at most this long are handed to the kernel as they are; longer ones are opened
 #: a component at a time. (PATH_MAX counts the terminating NUL, so 4095 bytes would fit.)
 _FITS = 4000

@@ -1081,9 +1081,10 @@ class _LayerWriter:
     """:func:`write_layer`'s state: the layer's current directory, the source tree's, and the
     hardlink groups seen so far."""
 
-    def __init__(self, root: str, flavor: layertar.Flavor) -> None:
+    def __init__(self, root: str, flavor: layertar.Flavor, *, clamp_mtimes: bool = True) -> None:
         self.flavor = flavor
-        self.epoch_ns = layertar.clamp_epoch() * 1_000_000_000
+        # Not clamping is clamping to a time no file has (the largest time_t, in ns).
+        self.epoch_ns = layertar.clamp_epoch() * 1_000_000_000 if clamp_mtimes else 2**63 - 1
         self.links: dict[tuple[int, int], str] = {}
         self.written: set[str] = {""}
         self.files = self.size = 0
@@ -1243,14 +1244,17 @@ class _LayerWriter:
         self.out.goto("")  # leaves every directory, setting its metadata
 
 
-def write_layer(entries: Sequence[Entry], dest: Path, *, flavor: layertar.Flavor) -> LayerStats:
+def write_layer(
+    entries: Sequence[Entry], dest: Path, *, flavor: layertar.Flavor, clamp_mtimes: bool = True
+) -> LayerStats:
     """Materialise ``entries`` in the empty staging directory ``dest``.
 
     Regular files are copied (holes kept; hardlink groups of the new tree stay hardlinks within
     the layer), symlinks, devices, fifos, modes, owners and kept xattrs are reproduced, deletions
     become whiteouts in ``flavor``, sockets are skipped. Mtimes later than
     :func:`layertar.clamp_epoch` are set to it, each directory's once its children are written
-    so its mtime sticks. A file named ``.wh.*`` raises :class:`InvalidLayerError`.
+    so its mtime sticks (``clamp_mtimes=False`` keeps them as they are: an imported layer keeps
+    its image's). A file named ``.wh.*`` raises :class:`InvalidLayerError`.
 
     Works at any depth: the layer and the entries' ``root`` are walked in step with directory
     fds, in the order of the sorted entries; an entry with an explicit ``source`` instead is
@@ -1261,7 +1265,7 @@ def write_layer(entries: Sequence[Entry], dest: Path, *, flavor: layertar.Flavor
     root = os.fspath(dest)
     if os.listdir(root):
         raise ValueError(f"write_layer needs an empty staging directory, {root!r} is not empty")
-    writer = _LayerWriter(root, flavor)
+    writer = _LayerWriter(root, flavor, clamp_mtimes=clamp_mtimes)
     try:
         for entry in sorted(entries, key=lambda e: _sort_key(e.path)):
             writer.add(entry)

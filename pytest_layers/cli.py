@@ -675,9 +675,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_import(args: argparse.Namespace) -> int:
-    from pytest_layers import oci
+def _size(text: str) -> int:
+    from pytest_layers import layertar
 
+    try:
+        return layertar.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from pytest_layers import layertar, oci
+
+    limits = layertar.Limits.from_env(
+        max_layer_size=args.max_layer_size, max_ratio=args.max_ratio, max_header=args.max_header
+    )
     store = _store(args, create=True)
     _enter_namespace()
     started = time.monotonic()
@@ -687,6 +699,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         name=args.name,
         ref=args.ref,
         progress=None if args.quiet else _print_progress,
+        limits=limits,
     )
     named = f" as {args.name}" if args.name else ""
     print(
@@ -870,6 +883,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="Layer name for the image's top layer")
     p.add_argument("--ref", help="Tag to pick when the archive holds several images")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress lines")
+    p.add_argument(
+        "--max-layer-size",
+        type=_size,
+        metavar="SIZE",
+        help="Largest uncompressed layer (default 8G; env PYTEST_LAYERS_MAX_LAYER_SIZE)",
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=int,
+        metavar="N",
+        help="Largest compression ratio past 256M (default 100; env PYTEST_LAYERS_MAX_RATIO)",
+    )
+    p.add_argument(
+        "--max-header",
+        type=_size,
+        metavar="SIZE",
+        help="Largest tar PAX/long-name header (default 1M; env PYTEST_LAYERS_MAX_HEADER)",
+    )
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(

@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, ClassVar, Literal
 
 from pytest_layers import _dirfd
 from pytest_layers.errors import InvalidLayerError, UnsafeEntryError
@@ -41,6 +41,7 @@ __all__ = [
     "chain_ids",
     "apply_layer_tar",
     "ApplyStats",
+    "Limits",
 ]
 
 Flavor = Literal["overlay", "marker"]
@@ -554,6 +555,211 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+_GiB = 1 << 30
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count written as an integer with an optional binary suffix (``512M``, ``16G``)."""
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = raw[-1:] if raw[-1:] in _UNITS else ""
+    number = raw[: len(raw) - len(unit)]
+    if not number.isdigit():
+        raise ValueError(f"{text!r} is not a size; write bytes, or a number with K, M, G or T")
+    return int(number) * _UNITS[unit]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one untrusted layer tar may make the importer read, write and hold in memory
+    (docs/reference/options.md, "Image import limits"). Each is checked while the tar streams,
+    before the bytes it bounds are read, buffered or written."""
+
+    #: Uncompressed bytes of one layer tar, and apparent bytes of the files it holds (a sparse
+    #: file counts at its full size: the store hashes it and an export writes it in full).
+    max_layer_size: int = 8 * _GiB
+    #: Uncompressed bytes per compressed byte of one layer blob, enforced once the layer is
+    #: past :attr:`RATIO_FLOOR` (a small layer of zeros may compress 1000:1 and harm nobody).
+    max_ratio: int = 100
+    #: Bytes of one PAX extended header, GNU long name or link, or GNU sparse map, and of all
+    #: PAX global headers of a tar together: ``tarfile`` reads each whole into memory.
+    max_header: int = 1 << 20
+
+    RATIO_FLOOR: ClassVar[int] = 256 << 20
+    #: Environment variables that set each limit (the CLI flags override them).
+    ENV: ClassVar[dict[str, str]] = {
+        "max_layer_size": "PYTEST_LAYERS_MAX_LAYER_SIZE",
+        "max_ratio": "PYTEST_LAYERS_MAX_RATIO",
+        "max_header": "PYTEST_LAYERS_MAX_HEADER",
+    }
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: int | None) -> Limits:
+        """The defaults, replaced by the ``PYTEST_LAYERS_MAX_*`` variables that are set, then by
+        the ``overrides`` that are not None."""
+        env = os.environ if environ is None else environ
+        values: dict[str, int] = {}
+        for attr, var in cls.ENV.items():
+            text = env.get(var, "").strip()
+            if text:
+                try:
+                    values[attr] = parse_size(text)
+                except ValueError as exc:
+                    raise ValueError(f"{var}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _limit_error(what: str, size: int, limit: int, attr: str, flag: str) -> InvalidLayerError:
+    return InvalidLayerError(
+        f"{what}: {size} bytes, more than the limit of {limit} for an image; if the image is "
+        f"trusted, raise it with `pytest-layers import {flag}` or {Limits.ENV[attr]}"
+    )
+
+
+_HEADER_KINDS = {
+    tarfile.XHDTYPE: "PAX extended header",
+    tarfile.XGLTYPE: "PAX global header",
+    tarfile.SOLARIS_XHDTYPE: "PAX extended header",
+    tarfile.GNUTYPE_LONGNAME: "GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long link name",
+}
+
+
+def _truncated(where: str) -> InvalidLayerError:
+    return InvalidLayerError(f"{where}: the layer tar ends inside it (truncated or damaged)")
+
+
+_MAX_HEADER_RUN = 16
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """``tarfile.TarInfo`` that refuses oversized headers before ``tarfile`` reads them whole.
+
+    ``tarfile`` reads a PAX header, a GNU long name and a GNU sparse map into memory in one
+    piece, however large the archive says it is; these hooks run on the 512-byte header block
+    first and stop the read. (Private ``tarfile`` hooks, unchanged from Python 3.8 to 3.13.)
+    """
+
+    limits: ClassVar[Limits] = Limits()
+
+    @classmethod
+    def bounded(cls, limits: Limits) -> type[_BoundedTarInfo]:
+        return type("_BoundedTarInfo", (cls,), {"limits": limits})
+
+    def _where(self) -> str:
+        return f"tar header {self.name[:100]!r} at byte {self.offset}"
+
+    def _proc_member(self, tf: Any) -> Any:
+        kind = _HEADER_KINDS.get(self.type)
+        if kind is None:
+            return super()._proc_member(tf)  # type: ignore[misc]
+        # tarfile reads the header after an extended header by recursing: a long run of them
+        # ends in RecursionError. Real tars have at most one of each kind before an entry.
+        depth = getattr(tf, "_layers_depth", 0)
+        if depth >= _MAX_HEADER_RUN:
+            raise InvalidLayerError(
+                f"{self._where()}: more than {_MAX_HEADER_RUN} extended headers in a row; "
+                "the layer tar is damaged or hostile"
+            )
+        tf._layers_depth = depth + 1
+        try:
+            limit = self.limits.max_header
+            if self.size > limit:
+                raise _limit_error(
+                    f"{self._where()}: its {kind}", self.size, limit, "max_header", "--max-header"
+                )
+            if self.type == tarfile.XGLTYPE:
+                total = getattr(tf, "_layers_global_bytes", 0) + self.size
+                tf._layers_global_bytes = total
+                if total > limit:
+                    raise _limit_error(
+                        f"{self._where()}: the PAX global headers together",
+                        total,
+                        limit,
+                        "max_header",
+                        "--max-header",
+                    )
+            return super()._proc_member(tf)  # type: ignore[misc]
+        finally:
+            tf._layers_depth = depth
+
+    def _proc_sparse(self, tf: Any) -> Any:
+        # As tarfile's own, with a bound on the extension blocks and a check for a short read.
+        structs, isextended, origsize = self._sparse_structs  # type: ignore[attr-defined]
+        del self._sparse_structs  # type: ignore[attr-defined]
+        read = 0
+        while isextended:
+            read += _BLOCK
+            if read > self.limits.max_header:
+                raise _limit_error(
+                    f"{self._where()}: its GNU sparse map",
+                    read,
+                    self.limits.max_header,
+                    "max_header",
+                    "--max-header",
+                )
+            buf = tf.fileobj.read(_BLOCK)
+            if len(buf) < _BLOCK:
+                raise _truncated(self._where())
+            for pos in range(0, 21 * 24, 24):
+                try:
+                    offset = tarfile.nti(buf[pos : pos + 12])  # type: ignore[attr-defined]
+                    numbytes = tarfile.nti(buf[pos + 12 : pos + 24])  # type: ignore[attr-defined]
+                except ValueError:
+                    break
+                if offset and numbytes:
+                    structs.append((offset, numbytes))
+            isextended = bool(buf[504])
+        self.sparse = structs
+        self.offset_data = tf.fileobj.tell()
+        tf.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+        self.size = origsize
+        return self
+
+    def _proc_gnusparse_10(self, next: Any, pax_headers: Any, tf: Any) -> None:
+        # GNU sparse 1.0 keeps its map at the start of the data: decimal numbers, one a line,
+        # the count first. tarfile reads lines until it has them all, without a bound and
+        # without noticing the end of the archive (an endless loop there).
+        limit = self.limits.max_header
+        buf = bytearray()
+        pos = 0
+
+        def number() -> int:
+            nonlocal pos
+            while (end := buf.find(b"\n", pos)) < 0:
+                if len(buf) >= limit:
+                    raise _limit_error(
+                        f"{self._where()}: its GNU sparse map",
+                        len(buf),
+                        limit,
+                        "max_header",
+                        "--max-header",
+                    )
+                more = tf.fileobj.read(_BLOCK)
+                if len(more) < _BLOCK:
+                    raise _truncated(self._where())
+                buf.extend(more)
+            text = bytes(buf[pos:end])
+            pos = end + 1
+            if not text.isdigit() or len(text) > 20:
+                raise InvalidLayerError(f"{self._where()}: a malformed GNU sparse map")
+            return int(text)
+
+        fields = number()
+        if fields * 4 > limit:
+            raise _limit_error(
+                f"{self._where()}: its GNU sparse map",
+                fields * 4,
+                limit,
+                "max_header",
+                "--max-header",
+            )
+        values = [number() for _ in range(fields * 2)]
+        next.offset_data = tf.fileobj.tell()
+        next.sparse = list(zip(values[::2], values[1::2], strict=True))
+
+
 @dataclass
 class ApplyStats:
     """What ``apply_layer_tar`` did."""
@@ -572,6 +778,9 @@ class ApplyStats:
 
 
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NAME_MAX = 255  # bytes of one file name component (Linux NAME_MAX)
+_SYMLINK_MAX = 4095  # bytes of a symlink target (PATH_MAX less the NUL)
+_XATTR_SIZE_MAX = 65536  # bytes of one xattr value (Linux XATTR_SIZE_MAX)
 
 
 def _normalize(name: str, *, what: str = "entry") -> str:
@@ -582,6 +791,12 @@ def _normalize(name: str, *, what: str = "entry") -> str:
     for part in name.split("/"):
         if part in ("", "."):
             continue
+        if len(part.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+            raise UnsafeEntryError(
+                name[:300] + ("..." if len(name) > 300 else ""),
+                f"a name component of {len(part.encode('utf-8', 'surrogateescape'))} bytes; "
+                f"Linux file names are at most {_NAME_MAX} bytes",
+            )
         if part == "..":
             if not parts:
                 raise UnsafeEntryError(name, f"the {what} name climbs out of the root with '..'")
@@ -592,15 +807,22 @@ def _normalize(name: str, *, what: str = "entry") -> str:
 
 
 class _Applier:
-    def __init__(self, root: Path, stats: ApplyStats) -> None:
+    def __init__(
+        self, root: Path, stats: ApplyStats, limits: Limits, *, strict_devices: bool = False
+    ) -> None:
         self.root_fd = os.open(root, _O_DIR)
         self.stats = stats
+        self.limits = limits
+        self.strict_devices = strict_devices
+        self.apparent = 0  # bytes of regular files so far, sparse ones at full size
+        self._cached: tuple[tuple[str, ...], int] | None = None  # see open_dir
         self.is_root = os.geteuid() == 0
         self.written: set[str] = set()
         self.ancestors: set[str] = set()  # every proper ancestor of a written path
         self.dir_meta: dict[str, tuple[int, int, int, int]] = {}  # rel -> (dev, ino, mode, ns)
 
     def close(self) -> None:
+        self.drop_cache()
         os.close(self.root_fd)
 
     # -- path resolution ---------------------------------------------------------------------
@@ -610,10 +832,40 @@ class _Applier:
 
         Symlinks met on the way are followed here, never by the kernel: absolute targets restart
         from the root, relative ones from the link's directory, and ``..`` above the root is an
-        escape.
+        escape. One fd is open at a time, whatever the depth (``..`` is the real parent of a
+        directory reached from the root without symlinks, so it is opened, not remembered):
+        ``ulimit -n 64`` and a tree deeper than PATH_MAX both work. The last directory reached
+        without a symlink is kept, so a tar's next entry in the same directory (or below it)
+        starts there instead of at the root.
         """
-        stack = [os.dup(self.root_fd)]
-        todo = list(reversed(parts))
+        key = tuple(p for p in parts if p not in ("", "."))
+        cur = -1
+        if self._cached is not None:
+            # From the kept directory: up to the common ancestor, then down, when that is
+            # shorter than down from the root (the next entry of a tar, a parent's metadata).
+            ckey, cfd = self._cached
+            common = 0
+            for a, b in zip(ckey, key, strict=False):
+                if a != b:
+                    break
+                common += 1
+            if len(ckey) - common + len(key) - common < len(key) + 1:
+                cur = os.dup(cfd)
+                try:
+                    for _ in range(len(ckey) - common):
+                        up = os.open("..", _O_DIR, dir_fd=cur)
+                        os.close(cur)
+                        cur = up
+                except BaseException:
+                    os.close(cur)
+                    raise
+                depth = common
+                todo = list(reversed(key[common:]))
+        if cur < 0:
+            cur = os.dup(self.root_fd)
+            depth = 0
+            todo = list(reversed(key))
+        direct = True  # no symlink followed: the fd is the directory named ``key``
         follows = 0
         try:
             while todo:
@@ -621,13 +873,15 @@ class _Applier:
                 if comp in ("", "."):
                     continue
                 if comp == "..":
-                    if len(stack) == 1:
+                    if depth == 0:
                         raise UnsafeEntryError(
                             entry, "resolving it follows a symlink whose '..' climbs above the root"
                         )
-                    os.close(stack.pop())
+                    up = os.open("..", _O_DIR, dir_fd=cur)
+                    os.close(cur)
+                    cur = up
+                    depth -= 1
                     continue
-                cur = stack[-1]
                 try:
                     fd = os.open(comp, _O_DIR, dir_fd=cur)
                 except FileNotFoundError:
@@ -645,20 +899,39 @@ class _Applier:
                             "the layer must replace it with a directory entry first"
                         ) from None
                     follows += 1
+                    direct = False
                     if follows > _MAX_SYMLINK_FOLLOWS:
                         raise UnsafeEntryError(entry, "too many levels of symbolic links") from None
                     target = os.readlink(comp, dir_fd=cur)
                     if target.startswith("/"):
-                        for extra in stack[1:]:
-                            os.close(extra)
-                        del stack[1:]
+                        os.close(cur)
+                        cur = os.dup(self.root_fd)
+                        depth = 0
                     todo.extend(reversed(target.split("/")))
                     continue
-                stack.append(fd)
-            return stack.pop()
+                os.close(cur)
+                cur = fd
+                depth += 1
+            if direct:
+                self.drop_cache()
+                self._cached = (key, os.dup(cur))
+            result, cur = cur, -1
+            return result
         finally:
-            for fd in stack:
-                os.close(fd)
+            if cur >= 0:
+                os.close(cur)
+
+    def drop_cache(self) -> None:
+        if self._cached is not None:
+            os.close(self._cached[1])
+            self._cached = None
+
+    def invalidate(self, rel: str) -> None:
+        """Forget the kept directory if the entry ``rel`` may replace it or an ancestor."""
+        if self._cached is not None:
+            cached = "/".join(self._cached[0])
+            if cached == rel or cached.startswith(rel + "/") or not rel:
+                self.drop_cache()
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -703,6 +976,19 @@ class _Applier:
     # -- entries -------------------------------------------------------------------------------
 
     def apply(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        if member.isreg():
+            self.apparent += member.size
+            if self.apparent > self.limits.max_layer_size:
+                what = f"{member.name!r}: the layer's files up to this one" + (
+                    " (a sparse file counts at its full size)" if member.sparse is not None else ""
+                )
+                raise _limit_error(
+                    what,
+                    self.apparent,
+                    self.limits.max_layer_size,
+                    "max_layer_size",
+                    "--max-layer-size",
+                )
         rel = _normalize(member.name)
         if rel == "":
             self.stats.warnings.append(f"{member.name!r}: root entry ignored")
@@ -710,8 +996,10 @@ class _Applier:
         parent_rel, _, base = rel.rpartition("/")
         parent_parts = parent_rel.split("/") if parent_rel else []
         if base.startswith(WHITEOUT_PREFIX):
+            self.drop_cache()  # a whiteout may remove any directory below its own
             self.whiteout(member.name, parent_rel, parent_parts, base)
             return
+        self.invalidate(rel)
         parent_fd = self.open_dir(parent_parts, member.name, create=True)
         assert parent_fd is not None
         try:
@@ -786,6 +1074,10 @@ class _Applier:
             self.regular(tf, m, parent, base, mtime_ns)
             return
         if m.issym():
+            if len(m.linkname.encode("utf-8", "surrogateescape")) > _SYMLINK_MAX:
+                raise UnsafeEntryError(
+                    m.name, f"a symlink target longer than the {_SYMLINK_MAX} bytes Linux allows"
+                )
             os.symlink(m.linkname, base, dir_fd=parent)
             self.stats.symlinks += 1
         elif m.ischr() or m.isblk():
@@ -793,6 +1085,13 @@ class _Applier:
             try:
                 os.mknod(base, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=parent)
             except PermissionError:
+                if self.strict_devices:
+                    raise UnsafeEntryError(
+                        m.name,
+                        f"device node {m.devmajor}/{m.devminor} cannot be created here "
+                        "(creating device nodes needs CAP_MKNOD); import the image as root, "
+                        "or use an image without device nodes",
+                    ) from None
                 self.stats.warnings.append(
                     f"{m.name!r}: device {m.devmajor}/{m.devminor} not created "
                     "(creating device nodes needs CAP_MKNOD)"
@@ -817,8 +1116,15 @@ class _Applier:
             dir_fd=parent,
         )
         try:
-            src = tf.extractfile(m)
             written = 0
+            src = None
+            if m.sparse is not None:
+                # Only the data runs are in the tar, one after the other: read them and seek
+                # over the holes, where tarfile's reader would hand us every hole as zeros
+                # (linear in the apparent size: 16 GiB of zeros for a 10 KB tar).
+                written = self.sparse_data(m, tf, fd)
+            else:
+                src = tf.extractfile(m)
             if src is not None:
                 while chunk := src.read(_CHUNK):
                     if chunk[0] == 0 and chunk[-1] == 0 and chunk.count(0) == len(chunk):
@@ -838,6 +1144,32 @@ class _Applier:
         finally:
             os.close(fd)
         self.stats.files += 1
+
+    def sparse_data(self, m: tarfile.TarInfo, tf: tarfile.TarFile, fd: int) -> int:
+        end = 0
+        runs: list[tuple[int, int]] = list(m.sparse or ())  # type: ignore[arg-type]
+        stream: Any = tf.fileobj
+        stream.seek(m.offset_data)  # a stream only moves forward: this is where we are
+        for offset, numbytes in runs:
+            if numbytes == 0:
+                continue  # GNU tar ends its maps with empty runs (at the end, or at 0)
+            if offset < end or numbytes < 0 or offset + numbytes > m.size:
+                raise InvalidLayerError(
+                    f"{m.name!r}: its sparse map is not ascending data runs within the file's "
+                    f"{m.size} bytes; the layer tar is damaged"
+                )
+            end = offset + numbytes
+            os.lseek(fd, offset, os.SEEK_SET)
+            left = numbytes
+            while left:
+                chunk = stream.read(min(left, _CHUNK))
+                if not chunk:
+                    raise _truncated(repr(m.name))
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                left -= len(chunk)
+        return m.size
 
     def hardlink(
         self, m: tarfile.TarInfo, parent: int, base: str, existing: os.stat_result | None
@@ -868,7 +1200,16 @@ class _Applier:
                     self.stats.hardlinks += 1
                     return
                 self.remove(parent, base, "", keep_own=False)
-            os.link(t_base, base, src_dir_fd=t_fd, dst_dir_fd=parent, follow_symlinks=False)
+            try:
+                os.link(t_base, base, src_dir_fd=t_fd, dst_dir_fd=parent, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != errno.EMLINK:
+                    raise
+                raise UnsafeEntryError(
+                    m.name,
+                    f"hardlink to {m.linkname!r}, which already has {t_st.st_nlink} links, the "
+                    "most this filesystem allows for one file",
+                ) from None
         finally:
             os.close(t_fd)
         self.stats.hardlinks += 1
@@ -907,6 +1248,12 @@ class _Applier:
                 self.stats.warnings.append(f"{m.name!r}: xattr {name} not restored")
                 continue
             raw = value.encode("utf-8", "surrogateescape")
+            if len(raw) > _XATTR_SIZE_MAX:
+                raise UnsafeEntryError(
+                    m.name,
+                    f"xattr {name} holds {len(raw)} bytes; Linux allows at most "
+                    f"{_XATTR_SIZE_MAX} in one xattr value",
+                )
             try:
                 if base is None:
                     os.setxattr(where, name, raw)
@@ -921,7 +1268,11 @@ class _Applier:
                         os.close(fd)
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
-                    raise
+                    # E2BIG, ENOSPC (no room for more xattrs on the inode), EINVAL (a
+                    # malformed security.capability): the image's fault, said in one line.
+                    raise UnsafeEntryError(
+                        m.name, f"xattr {name} cannot be set ({exc.strerror})"
+                    ) from None
                 self.stats.warnings.append(
                     f"{m.name!r}: xattr {name} not restored ({exc.strerror})"
                 )
@@ -947,7 +1298,13 @@ class _Applier:
                 os.close(fd)
 
 
-def apply_layer_tar(tar: BinaryIO | Path, root: Path) -> ApplyStats:
+def apply_layer_tar(
+    tar: BinaryIO | Path,
+    root: Path,
+    *,
+    limits: Limits | None = None,
+    strict_devices: bool = False,
+) -> ApplyStats:
     """Apply an OCI layer tar (plain or gzip) onto the writable merged tree ``root``.
 
     The tar is read once, as a stream (a pipe works; nothing is spooled). Whiteouts delete from
@@ -957,10 +1314,15 @@ def apply_layer_tar(tar: BinaryIO | Path, root: Path) -> ApplyStats:
     ``root`` (absolute symlinks relative to it); an entry that would escape raises
     ``errors.UnsafeEntryError`` naming it, before anything is written for that entry.
     Modes (setuid included), owners (as root; elsewhere best effort), mtimes, ``user.*`` xattrs
-    (and ``security.capability`` as root), devices, fifos and hardlinks are restored.
+    (and ``security.capability`` as root), devices, fifos and hardlinks are restored; a device
+    node that cannot be created is a warning, or with ``strict_devices`` an error. Sparse
+    files are written with holes. The tar is untrusted: ``limits`` bound its headers and sizes
+    (checked before the bytes are read), and damage raises ``errors.InvalidLayerError`` naming
+    the entry.
     """
     stats = ApplyStats()
-    applier = _Applier(root, stats)
+    limits = limits or Limits()
+    applier = _Applier(root, stats, limits, strict_devices=strict_devices)
     own = None
     try:
         if isinstance(tar, (str, os.PathLike)):
@@ -968,9 +1330,22 @@ def apply_layer_tar(tar: BinaryIO | Path, root: Path) -> ApplyStats:
             fileobj: BinaryIO = own
         else:
             fileobj = tar
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
-            for member in tf:
-                applier.apply(tf, member)
+        current = "the first entry"
+        try:
+            with tarfile.open(
+                fileobj=fileobj, mode="r|*", tarinfo=_BoundedTarInfo.bounded(limits)
+            ) as tf:
+                while (member := tf.next()) is not None:
+                    # A stream-mode TarFile keeps every header it read: 1,000,000 entries
+                    # held a GiB. Links are resolved here, never through tf.members.
+                    tf.members.clear()  # type: ignore[attr-defined]
+                    current = f"entry {member.name[:300]!r}"
+                    applier.apply(tf, member)
+                    current = f"the entry after {member.name[:300]!r}"
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise InvalidLayerError(
+                f"the layer tar is damaged at {current}: {exc}; nothing of the layer was kept"
+            ) from None
         applier.finish_dirs()
     finally:
         applier.close()

@@ -16,29 +16,36 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import gzip
 import hashlib
 import json
 import os
 import platform
+import posixpath
 import re
 import shutil
 import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 from pytest_layers import _faultpoints, layertar
 from pytest_layers import store as store_mod
-from pytest_layers.errors import InvalidImageError, StoreError
+from pytest_layers.errors import (
+    InvalidImageError,
+    InvalidLayerError,
+    NoSpaceError,
+    StoreError,
+    UnsafeEntryError,
+)
 
 if TYPE_CHECKING:
     from pytest_layers.backends.base import Backend
-    from pytest_layers.changeset import Entry
     from pytest_layers.store import LayerInfo, Store
 
 __all__ = [
@@ -506,32 +513,83 @@ def _tar_layout(layout: Path, out_path: Path, *, compress: bool = False) -> None
 # reading images
 
 
-class _Source:
-    """Files of an image, from a directory or a tar, by relative path."""
+_MAX_LINK_HOPS = 40
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symlink",
+}
 
-    def __init__(self, path: Path) -> None:
+
+def _open_regular(path: str, what: str, *, follow: bool) -> IO[bytes]:
+    """Open ``path`` for reading only if it is a regular file.
+
+    The type is checked on an ``O_PATH`` fd, which opening never blocks on and which has no
+    side effect whatever the file is (a FIFO would block ``open`` forever, a device node could
+    act on the open); the file is then reopened through that fd, so it is the same inode.
+    """
+    flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        pfd = os.open(path, flags)
+    except FileNotFoundError:
+        raise InvalidImageError(what, "no such file or directory") from None
+    except OSError as exc:
+        raise InvalidImageError(what, f"cannot be opened ({exc.strerror})") from None
+    try:
+        mode = os.fstat(pfd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise InvalidImageError(what, f"is {kind}; an image is read from regular files only")
+        fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(pfd)
+    return open(fd, "rb")
+
+
+def _clean_name(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name.rstrip("/")
+
+
+class _Source:
+    """Files of an image, from a directory or a tar, by relative path.
+
+    The image is untrusted: only regular files are read (a FIFO or device in their place is an
+    error, never an ``open`` that blocks), links inside a tar are followed here with a bound
+    on their number, and headers of the tar are bounded as in a layer (``layertar.Limits``).
+    """
+
+    def __init__(self, path: Path, limits: layertar.Limits | None = None) -> None:
         self.path = path
         self._tar: tarfile.TarFile | None = None
         self._members: dict[str, tarfile.TarInfo] = {}
         if path.is_dir():
             return
-        if not path.exists():
+        if not os.path.lexists(path):
             raise InvalidImageError(str(path), "no such file or directory")
+        f = _open_regular(os.fspath(path), str(path), follow=True)
         try:
-            self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
+            bounded = layertar._BoundedTarInfo.bounded(limits or layertar.Limits())
+            self._tar = tarfile.open(fileobj=f, mode="r:*", tarinfo=bounded)  # noqa: SIM115
             for member in self._tar:
-                name = member.name
-                while name.startswith("./"):
-                    name = name[2:]
-                self._members[name.rstrip("/")] = member
-        except (tarfile.TarError, EOFError, OSError) as exc:
+                self._members[_clean_name(member.name)] = member
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            f.close()
+            if isinstance(exc, InvalidLayerError):
+                raise InvalidImageError(str(path), str(exc)) from None
             raise InvalidImageError(
                 str(path), f"not an OCI layout directory or a readable tar ({exc})"
-            ) from exc
+            ) from None
+        self._file = f
 
     def close(self) -> None:
         if self._tar is not None:
             self._tar.close()
+            self._file.close()
 
     @staticmethod
     def _check_name(name: str) -> str:
@@ -539,12 +597,28 @@ class _Source:
             raise InvalidImageError(name, "path in the image escapes the image")
         return name
 
+    def _member(self, name: str) -> tarfile.TarInfo | None:
+        """The member ``name`` names, its links followed (at most 40 of them)."""
+        member = self._members.get(_clean_name(name))
+        hops = 0
+        while member is not None and (member.issym() or member.islnk()):
+            hops += 1
+            if hops > _MAX_LINK_HOPS:
+                raise InvalidImageError(
+                    name, f"its links in the image tar loop or chain more than {hops - 1} deep"
+                )
+            target = member.linkname
+            if member.issym() and not target.startswith("/"):
+                target = posixpath.join(posixpath.dirname(_clean_name(member.name)), target)
+            target = posixpath.normpath("/" + target).lstrip("/")
+            member = self._members.get(target)
+        return member
+
     def exists(self, name: str) -> bool:
         name = self._check_name(name)
         if self._tar is None:
-            return os.path.isfile(self._dir_path(name))
-        member = self._members.get(name)
-        return member is not None and (member.isfile() or member.islnk() or member.issym())
+            return os.path.lexists(self._dir_path(name))
+        return self._member(name) is not None
 
     def _dir_path(self, name: str) -> str:
         full = os.path.realpath(os.path.join(self.path, name))
@@ -557,22 +631,20 @@ class _Source:
     def open(self, name: str) -> Iterator[IO[bytes]]:
         name = self._check_name(name)
         if self._tar is None:
-            try:
-                f: IO[bytes] = open(self._dir_path(name), "rb")  # noqa: SIM115 - closed below
-            except FileNotFoundError:
-                raise InvalidImageError(name, f"missing from {self.path}") from None
-            with f:
+            # realpath resolved every link (inside the layout): nothing is left to follow.
+            with _open_regular(self._dir_path(name), name, follow=False) as f:
                 yield f
             return
-        member = self._members.get(name)
-        extracted = None
-        if member is not None:
-            try:
-                extracted = self._tar.extractfile(member)
-            except (KeyError, tarfile.TarError):
-                extracted = None
-        if extracted is None:
+        member = self._member(name)
+        if member is None:
             raise InvalidImageError(name, f"missing from {self.path}")
+        if not member.isreg():
+            kind = "a directory" if member.isdir() else "a FIFO" if member.isfifo() else "special"
+            raise InvalidImageError(
+                name, f"is {kind} in the image tar; an image is read from regular files only"
+            )
+        extracted = self._tar.extractfile(member)
+        assert extracted is not None  # a regular member always has data
         with extracted:
             yield extracted
 
@@ -581,10 +653,7 @@ class _Source:
             data = f.read(limit + 1)
         if len(data) > limit:
             raise InvalidImageError(name, f"larger than {limit} bytes; not an image metadata file")
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise InvalidImageError(name, f"not valid JSON ({exc})") from None
+        return _loads(data, name)
 
 
 def _parse_digest(digest: Any, where: str) -> tuple[str, str]:
@@ -625,6 +694,21 @@ def _loads(data: bytes, what: str) -> Any:
         return json.loads(data)
     except ValueError as exc:
         raise InvalidImageError(what, f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidImageError(what, "JSON nested too deeply for image metadata") from None
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else a one-line error naming ``what``."""
+    if not isinstance(value, dict):
+        raise InvalidImageError(what, f"is not a JSON object but {type(value).__name__}")
+    return value
+
+
+def _sub(obj: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    """``obj[key]`` as an object; an absent or null field is an empty one."""
+    value = obj.get(key)
+    return {} if value is None else _obj(value, f"{what}: {key!r}")
 
 
 @dataclass
@@ -643,20 +727,30 @@ class _Image:
     digest: str  # the manifest's digest (OCI layout) or the config's (docker-archive: image ID)
 
 
-def _pick_manifest(src: _Source, index: Any, ref: str | None, where: str) -> dict[str, Any]:
+def _pick_manifest(
+    src: _Source, index: Any, ref: str | None, where: str, depth: int = 0
+) -> dict[str, Any]:
+    if depth > 8:
+        raise InvalidImageError(where, "indexes nest more than 8 deep")
     if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
         raise InvalidImageError(where, "has no 'manifests' list")
     manifests = [m for m in index["manifests"] if isinstance(m, dict)]
+    notes = [_sub(m, "annotations", f"{where} manifests[{i}]") for i, m in enumerate(manifests)]
+    plats = [_sub(m, "platform", f"{where} manifests[{i}]") for i, m in enumerate(manifests)]
     if ref is not None:
-        hits = [
-            m
-            for m in manifests
-            if (m.get("annotations") or {}).get(_REF_NAME) == ref
-            or (m.get("annotations") or {}).get("io.containerd.image.name") == ref
+        keep = [
+            i
+            for i, m in enumerate(manifests)
+            if notes[i].get(_REF_NAME) == ref
+            or notes[i].get("io.containerd.image.name") == ref
             or m.get("digest") == ref
         ]
+        hits = [manifests[i] for i in keep]
+        all_notes = notes
+        notes = [notes[i] for i in keep]
+        plats = [plats[i] for i in keep]
         if not hits:
-            known = sorted(str((m.get("annotations") or {}).get(_REF_NAME)) for m in manifests)
+            known = sorted(str(n.get(_REF_NAME)) for n in all_notes)
             raise InvalidImageError(
                 where, f"no image tagged {ref!r}; tags present: {', '.join(known) or '(none)'}"
             )
@@ -667,12 +761,11 @@ def _pick_manifest(src: _Source, index: Any, ref: str | None, where: str) -> dic
         arch, _ = _platform()
         mine = [
             m
-            for m in manifests
-            if (m.get("platform") or {}).get("architecture") in (None, arch)
-            and (m.get("platform") or {}).get("os") in (None, "linux")
+            for m, p in zip(manifests, plats, strict=True)
+            if p.get("architecture") in (None, arch) and p.get("os") in (None, "linux")
         ]
         if len(mine) != 1:
-            tags = sorted(str((m.get("annotations") or {}).get(_REF_NAME)) for m in manifests)
+            tags = sorted(str(n.get(_REF_NAME)) for n in notes)
             raise InvalidImageError(
                 where, f"holds several images ({', '.join(tags)}); pass ref= / --ref to pick one"
             )
@@ -681,7 +774,7 @@ def _pick_manifest(src: _Source, index: Any, ref: str | None, where: str) -> dic
     media = desc.get("mediaType")
     if media in _INDEX_TYPES:
         nested = _loads(_read_verified(src, desc, f"{where} -> {desc.get('digest')}"), where)
-        return _pick_manifest(src, nested, None, f"index {desc.get('digest')}")
+        return _pick_manifest(src, nested, None, f"index {desc.get('digest')}", depth + 1)
     if media not in _MANIFEST_TYPES:
         raise InvalidImageError(
             f"{where} -> {desc.get('digest')}",
@@ -741,6 +834,18 @@ def _read_image(src: _Source, ref: str | None) -> _Image:
         entries = src.read_json("manifest.json")
         if not isinstance(entries, list) or not entries:
             raise InvalidImageError("manifest.json", "is not a non-empty list of images")
+        for i, e in enumerate(entries):
+            _obj(e, f"manifest.json [{i}]")
+            tags = e.get("RepoTags")
+            if tags is not None and not (
+                isinstance(tags, list) and all(isinstance(t, str) for t in tags)
+            ):
+                raise InvalidImageError(f"manifest.json [{i}]", "RepoTags is not a list of tags")
+            names = e.get("Layers")
+            if names is not None and not (
+                isinstance(names, list) and all(isinstance(n, str) for n in names)
+            ):
+                raise InvalidImageError(f"manifest.json [{i}]", "Layers is not a list of paths")
         if ref is not None:
             entries = [e for e in entries if ref in (e.get("RepoTags") or [])]
             if not entries:
@@ -784,8 +889,24 @@ def _read_image(src: _Source, ref: str | None) -> _Image:
     diff_ids = rootfs.get("diff_ids")
     if not isinstance(diff_ids, list):
         raise InvalidImageError("image config", "rootfs.diff_ids is not a list")
-    for d in diff_ids:
-        _parse_digest(d, "image config rootfs.diff_ids")
+    for i, d in enumerate(diff_ids):
+        algo, _ = _parse_digest(d, f"image config rootfs.diff_ids[{i}]")
+        if algo != "sha256":
+            # Refused here, before anything is stored: layers are named by sha256 ChainIDs.
+            raise InvalidImageError(
+                f"image config rootfs.diff_ids[{i}]",
+                f"{algo} DiffIDs are not supported (layers are identified by sha256, as in "
+                "Docker and containerd); re-export the image with sha256 digests",
+            )
+    from pytest_layers.backends.overlay import MAX_LOWERS
+
+    if len(layers) > MAX_LOWERS:
+        raise InvalidImageError(
+            str(src.path),
+            f"has {len(layers)} layers, but the kernel stacks at most {MAX_LOWERS} in one "
+            "overlay mount, so it could not be used; nothing was imported. Squash the image "
+            "first (for example `docker build --squash`, or `skopeo`/`umoci` to repack it)",
+        )
     if len(diff_ids) != len(layers):
         raise InvalidImageError(
             "image config",
@@ -800,9 +921,19 @@ def _read_image(src: _Source, ref: str | None) -> _Image:
     return _Image(layers=layers, diff_ids=[str(d) for d in diff_ids], config=config, digest=digest)
 
 
-def _unpack_blob(src: _Source, layer: _LayerRef, n: int, expected_diff: str, out: Path) -> int:
+def _unpack_blob(
+    src: _Source,
+    layer: _LayerRef,
+    n: int,
+    expected_diff: str,
+    out: Path,
+    limits: layertar.Limits,
+) -> tuple[int, int]:
     """Copy layer ``n``'s blob, decompressed, to ``out``, checking the blob digest and DiffID.
-    Returns the compressed size."""
+    Returns the compressed and the uncompressed size.
+
+    ``limits`` bound the uncompressed size and the compression ratio, checked after every
+    chunk, so a decompression bomb stops within a MiB of its limit."""
     what = f"layer {n} ({layer.digest or layer.name})"
     algo = (layer.digest or "sha256:").split(":", 1)[0]
     diff_algo = expected_diff.split(":", 1)[0]
@@ -829,14 +960,36 @@ def _unpack_blob(src: _Source, layer: _LayerRef, n: int, expected_diff: str, out
                 "with `skopeo copy --dest-compress-format gzip`",
             )
         inner = _HashWriter(dst, diff_algo)
+
+        def write(chunk: bytes) -> None:
+            inner.write(chunk)
+            if inner.size > limits.max_layer_size:
+                raise InvalidImageError(
+                    what,
+                    f"uncompressed, it is more than {limits.max_layer_size} bytes, the limit "
+                    "for one layer; if the image is trusted, raise it with `pytest-layers "
+                    f"import --max-layer-size` or {layertar.Limits.ENV['max_layer_size']}",
+                )
+            if (
+                inner.size > layertar.Limits.RATIO_FLOOR
+                and inner.size > limits.max_ratio * raw.size
+            ):
+                raise InvalidImageError(
+                    what,
+                    f"{raw.size} compressed bytes expand to more than {inner.size}, a ratio "
+                    f"above the limit of {limits.max_ratio}:1 (a decompression bomb?); if the "
+                    "image is trusted, raise it with `pytest-layers import --max-ratio` or "
+                    f"{layertar.Limits.ENV['max_ratio']}",
+                )
+
         try:
             if compression == "gzip":
                 with gzip.GzipFile(fileobj=stream, mode="rb") as gz:
                     while chunk := gz.read(_CHUNK):
-                        inner.write(chunk)
+                        write(chunk)
             else:
                 while chunk := stream.read(_CHUNK):
-                    inner.write(chunk)
+                    write(chunk)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise
@@ -856,7 +1009,7 @@ def _unpack_blob(src: _Source, layer: _LayerRef, n: int, expected_diff: str, out
             f"DiffID mismatch: the uncompressed layer hashes to {inner.digest} but the image "
             f"config says {expected_diff}",
         )
-    return raw.size
+    return raw.size, inner.size
 
 
 class _Prefixed:
@@ -893,29 +1046,49 @@ def _default_backend(store: Store, scratch: Path) -> Backend:
     return backend
 
 
-def _restore_mtimes(entries: Sequence[Entry], staged: Path) -> None:
-    """Give the stored tree the image's own mtimes: ``write_layer`` clamps them, as a built
-    layer needs, but an imported layer keeps what its image says (DESIGN 6)."""
-    # Deepest first, so that setting a file's time never disturbs its directory's again.
-    for entry in sorted(entries, key=lambda e: e.path.count("/"), reverse=True):
-        if entry.source is None or entry.kind == "D":
-            continue
-        target = staged / entry.path
-        try:
-            st = os.lstat(entry.source)
-            os.utime(target, ns=(st.st_mtime_ns, st.st_mtime_ns), follow_symlinks=False)
-        except FileNotFoundError:
-            continue
+def _apply(blob: Path, root: Path, limits: layertar.Limits, n: int, layer: _LayerRef) -> None:
+    try:
+        layertar.apply_layer_tar(blob, root, limits=limits, strict_devices=True)
+    except (InvalidLayerError, UnsafeEntryError) as exc:
+        raise InvalidImageError(f"layer {n} ({layer.digest or layer.name})", str(exc)) from None
 
 
-def image_id(path: Path, *, ref: str | None = None) -> str:
+def _apply_on_view(
+    store: Store,
+    backend: Backend | None,
+    staging: Path,
+    parents: list[str],
+    blob: Path,
+    staged: Path,
+    limits: layertar.Limits,
+    n: int,
+    layer: _LayerRef,
+) -> None:
+    """Apply layer ``n`` onto a writable view of its ``parents`` and write what changed."""
+    from pytest_layers.changeset import ImageView, write_layer
+
+    lowers = [store.layer_dir(c) for c in reversed(parents)]
+    scratch = staging / "view"
+    scratch.mkdir()
+    chosen = backend or _default_backend(store, staging / "probe")
+    view = chosen.open(lowers, scratch, flavor=store.flavor)
+    try:
+        _apply(blob, view.path, limits, n, layer)
+        entries = chosen.changes(view, ImageView(lowers, store.flavor))
+        # An imported layer keeps its image's mtimes (docs/concepts).
+        write_layer(entries, staged, flavor=store.flavor, clamp_mtimes=False)
+    finally:
+        view.close()
+
+
+def image_id(path: Path, *, ref: str | None = None, limits: layertar.Limits | None = None) -> str:
     """The identity of the image at ``path`` without importing it: the digest of its manifest
     (OCI layout, directory or tar) or of its config (docker-archive, Docker's image ID).
 
     Reads only the layout's small metadata files; raises :class:`InvalidImageError` naming the
     culprit when ``path`` is not an image, has no image tagged ``ref``, or misses a blob.
     """
-    src = _Source(Path(path))
+    src = _Source(Path(path), limits or layertar.Limits.from_env())
     try:
         return _read_image(src, ref).digest
     finally:
@@ -930,6 +1103,7 @@ def import_image(
     ref: str | None = None,
     backend: Backend | None = None,
     progress: Progress | None = None,
+    limits: layertar.Limits | None = None,
 ) -> ImportResult:
     """Import an OCI image layout (directory or tar) or a docker-archive into ``store``.
 
@@ -940,11 +1114,13 @@ def import_image(
     Layers already in the store are reused. ``name``, when given, names the top layer.
     ``ref`` picks an image by tag when the layout holds several.
     Raises :class:`InvalidImageError` or :class:`UnsafeEntryError` naming the culprit; nothing
-    is written outside the store, and no partial layer becomes visible.
+    is written outside the store, and no partial layer becomes visible. The image is untrusted
+    input: ``limits`` (default: :meth:`layertar.Limits.from_env`) bound what a layer may
+    expand to; a device node an ordinary user cannot create is an error, not a silent gap; a
+    full disk raises :class:`NoSpaceError` naming the image.
     """
-    from pytest_layers.changeset import ImageView, write_layer
-
-    src = _Source(Path(path))
+    limits = limits or layertar.Limits.from_env()
+    src = _Source(Path(path), limits)
     try:
         image = _read_image(src, ref)
         chain_ids = layertar.chain_ids(image.diff_ids) if image.diff_ids else []
@@ -960,31 +1136,35 @@ def import_image(
                     progress(f"layer {n}/{len(image.layers)} {_short(image.diff_ids[i])} exists")
                 continue
             started = time.monotonic()
-            with store.staging() as staging:
-                blob = staging / "blob.tar"
-                size = _unpack_blob(src, layer, n, image.diff_ids[i], blob)
-                lowers = [store.layer_dir(c) for c in reversed(chain_ids[:i])]
-                scratch = staging / "view"
-                scratch.mkdir()
-                chosen = backend or _default_backend(store, staging / "probe")
-                view = chosen.open(lowers, scratch, flavor=store.flavor)
-                try:
-                    layertar.apply_layer_tar(blob, view.path)
-                    entries = chosen.changes(view, ImageView(lowers, store.flavor))
+            try:
+                with store.staging() as staging:
+                    blob = staging / "blob.tar"
+                    size, usize = _unpack_blob(src, layer, n, image.diff_ids[i], blob, limits)
                     staged = staging / "layer"
                     staged.mkdir()
-                    write_layer(entries, staged, flavor=store.flavor)
-                    _restore_mtimes(entries, staged)
-                finally:
-                    view.close()
-                info = store.add_layer(
-                    staged,
-                    parent=parent,
-                    name=None,
-                    source="import",
-                    diff_id=image.diff_ids[i],
-                    blob=blob,
-                )
+                    if i == 0:
+                        # Nothing below the bottom layer: its tar applied as it is is the
+                        # layer (whiteouts and opaque markers have nothing to hide), so no
+                        # view, no change list, no second copy of every file.
+                        _apply(blob, staged, limits, n, layer)
+                    else:
+                        _apply_on_view(
+                            store, backend, staging, chain_ids[:i], blob, staged, limits, n, layer
+                        )
+                    info = store.add_layer(
+                        staged,
+                        parent=parent,
+                        name=None,
+                        source="import",
+                        diff_id=image.diff_ids[i],
+                        blob=blob,
+                    )
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise NoSpaceError(
+                    f"image {path} (layer {n}/{len(image.layers)})", str(store.root)
+                ) from None
             if info.chain_id != cid:
                 raise StoreError(
                     f"layer {n}: the store gave chain id {info.chain_id}, expected {cid}; "
@@ -994,7 +1174,8 @@ def import_image(
             if progress is not None:
                 progress(
                     f"layer {n}/{len(image.layers)} {_short(image.diff_ids[i])} "
-                    f"{_human(size)} {time.monotonic() - started:.2f}s"
+                    f"{_human(size)} -> {_human(usize)} uncompressed "
+                    f"{time.monotonic() - started:.2f}s"
                 )
         if name is not None:
             store.set_name(name, chain_ids[-1])
