@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from pytest_layers.changeset import Change, Entry
     from pytest_layers.imageref import ImageRef
     from pytest_layers.registry import Options as RegistryOptions
+    from pytest_layers.registry import RemoteCache
     from pytest_layers.store import LayerInfo, Store
 
 __all__ = [
@@ -519,17 +520,21 @@ class Progress:
     """One layer built or found in the cache during this session."""
 
     name: str
-    status: str  # "built" | "imported" | "cached"
+    status: str  # "built" | "imported" | "cached" | "pulled"
     seconds: float
     files: int
     size: int
     digest: str
+    #: Where a pulled layer came from; for a built one, why the remote cache did not serve it.
+    origin: str = ""
 
     def line(self) -> str:
         short = self.digest.split(":", 1)[-1][:12]
+        source = f" from {self.origin}" if self.status == "pulled" and self.origin else ""
+        note = f"; remote cache: {self.origin}" if self.status != "pulled" and self.origin else ""
         return (
-            f"layers: {self.status} {self.name} in {self.seconds:.2f}s "
-            f"({self.files} files, {human_size(self.size)}) {short}"
+            f"layers: {self.status} {self.name}{source} in {self.seconds:.2f}s "
+            f"({self.files} files, {human_size(self.size)}{note}) {short}"
         )
 
 
@@ -561,6 +566,8 @@ class LayerSession:
         self.progress: list[Progress] = []
         #: How to reach registries (``oci_image("x", "docker://...")``, the remote cache).
         self.registry_options: RegistryOptions | None = None
+        #: ``--layers-cache-from/--layers-cache-to``, set by the plugin.
+        self.remote: RemoteCache | None = None
         self._verified: set[str] = set()
         self._exit = contextlib.ExitStack()
         self._counter = 0
@@ -641,13 +648,24 @@ class LayerSession:
         key = build_key(defn, parent.chain_id if parent else None, self.rootdir)
         start = time.perf_counter()
         with self.store.build_lock(key):
-            cached = None if self._must_rebuild(key) else self.store.cache_get(key)
+            rebuild = self._must_rebuild(key)
+            cached = None if rebuild else self.store.cache_get(key)
+            origin = ""
+            pulled = None
+            if cached is None and not rebuild and self.remote is not None:
+                pulled, origin, _secs = self.remote.lookup(key, parent.chain_id if parent else None)
             if cached is not None and self.store.has_layer(cached):
                 lay = self.layer_from_store(cached, parent, defn.name)
                 status = "cached"
+            elif pulled is not None:
+                lay = self.layer_from_store(pulled, parent, defn.name)
+                self.store.cache_set(key, lay.chain_id)
+                status = "pulled"
             else:
                 lay = self._build(defn, parent, kwargs)
                 self.store.cache_set(key, lay.chain_id)
+                if self.remote is not None:
+                    self.remote.schedule(lay.chain_id, key)
                 if self.rebuild_token is not None:
                     marker = self._rebuild_marker(key)
                     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -658,7 +676,13 @@ class LayerSession:
             self.store.set_name(defn.name, lay.chain_id)
         self.progress.append(
             Progress(
-                defn.name, status, time.perf_counter() - start, lay.files, lay.size, lay.diff_id
+                defn.name,
+                status,
+                time.perf_counter() - start,
+                lay.files,
+                lay.size,
+                lay.diff_id,
+                origin[:300],
             )
         )
         return lay

@@ -22,19 +22,22 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import ssl
 import subprocess
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from pytest_layers import oci
 from pytest_layers.errors import (
     InvalidImageError,
+    LayersError,
     RegistryAuthError,
     RegistryError,
     RegistryNotFoundError,
@@ -51,10 +54,12 @@ __all__ = [
     "Client",
     "PullResult",
     "PushResult",
+    "RemoteCache",
     "find_credentials",
     "image_digest",
     "pull",
     "push",
+    "cache_tag",
 ]
 
 INSTALL_HINT = "pip install 'pytest-layers[registry]'"
@@ -766,10 +771,11 @@ def pull(
     backend: Backend | None = None,
     progress: oci.Progress | None = None,
     client: Client | None = None,
+    source: _RegistrySource | None = None,
 ) -> PullResult:
     """Import the image ``ref`` from its registry into ``store``; see the module docstring."""
     client = client or Client(ref.host, opts)
-    src = _RegistrySource(client, ref)
+    src = source or _RegistrySource(client, ref)
     before = len([r for r in client.requests if "/blobs/" in r and r.startswith("GET")])
     result = oci.import_image(
         store,
@@ -850,3 +856,179 @@ def push(
         mounted=counts["mounted"],
         size=sent_bytes,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the remote build cache
+
+
+def cache_tag(key: str) -> str:
+    """The tag under which the image of build-cache ``key`` lives in a cache repository: one
+    immutable tag per key (BuildKit's single mutable cache ref is what concurrent jobs fight
+    over; here two jobs that race on a key publish the same layers)."""
+    return f"layer-{key}"
+
+
+@dataclass
+class _Pushed:
+    layers: int = 0
+    sent: int = 0
+    existed: int = 0
+    mounted: int = 0
+    size: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class RemoteCache:
+    """``--layers-cache-from`` / ``--layers-cache-to`` for one session (one process).
+
+    :meth:`lookup` asks each ``from`` repository, in order, for the tag of a key (one request;
+    a 404 is a miss) and pulls the hit through :func:`pull`, so a tampered or truncated blob is
+    refused before anything becomes visible. :meth:`schedule` pushes a layer built here to the
+    ``to`` repository from one background thread as the session goes: jobs of a fleet that
+    start later in the same minute already find it, and no test waits for the upload.
+    :meth:`finish` waits for the queue at the end of the session, bounded by ``wait``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        sources: Sequence[ImageRef],
+        dest: ImageRef | None,
+        opts: Options | None = None,
+        *,
+        backend: Backend | None = None,
+        wait: float = 300.0,
+    ) -> None:
+        self.store = store
+        self.sources = list(sources)
+        self.dest = dest
+        self.opts = opts or Options(timeout=15.0)
+        self.backend = backend
+        self.wait = wait
+        self.down: dict[str, str] = {}  # host -> why it is not used any more
+        self.pushed = _Pushed()
+        self._clients: dict[str, Client] = {}
+        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _client(self, host: str) -> Client:
+        if host not in self._clients:
+            self._clients[host] = Client(host, self.opts)
+        return self._clients[host]
+
+    @staticmethod
+    def _repo(ref: ImageRef) -> str:
+        return f"docker://{ref.host}/{ref.repo}"
+
+    def probe(self) -> list[str]:
+        """One ``GET /v2/`` per registry; each unusable one is one line (for the header) and
+        is skipped for the rest of the session."""
+        lines = []
+        seen: set[str] = set()
+        for ref in [*self.sources, *([self.dest] if self.dest else [])]:
+            if ref.host in seen:
+                continue
+            seen.add(ref.host)
+            try:
+                self._client(ref.host).base()
+            except RegistryError as exc:
+                self.down[ref.host] = str(exc)
+                lines.append(f"layers: remote cache {self._repo(ref)} not used: {exc}")
+        return lines
+
+    def lookup(self, key: str, parent: str | None) -> tuple[str | None, str, float]:
+        """``(chain id, where from, seconds)`` of a hit, pulled into the store, or
+        ``(None, why not, 0)``; ``why not`` is empty for a plain miss."""
+        notes = []
+        for src in self.sources:
+            if src.host in self.down:
+                continue
+            ref = src.with_tag(cache_tag(key))
+            started = time.monotonic()
+            client = self._client(src.host)
+            try:
+                try:
+                    source = _RegistrySource(client, ref)
+                except RegistryNotFoundError:
+                    continue  # a miss
+                pulled = pull(self.store, ref, client=client, source=source, backend=self.backend)
+            except RegistryUnreachableError as exc:
+                self.down[src.host] = str(exc)
+                notes.append(f"{self._repo(src)} unreachable")
+                continue
+            except (LayersError, OSError) as exc:
+                notes.append(f"{self._repo(src)} refused: {exc}")
+                continue
+            top = pulled.result.chain_id
+            below = pulled.result.chain_ids[-2] if len(pulled.result.chain_ids) > 1 else None
+            if below != parent:
+                notes.append(f"{self._repo(src)} holds a layer on another parent (ignored)")
+                continue
+            return top, self._repo(src), time.monotonic() - started
+        return None, "; ".join(notes), 0.0
+
+    def schedule(self, chain_id: str, key: str) -> None:
+        """Push ``chain_id``'s image as the tag of ``key``, in the background."""
+        if self.dest is None or self.dest.host in self.down:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._worker, name="pytest-layers cache push", daemon=True
+                )
+                self._thread.start()
+        self._queue.put((chain_id, key))
+
+    def _worker(self) -> None:
+        while (item := self._queue.get()) is not None:
+            chain_id, key = item
+            dest = self.dest
+            if dest is None or dest.host in self.down:
+                continue
+            started = time.monotonic()
+            try:
+                result = push(
+                    self.store,
+                    chain_id,
+                    dest.with_tag(cache_tag(key)),
+                    client=self._client(dest.host),
+                )
+            except Exception as exc:  # a failed push is reported at session end, never raised
+                if isinstance(exc, RegistryUnreachableError):
+                    self.down[dest.host] = str(exc)
+                self.pushed.errors.append(f"{oci._short(chain_id)}: {exc}")
+                continue
+            p = self.pushed
+            p.layers += 1
+            p.sent += result.sent
+            p.existed += result.existed
+            p.mounted += result.mounted
+            p.size += result.size
+            p.seconds += time.monotonic() - started
+
+    def finish(self) -> list[str]:
+        """Wait (at most ``wait`` seconds) for pending pushes; one line saying what happened."""
+        if self._thread is None or self.dest is None:
+            return []
+        self._queue.put(None)
+        self._thread.join(self.wait)
+        p = self.pushed
+        where = self._repo(self.dest)
+        lines = []
+        if p.layers:
+            lines.append(
+                f"layers: pushed {p.layers} image(s) to the cache {where} in {p.seconds:.1f}s: "
+                f"{p.sent} blobs sent ({oci._human(p.size)}), {p.existed} already there, "
+                f"{p.mounted} mounted"
+            )
+        for error in p.errors[:3]:
+            lines.append(f"layers: cache push to {where} failed: {error}")
+        if self._thread.is_alive():
+            lines.append(
+                f"layers: cache push to {where} still running after {self.wait:.0f}s; "
+                "abandoned (the next session that builds those layers pushes them)"
+            )
+        return lines

@@ -110,9 +110,12 @@ def skopeo(*args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def http_get(url: str) -> tuple[int, bytes]:
+def http_get(
+    url: str, accept: str = "application/vnd.oci.image.manifest.v1+json"
+) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Accept": accept})
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=10) as resp:
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
