@@ -132,3 +132,65 @@ def running(root: Path, **kw: object) -> Iterator[RegistryServer]:
 
 def no_leftover_processes(server: RegistryServer) -> bool:
     return server.proc.poll() is not None and not os.path.exists(f"/proc/{server.proc.pid}")
+
+
+class CuttingProxy:
+    """Forwards GET/HEAD to a registry; the download of blob ``cut`` stops halfway and the
+    connection drops, as when the registry goes down in the middle of a pull."""
+
+    def __init__(self, upstream: str, cut: str) -> None:
+        import http.server
+        import threading
+
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self, method: str) -> None:
+                request = urllib.request.Request(
+                    f"http://{upstream}{self.path}",
+                    method=method,
+                    headers={k: v for k, v in self.headers.items() if k.lower() == "accept"},
+                )
+                try:
+                    resp = urllib.request.urlopen(request, timeout=30)
+                except urllib.error.HTTPError as exc:
+                    resp = exc
+                body = resp.read()
+                self.send_response(resp.status if hasattr(resp, "status") else resp.code)
+                for key, value in resp.headers.items():
+                    if key.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if method == "HEAD":
+                    return
+                if cut in self.path:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def do_HEAD(self) -> None:
+                self._forward("HEAD")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        del proxy
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)

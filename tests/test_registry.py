@@ -20,7 +20,7 @@ from pytest_layers import registry
 from pytest_layers.errors import RegistryError, RegistryUnreachableError
 from pytest_layers.imageref import parse
 from pytest_layers.store import Store
-from tests.registry_util import RegistryServer, running, skopeo
+from tests.registry_util import CuttingProxy, RegistryServer, running, skopeo
 from tests.test_oci import ROOTLESS, cli, comparable, expected_nodes, overlay_tree
 
 pytestmark = [
@@ -360,3 +360,106 @@ def test_oci_image_from_registry_is_pulled_once(
     result.stdout.fnmatch_lines(["*layers: cached base *"])
     assert blob_gets(registry_server) == before
     store_is_clean(store)
+
+
+def test_registry_down_mid_pull_is_one_line(
+    two_layer_store: Any, own_registry: RegistryServer, tmp_path: Path
+) -> None:
+    store, tree, _chain = two_layer_store
+    (tree / "data/big").write_bytes(os.urandom(1 << 20))  # a blob big enough to cut in half
+    big = build_layer(Store(store), Store(store).resolve("app"), tree, "big")
+    url = own_registry.url("cut/img", "v1")
+    cli(store, "push", "big", url, check=True)
+    digest = _layer_digest(url, 2)
+    proxy = CuttingProxy(own_registry.host, digest)
+    try:
+        target = tmp_path / "target"
+        line = one_line_error(cli(target, "pull", f"docker://{proxy.host}/cut/img:v1"))
+    finally:
+        proxy.stop()
+    assert "connection broke while reading layer 3" in line
+    assert digest in line
+    opened = Store(target)
+    assert big not in opened.layers()
+    store_is_clean(target)
+
+
+def test_zstd_layers_are_read(
+    pushed_umoci: Any, own_registry: RegistryServer, tmp_path: Path
+) -> None:
+    pytest.importorskip("zstandard", reason="zstandard (the [zstd] extra) is not installed")
+    _url, img, rootfs = pushed_umoci
+    # A registry of its own: skopeo would reuse the gzip blobs the session registry holds.
+    url = own_registry.url("judge/zstd", "v1")
+    # skopeo keeps a compressed layer as it is: decompress first, then compress with zstd.
+    skopeo("copy", "--dest-decompress", f"oci:{img}:v1", f"dir:{tmp_path / 'plain'}")
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-compress-format",
+        "zstd",
+        f"dir:{tmp_path / 'plain'}",
+        url,
+    )
+    manifest = json.loads(skopeo("inspect", "--tls-verify=false", "--raw", url).stdout)
+    assert {x["mediaType"] for x in manifest["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    }
+    store = tmp_path / "store"
+    cli(store, "pull", url, "--name", "z", check=True)
+    got = comparable(overlay_tree(store, "z", tmp_path))
+    assert diff_snapshots(comparable(snapshot_tree(rootfs)), got) == []
+    # Without the decompressor: a clear error naming the fix, nothing stored.
+    code = (
+        "import sys; sys.modules['zstandard'] = None\n"
+        "from pytest_layers.cli import main\n"
+        f"sys.exit(main(['--store', {str(tmp_path / 'plain')!r}, 'pull', {url!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = one_line_error(proc)
+    assert "zstd-compressed" in line
+    assert "pytest-layers[zstd]" in line
+    store_is_clean(tmp_path / "plain")
+
+
+SNAPSHOT_CONFTEST = """
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text("ID=snap\\n")
+"""
+
+SNAPSHOT_TESTS = """
+import pytest
+
+@pytest.mark.layer("base")
+def test_fails(rootfs):
+    (rootfs / "etc/written-by-test").write_text("evidence\\n")
+    (rootfs / "etc/os-release").unlink()
+    assert False
+"""
+
+
+def test_push_a_failing_tests_snapshot(
+    pytester: pytest.Pytester, registry_server: RegistryServer, tmp_path: Path
+) -> None:
+    pytester.makeconftest(SNAPSHOT_CONFTEST)
+    pytester.makepyfile(test_snap=SNAPSHOT_TESTS)
+    store = pytester.path / "store"
+    result = pytester.runpytest_subprocess("--layers-store", str(store), "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    url = registry_server.url("snapshots/fails", "v1")
+    cli(store, "push", "snapshot:test_snap.py::test_fails", url, check=True)
+    opened = Store(store)
+    chain = opened.chain(opened.resolve("snapshot:test_snap.py::test_fails"))
+    config = json.loads(skopeo("inspect", "--tls-verify=false", "--config", url).stdout)
+    assert config["rootfs"]["diff_ids"] == [i.diff_id for i in chain]
+    skopeo("copy", "--src-tls-verify=false", url, f"oci:{tmp_path / 'copy'}:v1")
+    _umoci("unpack", *ROOTLESS, "--image", f"{tmp_path / 'copy'}:v1", str(tmp_path / "bundle"))
+    rootfs = tmp_path / "bundle/rootfs"
+    assert (rootfs / "etc/written-by-test").read_text() == "evidence\n"
+    assert not (rootfs / "etc/os-release").exists()
+    got = comparable(snapshot_tree(rootfs))
+    assert diff_snapshots(comparable(overlay_tree(store, chain[-1].chain_id, tmp_path)), got) == []
