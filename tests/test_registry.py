@@ -463,3 +463,55 @@ def test_push_a_failing_tests_snapshot(
     assert not (rootfs / "etc/os-release").exists()
     got = comparable(snapshot_tree(rootfs))
     assert diff_snapshots(comparable(overlay_tree(store, chain[-1].chain_id, tmp_path)), got) == []
+
+
+def test_docker_schema2_manifest_is_pulled(
+    pushed_umoci: Any, registry_server: RegistryServer, tmp_path: Path
+) -> None:
+    _url, img, rootfs = pushed_umoci
+    url = registry_server.url("judge/v2s2", "v1")
+    skopeo("copy", "--dest-tls-verify=false", "--format", "v2s2", f"oci:{img}:v1", url)
+    raw = json.loads(skopeo("inspect", "--tls-verify=false", "--raw", url).stdout)
+    assert raw["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    store = tmp_path / "store"
+    cli(store, "pull", url, "--name", "d", check=True)
+    got = comparable(overlay_tree(store, "d", tmp_path))
+    assert diff_snapshots(comparable(snapshot_tree(rootfs)), got) == []
+
+
+_RSS_CODE = """
+import os, resource, sys
+from pytest_layers.cli import main
+code = main(sys.argv[1:])
+print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_big_layer_moves_with_bounded_memory(own_registry: RegistryServer, tmp_path: Path) -> None:
+    """A 256 MiB file (zeros, sparse on disk) pushes and pulls in far less memory than its
+    size: blobs stream through files, never through memory. The 1 GiB figure is in
+    benchmarks/bench_registry.py."""
+    size = 256 << 20
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "big", "wb") as f:
+        f.truncate(size)
+    store = tmp_path / "store"
+    build_layer(Store(store), None, src, "big")
+    url = own_registry.url("big/img", "v1")
+    peaks = []
+    for args in (
+        ["--store", str(store), "push", "big", url],
+        ["--store", str(tmp_path / "t"), "pull", url, "--name", "big"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", _RSS_CODE, *args], capture_output=True, text=True, timeout=900
+        )
+        assert proc.returncode == 0, proc.stderr
+        peaks.append(int(proc.stdout.split("MAXRSS")[1]) * 1024)
+    assert max(peaks) < 128 << 20, peaks  # the interpreter alone is ~30 MiB
+    opened = Store(tmp_path / "t")
+    assert opened.layer_info(opened.resolve("big")).size >= size
+    store_is_clean(tmp_path / "t")
