@@ -359,6 +359,19 @@ def test_oci_image_from_registry_is_pulled_once(
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*layers: cached base *"])
     assert blob_gets(registry_server) == before
+    # Offline: not one request; the image last pulled for this reference serves.
+    before = len(registry_server.requests())
+    result = pytester.runpytest_subprocess(
+        "--layers-store", str(store), "-p", "no:cacheprovider", "--layers-offline"
+    )
+    result.assert_outcomes(passed=4)
+    assert len(registry_server.requests()) == before
+    # Offline with an empty store: one error naming the image and why.
+    result = pytester.runpytest_subprocess(
+        "--layers-store", str(pytester.path / "empty"), "-p", "no:cacheprovider", "--layers-offline"
+    )
+    result.assert_outcomes(errors=4)
+    result.stdout.fnmatch_lines(["*oci_image 'base'*--layers-offline*"])
     store_is_clean(store)
 
 
