@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import ssl
 import subprocess
 import threading
@@ -122,21 +123,19 @@ def _key_host(key: str) -> str:
 
 def _helper(name: str, host: str) -> tuple[str, str] | None:
     """Ask ``docker-credential-NAME get`` (the docker credential-helper protocol)."""
+    exe = shutil.which(f"docker-credential-{name}")
     try:
+        if exe is None:
+            raise FileNotFoundError(name)
         proc = subprocess.run(
-            [f"docker-credential-{name}", "get"],
-            input=host,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+            [exe, "get"], input=host, capture_output=True, text=True, timeout=30, check=False
         )
-    except FileNotFoundError:
+    except OSError:
         raise RegistryAuthError(
             host,
             "",
             f"the credential helper docker-credential-{name} named in the docker config is "
-            "not on PATH; install it or remove it from the config",
+            "not on PATH (or cannot be run); install it or remove it from the config",
         ) from None
     if proc.returncode != 0:
         return None  # "credentials not found in native keychain"
