@@ -727,7 +727,6 @@ class PullResult:
 
     result: oci.ImportResult
     digest: str
-    downloaded: int  # layers fetched (the others were in the store already)
 
 
 def _seen_path(store: Store, host: str, digest: str) -> Path:
@@ -775,7 +774,6 @@ def pull(
     """Import the image ``ref`` from its registry into ``store``; see the module docstring."""
     client = client or Client(ref.host, opts)
     src = source or _RegistrySource(client, ref)
-    before = len([r for r in client.requests if "/blobs/" in r and r.startswith("GET")])
     result = oci.import_image(
         store,
         src,
@@ -783,9 +781,8 @@ def pull(
         backend=backend,
         progress=progress,
     )
-    after = len([r for r in client.requests if "/blobs/" in r and r.startswith("GET")])
     _remember(store, ref.host, ref.repo, src.layer_digests)
-    return PullResult(result=result, digest=src.digest, downloaded=max(0, after - before - 1))
+    return PullResult(result=result, digest=src.digest)
 
 
 # --------------------------------------------------------------------------------------------
