@@ -167,6 +167,22 @@ def bench_session(host: str, work: Path, files: int, runs: int) -> dict[str, Any
     return {"files": files, "built_session_s": a, "pulled_session_s": b, "speedup": a / b}
 
 
+# The peak RSS of the command itself: VmHWM belongs to the process's own address space, which
+# exec replaces (ru_maxrss would also count the parent's memory at fork time).
+_HWM = (
+    "import sys\n"
+    "from pytest_layers.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0].split()[1]\n"
+    "print('VMHWM', hwm)\n"
+    "sys.exit(code)\n"
+)
+
+
+def hwm_kib(out: str) -> int:
+    return int(out.split("VMHWM")[1].split()[0])
+
+
 def bench_memory(host: str, work: Path, size: int) -> dict[str, Any]:
     src = work / "sparse"
     src.mkdir()
@@ -175,9 +191,13 @@ def bench_memory(host: str, work: Path, size: int) -> dict[str, Any]:
     store = work / "store-sparse"
     build_layer(Store(store), None, src, "big")
     url = f"docker://{host}/bench/sparse:v1"
-    push_s, push_rss, _ = run(cli(store, "push", "big", url, "-q"))
-    pull_s, pull_rss, _ = run(cli(work / "pulled-sparse", "pull", url, "-q"))
-    _base_s, base_rss, _ = run([sys.executable, "-c", "import pytest_layers.registry"])
+    wrap = [sys.executable, "-c", _HWM]
+    push_s, _, out = run([*wrap, "--store", str(store), "push", "big", url, "-q"])
+    push_rss = hwm_kib(out)
+    pull_s, _, out = run([*wrap, "--store", str(work / "pulled-sparse"), "pull", url, "-q"])
+    pull_rss = hwm_kib(out)
+    _, _, out = run([*wrap, "--store", str(store), "ls"])
+    base_rss = hwm_kib(out)
     shutil.rmtree(work / "pulled-sparse")
     shutil.rmtree(store)
     return {
@@ -186,7 +206,7 @@ def bench_memory(host: str, work: Path, size: int) -> dict[str, Any]:
         "push_peak_rss_mib": push_rss / 1024,
         "pull_s": pull_s,
         "pull_peak_rss_mib": pull_rss / 1024,
-        "python_import_rss_mib": base_rss / 1024,
+        "cli_ls_rss_mib": base_rss / 1024,
     }
 
 
@@ -195,13 +215,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--only",
+        choices=("pull", "session", "memory"),
+        help="Measure one part and update it in the results file",
+    )
     args = parser.parse_args()
     sizes = [1000] if args.quick else [10_000, 100_000]
     runs = 1 if args.quick else args.runs
     out = args.out or REPO / "benchmarks/results" / (
         "registry-quick.json" if args.quick else "registry.json"
     )
-    results: dict[str, Any] = {
+    results: dict[str, Any] = json.loads(out.read_text()) if args.only and out.exists() else {}
+    results |= {
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -212,11 +238,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     try:
         with running(work / "registry") as server:
-            results["pull"] = [bench_pull(server.host, work, n, runs) for n in sizes]
-            results["session"] = bench_session(server.host, work, sizes[-1], runs)
-            results["memory"] = bench_memory(
-                server.host, work, (64 << 20) if args.quick else (1 << 30)
-            )
+            if args.only in (None, "pull"):
+                results["pull"] = [bench_pull(server.host, work, n, runs) for n in sizes]
+            if args.only in (None, "session"):
+                results["session"] = bench_session(server.host, work, sizes[-1], runs)
+            if args.only in (None, "memory"):
+                results["memory"] = bench_memory(
+                    server.host, work, (64 << 20) if args.quick else (1 << 30)
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +264,7 @@ def main() -> None:
     print(
         f"{m['file_bytes'] >> 20} MiB sparse layer: push peak RSS {m['push_peak_rss_mib']:.0f} "
         f"MiB ({m['push_s']:.1f}s), pull peak RSS {m['pull_peak_rss_mib']:.0f} MiB "
-        f"({m['pull_s']:.1f}s); python + import {m['python_import_rss_mib']:.0f} MiB"
+        f"({m['pull_s']:.1f}s); `pytest-layers ls` {m['cli_ls_rss_mib']:.0f} MiB"
     )
     print(f"wrote {out}")
 

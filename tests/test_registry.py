@@ -492,11 +492,13 @@ def test_docker_schema2_manifest_is_pulled(
     assert diff_snapshots(comparable(snapshot_tree(rootfs)), got) == []
 
 
+# VmHWM: the peak RSS of this process's own address space (ru_maxrss would also count the
+# parent's memory at fork time, which exec keeps).
 _RSS_CODE = """
-import os, resource, sys
+import sys
 from pytest_layers.cli import main
 code = main(sys.argv[1:])
-print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("VMHWM", [x for x in open("/proc/self/status") if x.startswith("VmHWM")][0].split()[1])
 sys.exit(code)
 """
 
@@ -504,8 +506,8 @@ sys.exit(code)
 @pytest.mark.slow
 def test_big_layer_moves_with_bounded_memory(own_registry: RegistryServer, tmp_path: Path) -> None:
     """A 256 MiB file (zeros, sparse on disk) pushes and pulls in far less memory than its
-    size: blobs stream through files, never through memory. The 1 GiB figure is in
-    benchmarks/bench_registry.py."""
+    size: blobs stream through files, never memory (benchmarks/bench_registry.py measures
+    ~30 MiB peak for 1 GiB)."""
     size = 256 << 20
     src = tmp_path / "src"
     src.mkdir()
@@ -523,8 +525,8 @@ def test_big_layer_moves_with_bounded_memory(own_registry: RegistryServer, tmp_p
             [sys.executable, "-c", _RSS_CODE, *args], capture_output=True, text=True, timeout=900
         )
         assert proc.returncode == 0, proc.stderr
-        peaks.append(int(proc.stdout.split("MAXRSS")[1]) * 1024)
-    assert max(peaks) < 128 << 20, peaks  # the interpreter alone is ~30 MiB
+        peaks.append(int(proc.stdout.split("VMHWM")[1].split()[0]) * 1024)
+    assert max(peaks) < 96 << 20, peaks  # `pytest-layers ls` alone peaks at ~25 MiB
     opened = Store(tmp_path / "t")
     assert opened.layer_info(opened.resolve("big")).size >= size
     store_is_clean(tmp_path / "t")
