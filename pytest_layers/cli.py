@@ -685,8 +685,13 @@ def _size(text: str) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from pytest_layers import layertar, oci
+    from pytest_layers import imageref, layertar, oci
 
+    source = imageref.parse(args.path)
+    if source.transport == "docker":
+        return cmd_pull(args, source)
+    if source.tag and args.ref and source.tag != args.ref:
+        raise UsageError(f"{args.path} names tag {source.tag!r} but --ref says {args.ref!r}")
     limits = layertar.Limits.from_env(
         max_layer_size=args.max_layer_size, max_ratio=args.max_ratio, max_header=args.max_header
     )
@@ -695,9 +700,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     started = time.monotonic()
     result = oci.import_image(
         store,
-        Path(args.path),
+        Path(source.path),
         name=args.name,
-        ref=args.ref,
+        ref=args.ref or source.tag,
         progress=None if args.quiet else _print_progress,
         limits=limits,
     )
@@ -706,6 +711,68 @@ def cmd_import(args: argparse.Namespace) -> int:
         f"imported {args.path}{named}: {len(result.chain_ids)} layers "
         f"({len(result.imported)} new) in {time.monotonic() - started:.1f}s; "
         f"chain id {result.chain_id}"
+    )
+    return 0
+
+
+def _registry_options(args: argparse.Namespace) -> Any:
+    from pytest_layers import registry
+
+    return registry.Options(
+        ca_file=args.registry_ca, insecure=tuple(getattr(args, "insecure_registry", None) or ())
+    )
+
+
+def cmd_pull(args: argparse.Namespace, source: Any = None) -> int:
+    from pytest_layers import imageref, registry
+
+    ref = source or imageref.parse(args.path)
+    if ref.transport != "docker":
+        raise UsageError(
+            f"pull takes docker://HOST/REPO[:TAG]; {args.path!r} is a file: use `{PROG} import`"
+        )
+    store = _store(args, create=True)
+    _enter_namespace()
+    started = time.monotonic()
+    pulled = registry.pull(
+        store,
+        ref,
+        name=args.name,
+        opts=_registry_options(args),
+        progress=None if args.quiet else _print_progress,
+    )
+    result = pulled.result
+    named = f" as {args.name}" if args.name else ""
+    print(
+        f"pulled {ref}{named}: {len(result.chain_ids)} layers ({len(result.imported)} new) "
+        f"in {time.monotonic() - started:.1f}s; manifest {pulled.digest}; "
+        f"chain id {result.chain_id}"
+    )
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from pytest_layers import imageref, registry
+
+    dest = imageref.parse(args.dest)
+    if dest.transport != "docker" or dest.digest:
+        raise UsageError(
+            f"push takes docker://HOST/REPO:TAG; for {args.dest!r} use `{PROG} export`"
+        )
+    store = _store(args)
+    cid = store.resolve(args.ref)
+    started = time.monotonic()
+    result = registry.push(
+        store,
+        cid,
+        dest,
+        opts=_registry_options(args),
+        progress=None if args.quiet else _print_progress,
+    )
+    print(
+        f"pushed {args.ref} ({len(result.diff_ids)} layers) to {dest}: {result.sent} blobs "
+        f"sent ({_human(result.size)}), {result.existed} already there, {result.mounted} "
+        f"mounted, in {time.monotonic() - started:.1f}s; manifest {result.manifest_digest}"
     )
     return 0
 
@@ -878,8 +945,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="No progress lines")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="Import an OCI layout (dir or tar) or a docker-archive")
-    p.add_argument("path", metavar="PATH")
+    p = sub.add_parser(
+        "import", help="Import an image: PATH, oci:DIR[:TAG], docker-archive:PATH, docker://..."
+    )
+    p.add_argument("path", metavar="IMAGE")
+    _registry_args(p)
     p.add_argument("--name", help="Layer name for the image's top layer")
     p.add_argument("--ref", help="Tag to pick when the archive holds several images")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress lines")
@@ -902,6 +972,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Largest tar PAX/long-name header (default 1M; env PYTEST_LAYERS_MAX_HEADER)",
     )
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("pull", help="Pull docker://HOST[:PORT]/REPO[:TAG|@DIGEST] into the store")
+    p.add_argument("path", metavar="IMAGE")
+    p.add_argument("--name", help="Layer name for the image's top layer")
+    p.add_argument("-q", "--quiet", action="store_true", help="No progress lines")
+    _registry_args(p)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("push", help="Push REF's image to docker://HOST[:PORT]/REPO:TAG")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("dest", metavar="IMAGE")
+    p.add_argument("-q", "--quiet", action="store_true", help="No progress lines")
+    _registry_args(p)
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser(
         "verify", help="Re-hash layers and report damage (all, or the chains of the REFs)"
@@ -932,6 +1016,18 @@ def _output_closed() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return 128 + signal.SIGPIPE
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry-ca", metavar="PATH", help="Also trust this CA file for registries (PEM)"
+    )
+    p.add_argument(
+        "--insecure-registry",
+        action="append",
+        metavar="HOST",
+        help="Allow plain HTTP to HOST[:PORT] (loopback hosts always are); repeatable",
+    )
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

@@ -34,6 +34,9 @@ from pytest_layers.errors import (
 if TYPE_CHECKING:
     from pytest_layers.backends.base import Backend
     from pytest_layers.changeset import Change, Entry
+    from pytest_layers.imageref import ImageRef
+    from pytest_layers.registry import Options as RegistryOptions
+    from pytest_layers.registry import RemoteCache
     from pytest_layers.store import LayerInfo, Store
 
 __all__ = [
@@ -314,13 +317,17 @@ def _make_def(
 
 def oci_image(name: str, path: str | os.PathLike[str], ref: str | None = None) -> Any:
     """Define a session-scoped fixture ``name`` whose value is the :class:`Layer` on top of a
-    real image: an OCI image layout (a directory or a tar) or a ``docker save`` archive.
+    real image: an OCI image layout (a directory or a tar), a ``docker save`` archive, or an
+    image in a registry.
 
-    ``path`` is absolute or relative to the rootdir; ``ref`` picks an image by tag when the
-    file holds several. Use it like a ``@layer``: as the ``parent=`` of a ``@layer`` (the
-    returned object or its name) and in ``@pytest.mark.layer(name)``. The image is imported
-    into the store once (every DiffID checked, layers applied with the secure applier), keyed
-    by its manifest digest and ``ref``; later sessions and other xdist workers reuse it.
+    ``path`` is an image reference: ``docker://HOST[:PORT]/REPO[:TAG|@sha256:HEX]`` (pulled
+    once per store by manifest digest; needs ``pytest-layers[registry]``), ``oci:DIR[:TAG]``,
+    ``docker-archive:PATH``, or a bare path; a path is absolute or relative to the rootdir.
+    ``ref`` picks an image by tag when the file holds several. Use it like a ``@layer``: as
+    the ``parent=`` of a ``@layer`` (the returned object or its name) and in
+    ``@pytest.mark.layer(name)``. The image is imported into the store once (every DiffID
+    checked, layers applied with the secure applier), keyed by its manifest digest and
+    ``ref``; later sessions and other xdist workers reuse it.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise LayerDefinitionError(
@@ -330,8 +337,11 @@ def oci_image(name: str, path: str | os.PathLike[str], ref: str | None = None) -
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise LayerDefinitionError(
             f"oci_image({name!r}, {path!r}): path must be the path of an OCI layout (directory "
-            "or tar) or of a docker-archive tar"
+            "or tar) or of a docker-archive tar, or a reference such as docker://HOST/REPO:TAG"
         )
+    from pytest_layers import imageref
+
+    imageref.parse(os.fspath(path))  # a malformed reference fails here, at definition time
     if ref is not None and not isinstance(ref, str):
         raise LayerDefinitionError(f"oci_image({name!r}, ...): ref must be a str tag, not {ref!r}")
     caller = sys._getframe(1)
@@ -515,18 +525,22 @@ class Progress:
     """One layer built or found in the cache during this session."""
 
     name: str
-    status: str  # "built" | "imported" | "cached"
+    status: str  # "built" | "imported" | "cached" | "pulled"
     seconds: float
     files: int
     size: int
     chain_id: str  # the image's identity: what every CLI REF takes, unlike the diff_id
+    #: Where a pulled layer came from; for a built one, why the remote cache did not serve it.
+    origin: str = ""
 
     def line(self) -> str:
         # ``sha256:`` + 12 hex digits: a chain id prefix that `pytest-layers` accepts as a REF.
         short = "sha256:" + self.chain_id.split(":", 1)[-1][:12]
+        source = f" from {self.origin}" if self.status == "pulled" and self.origin else ""
+        note = f"; remote cache: {self.origin}" if self.status != "pulled" and self.origin else ""
         return (
-            f"layers: {self.status} {self.name} in {self.seconds:.2f}s "
-            f"({plural(self.files, 'file')}, {human_size(self.size)}) {short}"
+            f"layers: {self.status} {self.name}{source} in {self.seconds:.2f}s "
+            f"({plural(self.files, 'file')}, {human_size(self.size)}{note}) {short}"
         )
 
 
@@ -556,6 +570,10 @@ class LayerSession:
         # Not under STORE/tmp: the store sweeps names there it does not own.
         self.scratch_root = scratch_root or (store.root / "scratch" / "views" / str(os.getpid()))
         self.progress: list[Progress] = []
+        #: How to reach registries (``oci_image("x", "docker://...")``, the remote cache).
+        self.registry_options: RegistryOptions | None = None
+        #: ``--layers-cache-from/--layers-cache-to``, set by the plugin.
+        self.remote: RemoteCache | None = None
         self._verified: set[str] = set()
         self._exit = contextlib.ExitStack()
         self._counter = 0
@@ -630,20 +648,37 @@ class LayerSession:
         key = build_key(defn, parent.chain_id if parent else None, self.rootdir)
         start = time.perf_counter()
         with self.store.build_lock(key):
-            cached = None if self._must_rebuild(key) else self.store.cache_get(key)
+            rebuild = self._must_rebuild(key)
+            cached = None if rebuild else self.store.cache_get(key)
+            origin = ""
+            pulled = None
+            if cached is None and not rebuild and self.remote is not None:
+                pulled, origin, _secs = self.remote.lookup(key, parent.chain_id if parent else None)
             if cached is not None and self.store.has_layer(cached):
                 lay = self.layer_from_store(cached, parent, defn.name)
                 status = "cached"
+            elif pulled is not None:
+                lay = self.layer_from_store(pulled, parent, defn.name)
+                self.store.cache_set(key, lay.chain_id)
+                status = "pulled"
             else:
                 lay = self._build(defn, parent, kwargs)
                 self.store.cache_set(key, lay.chain_id)
+                if self.remote is not None:
+                    self.remote.schedule(lay.chain_id, key)
                 if self.rebuild_token is not None:
                     self.store.mark_rebuilt(key, self.rebuild_token)
                 status = "built"
             self.store.set_name(defn.name, lay.chain_id)
         self.progress.append(
             Progress(
-                defn.name, status, time.perf_counter() - start, lay.files, lay.size, lay.chain_id
+                defn.name,
+                status,
+                time.perf_counter() - start,
+                lay.files,
+                lay.size,
+                lay.chain_id,
+                origin[:300],
             )
         )
         return lay
@@ -652,7 +687,9 @@ class LayerSession:
         """The file or directory of an :func:`oci_image`; a clear error when it is missing."""
         if defn.image is None:
             raise LayerDefinitionError(f"layer {defn.name!r} ({defn.where}) is not an oci_image")
-        path = Path(os.path.expanduser(defn.image.path))
+        from pytest_layers import imageref
+
+        path = Path(os.path.expanduser(imageref.parse(defn.image.path).path))
         full = path if path.is_absolute() else self.rootdir / path
         if not full.exists():
             raise LayerDefinitionError(
@@ -670,11 +707,14 @@ class LayerSession:
         and ref), so concurrent sessions and xdist workers import it once; a later session only
         reads the image's metadata to find it in the build cache.
         """
-        from pytest_layers import oci
+        from pytest_layers import imageref, oci
 
-        path = self.image_path(defn)
-        ref = defn.image.ref if defn.image else None
         start = time.perf_counter()
+        source = imageref.parse(defn.image.path) if defn.image else None
+        if source is not None and source.transport == "docker":
+            return self._image_layer(defn, *self._pull_image(defn, source), start)
+        path = self.image_path(defn)
+        ref = (defn.image.ref if defn.image else None) or (source.tag if source else None)
         try:
             ident = oci.image_id(path, ref=ref)
         except (InvalidImageError, UnsafeEntryError) as exc:
@@ -700,6 +740,45 @@ class LayerSession:
                 # Another image (or tag) with the same layers may have brought them already.
                 status = "imported" if result.imported else "cached"
             self.store.set_name(defn.name, top)
+        return self._image_layer(defn, top, status, start)
+
+    def _pull_image(self, defn: LayerDef, source: ImageRef) -> tuple[str, str]:
+        """(top chain id, status) of an ``oci_image`` from a registry: pulled once per store
+        per manifest digest; with ``--layers-offline`` (or the registry unreachable) the last
+        pull of the same reference serves, when the store has it."""
+        from pytest_layers import registry
+        from pytest_layers.errors import RegistryError, RegistryUnreachableError
+
+        opts = self.registry_options or registry.Options()
+        by_ref = hashlib.sha256(f"pytest-layers oci_image ref 1\0{source}".encode()).hexdigest()
+        where = f"oci_image {defn.name!r} ({defn.where})"
+        try:
+            ident = registry.image_digest(source, opts)
+        except RegistryUnreachableError as exc:
+            top = self.store.cache_get(by_ref)
+            if top is None:
+                raise LayerDefinitionError(f"{where}: {exc}") from exc
+            self.store.set_name(defn.name, top)
+            return top, "cached"
+        except (RegistryError, InvalidImageError) as exc:
+            raise LayerDefinitionError(f"{where}: {exc}") from exc
+        key = hashlib.sha256(f"pytest-layers oci_image 1\0{ident}\0".encode()).hexdigest()
+        with self.store.build_lock(key):
+            top = self.store.cache_get(key)
+            status = "cached"
+            if top is None:
+                try:
+                    pulled = registry.pull(self.store, source, opts=opts, backend=self.backend)
+                except (RegistryError, InvalidImageError, UnsafeEntryError) as exc:
+                    raise LayerDefinitionError(f"{where}: cannot pull {source}: {exc}") from exc
+                top = pulled.result.chain_id
+                self.store.cache_set(key, top)
+                status = "pulled" if pulled.result.imported else "cached"
+            self.store.cache_set(by_ref, top)
+            self.store.set_name(defn.name, top)
+        return top, status
+
+    def _image_layer(self, defn: LayerDef, top: str, status: str, start: float) -> Layer:
         parent: Layer | None = None
         infos = self.store.chain(top)
         for i, info in enumerate(infos):

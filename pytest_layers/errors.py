@@ -28,6 +28,10 @@ __all__ = [
     "NoSpaceError",
     "InvalidImageError",
     "SandboxError",
+    "RegistryError",
+    "RegistryAuthError",
+    "RegistryNotFoundError",
+    "RegistryUnreachableError",
 ]
 
 
@@ -183,3 +187,33 @@ class SandboxError(LayersError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class RegistryError(LayersError, OSError):
+    """A registry refused or failed a request, or cannot be used as configured.
+
+    ``registry`` is ``HOST[:PORT]``, ``repository`` the repository (or ``""``); no credential
+    ever appears in the message.
+    """
+
+    def __init__(self, registry: str, repository: str, reason: str, code: int = 0) -> None:
+        self.registry = registry
+        self.repository = repository
+        self.reason = reason
+        where = f"{registry}/{repository}" if repository else registry
+        super().__init__(code or _errno.EIO, f"{where}: {reason}" if where else reason)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class RegistryAuthError(RegistryError, PermissionError):
+    """The registry wants credentials we do not have, or refused the ones we sent (401/403)."""
+
+
+class RegistryNotFoundError(RegistryError, FileNotFoundError):
+    """The registry has no such repository, tag, manifest or blob (404)."""
+
+
+class RegistryUnreachableError(RegistryError, ConnectionError):
+    """The registry cannot be reached, or the connection broke during a transfer."""

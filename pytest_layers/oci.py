@@ -954,11 +954,7 @@ def _unpack_blob(
         else:
             stream = raw
         if compression == "zstd":
-            raise InvalidImageError(
-                what,
-                "is zstd-compressed, which this Python cannot decompress; convert the image "
-                "with `skopeo copy --dest-compress-format gzip`",
-            )
+            stream, compression = _ZstdReader(stream, what), "none"
         inner = _HashWriter(dst, diff_algo)
 
         def write(chunk: bytes) -> None:
@@ -1010,6 +1006,33 @@ def _unpack_blob(
             f"config says {expected_diff}",
         )
     return raw.size, inner.size
+
+
+class _ZstdReader:
+    """A zstd blob decompressed as it is read, with the optional ``zstandard`` module."""
+
+    def __init__(self, raw: Any, what: str) -> None:
+        self._what = what
+        try:
+            import zstandard
+        except ImportError:
+            raise InvalidImageError(
+                what,
+                "is zstd-compressed and the zstandard module is not installed: pip install "
+                "'pytest-layers[zstd]', or convert the image with `skopeo copy "
+                "--dest-compress-format gzip`",
+            ) from None
+        self._error: type[Exception] = zstandard.ZstdError
+        self._reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return bytes(self._reader.read(n if n and n > 0 else _CHUNK))
+        except self._error as exc:
+            raise InvalidImageError(self._what, f"cannot be decompressed ({exc})") from None
+
+    def readable(self) -> bool:
+        return True
 
 
 class _Prefixed:
@@ -1097,7 +1120,7 @@ def image_id(path: Path, *, ref: str | None = None, limits: layertar.Limits | No
 
 def import_image(
     store: Store,
-    path: Path,
+    path: Path | _Source,
     *,
     name: str | None = None,
     ref: str | None = None,
@@ -1120,7 +1143,8 @@ def import_image(
     full disk raises :class:`NoSpaceError` naming the image.
     """
     limits = limits or layertar.Limits.from_env()
-    src = _Source(Path(path), limits)
+    # A registry hands in its own _Source, whose layer blobs are HTTP streams (registry.py).
+    src = path if isinstance(path, _Source) else _Source(Path(path), limits)
     try:
         image = _read_image(src, ref)
         chain_ids = layertar.chain_ids(image.diff_ids) if image.diff_ids else []

@@ -164,6 +164,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="private",
     )
     parser.addini("layers_default", "Image of tests that use rootfs without a layer marker")
+    group.addoption(
+        "--layers-cache-from",
+        action="append",
+        default=None,
+        metavar="docker://HOST/REPO",
+        help="Remote build cache to pull layers from before building them (repeatable; the "
+        "first hit wins)",
+    )
+    group.addoption(
+        "--layers-cache-to",
+        default=None,
+        metavar="docker://HOST/REPO",
+        help="Remote build cache to push the layers this session builds to",
+    )
+    group.addoption(
+        "--layers-offline",
+        action="store_true",
+        default=False,
+        help="Never use the network: no remote cache; registry images only from the store",
+    )
+    group.addoption(
+        "--layers-registry-ca",
+        default=None,
+        metavar="PATH",
+        help="Also trust this CA certificate file (PEM) for registries",
+    )
+    parser.addini(
+        "layers_cache_from", "Remote build caches to pull from (docker://HOST/REPO)", "linelist"
+    )
+    parser.addini("layers_cache_to", "Remote build cache to push to (docker://HOST/REPO)")
+    parser.addini(
+        "layers_insecure_registries",
+        "Registry hosts (HOST[:PORT]) reached over plain HTTP (loopback hosts always are)",
+        "linelist",
+    )
 
 
 # ---- session state -------------------------------------------------------------------------
@@ -194,6 +229,7 @@ class _State:
     seen_progress: dict[tuple[str, str], str] = field(default_factory=dict)
     snapshots: list[tuple[str, str]] = field(default_factory=list)
     snapshot_errors: list[tuple[str, str]] = field(default_factory=list)
+    remote_lines: list[str] = field(default_factory=list)
 
     def worker_info(self) -> dict[str, Any]:
         return {
@@ -324,11 +360,13 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     state.policy = policy
     config.stash[_STATE] = state
+    remote = _remote_settings(config)
     if winfo is not None and winfo.get("error"):
         state.error = LayersError(winfo["error"])
     else:
         try:
             _setup(config, state, backend_opt, ns_mode, worker=winfo is not None)
+            _attach_remote(state, remote, probe=winfo is None)
         except (LayersError, OSError) as exc:
             # Deferred: a session that never uses a layer must not fail because of the store.
             state.error = exc
@@ -393,6 +431,53 @@ def _setup(
         verify=state.verify,
         scratch_root=scratch,
     )
+
+
+def _remote_settings(config: pytest.Config) -> tuple[Any, list[Any], Any]:
+    """(registry options, cache-from refs, cache-to ref), each value checked here so that a
+    bad one is a usage error naming the option."""
+    from pytest_layers import imageref
+    from pytest_layers.registry import Options
+
+    def parse(flag: str, value: str) -> Any:
+        try:
+            return imageref.parse_registry(value.strip(), tag_allowed=False)
+        except LayersError as exc:
+            raise pytest.UsageError(f"{flag}: {exc}") from None
+
+    froms = config.getoption("layers_cache_from") or [
+        str(x) for x in config.getini("layers_cache_from")
+    ]
+    sources = [parse("--layers-cache-from", v) for v in froms if v.strip()]
+    to = config.getoption("layers_cache_to") or str(config.getini("layers_cache_to") or "")
+    dest = parse("--layers-cache-to", to) if to.strip() else None
+    ca = config.getoption("layers_registry_ca")
+    if ca and not os.path.isfile(ca):
+        raise pytest.UsageError(
+            f"--layers-registry-ca: {ca!r} is not a file; give the PEM file of the CA that "
+            "signed the registry's certificate"
+        )
+    opts = Options(
+        ca_file=ca,
+        insecure=tuple(str(x) for x in config.getini("layers_insecure_registries")),
+        offline=bool(config.getoption("layers_offline")),
+    )
+    return opts, sources, dest
+
+
+def _attach_remote(state: _State, remote: tuple[Any, list[Any], Any], *, probe: bool) -> None:
+    from pytest_layers.registry import Options, RemoteCache
+
+    opts, sources, dest = remote
+    session = state.get_session()
+    session.registry_options = opts
+    if opts.offline or not (sources or dest):
+        return
+    # Shorter timeouts than a pull the user asked for: a slow cache must not hold a build up.
+    cache_opts = Options(ca_file=opts.ca_file, insecure=opts.insecure, timeout=15.0)
+    session.remote = RemoteCache(session.store, sources, dest, cache_opts, backend=session.backend)
+    if probe:
+        state.remote_lines = session.remote.probe()
 
 
 def _sweep_dead_sessions(store_path: Path, shared: str | None) -> None:
@@ -537,11 +622,26 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = [
         f"layers: backend={state.backend_label or state.backend_name}{why}, "
         f"store={state.store_path} ({store.access.describe()}, "
-        f"{human_size(store.recorded_disk_use())} disk use)"
+        f"{human_size(store.recorded_disk_use())} disk use)",
+        *state.remote_lines,
     ]
     if state.backend_reason and config.get_verbosity() > 0:
         lines.append(f"layers: why: {state.backend_reason}")
     return lines
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Wait for the remote cache's background pushes (tests are over: nothing waits on them
+    but the exit) and say what they did."""
+    state = session.config.stash.get(_STATE, None)
+    remote = state.session.remote if state is not None and state.session is not None else None
+    if remote is None:
+        return
+    lines = remote.finish()
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None and lines and session.config.get_verbosity() >= 0:
+        for line in lines:
+            tr.write_line(line)
 
 
 # ---- @layer fixtures -----------------------------------------------------------------------

@@ -13,8 +13,9 @@ import pwd
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,3 +166,15 @@ def user_tmp_path(tmp_path: Path) -> Path:
     os.chown(path, entry.pw_uid, entry.pw_gid)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A plain-HTTP docker-registry on 127.0.0.1 for the session (tests/registry_util.py);
+    always stopped at the end."""
+    require("tool:docker-registry")
+    require("tool:skopeo")
+    from tests.registry_util import running
+
+    with running(tmp_path_factory.mktemp("registry")) as server:
+        yield server
