@@ -173,11 +173,11 @@ def test_options_reference_matches_help(pytester: pytest.Pytester) -> None:
     assert inis, text
     assert inis["layers_keep_count"] == "int"
     assert inis["layers_verify"] == "bool"
-    rows = [
-        line.split("|")[1:3]
-        for line in (DOCS / "options.md").read_text().splitlines()
-        if line.startswith("| ")
-    ]
+    # The first table of the page is the options table (later ones list environment variables).
+    lines = (DOCS / "options.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [line.split("|")[1:3] for line in lines[start:end] if line.startswith("| ")]
     documented = {name.strip("` ") for row in rows for name in row if name.strip("` ")}
     documented -= {"command line", "ini"}
     assert documented == flags | set(inis)
