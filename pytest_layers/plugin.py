@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 
-from pytest_layers import _linux, _settings, definitions, hookspecs, namespaces
+from pytest_layers import (
+    _linux,
+    _settings,
+    datadir,
+    definitions,
+    diffdata,
+    hookspecs,
+    namespaces,
+)
 from pytest_layers.definitions import Layer, LayerDef, LayerSession, human_size
 from pytest_layers.errors import (
     BackendUnavailableError,
@@ -117,6 +125,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="private",
     )
     parser.addini("layers_default", "Image of tests that use rootfs without a layer marker")
+    datadir.addini(parser)
 
 
 # ---- session state -------------------------------------------------------------------------
@@ -260,6 +269,7 @@ def pytest_configure(config: pytest.Config) -> None:
             state.error = exc
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(state), "pytest-layers-xdist")
+    datadir.configure(config)
 
 
 def _setup(
@@ -399,6 +409,11 @@ class _XdistHooks:
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[_WORKER_KEY] = self.state.worker_info()
+
+
+def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
+    """Two ``rootfs.diff(details=True)`` results: show the entries that differ, not both lists."""
+    return diffdata.explain(left, right) if op == "==" else None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -603,6 +618,8 @@ class _TestView:
     decided: bool = False
     snapshot: tuple[str, Layer] | None = None
     error: str | None = None
+    #: The rw layer's text changes as a short unified diff, for the failure's report section.
+    written: str = ""
 
 
 @pytest.fixture
@@ -665,6 +682,9 @@ def _decide(item: pytest.Item, view: _TestView, *, failed: bool) -> None:
         view.error = f"could not keep the rw layer as a snapshot: {_describe(exc)}"
         return
     view.snapshot = (ref, lay)
+    with contextlib.suppress(*_CAUGHT):
+        # "What did it write?" answered in the report; a file that cannot be read is left out.
+        view.written = view.rootfs.unified_diff()
     try:
         item.config.hook.pytest_layers_snapshot_committed(item=item, ref=ref, layer=lay)
     except _CAUGHT as exc:
@@ -720,7 +740,10 @@ def pytest_runtest_makereport(
     if view is not None and report.when in ("call", "teardown"):
         if view.snapshot is not None:
             ref, lay = view.snapshot
-            report.sections.append(("layers snapshot", _snapshot_section(state, ref, lay)))
+            section = _snapshot_section(state, ref, lay)
+            if view.written:
+                section += f"changed text files (against the image):\n{view.written}"
+            report.sections.append(("layers snapshot", section))
             report.layers_snapshot = ref  # type: ignore[attr-defined]  # travels through xdist
             view.snapshot = None
         if view.error is not None:
