@@ -49,6 +49,9 @@ def test_metadata(rootfs):
 """
 
 
+IMPORT = "from pytest_layers import layer_from_path\n"
+
+
 def _project(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_p=TESTS)
@@ -85,7 +88,7 @@ def test_parent_marker_metadata_and_cache(
 
 
 def test_missing_directory_is_one_line(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest("from pytest_layers import layer_from_path\nd = layer_from_path('d', 'nope')")
+    pytester.makeconftest(IMPORT + "d = layer_from_path('d', 'nope')")
     pytester.makepyfile(
         test_p="import pytest\n@pytest.mark.layer('d')\ndef test_it(rootfs):\n    pass\n"
     )
@@ -97,14 +100,14 @@ def test_missing_directory_is_one_line(pytester: pytest.Pytester) -> None:
 
 
 def test_path_outside_rootdir_is_refused(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest("from pytest_layers import layer_from_path\nd = layer_from_path('d', '../x')")
+    pytester.makeconftest(IMPORT + "d = layer_from_path('d', '../x')")
     result = pytester.runpytest_subprocess()
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*layer_from_path('d', '../x'): the path must be relative*"])
 
 
 def test_socket_is_refused_and_nothing_is_stored(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest("from pytest_layers import layer_from_path\nd = layer_from_path('d', 'd')")
+    pytester.makeconftest(IMPORT + "d = layer_from_path('d', 'd')")
     pytester.makepyfile(
         test_p="import pytest\n@pytest.mark.layer('d')\ndef test_it(rootfs):\n    pass\n"
     )
