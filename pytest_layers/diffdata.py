@@ -226,6 +226,17 @@ def _read(entry: changeset.Entry | None, path: str | None) -> bytes | None:
         return f.read(_READ_LIMIT + 1)
 
 
+def _is_file(entry: changeset.Entry) -> bool:
+    try:
+        fd = changeset.open_source(entry)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+
+
 def _text(data: bytes) -> list[str] | None:
     if b"\0" in data or len(data) > _READ_LIMIT:
         return None
@@ -250,23 +261,35 @@ def unified(
     """
     out: list[str] = []
     named: list[str] = []
+    unnamed = 0
     shown = 0
+
+    def name(line: str) -> None:
+        nonlocal unnamed
+        if len(named) < 4 * max_files:
+            named.append(line)
+        else:
+            unnamed += 1
+
     for entry in sorted(entries, key=lambda e: e.path):
         path = "/" + entry.path
         if entry.kind == "D":
-            named.append(f"deleted {path}")
+            name(f"deleted {path}")
             continue
-        new = _read(entry, None)
-        if new is None:
-            continue  # not a regular file: the snapshot's diff lists it
+        if not _is_file(entry):
+            continue  # directories, links, devices: the snapshot's diff lists them
         if shown >= max_files:
-            named.append(f"changed {path}")
+            name(f"changed {path}")
             continue
         old_path = image.lookup(entry.path) if entry.kind == "C" else None
-        old = _read(None, os.fspath(old_path)) if old_path is not None else b""
-        new_lines, old_lines = _text(new), _text(old or b"")
+        old = _read(None, os.fspath(old_path)) if old_path is not None else None
+        if old is None:
+            old_path = None  # new, or not a regular file in the image: diff against nothing
+        new = _read(entry, None)
+        new_lines = _text(new) if new is not None else None
+        old_lines = _text(old or b"")
         if new_lines is None or old_lines is None:
-            named.append(f"binary or large file {path} differs")
+            name(f"binary or large file {path} differs")
             continue
         diff = list(
             difflib.unified_diff(
@@ -283,8 +306,7 @@ def unified(
         if len(diff) > max_lines:
             diff = [*diff[:max_lines], f"... ({len(diff) - max_lines} more lines)"]
         out.extend(diff)
-    if len(named) > 4 * max_files:
-        rest = len(named) - 4 * max_files
-        named = [*named[: 4 * max_files], f"... and {rest} more changed or deleted paths"]
+    if unnamed:
+        named.append(f"... and {unnamed} more changed or deleted paths")
     out.extend(named)
     return "".join(f"{line}\n" for line in out)

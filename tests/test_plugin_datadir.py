@@ -6,7 +6,6 @@ fixtures with pytest-datadir's plugin blocked and its module shadowed.
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -77,29 +76,27 @@ def test_private_writable_view(run, datadir, shared_datadir, original_datadir, t
 
 
 @pytest.mark.requires_overlay
-def test_views_are_private_and_layers_cached(pytester: pytest.Pytester) -> None:
+def test_views_are_private_and_layers_cached(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytester.makefile(".ini", pytest=INI)
     pytester.makepyfile(test_d=DATA_TESTS)
     (pytester.path / "test_d").mkdir()
     (pytester.path / "test_d" / "a.txt").write_text("one\n")
     (pytester.path / "data").mkdir()
     (pytester.path / "data" / "s.txt").write_text("shared\n")
-    env = os.environ.copy()
-    os.environ["EXPECT_MOUNTS"] = "1"
-    try:
-        result = pytester.runpytest_subprocess(*NO_DATADIR)
-        result.assert_outcomes(passed=2)
-        result.stdout.fnmatch_lines(["*built datadir:test_d *", "*built datadir:data *"])
-        again = pytester.runpytest_subprocess(*NO_DATADIR)
-        again.assert_outcomes(passed=2)
-        again.stdout.fnmatch_lines(["*cached datadir:test_d *"])
-        # A change of the directory rebuilds its layer; the tests see the new content.
-        (pytester.path / "test_d" / "a.txt").write_text("two\n")
-        changed = pytester.runpytest_subprocess(*NO_DATADIR)
-        changed.stdout.fnmatch_lines(["*built datadir:test_d *", "*'two\\n' == 'one\\n'*"])
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
+    monkeypatch.setenv("EXPECT_MOUNTS", "1")
+    result = pytester.runpytest_subprocess(*NO_DATADIR)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*built datadir:test_d *", "*built datadir:data *"])
+    again = pytester.runpytest_subprocess(*NO_DATADIR)
+    again.assert_outcomes(passed=2)
+    again.stdout.fnmatch_lines(["*cached datadir:test_d *"])
+    # A change of the directory rebuilds its layer; the tests see the new content.
+    (pytester.path / "test_d" / "a.txt").write_text("two\n")
+    changed = pytester.runpytest_subprocess(*NO_DATADIR)
+    changed.assert_outcomes(failed=2)
+    changed.stdout.fnmatch_lines(["*built datadir:test_d *", "*'two\\n' == 'one\\n'*"])
     assert (pytester.path / "test_d" / "a.txt").read_text() == "two\n"
     assert (pytester.path / "data" / "s.txt").read_text() == "shared\n"
 
@@ -126,7 +123,9 @@ def test_ini_off_serves_nothing(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.requires_overlay
-def test_with_pytest_datadir_installed_the_ini_decides(pytester: pytest.Pytester) -> None:
+def test_with_pytest_datadir_installed_the_ini_decides(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("pytest_datadir", reason="pytest-regressions (test extra) brings it")
     pytester.makepyfile(
         test_d="""
@@ -137,22 +136,17 @@ def test_with_pytest_datadir_installed_the_ini_decides(pytester: pytest.Pytester
     )
     (pytester.path / "test_d").mkdir()
     (pytester.path / "test_d" / "a.txt").write_text("one\n")
-    env = os.environ.copy()
-    try:
-        os.environ["OURS"] = "0"
-        theirs = pytester.runpytest_subprocess()
-        theirs.assert_outcomes(passed=1)
-        theirs.stdout.no_fnmatch_line("*layers_datadir*")
-        os.environ["OURS"] = "1"
-        pytester.makefile(".ini", pytest=INI)
-        ours = pytester.runpytest_subprocess()
-        ours.assert_outcomes(passed=1)
-        ours.stdout.fnmatch_lines(
-            ["layers: layers_datadir = true: *(pytest-datadir's own are overridden)"]
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
+    monkeypatch.setenv("OURS", "0")
+    theirs = pytester.runpytest_subprocess()
+    theirs.assert_outcomes(passed=1)
+    theirs.stdout.no_fnmatch_line("*layers_datadir*")
+    monkeypatch.setenv("OURS", "1")
+    pytester.makefile(".ini", pytest=INI)
+    ours = pytester.runpytest_subprocess()
+    ours.assert_outcomes(passed=1)
+    ours.stdout.fnmatch_lines(
+        ["layers: layers_datadir = true: *(pytest-datadir's own are overridden)"]
+    )
 
 
 @pytest.mark.requires_overlay
