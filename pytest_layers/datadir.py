@@ -227,21 +227,30 @@ def _serve(request: pytest.FixtureRequest, directory: Path, target: Path) -> Ite
     session = plugin._session_or_fail(plugin._state(request.config))
     target.mkdir()
     if namespaces.inside_our_namespace() is None:
-        # Mounting in the host's namespace would leave a bind mount inside tmp_path behind if
-        # the session were killed; there, a plain copy of the layer, as pytest-datadir makes.
-        shutil.copytree(lay.directory, target, symlinks=True, dirs_exist_ok=True)
+        # Mounting in the host's namespace would leave a mount inside tmp_path behind if the
+        # session were killed; there, a plain copy of the layer, as pytest-datadir makes.
+        _copy(lay, target)
         yield target
         return
     session.use(lay.chain)
     fs = Rootfs(session, lay.chain)
+    attached = False
     try:
-        _attach(fs.path, target, move=session.backend.name == "overlay")
         try:
-            yield target
-        finally:
-            _linux.umount2(target, _linux.MNT_DETACH)
+            _attach(fs.path, target, move=session.backend.name == "overlay")
+            attached = True
+        except OSError:
+            _copy(lay, target)  # no right to mount there after all: the same, copied
+        yield target
     finally:
+        if attached:
+            _linux.umount2(target, _linux.MNT_DETACH)
         fs.close()  # its own unmount finds nothing there after a move, and says nothing
+
+
+def _copy(lay: Layer, target: Path) -> None:
+    # A layer made from a directory has no parent, so its directory is the whole tree.
+    shutil.copytree(lay.directory, target, symlinks=True, dirs_exist_ok=True)
 
 
 def _attach(source: Path, target: Path, *, move: bool) -> None:

@@ -6,6 +6,7 @@ fixtures with pytest-datadir's plugin blocked and its module shadowed.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -194,3 +195,20 @@ def test_missing_shared_data_is_one_line(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess(*NO_DATADIR)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["E * shared_datadir: no shared data directory */data for *"])
+
+
+@pytest.mark.requires_fuse
+def test_fuse_views_are_bind_mounted(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fuse-overlayfs view cannot be moved: it is bind-mounted at the same path. An ordinary
+    user's fuse session has no namespace of its own to mount in: copies there."""
+    pytester.makefile(".ini", pytest=INI)
+    pytester.makepyfile(test_d=DATA_TESTS)
+    (pytester.path / "test_d").mkdir()
+    (pytester.path / "test_d" / "a.txt").write_text("one\n")
+    (pytester.path / "data").mkdir()
+    (pytester.path / "data" / "s.txt").write_text("shared\n")
+    monkeypatch.setenv("EXPECT_MOUNTS", "1" if os.geteuid() == 0 else "0")
+    result = pytester.runpytest_subprocess(*NO_DATADIR, "--layers-backend=fuse")
+    result.assert_outcomes(passed=2)
