@@ -19,15 +19,7 @@ from typing import Any
 
 import pytest
 
-from pytest_layers import (
-    _linux,
-    _settings,
-    datadir,
-    definitions,
-    diffdata,
-    hookspecs,
-    namespaces,
-)
+from pytest_layers import _linux, _settings, definitions, hookspecs, namespaces
 from pytest_layers.definitions import Layer, LayerDef, LayerSession, human_size
 from pytest_layers.errors import (
     BackendUnavailableError,
@@ -125,6 +117,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="private",
     )
     parser.addini("layers_default", "Image of tests that use rootfs without a layer marker")
+    from pytest_layers import datadir  # the datadir glue has its own module
+
     datadir.addini(parser)
 
 
@@ -269,6 +263,8 @@ def pytest_configure(config: pytest.Config) -> None:
             state.error = exc
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(state), "pytest-layers-xdist")
+    from pytest_layers import datadir
+
     datadir.configure(config)
 
 
@@ -413,6 +409,8 @@ class _XdistHooks:
 
 def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
     """Two ``rootfs.diff(details=True)`` results: show the entries that differ, not both lists."""
+    from pytest_layers import diffdata
+
     return diffdata.explain(left, right) if op == "==" else None
 
 
