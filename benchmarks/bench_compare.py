@@ -190,6 +190,14 @@ def test_it(i, tmp_path):
 def test_it(i, datadir):
     pass
 """,
+    # The drop-in for pytest-datadir (ini layers_datadir = true): the same test over the same
+    # tree (test_layers_datadir/ is a symlink to test_datadir/, followed as copytree does).
+    "test_layers_datadir.py": COMMON
+    + """
+@pytest.mark.parametrize("i", range(N))
+def test_it(i, datadir):
+    pass
+""",
     "test_copytree.py": COMMON
     + """
 import shutil
@@ -341,6 +349,9 @@ def write_suite(suite: Path, files: int, plan: Plan) -> None:
         staging.mkdir()
         make_tree(staging, files, size=FILE_SIZE)
         staging.rename(base)
+    link = suite / "test_layers_datadir"
+    if not link.is_symlink():
+        link.symlink_to("test_datadir")
 
 
 # -- running pytest -----------------------------------------------------------------------------
@@ -499,6 +510,7 @@ class Tool:
     copies: bool  # cost grows with the tree: run fewer tests on big trees
     backend: str | None = None  # pytest-layers backend, None for the other tools
     user: str | None = None
+    args: tuple[str, ...] = ()  # more pytest arguments for this tool's sessions
 
 
 def say(msg: str) -> None:
@@ -572,6 +584,16 @@ class Bench:
             out.append(
                 Tool(f"layers-{b}", f"pytest-layers ({b})", "test_layers.py", b == "copy", b)
             )
+        out.append(
+            Tool(
+                "layers-datadir",
+                "pytest-layers datadir drop-in (overlay)",
+                "test_layers_datadir.py",
+                copies=False,
+                backend="overlay",
+                args=("-o", "layers_datadir=true", "-p", "no:pytest-datadir"),
+            )
+        )
         if self.user:
             out.append(
                 Tool(
@@ -593,7 +615,7 @@ class Bench:
 
     def layers_args(self, tool: Tool, store: Path) -> list[str]:
         assert tool.backend is not None
-        return [f"--layers-backend={tool.backend}", f"--layers-store={store}"]
+        return [f"--layers-backend={tool.backend}", f"--layers-store={store}", *tool.args]
 
     def probe(self, tools: list[Tool]) -> list[Tool]:
         """Keep the tools that work here; record why the others do not."""
@@ -874,6 +896,17 @@ def targets(result: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
                     "met": worst <= 0.6 and rel <= 2.0,
                 }
             )
+    dd, drop_in = rows("datadir"), rows("layers-datadir")
+    if dd and drop_in:
+        both = sorted(set(dd) & set(drop_in))
+        speedups = {n: dd[n]["median_ms"] / drop_in[n]["median_ms"] for n in both}
+        out.append(
+            {
+                "target": "datadir drop-in >= 1,000x faster than pytest-datadir at 10,000 files",
+                "measured": ", ".join(f"{speedups[n]:,.0f}x at {n:,}" for n in both),
+                "met": speedups[10_000] >= 1000 if 10_000 in speedups else None,
+            }
+        )
     diff10 = [d for d in result["diff"] if d["changes"] == 10 and "overlay" in d["backend"]]
     if diff10:
         d = diff10[0]
@@ -1119,7 +1152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tools = bench.probe(bench.tools())
         say("per-test overhead")
         bench.per_test(tools)
-        layer_tools = [t for t in tools if t.backend]
+        # rootfs tools only (the datadir drop-in has its own row in per_test).
+        layer_tools = [t for t in tools if t.backend and not t.args]
         fastest = layer_tools[0] if layer_tools else None
         if fastest:
             say(f"session start ({plan.chain_layers}-layer chain of {plan.chain_files:,} files)")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from pytest_layers import changeset, layertar, namespaces
+from pytest_layers import changeset, layertar, namespaces, sourcedir
 from pytest_layers.errors import (
     InvalidImageError,
     LayerBuildError,
@@ -46,6 +46,7 @@ __all__ = [
     "LayerSession",
     "layer",
     "oci_image",
+    "layer_from_path",
     "ImageSource",
     "registry",
     "lookup",
@@ -91,9 +92,16 @@ class LayerDef:
     #: The object ``@layer`` returned (the pytest fixture), set by the plugin.
     fixture: Any = None
     image: ImageSource | None = None
+    #: For a :func:`layer_from_path`: the directory whose content the layer is (as given:
+    #: relative to the rootdir, or absolute); ``inputs`` is then that one path.
+    source_dir: str | None = None
+    #: ``file:line`` and module of a :func:`layer_from_path` call.
+    defined_at: tuple[str, str] | None = None
 
     @property
     def qualname(self) -> str:
+        if self.defined_at is not None:
+            return f"{self.defined_at[1]}.{self.name}"
         if self.builder is None:
             return f"{self.image.module if self.image else '?'}.{self.name}"
         return f"{self.builder.__module__}.{self.builder.__qualname__}"
@@ -101,6 +109,8 @@ class LayerDef:
     @property
     def where(self) -> str:
         """``file:line`` of the builder (or of the ``oci_image()`` call), for error messages."""
+        if self.defined_at is not None:
+            return self.defined_at[0]
         if self.builder is None:
             return self.image.where if self.image else self.name
         try:
@@ -109,6 +119,9 @@ class LayerDef:
             return self.qualname
 
     def source(self) -> str:
+        if self.source_dir is not None:
+            # The directory's content is hashed as the key's input; this names the recipe.
+            return "layer_from_path 1"
         if self.builder is None:
             return f"oci_image({self.name!r}, {self.image!r})"
         try:
@@ -369,6 +382,96 @@ def oci_image(name: str, path: str | os.PathLike[str], ref: str | None = None) -
     return fixture
 
 
+def layer_from_path(
+    name: str,
+    path: str | os.PathLike[str],
+    *,
+    parent: object = None,
+    version: object = None,
+) -> Any:
+    """Define a session-scoped fixture ``name`` whose value is a :class:`Layer` holding a copy
+    of the directory ``path`` (relative to the rootdir): test data kept in the repository.
+
+    The directory's content (names, types, modes, bytes, symlink targets and mtimes) is the
+    layer's build-cache key, so the layer is rebuilt only when the directory changes. Files keep
+    their mtimes, as ``shutil.copy2`` would. With ``parent`` (a ``@layer`` function or a layer
+    name) the directory is copied on top of the parent's tree. Use it like a ``@layer``: as a
+    ``parent=`` and in ``@pytest.mark.layer(name)``.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LayerDefinitionError(
+            f"layer_from_path({name!r}, ...): the name must be a Python identifier (it is also "
+            "the fixture's name)"
+        )
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise LayerDefinitionError(
+            f"layer_from_path({name!r}, {path!r}): path must be a directory relative to the rootdir"
+        )
+    text = os.fspath(path)
+    if os.path.isabs(text) or ".." in PurePosixPath(text).parts:
+        raise LayerDefinitionError(
+            f"layer_from_path({name!r}, {text!r}): the path must be relative to the rootdir and "
+            "stay inside it (the layer's content belongs to the repository)"
+        )
+    caller = sys._getframe(1)
+    defn = source_def(
+        name,
+        text,
+        parent=parent,
+        version=version,
+        where=f"{caller.f_code.co_filename}:{caller.f_lineno}",
+        module=str(caller.f_globals.get("__name__", "?")),
+    )
+    from pytest_layers import datadir  # pytest is imported only on use
+
+    fixture = datadir.path_fixture(defn)
+    defn.fixture = fixture
+    _REGISTRY[name] = defn
+    _BY_OBJECT[id(fixture)] = defn
+    return fixture
+
+
+def source_def(
+    name: str,
+    path: str,
+    *,
+    parent: object = None,
+    version: object = None,
+    where: str,
+    module: str,
+) -> LayerDef:
+    """The definition of a layer copied from the directory ``path`` (see
+    :func:`layer_from_path`), not registered: the datadir fixtures make such layers per
+    directory without naming them in ``@pytest.mark.layer``."""
+    parent_name: str | None = None
+    if isinstance(parent, str):
+        parent_name = parent
+    elif parent is not None:
+        pdef = definition_of(parent)
+        if pdef is None:
+            raise LayerDefinitionError(
+                f"layer_from_path({name!r}, parent={parent!r}): parent must be a @layer "
+                "function or a layer name"
+            )
+        parent_name = pdef.name
+    if parent_name == name:
+        raise LayerDefinitionError(f"layer parent cycle: {name} -> {name}")
+    if version is not None and not isinstance(version, (str, int)):
+        raise LayerDefinitionError(
+            f"layer_from_path({name!r}, version=...): expected a str or int, got {version!r}"
+        )
+    return LayerDef(
+        name=name,
+        builder=None,
+        parent=parent_name,
+        inputs=(path,),
+        version=None if version is None else str(version),
+        extra_args=(),
+        source_dir=path,
+        defined_at=(where, module),
+    )
+
+
 # ---- the Layer value ------------------------------------------------------------------------
 
 
@@ -465,13 +568,15 @@ def compose(tops: Sequence[Layer]) -> list[Layer]:
 # ---- build-cache keys -----------------------------------------------------------------------
 
 
-def _hash_path(h: Any, path: Path, rel: str) -> None:
+def _hash_path(h: Any, path: Path, rel: str, *, mtimes: bool = False) -> None:
     st = os.lstat(path)
     h.update(
         f"\0{rel}\0{stat.S_IFMT(st.st_mode):o}\0{stat.S_IMODE(st.st_mode):o}\0".encode(
             "utf-8", "surrogateescape"
         )
     )
+    if mtimes:
+        h.update(f"{st.st_mtime_ns}\0".encode())
     if stat.S_ISLNK(st.st_mode):
         h.update(os.fsencode(os.readlink(path)))
     elif stat.S_ISREG(st.st_mode):
@@ -481,7 +586,7 @@ def _hash_path(h: Any, path: Path, rel: str) -> None:
                 h.update(chunk)
     elif stat.S_ISDIR(st.st_mode):
         for child in sorted(os.listdir(path)):
-            _hash_path(h, path / child, f"{rel}/{child}")
+            _hash_path(h, path / child, f"{rel}/{child}", mtimes=mtimes)
 
 
 def build_key(defn: LayerDef, parent_chain_id: str | None, rootdir: Path) -> str:
@@ -492,6 +597,11 @@ def build_key(defn: LayerDef, parent_chain_id: str | None, rootdir: Path) -> str
     h.update(defn.source().encode("utf-8", "surrogateescape"))
     for inp in defn.inputs:
         path = rootdir / inp
+        if defn.source_dir is not None:
+            # A path layer keeps its files' mtimes (as a copy would), so they are content too.
+            sourcedir.check_dir(defn.name, defn.where, path, rootdir)
+            _hash_path(h, path.resolve(), inp, mtimes=True)
+            continue
         if not os.path.lexists(path):
             raise LayerDefinitionError(
                 f"layer {defn.name!r} ({defn.where}): input {inp!r} does not exist "
@@ -846,6 +956,10 @@ class LayerSession:
             _check_entries(defn, entries)
             staged = stack.enter_context(self.store.staging())
             changeset.write_layer(entries, staged, flavor=flavor)
+            if defn.source_dir is not None:
+                # write_layer clamps mtimes, as a built layer needs; a path layer is a copy of
+                # the directory and keeps its mtimes (docs/reference/layer.md).
+                sourcedir.restore_mtimes(self.rootdir / defn.source_dir, staged)
             info = self.store.add_layer(
                 staged,
                 parent=parent.chain_id if parent else None,
@@ -854,8 +968,10 @@ class LayerSession:
             )
         return self.layer_from_store(info.chain_id, parent, defn.name)
 
-    @staticmethod
-    def _run_builder(defn: LayerDef, root: Path, kwargs: Mapping[str, Any]) -> None:
+    def _run_builder(self, defn: LayerDef, root: Path, kwargs: Mapping[str, Any]) -> None:
+        if defn.source_dir is not None:
+            sourcedir.copy_tree(defn.name, self.rootdir / defn.source_dir, root)
+            return
         if defn.builder is None:
             raise LayerDefinitionError(
                 f"layer {defn.name!r} ({defn.where}) is an imported image; it has no builder"

@@ -199,6 +199,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "Registry hosts (HOST[:PORT]) reached over plain HTTP (loopback hosts always are)",
         "linelist",
     )
+    from pytest_layers import datadir  # the datadir glue has its own module
+
+    datadir.addini(parser)
 
 
 # ---- session state -------------------------------------------------------------------------
@@ -372,6 +375,9 @@ def pytest_configure(config: pytest.Config) -> None:
             state.error = exc
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(state), "pytest-layers-xdist")
+    from pytest_layers import datadir
+
+    datadir.configure(config)
 
 
 def _setup(
@@ -596,6 +602,13 @@ class _XdistHooks:
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[_WORKER_KEY] = self.state.worker_info()
+
+
+def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
+    """Two ``rootfs.diff(details=True)`` results: show the entries that differ, not both lists."""
+    from pytest_layers import diffdata
+
+    return diffdata.explain(left, right) if op == "==" else None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -898,6 +911,8 @@ class _TestView:
     snapshot: tuple[str, Layer] | None = None
     error: str | None = None
     init_kept: bool = False
+    #: The rw layer's text changes as a short unified diff, for the failure's report section.
+    written: str = ""
 
 
 @pytest.fixture
@@ -980,6 +995,9 @@ def _decide(item: pytest.Item, view: _TestView, *, failed: bool) -> None:
         view.error = f"could not keep the rw layer as a snapshot: {_describe(exc)}"
         return
     view.snapshot = (ref, lay)
+    with contextlib.suppress(*_CAUGHT):
+        # "What did it write?" answered in the report; a file that cannot be read is left out.
+        view.written = view.rootfs.unified_diff()
     try:
         item.config.hook.pytest_layers_snapshot_committed(item=item, ref=ref, layer=lay)
     except _CAUGHT as exc:
@@ -1036,6 +1054,8 @@ def pytest_runtest_makereport(
                 section += (
                     "init layer kept: shell/mount show it; export leaves it out (--with-init)\n"
                 )
+            if view.written:
+                section += f"changed text files (against the image):\n{view.written}"
             report.sections.append(("layers snapshot", section))
             report.layers_snapshot = ref  # type: ignore[attr-defined]  # travels through xdist
             view.snapshot = None

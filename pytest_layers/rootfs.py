@@ -13,8 +13,9 @@ import os
 import stat
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Literal, overload
 
-from pytest_layers import _dirfd, changeset, layertar, namespaces
+from pytest_layers import _dirfd, changeset, diffdata, layertar, namespaces
 from pytest_layers.definitions import Layer, LayerSession
 from pytest_layers.errors import LayerDefinitionError, LayersError, NoSpaceError
 
@@ -229,10 +230,32 @@ class Rootfs(os.PathLike[str]):
                 p = p.rpartition("/")[0]
         return [e for e in entries if e.path not in self._init_dirs or e.path in parents]
 
-    def diff(self) -> list[changeset.Change]:
-        """What the test changed, as ``docker diff`` would list it (sorted by path)."""
+    @overload
+    def diff(self, *, details: Literal[False] = False) -> list[changeset.Change]: ...
+
+    @overload
+    def diff(self, *, details: Literal[True]) -> diffdata.Diff: ...
+
+    def diff(self, *, details: bool = False) -> list[changeset.Change] | diffdata.Diff:
+        """What the test changed, as ``docker diff`` would list it (sorted by path).
+
+        With ``details=True``: a :class:`~pytest_layers.diffdata.Diff` whose entries also carry
+        type, mode, size, content digest and link target, convertible to plain data
+        (``.to_data()``) and text (``.to_text()``) for snapshot tools.
+        """
         with self._readable() as opened:
-            return changeset.to_changes(self._read_entries(opened))
+            entries = self._read_entries(opened)
+            if details:
+                return diffdata.details(entries)
+            return changeset.to_changes(entries)
+
+    def unified_diff(self, *, max_files: int = 5, max_lines: int = 40) -> str:
+        """The changed text files as a unified diff against the image, bounded: at most
+        ``max_files`` files of ``max_lines`` lines; binary files and deletions named only."""
+        with self._readable() as opened, self._image_view() as image:
+            return diffdata.unified(
+                self._read_entries(opened), image, max_files=max_files, max_lines=max_lines
+            )
 
     def commit(self, name: str | None = None) -> Layer:
         """Commit the rw layer now, as a layer whose parent is the image; return it."""
