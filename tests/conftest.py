@@ -13,6 +13,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,27 @@ def require(capability: str) -> None:
     if "all" in required or capability in required or capability.split(":")[0] in required:
         pytest.fail(f"required capability {capability!r} is missing: {why}", pytrace=False)
     pytest.skip(f"{capability}: {why}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _children_temproot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Give the pytest sessions our tests start (as root, with our environment) a temp root of
+    their own. Several of them run at once (fleets, races): with the default root they prune
+    each other's numbered dirs in /tmp/pytest-of-root while this session walks it, and pytest's
+    walk then leaks a scandir iterator, which ``filterwarnings = error`` turns into a crash of
+    this session at exit. This session's own basetemp is fixed first, so it stays where it was."""
+    tmp_path_factory.getbasetemp()
+    if "PYTEST_DEBUG_TEMPROOT" in os.environ:
+        yield
+        return
+    root = tempfile.mkdtemp(prefix="pytest-layers-children-")
+    os.chmod(root, 0o755)
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = root
+    try:
+        yield
+    finally:
+        del os.environ["PYTEST_DEBUG_TEMPROOT"]
+        shutil.rmtree(root, ignore_errors=True)
 
 
 _MARKER_CAPS = {
