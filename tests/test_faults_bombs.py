@@ -34,7 +34,7 @@ from pytest_layers import _linux, layertar, oci
 from pytest_layers.errors import InvalidLayerError, UnsafeEntryError
 from pytest_layers.store import Store
 
-pytestmark = [pytest.mark.faults]
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 GiB = 1 << 30
 
