@@ -26,6 +26,21 @@ def _namespaces() -> None:
         require("userns")
 
 
+_CHILDREN_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before() -> None:
+    _CHILDREN_BEFORE.clear()
+    _CHILDREN_BEFORE.update(p.pid for p in psutil.Process().children())
+
+
+def new_children() -> list[int]:
+    """This process's children started since the test began: a session fixture may own one
+    (the registry server of the registry tests), which is none of the sandbox's business."""
+    return [p.pid for p in psutil.Process().children() if p.pid not in _CHILDREN_BEFORE]
+
+
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     return busybox_tree(tmp_path / "image", {"etc/os-release": "ID=busybox\n"})
@@ -77,7 +92,7 @@ def test_program_missing_from_the_image_is_one_line(image: Path) -> None:
         sandbox.Sandbox(image).run(["nope", "arg"])
     assert info.value.errno == errno.ENOENT
     assert str(info.value) == f"nope: not found in the image (PATH={sandbox.DEFAULT_PATH})"
-    assert psutil.Process().children() == []
+    assert new_children() == []
 
 
 def _processes_in(pid_ns: str) -> list[int]:
@@ -109,7 +124,7 @@ def test_nothing_outlives_the_program(image: Path, tmp_path: Path) -> None:
     assert pid_ns.startswith("pid:[")
     assert pid_ns != os.readlink("/proc/self/ns/pid")
     assert _processes_in(pid_ns) == []
-    assert psutil.Process().children() == []
+    assert new_children() == []
     assert _mountinfo() == mounts
 
 
@@ -125,7 +140,7 @@ def test_kill_ends_every_process_inside(image: Path) -> None:
         assert proc.wait() == -9
     assert pid_ns.startswith("pid:[")
     assert _processes_in(pid_ns) == []
-    assert psutil.Process().children() == []
+    assert new_children() == []
 
 
 def test_binds_are_read_only_and_land_inside(image: Path, tmp_path: Path) -> None:
