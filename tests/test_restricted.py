@@ -231,3 +231,65 @@ def test_a_namespace_failure_hides_the_not_entered_repeat() -> None:
     fixes = detect.fixes_for(reasons)
     assert len(fixes) == 1
     assert "seccomp=unconfined" in fixes[0]
+
+
+# ---- docs/how-to/ci.md: its recipes, where this machine can emulate them ---------------------
+
+CI_DOC = ROOT / "docs" / "how-to" / "ci.md"
+
+
+def _section(title: str) -> str:
+    text = CI_DOC.read_text()
+    start = text.index(f"### {title}\n")
+    end = text.find("\n### ", start + 1)
+    return " ".join(text[start : end if end != -1 else None].split())
+
+
+def _quoted_header(title: str) -> str:
+    """The header words a recipe quotes: the backticked text after "says"."""
+    section = _section(title)
+    return section.split("says `", 1)[1].split("`", 1)[0]
+
+
+def test_ci_recipes_quote_what_the_emulation_prints() -> None:
+    """The recipes quote exactly the texts the tests above find in the emulated headers."""
+    assert _quoted_header("GitHub Actions, `ubuntu-24.04`, as the runner user") == (
+        f"no user namespace: {namespaces.USERNS_NO_MOUNT}; fix: {SYSCTL}"
+    )
+    assert _quoted_header("GitHub Actions, `container:` job") == (
+        f"no private mount namespace: {namespaces.MOUNT_REFUSED}; fuse: /dev/fuse does not exist"
+    )
+    # Every fix a recipe applies is the one doctor gives for that cause.
+    ubuntu = _section("GitHub Actions, `ubuntu-24.04`, as the runner user")
+    assert f"run: {SYSCTL}" in ubuntu
+    assert detect.explain("fuse", "fuse-overlayfs is not installed").fix in ubuntu
+    container = _section("GitHub Actions, `container:` job")
+    assert "options: --cap-add SYS_ADMIN --security-opt seccomp=unconfined" in container
+    assert "pytest --layers-store=/store" in container
+
+
+@pytest.mark.requires_root
+def test_ci_recipe_reproduce_locally_runs_as_written(shared_tmp: Path) -> None:
+    """The "reproduce locally" commands, run as written (paths and user name substituted):
+    each doctor says copy is what auto picks, and why the faster ones are not."""
+    _needs_seccomp()
+    require("user")
+    block = CI_DOC.read_text().split("### Reproduce a restricted CI machine locally", 1)[1]
+    block = block.split("```console\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.startswith(("# ", "$ "))]
+    assert len(commands) == 3, commands
+    expected = ["mounting is refused", "refuses user namespaces", "AppArmor"]
+    for command, why in zip(commands, expected, strict=True):
+        prompt, text = command.split(" ", 1)
+        text = text.replace("/tmp/ovl", str(shared_tmp / "ovl")).replace("alice", TEST_USER)
+        text = text.replace(".venv/bin/", f"{VENV_BIN}/")
+        argv = text.split()
+        if prompt == "$":
+            argv[argv.index("doctor") : argv.index("doctor")] = [f"--store={shared_tmp}/us"]
+            argv = ["runuser", "-u", TEST_USER, "--", *argv]
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
+        lines = proc.stdout.splitlines()
+        assert any(line.startswith("auto picks: copy, ") for line in lines), proc.stdout
+        overlay = next(line for line in lines if line.startswith("overlay"))
+        assert why in overlay, (command, overlay)
