@@ -293,3 +293,49 @@ def test_ci_recipe_reproduce_locally_runs_as_written(shared_tmp: Path) -> None:
         assert any(line.startswith("auto picks: copy, ") for line in lines), proc.stdout
         overlay = next(line for line in lines if line.startswith("overlay"))
         assert why in overlay, (command, overlay)
+
+
+DEFANG_SCRIPT = """
+import os, stat, sys, tempfile
+from pathlib import Path
+from pytest_layers.backends.copy import CopyBackend
+from pytest_layers.errors import BackendUnavailableError
+base = Path(sys.argv[1])
+lower = base / "lower"
+lower.mkdir()
+(lower / "suid").write_text("x")
+os.chmod(lower / "suid", 0o6755)
+os.setxattr(lower / "suid", "security.capability", bytes.fromhex(
+    "0000000200200000000000000000000000000000"))
+backend = CopyBackend()
+(base / "v1").mkdir()
+view = backend.open([lower], base / "v1")
+st = os.stat(view.path / "suid")
+print("mode", oct(stat.S_IMODE(st.st_mode)))
+print("caps", "security.capability" in os.listxattr(view.path / "suid"))
+view.close()
+os.mknod(lower / "kmsg", stat.S_IFCHR | 0o600, os.makedev(1, 11))
+(base / "v2").mkdir()
+try:
+    backend.open([lower], base / "v2")
+except BackendUnavailableError as exc:
+    print("refused", exc)
+print("left", sorted(os.listdir(base / "v2")))
+"""
+
+
+@pytest.mark.requires_root
+def test_root_copy_without_mount_rights_grants_nothing(tmp_path: Path) -> None:
+    """Root refused mounting (no nosuid,nodev bind possible): the copy drops setuid/setgid and
+    file capabilities and refuses a device node with one line, leaving nothing behind."""
+    _needs_seccomp()
+    cmd = [sys.executable, "-c", DEFANG_SCRIPT, str(tmp_path)]
+    proc = _restricted([], cmd, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert "mode 0o755" in out, out
+    assert "caps False" in out, out
+    refused = next(line for line in out if line.startswith("refused"))
+    assert "device node 'kmsg'" in refused, refused
+    assert "layers_mount_options" in refused, refused
+    assert "left []" in out, out
