@@ -339,7 +339,12 @@ def diagnose(
         try:
             _try(name, scratch, flavor, policy)
         except BackendUnavailableError as exc:
-            finding = explain(exc.backend, exc.reason)
+            reason = exc.reason
+            if name == "overlay" and os.geteuid() != 0 and "not permitted here" in reason:
+                # Inside a user namespace (ours, inherited) and still refused: AppArmor's
+                # restriction withholds the namespace's capabilities exactly so.
+                reason = f"{namespaces.USERNS_NO_MOUNT}: {reason}"
+            finding = explain(exc.backend, reason)
             if name == "overlay" and namespace_reason:
                 # The namespace is the first thing overlay needs: its failure comes first.
                 first = explain(exc.backend, namespace_reason)
