@@ -801,6 +801,67 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Which backends work here, why the others do not, the fix, and the cost per test."""
+    import tempfile
+
+    from pytest_layers import namespaces
+    from pytest_layers.backends import detect
+    from pytest_layers.backends.base import trial_whiteout
+    from pytest_layers.errors import BackendUnavailableError
+
+    store = (Path(args.store) if args.store else default_store_path()).absolute()
+    # Trials run beside the store, on its filesystem (which decides the whiteout flavor),
+    # without creating the store.
+    near = store
+    while not (os.path.isdir(near) and os.access(near, os.W_OK | os.X_OK)) and near != near.parent:
+        near = near.parent
+    if not os.access(near, os.W_OK | os.X_OK):
+        near = Path(tempfile.gettempdir())
+    scratch = Path(tempfile.mkdtemp(prefix=".pytest-layers-doctor-", dir=near))
+    try:
+        probe = scratch / "flavor"
+        probe.mkdir()
+        flavor = trial_whiteout(probe, "x")
+        ns_reason = ""
+        try:
+            if os.geteuid() == 0:
+                namespaces.enter_private_mount_namespace()
+            else:
+                namespaces.enter_user_namespace()
+        except BackendUnavailableError as exc:
+            ns_reason = exc.reason
+        where = "on overlayfs or similar" if flavor != "overlay" else "ok for kernel overlay"
+        print(f"user {_user_name()}, store {store} ({where})")
+        findings = detect.diagnose(scratch / "trials", flavor=flavor, namespace_reason=ns_reason)
+        for finding in findings:
+            print(finding.line())
+            if args.verbose and finding.detail:
+                print(f"{'':<10}detail: {finding.detail}")
+        picked = next((f for f in findings if f.works), None)
+        if picked is None:
+            print("auto picks: nothing works here; apply a fix above")
+            return 1
+        backend = detect.get_backend(picked.backend.split(" ")[0])
+        cost = detect.measure_cost(backend, scratch / "cost")
+        print(
+            f"auto picks: {picked.backend}, {cost:.1f} ms per test "
+            "(open, write, close on a 1,000-file image; median of 5)"
+        )
+        return 0
+    finally:
+        namespaces.remove_tree(scratch)
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     store = _store(args)
     report = store.prune(keep_snapshots=args.keep_snapshots)
@@ -992,6 +1053,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("refs", nargs="*", metavar="REF")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "doctor",
+        help="Say which backends work here, why the others do not and the fix, and the "
+        "per-test cost of the one auto picks",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="Also print each full reason")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("prune", help="Remove layers no name, cache entry or snapshot needs")
     p.add_argument(

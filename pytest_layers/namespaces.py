@@ -163,10 +163,25 @@ def enter_private_mount_namespace() -> NamespaceInfo:
         _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
     except MountError as exc:
         hint = "" if os.geteuid() == 0 else "; as an ordinary user use enter_user_namespace()"
+        if exc.errno in (errno.EPERM, errno.EACCES) and os.geteuid() == 0:
+            # Short first clause: the report header shows it.
+            raise BackendUnavailableError(
+                "overlay",
+                f"{MOUNT_REFUSED} (a seccomp filter or no CAP_SYS_ADMIN, as in a default Docker "
+                f"container: {exc})",
+            ) from exc
         raise BackendUnavailableError(
             "overlay", f"cannot enter a private mount namespace: {exc}{hint}"
         ) from exc
     return _mark("private")
+
+
+#: The one-line fix for AppArmor's restriction of unprivileged user namespaces.
+APPARMOR_SYSCTL_FIX = "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"
+#: How a reason starts when root may not mount at all.
+MOUNT_REFUSED = "mounting is refused here"
+#: How a reason starts when a user namespace was created but gives no right to mount.
+USERNS_NO_MOUNT = "created but mounting in it is refused"
 
 
 def _read_int(path: Path) -> int | None:
@@ -192,7 +207,7 @@ def userns_disabled_reason() -> str | None:
         return (
             "AppArmor restricts unprivileged user namespaces "
             "(kernel.apparmor_restrict_unprivileged_userns = 1); allow them with "
-            "`sysctl -w kernel.apparmor_restrict_unprivileged_userns=0` or an AppArmor profile "
+            f"`{APPARMOR_SYSCTL_FIX}` or an AppArmor profile "
             "for the Python interpreter granting `userns`, or run as root"
         )
     return None
@@ -253,6 +268,15 @@ def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
         _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
         _linux.ambient_raise(caps)
     except OSError as exc:
+        if isinstance(exc, MountError) and exc.errno in (errno.EPERM, errno.EACCES):
+            # The namespace exists but its capabilities do not work: AppArmor's restriction
+            # (Ubuntu 23.10+, GitHub's ubuntu-24.04 runners) looks exactly like this.
+            raise BackendUnavailableError(
+                "overlay",
+                f"{USERNS_NO_MOUNT} ({exc.strerror}), as under AppArmor's restriction of "
+                "unprivileged user namespaces; allow them with "
+                f"`{APPARMOR_SYSCTL_FIX}`, or run as root",
+            ) from exc
         raise BackendUnavailableError(
             "overlay", f"entered a user namespace but could not set it up: {exc}"
         ) from exc

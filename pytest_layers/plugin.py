@@ -224,6 +224,8 @@ class _State:
     scratch_tmpfs: bool = False
     backend_reason: str = ""  # why faster backends were skipped, in full (`-v`, diagnostics)
     backend_why: str = ""  # the same in a few words, for the report header
+    backend_fixes: list[str] = field(default_factory=list)  # what would make them work
+    backend_fix: str = ""  # the most decisive of them in a few words, for the header
     namespace: str = "host"
     error: BaseException | None = None
     session: LayerSession | None = None
@@ -418,6 +420,9 @@ def _setup(
         else:
             shorts = [reason.short] if reason.short else []
         state.backend_why = "; ".join([state.backend_why, *shorts] if state.backend_why else shorts)
+        if backend.name != "overlay":
+            state.backend_fixes = detect.fixes_for(state.backend_reason)
+            state.backend_fix = next(iter(detect.fixes_for(state.backend_reason, short=True)), "")
     state.backend = backend
     scratch = state.store_path / "scratch" / "views" / namespaces.session_dir_name()
     scratch.mkdir(parents=True)
@@ -624,6 +629,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         state.store.close()
 
 
+def _why(state: _State, *, fix: bool) -> str:
+    """`` (why faster backends were skipped[; fix: the most decisive fix])`` or ``""``."""
+    why = state.backend_why
+    if why and fix and state.backend_fix:
+        # A fallback names its most decisive fix; `-v` and `pytest-layers doctor` give all.
+        why += f"; fix: {state.backend_fix}"
+    return f" ({why})" if why else ""
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash.get(_STATE, None)
     if state is None:
@@ -631,7 +645,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if state.error is not None:
         return [f"layers: unavailable: {state.error}"]
     store = state.get_session().store
-    why = f" ({state.backend_why})" if state.backend_why else ""
+    why = _why(state, fix=config.get_verbosity() <= 0)
     lines = [
         f"layers: backend={state.backend_label or state.backend_name}{why}, "
         f"store={state.store_path} ({store.access.describe()}, "
@@ -640,6 +654,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
     if state.backend_reason and config.get_verbosity() > 0:
         lines.append(f"layers: why: {state.backend_reason}")
+        lines.extend(f"layers: fix: {fix}" for fix in state.backend_fixes)
     return lines
 
 
@@ -1118,7 +1133,7 @@ class _Reporter:
             if state.error is not None:
                 tr.write_line(f"layers: unavailable: {state.error}")
             elif state.backend_name is not None:
-                why = f" ({state.backend_why})" if state.backend_why else ""
+                why = _why(state, fix=True)
                 counts = [
                     f"{sum(1 for s in state.seen_progress.values() if s == st)} {st}"
                     for st in ("built", "imported", "cached")

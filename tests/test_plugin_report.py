@@ -151,7 +151,8 @@ def test_fallback_reason_is_short_in_the_header_and_full_with_v(
         result.assert_outcomes(passed=6)
         header = next(x for x in result.stdout.lines if x.startswith("layers: backend="))
         assert header.startswith(
-            "layers: backend=fuse (overlay: the store spells whiteouts as 'marker' files), "
+            "layers: backend=fuse (overlay: the store spells whiteouts as 'marker' files; "
+            "fix: a volume for --layers-store), "
         ) or header.startswith("layers: backend=copy (overlay: the store spells"), header
         assert len(header) < 160 + len(str(merged)), header
         result.stdout.no_fnmatch_line("layers: why:*")
@@ -209,6 +210,7 @@ exec unshare --user --map-current-user "$0" $((n-1)) "$@"
 
 
 @pytest.mark.requires_user
+@pytest.mark.requires_userns  # it nests real user namespaces
 @pytest.mark.requires_tool("unshare")
 def test_user_namespace_limit_gives_a_short_true_header(user_tmp_path: Path) -> None:
     """Nested 33 user namespaces deep, the session cannot enter its own: the header says so

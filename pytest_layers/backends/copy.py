@@ -30,7 +30,9 @@ Privileged content: a copy made as root keeps setuid bits, file capabilities and
 nodes, so a view is the copy bind-mounted over itself ``nosuid,nodev`` (unless the
 :class:`~pytest_layers.backends.base.MountPolicy` opts out) wherever this process may mount. An
 ordinary user who cannot mount needs no bind: its copies are its own files (a setuid bit on
-them grants nothing) and it cannot create device nodes.
+them grants nothing) and it cannot create device nodes. Root that may not mount (a default
+Docker container) gets *defanged* copies instead: no setuid/setgid bits, no file capabilities,
+and an image with a device node is refused (the bind is tried on the empty copy first, once).
 
 Read-only views: a copy cannot make writes fail with ``EROFS`` by itself, so a ``readonly``
 view is the copy bind-mounted read-only over itself, which needs root or the session's user
@@ -206,8 +208,11 @@ class CopyView(View):
 class _Copier:
     """Replays a plan into a destination directory."""
 
-    def __init__(self, backend: CopyBackend) -> None:
+    def __init__(self, backend: CopyBackend, *, defang: bool = False) -> None:
         self.backend = backend
+        # A root copy that could not be bind-mounted nosuid,nodev: setuid/setgid bits and file
+        # capabilities are not copied and device nodes are refused, so the copy grants nothing.
+        self.defang = defang
         self.root = os.geteuid() == 0
         self.uid = os.geteuid()
         self.gid = os.getegid()
@@ -247,6 +252,14 @@ class _Copier:
             os.symlink(os.readlink(item.src), path)
             self.meta(path, item, fd=None)
         else:
+            if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and self.defang:
+                raise BackendUnavailableError(
+                    "copy",
+                    f"the image holds the device node {item.rel!r}, and mounting is refused "
+                    "here, so its copy cannot be made nodev; allow mounting (Docker: --cap-add "
+                    "SYS_ADMIN --security-opt seccomp=unconfined) or set layers_mount_options "
+                    "= dev",
+                )
             if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and not self.root:
                 try:
                     os.mknod(path, stat.S_IFMT(mode) | 0o600, st.st_rdev)
@@ -276,8 +289,13 @@ class _Copier:
                 # would show them as nobody, a copy shows them as the user's.
         if not stat.S_ISLNK(st.st_mode):
             # After chown, which clears setuid/setgid.
-            os.chmod(target, stat.S_IMODE(st.st_mode))
+            mode = stat.S_IMODE(st.st_mode)
+            if self.defang and not stat.S_ISDIR(st.st_mode):
+                mode &= ~(stat.S_ISUID | stat.S_ISGID)
+            os.chmod(target, mode)
             for name, value in item.xattrs:
+                if self.defang and name == "security.capability":
+                    continue
                 try:
                     os.setxattr(target, name, value, **nofollow)
                 except OSError as exc:
@@ -309,6 +327,9 @@ class CopyBackend:
         # (src dev, dst dev) -> whether FICLONE works between them
         self._clone_ok: dict[tuple[int, int], bool] = {}
         self._cfr_ok = True
+        # Whether a nosuid,nodev bind of a copy works here (None: not tried yet). Root in a
+        # default Docker container may not mount: its copies are then defanged instead.
+        self._bind_ok: bool | None = None
 
     # ---- Backend protocol -------------------------------------------------------------------
 
@@ -363,9 +384,31 @@ class CopyBackend:
         else:
             plan = self.plan(lowers_top_first, flavor)
             os.mkdir(dest, 0o700)
+        mounted = False
         try:
+            if (
+                not readonly
+                and (not self.policy.suid or not self.policy.dev)
+                and _may_mount()
+                and self._bind_ok is not False
+            ):
+                # Bound before the copy fills it: the same tree, and it tells whether the copy
+                # must be defanged instead.
+                try:
+                    _bind(dest, self.policy, readonly=False)
+                    mounted = self._bind_ok = True
+                except MountError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EACCES):
+                        raise
+                    self._bind_ok = False
+            defang = (
+                not mounted
+                and os.geteuid() == 0
+                and (not self.policy.suid or not self.policy.dev)
+                and not readonly
+            )
             if plan is not None:
-                _Copier(self).run(plan, os.fspath(dest))
+                _Copier(self, defang=defang).run(plan, os.fspath(dest))
             if readonly:
                 _bind(dest, self.policy, readonly=True)
                 return CopyView(
@@ -374,13 +417,9 @@ class CopyBackend:
                     upper_flavor="tree",
                     _closer=lambda: _close(scratch, dest, mounted=True),
                 )
-            mounted = False
-            if (not self.policy.suid or not self.policy.dev) and _may_mount():
-                _bind(dest, self.policy, readonly=False)
-                mounted = True
             since = ctime_mark(scratch)
         except BaseException:
-            _close(scratch, dest, mounted=False, keep_scratch=True)
+            _close(scratch, dest, mounted=mounted, keep_scratch=True)
             raise
         return CopyView(
             path=dest,
