@@ -124,7 +124,7 @@ def _children_temproot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         yield
         return
     root = tempfile.mkdtemp(prefix="pytest-layers-children-")
-    os.chmod(root, 0o755)
+    os.chmod(root, 0o1777)  # like /tmp: sessions of the test user make their own dir in it
     os.environ["PYTEST_DEBUG_TEMPROOT"] = root
     try:
         yield
