@@ -92,9 +92,16 @@ class _Helper:
         self.in_flight = 0
         #: Views handed to tests and not yet retired.
         self.out = 0
+        self._outbox: list[tuple[Any, ...]] = []
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        _send(self.tx, message)
+    def send(self, message: tuple[Any, ...], *, now: bool = True) -> None:
+        """Send ``message``; with ``now=False`` it waits for the next sending one. Each write
+        wakes the helper, and a woken process may take the CPU from the test at once: one
+        write per test (at teardown) instead of two."""
+        self._outbox.append(message)
+        if now:
+            messages, self._outbox = self._outbox, []
+            _send(self.tx, messages)
 
     def receive(self) -> tuple[Any, ...]:
         message = _receive(self.rx)
@@ -146,7 +153,9 @@ class ViewPool(Generic[T]):
                 else:
                     continue
             while helper.in_flight < want:
-                helper.send(("make",))
+                # Sent with the next retire (this test's teardown), unless nothing is on the
+                # way at all.
+                helper.send(("make",), now=not helper.in_flight and not helper.out)
                 helper.in_flight += 1
             # Ready views no pending test needs go back for cleanup; a helper with nothing
             # out, nothing wanted and nothing on the way exits.
@@ -269,7 +278,7 @@ def _error(payload: Any) -> BaseException:
     return PoolError(str(payload))
 
 
-def _send(fd: int, message: tuple[Any, ...]) -> None:
+def _send(fd: int, message: Any) -> None:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     data = _HEADER.pack(len(data)) + data
     while data:
@@ -311,37 +320,51 @@ def _serve(maker: Maker[Any], rx: int, tx: int, parent: int) -> None:  # pragma:
         _linux.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
         return  # the session died before the death signal was armed
-    held: dict[int, Any] = {}
-    spare: list[Any] = []
-    count = 0
+    state = _HelperState(maker, tx)
     try:
         while True:
-            message = _receive(rx)
-            if message is None or message[0] == "quit":
+            batch = _receive(rx)
+            if batch is None:
                 return
-            if message[0] == "make":
-                try:
-                    view = spare.pop() if spare else maker.make()
-                except Exception as exc:
-                    _reply_error(tx, exc)
-                    continue
-                count += 1
-                held[count] = view
-                _send(tx, ("ok", count, maker.export(view)))
-            elif message[0] == "retire":
-                view = held.pop(message[1], None)
-                if view is None:
-                    continue
-                with contextlib.suppress(Exception):
-                    if maker.reset is not None and maker.reset(view):
-                        spare.append(view)
-                        continue
-                    maker.discard(view)
+            for message in batch:
+                if message[0] == "quit":
+                    return
+                state.handle(message)
     finally:
-        for view in [*held.values(), *spare]:
+        for view in [*state.held.values(), *state.spare]:
             with contextlib.suppress(Exception):
                 maker.discard(view)
         os.close(tx)
+
+
+class _HelperState:  # pragma: no cover - runs in the helper
+    def __init__(self, maker: Maker[Any], tx: int) -> None:
+        self.maker = maker
+        self.tx = tx
+        self.held: dict[int, Any] = {}
+        self.spare: list[Any] = []
+        self.count = 0
+
+    def handle(self, message: tuple[Any, ...]) -> None:
+        maker = self.maker
+        if message[0] == "make":
+            try:
+                view = self.spare.pop() if self.spare else maker.make()
+            except Exception as exc:
+                _reply_error(self.tx, exc)
+                return
+            self.count += 1
+            self.held[self.count] = view
+            _send(self.tx, ("ok", self.count, maker.export(view)))
+        elif message[0] == "retire":
+            view = self.held.pop(message[1], None)
+            if view is None:
+                return
+            with contextlib.suppress(Exception):
+                if maker.reset is not None and maker.reset(view):
+                    self.spare.append(view)
+                    return
+                maker.discard(view)
 
 
 def _reply_error(tx: int, exc: Exception) -> None:  # pragma: no cover - runs in the helper
