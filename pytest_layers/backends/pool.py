@@ -311,8 +311,8 @@ def _receive(fd: int) -> tuple[Any, ...] | None:
 
 
 def _serve(maker: Maker[Any], rx: int, tx: int, parent: int) -> None:  # pragma: no cover
-    """The helper's loop: make views on request, clean or reset retired ones; on ``quit`` or
-    the session's end (EOF), clean up everything it still holds."""
+    """The helper's loop: make views on request, clean or reset retired ones; on ``quit``,
+    clean up everything it still holds."""
     from pytest_layers import _linux
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -325,15 +325,18 @@ def _serve(maker: Maker[Any], rx: int, tx: int, parent: int) -> None:  # pragma:
         while True:
             batch = _receive(rx)
             if batch is None:
+                # The session died without asking (SIGKILL: its fds close before the death
+                # signal comes). Leave everything as a killed session leaves its own views: its
+                # mounts go with its namespace, and the next session sweeps its scratch.
                 return
             for message in batch:
                 if message[0] == "quit":
+                    for view in [*state.held.values(), *state.spare]:
+                        with contextlib.suppress(Exception):
+                            maker.discard(view)
                     return
                 state.handle(message)
     finally:
-        for view in [*state.held.values(), *state.spare]:
-            with contextlib.suppress(Exception):
-                maker.discard(view)
         os.close(tx)
 
 
