@@ -942,7 +942,12 @@ def _pool(state: _State) -> Any:
     """The session's view pool, or None where views are made in the test's setup."""
     if state.pool is None:
         backend = state.backend
-        if state.pool_depth < 1 or backend is None or backend.name not in ("overlay", "fuse"):
+        # Overlay and fuse views are cheap to make ahead; a backend whose views are costly
+        # copies joins when it can reset a used one in place (``reset_view``).
+        served = backend is not None and (
+            backend.name in ("overlay", "fuse") or callable(getattr(backend, "reset_view", None))
+        )
+        if state.pool_depth < 1 or not served:
             state.pool = False
         elif getattr(backend, "api", None) == "legacy":
             # The legacy overlay mount chdirs the whole process (backends/overlay.py): never
@@ -1075,7 +1080,16 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
             make = functools.partial(
                 rootfs_mod.prepare, session, image, init=init, readonly=spec.readonly
             )
-            pool.register(key, Maker(make, rootfs_mod.discard, rootfs_mod.portable))
+            reset = getattr(session.backend, "reset_view", None)
+            pool.register(
+                key,
+                Maker(
+                    make,
+                    rootfs_mod.discard,
+                    rootfs_mod.portable,
+                    reset=(lambda p: bool(reset(p.view))) if callable(reset) else None,
+                ),
+            )
         try:
             # A preparation's error is this test's error, raised as if made here.
             prepared = pool.take(key)
