@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import inspect
+import itertools
 import os
 import stat
 import sys
@@ -686,7 +687,9 @@ class LayerSession:
         self.remote: RemoteCache | None = None
         self._verified: set[str] = set()
         self._exit = contextlib.ExitStack()
-        self._counter = 0
+        # next() on a count is atomic: the view pool's thread takes scratch dirs too.
+        self._counter = itertools.count(1)
+        self._pid = os.getpid()
 
     def close(self) -> None:
         """Release leases held by this session."""
@@ -694,8 +697,10 @@ class LayerSession:
 
     def scratch(self) -> Path:
         """A fresh, empty directory for one view (under the session's scratch root)."""
-        self._counter += 1
-        path = self.scratch_root / str(self._counter)
+        n = next(self._counter)
+        # The view pool's helpers are forks of this process, counting from the same number.
+        name = str(n) if os.getpid() == self._pid else f"{os.getpid()}.{n}"
+        path = self.scratch_root / name
         path.mkdir(parents=True)
         return path
 

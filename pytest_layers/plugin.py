@@ -7,6 +7,7 @@ The work happens in plain modules: :mod:`pytest_layers.definitions` builds layer
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import shlex
@@ -235,6 +236,13 @@ class _State:
     snapshots: list[tuple[str, str]] = field(default_factory=list)
     snapshot_errors: list[tuple[str, str]] = field(default_factory=list)
     remote_lines: list[str] = field(default_factory=list)
+    #: The view pool (docs/concepts/performance.md), made at the first rootfs; None before.
+    pool: Any = None
+    pool_depth: int = 2
+    #: The image of each marker's names, looked up once per session.
+    images: dict[tuple[str, ...], list[Layer]] = field(default_factory=dict)
+    #: The pool key of every collected item, in run order (None: no rootfs or not pooled).
+    plan: list[Any] = field(default_factory=list)
 
     def worker_info(self) -> dict[str, Any]:
         return {
@@ -262,6 +270,11 @@ class _State:
 _STATE = pytest.StashKey[_State]()
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 _ROOTFS = pytest.StashKey["_TestView"]()
+#: The parsed marker and the marker it was parsed from (``request.applymarker`` may add another).
+_SPEC = pytest.StashKey[tuple[Any, "_Spec"]]()
+_INDEX = pytest.StashKey[int]()
+#: How many of the next tests the pool looks at to know which images are needed.
+_WINDOW = 16
 
 
 def _state(config: pytest.Config) -> _State:
@@ -620,6 +633,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
     if state is None or state.session is None:
         return
+    _close_pool(state)
     state.session.close()
     if state.scratch_tmpfs:
         with contextlib.suppress(OSError):
@@ -658,14 +672,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Wait for the remote cache's background pushes (tests are over: nothing waits on them
     but the exit) and say what they did."""
     state = session.config.stash.get(_STATE, None)
+    # Tests are over (or interrupted): no view is needed any more.
+    verbose = session.config.get_verbosity() > 0
+    lines = _close_pool(state, verbose=verbose) if state is not None else []
     remote = state.session.remote if state is not None and state.session is not None else None
-    if remote is None:
-        return
-    lines = remote.finish()
+    if remote is not None:
+        lines += remote.finish()
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None and lines and session.config.get_verbosity() >= 0:
         for line in lines:
@@ -894,7 +911,8 @@ def pytest_pycollect_makeitem(
         if not uses_rootfs and item.get_closest_marker("layer") is None:
             continue
         try:
-            _marker_spec(item)
+            # Parsed once per item: the rootfs fixture and the view pool's plan reuse it.
+            item.stash[_SPEC] = (item.get_closest_marker("layer"), _marker_spec(item))
         except LayerDefinitionError as exc:
             item.stash[_MARKER_ERROR] = str(exc)
         if own and not uses_rootfs:
@@ -905,6 +923,85 @@ def pytest_pycollect_makeitem(
                 )
             )
     return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> Generator[None, None, None]:
+    """After every other plugin reordered or deselected (``-p randomly``, ``-k``): the pool
+    key of each item in run order, so the pool prepares what the next tests use. Under xdist
+    each worker sees the whole collection and runs its share of it in this order."""
+    result = yield
+    state = config.stash.get(_STATE, None)
+    if state is None:
+        return result
+    hooked = bool(config.hook.pytest_layers_init.get_hookimpls())
+    state.plan = []
+    for i, item in enumerate(items):
+        item.stash[_INDEX] = i
+        spec = item.stash.get(_SPEC, (None, None))[1]
+        uses = spec is not None and "rootfs" in getattr(item, "fixturenames", ())
+        state.plan.append(_pool_key(spec) if uses and not hooked and spec else None)
+    return result
+
+
+def _pool_key(spec: _Spec) -> tuple[Any, ...] | None:
+    """Views with the same key are interchangeable before a test touches them."""
+    if not spec.names:
+        return None
+    return (spec.names, spec.readonly, tuple(sorted(spec.init.items())))
+
+
+def _pool(state: _State) -> Any:
+    """The session's view pool, or None where views are made in the test's setup."""
+    if state.pool is None:
+        backend = state.backend
+        # Overlay and fuse views are cheap to make ahead; a backend whose views are costly
+        # copies joins when it can reset a used one in place (``reset_view``).
+        served = backend is not None and (
+            backend.name in ("overlay", "fuse") or callable(getattr(backend, "reset_view", None))
+        )
+        if state.pool_depth < 1 or not served:
+            state.pool = False
+        elif getattr(backend, "api", None) == "legacy":
+            # The legacy overlay mount chdirs the whole process (backends/overlay.py): never
+            # from a second thread while a test runs.
+            state.pool = False
+        else:
+            from pytest_layers.backends.pool import ViewPool
+
+            # Made here, in the first test's setup: long after pytest_configure entered the
+            # namespace. Its helpers are processes forked later still; no thread is started.
+            state.pool = ViewPool(depth=state.pool_depth)
+    return state.pool or None
+
+
+def _expect(state: _State, pool: Any, item: pytest.Item) -> None:
+    index = item.stash.get(_INDEX, None)
+    if index is None:
+        return
+    demand: dict[Any, int] = {}
+    for key in state.plan[index + 1 : index + 1 + _WINDOW]:
+        if key is not None:
+            demand[key] = demand.get(key, 0) + 1
+    pool.expect(demand)
+
+
+def _close_pool(state: _State, *, verbose: bool = False) -> list[str]:
+    """Drain the pool; with ``-v``, how many views were ready when a test asked."""
+    pool, state.pool = state.pool, False
+    if not pool:
+        return []
+    pool.close()
+    lines = []
+    if verbose:
+        served = pool.hits + pool.misses
+        lines.append(
+            f"layers: view pool: {served} views served by helpers, {pool.hits} of them ready "
+            f"when the test asked, {pool.declined} made in the test"
+        )
+    return lines
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -940,12 +1037,13 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
     """
     item = request.node
     state = _state(request.config)
-    try:
-        spec = _marker_spec(item)
-    except LayerDefinitionError as exc:
-        message = str(exc)
-    else:
-        message = ""
+    message = ""
+    marker, spec = item.stash.get(_SPEC, (None, None))
+    if spec is None or item.get_closest_marker("layer") is not marker:
+        try:
+            spec = _marker_spec(item)
+        except LayerDefinitionError as exc:
+            message = str(exc)
     if message:  # outside the except block: one line, no chained traceback
         pytest.fail(message, pytrace=False)
     session = _session_or_fail(state)
@@ -957,11 +1055,14 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
             f"{', '.join(sorted(definitions.registry())) or '(none)'}",
             pytrace=False,
         )
+    assert spec is not None
     failed: _LayerBuildFailed | None = None
-    try:
-        tops = [request.getfixturevalue(name) for name in spec.names]
-    except _LayerBuildFailed as exc:
-        failed = exc
+    image = state.images.get(spec.names)
+    if image is None:
+        try:
+            tops = [request.getfixturevalue(name) for name in spec.names]
+        except _LayerBuildFailed as exc:
+            failed = exc
     if failed is not None:
         if failed.first is None:
             failed.first = item.nodeid
@@ -970,14 +1071,46 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
             f"layer {failed.layer!r} failed to build (see the first error, at {failed.first})",
             pytrace=False,
         )
-    image = definitions.compose(tops)
-    session.use(image)
+    if image is None:
+        # Layer fixtures are session-scoped: one lookup per image and session, not per test.
+        image = definitions.compose(tops)
+        session.use(image)
+        state.images[spec.names] = image
     init: dict[str, str | bytes] = {}
-    for extra in request.config.hook.pytest_layers_init(item=item):
-        if extra:
-            init.update(extra)
+    hook = request.config.hook.pytest_layers_init
+    if hook.get_hookimpls():
+        for extra in hook(item=item):
+            if extra:
+                init.update(extra)
     init.update(spec.init)
-    fs = Rootfs(session, image, init=init, readonly=spec.readonly)
+    pool = _pool(state)
+    # The key from the spec in hand: the plan only predicts (a test may applymarker).
+    key = _pool_key(spec) if pool is not None and not hook.get_hookimpls() else None
+    prepared = None
+    if pool is not None and key is not None:
+        from pytest_layers import rootfs as rootfs_mod
+        from pytest_layers.backends.pool import Maker
+
+        if not pool.known(key):
+            make = functools.partial(
+                rootfs_mod.prepare, session, image, init=init, readonly=spec.readonly
+            )
+            reset = getattr(session.backend, "reset_view", None)
+            pool.register(
+                key,
+                Maker(
+                    make,
+                    rootfs_mod.discard,
+                    rootfs_mod.portable,
+                    reset=(lambda p: bool(reset(p.view))) if callable(reset) else None,
+                ),
+            )
+        try:
+            # A preparation's error is this test's error, raised as if made here.
+            prepared = pool.take(key)
+        finally:
+            _expect(state, pool, item)
+    fs = Rootfs(session, image, init=init, readonly=spec.readonly, prepared=prepared)
     view = _TestView(fs, spec.keep or state.keep)
     item.stash[_ROOTFS] = view
     try:
@@ -987,7 +1120,12 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
             reports = item.stash.get(_REPORTS, {})
             _decide(item, view, failed=any(r.failed for r in reports.values()))
     finally:
-        fs.close()
+        # The snapshot (if any) was taken from this view's own upper above; the view is never
+        # handed out again, so its unmount and removal can wait for the pool's thread.
+        if prepared is not None and pool.retire(prepared):
+            fs.release()
+        else:
+            fs.close()
 
 
 def _decide(item: pytest.Item, view: _TestView, *, failed: bool) -> None:

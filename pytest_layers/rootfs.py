@@ -8,18 +8,29 @@ plugin's ``rootfs`` fixture is a thin wrapper that opens one and closes it after
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import functools
 import os
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Literal, overload
 
 from pytest_layers import _dirfd, changeset, diffdata, layertar, namespaces
+from pytest_layers.backends.base import View
 from pytest_layers.definitions import Layer, LayerSession
 from pytest_layers.errors import LayerDefinitionError, LayersError, NoSpaceError
 
-__all__ = ["Rootfs", "check_init_path", "MAX_SYMLINKS"]
+__all__ = [
+    "Rootfs",
+    "Prepared",
+    "prepare",
+    "portable",
+    "discard",
+    "check_init_path",
+    "MAX_SYMLINKS",
+]
 
 #: As Linux's MAXSYMLINKS: more links than this while resolving one path is a loop.
 MAX_SYMLINKS = 40
@@ -61,73 +72,27 @@ class Rootfs(os.PathLike[str]):
         *,
         init: Mapping[str, str | bytes] | None = None,
         readonly: bool = False,
+        prepared: Prepared | None = None,
     ) -> None:
+        """``prepared`` is a view made ahead by :func:`prepare` with the same arguments (the
+        plugin's view pool); without it the view is made here."""
         self._session = session
         self._image = list(image)
         self._readonly = readonly
-        store = session.store
         self._lowers = [x.directory for x in reversed(self._image)]
-        self._scratch = session.scratch()
         self._closed = False
-        try:
-            lowers = list(self._lowers)
-            self._exclude: set[str] = set()
-            self._init_dirs: set[str] = set()
-            self._init_dir: Path | None = None
-            if init:
-                init_dir = self._scratch / "init"
-                self._exclude, self._init_dirs = self._write_init(init_dir, init)
-                lowers.insert(0, init_dir)
-                self._init_dir = init_dir
-            view_scratch = self._scratch / "view"
-            view_scratch.mkdir()
-            self._view = session.backend.open(
-                lowers, view_scratch, readonly=readonly, flavor=store.flavor
-            )
-        except BaseException:
-            namespaces.remove_tree(self._scratch)
-            raise
+        if prepared is None:
+            prepared = prepare(session, image, init=init, readonly=readonly)
+        self._scratch = prepared.scratch
+        self._view = prepared.view
+        self._exclude = prepared.exclude
+        self._init_dirs = prepared.init_dirs
+        self._init_dir = prepared.init_dir
 
     # -- the init layer
 
     def _image_view(self) -> changeset.ImageView:
         return changeset.ImageView(self._lowers, self._session.store.flavor)
-
-    def _write_init(
-        self, init_dir: Path, files: Mapping[str, str | bytes]
-    ) -> tuple[set[str], set[str]]:
-        """Write the init layer; returns (its files, the directories the image lacks)."""
-        image = self._image_view()
-        written: set[str] = set()
-        new_dirs: set[str] = set()
-        init_dir.mkdir()
-        for rel, content in sorted(files.items()):
-            rel = check_init_path(rel)
-            if not isinstance(content, (str, bytes)):
-                raise LayerDefinitionError(
-                    f"init file {rel!r}: content must be str or bytes, got {type(content).__name__}"
-                )
-            parts = PurePosixPath(rel).parts
-            for i in range(1, len(parts)):
-                drel = "/".join(parts[:i])
-                dpath = init_dir / drel
-                if dpath.is_dir():
-                    continue
-                dpath.mkdir()
-                # The topmost lower wins a directory's metadata in an overlay: copy the image's
-                # so that the init layer does not change how /etc looks.
-                st = image.lstat(drel)
-                if st is not None and stat.S_ISDIR(st.st_mode):
-                    os.chmod(dpath, stat.S_IMODE(st.st_mode))
-                    if os.geteuid() == 0 or st.st_uid == os.geteuid():
-                        os.lchown(dpath, st.st_uid, st.st_gid)
-                    os.utime(dpath, ns=(st.st_atime_ns, st.st_mtime_ns))
-                else:
-                    new_dirs.add(drel)
-            data = content.encode() if isinstance(content, str) else content
-            (init_dir / rel).write_bytes(data)
-            written.add(rel)
-        return written, new_dirs
 
     # -- the public surface
 
@@ -379,13 +344,112 @@ class Rootfs(os.PathLike[str]):
 
     def close(self) -> None:
         """Unmount and remove the scratch; idempotent."""
+        self.release()()
+
+    def release(self) -> Callable[[], None]:
+        """Close the rootfs for the test and return what unmounts and removes it, for a caller
+        that runs it later (the view pool's worker). The view is never handed out again."""
         if self._closed:
-            return
+            return _nothing
         self._closed = True
-        try:
-            self._view.close()
-        finally:
-            namespaces.remove_tree(self._scratch)
+        return functools.partial(discard, Prepared(self._scratch, self._view, set(), set(), None))
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A view made ahead of the test that takes it: its scratch, the mounted view and what the
+    init layer holds (files to leave out of a diff, directories the image lacks)."""
+
+    scratch: Path
+    view: View
+    exclude: set[str]
+    init_dirs: set[str]
+    init_dir: Path | None
+
+
+def prepare(
+    session: LayerSession,
+    image: Sequence[Layer],
+    *,
+    init: Mapping[str, str | bytes] | None = None,
+    readonly: bool = False,
+) -> Prepared:
+    """Make a view of ``image`` for :class:`Rootfs`: scratch, init layer, mount."""
+    lowers = [x.directory for x in reversed(image)]
+    scratch = session.scratch()
+    try:
+        exclude: set[str] = set()
+        init_dirs: set[str] = set()
+        init_dir: Path | None = None
+        if init:
+            init_dir = scratch / "init"
+            exclude, init_dirs = _write_init(
+                changeset.ImageView(list(lowers), session.store.flavor), init_dir, init
+            )
+            lowers.insert(0, init_dir)
+        view_scratch = scratch / "view"
+        view_scratch.mkdir()
+        view = session.backend.open(
+            lowers, view_scratch, readonly=readonly, flavor=session.store.flavor
+        )
+    except BaseException:
+        namespaces.remove_tree(scratch)
+        raise
+    return Prepared(scratch, view, exclude, init_dirs, init_dir)
+
+
+def portable(prepared: Prepared) -> Prepared:
+    """``prepared`` as it crosses to another process (the view pool's helper makes it, the
+    session uses it): without the closer, which only its maker can run."""
+    return dataclasses.replace(prepared, view=dataclasses.replace(prepared.view, _closer=None))
+
+
+def discard(prepared: Prepared) -> None:
+    """Unmount a prepared or used view and remove its scratch."""
+    try:
+        prepared.view.close()
+    finally:
+        namespaces.remove_tree(prepared.scratch)
+
+
+def _write_init(
+    image: changeset.ImageView, init_dir: Path, files: Mapping[str, str | bytes]
+) -> tuple[set[str], set[str]]:
+    """Write the init layer; returns (its files, the directories the image lacks)."""
+    written: set[str] = set()
+    new_dirs: set[str] = set()
+    init_dir.mkdir()
+    for rel, content in sorted(files.items()):
+        rel = check_init_path(rel)
+        if not isinstance(content, (str, bytes)):
+            raise LayerDefinitionError(
+                f"init file {rel!r}: content must be str or bytes, got {type(content).__name__}"
+            )
+        parts = PurePosixPath(rel).parts
+        for i in range(1, len(parts)):
+            drel = "/".join(parts[:i])
+            dpath = init_dir / drel
+            if dpath.is_dir():
+                continue
+            dpath.mkdir()
+            # The topmost lower wins a directory's metadata in an overlay: copy the image's
+            # so that the init layer does not change how /etc looks.
+            st = image.lstat(drel)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                os.chmod(dpath, stat.S_IMODE(st.st_mode))
+                if os.geteuid() == 0 or st.st_uid == os.geteuid():
+                    os.lchown(dpath, st.st_uid, st.st_gid)
+                os.utime(dpath, ns=(st.st_atime_ns, st.st_mtime_ns))
+            else:
+                new_dirs.add(drel)
+        data = content.encode() if isinstance(content, str) else content
+        (init_dir / rel).write_bytes(data)
+        written.add(rel)
+    return written, new_dirs
 
 
 def _open_up(tree: Path) -> dict[str, int]:

@@ -1,0 +1,324 @@
+"""The view pool: views made ahead and retired behind tests (pytest_layers/backends/pool.py).
+
+The engine part runs without mounts; the plugin part runs whole sessions (pristine views under
+many tests, exact snapshots, nothing left after a normal end, a KeyboardInterrupt or a SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from pytest_layers.backends.pool import Maker, ViewPool
+from tests.faults_util import (
+    child_env,
+    dead_leftovers,
+    our_mounts_under,
+    out,
+    pytest_command,
+    run_session,
+    write_project,
+)
+
+# ---- the engine ------------------------------------------------------------------------------
+
+
+class _Files:
+    """Views as files in ``root`` (made and removed by the helper, seen from here)."""
+
+    def __init__(self, root: Path, *, fail_first: bool = False, reset: bool | None = None):
+        self.root = root
+        self.count = 0
+        self.fail_first = fail_first
+        self.resets = reset
+
+    def make(self) -> str:
+        self.count += 1
+        if self.fail_first and self.count == 1:
+            raise OSError(28, "No space left on device")
+        path = self.root / f"{os.getpid()}-{self.count}"
+        path.write_text("pristine")
+        return str(path)
+
+    def discard(self, view: str) -> None:
+        os.unlink(view)
+
+    def reset(self, view: str) -> bool:
+        Path(view).write_text("pristine")
+        return bool(self.resets)
+
+    def maker(self) -> Maker[str]:
+        return Maker(self.make, self.discard, reset=self.reset if self.resets else None)
+
+
+def _pool(files: _Files, depth: int = 2) -> ViewPool[str]:
+    pool: ViewPool[str] = ViewPool(depth=depth)
+    pool.register("a", files.maker())
+    return pool
+
+
+def test_views_come_from_a_helper_process_once_each_and_no_thread(tmp_path: Path) -> None:
+    """No thread in the session (unshare is never at risk); every view is new."""
+    threads = threading.active_count()
+    pool = _pool(_Files(tmp_path))
+    pool.expect({"a": 5})
+    taken = []
+    for _ in range(6):
+        view = pool.take("a")
+        assert view is not None
+        assert Path(view).read_text() == "pristine"
+        Path(view).write_text("touched")
+        taken.append(view)
+        pool.retire(view)
+        pool.expect({"a": 5})
+    assert len(set(taken)) == 6, f"a view was handed out twice: {taken}"
+    assert {int(Path(v).name.split("-")[0]) for v in taken} == set(pool.helper_pids)
+    assert threading.active_count() == threads
+    pool.close()
+    assert os.listdir(tmp_path) == [], "close left views behind"
+    assert pool.helper_pids == []
+
+
+def test_ready_views_no_pending_test_needs_are_cleaned_and_the_helper_exits(
+    tmp_path: Path,
+) -> None:
+    pool = _pool(_Files(tmp_path), depth=3)
+    pool.expect({"a": 3})
+    (pid,) = pool.helper_pids
+    view = pool.take("a")  # makes sure the helper has answered at least once
+    assert view is not None
+    pool.retire(view)
+    pool.expect({})
+    # Whatever was still being made is cleaned when the pool closes; the helper is gone.
+    pool.close()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_preparation_error_is_raised_by_the_take_that_needed_it(tmp_path: Path) -> None:
+    pool = _pool(_Files(tmp_path, fail_first=True), depth=1)
+    with pytest.raises(OSError, match="No space left"):
+        pool.take("a")
+    view = pool.take("a")
+    assert view is not None
+    assert Path(view).read_text() == "pristine"
+    pool.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_key_or_closed_pool_is_served_by_the_caller(tmp_path: Path) -> None:
+    pool = _pool(_Files(tmp_path))
+    assert pool.take("b") is None
+    assert pool.retire("not-from-the-pool") is False
+    pool.close()
+    assert pool.take("a") is None
+    assert pool.declined == 2
+
+
+def test_recycler_hook_offers_a_reset_view_again(tmp_path: Path) -> None:
+    """How the copy backend's reusable copies plug in: reset in the helper after the test,
+    then handed out again; nothing new is made meanwhile."""
+    pool = _pool(_Files(tmp_path, reset=True), depth=1)
+    first = pool.take("a")
+    assert first is not None
+    Path(first).write_text("touched")
+    pool.retire(first)
+    second = pool.take("a")
+    assert second == first
+    assert Path(second).read_text() == "pristine"
+    assert len(os.listdir(tmp_path)) == 1
+    pool.close()
+    assert os.listdir(tmp_path) == []
+
+
+# ---- the plugin ------------------------------------------------------------------------------
+
+CONFTEST = """
+import os, threading
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text("ID=demo\\n")
+    (root / "data").mkdir()
+    for n in range(5):
+        (root / f"data/f{n}").write_text(str(n))
+
+@layer(parent=base)
+def other(root):
+    (root / "etc/other").write_text("o")
+
+import atexit
+
+@atexit.register
+def _threads():
+    names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    with open(os.path.join(os.path.dirname(__file__), "threads.txt"), "w") as f:
+        f.write(",".join(names))
+"""
+
+PRISTINE = """
+import os
+import pytest
+
+PRISTINE = {"data": sorted(f"f{n}" for n in range(5)), "etc": ["os-release"]}
+
+@pytest.mark.parametrize(
+    "i, name",
+    [pytest.param(i, n, marks=pytest.mark.layer(n)) for i in range(N)
+     for n in ["other" if i % 3 == 0 else "base"]],
+)
+def test_pristine(rootfs, i, name):
+    etc = sorted(os.listdir(rootfs / "etc"))
+    assert etc == sorted(PRISTINE["etc"] + (["other"] if name == "other" else [])), etc
+    assert sorted(os.listdir(rootfs / "data")) == PRISTINE["data"]
+    for n in range(5):
+        assert (rootfs / f"data/f{n}").read_text() == str(n)
+    assert not (rootfs / "new").exists()
+    # Writes, deletes and renames the next test must never see.
+    (rootfs / "new").write_text(str(i))
+    (rootfs / "data/f1").unlink()
+    os.rename(rootfs / "data/f2", rootfs / "data/moved")
+    (rootfs / "data/f3").write_text("changed")
+    (rootfs / "etc/os-release").write_text("ID=changed\\n")
+"""
+
+
+def _pristine(path: Path, n: int) -> Path:
+    return write_project(path, CONFTEST, PRISTINE.replace("N)", f"{n})"))
+
+
+def _nothing_left(path: Path, store: Path) -> None:
+    assert our_mounts_under(path) == [], "mounts left"
+    views = store / "scratch" / "views"
+    assert not views.is_dir() or os.listdir(views) == [], os.listdir(views)
+    assert (path / "threads.txt").read_text() == "", "threads left at exit"
+
+
+@pytest.mark.requires_overlay
+def test_pristine_views_and_nothing_left(tmp_path: Path) -> None:
+    store = _pristine(tmp_path, 200)
+    proc = run_session(tmp_path, "-vv", "-p", "no:xdist")
+    assert proc.returncode == 0, out(proc)
+    assert "200 passed" in proc.stdout, out(proc)
+    # Every view came from the pool (how many were ready in time depends on the machine).
+    assert "layers: view pool: 200 views served by helpers" in proc.stdout, out(proc)
+    _nothing_left(tmp_path, store)
+
+
+@pytest.mark.slow
+@pytest.mark.requires_overlay
+@pytest.mark.parametrize("xdist", [False, True], ids=["serial", "xdist"])
+def test_pristine_views_2000_tests(tmp_path: Path, xdist: bool) -> None:
+    store = _pristine(tmp_path, 2000)
+    args = ("-n", "2") if xdist else ("-p", "no:xdist")
+    proc = run_session(tmp_path, *args, timeout=900)
+    assert proc.returncode == 0, out(proc)
+    assert "2000 passed" in proc.stdout, out(proc)
+    _nothing_left(tmp_path, store)
+
+
+@pytest.mark.requires_overlay
+def test_randomly_order_still_pristine(tmp_path: Path) -> None:
+    pytest.importorskip("pytest_randomly", reason="pytest-randomly is not installed")
+    store = _pristine(tmp_path, 100)
+    proc = subprocess.run(
+        [*pytest_command()[:3], "-q", "-p", "randomly", "-p", "no:xdist"],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, out(proc)
+    _nothing_left(tmp_path, store)
+
+
+SNAPSHOT = """
+import os
+import pytest
+
+@pytest.mark.layer("base")
+@pytest.mark.parametrize("i", range(12))
+def test_snap(rootfs, i):
+    (rootfs / f"mine{i}").write_text(f"written by {i}")
+    (rootfs / "data/f0").unlink()
+    os.rename(rootfs / "data/f4", rootfs / f"data/renamed{i}")
+    assert i % 4 != 1, "fails"
+"""
+
+
+@pytest.mark.requires_overlay
+def test_failing_tests_snapshots_hold_exactly_their_own_writes(tmp_path: Path) -> None:
+    from pytest_layers.store import Store
+
+    store_path = write_project(tmp_path, CONFTEST, SNAPSHOT, ini=["layers_keep_count = 10"])
+    proc = run_session(tmp_path, "-p", "no:xdist")
+    assert proc.returncode == 1, out(proc)
+    assert "3 failed, 9 passed" in proc.stdout, out(proc)
+    store = Store(store_path)
+    snaps = {s.test: s.chain_id for s in store.snapshots()}
+    assert sorted(snaps) == [f"test_project.py::test_snap[{i}]" for i in (1, 5, 9)]
+    for i in (1, 5, 9):
+        layer = store.layer_dir(snaps[f"test_project.py::test_snap[{i}]"])
+        files = sorted(str(p.relative_to(layer)) for p in layer.rglob("*"))
+        assert files == ["data", "data/f0", "data/f4", f"data/renamed{i}", f"mine{i}"], files
+        assert (layer / f"mine{i}").read_text() == f"written by {i}"
+        assert (layer / f"data/renamed{i}").read_text() == "4"
+    _nothing_left(tmp_path, store_path)
+
+
+INTERRUPT = """
+import pytest
+
+@pytest.mark.layer("base")
+@pytest.mark.parametrize("i", range(20))
+def test_it(rootfs, i):
+    (rootfs / "x").write_text("x")
+    if i == 7:
+        raise KeyboardInterrupt
+"""
+
+
+@pytest.mark.requires_overlay
+def test_keyboard_interrupt_leaves_nothing(tmp_path: Path) -> None:
+    store = write_project(tmp_path, CONFTEST, INTERRUPT)
+    proc = run_session(tmp_path, "-p", "no:xdist")
+    assert proc.returncode == 2, out(proc)
+    assert "KeyboardInterrupt" in proc.stdout + proc.stderr, out(proc)
+    _nothing_left(tmp_path, store)
+
+
+KILLED = """
+import os, signal
+import pytest
+
+@pytest.mark.layer("base")
+@pytest.mark.parametrize("i", range(20))
+def test_it(rootfs, i):
+    (rootfs / "x").write_text("x")
+    if i == 7 and os.environ.get("KILL_ME"):
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.requires_overlay
+@pytest.mark.requires_root
+def test_sigkill_leftovers_are_swept_by_the_next_session(tmp_path: Path) -> None:
+    """Ready views and retiring ones of a killed session: its mounts die with its namespace,
+    its scratch (tmpfs or disk) is swept by the next session."""
+    store = write_project(tmp_path, CONFTEST, KILLED)
+    proc = run_session(tmp_path, "-p", "no:xdist", env=child_env(KILL_ME="1"))
+    assert proc.returncode == -signal.SIGKILL, out(proc)
+    assert our_mounts_under(tmp_path) == [], "the killed session's mounts outlived it"
+    proc = run_session(tmp_path, "-p", "no:xdist")
+    assert proc.returncode == 0, out(proc)
+    assert dead_leftovers(store) == [], "the killed session's scratch was not swept"
+    _nothing_left(tmp_path, store)
