@@ -160,6 +160,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("layers_keep_count", "Snapshots kept per test", type="int", default=3)
     parser.addini("layers_verify", "Re-hash layers before use", type="bool", default=False)
     parser.addini(
+        "layers_view_pool",
+        "Views prepared ahead per image by helper processes (experimental; 0, the default: "
+        "every view is made in its test's setup)",
+        type="int",
+        default=0,
+    )
+    parser.addini(
         "layers_mount_namespace",
         "Where root mounts views: private (own mount namespace, default) or host",
         default="private",
@@ -238,7 +245,7 @@ class _State:
     remote_lines: list[str] = field(default_factory=list)
     #: The view pool (docs/concepts/performance.md), made at the first rootfs; None before.
     pool: Any = None
-    pool_depth: int = 2
+    pool_depth: int = 0
     #: The image of each marker's names, looked up once per session.
     images: dict[tuple[str, ...], list[Layer]] = field(default_factory=dict)
     #: The pool key of every collected item, in run order (None: no rootfs or not pooled).
@@ -330,6 +337,15 @@ def pytest_configure(config: pytest.Config) -> None:
     except (ValueError, TypeError, pytest.UsageError):  # let our message name option and fix
         keep_count_value = _raw_ini(config, "layers_keep_count")
     keep_count = _keep_count("ini option layers_keep_count", keep_count_value)
+    try:
+        pool_depth = int(config.getini("layers_view_pool"))
+    except (ValueError, TypeError, pytest.UsageError):
+        pool_depth = -1
+    if not 0 <= pool_depth <= 16:
+        raise pytest.UsageError(
+            f"ini option layers_view_pool: {_raw_ini(config, 'layers_view_pool')!r} is not a "
+            "number of views from 0 (off, the default) to 16"
+        )
     ns_mode = _ini_choice(config, "layers_mount_namespace", NAMESPACE_CHOICES)
     policy = config.getoption("layers_mount_options") or _mount_policy(
         "ini option layers_mount_options"
@@ -347,6 +363,7 @@ def pytest_configure(config: pytest.Config) -> None:
             rootdir=rootdir,
             keep=keep,
             keep_count=keep_count,
+            pool_depth=pool_depth,
             verify=verify,
             rebuild_token=winfo["rebuild"],
             backend_name=winfo["backend"],
@@ -370,6 +387,7 @@ def pytest_configure(config: pytest.Config) -> None:
             rootdir=rootdir,
             keep=keep,
             keep_count=keep_count,
+            pool_depth=pool_depth,
             verify=verify,
             rebuild_token=uuid.uuid4().hex if config.getoption("layers_rebuild") else None,
             store_shared=config.getoption("layers_store_shared")

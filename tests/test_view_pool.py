@@ -139,6 +139,9 @@ def test_recycler_hook_offers_a_reset_view_again(tmp_path: Path) -> None:
 
 # ---- the plugin ------------------------------------------------------------------------------
 
+#: The pool is opt-in (ini layers_view_pool, 0 by default): the plugin tests turn it on.
+POOL_INI = ["layers_view_pool = 2"]
+
 CONFTEST = """
 import os, threading
 from pytest_layers import layer
@@ -192,7 +195,7 @@ def test_pristine(rootfs, i, name):
 
 
 def _pristine(path: Path, n: int) -> Path:
-    return write_project(path, CONFTEST, PRISTINE.replace("N)", f"{n})"))
+    return write_project(path, CONFTEST, PRISTINE.replace("N)", f"{n})"), ini=POOL_INI)
 
 
 def _nothing_left(path: Path, store: Path) -> None:
@@ -211,6 +214,18 @@ def test_pristine_views_and_nothing_left(tmp_path: Path) -> None:
     # Every view came from the pool (how many were ready in time depends on the machine).
     assert "layers: view pool: 200 views served by helpers" in proc.stdout, out(proc)
     _nothing_left(tmp_path, store)
+
+
+@pytest.mark.requires_overlay
+def test_pool_is_off_unless_asked_for(tmp_path: Path) -> None:
+    write_project(tmp_path, CONFTEST, PRISTINE.replace("N)", "5)"))
+    proc = run_session(tmp_path, "-vv", "-p", "no:xdist")
+    assert proc.returncode == 0, out(proc)
+    assert "5 passed" in proc.stdout, out(proc)
+    assert "view pool" not in proc.stdout, out(proc)
+    proc = run_session(tmp_path, "-o", "layers_view_pool=99")
+    assert proc.returncode != 0
+    assert "layers_view_pool: '99' is not a number of views" in proc.stderr, out(proc)
 
 
 @pytest.mark.slow
@@ -259,7 +274,9 @@ def test_snap(rootfs, i):
 def test_failing_tests_snapshots_hold_exactly_their_own_writes(tmp_path: Path) -> None:
     from pytest_layers.store import Store
 
-    store_path = write_project(tmp_path, CONFTEST, SNAPSHOT, ini=["layers_keep_count = 10"])
+    store_path = write_project(
+        tmp_path, CONFTEST, SNAPSHOT, ini=[*POOL_INI, "layers_keep_count = 10"]
+    )
     proc = run_session(tmp_path, "-p", "no:xdist")
     assert proc.returncode == 1, out(proc)
     assert "3 failed, 9 passed" in proc.stdout, out(proc)
@@ -289,7 +306,7 @@ def test_it(rootfs, i):
 
 @pytest.mark.requires_overlay
 def test_keyboard_interrupt_leaves_nothing(tmp_path: Path) -> None:
-    store = write_project(tmp_path, CONFTEST, INTERRUPT)
+    store = write_project(tmp_path, CONFTEST, INTERRUPT, ini=POOL_INI)
     proc = run_session(tmp_path, "-p", "no:xdist")
     assert proc.returncode == 2, out(proc)
     assert "KeyboardInterrupt" in proc.stdout + proc.stderr, out(proc)
@@ -314,7 +331,7 @@ def test_it(rootfs, i):
 def test_sigkill_leftovers_are_swept_by_the_next_session(tmp_path: Path) -> None:
     """Ready views and retiring ones of a killed session: its mounts die with its namespace,
     its scratch (tmpfs or disk) is swept by the next session."""
-    store = write_project(tmp_path, CONFTEST, KILLED)
+    store = write_project(tmp_path, CONFTEST, KILLED, ini=POOL_INI)
     proc = run_session(tmp_path, "-p", "no:xdist", env=child_env(KILL_ME="1"))
     assert proc.returncode == -signal.SIGKILL, out(proc)
     assert our_mounts_under(tmp_path) == [], "the killed session's mounts outlived it"
