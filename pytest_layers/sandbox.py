@@ -33,6 +33,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import signal
 import socket
 import struct
@@ -121,9 +122,14 @@ class Sandbox:
         stdin: int | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
+        user: tuple[int, int] | None = None,
+        close: Sequence[int] = (),
     ) -> SandboxProcess:
         """Start ``argv`` inside; returns once it is exec'd. ``env`` replaces the environment
-        (default: ``PATH`` and ``HOME=/root`` only); ``stdin``... are fds (default: ours).
+        (default: ``PATH`` and ``HOME=/root`` only); ``stdin``... are fds (default: ours);
+        ``user`` is the ``(uid, gid)`` inside to run as (default: 0, root inside); ``close``
+        are fds of ours the sandbox must not hold (the caller's ends of its pipes: a keeper
+        holding the write end of stdin would keep the program from ever reading EOF).
 
         Raises :class:`SandboxError` (one line) when the sandbox cannot be set up or the
         program cannot be started (``errno.ENOENT``: not in the image).
@@ -143,14 +149,27 @@ class Sandbox:
         if pid == 0:  # pragma: no cover - runs in the child (measured by its effects)
             os.close(err_r)
             os.close(status_r)
+            for fd in close:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             _child(
-                _Plan(self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid, caller),
+                _Plan(
+                    self,
+                    list(argv),
+                    environ,
+                    cwd,
+                    (stdin, stdout, stderr),
+                    uid,
+                    gid,
+                    caller,
+                    user,
+                ),
                 err_w,
                 status_w,
             )
         os.close(err_w)
         os.close(status_w)
-        proc = SandboxProcess(pid, status_r)
+        proc = SandboxProcess(pid, status_r, list(argv))
         try:
             message = _read_all(err_r)
         except BaseException:  # ^C while it starts: nothing may keep running unsupervised
@@ -188,22 +207,49 @@ class Sandbox:
 class SandboxProcess:
     """A running sandbox: ``pid`` is the keeper's (killing it ends every process inside)."""
 
-    def __init__(self, pid: int, status_fd: int) -> None:
+    def __init__(self, pid: int, status_fd: int, args: Sequence[str] = ()) -> None:
         self.pid = pid
+        self.args = list(args)
         self.returncode: int | None = None
         self._status_fd = status_fd
 
-    def wait(self) -> int:
-        """Wait for the program; its exit status, or ``-N`` when signal N ended it."""
+    def poll(self) -> int | None:
+        """The exit status when everything inside has ended, else None (no waiting)."""
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == 0:
+                return None
+            self._finish(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the program; its exit status, or ``-N`` when signal N ended it. With
+        ``timeout`` (seconds), ``subprocess.TimeoutExpired`` when it is still running then
+        (it keeps running: :meth:`kill` ends it)."""
         if self.returncode is not None:
             return self.returncode
+        if timeout is not None:
+            # A pidfd becomes readable when the keeper exits: a wait with a deadline and no
+            # polling loop.
+            fd = os.pidfd_open(self.pid)
+            try:
+                ready, _, _ = select.select([fd], [], [], max(timeout, 0))
+            finally:
+                os.close(fd)
+            if not ready:
+                import subprocess
+
+                raise subprocess.TimeoutExpired(self.args, timeout)
         _, status = os.waitpid(self.pid, 0)
+        self._finish(status)
+        return self.returncode  # type: ignore[return-value]  # set by _finish
+
+    def _finish(self, status: int) -> None:
         reported = _read_all(self._status_fd).decode()
         os.close(self._status_fd)
         keeper = os.waitstatus_to_exitcode(status)
         # Without a report from init (the keeper or init was killed), the keeper's own end.
         self.returncode = int(reported) if reported else keeper
-        return self.returncode
 
     def kill(self) -> None:
         """End the program and everything it started with ``SIGKILL``; :meth:`wait` then
@@ -233,6 +279,7 @@ class _Plan:
     uid: int
     gid: int
     caller: int
+    user: tuple[int, int] | None = None
 
 
 class _Stage(Exception):
@@ -554,6 +601,26 @@ def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
     _linux.set_no_new_privs()
 
 
+def _switch_user(plan: _Plan) -> None:  # pragma: no cover - child
+    """Become ``plan.user`` (init too: it needs nothing more than to wait and forward
+    signals, and a program of the same uid can be signalled). Changing from uid 0 clears every
+    capability, as for any setuid to an ordinary user."""
+    assert plan.user is not None
+    uid, gid = plan.user
+    try:
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL and plan.uid != 0:
+            raise _Stage(
+                errno.EINVAL,
+                f"cannot run as uid {uid} gid {gid} inside: as an ordinary user only uid 0 "
+                "inside exists (it is you outside; no subordinate ids are mapped); run as "
+                "user=0, or as root",
+            ) from None
+        raise _stage(f"cannot run as uid {uid} gid {gid} inside", exc) from None
+
+
 def _start(plan: _Plan) -> int:  # pragma: no cover - child
     """Start the program from init, already inside: init gives up its own privileges first
     (it needs none any more), so the program inherits only what is left. ``posix_spawn``
@@ -570,6 +637,8 @@ def _start(plan: _Plan) -> int:  # pragma: no cover - child
         _drop_privileges(plan.uid == 0)
     except OSError as exc:
         raise _stage("cannot drop privileges", exc) from None
+    if plan.user is not None:
+        _switch_user(plan)
     # posix_spawnp searches the PATH of the caller's environment, not of the one it passes on.
     path = plan.env.get("PATH", DEFAULT_PATH)
     os.environ["PATH"] = path
