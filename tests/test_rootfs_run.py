@@ -290,13 +290,15 @@ START = {}
 @pytest.mark.parametrize("i", range(1000))
 def test_true(rootfs, i):
     if i == 0:
-        START.update(fds=fds(), children=len(os.listdir("/proc/self/task")))
+        START.update(fds=fds(), mounts=mounts())
     assert rootfs.run(["/bin/true"]).returncode == 0
 
 def test_after():
     import psutil
     assert psutil.Process().children(recursive=True) == []
+    # (A namespace lives only as long as a process or a mount holds it.)
     assert fds() <= START["fds"] + 2
+    assert mounts() < START["mounts"]  # the first test's own view is gone too
 """,
         "-q",
     )
