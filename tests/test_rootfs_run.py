@@ -303,3 +303,28 @@ def test_after():
         "-q",
     )
     result.assert_outcomes(passed=1001)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param("fuse", marks=pytest.mark.requires_fuse), "copy"],
+)
+def test_every_backend_runs_inside_its_view(pytester: pytest.Pytester, backend: str) -> None:
+    # The program's writes reach the view the backend gives (with copy: the copy), so diff()
+    # shows them whichever backend mounted it.
+    result = run_project(
+        pytester,
+        """
+import pytest
+
+@pytest.mark.layer("bb")
+def test_it(rootfs):
+    r = rootfs.run(["sh", "-c", "cat /etc/os-release; echo hi > /etc/x; id -u"], text=True)
+    assert r.stdout == "ID=busybox-image\\n0\\n", r
+    assert "A /etc/x" in [str(c) for c in rootfs.diff()]
+    assert (rootfs / "etc/x").read_text() == "hi\\n"
+""",
+        f"--layers-backend={backend}",
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"layers: backend={backend}*"])
