@@ -5,6 +5,8 @@ own fixture, teardown and diff are what is shown."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
@@ -328,3 +330,42 @@ def test_it(rootfs):
     )
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"layers: backend={backend}*"])
+
+
+def test_sigkill_of_pytest_leaves_no_process(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_run=f"""
+import subprocess, sys, time, pytest
+
+@pytest.mark.layer("bb")
+def test_server(rootfs):
+    p = rootfs.spawn(["sh", "-c", "echo ready; sleep 1000; : {MARK}"], stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"ready\\n"
+    sys.__stdout__.write("SPAWNED\\n")
+    sys.__stdout__.flush()
+    time.sleep(1000)
+"""
+    )
+    proc = pytester.popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if b"SPAWNED" in line:
+                break
+        inside = leftovers()
+        assert inside, "the server should be running before the kill"
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    # The keeper and init die of PR_SET_PDEATHSIG, the rest with the PID namespace; the kernel
+    # delivers that asynchronously, so wait for exactly the processes seen (bounded).
+    _, alive = psutil.wait_procs(inside, timeout=30)
+    assert alive == []
+    assert leftovers() == []
