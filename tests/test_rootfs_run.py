@@ -230,6 +230,13 @@ def test_server(rootfs):
     assert p.poll() is None
     # left running: the rootfs's teardown kills it
 
+def test_after_the_teardown():
+    # Still in the same pytest process (its death would end the server anyway): the teardown
+    # of test_server is what ended it.
+    import psutil
+    assert [p for p in psutil.process_iter(["cmdline"])
+            if "{MARK}" in " ".join(p.info["cmdline"] or [])] == []
+
 @pytest.mark.layer("bb")
 def test_wait_and_kill(rootfs):
     p = rootfs.spawn(["sleep", "1000"])
@@ -239,7 +246,7 @@ def test_wait_and_kill(rootfs):
     assert p.wait() == -9
 """,
     )
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
     assert leftovers() == []
 
 
