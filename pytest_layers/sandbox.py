@@ -140,37 +140,41 @@ class Sandbox:
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
         uid, gid, caller = os.geteuid(), os.getegid(), os.getpid()
+        fds = [err_r, err_w, status_r, status_w]
+        maps: tuple[int, int] | None = None
+        if uid == 0:
+            ready_r, ready_w = os.pipe()
+            go_r, go_w = os.pipe()
+            fds += [ready_r, ready_w, go_r, go_w]
+            maps = (ready_w, go_r)
+        plan = _Plan(
+            self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid, caller, user, maps
+        )
         try:
             pid = os.fork()
         except OSError:
-            for fd in (err_r, err_w, status_r, status_w):
+            for fd in fds:
                 os.close(fd)
             raise
         if pid == 0:  # pragma: no cover - runs in the child (measured by its effects)
             os.close(err_r)
             os.close(status_r)
+            if maps is not None:
+                os.close(ready_r)
+                os.close(go_w)
             for fd in close:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            _child(
-                _Plan(
-                    self,
-                    list(argv),
-                    environ,
-                    cwd,
-                    (stdin, stdout, stderr),
-                    uid,
-                    gid,
-                    caller,
-                    user,
-                ),
-                err_w,
-                status_w,
-            )
+            _child(plan, err_w, status_w)
         os.close(err_w)
         os.close(status_w)
         proc = SandboxProcess(pid, status_r, list(argv))
+        if maps is not None:
+            os.close(ready_w)
+            os.close(go_r)
         try:
+            if maps is not None:
+                _write_maps(plan, pid, ready_r, go_w)
             message = _read_all(err_r)
         except BaseException:  # ^C while it starts: nothing may keep running unsupervised
             proc.kill()
@@ -280,6 +284,7 @@ class _Plan:
     gid: int
     caller: int
     user: tuple[int, int] | None = None
+    maps: tuple[int, int] | None = None  # root: (ready_w, go_r), the keeper's ends
 
 
 class _Stage(Exception):
@@ -341,33 +346,24 @@ def _write(path: str, text: str) -> None:
 
 def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
     flags = _NAMESPACES | (_linux.CLONE_NEWNET if plan.box.network == "none" else 0)
-    mapper = go_w = -1
-    if plan.uid == 0:
-        # A map beyond one's own id must be written from the parent namespace, with CAP_SETUID
-        # there: a helper left behind outside writes it once we are inside. An ordinary user
-        # maps only its own id, which it may write itself.
-        go_r, go_w = os.pipe()
-        mapper = os.fork()
-        if mapper == 0:
-            os.close(go_w)
-            _write_maps(plan, os.getppid(), go_r)
-        os.close(go_r)
     try:
         _linux.unshare(flags)
     except OSError as exc:
-        if mapper > 0:
-            os.close(go_w)
-            os.waitpid(mapper, 0)
         raise _stage(
             "cannot create the sandbox's namespaces (user, mount, pid, uts, ipc, net): a "
             "seccomp filter, an LSM policy or a sysctl forbids them",
             exc,
         ) from None
-    if mapper > 0:
-        os.write(go_w, b"1")
-        os.close(go_w)
-        _, status = os.waitpid(mapper, 0)
-        mapped = os.waitstatus_to_exitcode(status) == 0
+    if plan.uid == 0:
+        # A map beyond one's own id must be written from the parent namespace, with CAP_SETUID
+        # there: the caller, still outside, writes it once we are inside (no extra fork of a
+        # large interpreter). An ordinary user maps only its own id, which it may write itself.
+        assert plan.maps is not None
+        ready_w, go_r = plan.maps
+        os.write(ready_w, b"1")
+        os.close(ready_w)
+        mapped = os.read(go_r, 1) == b"1"
+        os.close(go_r)
     else:
         mapped = _maps(plan, "self")
     if not mapped:
@@ -397,14 +393,17 @@ def _maps(plan: _Plan, pid: str) -> bool:  # pragma: no cover - child
     return True
 
 
-def _write_maps(plan: _Plan, pid: int, go_r: int) -> NoReturn:  # pragma: no cover - child
-    code = 1
+def _write_maps(plan: _Plan, pid: int, ready_r: int, go_w: int) -> None:
+    """The caller's part of a root sandbox: once the keeper says it is in its user
+    namespace, write the maps and tell it whether that worked (EOF: it failed earlier)."""
     try:
-        if os.read(go_r, 1) and _maps(plan, str(pid)):
-            code = 0
-    except BaseException:  # the keeper reports the failure
-        pass
-    os._exit(code)
+        if os.read(ready_r, 1):
+            os.write(go_w, b"1" if _maps(plan, str(pid)) else b"0")
+    except OSError:
+        pass  # the keeper reports the failure (or died)
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
 
 
 def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cover - child
