@@ -571,15 +571,48 @@ def _enter_namespace() -> bool:
     return True
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise CommandError(f"name the program to run: `{PROG} run {args.ref} -- CMD ...`")
+    env = {}
+    for item in args.env:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise CommandError(f"--env {item!r}: write KEY=VALUE")
+        env[key] = value
+    return _sandboxed(
+        args, command, readonly=not args.rw, network=args.network, env=env, host_tools=False
+    )
+
+
 def cmd_shell(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    return _sandboxed(
+        args, command, readonly=False, network="none", env={}, host_tools=args.host_tools
+    )
+
+
+def _sandboxed(
+    args: argparse.Namespace,
+    command: list[str],
+    *,
+    readonly: bool,
+    network: str,
+    env: dict[str, str],
+    host_tools: bool,
+) -> int:
+    """``shell`` and ``run``: ``command`` (the image's /bin/sh when empty) in a throw-away
+    view of ``args.ref``, confined in the sandbox; its exit code."""
     import signal
 
     from pytest_layers.backends import detect
     from pytest_layers.sandbox import DEFAULT_PATH, Sandbox
 
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
     interactive = not command
     if interactive:
         # The image's own shell: a host $SHELL would not exist inside, nor run confined.
@@ -596,10 +629,10 @@ def cmd_shell(args: argparse.Namespace) -> int:
         )
         scratch = scratch_root / "view"
         scratch.mkdir()
-        view = backend.open(_lowers(store, chain), scratch, flavor=store.flavor)
+        view = backend.open(_lowers(store, chain), scratch, readonly=readonly, flavor=store.flavor)
         try:
             root = view.path
-            binds = _borrow_host_tools(root) if args.host_tools else []
+            binds = _borrow_host_tools(root) if host_tools else []
             if binds:
                 print(
                     f"{PROG}: note: bound read-only from the host into the sandbox "
@@ -620,12 +653,13 @@ def cmd_shell(args: argparse.Namespace) -> int:
                 )
             # Only what the shell needs: the host's environment (tokens, paths) is not the
             # image's business.
-            env = {"PATH": DEFAULT_PATH, "HOME": "/root", "PYTEST_LAYERS_REF": args.ref}
+            given, env = env, {"PATH": DEFAULT_PATH, "HOME": "/root", "PYTEST_LAYERS_REF": args.ref}
             if "TERM" in os.environ:
                 env["TERM"] = os.environ["TERM"]
             if interactive:
                 env["PS1"] = f"[layers {_short(cid)}] \\w \\$ "
-            sandbox = Sandbox(root, hostname=f"layers-{_short(cid)}", binds=binds)
+            env.update(given)
+            sandbox = Sandbox(root, network=network, hostname=f"layers-{_short(cid)}", binds=binds)
             sys.stdout.flush()
             sys.stderr.flush()
             # Like system(3): ^C and ^\ belong to the program, which decides whether to die.
@@ -982,6 +1016,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-host-tools", dest="host_tools", action="store_false", help=argparse.SUPPRESS
     )
     p.set_defaults(func=cmd_shell)
+
+    p = sub.add_parser(
+        "run",
+        help="Run CMD confined inside REF (its exit code passes through)",
+        description="Run CMD with a view of REF as its root, confined as `shell` confines "
+        "(namespaces, pivot_root, no new privileges, reduced capabilities). The view is "
+        "read-only unless --rw (then writes are thrown away on exit). The exit code is CMD's.",
+        usage=f"{PROG} run [-h] [--rw] [--env K=V] [--network none|host] REF -- CMD ...",
+    )
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD")
+    p.add_argument("--rw", action="store_true", help="A writable (throw-away) view")
+    p.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="Set K in CMD's environment"
+    )
+    p.add_argument(
+        "--network",
+        default="none",
+        choices=("none", "host"),
+        help="none: loopback only (default); host: the host's network",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "overlay", "fuse", "copy"),
+        help="Mount backend (default: auto)",
+    )
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
         "export",

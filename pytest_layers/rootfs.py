@@ -13,9 +13,10 @@ import errno
 import functools
 import os
 import stat
+import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Literal, overload
+from typing import IO, Any, Literal, overload
 
 from pytest_layers import _dirfd, changeset, diffdata, layertar, namespaces
 from pytest_layers.backends.base import View
@@ -88,6 +89,7 @@ class Rootfs(os.PathLike[str]):
         self._exclude = prepared.exclude
         self._init_dirs = prepared.init_dirs
         self._init_dir = prepared.init_dir
+        self._processes: list[Any] = []  # container.Process, imported when a program runs
 
     # -- the init layer
 
@@ -342,16 +344,192 @@ class Rootfs(os.PathLike[str]):
             todo.extend(reversed([p for p in target.parts if p != "/"]))
         return root.joinpath(*done)
 
+    # -- running programs inside
+
+    def run(
+        self,
+        args: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        input: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        user: str | int | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        network: str = "none",
+        binds: Sequence[Any] = (),
+        capture_output: bool = True,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]:
+        """Run a program with this rootfs as its ``/``, as ``subprocess.run`` does on the host.
+
+        The program's writes land in the rw layer (:meth:`diff` shows them); ``binds``
+        (``Bind`` or ``(host_path, target)``, read-only unless ``Bind(readonly=False)``) never
+        do. ``timeout`` kills every process inside, then raises ``subprocess.TimeoutExpired``;
+        ``check=True`` raises ``subprocess.CalledProcessError`` on a non-zero status. stdin is
+        ``/dev/null`` unless ``input`` is given. What the program sees: docs/reference/rootfs.md.
+        """
+        out = subprocess.PIPE if capture_output else None
+        proc = self.spawn(
+            args,
+            env=env,
+            cwd=cwd,
+            user=user,
+            network=network,
+            binds=binds,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            text=text,
+        )
+        with proc:
+            try:
+                stdout, stderr = proc.communicate(input, timeout)
+            except subprocess.TimeoutExpired as exc:
+                proc.kill()
+                proc.wait()
+                raise subprocess.TimeoutExpired(
+                    proc.args, exc.timeout, exc.output, exc.stderr
+                ) from None
+        code = proc.returncode
+        assert code is not None
+        if check and code:
+            raise subprocess.CalledProcessError(code, proc.args, stdout, stderr)
+        return subprocess.CompletedProcess(proc.args, code, stdout, stderr)
+
+    def spawn(
+        self,
+        args: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        user: str | int | None = None,
+        network: str = "none",
+        binds: Sequence[Any] = (),
+        stdin: int | IO[Any] | None = None,
+        stdout: int | IO[Any] | None = None,
+        stderr: int | IO[Any] | None = None,
+        text: bool = False,
+    ) -> Any:
+        """Start a program inside (a server under test) and return a ``subprocess.Popen``-like
+        :class:`~pytest_layers.container.Process`; ``stdin``... take ``subprocess.PIPE``,
+        ``DEVNULL``, an fd or a file (default: ours). Whatever still runs when the rootfs
+        closes (the end of the test) is killed then."""
+        from pytest_layers import container
+        from pytest_layers.errors import SandboxError
+        from pytest_layers.sandbox import DEFAULT_PATH, Bind, Sandbox
+
+        if self._closed:
+            raise LayersError(f"{self!r} is closed: run programs while its test runs")
+        argv = container.normalize_args(args)
+        if not cwd.startswith("/"):
+            raise ValueError(f"cwd={cwd!r}: give a path inside the image starting with '/'")
+        mounts = [b if isinstance(b, Bind) else Bind(Path(b[0]), str(b[1])) for b in binds]
+        for bind in mounts:
+            source = os.path.abspath(bind.source)
+            if os.path.realpath(source) != source:
+                raise SandboxError(
+                    errno.ELOOP,
+                    f"bind source {os.fspath(bind.source)!r} is or passes through a symlink; "
+                    f"bind its real path ({os.path.realpath(source)!r}) instead",
+                )
+            if not os.path.exists(source):
+                raise SandboxError(errno.ENOENT, f"bind source {source!r} does not exist")
+        environ = {"PATH": DEFAULT_PATH, "HOME": "/root"}
+        ids = None
+        if user is not None:
+            uid, gid, home = container.parse_user(self.resolve("/etc/passwd"), user)
+            ids = (uid, gid)
+            if home:
+                environ["HOME"] = home
+        environ.update(env or {})
+        box = Sandbox(self.path, network=network, hostname=self._hostname(), binds=mounts)
+        made = self._missing(["proc", "dev", *(b.target for b in mounts)])
+        fds = [
+            container.stdio_fd(spec, reading=i == 0)
+            for i, spec in enumerate((stdin, stdout, stderr))
+        ]
+        try:
+            proc = box.spawn(
+                argv,
+                env=environ,
+                cwd=cwd,
+                stdin=fds[0][0],
+                stdout=fds[1][0],
+                stderr=fds[2][0],
+                user=ids,
+                close=[ours for _, ours in fds if ours is not None],
+            )
+        except BaseException:
+            for (child, ours), spec in zip(fds, (stdin, stdout, stderr), strict=True):
+                if spec in (subprocess.PIPE, subprocess.DEVNULL) and child is not None:
+                    os.close(child)
+                if ours is not None:
+                    os.close(ours)
+            self._remove_made(made)
+            raise
+        for (child, _), spec in zip(fds, (stdin, stdout, stderr), strict=True):
+            if spec in (subprocess.PIPE, subprocess.DEVNULL) and child is not None:
+                os.close(child)
+        handle = container.Process(
+            proc,
+            (fds[0][1], fds[1][1], fds[2][1]),
+            text=text,
+            on_exit=lambda: self._remove_made(made),
+        )
+        self._processes = [p for p in self._processes if p.returncode is None]
+        self._processes.append(handle)
+        return handle
+
+    def _hostname(self) -> str:
+        if self._init_dir is not None:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                lines = (self._init_dir / "etc/hostname").read_text().split()
+                if lines:
+                    return lines[0]
+        return "pytest-layers"
+
+    def _missing(self, targets: Sequence[str]) -> list[Path]:
+        """The mount points the sandbox will make (it makes what the image lacks), top first
+        per target: removed again when the program ends, so that no ``A /proc`` or bind target
+        shows in :meth:`diff`."""
+        made: list[Path] = []
+        for target in targets:
+            path = self.resolve("/" + target.strip("/"))
+            rel = path.relative_to(self.path)
+            for i in range(1, len(rel.parts) + 1):
+                p = self.path.joinpath(*rel.parts[:i])
+                if not os.path.lexists(p):
+                    made.extend(
+                        self.path.joinpath(*rel.parts[:j]) for j in range(i, len(rel.parts) + 1)
+                    )
+                    break
+        return made
+
+    def _remove_made(self, made: list[Path]) -> None:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                st = os.lstat(p)
+                if stat.S_ISDIR(st.st_mode):
+                    os.rmdir(p)
+                elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    os.unlink(p)
+
     def close(self) -> None:
-        """Unmount and remove the scratch; idempotent."""
+        """Kill the programs still running inside, unmount, remove the scratch; idempotent."""
         self.release()()
 
     def release(self) -> Callable[[], None]:
-        """Close the rootfs for the test and return what unmounts and removes it, for a caller
-        that runs it later (the view pool's worker). The view is never handed out again."""
+        """Close the rootfs for the test (programs still running inside are killed) and return
+        what unmounts and removes it, for a caller that runs it later (the view pool's
+        worker). The view is never handed out again."""
         if self._closed:
             return _nothing
         self._closed = True
+        for proc in self._processes:
+            with contextlib.suppress(OSError):
+                proc.close()
+        self._processes = []
         return functools.partial(discard, Prepared(self._scratch, self._view, set(), set(), None))
 
 

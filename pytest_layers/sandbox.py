@@ -33,6 +33,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import signal
 import socket
 import struct
@@ -121,9 +122,14 @@ class Sandbox:
         stdin: int | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
+        user: tuple[int, int] | None = None,
+        close: Sequence[int] = (),
     ) -> SandboxProcess:
         """Start ``argv`` inside; returns once it is exec'd. ``env`` replaces the environment
-        (default: ``PATH`` and ``HOME=/root`` only); ``stdin``... are fds (default: ours).
+        (default: ``PATH`` and ``HOME=/root`` only); ``stdin``... are fds (default: ours);
+        ``user`` is the ``(uid, gid)`` inside to run as (default: 0, root inside); ``close``
+        are fds of ours the sandbox must not hold (the caller's ends of its pipes: a keeper
+        holding the write end of stdin would keep the program from ever reading EOF).
 
         Raises :class:`SandboxError` (one line) when the sandbox cannot be set up or the
         program cannot be started (``errno.ENOENT``: not in the image).
@@ -134,24 +140,41 @@ class Sandbox:
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
         uid, gid, caller = os.geteuid(), os.getegid(), os.getpid()
+        fds = [err_r, err_w, status_r, status_w]
+        maps: tuple[int, int] | None = None
+        if uid == 0:
+            ready_r, ready_w = os.pipe()
+            go_r, go_w = os.pipe()
+            fds += [ready_r, ready_w, go_r, go_w]
+            maps = (ready_w, go_r)
+        plan = _Plan(
+            self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid, caller, user, maps
+        )
         try:
             pid = os.fork()
         except OSError:
-            for fd in (err_r, err_w, status_r, status_w):
+            for fd in fds:
                 os.close(fd)
             raise
         if pid == 0:  # pragma: no cover - runs in the child (measured by its effects)
             os.close(err_r)
             os.close(status_r)
-            _child(
-                _Plan(self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid, caller),
-                err_w,
-                status_w,
-            )
+            if maps is not None:
+                os.close(ready_r)
+                os.close(go_w)
+            for fd in close:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            _child(plan, err_w, status_w)
         os.close(err_w)
         os.close(status_w)
-        proc = SandboxProcess(pid, status_r)
+        proc = SandboxProcess(pid, status_r, list(argv))
+        if maps is not None:
+            os.close(ready_w)
+            os.close(go_r)
         try:
+            if maps is not None:
+                _write_maps(plan, pid, ready_r, go_w)
             message = _read_all(err_r)
         except BaseException:  # ^C while it starts: nothing may keep running unsupervised
             proc.kill()
@@ -188,22 +211,49 @@ class Sandbox:
 class SandboxProcess:
     """A running sandbox: ``pid`` is the keeper's (killing it ends every process inside)."""
 
-    def __init__(self, pid: int, status_fd: int) -> None:
+    def __init__(self, pid: int, status_fd: int, args: Sequence[str] = ()) -> None:
         self.pid = pid
+        self.args = list(args)
         self.returncode: int | None = None
         self._status_fd = status_fd
 
-    def wait(self) -> int:
-        """Wait for the program; its exit status, or ``-N`` when signal N ended it."""
+    def poll(self) -> int | None:
+        """The exit status when everything inside has ended, else None (no waiting)."""
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == 0:
+                return None
+            self._finish(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the program; its exit status, or ``-N`` when signal N ended it. With
+        ``timeout`` (seconds), ``subprocess.TimeoutExpired`` when it is still running then
+        (it keeps running: :meth:`kill` ends it)."""
         if self.returncode is not None:
             return self.returncode
+        if timeout is not None:
+            # A pidfd becomes readable when the keeper exits: a wait with a deadline and no
+            # polling loop.
+            fd = os.pidfd_open(self.pid)
+            try:
+                ready, _, _ = select.select([fd], [], [], max(timeout, 0))
+            finally:
+                os.close(fd)
+            if not ready:
+                import subprocess
+
+                raise subprocess.TimeoutExpired(self.args, timeout)
         _, status = os.waitpid(self.pid, 0)
+        self._finish(status)
+        return self.returncode  # type: ignore[return-value]  # set by _finish
+
+    def _finish(self, status: int) -> None:
         reported = _read_all(self._status_fd).decode()
         os.close(self._status_fd)
         keeper = os.waitstatus_to_exitcode(status)
         # Without a report from init (the keeper or init was killed), the keeper's own end.
         self.returncode = int(reported) if reported else keeper
-        return self.returncode
 
     def kill(self) -> None:
         """End the program and everything it started with ``SIGKILL``; :meth:`wait` then
@@ -233,6 +283,8 @@ class _Plan:
     uid: int
     gid: int
     caller: int
+    user: tuple[int, int] | None = None
+    maps: tuple[int, int] | None = None  # root: (ready_w, go_r), the keeper's ends
 
 
 class _Stage(Exception):
@@ -294,33 +346,24 @@ def _write(path: str, text: str) -> None:
 
 def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
     flags = _NAMESPACES | (_linux.CLONE_NEWNET if plan.box.network == "none" else 0)
-    mapper = go_w = -1
-    if plan.uid == 0:
-        # A map beyond one's own id must be written from the parent namespace, with CAP_SETUID
-        # there: a helper left behind outside writes it once we are inside. An ordinary user
-        # maps only its own id, which it may write itself.
-        go_r, go_w = os.pipe()
-        mapper = os.fork()
-        if mapper == 0:
-            os.close(go_w)
-            _write_maps(plan, os.getppid(), go_r)
-        os.close(go_r)
     try:
         _linux.unshare(flags)
     except OSError as exc:
-        if mapper > 0:
-            os.close(go_w)
-            os.waitpid(mapper, 0)
         raise _stage(
             "cannot create the sandbox's namespaces (user, mount, pid, uts, ipc, net): a "
             "seccomp filter, an LSM policy or a sysctl forbids them",
             exc,
         ) from None
-    if mapper > 0:
-        os.write(go_w, b"1")
-        os.close(go_w)
-        _, status = os.waitpid(mapper, 0)
-        mapped = os.waitstatus_to_exitcode(status) == 0
+    if plan.uid == 0:
+        # A map beyond one's own id must be written from the parent namespace, with CAP_SETUID
+        # there: the caller, still outside, writes it once we are inside (no extra fork of a
+        # large interpreter). An ordinary user maps only its own id, which it may write itself.
+        assert plan.maps is not None
+        ready_w, go_r = plan.maps
+        os.write(ready_w, b"1")
+        os.close(ready_w)
+        mapped = os.read(go_r, 1) == b"1"
+        os.close(go_r)
     else:
         mapped = _maps(plan, "self")
     if not mapped:
@@ -350,14 +393,17 @@ def _maps(plan: _Plan, pid: str) -> bool:  # pragma: no cover - child
     return True
 
 
-def _write_maps(plan: _Plan, pid: int, go_r: int) -> NoReturn:  # pragma: no cover - child
-    code = 1
+def _write_maps(plan: _Plan, pid: int, ready_r: int, go_w: int) -> None:
+    """The caller's part of a root sandbox: once the keeper says it is in its user
+    namespace, write the maps and tell it whether that worked (EOF: it failed earlier)."""
     try:
-        if os.read(go_r, 1) and _maps(plan, str(pid)):
-            code = 0
-    except BaseException:  # the keeper reports the failure
-        pass
-    os._exit(code)
+        if os.read(ready_r, 1):
+            os.write(go_w, b"1" if _maps(plan, str(pid)) else b"0")
+    except OSError:
+        pass  # the keeper reports the failure (or died)
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
 
 
 def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cover - child
@@ -554,6 +600,26 @@ def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
     _linux.set_no_new_privs()
 
 
+def _switch_user(plan: _Plan) -> None:  # pragma: no cover - child
+    """Become ``plan.user`` (init too: it needs nothing more than to wait and forward
+    signals, and a program of the same uid can be signalled). Changing from uid 0 clears every
+    capability, as for any setuid to an ordinary user."""
+    assert plan.user is not None
+    uid, gid = plan.user
+    try:
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL and plan.uid != 0:
+            raise _Stage(
+                errno.EINVAL,
+                f"cannot run as uid {uid} gid {gid} inside: as an ordinary user only uid 0 "
+                "inside exists (it is you outside; no subordinate ids are mapped); run as "
+                "user=0, or as root",
+            ) from None
+        raise _stage(f"cannot run as uid {uid} gid {gid} inside", exc) from None
+
+
 def _start(plan: _Plan) -> int:  # pragma: no cover - child
     """Start the program from init, already inside: init gives up its own privileges first
     (it needs none any more), so the program inherits only what is left. ``posix_spawn``
@@ -570,6 +636,8 @@ def _start(plan: _Plan) -> int:  # pragma: no cover - child
         _drop_privileges(plan.uid == 0)
     except OSError as exc:
         raise _stage("cannot drop privileges", exc) from None
+    if plan.user is not None:
+        _switch_user(plan)
     # posix_spawnp searches the PATH of the caller's environment, not of the one it passes on.
     path = plan.env.get("PATH", DEFAULT_PATH)
     os.environ["PATH"] = path

@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require
 from treeutil import build_layer, busybox_tree, make_tree
 
 from pytest_layers import _linux, cli, layertar
 from pytest_layers.store import Store
 
-VERBS = ["ls", "inspect", "diff", "mount", "umount", "shell", "export", "import", "verify", "prune"]
+VERBS = [
+    *("ls", "inspect", "diff", "mount", "umount", "shell", "run", "export", "import", "verify"),
+    "prune",
+]
 
 
 def run(
@@ -285,3 +289,39 @@ def test_mount_as_ordinary_user_points_to_shell(user_tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "mount needs root" in proc.stderr
     assert "pytest-layers shell x" in proc.stderr
+
+
+@pytest.mark.requires_tool("busybox")
+def test_run_passes_exit_codes_env_and_network(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        require("userns")
+    store = _busybox_store(tmp_path)
+    before = layer_digests(store)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest_layers.cli", "--store", str(store), "run", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    proc = run("bb", "--", "sh", "-c", "cat /etc/x; exit 7")
+    assert (proc.returncode, proc.stdout) == (7, "from image\n"), proc.stderr
+    # Read-only unless --rw; with --rw the write works and is thrown away.
+    proc = run("bb", "--", "sh", "-c", "echo y > /etc/x")
+    assert proc.returncode != 0
+    assert "Read-only" in proc.stderr
+    proc = run("--rw", "--env", "K=v w", "bb", "--", "sh", "-c", "echo $K > /etc/x; cat /etc/x")
+    assert (proc.returncode, proc.stdout) == (0, "v w\n"), proc.stderr
+    proc = run("bb", "--", "sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1")
+    assert proc.stdout.split() == ["lo"]
+    proc = run("--network", "host", "bb", "--", "sh", "-c", "tail -n +3 /proc/net/dev | wc -l")
+    assert int(proc.stdout) == len(Path("/proc/net/dev").read_text().splitlines()) - 2
+    proc = run("bb")
+    assert proc.returncode == 1
+    assert "name the program to run" in proc.stderr
+    proc = run("--env", "novalue", "bb", "--", "true")
+    assert proc.returncode == 1
+    assert "KEY=VALUE" in proc.stderr
+    assert layer_digests(store) == before
