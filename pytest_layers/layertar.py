@@ -1098,11 +1098,21 @@ class _Applier:
     def create(
         self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str, parent: int, base: str
     ) -> None:
+        mtime_ns = round(m.mtime * 1_000_000_000)
+        if m.isreg():
+            # Most entries of a layer are new files: O_EXCL creates one in a single syscall
+            # and fails, without following anything, on whatever is already there.
+            try:
+                fd = self._open_new(parent, base)
+            except FileExistsError:
+                pass
+            else:
+                self.regular(tf, m, parent, base, mtime_ns, fd)
+                return
         try:
             existing: os.stat_result | None = os.stat(base, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
             existing = None
-        mtime_ns = round(m.mtime * 1_000_000_000)
         if m.isdir():
             if existing is not None and not stat.S_ISDIR(existing.st_mode):
                 os.unlink(base, dir_fd=parent)
@@ -1123,7 +1133,7 @@ class _Applier:
         if existing is not None:
             self.remove(parent, base, rel, keep_own=False)
         if m.isreg():
-            self.regular(tf, m, parent, base, mtime_ns)
+            self.regular(tf, m, parent, base, mtime_ns, self._open_new(parent, base))
             return
         if m.issym():
             if len(m.linkname.encode("utf-8", "surrogateescape")) > _SYMLINK_MAX:
@@ -1158,23 +1168,34 @@ class _Applier:
             return
         self.finish(parent, base, m, mtime_ns, symlink=m.issym())
 
-    def regular(
-        self, tf: tarfile.TarFile, m: tarfile.TarInfo, parent: int, base: str, mtime_ns: int
-    ) -> None:
-        fd = os.open(
+    @staticmethod
+    def _open_new(parent: int, base: str) -> int:
+        return os.open(
             base,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o600,
             dir_fd=parent,
         )
+
+    def regular(
+        self,
+        tf: tarfile.TarFile,
+        m: tarfile.TarInfo,
+        parent: int,
+        base: str,
+        mtime_ns: int,
+        fd: int,
+    ) -> None:
         try:
             written = 0
+            skipped = False  # a zero run left as a hole: the size is set by ftruncate
             src = None
             if m.sparse is not None:
                 # Only the data runs are in the tar, one after the other: read them and seek
                 # over the holes, where tarfile's reader would hand us every hole as zeros
                 # (linear in the apparent size: 16 GiB of zeros for a 10 KB tar).
                 written = self.sparse_data(m, tf, fd)
+                skipped = True
             else:
                 src = tf.extractfile(m)
             if src is not None:
@@ -1182,12 +1203,14 @@ class _Applier:
                     if chunk[0] == 0 and chunk[-1] == 0 and chunk.count(0) == len(chunk):
                         # Keep zero runs as holes: a sparse image file stays sparse.
                         os.lseek(fd, len(chunk), os.SEEK_CUR)
+                        skipped = True
                     else:
                         view = memoryview(chunk)
                         while view:
                             view = view[os.write(fd, view) :]
                     written += len(chunk)
-            os.ftruncate(fd, written)
+            if skipped:
+                os.ftruncate(fd, written)
             self.stats.bytes_written += written
             self.chown(fd, None, m)
             os.chmod(fd, m.mode & 0o7777)
