@@ -42,6 +42,8 @@ __all__ = [
     "apply_layer_tar",
     "ApplyStats",
     "Limits",
+    "NeedsLowerLayers",
+    "FileHashes",
 ]
 
 Flavor = Literal["overlay", "marker"]
@@ -58,6 +60,7 @@ _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)
 _FLUSH_AT = 1 << 20
 _MAX_SYMLINK_FOLLOWS = 40
+_EMPTY_SHA = hashlib.sha256(b"").hexdigest()
 
 # Xattrs that describe how *we* store a layer (overlay and fuse-overlayfs bookkeeping) are never
 # part of its content; trusted.* is root-only metadata that an image must not carry.
@@ -395,7 +398,14 @@ def _emit_sparse(sink: _Sink, fd: int, path: bytes, size: int) -> None:
         pos = hole
 
 
-def _walk(sink: _Sink, root: bytes, flavor: str, epoch: int | None) -> None:
+#: What a walk learnt of a regular file while it read it: ``rel path -> (inode, size,
+#: mtime_ns, sha256 hex)``, so the store's per-file manifest need not open it again.
+FileHashes = dict[str, tuple[int, int, int, str]]
+
+
+def _walk(
+    sink: _Sink, root: bytes, flavor: str, epoch: int | None, hashes: FileHashes | None = None
+) -> None:
     links: dict[tuple[int, int], bytes] = {}
     # Every entry is opened relative to its directory's fd: one path component per lookup, and
     # the fd of a regular file gives its stat and xattrs without more path walks.
@@ -474,8 +484,17 @@ def _walk(sink: _Sink, root: bytes, flavor: str, epoch: int | None) -> None:
                     elif size:
                         data = _read_exact(fd, dpath + b"/" + child.tarname, size)
                         sink.add(head + data + _PADS[-size % _BLOCK])
+                        if hashes is not None:
+                            hashes[os.fsdecode(name)] = (
+                                st.st_ino,
+                                size,
+                                st.st_mtime_ns,
+                                hashlib.sha256(data).hexdigest(),
+                            )
                     else:
                         sink.add(head)
+                        if hashes is not None:
+                            hashes[os.fsdecode(name)] = (st.st_ino, 0, st.st_mtime_ns, _EMPTY_SHA)
                 elif kind == stat.S_IFLNK:
                     target = os.fsencode(os.readlink(child.name, dir_fd=dfd))
                     sink.add(
@@ -504,7 +523,10 @@ def _walk(sink: _Sink, root: bytes, flavor: str, epoch: int | None) -> None:
 
 
 def _stream(
-    layer_dir: Path, flavor: Flavor, consumers: Sequence[Callable[[bytes | memoryview], object]]
+    layer_dir: Path,
+    flavor: Flavor,
+    consumers: Sequence[Callable[[bytes | memoryview], object]],
+    hashes: FileHashes | None = None,
 ) -> str:
     _check_flavor(flavor)
     root = os.fsencode(layer_dir)
@@ -512,7 +534,7 @@ def _stream(
         raise NotADirectoryError(errno.ENOTDIR, "layer directory does not exist", str(layer_dir))
     hasher = hashlib.sha256()
     sink = _Sink([hasher.update, *consumers])
-    _walk(sink, root, flavor, _source_date_epoch())
+    _walk(sink, root, flavor, _source_date_epoch(), hashes)
     return "sha256:" + hasher.hexdigest()
 
 
@@ -525,9 +547,13 @@ def write_layer_tar(layer_dir: Path, out: BinaryIO, *, flavor: Flavor) -> str:
     return _stream(layer_dir, flavor, [out.write])
 
 
-def layer_diff_id(layer_dir: Path, *, flavor: Flavor) -> str:
-    """The diff_id of ``layer_dir``: the canonical tar streamed into sha256, nothing stored."""
-    return _stream(layer_dir, flavor, [])
+def layer_diff_id(layer_dir: Path, *, flavor: Flavor, hashes: FileHashes | None = None) -> str:
+    """The diff_id of ``layer_dir``: the canonical tar streamed into sha256, nothing stored.
+
+    With ``hashes``, the sha256 of every regular file of up to a MiB read on the way is put
+    there (see :data:`FileHashes`): the store's manifest reuses them instead of reading every
+    file a second time."""
+    return _stream(layer_dir, flavor, [], hashes)
 
 
 def chain_id(diff_ids: Sequence[str]) -> str:
@@ -806,11 +832,29 @@ def _normalize(name: str, *, what: str = "entry") -> str:
     return "/".join(parts)
 
 
+class NeedsLowerLayers(Exception):
+    """Raised by :func:`apply_layer_tar` with ``standalone=True`` when the layer refers to
+    what lies below it (a whiteout, an opaque marker, a parent directory it does not itself
+    carry, a hardlink to a file it does not carry, a symlink followed on the way to an entry):
+    applied to an empty directory it would not give its own diff. Nothing of it is kept
+    meaningful; apply it again onto a view of its parents."""
+
+    def __init__(self, entry: str, why: str) -> None:
+        super().__init__(f"{entry!r}: {why}")
+
+
 class _Applier:
     def __init__(
-        self, root: Path, stats: ApplyStats, limits: Limits, *, strict_devices: bool = False
+        self,
+        root: Path,
+        stats: ApplyStats,
+        limits: Limits,
+        *,
+        strict_devices: bool = False,
+        standalone: bool = False,
     ) -> None:
         self.root_fd = os.open(root, _O_DIR)
+        self.standalone = standalone
         self.stats = stats
         self.limits = limits
         self.strict_devices = strict_devices
@@ -887,6 +931,10 @@ class _Applier:
                 except FileNotFoundError:
                     if not create:
                         return None
+                    if self.standalone:
+                        raise NeedsLowerLayers(
+                            entry, "its parent directory is not in the layer"
+                        ) from None
                     os.mkdir(comp, 0o755, dir_fd=cur)
                     fd = os.open(comp, _O_DIR, dir_fd=cur)
                 except NotADirectoryError:
@@ -898,6 +946,8 @@ class _Applier:
                             f"{entry!r}: its parent {comp!r} exists and is not a directory; "
                             "the layer must replace it with a directory entry first"
                         ) from None
+                    if self.standalone:
+                        raise NeedsLowerLayers(entry, "a symlink lies on its path") from None
                     follows += 1
                     direct = False
                     if follows > _MAX_SYMLINK_FOLLOWS:
@@ -996,6 +1046,8 @@ class _Applier:
         parent_rel, _, base = rel.rpartition("/")
         parent_parts = parent_rel.split("/") if parent_rel else []
         if base.startswith(WHITEOUT_PREFIX):
+            if self.standalone:
+                raise NeedsLowerLayers(member.name, "a whiteout hides what lies below")
             self.drop_cache()  # a whiteout may remove any directory below its own
             self.whiteout(member.name, parent_rel, parent_parts, base)
             return
@@ -1046,11 +1098,21 @@ class _Applier:
     def create(
         self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str, parent: int, base: str
     ) -> None:
+        mtime_ns = round(m.mtime * 1_000_000_000)
+        if m.isreg():
+            # Most entries of a layer are new files: O_EXCL creates one in a single syscall
+            # and fails, without following anything, on whatever is already there.
+            try:
+                fd = self._open_new(parent, base)
+            except FileExistsError:
+                pass
+            else:
+                self.regular(tf, m, parent, base, mtime_ns, fd)
+                return
         try:
             existing: os.stat_result | None = os.stat(base, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
             existing = None
-        mtime_ns = round(m.mtime * 1_000_000_000)
         if m.isdir():
             if existing is not None and not stat.S_ISDIR(existing.st_mode):
                 os.unlink(base, dir_fd=parent)
@@ -1071,7 +1133,7 @@ class _Applier:
         if existing is not None:
             self.remove(parent, base, rel, keep_own=False)
         if m.isreg():
-            self.regular(tf, m, parent, base, mtime_ns)
+            self.regular(tf, m, parent, base, mtime_ns, self._open_new(parent, base))
             return
         if m.issym():
             if len(m.linkname.encode("utf-8", "surrogateescape")) > _SYMLINK_MAX:
@@ -1106,23 +1168,34 @@ class _Applier:
             return
         self.finish(parent, base, m, mtime_ns, symlink=m.issym())
 
-    def regular(
-        self, tf: tarfile.TarFile, m: tarfile.TarInfo, parent: int, base: str, mtime_ns: int
-    ) -> None:
-        fd = os.open(
+    @staticmethod
+    def _open_new(parent: int, base: str) -> int:
+        return os.open(
             base,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o600,
             dir_fd=parent,
         )
+
+    def regular(
+        self,
+        tf: tarfile.TarFile,
+        m: tarfile.TarInfo,
+        parent: int,
+        base: str,
+        mtime_ns: int,
+        fd: int,
+    ) -> None:
         try:
             written = 0
+            skipped = False  # a zero run left as a hole: the size is set by ftruncate
             src = None
             if m.sparse is not None:
                 # Only the data runs are in the tar, one after the other: read them and seek
                 # over the holes, where tarfile's reader would hand us every hole as zeros
                 # (linear in the apparent size: 16 GiB of zeros for a 10 KB tar).
                 written = self.sparse_data(m, tf, fd)
+                skipped = True
             else:
                 src = tf.extractfile(m)
             if src is not None:
@@ -1130,12 +1203,14 @@ class _Applier:
                     if chunk[0] == 0 and chunk[-1] == 0 and chunk.count(0) == len(chunk):
                         # Keep zero runs as holes: a sparse image file stays sparse.
                         os.lseek(fd, len(chunk), os.SEEK_CUR)
+                        skipped = True
                     else:
                         view = memoryview(chunk)
                         while view:
                             view = view[os.write(fd, view) :]
                     written += len(chunk)
-            os.ftruncate(fd, written)
+            if skipped:
+                os.ftruncate(fd, written)
             self.stats.bytes_written += written
             self.chown(fd, None, m)
             os.chmod(fd, m.mode & 0o7777)
@@ -1185,11 +1260,17 @@ class _Applier:
         t_parent_rel, _, t_base = target_rel.rpartition("/")
         t_fd = self.open_dir(t_parent_rel.split("/") if t_parent_rel else [], m.name, create=False)
         if t_fd is None:
+            if self.standalone:
+                raise NeedsLowerLayers(m.name, "its hardlink target is not in the layer")
             raise UnsafeEntryError(m.name, f"hardlink target {m.linkname!r} does not exist")
         try:
             try:
                 t_st = os.stat(t_base, dir_fd=t_fd, follow_symlinks=False)
             except FileNotFoundError:
+                if self.standalone:
+                    raise NeedsLowerLayers(
+                        m.name, "its hardlink target is not in the layer"
+                    ) from None
                 raise UnsafeEntryError(
                     m.name, f"hardlink target {m.linkname!r} does not exist"
                 ) from None
@@ -1304,8 +1385,13 @@ def apply_layer_tar(
     *,
     limits: Limits | None = None,
     strict_devices: bool = False,
+    standalone: bool = False,
 ) -> ApplyStats:
     """Apply an OCI layer tar (plain or gzip) onto the writable merged tree ``root``.
+
+    With ``standalone``, ``root`` is an empty directory that is to become the layer's own diff
+    (the importer's fast path for a layer that only adds entries): an entry whose result
+    depends on the layers below raises :class:`NeedsLowerLayers` instead.
 
     The tar is read once, as a stream (a pipe works; nothing is spooled). Whiteouts delete from
     what is already in ``root``; ``DIR/.wh..wh..opq`` clears DIR of everything this layer did not
@@ -1322,7 +1408,7 @@ def apply_layer_tar(
     """
     stats = ApplyStats()
     limits = limits or Limits()
-    applier = _Applier(root, stats, limits, strict_devices=strict_devices)
+    applier = _Applier(root, stats, limits, strict_devices=strict_devices, standalone=standalone)
     own = None
     try:
         if isinstance(tar, (str, os.PathLike)):

@@ -1069,9 +1069,19 @@ def _default_backend(store: Store, scratch: Path) -> Backend:
     return backend
 
 
-def _apply(blob: Path, root: Path, limits: layertar.Limits, n: int, layer: _LayerRef) -> None:
+def _apply(
+    blob: Path,
+    root: Path,
+    limits: layertar.Limits,
+    n: int,
+    layer: _LayerRef,
+    *,
+    standalone: bool = False,
+) -> None:
     try:
-        layertar.apply_layer_tar(blob, root, limits=limits, strict_devices=True)
+        layertar.apply_layer_tar(
+            blob, root, limits=limits, strict_devices=True, standalone=standalone
+        )
     except (InvalidLayerError, UnsafeEntryError) as exc:
         raise InvalidImageError(f"layer {n} ({layer.digest or layer.name})", str(exc)) from None
 
@@ -1172,9 +1182,27 @@ def import_image(
                         # view, no change list, no second copy of every file.
                         _apply(blob, staged, limits, n, layer)
                     else:
-                        _apply_on_view(
-                            store, backend, staging, chain_ids[:i], blob, staged, limits, n, layer
-                        )
+                        try:
+                            # A layer that only adds entries (every parent directory, every
+                            # hardlink target its own, no whiteout) is its own diff too: the
+                            # usual case for images we push, and for most build steps.
+                            _apply(blob, staged, limits, n, layer, standalone=True)
+                        except layertar.NeedsLowerLayers:
+                            # Start over in a fresh directory; the staging area's own
+                            # cleanup takes the partial one (read-only dirs and all).
+                            staged = staging / "layer-on-view"
+                            staged.mkdir()
+                            _apply_on_view(
+                                store,
+                                backend,
+                                staging,
+                                chain_ids[:i],
+                                blob,
+                                staged,
+                                limits,
+                                n,
+                                layer,
+                            )
                     info = store.add_layer(
                         staged,
                         parent=parent,
@@ -1182,6 +1210,7 @@ def import_image(
                         source="import",
                         diff_id=image.diff_ids[i],
                         blob=blob,
+                        blob_verified=True,  # _unpack_blob hashed it to this DiffID
                     )
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -17,6 +17,7 @@ import pytest
 from conftest import run_as_user
 from treeutil import diff_snapshots, make_tree, set_tree_mtimes, snapshot_tree, whiteout
 
+from pytest_layers import layertar
 from pytest_layers.errors import UnsafeEntryError
 from pytest_layers.layertar import apply_layer_tar, write_layer_tar
 
@@ -440,3 +441,49 @@ def test_whiteout_helper_makes_overlay_whiteouts(tmp_path: Path) -> None:
     st = os.lstat(path)
     assert stat.S_ISCHR(st.st_mode)
     assert st.st_rdev == 0
+
+
+# -- standalone: a layer applied as its own diff ---------------------------------------------
+
+
+def test_standalone_applies_a_layer_that_only_adds(tmp_path: Path) -> None:
+    data = build_tar(
+        ("app", "dir"),
+        ("app/bin", "file", b"x"),
+        ("app/again", "hardlink", "app/bin"),
+        ("app/rel", "symlink", "bin"),
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = apply_layer_tar(io.BytesIO(data), out, standalone=True)
+    assert stats.files == 1
+    assert stats.hardlinks == 1
+    assert stats.symlinks == 1
+    assert os.stat(out / "app/bin").st_ino == os.stat(out / "app/again").st_ino
+    assert sorted(p.name for p in (out / "app").iterdir()) == ["again", "bin", "rel"]
+
+
+@pytest.mark.parametrize(
+    ("entries", "why"),
+    [
+        ((("etc", "dir"), ("etc/.wh.os", "file", b"")), "a whiteout"),
+        ((("etc", "dir"), ("etc/.wh..wh..opq", "file", b"")), "a whiteout"),
+        ((("etc/new", "file", b"x"),), "parent directory is not in the layer"),
+        ((("d", "dir"), ("d/h", "hardlink", "etc/os")), "hardlink target is not in the layer"),
+        ((("l", "symlink", "etc"), ("l/f", "file", b"x")), "a symlink lies on its path"),
+    ],
+    ids=["whiteout", "opaque", "implicit-parent", "hardlink-below", "symlink-path"],
+)
+def test_standalone_refuses_what_depends_on_the_layers_below(
+    tmp_path: Path, entries: tuple[tuple[Any, ...], ...], why: str
+) -> None:
+    """Each of these gives a different tree on a view of the parents than on an empty dir;
+    the importer catches NeedsLowerLayers and applies the layer on a view instead."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(layertar.NeedsLowerLayers, match=why):
+        apply_layer_tar(io.BytesIO(build_tar(*entries)), out, standalone=True)
+    # The same tar applied the ordinary way is no error (it is a valid layer).
+    (tmp_path / "merged").mkdir()
+    make_tree(tmp_path / "merged", {"etc/os": "debian\n"})
+    apply_layer_tar(io.BytesIO(build_tar(*entries)), tmp_path / "merged")

@@ -512,3 +512,42 @@ def test_docker_archive_with_legacy_layout_imports(tmp_path: Path) -> None:
     proc = cli(store, "import", str(archive), "--name", "old", check=True)
     assert _sha(GOOD) in proc.stdout  # a one-layer image's chain id is its DiffID
     assert cli(store, "diff", "old", check=True).stdout.splitlines() == ["A /etc", "A /etc/ok"]
+
+
+def test_a_layer_that_only_adds_is_applied_without_a_view(tmp_path: Path, monkeypatch) -> None:
+    """An add-only upper layer goes straight into its staged diff (no overlay view, no second
+    copy of every file); one with a whiteout still goes through the view, and both store the
+    layer the image means."""
+    base = _layer_tar([("etc", "dir", None), ("etc/os", "file", "debian\n")])
+    adds = _layer_tar(
+        [("app", "dir", None), ("app/bin", "file", "x"), ("app/link", "hardlink", "app/bin")]
+    )
+    hides = _layer_tar([("new", "dir", None), ("new/f", "file", "n"), ("etc/.wh.os", "file", "")])
+    views: list[int] = []
+    real = oci._apply_on_view
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        views.append(1)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(oci, "_apply_on_view", counted)
+    store = Store(tmp_path / "store")
+    added = oci.import_image(store, write_layout(tmp_path / "adds", [base, adds]))
+    assert views == []
+    top = store.layer_dir(added.chain_id)
+    assert sorted(p.relative_to(top).as_posix() for p in top.rglob("*")) == [
+        "app",
+        "app/bin",
+        "app/link",
+    ]
+    assert os.stat(top / "app/bin").st_ino == os.stat(top / "app/link").st_ino
+    hidden = oci.import_image(store, write_layout(tmp_path / "hides", [base, hides]))
+    assert views == [1]
+    top = store.layer_dir(hidden.chain_id)
+    assert (top / "new/f").read_text() == "n"
+    # The whiteout is stored (the abandoned standalone attempt had stopped before "etc").
+    assert os.listdir(top / "etc") in (["os"], [".wh.os"])
+    assert store.verify() == []
+    # Exported again, both give back the image's own DiffIDs (from the kept blobs).
+    again = oci.export_image(store, added.chain_id, tmp_path / "again")
+    assert again.diff_ids == added.diff_ids

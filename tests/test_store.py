@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -669,3 +670,66 @@ def test_full_disk_is_a_clear_error_and_the_store_stays_consistent(tmp_path: Pat
         "NoSpaceError: [Errno 28] no space left on device while writing layer 'big'"
     ), lines
     assert lines[1] == "recovered"
+
+
+def test_add_layer_reads_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest takes the file hashes the diff_id walk computed: no second open per file."""
+    from pytest_layers import store as store_mod
+
+    store = Store(tmp_path / "store")
+    reads: list[str] = []
+    real = store_mod._sha256_at
+    monkeypatch.setattr(
+        store_mod, "_sha256_at", lambda fd, name: reads.append(name) or real(fd, name)
+    )
+    with store.staging() as staged:
+        make_tree(staged, {"a/one": "1", "a/two": "22", "empty": ""})
+        info = store.add_layer(staged, parent=None, name=None, source="build")
+    assert reads == []
+    files = json.loads((store.layer_dir(info.chain_id).parent / "files.json").read_text())
+    assert files["a/two"]["sha256"] == hashlib.sha256(b"22").hexdigest()
+    assert store.verify() == []
+
+
+def test_manifest_rehashes_a_file_changed_since_its_hash(tmp_path: Path) -> None:
+    from pytest_layers.store import build_manifest
+
+    make_tree(tmp_path / "t", {"f": "new"})
+    st = os.stat(tmp_path / "t/f")
+    stale = {"f": (st.st_ino, st.st_size, st.st_mtime_ns - 1, "0" * 64)}
+    assert (
+        build_manifest(tmp_path / "t", stale)["f"]["sha256"] == hashlib.sha256(b"new").hexdigest()
+    )
+
+
+def test_verified_import_blob_is_moved_not_rehashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_layers import store as store_mod
+
+    store = Store(tmp_path / "store")
+    with store.staging() as staging:
+        (staging / "layer").mkdir()
+        (staging / "layer/f").write_text("x")
+        blob = staging / "blob.tar"
+        with open(blob, "wb") as out:
+            diff_id = layertar.write_layer_tar(staging / "layer", out, flavor=store.flavor)
+
+        def no_rehash(path: Path) -> str:
+            raise AssertionError(f"{path} hashed again")
+
+        monkeypatch.setattr(store_mod, "_blob_digest", no_rehash)
+        info = store.add_layer(
+            staging / "layer",
+            parent=None,
+            name=None,
+            source="import",
+            diff_id=diff_id,
+            blob=blob,
+            blob_verified=True,
+        )
+        assert not blob.exists()  # moved into the layer, not copied
+    assert info.blob is not None
+    assert info.diff_id == diff_id
+    monkeypatch.undo()
+    assert store.verify() == []
