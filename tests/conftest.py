@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from pytest_layers import namespaces
+
 #: The unprivileged account that `.ci/run` creates; override with PYTEST_LAYERS_TEST_USER.
 TEST_USER = os.environ.get("PYTEST_LAYERS_TEST_USER", "layersci")
 
@@ -120,17 +122,19 @@ def _children_temproot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
     walk then leaks a scandir iterator, which ``filterwarnings = error`` turns into a crash of
     this session at exit. This session's own basetemp is fixed first, so it stays where it was."""
     tmp_path_factory.getbasetemp()
-    if "PYTEST_DEBUG_TEMPROOT" in os.environ:
-        yield
-        return
-    root = tempfile.mkdtemp(prefix="pytest-layers-children-")
+    before = os.environ.get("PYTEST_DEBUG_TEMPROOT")
+    root = tempfile.mkdtemp(prefix="pytest-layers-children-", dir=before)
     os.chmod(root, 0o1777)  # like /tmp: sessions of the test user make their own dir in it
     os.environ["PYTEST_DEBUG_TEMPROOT"] = root
     try:
         yield
     finally:
-        del os.environ["PYTEST_DEBUG_TEMPROOT"]
-        shutil.rmtree(root, ignore_errors=True)
+        if before is None:
+            del os.environ["PYTEST_DEBUG_TEMPROOT"]
+        else:
+            os.environ["PYTEST_DEBUG_TEMPROOT"] = before
+        # Child sessions may leave trees deeper than shutil.rmtree's recursion copes with.
+        namespaces.remove_tree(Path(root))
 
 
 _MARKER_CAPS = {
