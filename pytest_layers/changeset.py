@@ -5,7 +5,7 @@ overlayfs would, without mounting anything. A test's writes reach us in one of t
 upper directory of an overlay or fuse-overlayfs mount (:func:`changes_from_upper`), or a full
 copy of the image that the test modified (:func:`changes_from_tree`, the copy backend). Both give
 the same minimal list of :class:`Entry` for the same operations, and :func:`write_layer` turns
-that list into a self-contained layer directory (no opaque markers: DESIGN 6), so the layer's
+that list into a self-contained layer directory (no opaque markers, docs/concepts), so the layer's
 canonical tar depends only on the parent tree and the new tree, never on the backend.
 
 Paths are relative POSIX strings without a leading slash (``"etc/app.conf"``); non-UTF-8 names
@@ -1158,7 +1158,7 @@ class _LayerWriter:
         """Write the entry ``src_name`` of the directory ``src_dir`` as ``name`` in ``out``."""
         st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
         if stat.S_ISSOCK(st.st_mode):
-            return  # sockets cannot travel in a layer (DESIGN 6)
+            return  # sockets cannot travel in a layer (docs/concepts/layers.md)
         _check_name(rel, st)
         self.written.add(rel)
         mode = stat.S_IFMT(st.st_mode)

@@ -1,7 +1,7 @@
 """The canonical tar stream of a layer, its digests, and safe application of OCI layer tars.
 
 Writing (``write_layer_tar``, ``layer_diff_id``) walks a stored layer directory and produces the
-canonical OCI changeset tar of DESIGN section 6 as a stream: headers are built here rather than
+canonical OCI changeset tar (docs/concepts) as a stream: headers are built here rather than
 with ``tarfile.TarInfo.tobuf`` (several times faster, and independent of the running Python's
 ``tarfile`` version, so the same tree hashes the same everywhere); the bytes are what
 ``tarfile`` 3.11 would write for the same ``TarInfo`` objects in ``PAX_FORMAT``, except that

@@ -1,6 +1,6 @@
 """The content-addressed layer store: layers, refs, build-cache keys, snapshots, locks, leases.
 
-Layout (DESIGN section 4)::
+Layout (docs/dev/internals.md)::
 
     STORE/VERSION                       {"format": 1, "flavor": "overlay" | "marker"}
     STORE/layers/<chain_hex>/diff/      the layer tree, ready to be an overlay lowerdir

@@ -11,7 +11,7 @@ How a view is made:
    files (``"marker"`` flavor) delete lower entries, ``.wh..wh..opq`` or an ``overlay.opaque``
    xattr hides a directory's lower children, a directory over a lower non-directory hides it.
    The result is a list of entries with the layer file each one is copied from. Store layers
-   never change once written (DESIGN section 4), so the layer files themselves serve as the
+   never change once written (docs/dev/internals.md), so the layer files themselves serve as the
    flattened image: no flattened copy is written to disk, which would cost a full copy of
    inodes (the expensive part on ext4) for nothing. Whiteouts are applied here and never copied.
 2. **Copy** (per view): directories first, then files, links and nodes, then directory

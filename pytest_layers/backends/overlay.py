@@ -25,7 +25,7 @@ Options: ``volatile`` for writable views (no sync of the upper filesystem at unm
 upper dir is disposable, and when it sits on the root filesystem that sync flushed every
 process's dirty data, making a 0.3 ms unmount cost tens of milliseconds under write load),
 ``index=off`` (no inode index, so upper/work dirs are disposable), ``userxattr``
-(``user.overlay.*`` xattrs: root and unprivileged mounts read the same store, DESIGN section 4),
+(``user.overlay.*`` xattrs: root and unprivileged mounts read the same store; docs/dev),
 ``redirect_dir=nofollow`` and ``metacopy=off`` (the only values compatible with ``userxattr``;
 every copy-up is a full copy, so an upper dir is a self-contained changeset).
 
