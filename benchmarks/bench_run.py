@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=300, help="calls per case (default 300)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--quick", action="store_true", help="30 calls per case, results to run-WHO-quick.json (CI)"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.n = min(args.n, 30)
     root = os.geteuid() == 0
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         image = busybox_image(Path(tmp) / "image")
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"/bin/true per call as {who} (n={args.n}), ms:")
     for name, r in results.items():
         print(f"  {name:24} median {r['median_ms']:7.2f}  p99 {r['p99_ms']:7.2f}")
-    out = args.out or RESULTS / f"run-{who}.json"
+    out = args.out or RESULTS / f"run-{who}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"who": who, "cpus": os.cpu_count(), "results": results}, indent=2))
     return 0

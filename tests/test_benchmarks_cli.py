@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_compare.py"
 
 
@@ -34,3 +36,18 @@ def test_workdir_that_cannot_be_a_directory_is_one_line(tmp_path: Path) -> None:
     assert proc.stderr.splitlines()[-1] == (
         f"bench_compare.py: error: --workdir {blocker}/sub: cannot create it: Not a directory"
     )
+
+
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in BENCH.parent.glob("bench_*.py")), ids=lambda name: name
+)
+def test_every_benchmark_has_the_quick_mode_ci_runs(script: str) -> None:
+    # .ci/run runs `python benchmarks/bench_X.py --quick` for every script.
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / script), "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout
