@@ -90,6 +90,7 @@ __all__ = [
     "bounding_drop",
     "ambient_clear_all",
     "open_in_root",
+    "write_proc",
     "mount_id",
 ]
 
@@ -617,3 +618,13 @@ def mount_id(name: str | os.PathLike[str], dir_fd: int | None = None) -> int:
 
 
 _LITTLE = sys.byteorder == "little"
+
+
+def write_proc(path: str, text: str) -> None:
+    """Write ``text`` to a ``/proc`` file in one ``write(2)``, as the kernel wants for
+    ``uid_map``, ``gid_map`` and ``setgroups`` (a buffered writer may split it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)

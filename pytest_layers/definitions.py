@@ -248,12 +248,7 @@ def layer(
         defn = _make_def(builder, name, parent, inputs, version)
         from pytest_layers import plugin  # pytest is imported only on use
 
-        fixture = plugin.layer_fixture(defn)
-        defn.fixture = fixture
-        _REGISTRY[defn.name] = defn
-        _BY_OBJECT[id(builder)] = defn
-        _BY_OBJECT[id(fixture)] = defn
-        return fixture
+        return _register(defn, plugin.layer_fixture(defn), builder)
 
     if func is not None:
         return decorate(func)
@@ -376,10 +371,16 @@ def oci_image(name: str, path: str | os.PathLike[str], ref: str | None = None) -
     )
     from pytest_layers import plugin  # pytest is imported only on use
 
-    fixture = plugin.image_fixture(defn)
+    return _register(defn, plugin.image_fixture(defn))
+
+
+def _register(defn: LayerDef, fixture: Any, *also: object) -> Any:
+    """Make ``fixture`` the session fixture of ``defn`` and findable by its name, by the
+    fixture object and by ``also`` (the builder of an ``@layer``); returns the fixture."""
     defn.fixture = fixture
-    _REGISTRY[name] = defn
-    _BY_OBJECT[id(fixture)] = defn
+    _REGISTRY[defn.name] = defn
+    for obj in (*also, fixture):
+        _BY_OBJECT[id(obj)] = defn
     return fixture
 
 
@@ -425,11 +426,7 @@ def layer_from_path(
     )
     from pytest_layers import datadir  # pytest is imported only on use
 
-    fixture = datadir.path_fixture(defn)
-    defn.fixture = fixture
-    _REGISTRY[name] = defn
-    _BY_OBJECT[id(fixture)] = defn
-    return fixture
+    return _register(defn, datadir.path_fixture(defn))
 
 
 def source_def(

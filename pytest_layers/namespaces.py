@@ -213,14 +213,6 @@ def userns_disabled_reason() -> str | None:
     return None
 
 
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
     """As an ordinary user: enter a user + mount namespace where this process may mount overlay.
 
@@ -260,9 +252,9 @@ def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
             why = str(exc)
         raise BackendUnavailableError("overlay", f"cannot enter a user namespace: {why}") from exc
     try:
-        _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        _linux.write_proc("/proc/self/setgroups", "deny")
+        _linux.write_proc("/proc/self/uid_map", f"{uid} {uid} 1")
+        _linux.write_proc("/proc/self/gid_map", f"{gid} {gid} 1")
         # The namespace starts with the host's propagation; make ours private so our mounts
         # stay ours (the new mount namespace is already a copy owned by the new user ns).
         _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)

@@ -336,14 +336,6 @@ def _report(fd: int, code: int, text: str) -> None:
         os.write(fd, f"{code}:{text}".encode(errors="replace"))
 
 
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
     flags = _NAMESPACES | (_linux.CLONE_NEWNET if plan.box.network == "none" else 0)
     try:
@@ -382,12 +374,12 @@ def _maps(plan: _Plan, pid: str) -> bool:  # pragma: no cover - child
     try:
         if plan.uid == 0:
             # Root stays root with real ids: every id maps to itself.
-            _write(f"/proc/{pid}/uid_map", "0 0 4294967295")
-            _write(f"/proc/{pid}/gid_map", "0 0 4294967295")
+            _linux.write_proc(f"/proc/{pid}/uid_map", "0 0 4294967295")
+            _linux.write_proc(f"/proc/{pid}/gid_map", "0 0 4294967295")
         else:
-            _write(f"/proc/{pid}/setgroups", "deny")
-            _write(f"/proc/{pid}/uid_map", f"0 {plan.uid} 1")
-            _write(f"/proc/{pid}/gid_map", f"0 {plan.gid} 1")
+            _linux.write_proc(f"/proc/{pid}/setgroups", "deny")
+            _linux.write_proc(f"/proc/{pid}/uid_map", f"0 {plan.uid} 1")
+            _linux.write_proc(f"/proc/{pid}/gid_map", f"0 {plan.gid} 1")
     except OSError:
         return False
     return True
