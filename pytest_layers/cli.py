@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from pytest_layers._fmt import human_size, short_digest
 from pytest_layers.errors import LayersError
 
 if TYPE_CHECKING:
@@ -99,15 +100,7 @@ def _print_warnings() -> None:
 
 
 def _short(digest: str | None) -> str:
-    return "-" if not digest else digest.split(":", 1)[-1][:12]
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    return "-" if not digest else short_digest(digest)
 
 
 def _created(info: LayerInfo | SnapshotInfo) -> str:
@@ -207,7 +200,7 @@ def _ls_row(
         ref,
         _short(cid),
         str(len(chain)),
-        _human(store.disk_use(info.chain_id for info in chain)),
+        human_size(store.disk_use(info.chain_id for info in chain)),
         _iso(created),
         source,
     )
@@ -703,7 +696,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     kind = ("gzipped tar" if result.gzipped else "tar") if result.tar else "directory"
     print(
         f"exported {args.ref} ({len(result.diff_ids)} layers, "
-        f"{_human(disk_use([result.path]))} disk use) to {result.path} as {args.format} "
+        f"{human_size(disk_use([result.path]))} disk use) to {result.path} as {args.format} "
         f"{kind} in {time.monotonic() - started:.1f}s; manifest {result.manifest_digest}"
     )
     return 0
@@ -805,7 +798,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     )
     print(
         f"pushed {args.ref} ({len(result.diff_ids)} layers) to {dest}: {result.sent} blobs "
-        f"sent ({_human(result.size)}), {result.existed} already there, {result.mounted} "
+        f"sent ({human_size(result.size)}), {result.existed} already there, {result.mounted} "
         f"mounted, in {time.monotonic() - started:.1f}s; manifest {result.manifest_digest}"
     )
     return 0
@@ -902,7 +895,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(
         f"removed {len(report.removed_layers)} layer(s), {len(report.removed_snapshots)} "
         f"snapshot(s), {report.removed_tmp} stale temporary dir(s); freed "
-        f"{_human(report.freed_bytes)} disk use; {report.kept_layers} layer(s) kept"
+        f"{human_size(report.freed_bytes)} disk use; {report.kept_layers} layer(s) kept"
     )
     return 0
 

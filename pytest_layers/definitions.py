@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from pytest_layers import changeset, layertar, namespaces, sourcedir
+from pytest_layers import changeset, layertar, sourcedir
+from pytest_layers._fmt import human_size, plural, short_digest
+from pytest_layers._removal import remove_tree
 from pytest_layers.errors import (
     InvalidImageError,
     LayerBuildError,
@@ -55,7 +57,6 @@ __all__ = [
     "chain_of_names",
     "compose",
     "build_key",
-    "human_size",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -613,21 +614,6 @@ def build_key(defn: LayerDef, parent_chain_id: str | None, rootdir: Path) -> str
 # ---- building -------------------------------------------------------------------------------
 
 
-def human_size(n: int) -> str:
-    """``1.2 MiB`` style size."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def plural(n: int, word: str) -> str:
-    """``1 file``, ``2 files``."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 @dataclass(frozen=True)
 class Progress:
     """One layer built or found in the cache during this session."""
@@ -643,7 +629,7 @@ class Progress:
 
     def line(self) -> str:
         # ``sha256:`` + 12 hex digits: a chain id prefix that `pytest-layers` accepts as a REF.
-        short = "sha256:" + self.chain_id.split(":", 1)[-1][:12]
+        short = "sha256:" + short_digest(self.chain_id)
         source = f" from {self.origin}" if self.status == "pulled" and self.origin else ""
         note = f"; remote cache: {self.origin}" if self.status != "pulled" and self.origin else ""
         return (
@@ -950,7 +936,7 @@ class LayerSession:
                 lowers = [x.directory for x in reversed(parent.chain)]
                 image = changeset.ImageView(lowers, flavor)
                 scratch = self.scratch()
-                stack.callback(namespaces.remove_tree, scratch)
+                stack.callback(remove_tree, scratch)
                 view = self.backend.open(lowers, scratch, readonly=False, flavor=flavor)
                 stack.callback(view.close)
                 self._run_builder(defn, view.path, kwargs)

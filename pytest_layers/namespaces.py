@@ -21,18 +21,22 @@ outlive a killed session; :func:`sweep_stale_mounts` removes those of dead sessi
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
-
-from pytest_layers import _dirfd, _linux
+from pytest_layers import _linux, _proctag
+from pytest_layers._mounts import (
+    MountEntry,
+    detach_mounts_under,
+    mount_at,
+    mountinfo,
+    mounts_under,
+)
+from pytest_layers._removal import remove_tree
 from pytest_layers.errors import BackendUnavailableError, MountError
 
 __all__ = [
@@ -290,18 +294,10 @@ def mount_scratch_tmpfs(path: Path, *, size: str = "50%") -> None:
 # ---- host mode: naming session scratch dirs and sweeping stale mounts -------------------------
 
 
-def _start_ticks(pid: int) -> int:
-    # create_time() is boot time + start ticks / CLK_TCK, so hundredths are exact and stable
-    # across calls; an int keeps the directory name free of dots and exponents.
-    created: float = psutil.Process(pid).create_time()
-    return round(created * 100)
-
-
 def session_dir_name(pid: int | None = None) -> str:
-    """``"<pid>-<start time>"``: names a session's scratch dir so a later session can tell
-    whether its owner is still alive, even after the pid was reused."""
-    pid = os.getpid() if pid is None else pid
-    return f"{pid}-{_start_ticks(pid)}"
+    """``"<pid>-<start time>"`` (:func:`_proctag.tag`): names a session's scratch dir so a
+    later session can tell whether its owner is still alive, even after the pid was reused."""
+    return _proctag.tag(pid)
 
 
 def parse_session_dir_name(name: str) -> tuple[int, int | None] | None:
@@ -310,93 +306,12 @@ def parse_session_dir_name(name: str) -> tuple[int, int | None] | None:
     A bare ``"<pid>"`` is accepted too, with ``start`` None: its owner counts as alive while
     any process has that pid (pid reuse then keeps its mounts until the pid is free).
     """
-    pid, sep, start = name.partition("-")
-    if not pid.isdigit() or (sep and not start.isdigit()):
+    if name.isdigit():
+        return int(name), None
+    parsed = _proctag.parse(name)
+    if parsed is None or f"{parsed[0]}-{parsed[1]}" != name:
         return None
-    return int(pid), (int(start) if sep else None)
-
-
-def _session_alive(pid: int, start: int | None) -> bool:
-    try:
-        ticks = _start_ticks(pid)
-        return start is None or abs(ticks - start) <= 1
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        # Cannot tell (zombie, access): assume alive, never touch what may be someone's.
-        return True
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    if "\\" not in field:
-        return field
-    out = bytearray()
-    raw = field.encode("utf-8", "surrogateescape")
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of ``/proc/self/mountinfo``: the mount id, where it is mounted, the filesystem
-    type, the source and the per-mount options (``nosuid``, ``nodev``, ``ro``...)."""
-
-    mnt_id: int
-    point: Path
-    fstype: str
-    source: str
-    options: frozenset[str]
-
-
-def mountinfo() -> list[MountEntry]:
-    """This process's mounts, in ``/proc/self/mountinfo`` order (parents before children)."""
-    found: list[MountEntry] = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = os.fsdecode(line.rstrip(b"\n")).split(" ")
-            try:
-                sep = fields.index("-", 6)
-                found.append(
-                    MountEntry(
-                        int(fields[0]),
-                        Path(_unescape_mountinfo(fields[4])),
-                        fields[sep + 1],
-                        _unescape_mountinfo(fields[sep + 2]),
-                        frozenset(fields[5].split(",")),
-                    )
-                )
-            except (ValueError, IndexError):
-                continue
-    return found
-
-
-def mount_at(point: Path) -> MountEntry | None:
-    """The topmost mount at ``point`` (an absolute path without symlinks), or None."""
-    found = None
-    for entry in mountinfo():
-        if entry.point == point:
-            found = entry
-    return found
-
-
-def mounts_under(root: Path) -> list[Path]:
-    """Mount points at or below ``root`` in this process's namespace, deepest first."""
-    prefix = os.path.realpath(root)
-    found: list[Path] = []
-    for entry in mountinfo():
-        point = os.fspath(entry.point)
-        if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
-            found.append(entry.point)
-    found.sort(key=lambda p: len(p.parts), reverse=True)
-    return found
+    return parsed
 
 
 def _session_dirs(views: Path) -> Iterator[tuple[Path, int, int | None]]:
@@ -408,159 +323,6 @@ def _session_dirs(views: Path) -> Iterator[tuple[Path, int, int | None]]:
         parsed = parse_session_dir_name(entry.name)
         if parsed is not None and entry.is_dir(follow_symlinks=False):
             yield Path(entry.path), parsed[0], parsed[1]
-
-
-def detach_mounts_under(root: Path) -> list[Path]:
-    """Lazily unmount every mount at or below ``root``, deepest first; returns those detached.
-
-    A mount that cannot be detached (another user's, as an ordinary user) is left: the tree
-    walkers never cross into it anyway (they compare mount ids).
-    """
-    detached: list[Path] = []
-    try:
-        points = mounts_under(root)
-    except OSError:
-        return detached
-    for point in points:
-        try:
-            _linux.umount2(point, _linux.MNT_DETACH | _linux.UMOUNT_NOFOLLOW)
-        except MountError:
-            continue
-        detached.append(point)
-    return detached
-
-
-#: Directory fds :func:`remove_tree` keeps open along its path; deeper ancestors are reopened
-#: through ``..`` and checked to be the same directory (module-level so tests can lower it).
-_KEEP_OPEN = 16
-
-#: Called with each directory's relative path as :func:`remove_tree` enters it. Tests set it
-#: to move directories under the walk at a known moment; nothing in the package sets it.
-_walk_hook: Callable[[str], None] | None = None
-
-
-def remove_tree(path: Path) -> None:
-    """Remove ``path`` and everything below it, best effort.
-
-    Every mount at or below ``path`` is detached first (a bind mount a test left in its rootfs
-    would otherwise be emptied through it), and the walk never enters a directory on another
-    mount (mount id, not ``st_dev``: a bind of the same filesystem shares the device).
-
-    Copes with the mode-000 ``work/work`` dirs overlay leaves behind (they are opened up first)
-    and with trees deeper than ``PATH_MAX`` or Python's recursion limit, which a test's rw layer
-    may hold (``shutil.rmtree`` fails on both): the walk is iterative, every name relative to a
-    directory fd, never following a symlink. Climbing back to a parent uses the parent's fd
-    kept from the way down, or (for deep trees) ``..`` checked to be the same directory
-    (device and inode) as on the way down: a directory moved out of the tree during the walk
-    stops it instead of leading it into the directory it was moved to.
-    """
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return
-    detach_mounts_under(path)
-    try:
-        fd = _open_dir(os.fspath(path), None, (st.st_dev, st.st_ino))
-    except OSError:
-        return
-    try:
-        _remove_contents(_dirfd.DirStack(fd, keep=_KEEP_OPEN), _linux.mount_id("", fd))
-    except OSError:
-        return  # best effort: a tree changed under the walk is left, never chased
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
-
-
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _open_dir(name: str, dir_fd: int | None, ident: tuple[int, int]) -> int:
-    """Open the directory ``name`` that was lstat'ed as ``ident``; never through a symlink,
-    and refuse (``ESTALE``) a different directory swapped in since the lstat."""
-    try:
-        fd = os.open(name, _O_DIR, dir_fd=dir_fd)
-    except PermissionError:
-        # A mode-000 dir (overlay's work/work; a test's chmod): open it up. chmod on an O_PATH
-        # fd's /proc link changes the inode the fd holds, never a symlink's target.
-        path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            pst = os.fstat(path_fd)
-            if not stat.S_ISDIR(pst.st_mode) or (pst.st_dev, pst.st_ino) != ident:
-                raise OSError(errno.ESTALE, f"{name} changed under the walk") from None
-            os.chmod(f"/proc/self/fd/{path_fd}", stat.S_IRWXU)
-        finally:
-            os.close(path_fd)
-        fd = os.open(name, _O_DIR, dir_fd=dir_fd)
-    fst = os.fstat(fd)
-    if (fst.st_dev, fst.st_ino) != ident:
-        os.close(fd)
-        raise OSError(errno.ESTALE, f"{name} changed under the walk")
-    return fd
-
-
-def _remove_contents(dirs: _dirfd.DirStack, mnt: int) -> None:
-    """Empty the directory at the bottom of ``dirs`` (which it closes), staying on mount
-    ``mnt``."""
-    with dirs:
-        # Per level below the top: the directory's name in its parent and the names still to
-        # remove in the parent. Sorted so that the walk's order is reproducible.
-        stack: list[tuple[str, list[str]]] = []
-        rel = ""
-        pending = sorted(os.listdir(dirs.top), reverse=True)
-        while True:
-            if pending:
-                name = pending.pop()
-                try:
-                    st = os.stat(name, dir_fd=dirs.top, follow_symlinks=False)
-                except OSError:
-                    continue
-                if not stat.S_ISDIR(st.st_mode):
-                    _unlink_at(name, dirs.top)
-                    continue
-                try:
-                    if _linux.mount_id(name, dirs.top) != mnt:
-                        continue  # a mount nobody could detach: never enter it
-                    child = _open_dir(name, dirs.top, (st.st_dev, st.st_ino))
-                except OSError as exc:
-                    if exc.errno == errno.ESTALE:
-                        raise
-                    continue
-                try:
-                    names = sorted(os.listdir(child), reverse=True)
-                except OSError:
-                    os.close(child)
-                    continue
-                dirs.push(child, (st.st_dev, st.st_ino))
-                stack.append((name, pending))
-                pending = names
-                rel = f"{rel}/{name}" if rel else name
-                if _walk_hook is not None:
-                    _walk_hook(rel)
-                continue
-            if not stack:
-                return
-            name, pending = stack.pop()
-            rel = rel.rpartition("/")[0]
-            # The parent is the fd kept from the way down or ".." checked against it (ESTALE).
-            os.close(dirs.pop())
-            _unlink_at(name, dirs.top, directory=True)
-
-
-def _unlink_at(name: str, dir_fd: int, *, directory: bool = False) -> None:
-    remove = os.rmdir if directory else os.unlink
-    try:
-        remove(name, dir_fd=dir_fd)
-    except PermissionError:
-        # The parent lacks write permission for an ordinary user: open it up and retry.
-        with contextlib.suppress(OSError):
-            os.chmod(dir_fd, stat.S_IRWXU)
-            remove(name, dir_fd=dir_fd)
-    except OSError:
-        pass
 
 
 def sweep_stale_mounts(store_tmp_root: Path) -> list[Path]:
@@ -575,7 +337,7 @@ def sweep_stale_mounts(store_tmp_root: Path) -> list[Path]:
     views = Path(os.path.realpath(store_tmp_root)) / "views"
     swept: list[Path] = []
     for session, pid, start in _session_dirs(views):
-        if pid == os.getpid() or _session_alive(pid, start):
+        if pid == os.getpid() or _proctag.alive(pid, start):
             continue
         for point in mounts_under(session):
             try:

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
-from pytest_layers import _faultpoints, layertar
+from pytest_layers import _faultpoints, _proctag, layertar
 from pytest_layers import store as store_mod
+from pytest_layers._fmt import human_size, short_digest
 from pytest_layers.errors import (
     InvalidImageError,
     InvalidLayerError,
@@ -137,18 +138,6 @@ class ImportResult:
 
 # --------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _short(digest: str) -> str:
-    return digest.split(":", 1)[-1][:12]
 
 
 class _HashWriter:
@@ -304,9 +293,7 @@ def export_image(
     _sweep_dead_staging(dest)
     # Named after its owner so that the next export can sweep it if this process is killed.
     staging = Path(
-        tempfile.mkdtemp(
-            prefix=f".{dest.name}.{store_mod._process_tag()}-", suffix=".tmp", dir=dest.parent
-        )
+        tempfile.mkdtemp(prefix=f".{dest.name}.{_proctag.tag()}-", suffix=".tmp", dir=dest.parent)
     )
     try:
         layout = staging / "layout"
@@ -338,7 +325,7 @@ def export_image(
             )
             diff_ids.append(diff_id)
             source = info.source
-            what = info.name or _short(info.chain_id)
+            what = info.name or short_digest(info.chain_id)
             history.append(
                 {
                     "created": _iso(_created_ts(info)),
@@ -349,7 +336,7 @@ def export_image(
             total += size
             if progress is not None:
                 progress(
-                    f"layer {n}/{len(chain)} {_short(diff_id)} {_human(size)} "
+                    f"layer {n}/{len(chain)} {short_digest(diff_id)} {human_size(size)} "
                     f"{time.monotonic() - started:.2f}s"
                 )
         arch, variant = _platform()
@@ -466,7 +453,7 @@ def _sweep_dead_staging(dest: Path) -> None:
             if not (name.startswith(prefix) and name.endswith(".tmp")):
                 continue
             tag = name[len(prefix) :]
-            if store_mod._TMP_RE.match(tag) and not store_mod._owner_alive(tag):
+            if _proctag.parse(tag) is not None and not store_mod._owner_alive(tag):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
@@ -1167,7 +1154,9 @@ def import_image(
             parent = chain_ids[i - 1] if i else None
             if store.has_layer(cid):
                 if progress is not None:
-                    progress(f"layer {n}/{len(image.layers)} {_short(image.diff_ids[i])} exists")
+                    progress(
+                        f"layer {n}/{len(image.layers)} {short_digest(image.diff_ids[i])} exists"
+                    )
                 continue
             started = time.monotonic()
             try:
@@ -1226,8 +1215,8 @@ def import_image(
             imported.append(cid)
             if progress is not None:
                 progress(
-                    f"layer {n}/{len(image.layers)} {_short(image.diff_ids[i])} "
-                    f"{_human(size)} -> {_human(usize)} uncompressed "
+                    f"layer {n}/{len(image.layers)} {short_digest(image.diff_ids[i])} "
+                    f"{human_size(size)} -> {human_size(usize)} uncompressed "
                     f"{time.monotonic() - started:.2f}s"
                 )
         if name is not None:

@@ -24,8 +24,9 @@ import pytest
 from _pytest.outcomes import Failed
 
 from pytest_layers import _linux, _settings, definitions, hookspecs, namespaces
+from pytest_layers._fmt import human_size, plural
 from pytest_layers.backends.base import MountPolicy
-from pytest_layers.definitions import Layer, LayerDef, LayerSession, human_size, plural
+from pytest_layers.definitions import Layer, LayerDef, LayerSession
 from pytest_layers.errors import (
     BackendUnavailableError,
     LayerDefinitionError,

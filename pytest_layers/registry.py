@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from pytest_layers import oci
+from pytest_layers._fmt import human_size, short_digest
 from pytest_layers.errors import (
     InvalidImageError,
     LayersError,
@@ -839,7 +840,7 @@ def push(
             if progress is not None:
                 kind = "config" if n == len(descs) else f"layer {n}/{len(descs) - 1}"
                 progress(
-                    f"{kind} {oci._short(digest)} {oci._human(int(desc['size']))} {how} "
+                    f"{kind} {short_digest(digest)} {human_size(int(desc['size']))} {how} "
                     f"{time.monotonic() - started:.2f}s"
                 )
         client.put_manifest(dest.repo, dest.reference, data, oci.MEDIA_TYPE_MANIFEST)
@@ -995,7 +996,7 @@ class RemoteCache:
             except Exception as exc:  # a failed push is reported at session end, never raised
                 if isinstance(exc, RegistryUnreachableError):
                     self.down[dest.host] = str(exc)
-                self.pushed.errors.append(f"{oci._short(chain_id)}: {exc}")
+                self.pushed.errors.append(f"{short_digest(chain_id)}: {exc}")
                 continue
             p = self.pushed
             p.layers += 1
@@ -1017,7 +1018,7 @@ class RemoteCache:
         if p.layers:
             lines.append(
                 f"layers: pushed {p.layers} image(s) to the cache {where} in {p.seconds:.1f}s: "
-                f"{p.sent} blobs sent ({oci._human(p.size)}), {p.existed} already there, "
+                f"{p.sent} blobs sent ({human_size(p.size)}), {p.existed} already there, "
                 f"{p.mounted} mounted"
             )
         for error in p.errors[:3]:

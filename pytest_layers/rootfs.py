@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, overload
 
-from pytest_layers import _dirfd, changeset, diffdata, layertar, namespaces
+from pytest_layers import _dirfd, changeset, diffdata, layertar
+from pytest_layers._removal import remove_tree
 from pytest_layers.backends.base import View
 from pytest_layers.definitions import Layer, LayerSession
 from pytest_layers.errors import LayerDefinitionError, LayersError, NoSpaceError
@@ -575,7 +576,7 @@ def prepare(
             lowers, view_scratch, readonly=readonly, flavor=session.store.flavor
         )
     except BaseException:
-        namespaces.remove_tree(scratch)
+        remove_tree(scratch)
         raise
     return Prepared(scratch, view, exclude, init_dirs, init_dir)
 
@@ -591,7 +592,7 @@ def discard(prepared: Prepared) -> None:
     try:
         prepared.view.close()
     finally:
-        namespaces.remove_tree(prepared.scratch)
+        remove_tree(prepared.scratch)
 
 
 def _write_init(

@@ -40,9 +40,11 @@ from typing import Any, BinaryIO, cast
 from urllib.parse import quote
 
 import filelock
-import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 
-from pytest_layers import _access, _dirfd, _faultpoints, errors, layertar, namespaces
+from pytest_layers import _access, _dirfd, _faultpoints, _proctag, errors, layertar
+from pytest_layers._fmt import short_digest
+from pytest_layers._mounts import filesystem_type
+from pytest_layers._removal import remove_tree
 from pytest_layers.layertar import Flavor
 
 __all__ = [
@@ -82,7 +84,6 @@ _FLAVORS: tuple[Flavor, ...] = ("overlay", "marker")
 _SOURCES = ("build", "commit", "import", "init")
 _CHAIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX_RE = re.compile(r"[0-9a-f]+")
-_TMP_RE = re.compile(r"(\d+)-(\d+)-")
 # Filesystems where a 0/0 character device is a whiteout rather than a file of its own.
 _UNION_FS = ("overlay", "aufs", "fuse.fuse-overlayfs", "fuse.unionfs", "fuse.mergerfs")
 # xattrs that carry our own bookkeeping (or overlay's) rather than layer content; same rule as
@@ -200,7 +201,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        where = f"layer {_short(self.chain_id)}"
+        where = f"layer {short_digest(self.chain_id)}"
         if self.name:
             where += f" ({self.name})"
         if self.path is not None:
@@ -225,24 +226,6 @@ class PruneReport:
 # Probing the store's filesystem
 
 
-def filesystem_type(path: Path) -> str | None:
-    """Type of the filesystem holding ``path`` as ``/proc/self/mountinfo`` names it, or None."""
-    try:
-        dev = os.stat(path).st_dev
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    wanted = f"{os.major(dev)}:{os.minor(dev)}"
-    found = None
-    for line in lines:
-        fields = line.split()
-        # Optional fields end with "-"; the filesystem type follows it.
-        if len(fields) > 7 and fields[2] == wanted and "-" in fields[6:]:
-            found = fields[fields.index("-", 6) + 1]
-    return found
-
-
 def probe_flavor(directory: Path) -> Flavor:
     """Which whiteout flavor a store in ``directory`` can hold.
 
@@ -254,7 +237,7 @@ def probe_flavor(directory: Path) -> Flavor:
     if filesystem_type(directory) in _UNION_FS:
         return "marker"
     # Named like every tmp entry, so that a concurrent opener's sweep leaves it alone.
-    probe = directory / f"{_process_tag()}-probe-{secrets.token_hex(4)}"
+    probe = directory / f"{_proctag.tag()}-probe-{secrets.token_hex(4)}"
     os.mkdir(probe, 0o700)
     try:
         device = probe / "whiteout"
@@ -278,10 +261,6 @@ def probe_flavor(directory: Path) -> Flavor:
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _short(chain_id: str) -> str:
-    return chain_id.removeprefix("sha256:")[:12]
 
 
 def _hex(chain_id: str) -> str:
@@ -308,7 +287,7 @@ def _rmtree(path: Path) -> None:
     """Remove a tree we own, whatever the modes and the depth inside it; a missing path is
     fine. (A test's committed rw layer may be deeper than Python's recursion limit, which
     ``shutil.rmtree`` is not.)"""
-    namespaces.remove_tree(path)
+    remove_tree(path)
 
 
 class _BadJson(ValueError):
@@ -388,30 +367,10 @@ def disk_use(paths: Iterable[Path]) -> int:
     return total
 
 
-_START: tuple[int, int] | None = None
-
-
-def _process_tag() -> str:
-    """``<pid>-<start time>``: names tmp entries so that a sweep can tell their owner is gone."""
-    global _START
-    pid = os.getpid()
-    if _START is None or _START[0] != pid:  # recomputed after fork
-        _START = (pid, int(psutil.Process(pid).create_time()))
-    return f"{_START[0]}-{_START[1]}"
-
-
 def _owner_alive(name: str) -> bool:
-    m = _TMP_RE.match(name)
-    if m is None:
-        return False
-    pid, started = int(m.group(1)), int(m.group(2))
-    if not psutil.pid_exists(pid):
-        return False
-    try:
-        # A recycled pid belongs to a process that started later.
-        return abs(int(psutil.Process(pid).create_time()) - started) <= 1
-    except psutil.Error:
-        return False
+    """Whether the process whose tag begins the tmp or lease entry ``name`` still runs."""
+    parsed = _proctag.parse(name)
+    return parsed is not None and _proctag.alive(*parsed)
 
 
 def _sha256_file(path: Path) -> str:
@@ -701,7 +660,7 @@ class _Lease:
 
     def __init__(self, store: Store, chain_ids: Iterable[str]) -> None:
         self.chain_ids: set[str] = set()
-        base = store.root / "leases" / f"{_process_tag()}-{secrets.token_hex(6)}"
+        base = store.root / "leases" / f"{_proctag.tag()}-{secrets.token_hex(6)}"
         self.path = base.with_suffix(".held")
         # The lock is taken before the file exists, so no sweeper ever sees a lease whose
         # lock is free although its owner is alive.
@@ -1023,7 +982,7 @@ class Store:
     # -- tmp -----------------------------------------------------------------------------------
 
     def _new_tmp_path(self, purpose: str) -> Path:
-        return self._tmp / f"{_process_tag()}-{purpose}-{secrets.token_hex(6)}"
+        return self._tmp / f"{_proctag.tag()}-{purpose}-{secrets.token_hex(6)}"
 
     def _new_tmp_dir(self, purpose: str) -> Path:
         path = self._new_tmp_path(purpose)
@@ -1272,7 +1231,7 @@ class Store:
             )
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                what = f"layer {name!r}" if name else f"layer {_short(chain_id)} ({source})"
+                what = f"layer {name!r}" if name else f"layer {short_digest(chain_id)} ({source})"
                 raise errors.NoSpaceError(what, str(self.root)) from exc
             raise
         if existing:
@@ -1305,8 +1264,8 @@ class Store:
         expected = layertar.chain_id([*parent_diff_ids, target.diff_id])
         if expected != chain_id:
             raise ValueError(
-                f"alias {chain_id} of layer {_short(target_chain_id)} on parent "
-                f"{_short(parent) if parent else '(none)'}: that position's chain id is "
+                f"alias {chain_id} of layer {short_digest(target_chain_id)} on parent "
+                f"{short_digest(parent) if parent else '(none)'}: that position's chain id is "
                 f"{expected}"
             )
         info = LayerInfo(

@@ -24,7 +24,7 @@ from conftest import TEST_USER, require, run_as_user
 from faults_util import as_owner
 from treeutil import build_layer, make_tree
 
-from pytest_layers import _linux, namespaces
+from pytest_layers import _linux, _removal, namespaces
 from pytest_layers.backends.base import MountPolicy
 from pytest_layers.backends.detect import get_backend
 from pytest_layers.store import Store
@@ -302,7 +302,7 @@ def test_remove_tree_never_follows_a_directory_moved_under_the_walk(
         deep = deep / "d"
     deep.mkdir(parents=True)
     outside = make_tree(tmp_path / "outside", {"z/canary": "kept\n"})
-    monkeypatch.setattr(namespaces, "_KEEP_OPEN", 4)
+    monkeypatch.setattr(_removal, "_KEEP_OPEN", 4)
     moved: list[str] = []
 
     def swap(rel: str) -> None:
@@ -311,7 +311,7 @@ def test_remove_tree_never_follows_a_directory_moved_under_the_walk(
             os.symlink(outside, victim / "a")
             moved.append(rel)
 
-    monkeypatch.setattr(namespaces, "_walk_hook", swap)
+    monkeypatch.setattr(_removal, "_walk_hook", swap)
     namespaces.remove_tree(victim)
     assert moved, "the hook never fired: the walk did not reach the bottom"
     assert (outside / "z/canary").read_text() == "kept\n"

@@ -521,7 +521,7 @@ def _may_mount() -> bool:
 
 def _mount_points_in(tree: Path) -> set[str]:
     """Paths relative to ``tree`` of the mounts below it (not ``tree`` itself)."""
-    from pytest_layers.namespaces import mounts_under
+    from pytest_layers._mounts import mounts_under
 
     root = os.path.realpath(tree)
     found = set()
@@ -557,7 +557,7 @@ def _bind(dest: Path, policy: MountPolicy, *, readonly: bool) -> None:
 
 def _close(scratch: Path, dest: Path, *, mounted: bool, keep_scratch: bool = False) -> None:
     from pytest_layers import _linux
-    from pytest_layers.namespaces import remove_tree
+    from pytest_layers._removal import remove_tree
 
     if mounted:
         try:

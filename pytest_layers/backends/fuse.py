@@ -64,7 +64,7 @@ def _die_with_parent() -> None:
 
 
 def _in_mountinfo(path: str) -> bool:
-    from pytest_layers.namespaces import mounts_under
+    from pytest_layers._mounts import mounts_under
 
     return Path(path) in mounts_under(Path(path))
 
@@ -192,7 +192,7 @@ class FuseBackend:
                 _stop(proc, merged)
                 raise
         except BaseException:
-            from pytest_layers.namespaces import remove_tree
+            from pytest_layers._removal import remove_tree
 
             for child in os.listdir(scratch):
                 remove_tree(scratch / child)
@@ -411,7 +411,7 @@ def _stop(proc: subprocess.Popen[bytes], merged: Path) -> None:
 
 
 def _close(proc: subprocess.Popen[bytes], merged: Path, scratch: Path) -> None:
-    from pytest_layers.namespaces import remove_tree
+    from pytest_layers._removal import remove_tree
 
     _stop(proc, merged)
     if _in_mountinfo(os.fspath(merged)):
