@@ -864,6 +864,8 @@ class _Applier:
         self.written: set[str] = set()
         self.ancestors: set[str] = set()  # every proper ancestor of a written path
         self.dir_meta: dict[str, tuple[int, int, int, int]] = {}  # rel -> (dev, ino, mode, ns)
+        #: Set when the tar is a plain file: members' data is then read at their offsets.
+        self.reader: _PlainTarReader | None = None
 
     def close(self) -> None:
         self.drop_cache()
@@ -1189,17 +1191,21 @@ class _Applier:
         try:
             written = 0
             skipped = False  # a zero run left as a hole: the size is set by ftruncate
-            src = None
+            chunks: Iterator[bytes] | None = None
             if m.sparse is not None:
                 # Only the data runs are in the tar, one after the other: read them and seek
                 # over the holes, where tarfile's reader would hand us every hole as zeros
                 # (linear in the apparent size: 16 GiB of zeros for a 10 KB tar).
                 written = self.sparse_data(m, tf, fd)
                 skipped = True
+            elif self.reader is not None:
+                chunks = self.reader.read_data(m)
             else:
                 src = tf.extractfile(m)
-            if src is not None:
-                while chunk := src.read(_CHUNK):
+                if src is not None:
+                    chunks = iter(lambda: src.read(_CHUNK), b"")
+            if chunks is not None:
+                for chunk in chunks:
                     if chunk[0] == 0 and chunk[-1] == 0 and chunk.count(0) == len(chunk):
                         # Keep zero runs as holes: a sparse image file stays sparse.
                         os.lseek(fd, len(chunk), os.SEEK_CUR)
@@ -1379,6 +1385,108 @@ class _Applier:
                 os.close(fd)
 
 
+# Types whose plain ustar header the fast reader parses itself: regular files (``0``, and ``\0``
+# unless the name ends in "/"), hard links, symlinks, devices, directories and fifos.
+_FAST_TYPES = frozenset((b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6"))
+
+
+class _PlainTarReader:
+    """The members of an uncompressed layer tar in a regular file, as ``tarfile`` would give
+    them, parsed about five times faster.
+
+    ``tarfile`` spends some 40 us of Python per member on a header (and more on the file
+    object it wraps each member's data in): on a 100,000-file layer that is seconds of a pull.
+    Most headers of a layer are plain ustar ones, and those this reader parses itself with the
+    very rules of ``tarfile.TarInfo.frombuf`` and ``_proc_builtin`` (the fields cut at their
+    first NUL, numbers as ``int(text.strip() or "0", 8)``, the ustar prefix joined, a
+    directory's trailing slashes dropped); the data of a member is then read with ``pread`` at
+    its offset. Anything else is handed to ``tarfile`` itself, at the same offset: PAX and GNU
+    extended headers, sparse files, base-256 numbers, a checksum that is not the plain sum,
+    the end of the archive, damage; and, once a PAX global header was seen, every member, since
+    ``tarfile`` patches those into the members after it. Both paths give the same members, which
+    a test checks header by header against ``tarfile`` alone.
+    """
+
+    def __init__(self, fileobj: BinaryIO, tarinfo: type[tarfile.TarInfo]) -> None:
+        self.fd = fileobj.fileno()
+        self.tf = tarfile.open(fileobj=fileobj, mode="r:", tarinfo=tarinfo)  # noqa: SIM115
+        self.tarinfo = tarinfo
+        self.offset = -1  # where the next header is; -1: tarfile has the first one
+
+    def next(self) -> tarfile.TarInfo | None:
+        tf = self.tf
+        if self.offset >= 0 and not tf.pax_headers:
+            member = self._plain(os.pread(self.fd, _BLOCK, self.offset), self.offset)
+            if member is not None:
+                return member
+            tf.offset = self.offset
+        member = tf.next()
+        tf.members.clear()  # type: ignore[attr-defined]  # see apply_layer_tar
+        self.offset = tf.offset
+        return member
+
+    def _plain(self, buf: bytes, offset: int) -> tarfile.TarInfo | None:
+        """The member whose header is ``buf`` at ``offset``, or None for tarfile to parse."""
+        kind = buf[156:157]
+        if len(buf) != _BLOCK or kind not in _FAST_TYPES:
+            return None
+        try:
+            chksum = _octal(buf[148:156])
+            if chksum != 256 + sum(buf[:148]) + sum(buf[156:]):
+                return None
+            m = self.tarinfo()
+            m.name = self._text(buf[0:100])
+            m.mode = _octal(buf[100:108])
+            m.uid = _octal(buf[108:116])
+            m.gid = _octal(buf[116:124])
+            m.size = _octal(buf[124:136])
+            m.mtime = _octal(buf[136:148])
+            m.devmajor = _octal(buf[329:337])
+            m.devminor = _octal(buf[337:345])
+        except ValueError:
+            return None  # base-256 or malformed: tarfile decides
+        m.chksum = chksum
+        if kind == tarfile.AREGTYPE and m.name.endswith("/"):
+            kind = tarfile.DIRTYPE
+        m.type = kind
+        m.linkname = self._text(buf[157:257])
+        m.uname = self._text(buf[265:297])
+        m.gname = self._text(buf[297:329])
+        prefix = self._text(buf[345:500])
+        if kind == tarfile.DIRTYPE:
+            m.name = m.name.rstrip("/")
+        if prefix:
+            m.name = prefix + "/" + m.name
+        m.offset = offset
+        m.offset_data = offset + _BLOCK
+        self.offset = m.offset_data
+        if m.isreg():
+            self.offset += -(-m.size // _BLOCK) * _BLOCK
+        return m
+
+    def _text(self, field: bytes) -> str:
+        # tarfile's nts() with the archive's encoding and error handler.
+        return field.split(b"\0", 1)[0].decode(self.tf.encoding, self.tf.errors)
+
+    def read_data(self, m: tarfile.TarInfo) -> Iterator[bytes]:
+        """The data of regular member ``m`` in chunks of at most ``_CHUNK`` bytes."""
+        at, left = m.offset_data, m.size
+        while left:
+            chunk = os.pread(self.fd, min(left, _CHUNK), at)
+            if not chunk:
+                raise _truncated(repr(m.name))
+            at += len(chunk)
+            left -= len(chunk)
+            yield chunk
+
+
+def _octal(field: bytes) -> int:
+    # tarfile's nti() for a field that is not base-256 (whose first byte has the top bit set).
+    if field[0] & 0x80:
+        raise ValueError("base-256")
+    return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
+
+
 def apply_layer_tar(
     tar: BinaryIO | Path,
     root: Path,
@@ -1417,17 +1525,29 @@ def apply_layer_tar(
         else:
             fileobj = tar
         current = "the first entry"
+        tarinfo = _BoundedTarInfo.bounded(limits)
         try:
-            with tarfile.open(
-                fileobj=fileobj, mode="r|*", tarinfo=_BoundedTarInfo.bounded(limits)
-            ) as tf:
-                while (member := tf.next()) is not None:
-                    # A stream-mode TarFile keeps every header it read: 1,000,000 entries
-                    # held a GiB. Links are resolved here, never through tf.members.
-                    tf.members.clear()  # type: ignore[attr-defined]
-                    current = f"entry {member.name[:300]!r}"
-                    applier.apply(tf, member)
-                    current = f"the entry after {member.name[:300]!r}"
+            if own is not None:
+                try:
+                    applier.reader = _PlainTarReader(own, tarinfo)
+                except tarfile.ReadError:
+                    own.seek(0)  # compressed (or damaged): the stream reader says which
+            if applier.reader is not None:
+                tf = applier.reader.tf
+                with tf:
+                    while (member := applier.reader.next()) is not None:
+                        current = f"entry {member.name[:300]!r}"
+                        applier.apply(tf, member)
+                        current = f"the entry after {member.name[:300]!r}"
+            else:
+                with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=tarinfo) as tf:
+                    while (member := tf.next()) is not None:
+                        # A TarFile keeps every header it read: 1,000,000 entries held a
+                        # GiB. Links are resolved here, never through tf.members.
+                        tf.members.clear()  # type: ignore[attr-defined]
+                        current = f"entry {member.name[:300]!r}"
+                        applier.apply(tf, member)
+                        current = f"the entry after {member.name[:300]!r}"
         except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise InvalidLayerError(
                 f"the layer tar is damaged at {current}: {exc}; nothing of the layer was kept"
