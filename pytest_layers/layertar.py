@@ -1470,7 +1470,7 @@ class _PlainTarReader:
 
     def read_data(self, m: tarfile.TarInfo) -> Iterator[bytes]:
         """The data of regular member ``m`` in chunks of at most ``_CHUNK`` bytes."""
-        at, left = m.offset_data, m.size
+        at, left = m.offset_data, max(m.size, 0)  # tarfile reads nothing for a negative size
         while left:
             chunk = os.pread(self.fd, min(left, _CHUNK), at)
             if not chunk:
@@ -1481,10 +1481,12 @@ class _PlainTarReader:
 
 
 def _octal(field: bytes) -> int:
-    # tarfile's nti() for a field that is not base-256 (whose first byte has the top bit set).
-    if field[0] & 0x80:
-        raise ValueError("base-256")
-    return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
+    """A number field of plain octal digits, as tarfile's ``nti()`` reads it; ValueError for
+    any other (base-256, a sign, ``0o``, underscores, junk), which tarfile then parses."""
+    text = field.split(b"\0", 1)[0].strip()
+    if field[0] & 0x80 or text.strip(b"01234567"):
+        raise ValueError(f"not plain octal: {field!r}")
+    return int(text or b"0", 8)
 
 
 def apply_layer_tar(

@@ -128,6 +128,31 @@ def test_base256_numbers_pax_records_and_global_headers(tmp_path: Path) -> None:
     assert all(m["pax_headers"].get("comment") == "hi" for m, _ in fast)  # type: ignore[attr-defined]
 
 
+def _patch(raw: bytearray, header: int, field: slice, value: bytes) -> None:
+    """Put ``value`` in ``field`` of the header at block ``header`` and fix its checksum."""
+    at = header * 512
+    raw[at + field.start : at + field.stop] = value.ljust(field.stop - field.start, b"\0")
+    raw[at + 148 : at + 156] = b"        "
+    raw[at + 148 : at + 156] = b"%06o\0 " % sum(raw[at : at + 512])
+
+
+@pytest.mark.parametrize("size", [b"-7", b"+1", b"0o1", b"1_0", b"  1 ", b"\x1c1"])
+def test_numbers_only_tarfile_understands_go_to_tarfile(tmp_path: Path, size: bytes) -> None:
+    path = tmp_path / "layer.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        _add(tf, "a", data=b"1")
+        _add(tf, "b", data=b"2")
+        _add(tf, "c", data=b"3")
+    raw = bytearray(path.read_bytes())
+    _patch(raw, 2, slice(124, 136), size)  # b's size
+    path.write_bytes(bytes(raw))
+    fast, _ = _members_fast(path)
+    assert fast == _members_tarfile(path)
+    root = tmp_path / "root"
+    root.mkdir()
+    layertar.apply_layer_tar(path, root)  # never a crash (ValueError) whatever the number says
+
+
 def test_v7_directories_trailing_slashes_and_names_that_are_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "layer.tar"
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
