@@ -584,6 +584,19 @@ class Bench:
             out.append(
                 Tool(f"layers-{b}", f"pytest-layers ({b})", "test_layers.py", b == "copy", b)
             )
+        for b in ("overlay", "fuse"):
+            # The view pool (ini layers_view_pool): views prepared ahead by a helper process,
+            # retired behind the test (docs/concepts/backends.md, "The view pool").
+            out.append(
+                Tool(
+                    f"layers-{b}-pool",
+                    f"pytest-layers ({b}, view pool)",
+                    "test_layers.py",
+                    copies=False,
+                    backend=b,
+                    args=("-o", "layers_view_pool=2"),
+                )
+            )
         out.append(
             Tool(
                 "layers-datadir",
@@ -896,6 +909,35 @@ def targets(result: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
                     "met": worst <= 0.6 and rel <= 2.0,
                 }
             )
+    pool, bare, fuse_pool = rows("layers-overlay-pool"), rows("bare"), rows("layers-fuse-pool")
+    if pool and tmp and bare:
+        both = sorted(set(pool) & set(tmp) & set(bare))
+        vs_tmp = {n: pool[n]["median_ms"] / tmp[n]["median_ms"] for n in both}
+        vs_bare = {n: pool[n]["median_ms"] / bare[n]["median_ms"] for n in both}
+        spread = {n: pool[n]["p90_ms"] / pool[n]["median_ms"] for n in both}
+        out.append(
+            {
+                "target": "view pool (overlay): median <= 0.5x an empty tmp_path and <= 3x a bare "
+                "test at every size, p90 <= 2x its median",
+                "measured": "; ".join(
+                    f"{n:,}: {_fmt(pool[n]['median_ms'])} ms = {vs_tmp[n]:.2f}x tmp_path, "
+                    f"{vs_bare[n]:.1f}x bare, p90 {spread[n]:.1f}x median"
+                    for n in both
+                ),
+                "met": all(vs_tmp[n] <= 0.5 and vs_bare[n] <= 3 and spread[n] <= 2 for n in both),
+            }
+        )
+    if fuse_pool:
+        worst = max(r["median_ms"] for r in fuse_pool.values())
+        out.append(
+            {
+                "target": "view pool (fuse): median <= 3 ms at every size",
+                "measured": ", ".join(
+                    f"{_fmt(r['median_ms'])} ms at {n:,}" for n, r in sorted(fuse_pool.items())
+                ),
+                "met": worst <= 3.0,
+            }
+        )
     dd, drop_in = rows("datadir"), rows("layers-datadir")
     if dd and drop_in:
         both = sorted(set(dd) & set(drop_in))
