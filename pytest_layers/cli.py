@@ -867,6 +867,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             ns_reason = exc.reason
         where = "on overlayfs or similar" if flavor != "overlay" else "ok for kernel overlay"
         print(f"user {_user_name()}, store {store} ({where})")
+        from pytest_layers import _subids
+
+        print(_subids.describe())
         findings = detect.diagnose(scratch / "trials", flavor=flavor, namespace_reason=ns_reason)
         for finding in findings:
             print(finding.line())

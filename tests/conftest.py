@@ -82,10 +82,36 @@ def _probe(capability: str) -> str | None:
                 "(build the venv from /usr/bin/python3)"
             )
         return None
+    if capability == "subids":
+        return _subids_missing()
     if capability.startswith("tool:"):
         tool = capability[5:]
         return None if shutil.which(tool) else f"{tool} is not installed"
     raise ValueError(f"unknown capability {capability!r}")
+
+
+def _subids_missing() -> str | None:
+    """Why the ordinary user the tests run as (ourselves, or the test user when we are root)
+    has no subordinate ids to map, or None."""
+    if os.geteuid() == 0:
+        why = _probe("user")
+        if why:
+            return why
+    who = TEST_USER if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+    for tool in ("newuidmap", "newgidmap"):
+        if shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin") is None:
+            return f"{tool} is not installed (apt-get install uidmap)"
+    for name in ("/etc/subuid", "/etc/subgid"):
+        try:
+            lines = Path(name).read_text().splitlines()
+        except OSError:
+            lines = []
+        if not any(line.split(":")[0] == who for line in lines):
+            return (
+                f"{who} has no range in {name} (.ci/run gives one: usermod --add-subuids "
+                f"100000-165535 --add-subgids 100000-165535 {who})"
+            )
+    return None
 
 
 def _run_probe(code: str, as_user: str | None) -> str | None:
