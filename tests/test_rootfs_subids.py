@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_USER, require, run_as_user
+from conftest import TEST_USER, require, run_as_user, run_pytest_as_ordinary_user
 
 from pytest_layers import _subids
 
@@ -58,32 +58,21 @@ def _first_range(path: str, who: str) -> int:
 
 
 def run_inner(project: Path, conftest: str, tests: str) -> subprocess.CompletedProcess[str]:
-    """Run a pytest project as the ordinary user: ourselves, or the test user when root."""
     (project / "conftest.py").write_text(conftest)
     (project / "test_ids.py").write_text(tests)
-    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rf", "-q"]
-    args += ["-o", "faulthandler_timeout=20", f"--basetemp={project / 'bt'}"]
     if os.geteuid() == 0:
         for f in project.iterdir():
             os.chown(f, pwd.getpwnam(TEST_USER).pw_uid, -1)
-        return run_as_user(args, cwd=project, env={"PYTEST_DEBUG_TEMPROOT": str(project)})
-    return subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=300)
+    args = ["-p", "no:cacheprovider", "-rf", "-q", "-o", "faulthandler_timeout=20"]
+    return run_pytest_as_ordinary_user(project, [*args, f"--basetemp={project / 'bt'}"])
 
 
-@pytest.fixture
-def project(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
-    if os.geteuid() != 0:
-        require("userns")
-        return tmp_path
-    return Path(request.getfixturevalue("user_tmp_path"))
-
-
-def test_chown_to_other_ids_works_with_subordinate_ids(project: Path) -> None:
+def test_chown_to_other_ids_works_with_subordinate_ids(ordinary_tmp_path: Path) -> None:
     require("subids")
     uid0 = _first_range("/etc/subuid", _who())
     gid0 = _first_range("/etc/subgid", _who())
     proc = run_inner(
-        project,
+        ordinary_tmp_path,
         CONFTEST,
         f"""
 import os, pytest
@@ -109,11 +98,11 @@ def test_chown(rootfs):
     assert "1 passed" in proc.stdout
 
 
-def test_chown_without_subordinate_ids_fails_and_says_why(project: Path) -> None:
+def test_chown_without_subordinate_ids_fails_and_says_why(ordinary_tmp_path: Path) -> None:
     if os.geteuid() == 0:
         require("user")
     proc = run_inner(
-        project,
+        ordinary_tmp_path,
         CONFTEST + WITHOUT,
         """
 import subprocess, sys, pytest
