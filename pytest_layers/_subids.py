@@ -22,19 +22,19 @@ import os
 import pwd
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_layers import _linux
 
 __all__ = [
-    "FIX",
     "NONE",
     "SUBGID",
     "SUBUID",
     "Ranges",
     "available",
+    "for_session",
     "chown_note",
     "describe",
     "lines",
@@ -48,13 +48,6 @@ _HELPER_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 _CAP_SETGID = 6
 _CAP_SETUID = 7
 _FULL = [(0, 0, 4294967295)]
-
-#: What a user is told when only one id exists in its namespaces.
-FIX = (
-    "give the user a range (`usermod --add-subuids 100000-165535 --add-subgids "
-    "100000-165535 USER`) and install newuidmap/newgidmap (Debian: apt-get install uidmap), "
-    "or run as root"
-)
 
 
 @dataclass(frozen=True)
@@ -123,18 +116,45 @@ _cache: dict[tuple[object, ...], Ranges] = {}
 
 
 def available() -> Ranges:
-    """The extra ids an ordinary user's process may map into a child user namespace here (root
-    maps everything anyway and is not asked). Remembered per process and namespace."""
+    """The extra ids an ordinary user's sandbox may map (root maps everything anyway and is not
+    asked): those its session's user namespace maps. Outside one (the copy or fuse backend),
+    none: files a program gave to those ids would be neither removable nor readable by the
+    session afterwards (and fuse-overlayfs would not even store the owner). Remembered per
+    process and namespace."""
+    return _cached("child", _probe_child)
+
+
+def for_session() -> Ranges:
+    """The extra ids a session's own user namespace can map: the user's range in /etc/subuid
+    through newuidmap from the initial namespace, or what a parent session's maps, nested."""
+    return _cached("session", _probe_session)
+
+
+def _cached(kind: str, probe: Callable[[], Ranges]) -> Ranges:
     try:
-        key: tuple[object, ...] = (os.getpid(), os.readlink("/proc/self/ns/user"), SUBUID, SUBGID)
+        key = (kind, os.getpid(), os.readlink("/proc/self/ns/user"), SUBUID, SUBGID)
     except OSError:
-        return _probe()
+        return probe()
     if key not in _cache:
-        _cache[key] = _probe()
+        _cache[key] = probe()
     return _cache[key]
 
 
-def _probe() -> Ranges:
+def _probe_child() -> Ranges:
+    try:
+        initial = _read_map("/proc/self/uid_map") == _FULL
+    except OSError as exc:
+        return Ranges(missing=f"cannot read /proc/self/uid_map: {exc.strerror}")
+    if initial:
+        return Ranges(
+            missing="the session runs outside a user namespace (the copy or fuse backend), "
+            "where files owned by other ids could not be cleaned up; use the overlay backend, "
+            "or run as root"
+        )
+    return _probe_session()
+
+
+def _probe_session() -> Ranges:
     uid, gid = os.getuid(), os.getgid()
     try:
         uid_map, gid_map = _read_map("/proc/self/uid_map"), _read_map("/proc/self/gid_map")
@@ -143,11 +163,19 @@ def _probe() -> Ranges:
     if uid_map != _FULL:
         uids, gids = _others(uid, uid_map), _others(gid, gid_map)
         if not (uids and gids):
-            return Ranges(missing="the user namespace this runs in maps no subordinate ids")
+            why = _from_files(uid).missing or "its parent namespace had none to give"
+            return Ranges(missing=f"the session's user namespace maps none: {why}")
         caps = _linux.capget().effective
         if not (caps >> _CAP_SETUID & 1 and caps >> _CAP_SETGID & 1):
-            return Ranges(missing="this process lacks CAP_SETUID/CAP_SETGID in its namespace")
+            return Ranges(
+                missing="this process lacks CAP_SETUID/CAP_SETGID in its user namespace "
+                "(it was started with fewer capabilities than the session's)"
+            )
         return Ranges(uids, gids)
+    return _from_files(uid)
+
+
+def _from_files(uid: int) -> Ranges:
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -155,10 +183,15 @@ def _probe() -> Ranges:
     uids = _file_ranges(SUBUID, name, uid)
     gids = _file_ranges(SUBGID, name, uid)
     if not (uids and gids):
-        return Ranges(missing=f"user {name} has no range in {SUBUID} and {SUBGID}")
+        return Ranges(
+            missing=f"user {name} has no range in {SUBUID} and {SUBGID}; give it one: "
+            f"`usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}`"
+        )
     helpers = tuple(shutil.which(t, path=_HELPER_PATH) or "" for t in ("newuidmap", "newgidmap"))
     if not all(helpers):
-        return Ranges(missing="newuidmap/newgidmap are not installed")
+        return Ranges(
+            missing="newuidmap/newgidmap are not installed (Debian: apt-get install uidmap)"
+        )
     return Ranges(uids, gids, helpers)
 
 
@@ -201,14 +234,13 @@ def describe() -> str:
         return "ids inside run(): real (root): chown inside works"
     ranges = available()
     if ranges:
-        how = "newuidmap" if ranges.helpers else "the session's user namespace"
         return (
-            f"ids inside run(): 0 (you) and 1-{ranges.count} (your subordinate ids, through "
-            f"{how}): chown inside works"
+            f"ids inside run(): 0 (you) and 1-{ranges.count} (your subordinate ids, mapped by "
+            "newuidmap into the session's user namespace): chown inside works"
         )
     return (
-        f"ids inside run(): only 0 (you): chown to another id inside fails with EINVAL "
-        f"({ranges.missing}); fix: {FIX}"
+        f"ids inside run(): only 0 (you): chown to another id inside fails with EINVAL: "
+        f"{ranges.missing}"
     )
 
 
@@ -222,5 +254,5 @@ def chown_note() -> str | None:
         return None
     return (
         "note: only uid 0 exists inside this sandbox (it is you outside): a chown or setuid "
-        f"to another id fails with EINVAL ({ranges.missing}); {FIX}"
+        f"to another id fails with EINVAL: {ranges.missing}"
     )

@@ -900,6 +900,15 @@ def _user_name() -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        from pytest_layers import _subids, namespaces
+        from pytest_layers.errors import BackendUnavailableError
+
+        if _subids.for_session():
+            # Snapshots may hold files a program inside gave to the user's subordinate ids:
+            # only in a user namespace mapping them may we remove them (as sessions do).
+            with contextlib.suppress(BackendUnavailableError):
+                namespaces.enter_user_namespace()
     store = _store(args)
     report = store.prune(keep_snapshots=args.keep_snapshots)
     print(

@@ -235,7 +235,7 @@ def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
         raise BackendUnavailableError("overlay", disabled)
     _refuse_threads("overlay", "user namespace")
     uid, gid = os.getuid(), os.getgid()
-    extra = _subids.available()
+    extra = _subids.for_session()
     helper = _start_map_helper(extra, uid, gid) if extra else None
     try:
         _linux.unshare(_linux.CLONE_NEWUSER | _linux.CLONE_NEWNS)

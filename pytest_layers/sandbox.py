@@ -629,8 +629,8 @@ def _switch_user(plan: _Plan) -> None:  # pragma: no cover - child
             raise _Stage(
                 errno.EINVAL,
                 f"cannot run as uid {uid} gid {gid} inside: as an ordinary user only uid 0 "
-                f"inside exists (it is you outside; no subordinate ids are mapped: "
-                f"{plan.subids.missing}); run as user=0, or {_subids.FIX}",
+                f"inside exists (it is you outside); run as user=0, or map more ids: "
+                f"{plan.subids.missing}",
             ) from None
         raise _stage(f"cannot run as uid {uid} gid {gid} inside", exc) from None
 

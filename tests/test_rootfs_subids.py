@@ -57,14 +57,23 @@ def _first_range(path: str, who: str) -> int:
     raise AssertionError(f"{who} has no range in {path}")
 
 
-def run_inner(project: Path, conftest: str, tests: str) -> subprocess.CompletedProcess[str]:
+def run_inner(
+    project: Path, conftest: str, tests: str, *args: str
+) -> subprocess.CompletedProcess[str]:
     (project / "conftest.py").write_text(conftest)
     (project / "test_ids.py").write_text(tests)
     if os.geteuid() == 0:
         for f in project.iterdir():
             os.chown(f, pwd.getpwnam(TEST_USER).pw_uid, -1)
-    args = ["-p", "no:cacheprovider", "-rf", "-q", "-o", "faulthandler_timeout=20"]
-    return run_pytest_as_ordinary_user(project, [*args, f"--basetemp={project / 'bt'}"])
+    common = ["-p", "no:cacheprovider", "-rf", "-q", "-o", "faulthandler_timeout=20"]
+    common += [f"--basetemp={project / 'bt'}", f"--layers-store={project / 'store'}"]
+    return run_pytest_as_ordinary_user(project, [*common, *args])
+
+
+def as_user(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    if os.geteuid() == 0:
+        return run_as_user(cmd, cwd="/")
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 
 def test_chown_to_other_ids_works_with_subordinate_ids(ordinary_tmp_path: Path) -> None:
@@ -112,7 +121,7 @@ from pytest_layers.errors import SandboxError
 def test_refused(rootfs):
     r = rootfs.run(["sh", "-c", "touch /tmp/f; chown 1234 /tmp/f"])
     assert r.returncode != 0 and b"Invalid argument" in r.stderr, r
-    with pytest.raises(SandboxError, match="only uid 0 inside exists.*usermod --add-subuids"):
+    with pytest.raises(SandboxError, match="only uid 0 inside exists.*no range for this test"):
         rootfs.run(["id"], user="app")
     # uid 0 inside still works, and is the user outside.
     assert rootfs.run(["chown", "0", "/tmp/f"]).returncode == 0
@@ -129,24 +138,88 @@ def test_fails_with_a_note(rootfs):
     if sys.version_info >= (3, 11):  # exception notes
         assert "note: only uid 0 exists inside this sandbox" in out
         assert "no range for this test" in out
-        assert "apt-get install uidmap" in out
+
+
+def test_the_copy_backend_maps_no_subordinate_ids(ordinary_tmp_path: Path) -> None:
+    # Outside a user namespace the session could neither read nor remove files a program gave
+    # to other ids: chown fails with EINVAL there, and user= says why.
+    if Path("/proc/self/uid_map").read_text().split() != ["0", "0", "4294967295"]:
+        pytest.skip(
+            "this session runs in a user namespace, which a copy session started from it "
+            "inherits (with its range): only a root run (the test user from outside) shows it"
+        )
+    proc = run_inner(
+        ordinary_tmp_path,
+        CONFTEST,
+        """
+import pytest
+from pytest_layers.errors import SandboxError
+
+@pytest.mark.layer("bb")
+def test_refused(rootfs):
+    r = rootfs.run(["sh", "-c", "touch /tmp/f; chown 1234 /tmp/f"])
+    assert r.returncode != 0 and b"Invalid argument" in r.stderr, r
+    with pytest.raises(SandboxError, match="outside a user namespace.*overlay backend"):
+        rootfs.run(["id"], user="app")
+""",
+        "--layers-backend=copy",
+    )
+    assert "1 passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_prune_removes_snapshots_holding_other_ids(ordinary_tmp_path: Path) -> None:
+    require("subids")
+    proc = run_inner(
+        ordinary_tmp_path,
+        CONFTEST,
+        """
+import pytest
+
+@pytest.mark.layer("bb")
+def test_fails(rootfs):
+    rootfs.run(["sh", "-c", "mkdir -p /tmp/d/e; touch /tmp/d/e/f; chmod 700 /tmp/d/e /tmp/d; "
+                "chown -R 1234:55 /tmp/d"], check=True)
+    assert False
+""",
+    )
+    assert "1 failed" in proc.stdout, proc.stdout + proc.stderr
+    store = ordinary_tmp_path / "store"
+    me = pwd.getpwnam(_who()).pw_uid
+    assert any(p.lstat().st_uid != me for p in store.rglob("*"))  # the snapshot holds them
+    cli = [sys.executable, "-m", "pytest_layers.cli", "--store", str(store)]
+    done = as_user([*cli, "prune", "--keep-snapshots", "0"])
+    assert done.returncode == 0, done.stderr
+    assert "1 snapshot(s)" in done.stdout
+    assert [p for p in store.rglob("*") if p.lstat().st_uid != me] == []
 
 
 def test_doctor_says_which_ids_exist_inside() -> None:
     require("subids")
-    code = "from pytest_layers import _subids; print(_subids.describe())"
-    cmd = [sys.executable, "-c", code]
-    proc = (
-        run_as_user(cmd, cwd="/")
-        if os.geteuid() == 0
-        else subprocess.run(cmd, capture_output=True, text=True, check=False)
-    )
+    code = "from pytest_layers import _subids, namespaces; {}print(_subids.describe())"
+    # In a session's user namespace (overlay): the range it maps; outside one: none.
+    proc = as_user([sys.executable, "-c", code.format("namespaces.enter_user_namespace(); ")])
     assert proc.returncode == 0, proc.stderr
-    initial = Path("/proc/self/uid_map").read_text().split()[:3] == ["0", "0", "4294967295"]
-    if os.geteuid() == 0 or initial:
-        assert "1-65536 (your subordinate ids, through newuidmap)" in proc.stdout
-    else:  # inside our session's namespace: the range it maps
-        assert "(your subordinate ids, through the session's user namespace)" in proc.stdout
+    assert "ids inside run(): 0 (you) and 1-65536 (your subordinate ids" in proc.stdout
+    if Path("/proc/self/uid_map").read_text().split()[:3] == ["0", "0", "4294967295"]:
+        proc = as_user([sys.executable, "-c", code.format("")])
+        assert "only 0 (you)" in proc.stdout
+        assert "outside a user namespace (the copy or fuse backend)" in proc.stdout
+
+
+def test_reasons_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    monkeypatch.setattr(_subids, "SUBUID", empty)
+    why = _subids._from_files(os.getuid()).missing
+    assert "has no range in" in why
+    assert "usermod --add-subuids 100000-165535" in why
+    me = pwd.getpwuid(os.getuid()).pw_name
+    ranged = tmp_path / "ranged"
+    ranged.write_text(f"{me}:100000:65536\n")
+    monkeypatch.setattr(_subids, "SUBUID", ranged)
+    monkeypatch.setattr(_subids, "SUBGID", ranged)
+    monkeypatch.setattr(_subids, "_HELPER_PATH", str(tmp_path))
+    assert "apt-get install uidmap" in _subids._from_files(os.getuid()).missing
 
 
 def test_ranges_are_read_from_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
