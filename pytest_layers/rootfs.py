@@ -366,8 +366,10 @@ class Rootfs(os.PathLike[str]):
         The program's writes land in the rw layer (:meth:`diff` shows them); ``binds``
         (``Bind`` or ``(host_path, target)``, read-only unless ``Bind(readonly=False)``) never
         do. ``timeout`` kills every process inside, then raises ``subprocess.TimeoutExpired``;
-        ``check=True`` raises ``subprocess.CalledProcessError`` on a non-zero status. stdin is
-        ``/dev/null`` unless ``input`` is given. What the program sees: docs/reference/rootfs.md.
+        ``check=True`` raises ``subprocess.CalledProcessError`` on a non-zero status (with a
+        note, for an ordinary user without subordinate ids, when the program said "Invalid
+        argument": chown to an unmapped id). stdin is ``/dev/null`` unless ``input`` is given.
+        What the program sees: docs/reference/rootfs.md.
         """
         out = subprocess.PIPE if capture_output else None
         proc = self.spawn(
