@@ -900,6 +900,9 @@ def _user_name() -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    # Opened (and its owners checked) first: inside a user namespace every unmapped owner
+    # reads as nobody.
+    store = _store(args)
     if os.geteuid() != 0:
         from pytest_layers import _subids, namespaces
         from pytest_layers.errors import BackendUnavailableError
@@ -909,7 +912,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
             # only in a user namespace mapping them may we remove them (as sessions do).
             with contextlib.suppress(BackendUnavailableError):
                 namespaces.enter_user_namespace()
-    store = _store(args)
     report = store.prune(keep_snapshots=args.keep_snapshots)
     print(
         f"removed {len(report.removed_layers)} layer(s), {len(report.removed_snapshots)} "
