@@ -9,9 +9,11 @@ Alone, an ordinary user maps only its own uid and gid. Two ways to more:
 * inside a user namespace that already maps such a range (the session's own, made the first
   way), a process holding ``CAP_SETUID`` and ``CAP_SETGID`` there writes the child's map itself.
 
-:func:`available` says which, or why neither (:attr:`Ranges.missing`); :func:`write` writes the
-maps of a child namespace. The one home of this rule: the session's namespace and the sandbox
-both use it.
+:func:`for_session` is what a session's user namespace can map (either way);
+:func:`available` what a sandbox can pass on, only from inside such a namespace: outside one
+(copy, fuse) the session could not remove files given to other ids. Both say why not in
+:attr:`Ranges.missing`, fix included; :func:`write` writes a child namespace's maps. The one
+home of this rule: ``namespaces`` and ``sandbox`` both use it.
 """
 
 from __future__ import annotations
@@ -45,8 +47,6 @@ __all__ = [
 SUBUID = Path("/etc/subuid")
 SUBGID = Path("/etc/subgid")
 _HELPER_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
-_CAP_SETGID = 6
-_CAP_SETUID = 7
 _FULL = [(0, 0, 4294967295)]
 
 
@@ -166,7 +166,7 @@ def _probe_session() -> Ranges:
             why = _from_files(uid).missing or "its parent namespace had none to give"
             return Ranges(missing=f"the session's user namespace maps none: {why}")
         caps = _linux.capget().effective
-        if not (caps >> _CAP_SETUID & 1 and caps >> _CAP_SETGID & 1):
+        if not (caps >> _linux.CAP_SETUID & 1 and caps >> _linux.CAP_SETGID & 1):
             return Ranges(
                 missing="this process lacks CAP_SETUID/CAP_SETGID in its user namespace "
                 "(it was started with fewer capabilities than the session's)"

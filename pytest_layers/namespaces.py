@@ -76,9 +76,6 @@ USERNS_CAPS = (
     _linux.CAP_SETFCAP,
 )
 
-_CAP_SETGID = 6
-_CAP_SETUID = 7
-
 # Module-level so tests can point them at fake files.
 _SYSCTL_MAX_USERNS = Path("/proc/sys/user/max_user_namespaces")
 _SYSCTL_DEBIAN_USERNS = Path("/proc/sys/kernel/unprivileged_userns_clone")
@@ -261,7 +258,7 @@ def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
     if helper is not None and _finish_map_helper(helper, go=True):
         # The subordinate range is ours here too: sandboxes pass it on (they write their
         # children's maps, which takes CAP_SETUID/CAP_SETGID here, kept across exec).
-        caps = (*caps, _CAP_SETGID, _CAP_SETUID)
+        caps = (*caps, _linux.CAP_SETGID, _linux.CAP_SETUID)
     try:
         if not Path("/proc/self/uid_map").read_text().strip():
             _linux.write_proc("/proc/self/setgroups", "deny")
