@@ -8,6 +8,12 @@ median and p99 per call in ms and writes ``benchmarks/results/run.json`` (or ``-
 Run it as root and as an ordinary user (``runuser -u layersci -- ...``).
 
 Targets (issue 14): median <= 5 ms, within 1.5x of bwrap, p99 <= 15 ms.
+
+With the real Debian image of the end-to-end tests (PYTEST_LAYERS_DEBIAN_IMAGE and
+PYTEST_LAYERS_DEBIAN_DEBS, from `.ci/debian_image.py`), also the Debian suite: a pytest session
+of K tests that each ``dpkg -i`` a real .deb through ``rootfs.run`` and check the diff, timed
+per test (setup, call and teardown, from the JUnit report), and the whole session cold (a fresh
+store: the image is imported) against warm (the same store again).
 """
 
 from __future__ import annotations
@@ -96,10 +102,91 @@ def main(argv: list[str] | None = None) -> int:
     print(f"/bin/true per call as {who} (n={args.n}), ms:")
     for name, r in results.items():
         print(f"  {name:24} median {r['median_ms']:7.2f}  p99 {r['p99_ms']:7.2f}")
+    report: dict[str, Any] = {"who": who, "cpus": os.cpu_count(), "results": results}
+    report["debian"] = debian_suite(tests=3 if args.quick else 20, warm_runs=1 if args.quick else 3)
     out = args.out or RESULTS / f"run-{who}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"who": who, "cpus": os.cpu_count(), "results": results}, indent=2))
+    out.write_text(json.dumps(report, indent=2))
     return 0
+
+
+DEBIAN_CONFTEST = """
+import os
+from pytest_layers import oci_image
+
+debian = oci_image("debian", os.environ["PYTEST_LAYERS_DEBIAN_IMAGE"])
+"""
+
+DEBIAN_TESTS = """
+import os, pytest
+
+DEBS = os.environ["PYTEST_LAYERS_DEBIAN_DEBS"]
+DEB = sorted(f for f in os.listdir(DEBS) if f.endswith(".deb"))[0]
+PKG = DEB.split("_")[0]
+
+@pytest.mark.layer("debian")
+@pytest.mark.parametrize("i", range(int(os.environ["BENCH_TESTS"])))
+def test_dpkg_install(rootfs, i):
+    rootfs.run(["dpkg", "-i", "/debs/" + DEB], binds=[(DEBS, "/debs")], check=True)
+    assert "C /var/lib/dpkg/status" in [str(c) for c in rootfs.diff()]
+"""
+
+
+def debian_suite(tests: int, warm_runs: int) -> dict[str, Any]:
+    """The Debian suite's costs (see the module's docstring); ``{"skipped": why}`` without
+    the image."""
+    import xml.etree.ElementTree as ET
+
+    if not (
+        os.environ.get("PYTEST_LAYERS_DEBIAN_IMAGE") and os.environ.get("PYTEST_LAYERS_DEBIAN_DEBS")
+    ):
+        why = "PYTEST_LAYERS_DEBIAN_IMAGE/_DEBS are not set (.ci/debian_image.py builds them)"
+        print(f"Debian suite: skipped: {why}")
+        return {"skipped": why}
+    with tempfile.TemporaryDirectory(prefix="bench-debian-") as tmp:
+        project = Path(tmp)
+        (project / "conftest.py").write_text(DEBIAN_CONFTEST)
+        (project / "test_dpkg.py").write_text(DEBIAN_TESTS)
+        store = project / "store"
+
+        def session(n: int) -> tuple[float, list[float]]:
+            junit = project / f"junit-{n}.xml"
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            cmd += [f"--layers-store={store}", f"--junitxml={junit}", f"--basetemp={project}/bt"]
+            env = {**os.environ, "BENCH_TESTS": str(tests)}
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
+            took = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise SystemExit(f"Debian suite failed:\n{proc.stdout}\n{proc.stderr}")
+            per_test = [
+                float(case.get("time", 0)) * 1000 for case in ET.parse(junit).iter("testcase")
+            ]
+            return took, per_test
+
+        cold, cold_tests = session(0)
+        warm = []
+        per_test: list[float] = []
+        for i in range(warm_runs):
+            took, times = session(i + 1)
+            warm.append(took)
+            per_test += times
+    per_test.sort()
+    result = {
+        "tests": tests,
+        "cold_session_s": round(cold, 2),
+        "warm_session_s": round(statistics.median(warm), 2),
+        "per_test_median_ms": round(statistics.median(per_test), 1),
+        "per_test_p99_ms": round(per_test[min(len(per_test) - 1, int(len(per_test) * 0.99))], 1),
+        "first_test_cold_ms": round(cold_tests[0], 1) if cold_tests else None,
+    }
+    print(
+        f"Debian suite ({tests} tests of dpkg -i + diff): "
+        f"session cold {result['cold_session_s']} s, "
+        f"warm {result['warm_session_s']} s; per test median {result['per_test_median_ms']} ms, "
+        f"p99 {result['per_test_p99_ms']} ms"
+    )
+    return result
 
 
 if __name__ == "__main__":

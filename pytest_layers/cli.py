@@ -860,6 +860,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             ns_reason = exc.reason
         where = "on overlayfs or similar" if flavor != "overlay" else "ok for kernel overlay"
         print(f"user {_user_name()}, store {store} ({where})")
+        from pytest_layers import _subids
+
+        print(_subids.describe())
         findings = detect.diagnose(scratch / "trials", flavor=flavor, namespace_reason=ns_reason)
         for finding in findings:
             print(finding.line())
@@ -890,7 +893,18 @@ def _user_name() -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    # Opened (and its owners checked) first: inside a user namespace every unmapped owner
+    # reads as nobody.
     store = _store(args)
+    if os.geteuid() != 0:
+        from pytest_layers import _subids, namespaces
+        from pytest_layers.errors import BackendUnavailableError
+
+        if _subids.for_session():
+            # Snapshots may hold files a program inside gave to the user's subordinate ids:
+            # only in a user namespace mapping them may we remove them (as sessions do).
+            with contextlib.suppress(BackendUnavailableError):
+                namespaces.enter_user_namespace()
     report = store.prune(keep_snapshots=args.keep_snapshots)
     print(
         f"removed {len(report.removed_layers)} layer(s), {len(report.removed_snapshots)} "

@@ -21,6 +21,7 @@ outlive a killed session; :func:`sweep_stale_mounts` removes those of dead sessi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -28,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_layers import _linux, _proctag
+from pytest_layers import _linux, _proctag, _subids
 from pytest_layers._mounts import (
     MountEntry,
     detach_mounts_under,
@@ -236,9 +237,13 @@ def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
         raise BackendUnavailableError("overlay", disabled)
     _refuse_threads("overlay", "user namespace")
     uid, gid = os.getuid(), os.getgid()
+    extra = _subids.for_session()
+    helper = _start_map_helper(extra, uid, gid) if extra else None
     try:
         _linux.unshare(_linux.CLONE_NEWUSER | _linux.CLONE_NEWNS)
     except MountError as exc:
+        if helper is not None:
+            _finish_map_helper(helper, go=False)
         if exc.errno == errno.EINVAL and other_threads():
             why = "another thread appeared while entering it"
         elif exc.errno in (errno.EPERM, errno.EACCES):
@@ -255,10 +260,18 @@ def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
         else:
             why = str(exc)
         raise BackendUnavailableError("overlay", f"cannot enter a user namespace: {why}") from exc
+    if helper is not None and _finish_map_helper(helper, go=True):
+        # The subordinate range is ours here too: sandboxes pass it on (they write their
+        # children's maps, which takes CAP_SETUID/CAP_SETGID here, kept across exec).
+        caps = (*caps, _linux.CAP_SETGID, _linux.CAP_SETUID)
     try:
-        _linux.write_proc("/proc/self/setgroups", "deny")
-        _linux.write_proc("/proc/self/uid_map", f"{uid} {uid} 1")
-        _linux.write_proc("/proc/self/gid_map", f"{gid} {gid} 1")
+        if not Path("/proc/self/uid_map").read_text().strip():
+            _linux.write_proc("/proc/self/setgroups", "deny")
+            _linux.write_proc("/proc/self/uid_map", f"{uid} {uid} 1")
+        if not Path("/proc/self/gid_map").read_text().strip():
+            with contextlib.suppress(OSError):  # already "deny", or newgidmap wrote uid_map
+                _linux.write_proc("/proc/self/setgroups", "deny")
+            _linux.write_proc("/proc/self/gid_map", f"{gid} {gid} 1")
         # The namespace starts with the host's propagation; make ours private so our mounts
         # stay ours (the new mount namespace is already a copy owned by the new user ns).
         _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
@@ -277,6 +290,43 @@ def enter_user_namespace(caps: tuple[int, ...] = USERNS_CAPS) -> NamespaceInfo:
             "overlay", f"entered a user namespace but could not set it up: {exc}"
         ) from exc
     return _mark("userns")
+
+
+def _start_map_helper(extra: _subids.Ranges, uid: int, gid: int) -> tuple[int, int]:
+    """Fork, before ``unshare``, the process that maps the subordinate ids of our new user
+    namespace: only a process still outside may (newuidmap is setuid, which counts only there;
+    a parent namespace's CAP_SETUID likewise). It waits for a byte on a pipe; ``(pid, go_w)``."""
+    target = os.getpid()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child (measured by its effects)
+        code = 1
+        try:
+            os.close(go_w)
+            if os.read(go_r, 1) == b"1":
+                _subids.write(
+                    target,
+                    extra,
+                    _subids.lines(uid, extra.uids, identity=True),
+                    _subids.lines(gid, extra.gids, identity=True),
+                )
+                code = 0
+        except BaseException:  # a forked copy must end in _exit; we then map alone
+            pass
+        os._exit(code)
+    os.close(go_r)
+    return pid, go_w
+
+
+def _finish_map_helper(helper: tuple[int, int], *, go: bool) -> bool:
+    """Let the helper map us (or tell it to give up); whether both maps are written."""
+    pid, go_w = helper
+    with contextlib.suppress(OSError):
+        if go:
+            os.write(go_w, b"1")
+    os.close(go_w)
+    _, status = os.waitpid(pid, 0)
+    return go and os.waitstatus_to_exitcode(status) == 0
 
 
 def mount_scratch_tmpfs(path: Path, *, size: str = "50%") -> None:

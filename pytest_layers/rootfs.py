@@ -367,8 +367,10 @@ class Rootfs(os.PathLike[str]):
         The program's writes land in the rw layer (:meth:`diff` shows them); ``binds``
         (``Bind`` or ``(host_path, target)``, read-only unless ``Bind(readonly=False)``) never
         do. ``timeout`` kills every process inside, then raises ``subprocess.TimeoutExpired``;
-        ``check=True`` raises ``subprocess.CalledProcessError`` on a non-zero status. stdin is
-        ``/dev/null`` unless ``input`` is given. What the program sees: docs/reference/rootfs.md.
+        ``check=True`` raises ``subprocess.CalledProcessError`` on a non-zero status (with a
+        note, for an ordinary user without subordinate ids, when the program said "Invalid
+        argument": chown to an unmapped id). stdin is ``/dev/null`` unless ``input`` is given.
+        What the program sees: docs/reference/rootfs.md.
         """
         out = subprocess.PIPE if capture_output else None
         proc = self.spawn(
@@ -395,7 +397,11 @@ class Rootfs(os.PathLike[str]):
         code = proc.returncode
         assert code is not None
         if check and code:
-            raise subprocess.CalledProcessError(code, proc.args, stdout, stderr)
+            error = subprocess.CalledProcessError(code, proc.args, stdout, stderr)
+            note = _chown_note(stderr)
+            if note is not None and hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(note)
+            raise error
         return subprocess.CompletedProcess(proc.args, code, stdout, stderr)
 
     def spawn(
@@ -662,3 +668,16 @@ def _open_up(tree: Path) -> dict[str, int]:
 
     _dirfd.walk(tree, None, visit)
     return opened
+
+
+def _chown_note(stderr: bytes | str | None) -> str | None:
+    """Why a program that failed with EINVAL may have failed: an ordinary user's sandbox has
+    one id only (its stderr names EINVAL as libc words it)."""
+    if stderr is None:
+        return None
+    text = stderr if isinstance(stderr, str) else stderr.decode(errors="replace")
+    if "Invalid argument" not in text:
+        return None
+    from pytest_layers import _subids
+
+    return _subids.chown_note()

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from pytest_layers import _linux
+from pytest_layers import _linux, _subids
 from pytest_layers.errors import SandboxError
 
 __all__ = ["KEPT_CAPS", "DEFAULT_PATH", "Bind", "Sandbox", "SandboxProcess"]
@@ -142,7 +142,8 @@ class Sandbox:
         uid, gid, caller = os.geteuid(), os.getegid(), os.getpid()
         fds = [err_r, err_w, status_r, status_w]
         maps: tuple[int, int] | None = None
-        if uid == 0:
+        extra = _subids.available() if uid != 0 else _subids.NONE
+        if uid == 0 or extra:
             ready_r, ready_w = os.pipe()
             go_r, go_w = os.pipe()
             fds += [ready_r, ready_w, go_r, go_w]
@@ -150,6 +151,7 @@ class Sandbox:
         plan = _Plan(
             self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid, caller, user, maps
         )
+        plan.subids = extra
         try:
             pid = os.fork()
         except OSError:
@@ -284,7 +286,8 @@ class _Plan:
     gid: int
     caller: int
     user: tuple[int, int] | None = None
-    maps: tuple[int, int] | None = None  # root: (ready_w, go_r), the keeper's ends
+    maps: tuple[int, int] | None = None  # the caller maps: (ready_w, go_r), the keeper's ends
+    subids: _subids.Ranges = _subids.NONE  # an ordinary user's subordinate ids
 
 
 class _Stage(Exception):
@@ -346,20 +349,22 @@ def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
             "seccomp filter, an LSM policy or a sysctl forbids them",
             exc,
         ) from None
-    if plan.uid == 0:
+    if plan.maps is not None:
         # A map beyond one's own id must be written from the parent namespace, with CAP_SETUID
-        # there: the caller, still outside, writes it once we are inside (no extra fork of a
-        # large interpreter). An ordinary user maps only its own id, which it may write itself.
-        assert plan.maps is not None
+        # there (root, or an ordinary user's session namespace holding subordinate ids) or by
+        # newuidmap: the caller, still outside, writes it once we are inside (no extra fork of
+        # a large interpreter). Without subordinate ids an ordinary user maps only its own id,
+        # which it may write itself.
         ready_w, go_r = plan.maps
         os.write(ready_w, b"1")
         os.close(ready_w)
-        mapped = os.read(go_r, 1) == b"1"
+        answer = os.read(go_r, 4096)
         os.close(go_r)
+        failed = None if answer == b"1" else answer[1:].decode(errors="replace") or "no answer"
     else:
-        mapped = _maps(plan, "self")
-    if not mapped:
-        raise _Stage(errno.EPERM, "cannot write the sandbox's uid and gid maps")
+        failed = _maps(plan, "self")
+    if failed is not None:
+        raise _Stage(errno.EPERM, f"cannot write the sandbox's uid and gid maps: {failed}")
     try:
         _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
         _linux.sethostname(plan.box.hostname)
@@ -370,27 +375,38 @@ def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
         raise _stage("cannot set up the sandbox's namespaces", exc) from None
 
 
-def _maps(plan: _Plan, pid: str) -> bool:  # pragma: no cover - child
+def _maps(plan: _Plan, pid: str) -> str | None:  # pragma: no cover - child
+    """Write the maps of ``pid``'s user namespace; None, or why that failed."""
     try:
         if plan.uid == 0:
             # Root stays root with real ids: every id maps to itself.
             _linux.write_proc(f"/proc/{pid}/uid_map", "0 0 4294967295")
             _linux.write_proc(f"/proc/{pid}/gid_map", "0 0 4294967295")
+        elif plan.subids:
+            # uid 0 inside is the user, 1..N its subordinate ids: chown to them works.
+            _subids.write(
+                int(pid),
+                plan.subids,
+                _subids.lines(plan.uid, plan.subids.uids, identity=False),
+                _subids.lines(plan.gid, plan.subids.gids, identity=False),
+            )
         else:
             _linux.write_proc(f"/proc/{pid}/setgroups", "deny")
             _linux.write_proc(f"/proc/{pid}/uid_map", f"0 {plan.uid} 1")
             _linux.write_proc(f"/proc/{pid}/gid_map", f"0 {plan.gid} 1")
-    except OSError:
-        return False
-    return True
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _write_maps(plan: _Plan, pid: int, ready_r: int, go_w: int) -> None:
-    """The caller's part of a root sandbox: once the keeper says it is in its user
-    namespace, write the maps and tell it whether that worked (EOF: it failed earlier)."""
+    """The caller's part when it maps (root, subordinate ids): once the keeper says it is in
+    its user namespace, write the maps and tell it whether that worked (EOF: it failed
+    earlier)."""
     try:
         if os.read(ready_r, 1):
-            os.write(go_w, b"1" if _maps(plan, str(pid)) else b"0")
+            failed = _maps(plan, str(pid))
+            os.write(go_w, b"1" if failed is None else b"0" + failed.encode(errors="replace"))
     except OSError:
         pass  # the keeper reports the failure (or died)
     finally:
@@ -602,12 +618,19 @@ def _switch_user(plan: _Plan) -> None:  # pragma: no cover - child
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     except OSError as exc:
+        if exc.errno == errno.EINVAL and plan.uid != 0 and plan.subids:
+            raise _Stage(
+                errno.EINVAL,
+                f"cannot run as uid {uid} gid {gid} inside: only ids 0-{plan.subids.count} "
+                "exist inside (0 is you outside, the rest your subordinate ids); use an id in "
+                "that range, a larger range in /etc/subuid and /etc/subgid, or run as root",
+            ) from None
         if exc.errno == errno.EINVAL and plan.uid != 0:
             raise _Stage(
                 errno.EINVAL,
                 f"cannot run as uid {uid} gid {gid} inside: as an ordinary user only uid 0 "
-                "inside exists (it is you outside; no subordinate ids are mapped); run as "
-                "user=0, or as root",
+                f"inside exists (it is you outside); run as user=0, or map more ids: "
+                f"{plan.subids.missing}",
             ) from None
         raise _stage(f"cannot run as uid {uid} gid {gid} inside", exc) from None
 

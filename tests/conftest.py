@@ -82,10 +82,53 @@ def _probe(capability: str) -> str | None:
                 "(build the venv from /usr/bin/python3)"
             )
         return None
+    if capability == "debian":
+        return _debian_missing()
+    if capability == "subids":
+        return _subids_missing()
     if capability.startswith("tool:"):
         tool = capability[5:]
         return None if shutil.which(tool) else f"{tool} is not installed"
     raise ValueError(f"unknown capability {capability!r}")
+
+
+def _debian_missing() -> str | None:
+    """Why the real Debian image of the end-to-end tests is not here, or None."""
+    image = os.environ.get("PYTEST_LAYERS_DEBIAN_IMAGE", "")
+    debs = os.environ.get("PYTEST_LAYERS_DEBIAN_DEBS", "")
+    build = "build it with `.ci/debian_image.py CACHE_DIR` (as root) and export what it prints"
+    if not image or not debs:
+        return f"PYTEST_LAYERS_DEBIAN_IMAGE/PYTEST_LAYERS_DEBIAN_DEBS are not set: {build}"
+    layout = image.removeprefix("oci:").rsplit(":", 1)[0]
+    if not os.path.isfile(os.path.join(layout, "index.json")):
+        return f"{image} is not an OCI layout: {build}"
+    if not any(name.endswith(".deb") for name in os.listdir(debs)):
+        return f"{debs} holds no .deb: {build}"
+    return None
+
+
+def _subids_missing() -> str | None:
+    """Why the ordinary user the tests run as (ourselves, or the test user when we are root)
+    has no subordinate ids to map, or None."""
+    if os.geteuid() == 0:
+        why = _probe("user")
+        if why:
+            return why
+    who = TEST_USER if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+    for tool in ("newuidmap", "newgidmap"):
+        if shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin") is None:
+            return f"{tool} is not installed (apt-get install uidmap)"
+    for name in ("/etc/subuid", "/etc/subgid"):
+        try:
+            lines = Path(name).read_text().splitlines()
+        except OSError:
+            lines = []
+        if not any(line.split(":")[0] == who for line in lines):
+            return (
+                f"{who} has no range in {name} (.ci/run gives one: usermod --add-subuids "
+                f"100000-165535 --add-subgids 100000-165535 {who})"
+            )
+    return None
 
 
 def _run_probe(code: str, as_user: str | None) -> str | None:
@@ -204,3 +247,32 @@ def registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     with running(tmp_path_factory.mktemp("registry")) as server:
         yield server
+
+
+def run_pytest_as_ordinary_user(
+    project: Path, args: Sequence[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m pytest ARGS`` in ``project`` as an ordinary user: ourselves, or the test
+    user when we are root (then ``project`` must be the test user's, as ``user_tmp_path`` is)."""
+    cmd = [sys.executable, "-m", "pytest", *args]
+    if os.geteuid() == 0:
+        full = {"PYTEST_DEBUG_TEMPROOT": str(project), **(env or {})}
+        return run_as_user(cmd, cwd=project, env=full)
+    return subprocess.run(
+        cmd,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def ordinary_tmp_path(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A directory for :func:`run_pytest_as_ordinary_user`'s projects: ``tmp_path`` as an
+    ordinary user (who needs user namespaces then), ``user_tmp_path`` as root."""
+    if os.geteuid() != 0:
+        require("userns")
+        return tmp_path
+    return Path(request.getfixturevalue("user_tmp_path"))

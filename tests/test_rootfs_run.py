@@ -255,6 +255,7 @@ def test_user_switches_inside(pytester: pytest.Pytester) -> None:
         pytester,
         """
 import os, pytest
+from pytest_layers import _subids
 from pytest_layers.errors import SandboxError
 
 @pytest.mark.layer("bb")
@@ -268,6 +269,11 @@ def test_it(rootfs):
         assert r.stdout.split() == ["1000", "1000", "/home/app"]
         r = rootfs.run(["sh", "-c", "touch /tmp/f; chown 1234 /tmp/f"], check=True)
         assert (rootfs / "tmp/f").stat().st_uid == 1234
+    elif _subids.available():
+        # With subordinate ids (tests/test_rootfs_subids.py forces each case).
+        r = rootfs.run(["sh", "-c", "id -u; touch /tmp/f; chown 1234 /tmp/f"], user="app",
+                       text=True)
+        assert r.stdout == "1000\\n" and "chown" in r.stderr, r
     else:
         with pytest.raises(SandboxError, match="only uid 0 inside exists"):
             rootfs.run(["id"], user="app")
