@@ -54,10 +54,14 @@ def _rebuild(cls: type[LayersError], args: tuple[Any, ...], state: dict[str, Any
 class LayerNotFoundError(LayersError, LookupError):
     """A layer name, ref or chain id that the store or the session does not know."""
 
-    def __init__(self, ref: str, known: list[str] | None = None, hint: str = "") -> None:
+    def __init__(
+        self, ref: str, known: list[str] | None = None, hint: str = "", *, where: str = ""
+    ) -> None:
         self.ref = ref
         self.known = sorted(known) if known is not None else None
-        msg = f"unknown layer {ref!r}"
+        #: What named the layer (``"@pytest.mark.layer: "``), the message's prefix.
+        self.where = where
+        msg = f"{where}unknown layer {ref!r}"
         if self.known is not None:
             msg += f"; known layers: {', '.join(self.known) if self.known else '(none)'}"
         if hint:

@@ -1,0 +1,242 @@
+"""Layer names resolve the way pytest resolves fixtures: by the directory (or module) that
+defines them, not in one global registry."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = [pytest.mark.requires_overlay]
+
+
+def _base(who: str) -> str:
+    return f"""
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+    (root / "etc/who").write_text("{who}")
+
+@layer(parent="base")
+def app(root):
+    (root / "etc/app").write_text("on {who}")
+"""
+
+
+def _tests(who: str) -> str:
+    return f"""
+import pytest
+
+@pytest.mark.layer("base")
+def test_base(rootfs):
+    assert (rootfs / "etc/who").read_text() == "{who}"
+    assert rootfs.layers[-1].name == "base"
+
+@pytest.mark.layer("app")
+def test_app(rootfs):
+    assert (rootfs / "etc/who").read_text() == "{who}"
+    assert (rootfs / "etc/app").read_text() == "on {who}"
+
+def test_base_by_argument(base):
+    assert (base.directory / "etc/who").read_text() == "{who}"
+"""
+
+
+def _siblings(pytester: pytest.Pytester) -> None:
+    for who in ("a", "b"):
+        d = pytester.mkdir(who)
+        (d / "conftest.py").write_text(_base(who))
+        (d / f"test_{who}.py").write_text(_tests(who))
+
+
+def test_sibling_directories_each_see_their_own_base(pytester: pytest.Pytester) -> None:
+    """Two sibling directories each define ``@layer def base`` (and a child ``app`` on it)
+    with different content; each directory's tests get their own, in one session."""
+    _siblings(pytester)
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=6)
+    # Each base was built (different bodies, different build-cache keys): none served the
+    # other from the cache.
+    result.stdout.fnmatch_lines(["*layers: built base *", "*layers: built base *"])
+
+
+def test_sibling_bases_under_xdist(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist", reason="pytest-xdist is a test dependency")
+    _siblings(pytester)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly")
+    result.assert_outcomes(passed=6)
+
+
+def test_store_names_qualify_each_definition(pytester: pytest.Pytester) -> None:
+    """The store records each definition under ``PATH::NAME``; the bare name is ambiguous
+    and the CLI says so, listing the qualified forms it takes instead."""
+    _siblings(pytester)
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=6)
+    store = pytester.path / ".pytest_cache" / "layers"
+    if not store.is_dir():
+        store = next(pytester.path.joinpath(".pytest_cache").glob("layers*"))
+    from pytest_layers import cli
+
+    ls = pytester.run("pytest-layers", "--store", str(store), "ls", "-q")
+    assert ls.ret == 0, ls.stderr.str()
+    refs = ls.stdout.lines
+    assert "a/conftest.py::base" in refs and "b/conftest.py::base" in refs
+    assert "a/conftest.py::app" in refs and "b/conftest.py::app" in refs
+    assert "base" not in refs  # two definitions: the bare name names neither
+    bad = pytester.run("pytest-layers", "--store", str(store), "inspect", "base")
+    assert bad.ret != 0
+    bad.stderr.fnmatch_lines(
+        ["*ambiguous layer reference 'base'*a/conftest.py::base*b/conftest.py::base*PATH::NAME*"]
+    )
+    good = pytester.run("pytest-layers", "--store", str(store), "inspect", "b/conftest.py::base")
+    assert good.ret == 0, good.stderr.str()
+    assert cli is not None
+
+
+def test_one_definition_keeps_its_bare_name(pytester: pytest.Pytester) -> None:
+    """A name defined once answers to its bare name, as before, and to its qualified form."""
+    pytester.makeconftest(_base("root"))
+    pytester.makepyfile(test_root=_tests("root"))
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=3)
+    store = next(pytester.path.joinpath(".pytest_cache").glob("layers*"))
+    ls = pytester.run("pytest-layers", "--store", str(store), "ls", "-q")
+    assert {"base", "app", "conftest.py::base", "conftest.py::app"} <= set(ls.stdout.lines)
+    for ref in ("base", "conftest.py::base"):
+        assert pytester.run("pytest-layers", "--store", str(store), "inspect", ref).ret == 0
+
+
+def test_subdirectory_overrides_and_inherits(pytester: pytest.Pytester) -> None:
+    """A conftest below overrides a name for its own tests; names it does not define come from
+    above; a child's parent= resolves where the child is defined."""
+    pytester.makeconftest(_base("root"))
+    sub = pytester.mkdir("sub")
+    (sub / "conftest.py").write_text(
+        """
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+    (root / "etc/who").write_text("sub")
+
+@layer(parent="base")
+def tool(root):
+    (root / "etc/tool").write_text("t")
+"""
+    )
+    (sub / "test_sub.py").write_text(
+        """
+import pytest
+
+@pytest.mark.layer("tool")
+def test_tool_on_sub_base(rootfs):
+    assert (rootfs / "etc/who").read_text() == "sub"
+
+@pytest.mark.layer("base")
+def test_own_base(rootfs):
+    assert (rootfs / "etc/who").read_text() == "sub"
+"""
+    )
+    pytester.makepyfile(
+        test_top="""
+import pytest
+
+@pytest.mark.layer("base")
+def test_root_base(rootfs):
+    assert (rootfs / "etc/who").read_text() == "root"
+
+@pytest.mark.layer("tool")
+def test_tool_not_visible(rootfs):
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_tool_not_visible*",
+            "*unknown layer 'tool'*defined in sub/conftest.py*not visible from test_top.py*",
+        ]
+    )
+
+
+def test_inherited_child_on_overridden_parent_is_an_error(pytester: pytest.Pytester) -> None:
+    """``app`` is defined above on the root ``base``; below, ``base`` means another layer. A
+    session layer has one value, so it cannot follow the override: the test errors at
+    collection and says how to fix it, rather than getting whichever ``base`` came first."""
+    pytester.makeconftest(_base("root"))
+    sub = pytester.mkdir("sub")
+    (sub / "conftest.py").write_text(
+        """
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+"""
+    )
+    (sub / "test_sub.py").write_text(
+        """
+import pytest
+
+@pytest.mark.layer("app")
+def test_app(rootfs):
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*layer 'app' (conftest.py:*) is built on conftest.py::base*"
+         "sub/conftest.py::base*"]
+    )
+
+
+def test_duplicate_name_in_one_scope_names_both_places(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+from pytest_layers import layer, oci_image
+
+@layer
+def base(root):
+    pass
+
+@layer(name="base")
+def other(root):
+    pass
+"""
+    )
+    pytester.makepyfile(test_x="def test_x(): pass")
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(
+        ["*layer 'base' is defined twice in one scope: *conftest.py:4 and *conftest.py:8*"]
+    )
+
+
+def test_same_name_in_two_test_modules_is_fine(pytester: pytest.Pytester) -> None:
+    """Each test module is its own scope, as for pytest fixtures."""
+    for who in ("m1", "m2"):
+        pytester.makepyfile(
+            **{
+                f"test_{who}": _base(who)
+                + f"""
+import pytest
+
+@pytest.mark.layer("app")
+def test_it(rootfs):
+    assert (rootfs / "etc/app").read_text() == "on {who}"
+"""
+            }
+        )
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=2)
+
+
+def test_unknown_layer_is_a_lookup_error() -> None:
+    from pytest_layers import definitions
+    from pytest_layers.errors import LayerNotFoundError
+
+    with pytest.raises(LookupError) as info:
+        definitions.lookup("no_such_layer_anywhere")
+    assert isinstance(info.value, LayerNotFoundError)
+    assert "no_such_layer_anywhere" in str(info.value)
