@@ -30,6 +30,7 @@ from pytest_layers.errors import (
     StoreError,
     UnsafeEntryError,
 )
+from pytest_layers.names import QUALIFIER
 
 if TYPE_CHECKING:
     from pytest_layers.backends.base import Backend
@@ -50,7 +51,6 @@ __all__ = [
     "human_size",
     "plural",
     "qualified_name",
-    "QUALIFIER",
 ]
 
 # ---- definitions ----------------------------------------------------------------------------
@@ -130,10 +130,6 @@ class LayerDef:
             code = self.builder.__code__
             return repr((code.co_code, code.co_consts, code.co_names))
 
-
-
-#: Between the defining file and the name in a qualified layer name: ``a/conftest.py::base``.
-QUALIFIER = "::"
 
 
 def qualified_name(defn: LayerDef, rootdir: Path) -> str | None:

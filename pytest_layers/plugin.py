@@ -670,7 +670,8 @@ def _default_source(config: pytest.Config) -> str:
 
 def _resolve(item: pytest.Item, arg: object, where: str) -> LayerDef:
     """The definition a marker argument (a name, or a ``@layer`` object) means for ``item``,
-    its parents checked; raises a LayersError whose message starts with ``where``."""
+    its parents checked; raises a LayersError (about the marker: its message starts with
+    ``where``)."""
     if isinstance(arg, str):
         defn, fixturedef = fixtures.resolve(arg, item, where=where)
     else:
@@ -682,13 +683,7 @@ def _resolve(item: pytest.Item, arg: object, where: str) -> LayerDef:
                 f"this test sees ({seen.where}); name it by its name, or define it where "
                 "this test can see it"
             )
-    problem = ""
-    try:
-        fixtures.chain(defn, fixturedef, item)
-    except LayerDefinitionError as exc:
-        problem = f"{where}{exc}"
-    if problem:  # raised outside the except block: no chained traceback
-        raise LayerDefinitionError(problem)
+    fixtures.chain(defn, fixturedef, item)  # its errors name the layer, not the marker
     return defn
 
 
