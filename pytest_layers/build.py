@@ -131,7 +131,6 @@ class LayerDef:
             return repr((code.co_code, code.co_consts, code.co_names))
 
 
-
 def qualified_name(defn: LayerDef, rootdir: Path) -> str | None:
     """``PATH::NAME``: the layer's name qualified by the file that defines it (relative to the
     rootdir when inside it). Two directories may each define ``base``; the store records each

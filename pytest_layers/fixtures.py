@@ -295,13 +295,13 @@ def _visible(name: str, node: pytest.Item | pytest.Collector) -> Any:
     return defs[-1] if defs else None
 
 
-def _home(fixturedef: Any, item: pytest.Item) -> pytest.Item | pytest.Collector:
+def _home(fixturedef: Any, item: pytest.Item) -> Any:
     """The node that defines ``fixturedef`` (its conftest's directory, its module, the
     session for a plugin): where its ``parent=`` name is looked up."""
     node = getattr(fixturedef, "node", None)
     if node is not None:
         return node  # type: ignore[no-any-return]
-    found: pytest.Item | pytest.Collector = item.session
+    found: Any = item.session
     for candidate in item.listchain():
         if candidate.nodeid == getattr(fixturedef, "baseid", None):
             found = candidate
@@ -321,9 +321,7 @@ def _label(defn: LayerDef, rootdir: Path) -> str:
 
 def visible_layers(item: pytest.Item) -> list[str]:
     """The layer names a test can use (each name's definition visible from it), sorted."""
-    return sorted(
-        name for name in _MADE if _definition(_visible(name, item)) is not None
-    )
+    return sorted(name for name in _MADE if _definition(_visible(name, item)) is not None)
 
 
 def resolve(name: str, item: pytest.Item, *, where: str = "") -> tuple[LayerDef, Any]:

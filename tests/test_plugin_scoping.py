@@ -84,8 +84,8 @@ def test_store_names_qualify_each_definition(pytester: pytest.Pytester) -> None:
     ls = _cli(pytester, "--store", str(store), "ls", "-q")
     assert ls.ret == 0, ls.stderr.str()
     refs = ls.stdout.lines
-    assert "a/conftest.py::base" in refs and "b/conftest.py::base" in refs
-    assert "a/conftest.py::app" in refs and "b/conftest.py::app" in refs
+    for ref in ("a/conftest.py::base", "b/conftest.py::base", "a/conftest.py::app"):
+        assert ref in refs
     assert "base" not in refs  # two definitions: the bare name names neither
     bad = _cli(pytester, "--store", str(store), "inspect", "base")
     assert bad.ret != 0
@@ -191,8 +191,7 @@ def test_app(rootfs):
     result = pytester.runpytest_subprocess("-p", "no:randomly")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
-        ["*layer 'app' (*conftest.py:*) is built on conftest.py::base*"
-         "sub/conftest.py::base*"]
+        ["*layer 'app' (*conftest.py:*) is built on conftest.py::base*sub/conftest.py::base*"]
     )
 
 
@@ -214,7 +213,10 @@ def other(root):
     result = pytester.runpytest_subprocess("-p", "no:randomly")
     assert result.ret != 0
     result.stderr.fnmatch_lines(
-        ["*layer 'base' is defined twice in one scope: *conftest.py:3 and *conftest.py:7; rename one*"]
+        [
+            "*layer 'base' is defined twice in one scope: *conftest.py:3 and *conftest.py:7;"
+            " rename one*"
+        ]
     )
 
 
