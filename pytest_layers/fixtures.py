@@ -300,7 +300,7 @@ def _home(fixturedef: Any, item: pytest.Item) -> Any:
     session for a plugin): where its ``parent=`` name is looked up."""
     node = getattr(fixturedef, "node", None)
     if node is not None:
-        return node  # type: ignore[no-any-return]
+        return node
     found: Any = item.session
     for candidate in item.listchain():
         if candidate.nodeid == getattr(fixturedef, "baseid", None):

@@ -236,13 +236,3 @@ def test_it(rootfs):
             }
         )
     pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=2)
-
-
-def test_unknown_layer_is_a_lookup_error() -> None:
-    from pytest_layers import definitions
-    from pytest_layers.errors import LayerNotFoundError
-
-    with pytest.raises(LookupError) as info:
-        definitions.lookup("no_such_layer_anywhere")
-    assert isinstance(info.value, LayerNotFoundError)
-    assert "no_such_layer_anywhere" in str(info.value)
