@@ -90,6 +90,9 @@ class LayerDef:
     source_dir: str | None = None
     #: ``file:line`` and module of a :func:`layer_from_path` call.
     defined_at: tuple[str, str] | None = None
+    #: The parent's definition when ``parent=`` was given as an object (a ``@layer``
+    #: function), not a name: the name must then resolve to it where this layer is defined.
+    parent_def: LayerDef | None = None
 
     @property
     def qualname(self) -> str:

@@ -137,7 +137,9 @@ def layer(
         if not callable(builder) or inspect.isclass(builder):
             raise LayerDefinitionError(f"@layer decorates a function, not {builder!r}")
         defn = _make_def(builder, name, parent, inputs, version)
-        scope = (builder.__globals__, builder.__qualname__.rpartition(".")[0])
+        outer = builder.__qualname__.rpartition(".")[0]
+        # A builder defined inside a function is in no fixture scope: nothing to clash with.
+        scope = None if "<locals>" in outer else (builder.__globals__, outer)
         return _register(defn, fixtures.layer_fixture, scope, builder)
 
     if func is not None:
@@ -175,6 +177,7 @@ def _make_def(
             )
         extra.append(p.name)
     parent_name: str | None
+    pdef: LayerDef | None = None
     if parent is None:
         parent_name = None
     elif isinstance(parent, str):
@@ -211,6 +214,7 @@ def _make_def(
         inputs=tuple(clean_inputs),
         version=None if version is None else str(version),
         extra_args=tuple(extra),
+        parent_def=pdef,
     )
 
 
@@ -262,17 +266,20 @@ def oci_image(name: str, path: str | os.PathLike[str], ref: str | None = None) -
     return _register(defn, fixtures.image_fixture, _caller_scope(caller))
 
 
-def _caller_scope(frame: Any) -> tuple[dict[str, Any], str]:
+def _caller_scope(frame: Any) -> tuple[dict[str, Any], str] | None:
     """The scope an ``oci_image()``/``layer_from_path()`` call defines its name in: the
-    calling module, and the class whose body makes the call (``""`` at module level)."""
-    name = frame.f_code.co_name
-    return frame.f_globals, "" if name == "<module>" else name
+    calling module, and the class whose body makes the call (``""`` at module level); None
+    inside a function, which is no fixture scope."""
+    code = frame.f_code
+    if code.co_flags & inspect.CO_OPTIMIZED:
+        return None
+    return frame.f_globals, "" if code.co_name == "<module>" else code.co_name
 
 
 def _register(
     defn: LayerDef,
     make: Callable[[LayerDef], Any],
-    scope: tuple[dict[str, Any], str],
+    scope: tuple[dict[str, Any], str] | None,
     *also: object,
 ) -> Any:
     """Make the session fixture of ``defn`` with ``make``, findable by the fixture object and
@@ -283,17 +290,17 @@ def _register(
     both places, raised while the module is imported (at collection). A module imported
     again (new globals) defines its names afresh.
     """
-    module_globals, classes = scope
-    key = (id(module_globals), classes, defn.name)
-    earlier = _SCOPES.get(key)
-    if earlier is not None and earlier[1] is module_globals and earlier[0].where != defn.where:
+    key = (id(scope[0]), scope[1], defn.name) if scope is not None else None
+    earlier = _SCOPES.get(key) if key is not None else None
+    if earlier is not None and earlier[0].where != defn.where:
         raise LayerDefinitionError(
             f"layer {defn.name!r} is defined twice in one scope: {earlier[0].where} and "
             f"{defn.where}; rename one (names are fixture names: one per module, as pytest "
             "would silently keep the last)"
         )
     fixture = make(defn)
-    _SCOPES[key] = (defn, module_globals)
+    if key is not None and scope is not None:
+        _SCOPES[key] = (defn, scope[0])
     defn.fixture = fixture
     for obj in (*also, fixture):
         _BY_OBJECT[id(obj)] = defn
@@ -356,6 +363,7 @@ def source_def(
     :func:`layer_from_path`), not registered: the datadir fixtures make such layers per
     directory without naming them in ``@pytest.mark.layer``."""
     parent_name: str | None = None
+    pdef: LayerDef | None = None
     if isinstance(parent, str):
         parent_name = parent
     elif parent is not None:
@@ -381,4 +389,5 @@ def source_def(
         extra_args=(),
         source_dir=path,
         defined_at=(where, module),
+        parent_def=pdef,
     )

@@ -290,9 +290,27 @@ def _definition(fixturedef: Any) -> LayerDef | None:
 
 
 def _visible(name: str, node: pytest.Item | pytest.Collector) -> Any:
-    """The ``FixtureDef`` that ``name`` means at ``node`` (pytest's own choice), or None."""
+    """The ``FixtureDef`` that ``name`` means at ``node`` (pytest's own choice), or None.
+
+    Two layers of that name registered at the same place (a module that defines one and
+    imports another under any alias) are a :class:`LayerDefinitionError` naming both: pytest
+    would silently take the later."""
     defs = node.session._fixturemanager.getfixturedefs(name, node)
-    return defs[-1] if defs else None
+    if not defs:
+        return None
+    if len(defs) > 1:
+        last, before = defs[-1], defs[-2]
+        same_place = (last.baseid, getattr(last, "node", None)) == (
+            before.baseid,
+            getattr(before, "node", None),
+        )
+        a, b = _definition(before), _definition(last)
+        if same_place and a is not None and b is not None and a is not b:
+            raise LayerDefinitionError(
+                f"layer {name!r} is defined twice in one scope: {a.where} and {b.where}; "
+                "rename one (a module's fixtures, imported ones included, have one name each)"
+            )
+    return defs[-1]
 
 
 def _home(fixturedef: Any, item: pytest.Item) -> Any:
@@ -382,6 +400,13 @@ def chain(defn: LayerDef, fixturedef: Any, item: pytest.Item) -> list[LayerDef]:
             raise LayerDefinitionError(
                 f"layer {defn.name!r} ({defn.where}) has unknown parent {defn.parent!r}; "
                 f"known layers: {', '.join(visible_layers(item)) or '(none)'}"
+            )
+        if defn.parent_def is not None and parent is not defn.parent_def:
+            raise LayerDefinitionError(
+                f"layer {defn.name!r} ({defn.where}) names its parent by the object "
+                f"{_label(defn.parent_def, rootdir)}, but where it is defined "
+                f"{defn.parent!r} is {_label(parent, rootdir)}; import the parent under its own "
+                'name there, or name it parent="NAME"'
             )
         seen_here = _definition(_visible(defn.parent, item))
         if seen_here is not None and seen_here is not parent:

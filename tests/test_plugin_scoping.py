@@ -236,3 +236,102 @@ def test_it(rootfs):
             }
         )
     pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=2)
+
+
+def test_parent_object_must_be_what_its_name_means_there(pytester: pytest.Pytester) -> None:
+    """``parent=`` given as an object is checked against what its name means where the child
+    is defined: it never silently builds on another layer of that name."""
+    pytester.makepyfile(
+        layers_lib="""
+from pytest_layers import layer
+
+@layer(name="base")
+def lib_base(root):
+    (root / "etc").mkdir()
+"""
+    )
+    pytester.makeconftest(
+        """
+import layers_lib
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+
+@layer(parent=layers_lib.lib_base)
+def app(root):
+    pass
+"""
+    )
+    pytester.makepyfile(
+        test_app="""
+import pytest
+
+@pytest.mark.layer("app")
+def test_app(rootfs):
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*layer 'app' (*) names its parent by the object layers_lib.py::base, but where it is "
+            "defined 'base' is conftest.py::base*"
+        ]
+    )
+
+
+def test_same_name_twice_inside_a_function_is_no_clash() -> None:
+    """A builder defined inside a function is in no fixture scope (a test of the decorator,
+    a factory): defining a name twice there is allowed."""
+    from pytest_layers import layer
+
+    def one(root: object) -> None:
+        pass
+
+    def two(root: object) -> None:
+        pass
+
+    first = layer(name="scratch_clash")(one)
+    second = layer(name="scratch_clash")(two)
+    assert first is not second
+
+
+def test_imported_layer_clashing_in_one_conftest_names_both(pytester: pytest.Pytester) -> None:
+    """A conftest that defines ``base`` and also imports another layer named ``base`` (under
+    any alias) holds two fixtures of one name: the test that uses it errors, naming both."""
+    pytester.makepyfile(
+        layers_lib="""
+from pytest_layers import layer
+
+@layer(name="base")
+def lib_base(root):
+    pass
+"""
+    )
+    pytester.makeconftest(
+        """
+from layers_lib import lib_base
+from pytest_layers import layer
+
+@layer
+def base(root):
+    pass
+"""
+    )
+    pytester.makepyfile(
+        test_x="""
+import pytest
+
+@pytest.mark.layer("base")
+def test_x(rootfs):
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*layer 'base' is defined twice in one scope: *conftest.py:4 and *layers_lib.py:3;*"]
+    )
