@@ -295,6 +295,8 @@ def _visible(name: str, node: pytest.Item | pytest.Collector) -> Any:
     Two layers of that name registered at the same place (a module that defines one and
     imports another under any alias) are a :class:`LayerDefinitionError` naming both: pytest
     would silently take the later."""
+    # pytest has no public handle on its fixture manager; getfixturedefs(name, node) is the
+    # lookup pytest itself makes for a test (pytest >= 8.1).
     defs = node.session._fixturemanager.getfixturedefs(name, node)
     if not defs:
         return None
