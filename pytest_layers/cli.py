@@ -228,7 +228,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             [store.layer_dir(info.chain_id) for info in chain], store.flavor
         )
         _warn_privileged(ref, privileged)
-        names = sorted(name for name, named in store.names().items() if named == cid)
+        # The names ls lists: bare, or PATH::NAME where the bare name is ambiguous.
+        listed = layer_names.listed(store.names())
+        names = sorted(name for name, named in listed.items() if named == cid)
         out.append(
             {
                 "Id": cid,

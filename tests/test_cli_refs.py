@@ -438,6 +438,8 @@ def test_a_name_two_definitions_built_differently_is_ambiguous(tmp_path: Path) -
     proc = run("diff", "base", store=tmp_path / "store")
     assert proc.returncode == 1
     assert "ambiguous layer reference 'base'" in proc.stderr
+    shown = json.loads(run("inspect", "b/conftest.py::base", store=tmp_path / "store").stdout)
+    assert shown[0]["Names"] == ["b/conftest.py::base"]
     assert run("diff", "b/conftest.py::base", store=tmp_path / "store").stdout.split() == [
         "A",
         "/etc",
@@ -457,3 +459,5 @@ def test_a_name_with_one_definition_stays_bare(tmp_path: Path) -> None:
     st.set_name("other/conftest.py::base", a)
     assert names.resolve(st, "base") == a
     assert names.listed(st.names()) == {"base": a}
+    shown = json.loads(run("inspect", "base", store=tmp_path / "store").stdout)
+    assert shown[0]["Names"] == ["base"]  # as before: qualified names stay out of sight
