@@ -267,10 +267,15 @@ def _hash_path(h: Any, path: Path, rel: str, *, mtimes: bool = False) -> None:
 
 
 def build_key(defn: LayerDef, parent_chain_id: str | None, rootdir: Path) -> str:
-    """The build-cache key of ``defn`` on top of ``parent_chain_id`` (hex sha256)."""
+    """The build-cache key of ``defn`` on top of ``parent_chain_id`` (hex sha256).
+
+    It holds the defining file (``PATH::NAME``) besides the builder's source: two directories
+    may each define ``base`` with the same text whose result depends on where it is (a builder
+    that copies ``Path(__file__).parent / "data"``); they must not share a build."""
     h = hashlib.sha256()
-    h.update(b"pytest-layers build key 1\0")
-    h.update(f"parent={parent_chain_id or ''}\0name={defn.qualname}\0".encode())
+    h.update(b"pytest-layers build key 2\0")
+    defined = qualified_name(defn, rootdir) or ""
+    h.update(f"parent={parent_chain_id or ''}\0name={defn.qualname}\0defined={defined}\0".encode())
     h.update(defn.source().encode("utf-8", "surrogateescape"))
     for inp in defn.inputs:
         path = rootdir / inp

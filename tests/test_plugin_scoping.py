@@ -335,3 +335,36 @@ def test_x(rootfs):
     result.stdout.fnmatch_lines(
         ["*layer 'base' is defined twice in one scope: *conftest.py:4 and *layers_lib.py:3;*"]
     )
+
+
+def test_same_builder_text_in_two_directories_builds_twice(pytester: pytest.Pytester) -> None:
+    """Identical conftest text in two directories, whose builder copies a file from next to
+    its conftest: the build-cache key holds the defining file, so each directory gets its own
+    content (the same source alone would have served b the layer built for a)."""
+    text = """
+from pathlib import Path
+from pytest_layers import layer
+
+HERE = Path(__file__).parent
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+    (root / "etc/who").write_text((HERE / "who.txt").read_text())
+"""
+    for who in ("a", "b"):
+        d = pytester.mkdir(who)
+        (d / "conftest.py").write_text(text)
+        (d / "who.txt").write_text(who)
+        (d / f"test_{who}.py").write_text(
+            f"""
+import pytest
+
+@pytest.mark.layer("base")
+def test_it(rootfs):
+    assert (rootfs / "etc/who").read_text() == "{who}"
+"""
+        )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*layers: built base *", "*layers: built base *"])
