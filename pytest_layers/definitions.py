@@ -123,9 +123,10 @@ def layer(
 
     The builder gets ``root``, a writable view of the parent image (an empty directory for a
     base layer), as its first argument; further arguments are session-scoped fixtures. It runs
-    once per build-cache key (parent chain_id, the builder's source and name, the content of
-    ``inputs`` relative to the rootdir, ``version``), across sessions and xdist workers.
-    ``parent`` is a ``@layer`` function or a layer name.
+    once per build-cache key (parent chain_id, the builder's source, name and defining file,
+    the content of ``inputs`` relative to the rootdir, ``version``), across sessions and xdist
+    workers. ``parent`` is a ``@layer`` function or a layer name, resolved where this layer is
+    defined, as pytest resolves fixture names; the name is scoped the same way.
     """
     if isinstance(inputs, (str, os.PathLike)):
         raise LayerDefinitionError(
