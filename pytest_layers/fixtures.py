@@ -377,9 +377,10 @@ def resolve(name: str, item: pytest.Item, *, where: str = "") -> tuple[LayerDef,
 def chain(defn: LayerDef, fixturedef: Any, item: pytest.Item) -> list[LayerDef]:
     """``defn`` and its ancestors, bottom first, as the test ``item`` gets them.
 
-    Each ``parent=`` name is resolved where its child is defined; the test must see the same
-    layer under that name (else a :class:`LayerDefinitionError` says how to fix it). Raises
-    for an unknown parent and for a parent cycle.
+    Each ``parent=`` name, and each builder argument that names a layer, is resolved where
+    the layer is defined; the test must see the same layer under that name (else a
+    :class:`LayerDefinitionError` says how to fix it). Raises for an unknown parent and for a
+    parent cycle.
     """
     rootdir = item.config.rootpath
     out: list[LayerDef] = []
@@ -393,9 +394,13 @@ def chain(defn: LayerDef, fixturedef: Any, item: pytest.Item) -> list[LayerDef]:
             )
         seen.append(defn)
         out.append(defn)
+        home = _home(fixturedef, item) if fixturedef is not None else item
+        for arg in defn.extra_args:
+            there = _definition(_visible(arg, home))
+            if there is not None:
+                _same(defn, arg, there, item, "uses")
         if defn.parent is None:
             break
-        home = _home(fixturedef, item) if fixturedef is not None else item
         parent_fd = _visible(defn.parent, home)
         parent = _definition(parent_fd)
         if parent is None:
@@ -410,15 +415,21 @@ def chain(defn: LayerDef, fixturedef: Any, item: pytest.Item) -> list[LayerDef]:
                 f"{defn.parent!r} is {_label(parent, rootdir)}; import the parent under its own "
                 'name there, or name it parent="NAME"'
             )
-        seen_here = _definition(_visible(defn.parent, item))
-        if seen_here is not None and seen_here is not parent:
-            raise LayerDefinitionError(
-                f"layer {defn.name!r} ({defn.where}) is built on {_label(parent, rootdir)}, but "
-                f"from {item.nodeid} {defn.parent!r} names {_label(seen_here, rootdir)}: a layer "
-                "has one value per session, so it cannot follow that override; define "
-                f"{defn.name!r} in {_relative(seen_here.file, rootdir)} too, or give the two "
-                f"{defn.parent!r} layers different names"
-            )
+        _same(defn, defn.parent, parent, item, "is built on")
         defn, fixturedef = parent, parent_fd
     out.reverse()
     return out
+
+
+def _same(defn: LayerDef, name: str, there: LayerDef, item: pytest.Item, verb: str) -> None:
+    """The test sees ``there`` under ``name``, as ``defn``'s own scope does; else an error."""
+    here = _definition(_visible(name, item))
+    if here is None or here is there:
+        return
+    rootdir = item.config.rootpath
+    raise LayerDefinitionError(
+        f"layer {defn.name!r} ({defn.where}) {verb} {_label(there, rootdir)}, but from "
+        f"{item.nodeid} {name!r} names {_label(here, rootdir)}: a layer has one value per "
+        f"session, so it cannot follow that override; define {defn.name!r} in "
+        f"{_relative(here.file, rootdir)} too, or give the two {name!r} layers different names"
+    )

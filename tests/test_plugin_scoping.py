@@ -22,6 +22,11 @@ def base(root):
 @layer(parent="base")
 def app(root):
     (root / "etc/app").write_text("on {who}")
+
+@layer
+def dep(root, base):
+    # Depends on base by parameter name, not as its parent: the same scoping.
+    (root / "from").write_text((base.directory / "etc/who").read_text())
 """
 
 
@@ -41,6 +46,10 @@ def test_app(rootfs):
 
 def test_base_by_argument(base):
     assert (base.directory / "etc/who").read_text() == "{who}"
+
+@pytest.mark.layer("dep")
+def test_dependency_by_parameter_name(rootfs):
+    assert (rootfs / "from").read_text() == "{who}"
 """
 
 
@@ -60,7 +69,7 @@ def test_sibling_directories_each_see_their_own_base(pytester: pytest.Pytester) 
     with different content; each directory's tests get their own, in one session."""
     _siblings(pytester)
     result = pytester.runpytest_subprocess("-p", "no:randomly")
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=8)
     # Each base was built (different bodies, different build-cache keys): none served the
     # other from the cache.
     result.stdout.fnmatch_lines(["*layers: built base *", "*layers: built base *"])
@@ -70,14 +79,14 @@ def test_sibling_bases_under_xdist(pytester: pytest.Pytester) -> None:
     pytest.importorskip("xdist", reason="pytest-xdist is a test dependency")
     _siblings(pytester)
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly")
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=8)
 
 
 def test_store_names_qualify_each_definition(pytester: pytest.Pytester) -> None:
     """The store records each definition under ``PATH::NAME``; the bare name is ambiguous
     and the CLI says so, listing the qualified forms it takes instead."""
     _siblings(pytester)
-    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=6)
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=8)
     store = pytester.path / ".pytest_cache" / "layers"
     if not store.is_dir():
         store = next(pytester.path.joinpath(".pytest_cache").glob("layers*"))
@@ -100,7 +109,7 @@ def test_one_definition_keeps_its_bare_name(pytester: pytest.Pytester) -> None:
     """A name defined once answers to its bare name, as before, and to its qualified form."""
     pytester.makeconftest(_base("root"))
     pytester.makepyfile(test_root=_tests("root"))
-    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=3)
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=4)
     store = next(pytester.path.joinpath(".pytest_cache").glob("layers*"))
     ls = _cli(pytester, "--store", str(store), "ls", "-q")
     assert {"base", "app"} <= set(ls.stdout.lines)
@@ -368,3 +377,43 @@ def test_it(rootfs):
     result = pytester.runpytest_subprocess("-p", "no:randomly")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*layers: built base *", "*layers: built base *"])
+
+
+def test_dependency_by_parameter_name_on_overridden_layer_is_an_error(
+    pytester: pytest.Pytester,
+) -> None:
+    """``dep`` (defined above) takes ``base`` as an argument; below, ``base`` is another
+    layer: the test errors rather than getting whichever ``base`` came first."""
+    pytester.makeconftest(_base("root"))
+    sub = pytester.mkdir("sub")
+    (sub / "conftest.py").write_text(
+        """
+from pytest_layers import layer
+
+@layer
+def base(root):
+    (root / "etc").mkdir()
+"""
+    )
+    (sub / "test_sub.py").write_text(
+        """
+import pytest
+
+@pytest.mark.layer("dep")
+def test_dep(rootfs):
+    pass
+
+def test_dep_as_fixture(dep):
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*layer 'dep' (*conftest.py:*) uses conftest.py::base, but from "
+            "sub/test_sub.py::test_dep 'base' names sub/conftest.py::base*",
+            "*layer 'dep': layer 'dep' (*conftest.py:*) uses conftest.py::base, but from "
+            "sub/test_sub.py::test_dep_as_fixture 'base' names sub/conftest.py::base*",
+        ]
+    )
