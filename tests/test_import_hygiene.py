@@ -144,3 +144,19 @@ def test_engine_does_not_import_glue_anywhere() -> None:
     leaks = {m: sorted(deps & GLUE) for m, deps in graph.items() if m not in GLUE and deps & GLUE}
     # The package's lazy __getattr__ hands out the decorators: the one way down.
     assert leaks == {"pytest_layers": ["pytest_layers.definitions"]}
+
+
+def test_internals_module_map_lists_every_module() -> None:
+    """docs/dev/internals.md's module map names every module of the package, and its
+    "Engine and glue" section names the glue modules this file checks."""
+    text = (ROOT / "docs" / "dev" / "internals.md").read_text()
+    rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| `")}
+    missing = sorted(
+        p.name
+        for p in PACKAGE.glob("*.py")
+        if p.name != "__init__.py" and f"`{p.name}`" not in rows
+    )
+    assert missing == []
+    glue = text.split("## Engine and glue", 1)[1].split("\n## ", 1)[0]
+    for name in GLUE:
+        assert f"`{name.rsplit('.', 1)[1]}.py`" in glue, name
