@@ -867,7 +867,7 @@ class Bench:
                 say(f"  {tool.label:<40} -n {workers}: {row['wall_ms']:.0f} ms{extra}")
 
 
-# -- targets (DESIGN section 7) -----------------------------------------------------------------
+# -- targets (benchmarks/README.md) ------------------------------------------------------------
 
 
 def targets(result: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ Usage::
 Builds a tree of 10,000 files of 1 KiB in 100 directories (in a temporary directory, or in TREE
 when it is given and does not exist yet; an existing TREE is measured as it is), warms the page
 cache, then times both digests alternately and reports the median of the runs. The target
-(DESIGN section 7) is ``layer_diff_id`` within 2x of GNU tar piped into sha256sum. Both sides
+(benchmarks/README.md) is ``layer_diff_id`` within 2x of GNU tar piped into sha256sum. Both sides
 read every file and hash a tar stream; GNU tar reads no xattrs by default while
 ``layer_diff_id`` does (one ``flistxattr`` per entry), so the comparison is, if anything,
 unfavourable to us.

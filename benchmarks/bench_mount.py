@@ -8,7 +8,7 @@ Mounts happen inside a private mount namespace (root) or a user namespace (ordin
 entered at start, so nothing can outlive the benchmark. Writes ``benchmarks/results/mount.json``
 (or ``--out``) and prints a table. ``--quick``: fewer iterations, 10 and 10,000 files only.
 
-Targets (DESIGN section 7): overlay median <= 1 ms and flat in base size (100k within 1.2x of
+Targets (benchmarks/README.md): overlay median <= 1 ms and flat in base size (100k within 1.2x of
 10); copy at least 2x faster than ``shutil.copytree``.
 """
 

@@ -233,15 +233,8 @@ def _syscall_number(name: str) -> int:
     return table[name]
 
 
-def _fail(op: str, target: str | None, err: int | None = None) -> MountError:
-    code = ctypes.get_errno() if err is None else err
-    reason = os.strerror(code)
-    msg = f"{op}({target}) failed: {reason}" if target is not None else f"{op} failed: {reason}"
-    exc = MountError(code, msg)
-    exc.operation = op
-    exc.target = target
-    exc.reason = reason
-    return exc
+def _fail(op: str, target: str | None, err: int | None = None, detail: str = "") -> MountError:
+    return MountError.of(ctypes.get_errno() if err is None else err, op, target, detail)
 
 
 def _b(value: str | os.PathLike[str] | None) -> bytes | None:
@@ -302,13 +295,8 @@ def _fsconfig(fd: int, cmd: int, key: str | None, value: bytes | None, aux: int)
     if ret < 0:
         err = ctypes.get_errno()
         target = key if key is not None else "FSCONFIG_CMD_CREATE"
-        exc = _fail("fsconfig", target, err)
-        log = fs_context_log(fd)
-        if log:
-            # The kernel's own words ("overlayfs: conflicting options: ...") beat a bare EINVAL.
-            exc.reason = f"{exc.reason} ({'; '.join(log)})"
-            exc.strerror = f"fsconfig({target}) failed: {exc.reason}"
-        raise exc
+        # The kernel's own words ("overlayfs: conflicting options: ...") beat a bare EINVAL.
+        raise _fail("fsconfig", target, err, "; ".join(fs_context_log(fd)))
 
 
 def fs_context_log(fd: int) -> list[str]:

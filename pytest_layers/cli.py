@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from pytest_layers import names as layer_names
 from pytest_layers._fmt import human_size, short_digest
 from pytest_layers.errors import LayersError
 
@@ -169,7 +170,7 @@ def _seen_chain(store: Store, ref: str, chain_id: str) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     store = _store(args)
     rows: list[tuple[str, str, str, str, str, str]] = []
-    for name, cid in sorted(store.names().items()):
+    for name, cid in sorted(layer_names.listed(store.names()).items()):
         if store.has_layer(cid):
             info = store.layer_info(cid)
             rows.append(_ls_row(store, quote_name(name), cid, info.created, info.source))
@@ -212,7 +213,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
     out = []
     for ref in args.refs:
-        cid = store.resolve(ref)
+        cid = layer_names.resolve(store, ref)
         chain = store.chain(cid)
         top = chain[-1]
         snap = store.snapshot(ref)
@@ -220,7 +221,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             [store.layer_dir(info.chain_id) for info in chain], store.flavor
         )
         _warn_privileged(ref, privileged)
-        names = sorted(name for name, named in store.names().items() if named == cid)
+        # The names ls lists: bare, or PATH::NAME where the bare name is ambiguous.
+        listed = layer_names.listed(store.names())
+        names = sorted(name for name, named in listed.items() if named == cid)
         out.append(
             {
                 "Id": cid,
@@ -286,7 +289,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from pytest_layers.changeset import Change, ImageView, layer_changes
 
     store = _store(args)
-    cid = store.resolve(args.ref)
+    cid = layer_names.resolve(store, args.ref)
     chain = store.chain(cid)
     image = _lowers(store, chain[:-1])
     changes = layer_changes(
@@ -394,7 +397,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             f"`{PROG} shell {args.ref}` for a view that lives as long as a shell"
         )
     store = _store(args)
-    cid = store.resolve(args.ref)
+    cid = layer_names.resolve(store, args.ref)
     target = Path(os.path.realpath(args.dir))
     if not target.is_dir():
         raise CommandError(f"{target} is not a directory; create it first (mkdir -p {target})")
@@ -611,7 +614,7 @@ def _sandboxed(
         # The image's own shell: a host $SHELL would not exist inside, nor run confined.
         command = ["/bin/sh"]
     store = _store(args)
-    cid = store.resolve(args.ref)
+    cid = layer_names.resolve(store, args.ref)
     seen = _seen_chain(store, args.ref, cid)
     chain = store.chain(seen)
     _enter_namespace()
@@ -672,7 +675,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pytest_layers.store import disk_use
 
     store = _store(args)
-    cid = store.resolve(args.ref)
+    cid = layer_names.resolve(store, args.ref)
     if args.with_init:
         seen = _seen_chain(store, args.ref, cid)
         if seen == cid:
@@ -787,7 +790,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             f"push takes docker://HOST/REPO:TAG; for {args.dest!r} use `{PROG} export`"
         )
     store = _store(args)
-    cid = store.resolve(args.ref)
+    cid = layer_names.resolve(store, args.ref)
     started = time.monotonic()
     result = registry.push(
         store,
@@ -810,7 +813,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.refs:
         wanted: list[str] = []
         for ref in args.refs:
-            for info in store.chain(store.resolve(ref)):
+            for info in store.chain(layer_names.resolve(store, ref)):
                 if info.chain_id not in wanted:
                     wanted.append(info.chain_id)
         chain_ids = wanted

@@ -20,43 +20,19 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pytest_layers import _linux, definitions, namespaces
-from pytest_layers.definitions import Layer, LayerDef
+from pytest_layers import _linux, definitions, fixtures, namespaces
+from pytest_layers.build import Layer
 from pytest_layers.errors import LayerDefinitionError, NoSpaceError
 
-__all__ = ["path_fixture", "addini", "configure", "LazyDataDir", "FIXTURES"]
+__all__ = ["addini", "configure", "LazyDataDir", "FIXTURES"]
 
 INI = "layers_datadir"
 FIXTURES = ("datadir", "shared_datadir", "original_datadir", "lazy_datadir", "lazy_shared_datadir")
 _PYTEST_DATADIR = "pytest_datadir.plugin"
 _LAYERS = pytest.StashKey[dict[Path, Layer]]()
-
-
-# ---- layer_from_path -------------------------------------------------------------------------
-
-
-def path_fixture(defn: LayerDef) -> Any:
-    """Wrap a :func:`~pytest_layers.layer_from_path` definition into a session fixture."""
-    from pytest_layers import plugin
-
-    def layer_from_path_fixture(request: pytest.FixtureRequest) -> Layer:
-        __tracebackhide__ = True
-        try:
-            return plugin._layer_value(request, defn, {})
-        except LayerDefinitionError as exc:
-            message = str(exc)
-        pytest.fail(message, pytrace=False)
-
-    func: Any = layer_from_path_fixture
-    func.__name__ = defn.name
-    func.__qualname__ = defn.name
-    func.__module__ = defn.defined_at[1] if defn.defined_at else __name__
-    func.__doc__ = f"Layer {defn.name!r}: a copy of the directory {defn.source_dir}."
-    return pytest.fixture(scope="session", name=defn.name)(func)
 
 
 # ---- wiring ----------------------------------------------------------------------------------
@@ -193,16 +169,14 @@ def lazy_shared_datadir(request: pytest.FixtureRequest, tmp_path: Path) -> LazyD
 def _data_layer(request: pytest.FixtureRequest, directory: Path) -> Layer:
     """The layer of ``directory``, built (or found in the build cache) once per session."""
     __tracebackhide__ = True
-    from pytest_layers import plugin
-
     config = request.config
     cache = config.stash.setdefault(_LAYERS, {})
     key = directory.resolve()
     lay = cache.get(key)
     if lay is not None:
         return lay
-    state = plugin._state(config)
-    session = plugin._session_or_fail(state)
+    state = fixtures.state(config)
+    session = fixtures.session_or_fail(state)
     try:
         rel = str(key.relative_to(state.rootdir.resolve()))
     except ValueError:
@@ -220,11 +194,10 @@ def _data_layer(request: pytest.FixtureRequest, directory: Path) -> Layer:
 
 def _serve(request: pytest.FixtureRequest, directory: Path, target: Path) -> Iterator[Path]:
     """Make ``target`` a private writable view of ``directory``'s layer for one test."""
-    from pytest_layers import plugin
     from pytest_layers.rootfs import Rootfs
 
     lay = _data_layer(request, directory)
-    session = plugin._session_or_fail(plugin._state(request.config))
+    session = fixtures.session_or_fail(fixtures.state(request.config))
     target.mkdir()
     if namespaces.inside_our_namespace() is None:
         # Mounting in the host's namespace would leave a mount inside tmp_path behind if the

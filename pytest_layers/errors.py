@@ -9,6 +9,7 @@ processes.
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 from typing import Any
 
 __all__ = [
@@ -54,10 +55,14 @@ def _rebuild(cls: type[LayersError], args: tuple[Any, ...], state: dict[str, Any
 class LayerNotFoundError(LayersError, LookupError):
     """A layer name, ref or chain id that the store or the session does not know."""
 
-    def __init__(self, ref: str, known: list[str] | None = None, hint: str = "") -> None:
+    def __init__(
+        self, ref: str, known: list[str] | None = None, hint: str = "", *, where: str = ""
+    ) -> None:
         self.ref = ref
         self.known = sorted(known) if known is not None else None
-        msg = f"unknown layer {ref!r}"
+        #: What named the layer (``"@pytest.mark.layer: "``), the message's prefix.
+        self.where = where
+        msg = f"{where}unknown layer {ref!r}"
         if self.known is not None:
             msg += f"; known layers: {', '.join(self.known) if self.known else '(none)'}"
         if hint:
@@ -79,10 +84,20 @@ class StoreError(LayersError, OSError):
 
 
 class LockTimeoutError(StoreError, TimeoutError):
-    """Waiting for a store lock (a build-cache key, for one) took longer than its timeout."""
+    """Waiting for a store lock (a build-cache key, for one) took longer than its timeout.
 
-    key: str = ""  # the build-cache key
-    lock_file: str = ""
+    ``key`` is the build-cache key, ``lock_file`` the lock's path, ``waited`` the seconds."""
+
+    def __init__(self, key: str, lock_file: str, waited: float) -> None:
+        self.key = key
+        self.lock_file = lock_file
+        self.waited = waited
+        super().__init__(
+            _errno.ETIMEDOUT,
+            f"waited {waited:g} s for another process building cache key {key!r} "
+            f"(lock {lock_file}); if no pytest-layers process is running, the holder is "
+            "stuck: stop it, or raise the timeout",
+        )
 
 
 class AmbiguousRefError(LayersError, LookupError):
@@ -130,11 +145,35 @@ class BackendUnavailableError(LayersError, OSError):
 
 
 class MountError(LayersError, OSError):
-    """A mount or unmount failed; carries errno and the target."""
+    """A mount or unmount failed; carries errno and the target.
 
-    operation: str = ""  # the syscall, e.g. "fsconfig"
-    target: str | None = None  # its path or key
-    reason: str = ""  # os.strerror(errno)
+    ``MountError(errno, message)`` for a failure we describe ourselves;
+    ``MountError.of(errno, operation, target, detail)`` for a failed syscall: the message is
+    ``operation(target) failed: reason``, where ``reason`` is ``os.strerror(errno)`` and, when
+    given, the kernel's own ``detail`` (an fs_context log)."""
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        *,
+        operation: str = "",
+        target: str | None = None,
+        reason: str = "",
+    ) -> None:
+        self.operation = operation  # the syscall, e.g. "fsconfig"
+        self.target = target  # its path or key
+        self.reason = reason  # os.strerror(errno), and what the kernel said
+        super().__init__(code, message)
+
+    @classmethod
+    def of(cls, code: int, operation: str, target: str | None, detail: str = "") -> MountError:
+        """The error of the syscall ``operation`` on ``target`` failing with ``code``."""
+        reason = _os.strerror(code) + (f" ({detail})" if detail else "")
+        where = f"{operation}({target})" if target is not None else operation
+        return cls(
+            code, f"{where} failed: {reason}", operation=operation, target=target, reason=reason
+        )
 
 
 class TooManyLayersError(LayersError, ValueError):

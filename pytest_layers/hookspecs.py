@@ -13,7 +13,7 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from pytest_layers.definitions import Layer
+    from pytest_layers.build import Layer
 
 hookspec = pluggy.HookspecMarker("pytest")
 

@@ -8,36 +8,34 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import os
 import shlex
 import traceback
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# pytest.fail.Exception's class, importable for subclassing (pytest exposes only the attribute).
-from _pytest.outcomes import Failed
-
-from pytest_layers import _linux, _settings, definitions, hookspecs, namespaces
+from pytest_layers import _linux, _settings, build, definitions, fixtures, hookspecs, namespaces
 from pytest_layers._fmt import human_size, plural
 from pytest_layers.backends.base import MountPolicy
-from pytest_layers.definitions import Layer, LayerDef, LayerSession
+from pytest_layers.build import Layer, LayerDef, LayerSession, compose
 from pytest_layers.errors import (
     BackendUnavailableError,
     LayerDefinitionError,
     LayersError,
-    NoSpaceError,
 )
+from pytest_layers.fixtures import STATE as _STATE
+from pytest_layers.fixtures import LayerBuildFailed as _LayerBuildFailed
+from pytest_layers.fixtures import State as _State
+from pytest_layers.fixtures import session_or_fail as _session_or_fail
+from pytest_layers.fixtures import state as _state
 from pytest_layers.rootfs import Rootfs, check_init_path
 
 __all__ = [
-    "layer_fixture",
-    "image_fixture",
     "BACKEND_CHOICES",
     "KEEP_CHOICES",
     "LayerMarkerWarning",
@@ -216,66 +214,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # ---- session state -------------------------------------------------------------------------
 
 
-@dataclass
-class _State:
-    """Everything the plugin decided for this process, in ``config.stash``."""
-
-    store_path: Path
-    rootdir: Path
-    keep: str
-    keep_count: int
-    verify: bool
-    rebuild_token: str | None
-    store_shared: str | None = None
-    backend_name: str | None = None
-    backend_label: str | None = None
-    store: Any = None
-    scratch_tmpfs: bool = False
-    backend_reason: str = ""  # why faster backends were skipped, in full (`-v`, diagnostics)
-    backend_why: str = ""  # the same in a few words, for the report header
-    backend_fixes: list[str] = field(default_factory=list)  # what would make them work
-    backend_fix: str = ""  # the most decisive of them in a few words, for the header
-    namespace: str = "host"
-    error: BaseException | None = None
-    session: LayerSession | None = None
-    backend: Any = None
-    policy: MountPolicy = field(default_factory=MountPolicy)
-    seen_progress: dict[tuple[str, str], str] = field(default_factory=dict)
-    snapshots: list[tuple[str, str]] = field(default_factory=list)
-    snapshot_errors: list[tuple[str, str]] = field(default_factory=list)
-    remote_lines: list[str] = field(default_factory=list)
-    #: The view pool (docs/concepts/performance.md), made at the first rootfs; None before.
-    pool: Any = None
-    pool_depth: int = 0
-    #: The image of each marker's names, looked up once per session.
-    images: dict[tuple[str, ...], list[Layer]] = field(default_factory=dict)
-    #: The pool key of every collected item, in run order (None: no rootfs or not pooled).
-    plan: list[Any] = field(default_factory=list)
-
-    def worker_info(self) -> dict[str, Any]:
-        return {
-            "store": str(self.store_path),
-            "store_shared": self.store_shared,
-            "backend": self.backend_name,
-            "label": self.backend_label,
-            "reason": self.backend_reason,
-            "why": self.backend_why,
-            "rebuild": self.rebuild_token,
-            "namespace": self.namespace,
-            # Workers never set up on their own: without the controller's reason they would
-            # only know that no backend was chosen.
-            "error": None if self.error is None else str(self.error),
-        }
-
-    def get_session(self) -> LayerSession:
-        if self.error is not None:
-            raise self.error
-        if self.session is None:
-            raise LayersError("pytest-layers was not set up for this session")
-        return self.session
-
-
-_STATE = pytest.StashKey[_State]()
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 _ROOTFS = pytest.StashKey["_TestView"]()
 #: The parsed marker and the marker it was parsed from (``request.applymarker`` may add another).
@@ -283,13 +221,6 @@ _SPEC = pytest.StashKey[tuple[Any, "_Spec"]]()
 _INDEX = pytest.StashKey[int]()
 #: How many of the next tests the pool looks at to know which images are needed.
 _WINDOW = 16
-
-
-def _state(config: pytest.Config) -> _State:
-    try:
-        return config.stash[_STATE]
-    except KeyError:
-        raise LayersError("the pytest-layers plugin is not configured (-p no:layers?)") from None
 
 
 def _ini_choice(config: pytest.Config, name: str, choices: Sequence[str]) -> str:
@@ -711,125 +642,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 # ---- @layer fixtures -----------------------------------------------------------------------
 
 
-def layer_fixture(defn: LayerDef) -> Any:
-    """Wrap a layer definition into a session-scoped pytest fixture named ``defn.name``."""
-    if defn.builder is None:
-        raise LayerDefinitionError(f"layer {defn.name!r} has no builder; use image_fixture")
-    builder = defn.builder
-    asked = [n for n in defn.extra_args if n != "request"]
-
-    def layer_fixture_function(request: pytest.FixtureRequest, **kwargs: Any) -> Layer:
-        __tracebackhide__ = True
-        if "request" in defn.extra_args:
-            kwargs["request"] = request
-        return _layer_value(request, defn, kwargs)
-
-    params = [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in asked]
-    func: Any = layer_fixture_function
-    func.__signature__ = inspect.Signature(params)
-    func.__name__ = defn.name
-    func.__qualname__ = builder.__qualname__
-    func.__module__ = builder.__module__
-    parent = f" on {defn.parent!r}" if defn.parent else ""
-    func.__doc__ = builder.__doc__ or f"Layer {defn.name!r}{parent}, built by {defn.qualname}."
-    # Lets `pytest --fixtures` point at the builder; pytest calls this wrapper, not the builder
-    # (it stops unwrapping at __signature__).
-    func.__wrapped__ = builder
-    return pytest.fixture(scope="session", name=defn.name)(func)
-
-
-def _session_or_fail(state: _State) -> LayerSession:
-    """The session's layer machinery, or a one-line failure saying why the store or backend
-    set up at configure time is unusable (no traceback from deep inside the store)."""
-    __tracebackhide__ = True
-    if state.error is not None:
-        pytest.fail(f"pytest-layers cannot run in this session: {state.error}", pytrace=False)
-    return state.get_session()
-
-
-def image_fixture(defn: LayerDef) -> Any:
-    """Wrap an ``oci_image`` definition into a session-scoped pytest fixture named ``defn.name``."""
-
-    def oci_image_fixture_function(request: pytest.FixtureRequest) -> Layer:
-        __tracebackhide__ = True
-        session = _session_or_fail(_state(request.config))
-        try:
-            return session.get_image(defn)
-        except (LayerDefinitionError, NoSpaceError) as exc:
-            message = str(exc)
-        # Outside the except block: the failure is the one line, without the chained errors.
-        pytest.fail(message, pytrace=False)
-
-    func: Any = oci_image_fixture_function
-    func.__name__ = defn.name
-    func.__qualname__ = defn.name
-    func.__module__ = defn.image.module if defn.image else __name__
-    image = defn.image
-    ref = f" (ref {image.ref!r})" if image and image.ref else ""
-    func.__doc__ = f"Image {defn.name!r} imported from {image.path if image else '?'}{ref}."
-    return pytest.fixture(scope="session", name=defn.name)(func)
-
-
-def _layer_value(request: pytest.FixtureRequest, defn: LayerDef, kwargs: dict[str, Any]) -> Layer:
-    __tracebackhide__ = True
-    state = _state(request.config)
-    session = _session_or_fail(state)
-    try:
-        definitions.chain_of_names(defn.name)
-    except LayerDefinitionError as exc:
-        pytest.fail(f"layer {defn.name!r}: {exc}", pytrace=False)
-    parent: Layer | None = None
-    if defn.parent is not None:
-        parent = request.getfixturevalue(defn.parent)
-        if not isinstance(parent, Layer):
-            pytest.fail(
-                f"layer {defn.name!r}: parent fixture {defn.parent!r} is not a @layer "
-                f"(it gave {type(parent).__name__})",
-                pytrace=False,
-            )
-    try:
-        return session.get(defn, parent, kwargs)
-    except LayersError as exc:
-        # Ours name the layer and the fix (a missing inputs= path, a full disk, a whiteout
-        # name left by the builder): one line, no plugin traceback.
-        message = str(exc)
-    except Exception as exc:
-        message = _builder_failure(defn, exc)
-    # Outside the except block, so the report is this message, without chained tracebacks.
-    raise _LayerBuildFailed(defn.name, message)
-
-
-class _LayerBuildFailed(Failed):
-    """A layer fixture's failure. pytest keeps a session fixture's error and raises it again
-    for every test that asks for the layer; ``rootfs`` reports it in full for the first of
-    them and as one line naming the layer for the rest (docs/reference/errors.md)."""
-
-    # As pytest's own Failed: the short test summary says "Failed: <message>".
-    __module__ = "builtins"
-    __qualname__ = "Failed"
-
-    def __init__(self, layer: str, message: str) -> None:
-        super().__init__(message, pytrace=False)
-        self.layer = layer
-        self.first: str | None = None
-
-
-def _builder_failure(defn: LayerDef, exc: Exception) -> str:
-    """What a builder's exception says: the layer, then the builder's own frames only (the
-    plugin's and the store's frames above it are of no help to the builder's author)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    here = definitions.__file__
-    starts = [i for i, f in enumerate(frames) if f.filename == here and f.name == "_run_builder"]
-    own = frames[starts[-1] + 1 :] if starts else frames
-    lines = [f"layer {defn.name!r} ({defn.where}) failed to build: {type(exc).__name__}: {exc}"]
-    if own:
-        lines.append("Traceback (the builder's frames):")
-        lines.extend(x.rstrip("\n") for x in traceback.format_list(own))
-    lines.extend(x.rstrip("\n") for x in traceback.format_exception_only(type(exc), exc))
-    return "\n".join(lines)
-
-
 # ---- the marker ----------------------------------------------------------------------------
 
 
@@ -839,6 +651,10 @@ class _Spec:
     init: Mapping[str, str | bytes]
     keep: str | None
     readonly: bool
+    #: The definitions the names mean for this test (scoped as fixtures), top of each image.
+    defs: tuple[LayerDef, ...] = ()
+    #: Their qualified names (``a/conftest.py::base``): the image's identity across processes.
+    keys: tuple[str, ...] = ()
 
 
 class LayerMarkerWarning(pytest.PytestWarning):
@@ -853,21 +669,42 @@ def _default_source(config: pytest.Config) -> str:
     return config.inipath.name if config.inipath else "the ini file"
 
 
+def _resolve(item: pytest.Item, arg: object, where: str) -> LayerDef:
+    """The definition a marker argument (a name, or a ``@layer`` object) means for ``item``,
+    its parents checked; raises a LayersError (about the marker: its message starts with
+    ``where``)."""
+    if isinstance(arg, str):
+        defn, fixturedef = fixtures.resolve(arg, item, where=where)
+    else:
+        defn = definitions.lookup(arg, where=where)
+        seen, fixturedef = fixtures.resolve(defn.name, item, where=where)
+        if seen is not defn:
+            raise LayerDefinitionError(
+                f"{where}the layer object {defn.name} ({defn.where}) is not the {defn.name!r} "
+                f"this test sees ({seen.where}); name it by its name, or define it where "
+                "this test can see it"
+            )
+    fixtures.chain(defn, fixturedef, item)  # its errors name the layer, not the marker
+    return defn
+
+
+def _spec(names: Sequence[str], defs: Sequence[LayerDef], item: pytest.Item, **kw: Any) -> _Spec:
+    root = item.config.rootpath
+    keys = tuple(build.qualified_name(d, root) or d.name for d in defs)
+    return _Spec(tuple(names), defs=tuple(defs), keys=keys, **kw)
+
+
 def _marker_spec(item: pytest.Item) -> _Spec:
-    """The validated ``layer`` marker of ``item`` (closest wins); raises LayerDefinitionError."""
+    """The validated ``layer`` marker of ``item`` (closest wins); raises a LayersError
+    (LayerDefinitionError, or LayerNotFoundError for an unknown name)."""
     marker = item.get_closest_marker("layer")
     where = "@pytest.mark.layer: "
     if marker is None:
         default = str(item.config.getini("layers_default") or "").strip()
         defaults = tuple(default.split()) if default else ()
         source = f"layers_default = {default} in {_default_source(item.config)}: "
-        for name in defaults:
-            definitions.lookup(name, where=source)
-            try:
-                definitions.chain_of_names(name)
-            except LayerDefinitionError as exc:
-                raise LayerDefinitionError(f"{source}{exc}") from None
-        return _Spec(defaults, {}, None, False)
+        found = [_resolve(item, name, source) for name in defaults]
+        return _spec(defaults, found, item, init={}, keep=None, readonly=False)
     unknown = sorted(set(marker.kwargs) - set(_MARKER_KWARGS))
     if unknown:
         raise LayerDefinitionError(
@@ -876,11 +713,8 @@ def _marker_spec(item: pytest.Item) -> _Spec:
         )
     if not marker.args:
         raise LayerDefinitionError(f"{where}give at least one layer name")
-    names: list[str] = []
-    for arg in marker.args:
-        defn = definitions.lookup(arg, where=where)
-        definitions.chain_of_names(defn.name)
-        names.append(defn.name)
+    defs = [_resolve(item, arg, where) for arg in marker.args]
+    names = [defn.name for defn in defs]
     init = marker.kwargs.get("init")
     if init is None:
         init = {}
@@ -903,7 +737,7 @@ def _marker_spec(item: pytest.Item) -> _Spec:
     readonly = marker.kwargs.get("readonly", False)
     if not isinstance(readonly, bool):
         raise LayerDefinitionError(f"{where}readonly= must be True or False, not {readonly!r}")
-    return _Spec(tuple(names), dict(init), keep, readonly)
+    return _spec(names, defs, item, init=dict(init), keep=keep, readonly=readonly)
 
 
 _MARKER_ERROR = pytest.StashKey[str]()
@@ -932,7 +766,7 @@ def pytest_pycollect_makeitem(
         try:
             # Parsed once per item: the rootfs fixture and the view pool's plan reuse it.
             item.stash[_SPEC] = (item.get_closest_marker("layer"), _marker_spec(item))
-        except LayerDefinitionError as exc:
+        except LayersError as exc:
             item.stash[_MARKER_ERROR] = str(exc)
         if own and not uses_rootfs:
             item.warn(
@@ -969,7 +803,7 @@ def _pool_key(spec: _Spec) -> tuple[Any, ...] | None:
     """Views with the same key are interchangeable before a test touches them."""
     if not spec.names:
         return None
-    return (spec.names, spec.readonly, tuple(sorted(spec.init.items())))
+    return (spec.keys, spec.readonly, tuple(sorted(spec.init.items())))
 
 
 def _pool(state: _State) -> Any:
@@ -1061,7 +895,7 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
     if spec is None or item.get_closest_marker("layer") is not marker:
         try:
             spec = _marker_spec(item)
-        except LayerDefinitionError as exc:
+        except LayersError as exc:
             message = str(exc)
     if message:  # outside the except block: one line, no chained traceback
         pytest.fail(message, pytrace=False)
@@ -1071,12 +905,12 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
             "the test uses the rootfs fixture but names no image: add "
             '@pytest.mark.layer("<layer name>") to the test (or its class or module), or set '
             f"layers_default in the ini file; known layers: "
-            f"{', '.join(sorted(definitions.registry())) or '(none)'}",
+            f"{', '.join(fixtures.visible_layers(item)) or '(none)'}",
             pytrace=False,
         )
     assert spec is not None
     failed: _LayerBuildFailed | None = None
-    image = state.images.get(spec.names)
+    image = state.images.get(spec.keys)
     if image is None:
         try:
             tops = [request.getfixturevalue(name) for name in spec.names]
@@ -1092,9 +926,9 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
         )
     if image is None:
         # Layer fixtures are session-scoped: one lookup per image and session, not per test.
-        image = definitions.compose(tops)
+        image = compose(tops)
         session.use(image)
-        state.images[spec.names] = image
+        state.images[spec.keys] = image
     init: dict[str, str | bytes] = {}
     hook = request.config.hook.pytest_layers_init
     if hook.get_hookimpls():

@@ -21,7 +21,7 @@ from typing import IO, Any, Literal, overload
 from pytest_layers import _dirfd, changeset, diffdata, layertar
 from pytest_layers._removal import remove_tree
 from pytest_layers.backends.base import View
-from pytest_layers.definitions import Layer, LayerSession
+from pytest_layers.build import Layer, LayerSession
 from pytest_layers.errors import LayerDefinitionError, LayersError, NoSpaceError
 
 __all__ = [

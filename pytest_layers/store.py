@@ -608,15 +608,7 @@ class _BuildLock(_StoreLock):
             return super().acquire(*args, **kwargs)
         except filelock.Timeout as exc:
             waited = kwargs.get("timeout", args[0] if args else self.timeout)
-            err = errors.LockTimeoutError(
-                errno.ETIMEDOUT,
-                f"waited {waited:g} s for another process building cache key {self.key!r} "
-                f"(lock {self.lock_file}); if no pytest-layers process is running, the holder is "
-                "stuck: stop it, or raise the timeout",
-            )
-            err.key = self.key
-            err.lock_file = self.lock_file
-            raise err from exc
+            raise errors.LockTimeoutError(self.key, self.lock_file, waited) from exc
 
 
 class _GcLock:

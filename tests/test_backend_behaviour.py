@@ -1,4 +1,4 @@
-"""One behaviour suite for every backend: the DESIGN section 6 scenarios through a mounted view.
+"""One behaviour suite for every backend: the layer edge-case scenarios through a mounted view.
 
 Each scenario opens a view of the same two-layer image (stored layers in the ``"overlay"``
 flavor, the upper one holding a whiteout), performs its operations through ``view.path``, and

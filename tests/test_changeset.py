@@ -1,6 +1,6 @@
 """Unit tests of changeset.py: Change, ImageView, the change lists' rules, write_layer details.
 
-The end-to-end round trip of every DESIGN 6 edge case is in test_edge_cases.py.
+The end-to-end round trip of every layer edge case is in test_edge_cases.py.
 """
 
 from __future__ import annotations

@@ -409,3 +409,55 @@ def test_mount_of_a_snapshot_shows_its_init_files(pytester: pytest.Pytester) -> 
     finally:
         run("umount", str(target), store=store)
     assert list(target.iterdir()) == []
+
+
+# -- qualified layer names (PATH::NAME) -----------------------------------------------------
+
+
+def test_a_name_two_definitions_built_differently_is_ambiguous(tmp_path: Path) -> None:
+    """The store knows ``a/conftest.py::base`` and ``b/conftest.py::base``: the bare name is
+    refused with both qualified forms, each qualified form works, ``ls`` lists them."""
+    from pytest_layers import errors, names
+
+    st = Store(tmp_path / "store")
+    a = build_layer(st, None, make_tree(tmp_path / "a", {"etc/who": "a\n"}), "base")
+    b = build_layer(st, None, make_tree(tmp_path / "b", {"etc/who": "b\n"}), "base")
+    st.set_name("a/conftest.py::base", a)
+    st.set_name("b/conftest.py::base", b)
+    with pytest.raises(errors.AmbiguousRefError) as info:
+        names.resolve(st, "base")
+    assert isinstance(info.value, LookupError)
+    assert "a/conftest.py::base" in str(info.value)
+    assert "b/conftest.py::base" in str(info.value)
+    assert "PATH::NAME" in str(info.value)
+    assert names.resolve(st, "a/conftest.py::base") == a
+    assert names.resolve(st, "b/conftest.py::base") == b
+    assert sorted(names.listed(st.names())) == ["a/conftest.py::base", "b/conftest.py::base"]
+    proc = run("ls", "-q", store=tmp_path / "store")
+    assert proc.stdout.splitlines() == ["a/conftest.py::base", "b/conftest.py::base"]
+    proc = run("diff", "base", store=tmp_path / "store")
+    assert proc.returncode == 1
+    assert "ambiguous layer reference 'base'" in proc.stderr
+    shown = json.loads(run("inspect", "b/conftest.py::base", store=tmp_path / "store").stdout)
+    assert shown[0]["Names"] == ["b/conftest.py::base"]
+    assert run("diff", "b/conftest.py::base", store=tmp_path / "store").stdout.split() == [
+        "A",
+        "/etc",
+        "A",
+        "/etc/who",
+    ]
+
+
+def test_a_name_with_one_definition_stays_bare(tmp_path: Path) -> None:
+    """One definition (or several that built the same layer): the bare name works and is
+    what ``ls`` shows, as before qualified names existed."""
+    from pytest_layers import names
+
+    st = Store(tmp_path / "store")
+    a = build_layer(st, None, make_tree(tmp_path / "a", {"etc/who": "a\n"}), "base")
+    st.set_name("conftest.py::base", a)
+    st.set_name("other/conftest.py::base", a)
+    assert names.resolve(st, "base") == a
+    assert names.listed(st.names()) == {"base": a}
+    shown = json.loads(run("inspect", "base", store=tmp_path / "store").stdout)
+    assert shown[0]["Names"] == ["base"]  # as before: qualified names stay out of sight

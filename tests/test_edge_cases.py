@@ -1,4 +1,4 @@
-"""One named test per layer edge case of DESIGN section 6, end to end.
+"""One named test per layer edge case (docs/concepts/layers.md, whiteouts.md), end to end.
 
 Every case runs the same round trip (``roundtrip``):
 
@@ -294,7 +294,7 @@ def write(path: Path, content: str | bytes, mode: int | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the edge cases of DESIGN section 6
+# the layer edge cases
 
 
 def test_add_under_existing_dir(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ character devices as plain files (it would take them for its own whiteouts) nor 
 on the machine's ordinary filesystem, then:
 
 * the store records the ``marker`` flavor (OCI ``.wh.`` files), the ordinary one ``overlay``;
-* every DESIGN section 6 scenario of the cross-backend suite (``test_backend_behaviour``) runs
+* every layer edge-case scenario of the cross-backend suite (``test_backend_behaviour``) runs
   through the copy backend on an image stored in each store, built and committed as a session
   would; both must give the expected change list, the same merged tree and the same diff_id;
 * a whole pytest session with its store there works (auto backend and copy), whiteouts of the

@@ -386,6 +386,6 @@ def test_build_failure_is_reported_once_with_the_builders_frames(
             "test_bf.py::test_data[[]0[]])",
         ]
     )
-    for ours in ("plugin.py", "definitions.py", "store.py", "_pytest"):
+    for ours in ("plugin.py", "definitions.py", "fixtures.py", "build.py", "store.py", "_pytest"):
         assert ours not in out, (ours, out)
     result.stdout.fnmatch_lines(["ERROR test_bf.py::test_mirror[[]0[]] - Failed: layer 'mirror'*"])

@@ -1,4 +1,4 @@
-"""The store under concurrent writers and under SIGKILL: DESIGN section 4's invariants.
+"""The store under concurrent writers and under SIGKILL: store.py's invariants.
 
 Every worker is a separate Python process (the store's locks are cross-process), started so that
 they all reach the contended call at the same moment.

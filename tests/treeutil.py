@@ -67,8 +67,8 @@ def type_name(st_mode: int) -> str:
 
 
 def default_xattr_filter(name: str) -> bool:
-    """The xattrs a layer keeps (DESIGN 6): ``user.*`` and ``security.capability``, minus the
-    overlay and fuse-overlayfs bookkeeping."""
+    """The xattrs a layer keeps (docs/dev/internals.md, canonical tar rules): ``user.*`` and
+    ``security.capability``, minus the overlay and fuse-overlayfs bookkeeping."""
     if name.startswith(("user.overlay.", "user.fuseoverlayfs.")):
         return False
     return name.startswith("user.") or name == "security.capability"
