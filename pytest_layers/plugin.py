@@ -465,6 +465,10 @@ def _setup(
             state.scratch_tmpfs = True
         except OSError:
             state.scratch_tmpfs = False
+    keep = getattr(backend, "keep_copies_in", None)
+    if callable(keep):
+        # The copy backend resets a test's copy and hands it to the next test of its image.
+        keep(scratch / "copies")
     state.session = LayerSession(
         state.store,
         backend,
@@ -653,6 +657,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return
     _close_pool(state)
     state.session.close()
+    close_backend = getattr(state.session.backend, "close", None)
+    if callable(close_backend):
+        close_backend()
     if state.scratch_tmpfs:
         with contextlib.suppress(OSError):
             _linux.umount2(state.session.scratch_root, _linux.MNT_DETACH)

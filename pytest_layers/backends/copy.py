@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import stat
 from collections.abc import Collection, Sequence
@@ -61,6 +62,7 @@ from pytest_layers.backends.base import MountPolicy, View, trial, trial_whiteout
 from pytest_layers.errors import BackendUnavailableError, MountError
 
 if TYPE_CHECKING:
+    from pytest_layers.backends.copyreuse import Index, ReusableCopy, Watcher
     from pytest_layers.changeset import Entry, ImageView
     from pytest_layers.layertar import Flavor
 
@@ -78,6 +80,9 @@ _NO_CFR = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP}
 _PRIVILEGED = {errno.EPERM, errno.ENOTSUP, errno.EACCES}
 _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Reset copies kept ready per image (one for the next test is all a serial session needs;
+#: the second covers a test that opens the same image twice).
+_SPARES = 2
 
 
 def _keep_xattr(name: str) -> bool:
@@ -314,15 +319,20 @@ class CopyBackend:
 
     ``clone`` can switch ``FICLONE`` off (``False``) for measurements; by default it is tried
     once per filesystem pair and dropped after the first refusal. ``policy`` says whether views
-    honour setuid bits and device nodes (default: neither).
+    honour setuid bits and device nodes (default: neither). With ``reuse`` (the default) and a
+    home given by :meth:`keep_copies_in`, a closed writable copy is reset to its image and
+    handed to the next :meth:`open` of that image (:mod:`~pytest_layers.backends.copyreuse`).
     """
 
     name = "copy"
 
-    def __init__(self, *, clone: bool = True, policy: MountPolicy | None = None) -> None:
+    def __init__(
+        self, *, clone: bool = True, policy: MountPolicy | None = None, reuse: bool = True
+    ) -> None:
         self.policy = policy or MountPolicy()
         self._plans: dict[tuple[tuple[str, ...], str, tuple[tuple[int, int, int], ...]], _Plan]
         self._plans = {}
+        self._indexes: dict[int, tuple[_Plan, Index]] = {}
         self._clone = clone
         # (src dev, dst dev) -> whether FICLONE works between them
         self._clone_ok: dict[tuple[int, int], bool] = {}
@@ -330,6 +340,17 @@ class CopyBackend:
         # Whether a nosuid,nodev bind of a copy works here (None: not tried yet). Root in a
         # default Docker container may not mount: its copies are then defanged instead.
         self._bind_ok: bool | None = None
+        #: Whether used copies are reset and handed out again (see :meth:`keep_copies_in`).
+        self.reuse = reuse
+        self._home: Path | None = None
+        self._spares: dict[object, list[ReusableCopy]] = {}
+        self._live: dict[int, ReusableCopy] = {}
+        self._watcher: Watcher | None = None
+        self._pid = os.getpid()
+        self._serial = 0
+        #: Copies reset and handed out again, and copies thrown away instead.
+        self.reused = 0
+        self.discarded = 0
 
     # ---- Backend protocol -------------------------------------------------------------------
 
@@ -383,6 +404,8 @@ class CopyBackend:
             plan = None
         else:
             plan = self.plan(lowers_top_first, flavor)
+            if not readonly and self._reusable():
+                return self._open_reused(plan, lowers_top_first, flavor, scratch, dest)
             os.mkdir(dest, 0o700)
         mounted = False
         try:
@@ -441,24 +464,169 @@ class CopyBackend:
         # Mounts a test made inside its copy (a bind of a host directory, as chroot-style
         # installers do) are not the test's writes: never read through them into a snapshot.
         skip = set(exclude) | _mount_points_in(view.upper)
-        return changes_from_tree(view.upper, image, since_ns=since, exclude=skip)
+        only = None
+        copy = self._live.get(id(view)) if os.getpid() == self._pid else None
+        if copy is not None and self._watcher is not None and since is not None:
+            # The events of a reused copy say which directories can hold a change.
+            self._watcher.drain()
+            only = copy.dirty_dirs()
+        return changes_from_tree(view.upper, image, since_ns=since, exclude=skip, only=only)
+
+    # ---- reusable copies ----------------------------------------------------------------------
+
+    def keep_copies_in(self, home: Path) -> None:
+        """Keep reset copies in ``home`` (an empty directory on the scratch's filesystem that
+        the caller removes at the end) and hand them out again; without it every view is a new
+        copy."""
+        self._home = home
+
+    def close(self) -> None:
+        """Forget the kept copies (their files go with the caller's ``home``)."""
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self._spares.clear()
+        self._live.clear()
+
+    def _reusable(self) -> bool:
+        if not self.reuse or self._home is None:
+            return False
+        if os.getpid() != self._pid:
+            # A fork (the view pool's helper): the kept copies and the inotify queue are the
+            # parent's. This process keeps its own, in a home of its own.
+            self._pid = os.getpid()
+            self._home = self._home.parent / f"{self._home.name}.{self._pid}"
+            self._spares, self._live, self._watcher = {}, {}, None
+        # A copy that is bind-mounted nosuid,nodev cannot be renamed between scratches.
+        will_bind = (
+            (not self.policy.suid or not self.policy.dev)
+            and _may_mount()
+            and self._bind_ok is not False
+        )
+        return not will_bind
+
+    def _open_reused(
+        self,
+        plan: _Plan,
+        lowers_top_first: Sequence[Path],
+        flavor: Flavor,
+        scratch: Path,
+        dest: Path,
+    ) -> CopyView:
+        from pytest_layers.backends import copyreuse
+        from pytest_layers.changeset import ctime_mark
+
+        assert self._home is not None
+        if self._watcher is None:
+            self._watcher = copyreuse.Watcher()
+        watcher = self._watcher
+        defang = os.geteuid() == 0 and (not self.policy.suid or not self.policy.dev)
+        key = (self._plan_key(lowers_top_first, flavor), defang)
+        spares = self._spares.get(key, [])
+        copy = None
+        while spares:
+            copy = spares.pop(0)
+            watcher.drain()
+            if not copy.touched and copy.opens == 0:
+                break
+            # Written to while it waited (a process of an earlier test): reset it again.
+            if copyreuse.reset(copy, watcher, _Copier(self, defang=copy.defang)):
+                break
+            self._discard_copy(copy)
+            copy = None
+        if copy is not None:
+            os.rename(copy.path, dest)
+            copy.path = os.fspath(dest)
+            watcher.drain()
+            copy.forget()
+            self.reused += 1
+        else:
+            os.mkdir(dest, 0o700)
+            try:
+                _Copier(self, defang=defang).run(plan, os.fspath(dest))
+                copy = copyreuse.ReusableCopy(
+                    os.fspath(dest), key, self._index(plan), defang=defang
+                )
+                copyreuse.record(copy, watcher)
+                copy.since_ns = ctime_mark(scratch)
+                watcher.drain()
+                copy.forget()
+            except BaseException:
+                if copy is not None:
+                    watcher.unwatch(copy, "")
+                _close(scratch, dest, mounted=False, keep_scratch=True)
+                raise
+        view = CopyView(path=dest, upper=dest, upper_flavor="tree", since_ns=copy.since_ns)
+        self._live[id(view)] = copy
+        view._closer = functools.partial(self._give_back, id(view), copy, scratch, dest)
+        return view
+
+    def _give_back(self, view_id: int, copy: ReusableCopy, scratch: Path, dest: Path) -> None:
+        """A closed view's copy: reset and kept for the next test, or thrown away."""
+        from pytest_layers.backends import copyreuse
+
+        self._live.pop(view_id, None)
+        kept = False
+        if os.getpid() == self._pid and self._watcher is not None and self._home is not None:
+            try:
+                if copyreuse.reset(copy, self._watcher, _Copier(self, defang=copy.defang)):
+                    spares = self._spares.setdefault(copy.key, [])
+                    if len(spares) < _SPARES:
+                        self._home.mkdir(exist_ok=True)
+                        self._serial += 1
+                        home = self._home / str(self._serial)
+                        os.rename(dest, home)
+                        copy.path = os.fspath(home)
+                        self._watcher.drain()
+                        copy.forget()
+                        spares.append(copy)
+                        kept = True
+            except OSError:
+                kept = False
+        if not kept:
+            self.discarded += 1
+            if self._watcher is not None:
+                self._watcher.unwatch(copy, "")
+        _close(scratch, dest, mounted=False)
+
+    def _discard_copy(self, copy: ReusableCopy) -> None:
+        from pytest_layers.namespaces import remove_tree
+
+        self.discarded += 1
+        if self._watcher is not None:
+            self._watcher.unwatch(copy, "")
+        remove_tree(Path(copy.path))
+
+    def _index(self, plan: _Plan) -> Index:
+        from pytest_layers.backends.copyreuse import index_of
+
+        found = self._indexes.get(id(plan))
+        if found is None or found[0] is not plan:
+            found = self._indexes[id(plan)] = (plan, index_of(plan))
+        return found[1]
 
     # ---- the copy -----------------------------------------------------------------------------
 
     def plan(self, lowers_top_first: Sequence[Path], flavor: Flavor = "overlay") -> _Plan:
         """The merged image's entries (memoised per image: layers never change once stored)."""
+        key = self._plan_key(lowers_top_first, flavor)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _plan(key[0], flavor)
+        return plan
+
+    @staticmethod
+    def _plan_key(
+        lowers_top_first: Sequence[Path], flavor: str
+    ) -> tuple[tuple[str, ...], str, tuple[tuple[int, int, int], ...]]:
         lowers = tuple(os.path.abspath(os.fspath(p)) for p in lowers_top_first)
         # Identity of each layer dir, so that a path reused for other content (tests, a pruned
-        # and rebuilt store) is not served from a stale plan.
+        # and rebuilt store) is not served from a stale plan (nor a stale copy).
         ident = []
         for p in lowers:
             st = os.stat(p)
             ident.append((st.st_dev, st.st_ino, st.st_ctime_ns))
-        key = (lowers, flavor, tuple(ident))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = _plan(lowers, flavor)
-        return plan
+        return (lowers, flavor, tuple(ident))
 
     def _copy_data(self, src: str, dst_fd: int, st: os.stat_result, dst_dev: int) -> None:
         sfd = os.open(src, _O_SOURCE)
