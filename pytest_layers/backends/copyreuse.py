@@ -389,17 +389,19 @@ def reset(copy: ReusableCopy, watcher: Watcher, copier: _Copier) -> bool:
     if _mounts_in(copy.path):
         return False
     changed: set[str] | None = None
-    if copy.trusted and not copy.cookies and _undo_moves(copy):
+    by_events = copy.trusted and not copy.cookies and _undo_moves(copy)
+    if by_events:
         linked = _linked_names(copy)
         if linked is not None:
             changed = copy.touched | linked
     if changed is None:
+        by_events = False
         if still_used(copy.path):
             return False
         changed = walk_changes(copy)
         if changed is None:
             return False
-    _restore(copy, watcher, copier, changed)
+    _restore(copy, watcher, copier, changed, by_events=by_events)
     watcher.drain()
     if copy.opens != 0:
         return False
@@ -426,7 +428,17 @@ def _mounts_in(path: str) -> bool:
     return any(True for _ in mounts_under(Path(os.path.realpath(path))))
 
 
-def _restore(copy: ReusableCopy, watcher: Watcher, copier: _Copier, changed: Iterable[str]) -> None:
+def _restore(
+    copy: ReusableCopy,
+    watcher: Watcher,
+    copier: _Copier,
+    changed: Iterable[str],
+    *,
+    by_events: bool,
+) -> None:
+    """Make every entry of ``changed`` (and what hangs on it) as the image has it. With
+    ``by_events``, an image directory is kept only while its watch lives: a directory removed
+    and made again may get the old inode number, and nothing watched what went into it."""
     index = copy.index
     base = copy.path
     rebuild: list[str] = []  # image directories made again whole
@@ -448,7 +460,10 @@ def _restore(copy: ReusableCopy, watcher: Watcher, copier: _Copier, changed: Ite
                 _remove(path_of(rel))
             continue
         if _is_dir(item):
-            if st is not None and stat.S_ISDIR(st.st_mode) and copy.inodes.get(rel) == st.st_ino:
+            same = st is not None and copy.inodes.get(rel) == st.st_ino
+            if same and by_events and rel not in copy.wds:
+                same = False
+            if st is not None and same and stat.S_ISDIR(st.st_mode):
                 metas.add(rel)
                 if copier.root or st.st_uid == copier.uid:
                     # Its children may be restored below: make sure this process can.
