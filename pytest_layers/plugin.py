@@ -705,6 +705,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     # Tests are over (or interrupted): no view is needed any more.
     verbose = session.config.get_verbosity() > 0
     lines = _close_pool(state, verbose=verbose) if state is not None else []
+    backend = state.session.backend if state is not None and state.session is not None else None
+    reused = getattr(backend, "reused", None)
+    if verbose and isinstance(reused, int):
+        lines.append(
+            f"layers: copy: {reused} copies reset and reused, "
+            f"{getattr(backend, 'discarded', 0)} thrown away"
+        )
     remote = state.session.remote if state is not None and state.session is not None else None
     if remote is not None:
         lines += remote.finish()

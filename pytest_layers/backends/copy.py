@@ -498,12 +498,31 @@ class CopyBackend:
             self._home = self._home.parent / f"{self._home.name}.{self._pid}"
             self._spares, self._live, self._watcher = {}, {}, None
         # A copy that is bind-mounted nosuid,nodev cannot be renamed between scratches.
-        will_bind = (
-            (not self.policy.suid or not self.policy.dev)
-            and _may_mount()
-            and self._bind_ok is not False
-        )
-        return not will_bind
+        if (self.policy.suid and self.policy.dev) or not _may_mount():
+            return True
+        if self._bind_ok is None:
+            self._probe_bind(self._home)
+        return self._bind_ok is False
+
+    def _probe_bind(self, home: Path) -> None:
+        """Whether copies will be bound nosuid,nodev here (root in a container that refuses
+        mounts: no, they are defanged instead), tried once on an empty directory."""
+        from pytest_layers import _linux
+
+        home.mkdir(exist_ok=True)
+        probe = home / f"bind-probe-{os.getpid()}"
+        probe.mkdir()
+        try:
+            _bind(probe, self.policy, readonly=False)
+        except MountError as exc:
+            if exc.errno not in (errno.EPERM, errno.EACCES):
+                raise
+            self._bind_ok = False
+        else:
+            self._bind_ok = True
+            _linux.umount2(probe, _linux.MNT_DETACH)
+        finally:
+            probe.rmdir()
 
     def _open_reused(
         self,
