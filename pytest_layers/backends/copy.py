@@ -549,7 +549,10 @@ class CopyBackend:
             if not copy.touched and copy.opens == 0:
                 break
             # Written to while it waited (a process of an earlier test): reset it again.
-            if copyreuse.reset(copy, watcher, _Copier(self, defang=copy.defang)):
+            copier = _Copier(self, defang=copy.defang)
+            may_mount = _may_mount() and self._bind_ok is not False
+            home = os.fspath(self._home)
+            if copyreuse.reset(copy, watcher, copier, home, may_mount=may_mount):
                 break
             self._discard_copy(copy)
             copy = None
@@ -588,21 +591,28 @@ class CopyBackend:
         kept = False
         if os.getpid() == self._pid and self._watcher is not None and self._home is not None:
             try:
-                if copyreuse.reset(copy, self._watcher, _Copier(self, defang=copy.defang)):
+                copier = _Copier(self, defang=copy.defang)
+                may_mount = _may_mount() and self._bind_ok is not False
+                self._home.mkdir(exist_ok=True)
+                home = os.fspath(self._home)
+                if copyreuse.reset(copy, self._watcher, copier, home, may_mount=may_mount):
                     spares = self._spares.setdefault(copy.key, [])
                     if len(spares) < _SPARES:
-                        self._home.mkdir(exist_ok=True)
                         self._serial += 1
-                        home = self._home / str(self._serial)
-                        os.rename(dest, home)
-                        copy.path = os.fspath(home)
+                        kept_at = self._home / str(self._serial)
+                        os.rename(dest, kept_at)
+                        copy.path = os.fspath(kept_at)
                         self._watcher.drain()
                         copy.forget()
                         spares.append(copy)
                         kept = True
             except OSError:
                 kept = False
-        if not kept:
+        if kept:
+            with contextlib.suppress(OSError):
+                os.rmdir(scratch)  # it held only the copy
+                return
+        else:
             self.discarded += 1
             if self._watcher is not None:
                 self._watcher.unwatch(copy, "")

@@ -378,15 +378,22 @@ def still_used(path: str) -> bool:
     return False
 
 
-def reset(copy: ReusableCopy, watcher: Watcher, copier: _Copier) -> bool:
+def reset(
+    copy: ReusableCopy,
+    watcher: Watcher,
+    copier: _Copier,
+    home: str,
+    *,
+    may_mount: bool = True,
+) -> bool:
     """Bring ``copy`` back to its image; False when that cannot be done with certainty (the
-    caller throws the copy away)."""
-    from pytest_layers.changeset import ctime_mark
-
+    caller throws the copy away). ``home`` is a directory on the copy's filesystem for the
+    ctime stamp; ``may_mount=False`` says that this process (and so the test) cannot mount, so
+    no mount needs looking for."""
     watcher.drain()
     if copy.opens != 0:
         return False  # something in it is still open (a process still writing, a mapping)
-    if _mounts_in(copy.path):
+    if may_mount and _mounts_in(copy.path):
         return False
     changed: set[str] | None = None
     by_events = copy.trusted and not copy.cookies and _undo_moves(copy)
@@ -408,8 +415,25 @@ def reset(copy: ReusableCopy, watcher: Watcher, copier: _Copier) -> bool:
     copy.forget()
     if not copy.trusted and not watcher.broken and _all_watched(copy):
         copy.trusted = True  # the lost events are accounted for by the walk
-    copy.since_ns = ctime_mark(os.path.dirname(copy.path))
+    copy.since_ns = stamp(home)
     return True
+
+
+def stamp(directory: str) -> int:
+    """A ctime from the filesystem's clock, now: every later change is stamped at least this.
+
+    Unlike :func:`~pytest_layers.changeset.ctime_mark` it does not wait for the clock to
+    tick, so what the reset itself wrote in the same tick also counts as changed after it; the
+    walk then restores it once more, and ``diff()`` finds it equal to the image. Never the
+    reverse: a change can not hide behind it.
+    """
+    path = os.path.join(directory, ".stamp")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.utime(fd)
+        return os.fstat(fd).st_ctime_ns
+    finally:
+        os.close(fd)
 
 
 def _all_watched(copy: ReusableCopy) -> bool:
