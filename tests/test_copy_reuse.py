@@ -391,3 +391,45 @@ def test_layers_changed_under_a_path_are_a_new_image(tmp_path: Path) -> None:
         assert (view.path / "gone").exists()
     finally:
         view.close()
+
+
+def test_view_pool_helper_resets_copies_in_place(tmp_path: Path) -> None:
+    """In the view pool the helper process resets the copy (``reset_view``) after the test
+    and hands the same copy out again, pristine."""
+    import dataclasses
+    import itertools
+
+    from pytest_layers.backends.pool import Maker, ViewPool
+
+    h = Harness(tmp_path)
+    counter = itertools.count()
+
+    def make() -> CopyView:
+        scratch = tmp_path / f"pool{next(counter)}"
+        scratch.mkdir()
+        return h.backend.open(h.lowers, scratch, flavor="marker")
+
+    pool: ViewPool[CopyView] = ViewPool(depth=1)
+    pool.register(
+        "image",
+        Maker(
+            make,
+            lambda view: view.close(),
+            lambda view: dataclasses.replace(view, _closer=None),
+            reset=h.backend.reset_view,
+        ),
+    )
+    try:
+        first = pool.take("image")
+        assert first is not None
+        for ops in (write_through_hardlink, rename_big_dir, dir_to_file, xattrs):
+            ops(first.path)
+            assert pool.retire(first)
+            again = pool.take("image")
+            assert again is not None
+            assert again.path == first.path, "the helper made a new copy instead of a reset"
+            assert diff_snapshots(h.pristine, snapshot_tree(again.path)) == []
+            first = again
+        pool.retire(first)
+    finally:
+        pool.close()

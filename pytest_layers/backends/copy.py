@@ -583,6 +583,29 @@ class CopyBackend:
         view._closer = functools.partial(self._give_back, id(view), copy, scratch, dest)
         return view
 
+    def reset_view(self, view: View) -> bool:
+        """Reset a used view's copy to its image where it is (the view pool's helper calls it
+        after the test, then hands the same view out again); False when the copy cannot be
+        reset with certainty, or is not a reusable one (the pool then discards the view)."""
+        from pytest_layers.backends import copyreuse
+
+        copy = self._live.get(id(view)) if os.getpid() == self._pid else None
+        if copy is None or self._watcher is None or self._home is None:
+            return False
+        self._home.mkdir(exist_ok=True)
+        may_mount = _may_mount() and self._bind_ok is not False
+        copier = _Copier(self, defang=copy.defang)
+        try:
+            ok = copyreuse.reset(
+                copy, self._watcher, copier, os.fspath(self._home), may_mount=may_mount
+            )
+        except OSError:
+            ok = False
+        if ok and isinstance(view, CopyView):
+            view.since_ns = copy.since_ns
+            self.reused += 1
+        return ok
+
     def _give_back(self, view_id: int, copy: ReusableCopy, scratch: Path, dest: Path) -> None:
         """A closed view's copy: reset and kept for the next test, or thrown away."""
         from pytest_layers.backends import copyreuse
