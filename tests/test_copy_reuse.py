@@ -433,3 +433,21 @@ def test_view_pool_helper_resets_copies_in_place(tmp_path: Path) -> None:
         pool.retire(first)
     finally:
         pool.close()
+
+
+def test_diff_sees_a_write_through_a_new_hardlink(harness: Harness) -> None:
+    """The events name only the new link's directory; the image file it shares an inode with
+    changed too and must be in diff(), as a walk finds it."""
+    warm = harness.open()
+    warm.close()
+    view = harness.open()
+    try:
+        new_hardlink_written(view.path)
+        narrowed = harness.diff(view)
+        copy = harness.backend._live.pop(id(view))
+        full = harness.diff(view)
+        harness.backend._live[id(view)] = copy
+        assert narrowed == full
+        assert "C /etc/app.conf" in narrowed
+    finally:
+        view.close()

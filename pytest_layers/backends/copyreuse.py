@@ -172,11 +172,14 @@ class ReusableCopy:
 
     def dirty_dirs(self) -> set[str] | None:
         """Directories (and their ancestors) that may hold a change, by the events; None when
-        the events cannot say (a lost event, a moved directory)."""
+        the events cannot say (a lost event, a moved directory, a name made and gone)."""
         if not self.trusted or self.moves or self.cookies:
             return None
+        linked = _linked_names(self)
+        if linked is None:
+            return None
         out: set[str] = set()
-        for rel in self.touched:
+        for rel in self.touched | linked:
             # The entry itself when it is a directory (a new one is walked whole anyway).
             for p in (rel, _parent(rel)):
                 while p not in out:
@@ -257,12 +260,15 @@ def record(copy: ReusableCopy, watcher: Watcher, top: str = "") -> None:
         with os.scandir(os.path.join(copy.path, rel_dir) if rel_dir else copy.path) as it:
             for e in it:
                 rel = _join(rel_dir, e.name)
-                copy.inodes[rel] = e.inode()
-                if e.is_dir(follow_symlinks=False):
+                # stat, not the directory entry's d_ino: overlayfs may report another number
+                # in readdir than in stat.
+                st = e.stat(follow_symlinks=False)
+                copy.inodes[rel] = st.st_ino
+                if stat.S_ISDIR(st.st_mode):
                     watcher.watch(copy, rel)
                     todo.append(rel)
                 else:
-                    copy.by_inode.setdefault(e.inode(), rel)
+                    copy.by_inode.setdefault(st.st_ino, rel)
 
 
 def _lstat(path: str) -> os.stat_result | None:
