@@ -451,3 +451,19 @@ def test_diff_sees_a_write_through_a_new_hardlink(harness: Harness) -> None:
         assert "C /etc/app.conf" in narrowed
     finally:
         view.close()
+
+
+def test_copy_written_while_it_waits_is_reset_again(harness: Harness) -> None:
+    """A process of an earlier test (its working directory in the copy) writes into the kept
+    copy between two tests: the next open sees the events and resets it once more."""
+    view = harness.open()
+    view.close()
+    kept = harness.backend._spares[next(iter(harness.backend._spares))][0]
+    (Path(kept.path) / "etc/app.conf").write_text("late write\n")
+    os.unlink(Path(kept.path) / "big/f1")
+    nxt = harness.open()
+    try:
+        assert harness.backend.reused == 1
+        harness.check_pristine(nxt)
+    finally:
+        nxt.close()

@@ -552,8 +552,11 @@ class CopyBackend:
             copier = _Copier(self, defang=copy.defang)
             may_mount = _may_mount() and self._bind_ok is not False
             home = os.fspath(self._home)
-            if copyreuse.reset(copy, watcher, copier, home, may_mount=may_mount):
-                break
+            try:
+                if copyreuse.reset(copy, watcher, copier, home, may_mount=may_mount):
+                    break
+            except Exception:  # any failure: the copy is not known to be pristine
+                pass
             self._discard_copy(copy)
             copy = None
         if copy is not None:
@@ -599,7 +602,7 @@ class CopyBackend:
             ok = copyreuse.reset(
                 copy, self._watcher, copier, os.fspath(self._home), may_mount=may_mount
             )
-        except OSError:
+        except Exception:  # any failure: the copy is not known to be pristine
             ok = False
         if ok and isinstance(view, CopyView):
             view.since_ns = copy.since_ns
@@ -629,7 +632,7 @@ class CopyBackend:
                         copy.forget()
                         spares.append(copy)
                         kept = True
-            except OSError:
+            except Exception:  # any failure: the copy is not known to be pristine
                 kept = False
         if kept:
             with contextlib.suppress(OSError):
