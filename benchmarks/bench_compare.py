@@ -12,6 +12,12 @@ plugin that records every test's setup and teardown time. Per-test overhead is s
 teardown; the first test of a session is left out (it pays for session-scoped work, measured
 separately) and the rest are summarised as median, p10 and p90.
 
+The restricted environment is a row of its own: ``pytest-layers (copy, reused; restricted)``
+runs its sessions under ``.ci/restricted.py`` (mounting and unsharing refused by a seccomp
+filter, no /dev/fuse, the store on an overlayfs: a default Docker container), where ``auto``
+picks the copy backend and each test gets the previous test's copy, reset. It needs root and
+Debian's python3-seccomp; elsewhere it is listed as unavailable.
+
 Also measured: cold build vs warm cache session start for a 10-layer chain, ``Rootfs.diff()``
 and ``Rootfs.commit()`` cost against the number of changed files, and pytest-xdist wall time
 (with the number of builder runs from an empty store).
@@ -44,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+RESTRICTED = REPO / ".ci" / "restricted.py"
 FILE_SIZE = 1024
 BACKENDS = ("overlay", "fuse", "copy")
 
@@ -389,6 +396,7 @@ class Runner:
         layers: bool = False,
         timing: bool = True,
         quiet: bool = True,
+        wrap: Sequence[str] = (),
     ) -> Run:
         basetemp = self._tmp(".bt")
         timing_out = self._tmp(".json")
@@ -410,6 +418,8 @@ class Runner:
             *([] if layers else ["-p", "no:layers"]),
             *args,
         ]
+        if wrap:
+            cmd = [*wrap, *cmd]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "BENCH_"))}
         full_env.update(
             PYTHONPATH=str(suite),
@@ -511,6 +521,7 @@ class Tool:
     backend: str | None = None  # pytest-layers backend, None for the other tools
     user: str | None = None
     args: tuple[str, ...] = ()  # more pytest arguments for this tool's sessions
+    restricted: bool = False  # run under .ci/restricted.py, the store on an overlayfs
 
 
 def say(msg: str) -> None:
@@ -599,6 +610,16 @@ class Bench:
             )
         out.append(
             Tool(
+                "layers-copy-reuse",
+                "pytest-layers (copy, reused; restricted)",
+                "test_layers.py",
+                copies=False,
+                backend="auto",
+                restricted=True,
+            )
+        )
+        out.append(
+            Tool(
                 "layers-datadir",
                 "pytest-layers datadir drop-in (overlay)",
                 "test_layers_datadir.py",
@@ -630,16 +651,32 @@ class Bench:
         assert tool.backend is not None
         return [f"--layers-backend={tool.backend}", f"--layers-store={store}", *tool.args]
 
+    def wrap(self, tool: Tool, files: int) -> tuple[list[str], Path | None]:
+        """The command prefix of a restricted tool's sessions and the overlayfs its store is
+        on (a fresh empty one per session, as a new container's filesystem is)."""
+        if not tool.restricted:
+            return [], None
+        ovl = self.work / f"ovl-{files}"
+        return ["/usr/bin/python3", str(RESTRICTED), "--overlay", str(ovl), "--"], ovl
+
     def probe(self, tools: list[Tool]) -> list[Tool]:
         """Keep the tools that work here; record why the others do not."""
         suite = self.suite(self.plan.sizes[0])
         ok = []
         for tool in tools:
             args: list[str] = []
+            wrap, ovl = self.wrap(tool, 0)
             if tool.backend:
-                args = self.layers_args(tool, self.store(self.store_label(tool, 0)))
+                store = ovl / "store" if ovl else self.store(self.store_label(tool, 0))
+                args = self.layers_args(tool, store)
             run = self.runner_for(tool).pytest(
-                suite, tool.module, n=2, args=args, layers=tool.backend is not None, quiet=False
+                suite,
+                tool.module,
+                n=2,
+                args=args,
+                layers=tool.backend is not None,
+                quiet=False,
+                wrap=wrap,
             )
             if run.rc == 0 and len(run.times) == 2:
                 ok.append(tool)
@@ -662,7 +699,12 @@ class Bench:
             for tool in tools:
                 n = self.plan.copy_tests[files] if tool.copies else self.plan.tests
                 args: list[str] = []
-                if tool.backend:
+                wrap, ovl = self.wrap(tool, files)
+                if ovl is not None:
+                    # The store starts empty on the container's overlayfs: the first test
+                    # (left out of the figures) builds the layer and makes the first copy.
+                    args = self.layers_args(tool, ovl / "store")
+                elif tool.backend:
                     args = self.layers_args(tool, self.store(self.store_label(tool, files)))
                     # Build (or find) the layer first so that the measured session is warm.
                     warm = self.runner_for(tool).pytest(
@@ -676,7 +718,7 @@ class Bench:
                         )
                         continue
                 run = self.runner_for(tool).pytest(
-                    suite, tool.module, n=n, args=args, layers=tool.backend is not None
+                    suite, tool.module, n=n, args=args, layers=tool.backend is not None, wrap=wrap
                 )
                 if run.rc != 0 or len(run.times) < 2:
                     reason = why_failed(run)
@@ -938,6 +980,16 @@ def targets(result: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
                 "met": worst <= 3.0,
             }
         )
+    reuse = rows("layers-copy-reuse")
+    for n, limit in ((10_000, 10.0), (100_000, 50.0)):
+        out.append(
+            {
+                "target": f"copy backend, reused copies (restricted environment), {n:,} files: "
+                f"median <= {limit:g} ms",
+                "measured": f"{_fmt(reuse[n]['median_ms'])} ms" if n in reuse else "not run",
+                "met": reuse[n]["median_ms"] <= limit if n in reuse else None,
+            }
+        )
     dd, drop_in = rows("datadir"), rows("layers-datadir")
     if dd and drop_in:
         both = sorted(set(dd) & set(drop_in))
@@ -1195,7 +1247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("per-test overhead")
         bench.per_test(tools)
         # rootfs tools only (the datadir drop-in has its own row in per_test).
-        layer_tools = [t for t in tools if t.backend and not t.args]
+        layer_tools = [t for t in tools if t.backend and not t.args and not t.restricted]
         fastest = layer_tools[0] if layer_tools else None
         if fastest:
             say(f"session start ({plan.chain_layers}-layer chain of {plan.chain_files:,} files)")

@@ -825,6 +825,7 @@ def changes_from_tree(
     *,
     since_ns: int | None = None,
     exclude: Collection[str] = (),
+    only: Collection[str] | None = None,
 ) -> list[Entry]:
     """The minimal entry list of ``tree``, a full copy of ``image`` that a test modified.
 
@@ -839,6 +840,10 @@ def changes_from_tree(
     everything (exact, slow). Gives the same list as :func:`changes_from_upper` for the same
     operations. Works at any depth (directory fds); the entries carry ``tree`` as their
     ``root``.
+
+    ``only`` (with ``since_ns``): the directories that can hold a change, with all their
+    ancestors, as the copy backend's inotify watches report them; an image directory not in it
+    is not entered (a directory that is new or compared whole still is).
     """
     skip = _norm_exclude(exclude)
     col = _Collector(os.fspath(tree), image)
@@ -882,6 +887,8 @@ def changes_from_tree(
                 child = mode
                 if known and (img is None or not stat.S_ISDIR(img[1].st_mode)):
                     child = "new"
+                if child == "fast" and only is not None and rel not in only:
+                    continue
                 subdirs.append((name, (st.st_dev, st.st_ino), (st.st_ctime_ns, child)))
         if mode != "new" and changed_dir:
             present = {name for name, _rel, _st in ents}

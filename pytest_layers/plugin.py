@@ -397,6 +397,10 @@ def _setup(
             state.scratch_tmpfs = True
         except OSError:
             state.scratch_tmpfs = False
+    keep = getattr(backend, "keep_copies_in", None)
+    if callable(keep):
+        # The copy backend resets a test's copy and hands it to the next test of its image.
+        keep(scratch / "copies")
     state.session = LayerSession(
         state.store,
         backend,
@@ -585,6 +589,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return
     _close_pool(state)
     state.session.close()
+    close_backend = getattr(state.session.backend, "close", None)
+    if callable(close_backend):
+        close_backend()
     if state.scratch_tmpfs:
         with contextlib.suppress(OSError):
             _linux.umount2(state.session.scratch_root, _linux.MNT_DETACH)
@@ -630,6 +637,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     # Tests are over (or interrupted): no view is needed any more.
     verbose = session.config.get_verbosity() > 0
     lines = _close_pool(state, verbose=verbose) if state is not None else []
+    backend = state.session.backend if state is not None and state.session is not None else None
+    reused = getattr(backend, "reused", None)
+    if verbose and isinstance(reused, int):
+        lines.append(
+            f"layers: copy: {reused} copies reset and reused, "
+            f"{getattr(backend, 'discarded', 0)} thrown away"
+        )
     remote = state.session.remote if state is not None and state.session is not None else None
     if remote is not None:
         lines += remote.finish()

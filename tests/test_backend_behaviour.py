@@ -8,6 +8,9 @@ turns the view's changes into a change list and a canonical layer tar
 ``test_backends_agree`` checks that every backend available here gives the same list **and the
 same tar bytes**, so a snapshot never depends on the backend that produced it.
 
+``copy-reuse`` is the copy backend handing out a copy reset after an earlier view: each
+scenario runs in such a copy, and the copy it is reset to afterwards must equal a fresh one.
+
 Mounting happens in this process; every view is closed in ``finally``.
 """
 
@@ -27,6 +30,8 @@ from conftest import _probe, _required
 from treeutil import Node, make_tree, set_tree_mtimes, snapshot_tree, whiteout
 
 from pytest_layers import _linux
+from pytest_layers.backends.base import Backend, MountPolicy
+from pytest_layers.backends.copy import CopyBackend
 from pytest_layers.backends.detect import get_backend
 from pytest_layers.changeset import ImageView, to_changes, write_layer
 from pytest_layers.errors import BackendUnavailableError
@@ -241,7 +246,16 @@ SCENARIOS: dict[str, Scenario] = {
 # ---- backends ------------------------------------------------------------------------------
 
 # backend -> capabilities it needs to run in this process (no namespace of its own)
-BACKEND_CAPS = {"overlay": ("overlay",), "fuse": ("fuse",), "copy": ()}
+BACKEND_CAPS = {"overlay": ("overlay",), "fuse": ("fuse",), "copy": (), "copy-reuse": ()}
+
+
+def _make_backend(name: str, where: Path) -> Backend:
+    if name != "copy-reuse":
+        return get_backend(name)
+    # Unbound copies (as where mounting is refused): a bind-mounted copy is never reused.
+    backend = CopyBackend(policy=MountPolicy(suid=True, dev=True))
+    backend.keep_copies_in(where / "copies")
+    return backend
 
 
 def _missing(backend: str) -> str | None:
@@ -259,6 +273,7 @@ def _backend_param(name: str) -> object:
         "overlay": [pytest.mark.requires_overlay],
         "fuse": [pytest.mark.requires_fuse],
         "copy": [],
+        "copy-reuse": [],
     }[name]
     return pytest.param(name, marks=marks, id=name)
 
@@ -280,11 +295,17 @@ def run_scenario(backend_name: str, name: str, where: Path) -> Outcome:
         return _results[key]
     scenario = SCENARIOS[name]
     lowers = build_image(where / "image")
-    backend = get_backend(backend_name)
+    backend = _make_backend(backend_name, where)
     scratch = where / "scratch"
     scratch.mkdir()
     layer = where / "layer"
     layer.mkdir()
+    pristine = None
+    if isinstance(backend, CopyBackend) and backend_name == "copy-reuse":
+        view = backend.open(lowers, scratch, flavor="overlay")
+        pristine = snapshot_tree(view.path)
+        view.close()
+        scratch.mkdir()
     view = backend.open(lowers, scratch, flavor="overlay")
     try:
         assert not (view.path / "gone.txt").exists()
@@ -306,6 +327,14 @@ def run_scenario(backend_name: str, name: str, where: Path) -> Outcome:
     finally:
         view.close()
     assert not scratch.exists(), "close() must remove the view's scratch"
+    if isinstance(backend, CopyBackend) and pristine is not None:
+        scratch.mkdir()
+        view = backend.open(lowers, scratch, flavor="overlay")
+        try:
+            assert backend.reused == 2, "the scenario's copy was not reset and reused"
+            assert snapshot_tree(view.path) == pristine
+        finally:
+            view.close()
     buf = io.BytesIO()
     write_layer_tar(layer, buf, flavor="overlay")
     _results[key] = outcome = Outcome(changes, buf.getvalue(), merged)
@@ -360,15 +389,15 @@ def test_readonly_view_refuses_writes(backend: str, tmp_path: Path) -> None:
     lowers = build_image(tmp_path / "image")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    if backend == "copy" and (
+    if backend.startswith("copy") and (
         not _linux.has_effective_cap(_linux.CAP_SYS_ADMIN) or _missing("overlay") is not None
     ):
         # A copy needs a read-only bind mount for EROFS; it must say so, not pretend. Root
         # may be refused mounting too (a seccomp filter: .ci/restricted.py).
         with pytest.raises(BackendUnavailableError, match="read-only"):
-            get_backend(backend).open(lowers, scratch, readonly=True)
+            _make_backend(backend, tmp_path).open(lowers, scratch, readonly=True)
         return
-    view = get_backend(backend).open(lowers, scratch, readonly=True)
+    view = _make_backend(backend, tmp_path).open(lowers, scratch, readonly=True)
     try:
         assert view.upper is None
         assert (view.path / "etc/os-release").read_text() == "ID=demo\n"

@@ -123,6 +123,35 @@ def test_docker_default_profile_picks_copy_and_says_why(shared_tmp: Path, as_use
 
 
 @pytest.mark.requires_root
+@pytest.mark.parametrize("as_user", [False, True], ids=["root", "user"])
+def test_docker_default_profile_reuses_copies(shared_tmp: Path, as_user: bool) -> None:
+    """The second test of an image gets the first one's copy, reset (``test_isolated``
+    checks its content and, as root, that the reset copy is still defanged)."""
+    _needs_seccomp()
+    if as_user:
+        require("user")
+    project = _project(shared_tmp / "proj")
+    ovl = shared_tmp / "ovl"
+    args = ["--overlay", str(ovl)] + (["--user", TEST_USER] if as_user else [])
+    cmd = [
+        str(VENV_BIN / "pytest"),
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        f"--layers-store={ovl}/store",
+        f"--basetemp={ovl}/bt",
+        "-v",
+        "test_it.py",
+    ]
+    proc = _restricted(args, cmd, cwd=project)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "2 passed" in out, out
+    assert "layers: copy: 1 copies reset and reused, 0 thrown away" in out, out
+
+
+@pytest.mark.requires_root
 def test_docker_default_profile_doctor(tmp_path: Path) -> None:
     """`doctor` names each cause and this machine's fix, and the cost of copy."""
     _needs_seccomp()

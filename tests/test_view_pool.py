@@ -339,3 +339,34 @@ def test_sigkill_leftovers_are_swept_by_the_next_session(tmp_path: Path) -> None
     assert proc.returncode == 0, out(proc)
     assert dead_leftovers(store) == [], "the killed session's scratch was not swept"
     _nothing_left(tmp_path, store)
+
+
+def test_copy_backend_views_reset_in_the_helper_stay_pristine(tmp_path: Path) -> None:
+    """The copy backend in the pool: the helper resets each returned copy and hands it out
+    again; every test still sees the image (the tests check it) and a failing test's snapshot
+    holds exactly its own writes (taken in the session, by the walk)."""
+    from pytest_layers.store import Store
+
+    # suid,dev: as root, a copy is otherwise bound over itself, and a bound copy is not reused.
+    args = ("-p", "no:xdist", "--layers-backend=copy", "-o", "layers_mount_options=suid,dev")
+    (tmp_path / "pristine").mkdir()
+    (tmp_path / "snap").mkdir()
+    store_path = _pristine(tmp_path / "pristine", 30)
+    proc = run_session(tmp_path / "pristine", "-vv", *args)
+    assert proc.returncode == 0, out(proc)
+    assert "30 passed" in proc.stdout, out(proc)
+    assert "layers: view pool: 30 views served by helpers" in proc.stdout, out(proc)
+    _nothing_left(tmp_path / "pristine", store_path)
+
+    store_path = write_project(
+        tmp_path / "snap", CONFTEST, SNAPSHOT, ini=[*POOL_INI, "layers_keep_count = 10"]
+    )
+    proc = run_session(tmp_path / "snap", *args)
+    assert proc.returncode == 1, out(proc)
+    assert "3 failed, 9 passed" in proc.stdout, out(proc)
+    snaps = {s.test: s.chain_id for s in Store(store_path).snapshots()}
+    for i in (1, 5, 9):
+        layer = Store(store_path).layer_dir(snaps[f"test_project.py::test_snap[{i}]"])
+        files = sorted(str(p.relative_to(layer)) for p in layer.rglob("*"))
+        assert files == ["data", "data/f0", "data/f4", f"data/renamed{i}", f"mine{i}"], files
+    _nothing_left(tmp_path / "snap", store_path)

@@ -50,152 +50,37 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
-import stat
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_layers.backends._copyplan import (
+    _NO_CFR,
+    _NO_CLONE,
+    _O_SOURCE,
+    _Copier,
+    _Plan,
+    _plan,
+)
 from pytest_layers.backends.base import MountPolicy, View, trial, trial_whiteout
 from pytest_layers.errors import BackendUnavailableError, MountError
 
 if TYPE_CHECKING:
+    from pytest_layers.backends.copyreuse import Index, ReusableCopy, Watcher
     from pytest_layers.changeset import Entry, ImageView
     from pytest_layers.layertar import Flavor
 
 __all__ = ["CopyBackend", "CopyView", "FICLONE"]
 
+#: Reset copies kept ready per image (one for the next test is all a serial session needs;
+#: the second covers a test that opens the same image twice).
+_SPARES = 2
+
 #: ``_IOW(0x94, 9, int)`` from <linux/fs.h>: share the source's extents with the destination.
 FICLONE = 0x40049409
-
-_WH = ".wh."
-_OPQ = ".wh..wh..opq"
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
-# errnos that mean "this filesystem (pair) cannot clone": fall back to copying, for good.
-_NO_CLONE = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF}
-_NO_CFR = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP}
-_PRIVILEGED = {errno.EPERM, errno.ENOTSUP, errno.EACCES}
-_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _keep_xattr(name: str) -> bool:
-    # Overlay and fuse-overlayfs bookkeeping is what a mount hides; everything else is content.
-    return not name.startswith(("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs."))
-
-
-def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return ()
-    out = []
-    for name in names:
-        if _keep_xattr(name):
-            with contextlib.suppress(OSError):
-                out.append((name, os.getxattr(path, name, follow_symlinks=False)))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class _Item:
-    rel: str  # relative POSIX path in the image ("" for the root)
-    src: str  # the layer file it is copied from
-    st: os.stat_result
-    xattrs: tuple[tuple[str, bytes], ...]
-
-
-@dataclass(frozen=True)
-class _Plan:
-    dirs: tuple[_Item, ...]  # parents before children; the root first
-    others: tuple[_Item, ...]  # files, symlinks, fifos, devices
-    files: int
-
-
-class _Layer:
-    """One layer directory's view of one merged directory."""
-
-    __slots__ = ("entries", "opaque", "whiteouts")
-
-    def __init__(self, abs_dir: str, flavor: str) -> None:
-        self.entries: dict[str, os.DirEntry[str]] = {}
-        self.whiteouts: set[str] = set()
-        self.opaque = False
-        with os.scandir(abs_dir) as it:
-            for e in it:
-                name = e.name
-                if flavor == "marker" and name.startswith(_WH):
-                    if name == _OPQ:
-                        self.opaque = True
-                    else:
-                        self.whiteouts.add(name[len(_WH) :])
-                    continue
-                if flavor == "overlay":
-                    st = e.stat(follow_symlinks=False)  # cached by DirEntry for the plan
-                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                        self.whiteouts.add(name)
-                        continue
-                self.entries[name] = e
-        # A layer never hides its own entries (OCI); a whiteout only speaks about lower layers.
-        self.whiteouts.difference_update(self.entries)
-        if not self.opaque:
-            for xname in _OPAQUE_XATTRS:
-                with contextlib.suppress(OSError):
-                    if os.getxattr(abs_dir, xname) == b"y":
-                        self.opaque = True
-                        break
-
-
-def _plan(lowers_top_first: Sequence[str], flavor: str) -> _Plan:
-    """Merge the layers as overlayfs would and list what a copy must create."""
-    root_src = lowers_top_first[0]
-    dirs: list[_Item] = [_Item("", root_src, os.lstat(root_src), _xattrs(root_src))]
-    others: list[_Item] = []
-    files = 0
-    # (rel, abs dirs of the layers that merge into it, top first)
-    todo: list[tuple[str, list[str]]] = [("", list(lowers_top_first))]
-    while todo:
-        rel_dir, stack = todo.pop()
-        decided: set[str] = set()
-        layers = []
-        for abs_dir in stack:
-            layer = _Layer(abs_dir, flavor)
-            layers.append(layer)
-            if layer.opaque:
-                break
-        for depth, layer in enumerate(layers):
-            for name in sorted(layer.entries):
-                if name in decided:
-                    continue
-                decided.add(name)
-                e = layer.entries[name]
-                rel = f"{rel_dir}/{name}" if rel_dir else name
-                st = e.stat(follow_symlinks=False)
-                if stat.S_ISSOCK(st.st_mode):
-                    continue
-                xattrs = _xattrs(e.path) if not stat.S_ISLNK(st.st_mode) else ()
-                if stat.S_ISDIR(st.st_mode):
-                    dirs.append(_Item(rel, e.path, st, xattrs))
-                    # The directories of lower layers merge into it, down to a whiteout or a
-                    # non-directory of that name; an opaque one cuts the stack when scanned.
-                    child_stack = [e.path]
-                    for lower in layers[depth + 1 :]:
-                        if name in lower.whiteouts:
-                            break
-                        below = lower.entries.get(name)
-                        if below is None:
-                            continue
-                        if not below.is_dir(follow_symlinks=False):
-                            break
-                        child_stack.append(below.path)
-                    todo.append((rel, child_stack))
-                else:
-                    others.append(_Item(rel, e.path, st, xattrs))
-                    files += 1
-            decided.update(layer.whiteouts)
-    dirs.sort(key=lambda item: item.rel.split("/"))
-    return _Plan(tuple(dirs), tuple(others), files)
 
 
 @dataclass
@@ -205,124 +90,25 @@ class CopyView(View):
     since_ns: int | None = None
 
 
-class _Copier:
-    """Replays a plan into a destination directory."""
-
-    def __init__(self, backend: CopyBackend, *, defang: bool = False) -> None:
-        self.backend = backend
-        # A root copy that could not be bind-mounted nosuid,nodev: setuid/setgid bits and file
-        # capabilities are not copied and device nodes are refused, so the copy grants nothing.
-        self.defang = defang
-        self.root = os.geteuid() == 0
-        self.uid = os.geteuid()
-        self.gid = os.getegid()
-        self.linked: dict[tuple[int, int], str] = {}
-        self.dest_dev = 0
-
-    def run(self, plan: _Plan, dest: str) -> None:
-        self.dest_dev = os.stat(dest).st_dev
-        for item in plan.dirs[1:]:
-            # Owner-writable while filling it; the real mode is set at the end.
-            os.mkdir(f"{dest}/{item.rel}", 0o700)
-        for item in plan.others:
-            self.other(item, f"{dest}/{item.rel}")
-        for item in reversed(plan.dirs):
-            path = f"{dest}/{item.rel}" if item.rel else dest
-            self.meta(path, item, fd=None)
-
-    def other(self, item: _Item, path: str) -> None:
-        st = item.st
-        mode = st.st_mode
-        if st.st_nlink > 1 and not stat.S_ISDIR(mode):
-            key = (st.st_dev, st.st_ino)
-            first = self.linked.get(key)
-            if first is not None:
-                os.link(first, path)
-                return
-            self.linked[key] = path
-        if stat.S_ISREG(mode):
-            fd = os.open(path, _O_CREATE, 0o600)
-            try:
-                if st.st_size:
-                    self.backend._copy_data(item.src, fd, st, self.dest_dev)
-                self.meta(path, item, fd=fd)
-            finally:
-                os.close(fd)
-        elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(item.src), path)
-            self.meta(path, item, fd=None)
-        else:
-            if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and self.defang:
-                raise BackendUnavailableError(
-                    "copy",
-                    f"the image holds the device node {item.rel!r}, and mounting is refused "
-                    "here, so its copy cannot be made nodev; allow mounting (Docker: --cap-add "
-                    "SYS_ADMIN --security-opt seccomp=unconfined) or set layers_mount_options "
-                    "= dev",
-                )
-            if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and not self.root:
-                try:
-                    os.mknod(path, stat.S_IFMT(mode) | 0o600, st.st_rdev)
-                except PermissionError as exc:
-                    raise BackendUnavailableError(
-                        "copy",
-                        f"the image holds the device node {item.rel!r}, which an ordinary "
-                        "user cannot create (mknod needs CAP_MKNOD); run as root or use the "
-                        "overlay backend in a user namespace",
-                    ) from exc
-            else:
-                os.mknod(path, stat.S_IFMT(mode) | 0o600, st.st_rdev)
-            self.meta(path, item, fd=None)
-
-    def meta(self, path: str, item: _Item, fd: int | None) -> None:
-        st = item.st
-        # Calls on an fd cannot take follow_symlinks; paths here may be symlinks.
-        target: int | str = fd if fd is not None else path
-        nofollow = {} if fd is not None else {"follow_symlinks": False}
-        if self.root or st.st_uid != self.uid or st.st_gid != self.gid:
-            try:
-                os.chown(target, st.st_uid, st.st_gid, **nofollow)
-            except PermissionError:
-                if self.root:
-                    raise
-                # An ordinary user cannot give files away; kernel overlay in a user namespace
-                # would show them as nobody, a copy shows them as the user's.
-        if not stat.S_ISLNK(st.st_mode):
-            # After chown, which clears setuid/setgid.
-            mode = stat.S_IMODE(st.st_mode)
-            if self.defang and not stat.S_ISDIR(st.st_mode):
-                mode &= ~(stat.S_ISUID | stat.S_ISGID)
-            os.chmod(target, mode)
-            for name, value in item.xattrs:
-                if self.defang and name == "security.capability":
-                    continue
-                try:
-                    os.setxattr(target, name, value, **nofollow)
-                except OSError as exc:
-                    # trusted.* and security.* need privileges the image cannot demand.
-                    if name.startswith("user.") or exc.errno not in _PRIVILEGED:
-                        raise
-        times = (st.st_atime_ns, st.st_mtime_ns)
-        if fd is not None:
-            os.utime(fd, ns=times)
-        else:
-            os.utime(path, ns=times, follow_symlinks=False)
-
-
 class CopyBackend:
     """Views as real copies of the merged image (see the module docstring).
 
     ``clone`` can switch ``FICLONE`` off (``False``) for measurements; by default it is tried
     once per filesystem pair and dropped after the first refusal. ``policy`` says whether views
-    honour setuid bits and device nodes (default: neither).
+    honour setuid bits and device nodes (default: neither). With ``reuse`` (the default) and a
+    home given by :meth:`keep_copies_in`, a closed writable copy is reset to its image and
+    handed to the next :meth:`open` of that image (:mod:`~pytest_layers.backends.copyreuse`).
     """
 
     name = "copy"
 
-    def __init__(self, *, clone: bool = True, policy: MountPolicy | None = None) -> None:
+    def __init__(
+        self, *, clone: bool = True, policy: MountPolicy | None = None, reuse: bool = True
+    ) -> None:
         self.policy = policy or MountPolicy()
         self._plans: dict[tuple[tuple[str, ...], str, tuple[tuple[int, int, int], ...]], _Plan]
         self._plans = {}
+        self._indexes: dict[int, tuple[_Plan, Index]] = {}
         self._clone = clone
         # (src dev, dst dev) -> whether FICLONE works between them
         self._clone_ok: dict[tuple[int, int], bool] = {}
@@ -330,6 +116,17 @@ class CopyBackend:
         # Whether a nosuid,nodev bind of a copy works here (None: not tried yet). Root in a
         # default Docker container may not mount: its copies are then defanged instead.
         self._bind_ok: bool | None = None
+        #: Whether used copies are reset and handed out again (see :meth:`keep_copies_in`).
+        self.reuse = reuse
+        self._home: Path | None = None
+        self._spares: dict[object, list[ReusableCopy]] = {}
+        self._live: dict[int, ReusableCopy] = {}
+        self._watcher: Watcher | None = None
+        self._pid = os.getpid()
+        self._serial = 0
+        #: Copies reset and handed out again, and copies thrown away instead.
+        self.reused = 0
+        self.discarded = 0
 
     # ---- Backend protocol -------------------------------------------------------------------
 
@@ -383,6 +180,8 @@ class CopyBackend:
             plan = None
         else:
             plan = self.plan(lowers_top_first, flavor)
+            if not readonly and self._reusable():
+                return self._open_reused(plan, lowers_top_first, flavor, scratch, dest)
             os.mkdir(dest, 0o700)
         mounted = False
         try:
@@ -441,24 +240,224 @@ class CopyBackend:
         # Mounts a test made inside its copy (a bind of a host directory, as chroot-style
         # installers do) are not the test's writes: never read through them into a snapshot.
         skip = set(exclude) | _mount_points_in(view.upper)
-        return changes_from_tree(view.upper, image, since_ns=since, exclude=skip)
+        only = None
+        copy = self._live.get(id(view)) if os.getpid() == self._pid else None
+        if copy is not None and self._watcher is not None and since is not None:
+            # The events of a reused copy say which directories can hold a change.
+            self._watcher.drain()
+            only = copy.dirty_dirs()
+        return changes_from_tree(view.upper, image, since_ns=since, exclude=skip, only=only)
+
+    # ---- reusable copies ----------------------------------------------------------------------
+
+    def keep_copies_in(self, home: Path) -> None:
+        """Keep reset copies in ``home`` (an empty directory on the scratch's filesystem that
+        the caller removes at the end) and hand them out again; without it every view is a new
+        copy."""
+        self._home = home
+
+    def close(self) -> None:
+        """Forget the kept copies (their files go with the caller's ``home``)."""
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self._spares.clear()
+        self._live.clear()
+
+    def _reusable(self) -> bool:
+        if not self.reuse or self._home is None:
+            return False
+        if os.getpid() != self._pid:
+            # A fork (the view pool's helper): the kept copies and the inotify queue are the
+            # parent's. This process keeps its own, in a home of its own.
+            self._pid = os.getpid()
+            self._home = self._home.parent / f"{self._home.name}.{self._pid}"
+            self._spares, self._live, self._watcher = {}, {}, None
+        # A copy that is bind-mounted nosuid,nodev cannot be renamed between scratches.
+        if (self.policy.suid and self.policy.dev) or not _may_mount():
+            return True
+        if self._bind_ok is None:
+            self._probe_bind(self._home)
+        return self._bind_ok is False
+
+    def _probe_bind(self, home: Path) -> None:
+        """Whether copies will be bound nosuid,nodev here (root in a container that refuses
+        mounts: no, they are defanged instead), tried once on an empty directory."""
+        from pytest_layers import _linux
+
+        home.mkdir(exist_ok=True)
+        probe = home / f"bind-probe-{os.getpid()}"
+        probe.mkdir()
+        try:
+            _bind(probe, self.policy, readonly=False)
+        except MountError as exc:
+            if exc.errno not in (errno.EPERM, errno.EACCES):
+                raise
+            self._bind_ok = False
+        else:
+            self._bind_ok = True
+            _linux.umount2(probe, _linux.MNT_DETACH)
+        finally:
+            probe.rmdir()
+
+    def _open_reused(
+        self,
+        plan: _Plan,
+        lowers_top_first: Sequence[Path],
+        flavor: Flavor,
+        scratch: Path,
+        dest: Path,
+    ) -> CopyView:
+        from pytest_layers.backends import copyreuse
+        from pytest_layers.changeset import ctime_mark
+
+        assert self._home is not None
+        if self._watcher is None:
+            self._watcher = copyreuse.Watcher()
+        watcher = self._watcher
+        defang = os.geteuid() == 0 and (not self.policy.suid or not self.policy.dev)
+        key = (self._plan_key(lowers_top_first, flavor), defang)
+        spares = self._spares.get(key, [])
+        copy = None
+        while spares:
+            copy = spares.pop(0)
+            watcher.drain()
+            if not copy.touched and copy.opens == 0:
+                break
+            # Written to while it waited (a process of an earlier test): reset it again.
+            copier = _Copier(self, defang=copy.defang)
+            may_mount = _may_mount() and self._bind_ok is not False
+            home = os.fspath(self._home)
+            try:
+                if copyreuse.reset(copy, watcher, copier, home, may_mount=may_mount):
+                    break
+            except Exception:  # any failure: the copy is not known to be pristine
+                pass
+            self._discard_copy(copy)
+            copy = None
+        if copy is not None:
+            os.rename(copy.path, dest)
+            copy.path = os.fspath(dest)
+            watcher.drain()
+            copy.forget()
+            self.reused += 1
+        else:
+            os.mkdir(dest, 0o700)
+            try:
+                _Copier(self, defang=defang).run(plan, os.fspath(dest))
+                copy = copyreuse.ReusableCopy(
+                    os.fspath(dest), key, self._index(plan), defang=defang
+                )
+                copyreuse.record(copy, watcher)
+                copy.since_ns = ctime_mark(scratch)
+                watcher.drain()
+                copy.forget()
+            except BaseException:
+                if copy is not None:
+                    watcher.unwatch(copy, "")
+                _close(scratch, dest, mounted=False, keep_scratch=True)
+                raise
+        view = CopyView(path=dest, upper=dest, upper_flavor="tree", since_ns=copy.since_ns)
+        self._live[id(view)] = copy
+        view._closer = functools.partial(self._give_back, id(view), copy, scratch, dest)
+        return view
+
+    def reset_view(self, view: View) -> bool:
+        """Reset a used view's copy to its image where it is (the view pool's helper calls it
+        after the test, then hands the same view out again); False when the copy cannot be
+        reset with certainty, or is not a reusable one (the pool then discards the view)."""
+        from pytest_layers.backends import copyreuse
+
+        copy = self._live.get(id(view)) if os.getpid() == self._pid else None
+        if copy is None or self._watcher is None or self._home is None:
+            return False
+        self._home.mkdir(exist_ok=True)
+        may_mount = _may_mount() and self._bind_ok is not False
+        copier = _Copier(self, defang=copy.defang)
+        try:
+            ok = copyreuse.reset(
+                copy, self._watcher, copier, os.fspath(self._home), may_mount=may_mount
+            )
+        except Exception:  # any failure: the copy is not known to be pristine
+            ok = False
+        if ok and isinstance(view, CopyView):
+            view.since_ns = copy.since_ns
+            self.reused += 1
+        return ok
+
+    def _give_back(self, view_id: int, copy: ReusableCopy, scratch: Path, dest: Path) -> None:
+        """A closed view's copy: reset and kept for the next test, or thrown away."""
+        from pytest_layers.backends import copyreuse
+
+        self._live.pop(view_id, None)
+        kept = False
+        if os.getpid() == self._pid and self._watcher is not None and self._home is not None:
+            try:
+                copier = _Copier(self, defang=copy.defang)
+                may_mount = _may_mount() and self._bind_ok is not False
+                self._home.mkdir(exist_ok=True)
+                home = os.fspath(self._home)
+                if copyreuse.reset(copy, self._watcher, copier, home, may_mount=may_mount):
+                    spares = self._spares.setdefault(copy.key, [])
+                    if len(spares) < _SPARES:
+                        self._serial += 1
+                        kept_at = self._home / str(self._serial)
+                        os.rename(dest, kept_at)
+                        copy.path = os.fspath(kept_at)
+                        self._watcher.drain()
+                        copy.forget()
+                        spares.append(copy)
+                        kept = True
+            except Exception:  # any failure: the copy is not known to be pristine
+                kept = False
+        if kept:
+            with contextlib.suppress(OSError):
+                os.rmdir(scratch)  # it held only the copy
+                return
+        else:
+            self.discarded += 1
+            if self._watcher is not None:
+                self._watcher.unwatch(copy, "")
+        _close(scratch, dest, mounted=False)
+
+    def _discard_copy(self, copy: ReusableCopy) -> None:
+        from pytest_layers.namespaces import remove_tree
+
+        self.discarded += 1
+        if self._watcher is not None:
+            self._watcher.unwatch(copy, "")
+        remove_tree(Path(copy.path))
+
+    def _index(self, plan: _Plan) -> Index:
+        from pytest_layers.backends.copyreuse import index_of
+
+        found = self._indexes.get(id(plan))
+        if found is None or found[0] is not plan:
+            found = self._indexes[id(plan)] = (plan, index_of(plan))
+        return found[1]
 
     # ---- the copy -----------------------------------------------------------------------------
 
     def plan(self, lowers_top_first: Sequence[Path], flavor: Flavor = "overlay") -> _Plan:
         """The merged image's entries (memoised per image: layers never change once stored)."""
+        key = self._plan_key(lowers_top_first, flavor)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _plan(key[0], flavor)
+        return plan
+
+    @staticmethod
+    def _plan_key(
+        lowers_top_first: Sequence[Path], flavor: str
+    ) -> tuple[tuple[str, ...], str, tuple[tuple[int, int, int], ...]]:
         lowers = tuple(os.path.abspath(os.fspath(p)) for p in lowers_top_first)
         # Identity of each layer dir, so that a path reused for other content (tests, a pruned
-        # and rebuilt store) is not served from a stale plan.
+        # and rebuilt store) is not served from a stale plan (nor a stale copy).
         ident = []
         for p in lowers:
             st = os.stat(p)
             ident.append((st.st_dev, st.st_ino, st.st_ctime_ns))
-        key = (lowers, flavor, tuple(ident))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = _plan(lowers, flavor)
-        return plan
+        return (lowers, flavor, tuple(ident))
 
     def _copy_data(self, src: str, dst_fd: int, st: os.stat_result, dst_dev: int) -> None:
         sfd = os.open(src, _O_SOURCE)
