@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import gzip
 import hashlib
 import json
@@ -39,7 +38,6 @@ from pytest_layers import store as store_mod
 from pytest_layers.errors import (
     InvalidImageError,
     InvalidLayerError,
-    NoSpaceError,
     StoreError,
     UnsafeEntryError,
 )
@@ -1170,54 +1168,51 @@ def import_image(
                     progress(f"layer {n}/{len(image.layers)} {_short(image.diff_ids[i])} exists")
                 continue
             started = time.monotonic()
-            try:
-                with store.staging() as staging:
-                    blob = staging / "blob.tar"
-                    size, usize = _unpack_blob(src, layer, n, image.diff_ids[i], blob, limits)
-                    staged = staging / "layer"
-                    staged.mkdir()
-                    if i == 0:
-                        # Nothing below the bottom layer: its tar applied as it is is the
-                        # layer (whiteouts and opaque markers have nothing to hide), so no
-                        # view, no change list, no second copy of every file.
-                        _apply(blob, staged, limits, n, layer)
-                    else:
-                        try:
-                            # A layer that only adds entries (every parent directory, every
-                            # hardlink target its own, no whiteout) is its own diff too: the
-                            # usual case for images we push, and for most build steps.
-                            _apply(blob, staged, limits, n, layer, standalone=True)
-                        except layertar.NeedsLowerLayers:
-                            # Start over in a fresh directory; the staging area's own
-                            # cleanup takes the partial one (read-only dirs and all).
-                            staged = staging / "layer-on-view"
-                            staged.mkdir()
-                            _apply_on_view(
-                                store,
-                                backend,
-                                staging,
-                                chain_ids[:i],
-                                blob,
-                                staged,
-                                limits,
-                                n,
-                                layer,
-                            )
-                    info = store.add_layer(
-                        staged,
-                        parent=parent,
-                        name=None,
-                        source="import",
-                        diff_id=image.diff_ids[i],
-                        blob=blob,
-                        blob_verified=True,  # _unpack_blob hashed it to this DiffID
-                    )
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                raise NoSpaceError(
-                    f"image {path} (layer {n}/{len(image.layers)})", str(store.root)
-                ) from None
+            with (
+                store.full_disk(what := f"image {path} (layer {n}/{len(image.layers)})"),
+                store.staging() as staging,
+            ):
+                blob = staging / "blob.tar"
+                size, usize = _unpack_blob(src, layer, n, image.diff_ids[i], blob, limits)
+                staged = staging / "layer"
+                staged.mkdir()
+                if i == 0:
+                    # Nothing below the bottom layer: its tar applied as it is is the
+                    # layer (whiteouts and opaque markers have nothing to hide), so no
+                    # view, no change list, no second copy of every file.
+                    _apply(blob, staged, limits, n, layer)
+                else:
+                    try:
+                        # A layer that only adds entries (every parent directory, every
+                        # hardlink target its own, no whiteout) is its own diff too: the
+                        # usual case for images we push, and for most build steps.
+                        _apply(blob, staged, limits, n, layer, standalone=True)
+                    except layertar.NeedsLowerLayers:
+                        # Start over in a fresh directory; the staging area's own
+                        # cleanup takes the partial one (read-only dirs and all).
+                        staged = staging / "layer-on-view"
+                        staged.mkdir()
+                        _apply_on_view(
+                            store,
+                            backend,
+                            staging,
+                            chain_ids[:i],
+                            blob,
+                            staged,
+                            limits,
+                            n,
+                            layer,
+                        )
+                info = store.add_layer(
+                    staged,
+                    parent=parent,
+                    name=None,
+                    source="import",
+                    diff_id=image.diff_ids[i],
+                    blob=blob,
+                    blob_verified=True,  # _unpack_blob hashed it to this DiffID
+                    what=what,
+                )
             if info.chain_id != cid:
                 raise StoreError(
                     f"layer {n}: the store gave chain id {info.chain_id}, expected {cid}; "

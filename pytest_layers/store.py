@@ -34,7 +34,7 @@ import shutil
 import stat
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote
@@ -42,7 +42,7 @@ from urllib.parse import quote
 import filelock
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 
-from pytest_layers import _access, _dirfd, _faultpoints, errors, layertar, namespaces
+from pytest_layers import _access, _dirfd, _faultpoints, changeset, errors, layertar, namespaces
 from pytest_layers.layertar import Flavor
 
 __all__ = [
@@ -514,6 +514,70 @@ def build_manifest(
 
     _dirfd.walk(tree, "", record)
     return manifest
+
+
+class _LayerIndex:
+    """The visitor of :func:`layertar.stream_layer` that makes a new layer's ``files.json``
+    record by record as the tar streams: the same records :func:`build_manifest` makes by a
+    walk of its own (``verify`` still walks, independently), and the layer's disk use.
+
+    Hardlink groups are named after the fact: ``build_manifest`` names a group by its member
+    that comes first in its own order (a directory's entries before its subdirectories'),
+    which is not the tar's order."""
+
+    def __init__(self) -> None:
+        self.manifest: dict[str, dict[str, Any]] = {}
+        self.blocks = 0
+        self._inodes: set[tuple[int, int]] = set()
+        self._groups: dict[tuple[int, int], list[str]] = {}
+
+    def __call__(
+        self,
+        name: bytes,
+        st: os.stat_result,
+        sha256: str | None,
+        xattrs: Sequence[tuple[bytes, bytes]],
+        target: bytes | None,
+    ) -> None:
+        rel = os.fsdecode(name)
+        fmt = stat.S_IFMT(st.st_mode)
+        rec: dict[str, Any] = {
+            "type": _TYPE_NAMES.get(fmt, "unknown"),
+            "mode": stat.S_IMODE(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "mtime": int(st.st_mtime),
+        }
+        if fmt == stat.S_IFREG:
+            rec["size"] = st.st_size
+            rec["sha256"] = sha256
+        elif fmt == stat.S_IFLNK:
+            rec["target"] = os.fsdecode(target) if target is not None else ""
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            rec["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+        key = (st.st_dev, st.st_ino)
+        if fmt != stat.S_IFDIR and st.st_nlink > 1:
+            self._groups.setdefault(key, []).append(rel)
+        if xattrs:
+            rec["xattrs"] = {os.fsdecode(k): hashlib.sha256(v).hexdigest() for k, v in xattrs}
+        self.manifest[rel] = rec
+        if key not in self._inodes:
+            self._inodes.add(key)
+            self.blocks += st.st_blocks
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        for members in self._groups.values():
+            first = min(members, key=_manifest_order)
+            for rel in members:
+                self.manifest[rel]["link_group"] = first
+        return self.manifest
+
+
+def _manifest_order(rel: str) -> tuple[tuple[int, str], ...]:
+    # build_manifest's walk: a directory's own entries (0, name) before any entry of its
+    # subdirectories (1, name), subdirectories in name order.
+    parts = rel.split("/")
+    return (*((1, p) for p in parts[:-1]), (0, parts[-1]))
 
 
 def _sha256_at(dir_fd: int, name: str) -> str:
@@ -1213,6 +1277,7 @@ class Store:
         diff_id: str | None = None,
         blob: Path | None = None,
         blob_verified: bool = False,
+        what: str | None = None,
     ) -> LayerInfo:
         """Store the layer tree ``staged`` (best made with :meth:`staging`) on top of ``parent``.
 
@@ -1222,14 +1287,17 @@ class Store:
         moved, not copied, when it lies in the store's own staging area). ``blob_verified``
         says the caller hashed ``blob`` to ``diff_id`` as it wrote it (the importer does), so
         it is not read again. When ``name`` is given, ``refs/names/<name>`` points to the result.
+        A full disk raises :class:`errors.NoSpaceError` naming ``what`` (default: the layer's
+        name, or its chain id and source).
         """
         if source not in _SOURCES:
             raise ValueError(f"source must be one of {', '.join(_SOURCES)}, not {source!r}")
         self._writable()
         staged = Path(os.path.abspath(staged))
         parent_diff_ids = [info.diff_id for info in self.chain(parent)] if parent else []
-        hashes: layertar.FileHashes = {}
-        tree_digest = layertar.layer_diff_id(staged, flavor=self.flavor, hashes=hashes)
+        # The one read of the new tree: its diff_id, its files.json and its disk use together.
+        index = _LayerIndex()
+        tree_digest = layertar.stream_layer(staged, flavor=self.flavor, visit=index)
         if blob is not None and not (blob_verified and diff_id is not None):
             blob_digest = _blob_digest(blob)
             if diff_id is None:
@@ -1256,7 +1324,9 @@ class Store:
             return self._named(self.layer_info(chain_id), name)
 
         container = self._adopt(staged)
-        try:
+        if what is None:
+            what = f"layer {name!r}" if name else f"layer {_short(chain_id)} ({source})"
+        with self.full_disk(what):
             info, existing = self._assemble(
                 container,
                 target,
@@ -1268,16 +1338,58 @@ class Store:
                 source=source,
                 blob=blob,
                 imported=imported,
-                hashes=hashes,
+                index=index,
             )
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                what = f"layer {name!r}" if name else f"layer {_short(chain_id)} ({source})"
-                raise errors.NoSpaceError(what, str(self.root)) from exc
-            raise
         if existing:
             info = self.layer_info(chain_id)
         return self._named(info, name)
+
+    def write_layer(
+        self,
+        entries: Sequence[changeset.Entry],
+        *,
+        parent: str | None,
+        name: str | None,
+        source: str,
+        what: str | None = None,
+        clamp_mtimes: bool = True,
+        before_add: Callable[[Path], None] | None = None,
+    ) -> LayerInfo:
+        """Store the layer that the change list ``entries`` describes, on top of ``parent``.
+
+        The one way a change list becomes a stored layer (a build, a commit, an init layer, an
+        import applied on a view): the entries are written into a staging directory
+        (:func:`changeset.write_layer`; ``clamp_mtimes=False`` keeps the sources' mtimes),
+        ``before_add`` may adjust the staged tree, and :meth:`add_layer` reads the tree once
+        to name it (diff_id), index it (``files.json``) and measure it, then moves it into
+        place. A full disk anywhere on the way removes the staging and raises
+        :class:`errors.NoSpaceError` naming ``what`` (default: the layer's name or source) and
+        the store (see :meth:`full_disk`).
+        """
+        label = what or (f"layer {name!r}" if name else f"a {source} layer")
+        with self.full_disk(label), self.staging() as staged:
+            changeset.write_layer(entries, staged, flavor=self.flavor, clamp_mtimes=clamp_mtimes)
+            if before_add is not None:
+                before_add(staged)
+            return self.add_layer(staged, parent=parent, name=name, source=source, what=what)
+
+    @contextlib.contextmanager
+    def full_disk(self, what: str) -> Iterator[None]:
+        """The store's one full-disk policy: an ``ENOSPC``/``EDQUOT`` inside the block becomes
+        :class:`errors.NoSpaceError` naming ``what`` and the store, which says how to make room.
+
+        Whatever the block staged is removed by then (staging directories clean up on the way
+        out), so a rerun after freeing space starts clean; an error already converted (by an
+        inner block naming something more precise) passes through unchanged.
+        """
+        try:
+            yield
+        except errors.NoSpaceError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise errors.NoSpaceError(what, str(self.root)) from exc
 
     def add_alias(self, chain_id: str, target_chain_id: str, parent: str | None) -> LayerInfo:
         """Record the stored layer ``target_chain_id`` at another chain position, on ``parent``,
@@ -1359,13 +1471,13 @@ class Store:
         source: str,
         blob: Path | None,
         imported: bool,
-        hashes: layertar.FileHashes | None = None,
+        index: _LayerIndex,
     ) -> tuple[LayerInfo, bool]:
         """Complete ``container`` (manifest, metadata, blob) and rename it to ``target``;
         returns the info and whether another process stored the layer first."""
         existing = False
         try:
-            manifest = build_manifest(container / "diff", hashes)
+            manifest = index.finish()
             size = sum(r.get("size", 0) for r in manifest.values())
             kept_blob = None
             if blob is not None:
@@ -1389,8 +1501,16 @@ class Store:
                 source=source,
                 blob=target / "blob.tar" if kept_blob else None,
                 tree_digest=tree_digest if imported else None,
-                # Measured before the records are written: they are a few KiB at most.
-                disk_use=disk_use([container]),
+                # Measured before the records are written: they are a few KiB at most. The
+                # entries' blocks were counted as the tree was read; here the rest of what
+                # disk_use([container]) would count: the container, the tree's root, the blob.
+                disk_use=(
+                    index.blocks
+                    + os.lstat(container).st_blocks
+                    + os.lstat(container / "diff").st_blocks
+                    + (kept_blob.stat().st_blocks if kept_blob is not None else 0)
+                )
+                * 512,
             )
             _write_new(
                 container / "files.json",
