@@ -968,6 +968,8 @@ class LayerSession:
                 before_add=None
                 if source_dir is None
                 else functools.partial(sourcedir.restore_mtimes, self.rootdir / source_dir),
+                # With no parent the builder filled a staging dir of the store: no copy.
+                in_place=parent is None,
             )
         return self.layer_from_store(info.chain_id, parent, defn.name)
 

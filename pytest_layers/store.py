@@ -1354,6 +1354,7 @@ class Store:
         what: str | None = None,
         clamp_mtimes: bool = True,
         before_add: Callable[[Path], None] | None = None,
+        in_place: bool = False,
     ) -> LayerInfo:
         """Store the layer that the change list ``entries`` describes, on top of ``parent``.
 
@@ -1365,13 +1366,36 @@ class Store:
         place. A full disk anywhere on the way removes the staging and raises
         :class:`errors.NoSpaceError` naming ``what`` (default: the layer's name or source) and
         the store (see :meth:`full_disk`).
+
+        ``in_place=True`` says the entries are every entry of one tree made with
+        :meth:`staging` that nothing else uses (a build with no parent): that tree is settled
+        where it is (:func:`changeset.settle_tree`) and becomes the layer, with no copy.
         """
         label = what or (f"layer {name!r}" if name else f"a {source} layer")
+        if in_place and entries:
+            roots = {e.root for e in entries}
+            one = roots.pop() if len(roots) == 1 else None
+            tree = Path(one) if one is not None else None
+            if (
+                tree is None
+                or any(e.kind != "A" for e in entries)
+                or tree.name != "diff"
+                or tree.parent.parent != self._tmp
+            ):
+                raise ValueError(
+                    "write_layer(in_place=True) takes the added entries of one tree made with "
+                    "Store.staging()"
+                )
+            with self.full_disk(label):
+                changeset.settle_tree(tree, clamp_mtimes=clamp_mtimes)
+                if before_add is not None:
+                    before_add(tree)
+                return self.add_layer(tree, parent=parent, name=name, source=source, what=label)
         with self.full_disk(label), self.staging() as staged:
             changeset.write_layer(entries, staged, flavor=self.flavor, clamp_mtimes=clamp_mtimes)
             if before_add is not None:
                 before_add(staged)
-            return self.add_layer(staged, parent=parent, name=name, source=source, what=what)
+            return self.add_layer(staged, parent=parent, name=name, source=source, what=label)
 
     @contextlib.contextmanager
     def full_disk(self, what: str) -> Iterator[None]:
