@@ -313,7 +313,9 @@ def _same_content(fa: int, fb: int, size: int) -> bool:
     return _ranges_equal(fa, fb, 0, size)
 
 
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+def _copy_range(src: int, dst: int, start: int, end: int) -> int:
+    """Copy bytes ``start..end``; returns where it stopped (``end``, or earlier when the
+    source shrank)."""
     pos = start
     while pos < end:
         n = min(end - pos, 1 << 30)
@@ -327,13 +329,21 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
             if buf:
                 done = os.pwrite(dst, buf, pos)
         if done == 0:  # source shrank while we copied
-            return
+            return pos
         pos += done
+    return pos
 
 
-def _copy_file_data(src: int, dst: int, size: int) -> None:
+def _copy_file_data(src: int, dst: int, size: int, st: os.stat_result | None = None) -> None:
     """Copy a regular file's bytes between open fds, keeping holes (a sparse 8 GiB file stays
-    sparse)."""
+    sparse). With the source's ``st``, a small file with as many blocks as bytes is taken to
+    have no hole worth keeping and copied in one go (two ``lseek`` calls saved per file: a
+    commit copies thousands of small files)."""
+    if st is not None and size <= _CHUNK and st.st_blocks * 512 >= size:
+        if _copy_range(src, dst, 0, size) == size:
+            return
+        os.ftruncate(dst, size)  # the source shrank: the rest reads as zeros, as below
+        return
     extents = data_extents(src, size)
     for start, end in extents if extents is not None else [(0, size)]:
         _copy_range(src, dst, start, end)
@@ -1209,7 +1219,7 @@ class _LayerWriter:
         try:
             fd = os.open(name, _O_CREATE, 0o600, dir_fd=out)
             try:
-                _copy_file_data(src, fd, st.st_size)
+                _copy_file_data(src, fd, st.st_size, st)
                 self.set_meta(fd, st, _xattrs(src), rel)
             finally:
                 os.close(fd)
