@@ -370,8 +370,7 @@ def disk_use(paths: Iterable[Path]) -> int:
 
     The one notion of size the CLI and the report header print as "disk use"; a layer's
     ``size`` is something else (the bytes of its files' content, see docs/reference/cli.md)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
+    used = _DiskUse()
     stack = [os.fspath(p) for p in paths]
     while stack:  # a stack, not recursion: a committed rw layer may be very deep
         path = stack.pop()
@@ -379,13 +378,26 @@ def disk_use(paths: Iterable[Path]) -> int:
             st = os.lstat(path)
         except OSError:
             continue
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
+        used.add(st)
         if stat.S_ISDIR(st.st_mode):
             with contextlib.suppress(OSError), os.scandir(path) as it:
                 stack.extend(e.path for e in it)
-    return total
+    return used.total
+
+
+class _DiskUse:
+    """The rule of :func:`disk_use`, fed one ``lstat`` at a time: allocated bytes, each inode
+    once. (``add_layer`` feeds it the stats its one read of a new layer took anyway.)"""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[tuple[int, int]] = set()
+
+    def add(self, st: os.stat_result) -> None:
+        key = (st.st_dev, st.st_ino)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += st.st_blocks * 512
 
 
 _START: tuple[int, int] | None = None
@@ -527,8 +539,7 @@ class _LayerIndex:
 
     def __init__(self) -> None:
         self.manifest: dict[str, dict[str, Any]] = {}
-        self.blocks = 0
-        self._inodes: set[tuple[int, int]] = set()
+        self.disk_use = _DiskUse()
         self._groups: dict[tuple[int, int], list[str]] = {}
 
     def __call__(
@@ -561,9 +572,7 @@ class _LayerIndex:
         if xattrs:
             rec["xattrs"] = {os.fsdecode(k): hashlib.sha256(v).hexdigest() for k, v in xattrs}
         self.manifest[rel] = rec
-        if key not in self._inodes:
-            self._inodes.add(key)
-            self.blocks += st.st_blocks
+        self.disk_use.add(st)
 
     def finish(self) -> dict[str, dict[str, Any]]:
         for members in self._groups.values():
@@ -571,6 +580,12 @@ class _LayerIndex:
             for rel in members:
                 self.manifest[rel]["link_group"] = first
         return self.manifest
+
+
+def _container_use(used: _DiskUse, container: Path, blob: Path | None) -> int:
+    for path in (container, container / "diff", *([blob] if blob is not None else [])):
+        used.add(os.lstat(path))
+    return used.total
 
 
 def _manifest_order(rel: str) -> tuple[tuple[int, str], ...]:
@@ -1528,13 +1543,7 @@ class Store:
                 # Measured before the records are written: they are a few KiB at most. The
                 # entries' blocks were counted as the tree was read; here the rest of what
                 # disk_use([container]) would count: the container, the tree's root, the blob.
-                disk_use=(
-                    index.blocks
-                    + os.lstat(container).st_blocks
-                    + os.lstat(container / "diff").st_blocks
-                    + (kept_blob.stat().st_blocks if kept_blob is not None else 0)
-                )
-                * 512,
+                disk_use=_container_use(index.disk_use, container, kept_blob),
             )
             _write_new(
                 container / "files.json",

@@ -175,3 +175,17 @@ def test_in_place_needs_one_staged_tree(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"one tree made with Store\.staging"):
         store.write_layer(entries, parent=None, name=None, source="build", in_place=True)
     assert (tree / "f").read_bytes() == b"x"
+
+
+def test_recorded_disk_use_is_what_du_counts(tmp_path: Path) -> None:
+    """The disk use add_layer records, taken from its one read of the tree, is disk_use() of
+    the layer's directory without the two records written after it was measured."""
+    store = Store(tmp_path / "store")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    _source(tree)
+    info = store.layer_info(_write(store, tree, None))
+    layer_root = store.layer_dir(info.chain_id).parent
+    records = sum(os.lstat(layer_root / n).st_blocks * 512 for n in ("files.json", "layer.json"))
+    assert info.disk_use == store_mod.disk_use([layer_root]) - records
+    assert info.disk_use > 3 << 10  # not just the directories: the files' blocks too
