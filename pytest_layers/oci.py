@@ -1090,13 +1090,15 @@ def _apply_on_view(
     staging: Path,
     parents: list[str],
     blob: Path,
-    staged: Path,
     limits: layertar.Limits,
     n: int,
     layer: _LayerRef,
-) -> None:
-    """Apply layer ``n`` onto a writable view of its ``parents`` and write what changed."""
-    from pytest_layers.changeset import ImageView, write_layer
+    *,
+    diff_id: str,
+    what: str,
+) -> store_mod.LayerInfo:
+    """Apply layer ``n`` onto a writable view of its ``parents`` and store what changed."""
+    from pytest_layers.changeset import ImageView
 
     lowers = [store.layer_dir(c) for c in reversed(parents)]
     scratch = staging / "view"
@@ -1106,8 +1108,17 @@ def _apply_on_view(
     try:
         _apply(blob, view.path, limits, n, layer)
         entries = chosen.changes(view, ImageView(lowers, store.flavor))
-        # An imported layer keeps its image's mtimes (docs/concepts).
-        write_layer(entries, staged, flavor=store.flavor, clamp_mtimes=False)
+        return store.write_layer(
+            entries,
+            parent=parents[-1],
+            name=None,
+            source="import",
+            what=what,
+            clamp_mtimes=False,  # an imported layer keeps its image's mtimes (docs/concepts)
+            diff_id=diff_id,
+            blob=blob,
+            blob_verified=True,  # _unpack_blob hashed it to this DiffID
+        )
     finally:
         view.close()
 
@@ -1176,6 +1187,7 @@ def import_image(
                 size, usize = _unpack_blob(src, layer, n, image.diff_ids[i], blob, limits)
                 staged = staging / "layer"
                 staged.mkdir()
+                info: store_mod.LayerInfo | None = None
                 if i == 0:
                     # Nothing below the bottom layer: its tar applied as it is is the
                     # layer (whiteouts and opaque markers have nothing to hide), so no
@@ -1188,31 +1200,32 @@ def import_image(
                         # usual case for images we push, and for most build steps.
                         _apply(blob, staged, limits, n, layer, standalone=True)
                     except layertar.NeedsLowerLayers:
-                        # Start over in a fresh directory; the staging area's own
-                        # cleanup takes the partial one (read-only dirs and all).
-                        staged = staging / "layer-on-view"
-                        staged.mkdir()
-                        _apply_on_view(
+                        # Start over on a view of the parents, written like any change list;
+                        # the staging area's own cleanup takes the partial tree (read-only
+                        # dirs and all).
+                        info = _apply_on_view(
                             store,
                             backend,
                             staging,
                             chain_ids[:i],
                             blob,
-                            staged,
                             limits,
                             n,
                             layer,
+                            diff_id=image.diff_ids[i],
+                            what=what,
                         )
-                info = store.add_layer(
-                    staged,
-                    parent=parent,
-                    name=None,
-                    source="import",
-                    diff_id=image.diff_ids[i],
-                    blob=blob,
-                    blob_verified=True,  # _unpack_blob hashed it to this DiffID
-                    what=what,
-                )
+                if info is None:
+                    info = store.add_layer(
+                        staged,
+                        parent=parent,
+                        name=None,
+                        source="import",
+                        diff_id=image.diff_ids[i],
+                        blob=blob,
+                        blob_verified=True,  # _unpack_blob hashed it to this DiffID
+                        what=what,
+                    )
             if info.chain_id != cid:
                 raise StoreError(
                     f"layer {n}: the store gave chain id {info.chain_id}, expected {cid}; "

@@ -1370,6 +1370,9 @@ class Store:
         clamp_mtimes: bool = True,
         before_add: Callable[[Path], None] | None = None,
         in_place: bool = False,
+        diff_id: str | None = None,
+        blob: Path | None = None,
+        blob_verified: bool = False,
     ) -> LayerInfo:
         """Store the layer that the change list ``entries`` describes, on top of ``parent``.
 
@@ -1381,6 +1384,8 @@ class Store:
         place. A full disk anywhere on the way removes the staging and raises
         :class:`errors.NoSpaceError` naming ``what`` (default: the layer's name or source) and
         the store (see :meth:`full_disk`).
+
+        ``diff_id``, ``blob`` and ``blob_verified`` are an import's, as in :meth:`add_layer`.
 
         ``in_place=True`` says the entries are every entry of one tree made with
         :meth:`staging` that nothing else uses (a build with no parent): that tree is settled
@@ -1405,12 +1410,30 @@ class Store:
                 changeset.settle_tree(tree, clamp_mtimes=clamp_mtimes)
                 if before_add is not None:
                     before_add(tree)
-                return self.add_layer(tree, parent=parent, name=name, source=source, what=label)
+                return self.add_layer(
+                    tree,
+                    parent=parent,
+                    name=name,
+                    source=source,
+                    what=label,
+                    diff_id=diff_id,
+                    blob=blob,
+                    blob_verified=blob_verified,
+                )
         with self.full_disk(label), self.staging() as staged:
             changeset.write_layer(entries, staged, flavor=self.flavor, clamp_mtimes=clamp_mtimes)
             if before_add is not None:
                 before_add(staged)
-            return self.add_layer(staged, parent=parent, name=name, source=source, what=label)
+            return self.add_layer(
+                staged,
+                parent=parent,
+                name=name,
+                source=source,
+                what=label,
+                diff_id=diff_id,
+                blob=blob,
+                blob_verified=blob_verified,
+            )
 
     @contextlib.contextmanager
     def full_disk(self, what: str) -> Iterator[None]:
