@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import inspect
 import itertools
@@ -633,17 +634,19 @@ class LayerSession:
                 self._run_builder(defn, view.path, kwargs)
                 entries = self.backend.changes(view, image)
             _check_entries(defn, entries)
-            staged = stack.enter_context(self.store.staging())
-            changeset.write_layer(entries, staged, flavor=flavor)
-            if defn.source_dir is not None:
-                # write_layer clamps mtimes, as a built layer needs; a path layer is a copy of
-                # the directory and keeps its mtimes (docs/reference/layer.md).
-                sourcedir.restore_mtimes(self.rootdir / defn.source_dir, staged)
-            info = self.store.add_layer(
-                staged,
+            source_dir = defn.source_dir
+            info = self.store.write_layer(
+                entries,
                 parent=parent.chain_id if parent else None,
                 name=defn.name,
                 source="build",
+                # write_layer clamps mtimes, as a built layer needs; a path layer is a copy of
+                # the directory and keeps its mtimes (docs/reference/layer.md).
+                before_add=None
+                if source_dir is None
+                else functools.partial(sourcedir.restore_mtimes, self.rootdir / source_dir),
+                # With no parent the builder filled a staging dir of the store: no copy.
+                in_place=parent is None,
             )
         return self.layer_from_store(info.chain_id, parent, defn.name)
 

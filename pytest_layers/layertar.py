@@ -44,6 +44,8 @@ __all__ = [
     "Limits",
     "NeedsLowerLayers",
     "FileHashes",
+    "Visitor",
+    "stream_layer",
 ]
 
 Flavor = Literal["overlay", "marker"]
@@ -341,12 +343,14 @@ def _read_exact(fd: int, path: bytes, size: int) -> bytes:
     return data
 
 
-def _emit_large(sink: _Sink, fd: int, path: bytes, size: int, st: os.stat_result) -> None:
+def _emit_large(
+    sink: _Sink, fd: int, path: bytes, size: int, st: os.stat_result, also: _Update | None
+) -> None:
     sink.flush()
     if st.st_blocks * 512 < size:
-        _emit_sparse(sink, fd, path, size)
+        _emit_sparse(sink, fd, path, size, also)
     else:
-        _emit_range(sink, fd, path, 0, size)
+        _emit_range(sink, fd, path, 0, size, also)
     sink.add(_PADS[-size % _BLOCK])
 
 
@@ -357,7 +361,9 @@ def _changed(path: bytes, size: int) -> None:
     )
 
 
-def _emit_range(sink: _Sink, fd: int, path: bytes, start: int, end: int) -> None:
+def _emit_range(
+    sink: _Sink, fd: int, path: bytes, start: int, end: int, also: _Update | None = None
+) -> None:
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     pos = start
@@ -366,19 +372,24 @@ def _emit_range(sink: _Sink, fd: int, path: bytes, start: int, end: int) -> None
         n = os.readv(fd, [view[: min(_CHUNK, end - pos)]])
         if n == 0:
             _changed(path, end)
-        sink.add_large(bytes(view[:n]))
+        data = bytes(view[:n])
+        sink.add_large(data)
+        if also is not None:
+            also(data)
         pos += n
 
 
-def _emit_zeros(sink: _Sink, count: int) -> None:
+def _emit_zeros(sink: _Sink, count: int, also: _Update | None = None) -> None:
     zeros = memoryview(_ZEROS)
     while count > 0:
         n = min(count, _CHUNK)
         sink.add_large(zeros[:n])
+        if also is not None:
+            also(zeros[:n])
         count -= n
 
 
-def _emit_sparse(sink: _Sink, fd: int, path: bytes, size: int) -> None:
+def _emit_sparse(sink: _Sink, fd: int, path: bytes, size: int, also: _Update | None = None) -> None:
     # Holes read as zeros; feeding a shared zero buffer instead of read()ing them saves the
     # kernel's memset and copy, which dominates for a mostly-empty multi-GiB file.
     pos = 0
@@ -390,11 +401,11 @@ def _emit_sparse(sink: _Sink, fd: int, path: bytes, size: int) -> None:
                 raise
             data = size
         data = min(data, size)
-        _emit_zeros(sink, data - pos)
+        _emit_zeros(sink, data - pos, also)
         if data >= size:
             break
         hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        _emit_range(sink, fd, path, data, hole)
+        _emit_range(sink, fd, path, data, hole, also)
         pos = hole
 
 
@@ -402,11 +413,28 @@ def _emit_sparse(sink: _Sink, fd: int, path: bytes, size: int) -> None:
 #: mtime_ns, sha256 hex)``, so the store's per-file manifest need not open it again.
 FileHashes = dict[str, tuple[int, int, int, str]]
 
+_Update = Callable[[bytes | memoryview], object]
+
+#: Called by :func:`stream_layer` for every entry of the layer directory, in tar order, with
+#: what the tar was made of: the entry's path relative to the layer (on-disk spelling, bytes),
+#: its ``lstat``, the sha256 hex of a regular file's content (``None`` for anything else), the
+#: kept xattrs (sorted, as written to the tar) and a symlink's target (``None`` otherwise).
+#: Whiteouts are visited too, with their own ``lstat``.
+Visitor = Callable[
+    [bytes, os.stat_result, "str | None", Sequence[tuple[bytes, bytes]], "bytes | None"], None
+]
+
 
 def _walk(
-    sink: _Sink, root: bytes, flavor: str, epoch: int | None, hashes: FileHashes | None = None
+    sink: _Sink,
+    root: bytes,
+    flavor: str,
+    epoch: int | None,
+    hashes: FileHashes | None = None,
+    visit: Visitor | None = None,
 ) -> None:
     links: dict[tuple[int, int], bytes] = {}
+    shas: dict[tuple[int, int], str] = {}  # first link of a group's content digest (for visit)
     # Every entry is opened relative to its directory's fd: one path component per lookup, and
     # the fd of a regular file gives its stat and xattrs without more path walks.
     # Depth-first over sorted children gives "sorted by path components, parents first".
@@ -429,6 +457,16 @@ def _walk(
             name = prefix + child.tarname
             if child.whiteout:
                 sink.add(_entry_bytes(name, 0o600, 0, 0, 0, 0, b"0"))
+                if visit is not None and child.name:  # not the marker made for an opaque dir
+                    wst = os.stat(child.name, dir_fd=dfd, follow_symlinks=False)
+                    marker = stat.S_ISREG(wst.st_mode)  # a .wh.NAME file, else a 0/0 device
+                    visit(
+                        prefix + os.fsencode(child.name),
+                        wst,
+                        _content_sha(dfd, child.name, wst.st_size) if marker else None,
+                        (),
+                        None,
+                    )
                 continue
             kind = child.kind
             fd = -1
@@ -457,6 +495,8 @@ def _walk(
                 uid, gid = st.st_uid, st.st_gid
                 if kind == stat.S_IFDIR:
                     sink.add(_entry_bytes(name, mode, uid, gid, 0, mtime, b"5", xattrs=xattrs))
+                    if visit is not None:
+                        visit(name, st, None, xattrs, None)
                     sub_path = dpath + b"/" + child.tarname
                     sub = _children(fd, sub_path, flavor)
                     if opaque:
@@ -473,33 +513,54 @@ def _walk(
                         sink.add(
                             _entry_bytes(name, mode, uid, gid, 0, mtime, b"1", first, xattrs=xattrs)
                         )
+                        if visit is not None:
+                            link_target = None
+                            if kind == stat.S_IFLNK:
+                                link_target = os.fsencode(os.readlink(child.name, dir_fd=dfd))
+                            visit(name, st, shas.get(key), xattrs, link_target)
                         continue
                     links[key] = name
                 if kind == stat.S_IFREG:
                     size = st.st_size
                     head = _entry_bytes(name, mode, uid, gid, size, mtime, b"0", xattrs=xattrs)
+                    digest = _EMPTY_SHA
                     if size > _FLUSH_AT:
                         sink.add(head)
-                        _emit_large(sink, fd, dpath + b"/" + child.tarname, size, st)
+                        file_hash = hashlib.sha256() if visit is not None else None
+                        _emit_large(
+                            sink,
+                            fd,
+                            dpath + b"/" + child.tarname,
+                            size,
+                            st,
+                            None if file_hash is None else file_hash.update,
+                        )
+                        if file_hash is not None:
+                            digest = file_hash.hexdigest()
                     elif size:
                         data = _read_exact(fd, dpath + b"/" + child.tarname, size)
                         sink.add(head + data + _PADS[-size % _BLOCK])
+                        if hashes is not None or visit is not None:
+                            digest = hashlib.sha256(data).hexdigest()
                         if hashes is not None:
-                            hashes[os.fsdecode(name)] = (
-                                st.st_ino,
-                                size,
-                                st.st_mtime_ns,
-                                hashlib.sha256(data).hexdigest(),
-                            )
+                            hashes[os.fsdecode(name)] = (st.st_ino, size, st.st_mtime_ns, digest)
                     else:
                         sink.add(head)
                         if hashes is not None:
                             hashes[os.fsdecode(name)] = (st.st_ino, 0, st.st_mtime_ns, _EMPTY_SHA)
-                elif kind == stat.S_IFLNK:
+                    if visit is not None:
+                        if st.st_nlink > 1:
+                            shas[(st.st_dev, st.st_ino)] = digest
+                        visit(name, st, digest, xattrs, None)
+                    continue
+                if kind == stat.S_IFLNK:
                     target = os.fsencode(os.readlink(child.name, dir_fd=dfd))
                     sink.add(
                         _entry_bytes(name, mode, uid, gid, 0, mtime, b"2", target, xattrs=xattrs)
                     )
+                    if visit is not None:
+                        visit(name, st, None, xattrs, target)
+                    continue
                 elif kind in (stat.S_IFCHR, stat.S_IFBLK):
                     dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
                     flag = b"3" if kind == stat.S_IFCHR else b"4"
@@ -513,6 +574,8 @@ def _walk(
                         f"{os.fsdecode(dpath + b'/' + child.tarname)!r}: unsupported file type "
                         f"{oct(kind)} in a layer"
                     )
+                if visit is not None:
+                    visit(name, st, None, xattrs, None)
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -522,11 +585,27 @@ def _walk(
     sink.flush()
 
 
+def _content_sha(dir_fd: int, name: str, size: int) -> str:
+    # A whiteout marker's content is not in the tar (a whiteout is an empty entry there); it is
+    # still what the store's index records of the file, and it is empty but for a tampered one.
+    if size == 0:
+        return _EMPTY_SHA
+    h = hashlib.sha256()
+    fd = os.open(name, _O_READ, dir_fd=dir_fd)
+    try:
+        while chunk := os.read(fd, _CHUNK):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
 def _stream(
     layer_dir: Path,
     flavor: Flavor,
     consumers: Sequence[Callable[[bytes | memoryview], object]],
     hashes: FileHashes | None = None,
+    visit: Visitor | None = None,
 ) -> str:
     _check_flavor(flavor)
     root = os.fsencode(layer_dir)
@@ -534,7 +613,7 @@ def _stream(
         raise NotADirectoryError(errno.ENOTDIR, "layer directory does not exist", str(layer_dir))
     hasher = hashlib.sha256()
     sink = _Sink([hasher.update, *consumers])
-    _walk(sink, root, flavor, _source_date_epoch(), hashes)
+    _walk(sink, root, flavor, _source_date_epoch(), hashes, visit)
     return "sha256:" + hasher.hexdigest()
 
 
@@ -554,6 +633,21 @@ def layer_diff_id(layer_dir: Path, *, flavor: Flavor, hashes: FileHashes | None 
     there (see :data:`FileHashes`): the store's manifest reuses them instead of reading every
     file a second time."""
     return _stream(layer_dir, flavor, [], hashes)
+
+
+def stream_layer(
+    layer_dir: Path,
+    *,
+    flavor: Flavor,
+    visit: Visitor,
+    out: Callable[[bytes | memoryview], object] | None = None,
+) -> str:
+    """One pass over ``layer_dir``: its canonical tar into sha256 (and ``out``, when given),
+    and every entry handed to ``visit`` with what the tar was made of (see :data:`Visitor`).
+
+    Returns the diff_id. This is how the store reads a new layer once to name it and index it;
+    :func:`layer_diff_id` is the same stream without the visitor."""
+    return _stream(layer_dir, flavor, [] if out is None else [out], None, visit)
 
 
 def chain_id(diff_ids: Sequence[str]) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import gzip
 import hashlib
 import json
@@ -40,7 +39,6 @@ from pytest_layers._fmt import human_size, short_digest
 from pytest_layers.errors import (
     InvalidImageError,
     InvalidLayerError,
-    NoSpaceError,
     StoreError,
     UnsafeEntryError,
 )
@@ -1079,13 +1077,15 @@ def _apply_on_view(
     staging: Path,
     parents: list[str],
     blob: Path,
-    staged: Path,
     limits: layertar.Limits,
     n: int,
     layer: _LayerRef,
-) -> None:
-    """Apply layer ``n`` onto a writable view of its ``parents`` and write what changed."""
-    from pytest_layers.changeset import ImageView, write_layer
+    *,
+    diff_id: str,
+    what: str,
+) -> store_mod.LayerInfo:
+    """Apply layer ``n`` onto a writable view of its ``parents`` and store what changed."""
+    from pytest_layers.changeset import ImageView
 
     lowers = [store.layer_dir(c) for c in reversed(parents)]
     scratch = staging / "view"
@@ -1095,8 +1095,17 @@ def _apply_on_view(
     try:
         _apply(blob, view.path, limits, n, layer)
         entries = chosen.changes(view, ImageView(lowers, store.flavor))
-        # An imported layer keeps its image's mtimes (docs/concepts).
-        write_layer(entries, staged, flavor=store.flavor, clamp_mtimes=False)
+        return store.write_layer(
+            entries,
+            parent=parents[-1],
+            name=None,
+            source="import",
+            what=what,
+            clamp_mtimes=False,  # an imported layer keeps its image's mtimes (docs/concepts)
+            diff_id=diff_id,
+            blob=blob,
+            blob_verified=True,  # _unpack_blob hashed it to this DiffID
+        )
     finally:
         view.close()
 
@@ -1159,39 +1168,43 @@ def import_image(
                     )
                 continue
             started = time.monotonic()
-            try:
-                with store.staging() as staging:
-                    blob = staging / "blob.tar"
-                    size, usize = _unpack_blob(src, layer, n, image.diff_ids[i], blob, limits)
-                    staged = staging / "layer"
-                    staged.mkdir()
-                    if i == 0:
-                        # Nothing below the bottom layer: its tar applied as it is is the
-                        # layer (whiteouts and opaque markers have nothing to hide), so no
-                        # view, no change list, no second copy of every file.
-                        _apply(blob, staged, limits, n, layer)
-                    else:
-                        try:
-                            # A layer that only adds entries (every parent directory, every
-                            # hardlink target its own, no whiteout) is its own diff too: the
-                            # usual case for images we push, and for most build steps.
-                            _apply(blob, staged, limits, n, layer, standalone=True)
-                        except layertar.NeedsLowerLayers:
-                            # Start over in a fresh directory; the staging area's own
-                            # cleanup takes the partial one (read-only dirs and all).
-                            staged = staging / "layer-on-view"
-                            staged.mkdir()
-                            _apply_on_view(
-                                store,
-                                backend,
-                                staging,
-                                chain_ids[:i],
-                                blob,
-                                staged,
-                                limits,
-                                n,
-                                layer,
-                            )
+            with (
+                store.full_disk(what := f"image {path} (layer {n}/{len(image.layers)})"),
+                store.staging() as staging,
+            ):
+                blob = staging / "blob.tar"
+                size, usize = _unpack_blob(src, layer, n, image.diff_ids[i], blob, limits)
+                staged = staging / "layer"
+                staged.mkdir()
+                info: store_mod.LayerInfo | None = None
+                if i == 0:
+                    # Nothing below the bottom layer: its tar applied as it is is the
+                    # layer (whiteouts and opaque markers have nothing to hide), so no
+                    # view, no change list, no second copy of every file.
+                    _apply(blob, staged, limits, n, layer)
+                else:
+                    try:
+                        # A layer that only adds entries (every parent directory, every
+                        # hardlink target its own, no whiteout) is its own diff too: the
+                        # usual case for images we push, and for most build steps.
+                        _apply(blob, staged, limits, n, layer, standalone=True)
+                    except layertar.NeedsLowerLayers:
+                        # Start over on a view of the parents, written like any change list;
+                        # the staging area's own cleanup takes the partial tree (read-only
+                        # dirs and all).
+                        info = _apply_on_view(
+                            store,
+                            backend,
+                            staging,
+                            chain_ids[:i],
+                            blob,
+                            limits,
+                            n,
+                            layer,
+                            diff_id=image.diff_ids[i],
+                            what=what,
+                        )
+                if info is None:
                     info = store.add_layer(
                         staged,
                         parent=parent,
@@ -1200,13 +1213,8 @@ def import_image(
                         diff_id=image.diff_ids[i],
                         blob=blob,
                         blob_verified=True,  # _unpack_blob hashed it to this DiffID
+                        what=what,
                     )
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                raise NoSpaceError(
-                    f"image {path} (layer {n}/{len(image.layers)})", str(store.root)
-                ) from None
             if info.chain_id != cid:
                 raise StoreError(
                     f"layer {n}: the store gave chain id {info.chain_id}, expected {cid}; "

@@ -22,7 +22,7 @@ from pytest_layers import _dirfd, changeset, diffdata, layertar
 from pytest_layers._removal import remove_tree
 from pytest_layers.backends.base import View
 from pytest_layers.build import Layer, LayerSession
-from pytest_layers.errors import LayerDefinitionError, LayersError, NoSpaceError
+from pytest_layers.errors import LayerDefinitionError, LayersError
 
 __all__ = [
     "Rootfs",
@@ -231,25 +231,20 @@ class Rootfs(os.PathLike[str]):
             raise LayersError("a readonly rootfs has no writable layer to commit")
         store = self._session.store
         parent = self._image[-1] if self._image else None
-        try:
+        # Copying the rw layer into staging fills the store's filesystem (the rw layer itself
+        # may live on the scratch tmpfs): the store's full-disk policy names what was written.
+        with store.full_disk(self._commit_label(name)):
             self._ensure_stored(self._image)
-            with self._readable() as opened, store.staging() as staged:
-                entries = self._read_entries(opened)
-                changeset.write_layer(entries, staged, flavor=store.flavor)
-                info = store.add_layer(
-                    staged,
+            with self._readable() as opened:
+                info = store.write_layer(
+                    self._read_entries(opened),
                     parent=parent.chain_id if parent else None,
                     name=name,
                     source="commit",
+                    what=self._commit_label(name),
                 )
             if name is not None:
                 store.set_name(name, info.chain_id)
-        except OSError as exc:
-            # Copying the rw layer into staging fills the store's filesystem (the rw layer
-            # itself may live on the scratch tmpfs); the staging is removed by now.
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(exc, NoSpaceError):
-                raise
-            raise NoSpaceError(self._commit_label(name), str(store.root)) from exc
         return self._session.layer_from_store(info.chain_id, parent, name)
 
     def commit_with_init(self, committed: Layer) -> str | None:
@@ -264,18 +259,13 @@ class Rootfs(os.PathLike[str]):
             return None
         store = self._session.store
         parent = self._image[-1].chain_id if self._image else None
-        try:
+        what = "the init layer of a snapshot"
+        with store.full_disk(what):
             entries = changeset.changes_from_upper(self._init_dir, self._image_view())
-            with store.staging() as staged:
-                changeset.write_layer(entries, staged, flavor=store.flavor)
-                init = store.add_layer(staged, parent=parent, name=None, source="init")
+            init = store.write_layer(entries, parent=parent, name=None, source="init", what=what)
             diff_ids = [x.diff_id for x in self._image]
             top = layertar.chain_id([*diff_ids, init.diff_id, committed.diff_id])
             store.add_alias(top, committed.chain_id, parent=init.chain_id)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(exc, NoSpaceError):
-                raise
-            raise NoSpaceError("the init layer of a snapshot", str(store.root)) from exc
         return top
 
     def _commit_label(self, name: str | None) -> str:

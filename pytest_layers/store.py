@@ -34,14 +34,14 @@ import shutil
 import stat
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote
 
 import filelock
 
-from pytest_layers import _access, _dirfd, _faultpoints, _proctag, errors, layertar
+from pytest_layers import _access, _dirfd, _faultpoints, _proctag, changeset, errors, layertar
 from pytest_layers._fmt import short_digest
 from pytest_layers._mounts import filesystem_type
 from pytest_layers._removal import remove_tree
@@ -349,8 +349,7 @@ def disk_use(paths: Iterable[Path]) -> int:
 
     The one notion of size the CLI and the report header print as "disk use"; a layer's
     ``size`` is something else (the bytes of its files' content, see docs/reference/cli.md)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
+    used = _DiskUse()
     stack = [os.fspath(p) for p in paths]
     while stack:  # a stack, not recursion: a committed rw layer may be very deep
         path = stack.pop()
@@ -358,13 +357,26 @@ def disk_use(paths: Iterable[Path]) -> int:
             st = os.lstat(path)
         except OSError:
             continue
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
+        used.add(st)
         if stat.S_ISDIR(st.st_mode):
             with contextlib.suppress(OSError), os.scandir(path) as it:
                 stack.extend(e.path for e in it)
-    return total
+    return used.total
+
+
+class _DiskUse:
+    """The rule of :func:`disk_use`, fed one ``lstat`` at a time: allocated bytes, each inode
+    once. (``add_layer`` feeds it the stats its one read of a new layer took anyway.)"""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[tuple[int, int]] = set()
+
+    def add(self, st: os.stat_result) -> None:
+        key = (st.st_dev, st.st_ino)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += st.st_blocks * 512
 
 
 def _owner_alive(name: str) -> bool:
@@ -473,6 +485,73 @@ def build_manifest(
 
     _dirfd.walk(tree, "", record)
     return manifest
+
+
+class _LayerIndex:
+    """The visitor of :func:`layertar.stream_layer` that makes a new layer's ``files.json``
+    record by record as the tar streams: the same records :func:`build_manifest` makes by a
+    walk of its own (``verify`` still walks, independently), and the layer's disk use.
+
+    Hardlink groups are named after the fact: ``build_manifest`` names a group by its member
+    that comes first in its own order (a directory's entries before its subdirectories'),
+    which is not the tar's order."""
+
+    def __init__(self) -> None:
+        self.manifest: dict[str, dict[str, Any]] = {}
+        self.disk_use = _DiskUse()
+        self._groups: dict[tuple[int, int], list[str]] = {}
+
+    def __call__(
+        self,
+        name: bytes,
+        st: os.stat_result,
+        sha256: str | None,
+        xattrs: Sequence[tuple[bytes, bytes]],
+        target: bytes | None,
+    ) -> None:
+        rel = os.fsdecode(name)
+        fmt = stat.S_IFMT(st.st_mode)
+        rec: dict[str, Any] = {
+            "type": _TYPE_NAMES.get(fmt, "unknown"),
+            "mode": stat.S_IMODE(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "mtime": int(st.st_mtime),
+        }
+        if fmt == stat.S_IFREG:
+            rec["size"] = st.st_size
+            rec["sha256"] = sha256
+        elif fmt == stat.S_IFLNK:
+            rec["target"] = os.fsdecode(target) if target is not None else ""
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            rec["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+        key = (st.st_dev, st.st_ino)
+        if fmt != stat.S_IFDIR and st.st_nlink > 1:
+            self._groups.setdefault(key, []).append(rel)
+        if xattrs:
+            rec["xattrs"] = {os.fsdecode(k): hashlib.sha256(v).hexdigest() for k, v in xattrs}
+        self.manifest[rel] = rec
+        self.disk_use.add(st)
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        for members in self._groups.values():
+            first = min(members, key=_manifest_order)
+            for rel in members:
+                self.manifest[rel]["link_group"] = first
+        return self.manifest
+
+
+def _container_use(used: _DiskUse, container: Path, blob: Path | None) -> int:
+    for path in (container, container / "diff", *([blob] if blob is not None else [])):
+        used.add(os.lstat(path))
+    return used.total
+
+
+def _manifest_order(rel: str) -> tuple[tuple[int, str], ...]:
+    # build_manifest's walk: a directory's own entries (0, name) before any entry of its
+    # subdirectories (1, name), subdirectories in name order.
+    parts = rel.split("/")
+    return (*((1, p) for p in parts[:-1]), (0, parts[-1]))
 
 
 def _sha256_at(dir_fd: int, name: str) -> str:
@@ -1164,6 +1243,7 @@ class Store:
         diff_id: str | None = None,
         blob: Path | None = None,
         blob_verified: bool = False,
+        what: str | None = None,
     ) -> LayerInfo:
         """Store the layer tree ``staged`` (best made with :meth:`staging`) on top of ``parent``.
 
@@ -1173,14 +1253,17 @@ class Store:
         moved, not copied, when it lies in the store's own staging area). ``blob_verified``
         says the caller hashed ``blob`` to ``diff_id`` as it wrote it (the importer does), so
         it is not read again. When ``name`` is given, ``refs/names/<name>`` points to the result.
+        A full disk raises :class:`errors.NoSpaceError` naming ``what`` (default: the layer's
+        name, or its chain id and source).
         """
         if source not in _SOURCES:
             raise ValueError(f"source must be one of {', '.join(_SOURCES)}, not {source!r}")
         self._writable()
         staged = Path(os.path.abspath(staged))
         parent_diff_ids = [info.diff_id for info in self.chain(parent)] if parent else []
-        hashes: layertar.FileHashes = {}
-        tree_digest = layertar.layer_diff_id(staged, flavor=self.flavor, hashes=hashes)
+        # The one read of the new tree: its diff_id, its files.json and its disk use together.
+        index = _LayerIndex()
+        tree_digest = layertar.stream_layer(staged, flavor=self.flavor, visit=index)
         if blob is not None and not (blob_verified and diff_id is not None):
             blob_digest = _blob_digest(blob)
             if diff_id is None:
@@ -1207,7 +1290,9 @@ class Store:
             return self._named(self.layer_info(chain_id), name)
 
         container = self._adopt(staged)
-        try:
+        if what is None:
+            what = f"layer {name!r}" if name else f"layer {short_digest(chain_id)} ({source})"
+        with self.full_disk(what):
             info, existing = self._assemble(
                 container,
                 target,
@@ -1219,16 +1304,105 @@ class Store:
                 source=source,
                 blob=blob,
                 imported=imported,
-                hashes=hashes,
+                index=index,
             )
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                what = f"layer {name!r}" if name else f"layer {short_digest(chain_id)} ({source})"
-                raise errors.NoSpaceError(what, str(self.root)) from exc
-            raise
         if existing:
             info = self.layer_info(chain_id)
         return self._named(info, name)
+
+    def write_layer(
+        self,
+        entries: Sequence[changeset.Entry],
+        *,
+        parent: str | None,
+        name: str | None,
+        source: str,
+        what: str | None = None,
+        clamp_mtimes: bool = True,
+        before_add: Callable[[Path], None] | None = None,
+        in_place: bool = False,
+        diff_id: str | None = None,
+        blob: Path | None = None,
+        blob_verified: bool = False,
+    ) -> LayerInfo:
+        """Store the layer that the change list ``entries`` describes, on top of ``parent``.
+
+        The one way a change list becomes a stored layer (a build, a commit, an init layer, an
+        import applied on a view): the entries are written into a staging directory
+        (:func:`changeset.write_layer`; ``clamp_mtimes=False`` keeps the sources' mtimes),
+        ``before_add`` may adjust the staged tree, and :meth:`add_layer` reads the tree once
+        to name it (diff_id), index it (``files.json``) and measure it, then moves it into
+        place. A full disk anywhere on the way removes the staging and raises
+        :class:`errors.NoSpaceError` naming ``what`` (default: the layer's name or source) and
+        the store (see :meth:`full_disk`).
+
+        ``diff_id``, ``blob`` and ``blob_verified`` are an import's, as in :meth:`add_layer`.
+
+        ``in_place=True`` says the entries are every entry of one tree made with
+        :meth:`staging` that nothing else uses (a build with no parent): that tree is settled
+        where it is (:func:`changeset.settle_tree`) and becomes the layer, with no copy.
+        """
+        label = what or (f"layer {name!r}" if name else f"a {source} layer")
+        if in_place and entries:
+            roots = {e.root for e in entries}
+            one = roots.pop() if len(roots) == 1 else None
+            tree = Path(one) if one is not None else None
+            if (
+                tree is None
+                or any(e.kind != "A" for e in entries)
+                or tree.name != "diff"
+                or tree.parent.parent != self._tmp
+            ):
+                raise ValueError(
+                    "write_layer(in_place=True) takes the added entries of one tree made with "
+                    "Store.staging()"
+                )
+            with self.full_disk(label):
+                changeset.settle_tree(tree, clamp_mtimes=clamp_mtimes)
+                if before_add is not None:
+                    before_add(tree)
+                return self.add_layer(
+                    tree,
+                    parent=parent,
+                    name=name,
+                    source=source,
+                    what=label,
+                    diff_id=diff_id,
+                    blob=blob,
+                    blob_verified=blob_verified,
+                )
+        with self.full_disk(label), self.staging() as staged:
+            changeset.write_layer(entries, staged, flavor=self.flavor, clamp_mtimes=clamp_mtimes)
+            if before_add is not None:
+                before_add(staged)
+            return self.add_layer(
+                staged,
+                parent=parent,
+                name=name,
+                source=source,
+                what=label,
+                diff_id=diff_id,
+                blob=blob,
+                blob_verified=blob_verified,
+            )
+
+    @contextlib.contextmanager
+    def full_disk(self, what: str) -> Iterator[None]:
+        """The store's one full-disk policy: an ``ENOSPC``/``EDQUOT`` inside the block becomes
+        :class:`errors.NoSpaceError` naming ``what`` and the store, which says how to make room.
+
+        Whatever the block staged is removed by then (staging directories clean up on the way
+        out), so a rerun after freeing space starts clean; an error already converted (by an
+        inner block naming something more precise) passes through unchanged.
+        """
+        try:
+            yield
+        except errors.NoSpaceError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise errors.NoSpaceError(what, str(self.root)) from exc
 
     def add_alias(self, chain_id: str, target_chain_id: str, parent: str | None) -> LayerInfo:
         """Record the stored layer ``target_chain_id`` at another chain position, on ``parent``,
@@ -1310,13 +1484,13 @@ class Store:
         source: str,
         blob: Path | None,
         imported: bool,
-        hashes: layertar.FileHashes | None = None,
+        index: _LayerIndex,
     ) -> tuple[LayerInfo, bool]:
         """Complete ``container`` (manifest, metadata, blob) and rename it to ``target``;
         returns the info and whether another process stored the layer first."""
         existing = False
         try:
-            manifest = build_manifest(container / "diff", hashes)
+            manifest = index.finish()
             size = sum(r.get("size", 0) for r in manifest.values())
             kept_blob = None
             if blob is not None:
@@ -1340,8 +1514,10 @@ class Store:
                 source=source,
                 blob=target / "blob.tar" if kept_blob else None,
                 tree_digest=tree_digest if imported else None,
-                # Measured before the records are written: they are a few KiB at most.
-                disk_use=disk_use([container]),
+                # Measured before the records are written: they are a few KiB at most. The
+                # entries' blocks were counted as the tree was read; here the rest of what
+                # disk_use([container]) would count: the container, the tree's root, the blob.
+                disk_use=_container_use(index.disk_use, container, kept_blob),
             )
             _write_new(
                 container / "files.json",
