@@ -1343,6 +1343,7 @@ class Store:
         where it is (:func:`changeset.settle_tree`) and becomes the layer, with no copy.
         """
         label = what or (f"layer {name!r}" if name else f"a {source} layer")
+        tree: Path | None = None  # the staged tree that becomes the layer where it is
         if in_place and entries:
             roots = {e.root for e in entries}
             one = roots.pop() if len(roots) == 1 else None
@@ -1357,22 +1358,15 @@ class Store:
                     "write_layer(in_place=True) takes the added entries of one tree made with "
                     "Store.staging()"
                 )
-            with self.full_disk(label):
-                changeset.settle_tree(tree, clamp_mtimes=clamp_mtimes)
-                if before_add is not None:
-                    before_add(tree)
-                return self.add_layer(
-                    tree,
-                    parent=parent,
-                    name=name,
-                    source=source,
-                    what=label,
-                    diff_id=diff_id,
-                    blob=blob,
-                    blob_verified=blob_verified,
+        with self.full_disk(label), contextlib.ExitStack() as stack:
+            if tree is not None:
+                staged = tree
+                changeset.settle_tree(staged, clamp_mtimes=clamp_mtimes)
+            else:
+                staged = stack.enter_context(self.staging())
+                changeset.write_layer(
+                    entries, staged, flavor=self.flavor, clamp_mtimes=clamp_mtimes
                 )
-        with self.full_disk(label), self.staging() as staged:
-            changeset.write_layer(entries, staged, flavor=self.flavor, clamp_mtimes=clamp_mtimes)
             if before_add is not None:
                 before_add(staged)
             return self.add_layer(
