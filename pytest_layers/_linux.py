@@ -68,6 +68,7 @@ __all__ = [
     "mount",
     "umount2",
     "unshare",
+    "fork_into_namespaces",
     "fsopen",
     "fsconfig_flag",
     "fsconfig_string",
@@ -171,6 +172,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "fsmount": 432,
         "mount_setattr": 442,
         "openat2": 437,
+        "clone3": 435,
     },
     "aarch64": {
         "capget": 90,
@@ -182,6 +184,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "fsmount": 432,
         "mount_setattr": 442,
         "openat2": 437,
+        "clone3": 435,
     },
 }
 _ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
@@ -628,3 +631,59 @@ def write_proc(path: str, text: str) -> None:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+class _CloneArgs(ctypes.Structure):
+    # struct clone_args, CLONE_ARGS_SIZE_VER0 (<linux/sched.h>)
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("pidfd", ctypes.c_uint64),
+        ("child_tid", ctypes.c_uint64),
+        ("parent_tid", ctypes.c_uint64),
+        ("exit_signal", ctypes.c_uint64),
+        ("stack", ctypes.c_uint64),
+        ("stack_size", ctypes.c_uint64),
+        ("tls", ctypes.c_uint64),
+    ]
+
+
+# A PyDLL call keeps the GIL, as os.fork() does across fork(2): the child must not start with
+# the GIL released by a thread it does not have.
+_pylibc = ctypes.PyDLL(None, use_errno=True)
+_pylibc.syscall.restype = ctypes.c_long
+_SIGCHLD = 17
+_python_fork_hooks = (
+    ctypes.pythonapi.PyOS_BeforeFork,
+    ctypes.pythonapi.PyOS_AfterFork_Parent,
+    ctypes.pythonapi.PyOS_AfterFork_Child,
+)
+for _hook in _python_fork_hooks:
+    _hook.argtypes = []
+    _hook.restype = None
+
+
+def fork_into_namespaces(flags: int) -> int:
+    """``os.fork()`` whose child starts in new namespaces (``clone3(2)`` with ``flags``, the
+    ``CLONE_NEW*`` bits): 0 in the child, its pid in the caller. A child in a new PID
+    namespace is its PID 1 without an intermediate process, which ``unshare(2)`` needs.
+
+    Only for a single-threaded caller: like ``os.fork()`` it runs Python's fork hooks, but not
+    glibc's, so a lock another thread held (malloc's) would stay locked in the child.
+    Raises :class:`MountError` (``ENOSYS`` where clone3 is missing or filtered, ``EPERM``...
+    where the namespaces are refused)."""
+    args = _CloneArgs(flags=flags, exit_signal=_SIGCHLD)
+    before, after_parent, after_child = _python_fork_hooks
+    before()
+    pid = _pylibc.syscall(
+        ctypes.c_long(_syscall_number("clone3")),
+        ctypes.byref(args),
+        ctypes.c_size_t(ctypes.sizeof(args)),
+    )
+    if pid == 0:
+        after_child()
+        return 0
+    err = ctypes.get_errno()
+    after_parent()
+    if pid < 0:
+        raise _fail("clone3", None, err)
+    return int(pid)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import select
 import signal
@@ -137,12 +138,15 @@ class Sandbox:
         if not argv:
             raise ValueError("argv is empty: name the program to run")
         environ = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "HOME": "/root"}
+        _cap_last()  # read here, once: the child then finds it cached
+        flags = _NAMESPACES | (_linux.CLONE_NEWNET if self.network == "none" else 0)
+        direct = _single_threaded()
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
         uid, gid, caller = os.geteuid(), os.getegid(), os.getpid()
         fds = [err_r, err_w, status_r, status_w]
         maps: tuple[int, int] | None = None
-        if uid == 0:
+        if uid == 0 or direct:
             ready_r, ready_w = os.pipe()
             go_r, go_w = os.pipe()
             fds += [ready_r, ready_w, go_r, go_w]
@@ -150,8 +154,17 @@ class Sandbox:
         plan = _Plan(
             self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid, caller, user, maps
         )
+        alive = -1
         try:
-            pid = os.fork()
+            pid = -1
+            if direct:
+                alive = os.pidfd_open(caller)
+                fds.append(alive)
+                with contextlib.suppress(OSError):  # no clone3, or refused: the keeper's way
+                    pid = _linux.fork_into_namespaces(flags)
+            if pid < 0:
+                direct = False
+                pid = os.fork()
         except OSError:
             for fd in fds:
                 os.close(fd)
@@ -165,15 +178,29 @@ class Sandbox:
             for fd in close:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            if direct:
+                os.close(ready_w)
+                _direct_init(plan, err_w, status_w, go_r, alive)
             _child(plan, err_w, status_w)
+        if alive >= 0:
+            os.close(alive)
         os.close(err_w)
         os.close(status_w)
-        proc = SandboxProcess(pid, status_r, list(argv))
+        # Init, started straight into its namespaces, ends on SIGKILL; a keeper on SIGTERM
+        # (it kills init, then waits until the namespace is empty).
+        kill = signal.SIGKILL if direct else signal.SIGTERM
+        proc = SandboxProcess(pid, status_r, list(argv), kill_signal=kill)
         if maps is not None:
             os.close(ready_w)
             os.close(go_r)
         try:
-            if maps is not None:
+            if direct:
+                # The child is already in its user namespace: the maps go in now, with no
+                # round trip, and "go" (its parent is alive and mapped it) follows.
+                assert maps is not None
+                os.close(ready_r)
+                _write_go(plan, pid, go_w)
+            elif maps is not None:
                 _write_maps(plan, pid, ready_r, go_w)
             message = _read_all(err_r)
         except BaseException:  # ^C while it starts: nothing may keep running unsupervised
@@ -209,13 +236,22 @@ class Sandbox:
 
 
 class SandboxProcess:
-    """A running sandbox: ``pid`` is the keeper's (killing it ends every process inside)."""
+    """A running sandbox: ``pid`` is its init's, or its keeper's (killing either ends every
+    process inside)."""
 
-    def __init__(self, pid: int, status_fd: int, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        pid: int,
+        status_fd: int,
+        args: Sequence[str] = (),
+        *,
+        kill_signal: int = signal.SIGTERM,
+    ) -> None:
         self.pid = pid
         self.args = list(args)
         self.returncode: int | None = None
         self._status_fd = status_fd
+        self._kill_signal = kill_signal
 
     def poll(self) -> int | None:
         """The exit status when everything inside has ended, else None (no waiting)."""
@@ -260,7 +296,7 @@ class SandboxProcess:
         returns once no process of the sandbox is left."""
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
+                os.kill(self.pid, self._kill_signal)
 
 
 def _read_all(fd: int) -> bytes:
@@ -360,6 +396,11 @@ def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
         mapped = _maps(plan, "self")
     if not mapped:
         raise _Stage(errno.EPERM, "cannot write the sandbox's uid and gid maps")
+    _setup_namespaces(plan)
+
+
+def _setup_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
+    """Once mapped: mounts private, the hostname, ``lo`` up."""
     try:
         _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
         _linux.sethostname(plan.box.hostname)
@@ -396,6 +437,44 @@ def _write_maps(plan: _Plan, pid: int, ready_r: int, go_w: int) -> None:
     finally:
         os.close(ready_r)
         os.close(go_w)
+
+
+def _write_go(plan: _Plan, pid: int, go_w: int) -> None:
+    """The caller's part of a sandbox whose init it started straight into the namespaces:
+    write the maps, then tell init whether that worked."""
+    try:
+        os.write(go_w, b"1" if _maps(plan, str(pid)) else b"0")
+    except OSError:
+        pass  # init died: its report (or its status) says why
+    finally:
+        os.close(go_w)
+
+
+def _direct_init(
+    plan: _Plan, err_w: int, status_w: int, go_r: int, alive: int
+) -> NoReturn:  # pragma: no cover - child
+    """Init started by the caller straight into new namespaces (no keeper): what the keeper
+    does between its ``unshare`` and its ``fork``, then init's own work."""
+    try:
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+        _linux.set_pdeathsig(signal.SIGKILL)
+        # getppid() is 0 in a new PID namespace: the caller's pidfd says whether it died
+        # before the line above (nobody wants us any more, and no signal would come).
+        if select.select([alive], [], [], 0)[0]:
+            os._exit(125)
+        os.close(alive)
+        if os.read(go_r, 1) != b"1":  # "0": the caller could not map us; EOF: it died
+            raise _Stage(errno.EPERM, "cannot write the sandbox's uid and gid maps")
+        os.close(go_r)
+        _setup_namespaces(plan)
+    except _Stage as exc:
+        _report(err_w, exc.code, str(exc))
+        os._exit(125)
+    except BaseException as exc:  # anything must end in _exit, never unwind
+        _report(err_w, errno.EIO, f"sandbox: {exc}")
+        os._exit(125)
+    _init(plan, err_w, status_w)
 
 
 def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cover - child
@@ -573,11 +652,24 @@ def _protect_proc() -> None:  # pragma: no cover - child
             _linux.mount("tmpfs", path, "tmpfs", _linux.MS_RDONLY, "size=0")
 
 
-def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
+@functools.cache
+def _cap_last() -> int:
     try:
-        last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+        return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     except (OSError, ValueError):
-        last = _linux.CAP_LAST_CAP
+        return _linux.CAP_LAST_CAP
+
+
+def _single_threaded() -> bool:
+    """Whether this process has one thread: only then may it fork without glibc's help."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
+    last = _cap_last()
     if root:
         # Real root's supplementary groups are real host groups: give none of them inside.
         os.setgroups([])
