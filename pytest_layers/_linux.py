@@ -12,6 +12,7 @@ numbers below, since only glibc >= 2.36 wraps the former and musl wraps neither.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as _errno
 import os
@@ -69,6 +70,7 @@ __all__ = [
     "umount2",
     "unshare",
     "fork_into_namespaces",
+    "cloexec_from",
     "fsopen",
     "fsconfig_flag",
     "fsconfig_string",
@@ -173,6 +175,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "mount_setattr": 442,
         "openat2": 437,
         "clone3": 435,
+        "close_range": 436,
     },
     "aarch64": {
         "capget": 90,
@@ -185,6 +188,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "mount_setattr": 442,
         "openat2": 437,
         "clone3": 435,
+        "close_range": 436,
     },
 }
 _ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
@@ -687,3 +691,23 @@ def fork_into_namespaces(flags: int) -> int:
     if pid < 0:
         raise _fail("clone3", None, err)
     return int(pid)
+
+
+_CLOSE_RANGE_CLOEXEC = 4
+
+
+def cloexec_from(first: int) -> None:
+    """Mark every fd from ``first`` up close-on-exec: one ``close_range(2)`` (Linux >= 5.11),
+    else one call per open fd."""
+    ret = _libc.syscall(
+        ctypes.c_long(_syscall_number("close_range")),
+        ctypes.c_uint(first),
+        ctypes.c_uint(0xFFFFFFFF),
+        ctypes.c_uint(_CLOSE_RANGE_CLOEXEC),
+    )
+    if ret == 0:
+        return
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) >= first:
+            with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+                os.set_inheritable(int(name), False)

@@ -37,6 +37,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -597,16 +598,14 @@ def _build_dev(root_fd: int) -> None:  # pragma: no cover - child
     os.close(fd)
     dev = _linux.open_in_root(root_fd, "dev", os.O_DIRECTORY)
     try:
+        # The tmpfs is ours and fresh (nothing of the image's is in it yet), so names in it are
+        # used as they are.
         for name in _DEVICES:
-            os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o666, dir_fd=dev))
-            node = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dev)
-            _linux.mount(f"/dev/{name}", _at(node), None, _linux.MS_BIND)
-            os.close(node)
-            node = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dev)
-            _linux.mount_setattr(
-                _at(node), _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NOEXEC, recursive=False
-            )
-            os.close(node)
+            os.mknod(name, stat.S_IFREG | 0o666, dir_fd=dev)
+            _linux.mount(f"/dev/{name}", f"{_at(dev)}/{name}", None, _linux.MS_BIND)
+        # A bind starts with no flags of its own: one recursive call gives all six (and the
+        # tmpfs) nosuid,noexec, before pts and shm, which get their own flags below.
+        _linux.mount_setattr(_at(dev), _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NOEXEC)
         for name in ("pts", "shm"):
             os.mkdir(name, 0o755, dir_fd=dev)
         pts = os.open("pts", os.O_PATH, dir_fd=dev)
@@ -708,10 +707,7 @@ def _start(plan: _Plan) -> int:  # pragma: no cover - child
     """Start the program from init, already inside: init gives up its own privileges first
     (it needs none any more), so the program inherits only what is left. ``posix_spawn``
     (vfork and exec) returns once the program is exec'd, or raises why it could not be."""
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) > 2:
-            with contextlib.suppress(OSError):
-                os.set_inheritable(int(name), False)
+    _linux.cloexec_from(3)
     try:
         os.chdir(plan.cwd)
     except OSError as exc:

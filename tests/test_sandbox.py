@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
@@ -156,3 +157,62 @@ def test_binds_are_read_only_and_land_inside(image: Path, tmp_path: Path) -> Non
     assert "Read-only file system" in out
     assert sorted(os.listdir(host)) == ["f"]
     assert (image / "data").is_dir()
+
+
+def _nspids(pid: int) -> list[str]:
+    """``pid``'s pid in each PID namespace it is in, outermost first."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return line.split()[1:]
+    raise AssertionError(f"no NSpid line for {pid}")
+
+
+def test_a_single_threaded_caller_starts_init_itself(image: Path) -> None:
+    # One fork of the (large) caller, not two: the handle's pid is the sandbox's PID 1,
+    # started straight into its namespaces, and killing it ends everything inside.
+    assert threading.active_count() == 1
+    read, write = os.pipe()
+    proc = sandbox.Sandbox(image).spawn(
+        ["/bin/sh", "-c", "sleep 1000 & readlink /proc/self/ns/pid; wait"], stdout=write
+    )
+    os.close(write)
+    with os.fdopen(read) as f:
+        pid_ns = f.readline().strip()
+        assert _nspids(proc.pid)[1:] == ["1"]
+        assert os.readlink(f"/proc/{proc.pid}/ns/pid") == pid_ns
+        proc.kill()
+        assert proc.wait() == -9
+    assert _processes_in(pid_ns) == []
+    assert new_children() == []
+
+
+def test_a_threaded_caller_gets_a_keeper_and_the_same_results(image: Path, tmp_path: Path) -> None:
+    # With other threads, only fork() (glibc's handlers) makes a safe child: a keeper outside
+    # starts init, and everything behaves the same.
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        read, write = os.pipe()
+        proc = sandbox.Sandbox(image).spawn(
+            ["/bin/sh", "-c", "sleep 1000 & readlink /proc/self/ns/pid; wait"], stdout=write
+        )
+        os.close(write)
+        with os.fdopen(read) as f:
+            pid_ns = f.readline().strip()
+            assert len(_nspids(proc.pid)) == 1  # the keeper, in our PID namespace
+            proc.kill()
+            assert proc.wait() == -9
+        assert _processes_in(pid_ns) == []
+        assert sandbox.Sandbox(image).run(["/bin/sh", "-c", "exit 3"]) == 3
+        rc, out = run_captured(
+            sandbox.Sandbox(image), "id -u; ls /proc | grep -c '^[0-9]'", tmp_path
+        )
+        assert rc == 0, out
+        assert out.split()[0] == "0"
+        assert int(out.split()[1]) <= 4
+    finally:
+        stop.set()
+        thread.join()
+    assert new_children() == []
