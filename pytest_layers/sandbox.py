@@ -17,14 +17,22 @@ same for users, under ``shell``):
   host), a private ``pts`` and ``shm``;
 * ``PR_SET_NO_NEW_PRIVS`` and only :data:`KEPT_CAPS` in its bounding set.
 
-Process tree: the caller forks a *keeper* that unshares the namespaces and forks the *init*
-(PID 1 of the new PID namespace). Init sets up the mounts, pivots, drops its own privileges,
-starts the program (``posix_spawn``) and reaps; when the program exits, init reports its status
-and exits, and the kernel kills whatever the program left behind (a PID namespace dies with its
-init). Keeper and init get ``SIGKILL`` when their parent dies, so nothing outlives the caller.
-Fork is used, not ``clone``, so it works from a threaded caller too: the forked child is
-single-threaded, as ``unshare(CLONE_NEWUSER)`` requires. A caller with threads must not hold
-locks the child needs (the child only makes syscalls and small Python objects).
+Process tree: a single-threaded caller starts the *init* (PID 1 of the new PID namespace)
+straight into its new namespaces with ``clone3`` (a fork, as ``os.fork()`` runs it, with the
+``CLONE_NEW*`` flags) and writes its id maps. Init sets up the mounts, pivots, drops its own
+privileges, starts the program (``posix_spawn``) and reaps; when the program exits, init reports
+its status and exits, and the kernel kills whatever the program left behind (a PID namespace
+dies with its init; the caller's ``waitpid`` returns only once it is empty). Init gets
+``SIGKILL`` when the caller dies, so nothing outlives it.
+
+Forking a large Python process is most of what a run costs (page tables, then copy-on-write
+faults on both sides), so there is one fork, not two. A caller with other threads, a kernel
+without ``clone3`` or a filter that refuses it (Docker's default seccomp profile answers
+``ENOSYS``) takes the older way instead: ``os.fork()`` of a *keeper* that unshares the
+namespaces and forks init (glibc's fork handlers, which only ``fork()`` runs, keep malloc's
+locks usable in a child of a threaded process; ``unshare(CLONE_NEWUSER)`` wants the
+single-threaded keeper). A caller with threads must not hold locks the child needs (the child
+only makes syscalls and small Python objects).
 """
 
 from __future__ import annotations
@@ -130,8 +138,8 @@ class Sandbox:
         """Start ``argv`` inside; returns once it is exec'd. ``env`` replaces the environment
         (default: ``PATH`` and ``HOME=/root`` only); ``stdin``... are fds (default: ours);
         ``user`` is the ``(uid, gid)`` inside to run as (default: 0, root inside); ``close``
-        are fds of ours the sandbox must not hold (the caller's ends of its pipes: a keeper
-        holding the write end of stdin would keep the program from ever reading EOF).
+        are fds of ours the sandbox must not hold (the caller's ends of its pipes: an init or
+        keeper holding the write end of stdin would keep the program from ever reading EOF).
 
         Raises :class:`SandboxError` (one line) when the sandbox cannot be set up or the
         program cannot be started (``errno.ENOENT``: not in the image).
@@ -270,8 +278,8 @@ class SandboxProcess:
         if self.returncode is not None:
             return self.returncode
         if timeout is not None:
-            # A pidfd becomes readable when the keeper exits: a wait with a deadline and no
-            # polling loop.
+            # A pidfd becomes readable when init (or the keeper) exits: a wait with a deadline
+            # and no polling loop.
             fd = os.pidfd_open(self.pid)
             try:
                 ready, _, _ = select.select([fd], [], [], max(timeout, 0))
@@ -288,9 +296,9 @@ class SandboxProcess:
     def _finish(self, status: int) -> None:
         reported = _read_all(self._status_fd).decode()
         os.close(self._status_fd)
-        keeper = os.waitstatus_to_exitcode(status)
-        # Without a report from init (the keeper or init was killed), the keeper's own end.
-        self.returncode = int(reported) if reported else keeper
+        ended = os.waitstatus_to_exitcode(status)
+        # Without a report from init (init or the keeper was killed), how our child ended.
+        self.returncode = int(reported) if reported else ended
 
     def kill(self) -> None:
         """End the program and everything it started with ``SIGKILL``; :meth:`wait` then
@@ -321,7 +329,7 @@ class _Plan:
     gid: int
     caller: int
     user: tuple[int, int] | None = None
-    maps: tuple[int, int] | None = None  # root: (ready_w, go_r), the keeper's ends
+    maps: tuple[int, int] | None = None  # (ready_w, go_r), the child's ends (root or direct)
 
 
 class _Stage(Exception):
