@@ -656,40 +656,30 @@ class _CloneArgs(ctypes.Structure):
 _pylibc = ctypes.PyDLL(None, use_errno=True)
 _pylibc.syscall.restype = ctypes.c_long
 _SIGCHLD = 17
-_python_fork_hooks = (
-    ctypes.pythonapi.PyOS_BeforeFork,
-    ctypes.pythonapi.PyOS_AfterFork_Parent,
-    ctypes.pythonapi.PyOS_AfterFork_Child,
-)
-for _hook in _python_fork_hooks:
-    _hook.argtypes = []
-    _hook.restype = None
 
 
 def fork_into_namespaces(flags: int) -> int:
-    """``os.fork()`` whose child starts in new namespaces (``clone3(2)`` with ``flags``, the
+    """A fork whose child starts in new namespaces (``clone3(2)`` with ``flags``, the
     ``CLONE_NEW*`` bits): 0 in the child, its pid in the caller. A child in a new PID
     namespace is its PID 1 without an intermediate process, which ``unshare(2)`` needs.
 
-    Only for a single-threaded caller: like ``os.fork()`` it runs Python's fork hooks, but not
-    glibc's, so a lock another thread held (malloc's) would stay locked in the child.
-    Raises :class:`MountError` (``ENOSYS`` where clone3 is missing or filtered, ``EPERM``...
-    where the namespaces are refused)."""
+    Only for a child that runs nothing but the caller's own next lines and then execs or
+    ``os._exit()``s, from a single-threaded caller running on Python's main thread. Neither
+    glibc's fork handlers nor Python's at-fork hooks run: with one thread no lock can be held by
+    another, and the hooks (``random``'s reseed, ``logging``'s and ``threading``'s lock
+    resets...) are for children that go on running the caller's code; skipping them is a
+    third of such a child's page faults. Raises :class:`MountError` (``ENOSYS`` where clone3
+    is missing or filtered, ``EPERM``... where the namespaces are refused)."""
     args = _CloneArgs(flags=flags, exit_signal=_SIGCHLD)
-    before, after_parent, after_child = _python_fork_hooks
-    before()
     pid = _pylibc.syscall(
         ctypes.c_long(_syscall_number("clone3")),
         ctypes.byref(args),
         ctypes.c_size_t(ctypes.sizeof(args)),
     )
     if pid == 0:
-        after_child()
         return 0
-    err = ctypes.get_errno()
-    after_parent()
     if pid < 0:
-        raise _fail("clone3", None, err)
+        raise _fail("clone3", None, ctypes.get_errno())
     return int(pid)
 
 

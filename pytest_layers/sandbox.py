@@ -18,12 +18,12 @@ same for users, under ``shell``):
 * ``PR_SET_NO_NEW_PRIVS`` and only :data:`KEPT_CAPS` in its bounding set.
 
 Process tree: a single-threaded caller starts the *init* (PID 1 of the new PID namespace)
-straight into its new namespaces with ``clone3`` (a fork, as ``os.fork()`` runs it, with the
-``CLONE_NEW*`` flags) and writes its id maps. Init sets up the mounts, pivots, drops its own
-privileges, starts the program (``posix_spawn``) and reaps; when the program exits, init reports
-its status and exits, and the kernel kills whatever the program left behind (a PID namespace
-dies with its init; the caller's ``waitpid`` returns only once it is empty). Init gets
-``SIGKILL`` when the caller dies, so nothing outlives it.
+straight into its new namespaces with ``clone3`` (a fork with the ``CLONE_NEW*`` flags) and
+writes its id maps. Init sets up the mounts, pivots, drops its own privileges, starts the
+program (``posix_spawn``) and reaps; when the program exits, init reports its status and exits,
+and the kernel kills whatever the program left behind (a PID namespace dies with its init; the
+caller's ``waitpid`` returns only once it is empty). Init gets ``SIGKILL`` when the caller
+dies, so nothing outlives it.
 
 Forking a large Python process is most of what a run costs (page tables, then copy-on-write
 faults on both sides), so there is one fork, not two. A caller with other threads, a kernel
@@ -47,6 +47,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -668,7 +669,10 @@ def _cap_last() -> int:
 
 
 def _single_threaded() -> bool:
-    """Whether this process has one thread: only then may it fork without glibc's help."""
+    """Whether this process has one thread, Python's main one: only then may it fork without
+    glibc's and Python's fork hooks (:func:`_linux.fork_into_namespaces`)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
     try:
         return len(os.listdir("/proc/self/task")) == 1
     except OSError:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -216,3 +218,25 @@ def test_a_threaded_caller_gets_a_keeper_and_the_same_results(image: Path, tmp_p
         stop.set()
         thread.join()
     assert new_children() == []
+
+
+def test_the_callers_fork_hooks_do_not_run_for_a_direct_start(image: Path) -> None:
+    # Init runs only the sandbox's own code, then execs or exits: the hooks the caller's
+    # libraries registered for children that go on running the caller's code (and the page
+    # faults they cost) are skipped. In a fresh interpreter: a hook cannot be unregistered.
+    code = (
+        "import os, sys\n"
+        "from pytest_layers.sandbox import Sandbox\n"
+        "calls = []\n"
+        "os.register_at_fork(before=lambda: calls.append('before'),\n"
+        "    after_in_parent=lambda: calls.append('parent'),\n"
+        "    after_in_child=lambda: os.write(2, b'child hook ran'))\n"
+        "assert Sandbox(sys.argv[1]).run(['/bin/sh', '-c', 'exit 0']) == 0\n"
+        "print(calls)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, os.fspath(image)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[]\n"
+    assert "child hook ran" not in proc.stderr
