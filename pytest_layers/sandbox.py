@@ -174,6 +174,16 @@ class Sandbox:
                     pid = _linux.fork_into_namespaces(flags)
             if pid < 0:
                 direct = False
+                if alive >= 0:
+                    fds.remove(alive)
+                    os.close(alive)
+                    alive = -1
+                if uid != 0 and maps is not None:
+                    # The keeper maps an ordinary user itself: no one would say "ready".
+                    for fd in (ready_r, ready_w, go_r, go_w):
+                        fds.remove(fd)
+                        os.close(fd)
+                    maps = plan.maps = None
                 pid = os.fork()
         except OSError:
             for fd in fds:

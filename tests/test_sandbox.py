@@ -240,3 +240,27 @@ def test_the_callers_fork_hooks_do_not_run_for_a_direct_start(image: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "[]\n"
     assert "child hook ran" not in proc.stderr
+
+
+def test_without_clone3_the_keeper_starts_init(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Docker's default seccomp profile answers ENOSYS to clone3 (older ones EPERM), so that
+    # glibc falls back to clone: the sandbox falls back to its keeper the same way.
+    def refused(flags: int) -> int:
+        raise OSError(errno.ENOSYS, "clone3 filtered")
+
+    monkeypatch.setattr(sandbox._linux, "fork_into_namespaces", refused)
+    read, write = os.pipe()
+    proc = sandbox.Sandbox(image).spawn(
+        ["/bin/sh", "-c", "readlink /proc/self/ns/pid; sleep 1000"], stdout=write
+    )
+    os.close(write)
+    with os.fdopen(read) as f:
+        pid_ns = f.readline().strip()
+        assert len(_nspids(proc.pid)) == 1  # the keeper, in our PID namespace
+        proc.kill()
+        assert proc.wait() == -9
+    assert pid_ns.startswith("pid:[")
+    assert _processes_in(pid_ns) == []
+    assert new_children() == []
