@@ -12,6 +12,7 @@ numbers below, since only glibc >= 2.36 wraps the former and musl wraps neither.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as _errno
 import os
@@ -68,6 +69,8 @@ __all__ = [
     "mount",
     "umount2",
     "unshare",
+    "fork_into_namespaces",
+    "cloexec_from",
     "fsopen",
     "fsconfig_flag",
     "fsconfig_string",
@@ -173,6 +176,8 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "fsmount": 432,
         "mount_setattr": 442,
         "openat2": 437,
+        "clone3": 435,
+        "close_range": 436,
     },
     "aarch64": {
         "capget": 90,
@@ -184,6 +189,8 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "fsmount": 432,
         "mount_setattr": 442,
         "openat2": 437,
+        "clone3": 435,
+        "close_range": 436,
     },
 }
 _ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
@@ -618,3 +625,69 @@ def write_proc(path: str, text: str) -> None:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+class _CloneArgs(ctypes.Structure):
+    # struct clone_args, CLONE_ARGS_SIZE_VER0 (<linux/sched.h>)
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("pidfd", ctypes.c_uint64),
+        ("child_tid", ctypes.c_uint64),
+        ("parent_tid", ctypes.c_uint64),
+        ("exit_signal", ctypes.c_uint64),
+        ("stack", ctypes.c_uint64),
+        ("stack_size", ctypes.c_uint64),
+        ("tls", ctypes.c_uint64),
+    ]
+
+
+# A PyDLL call keeps the GIL, as os.fork() does across fork(2): the child must not start with
+# the GIL released by a thread it does not have.
+_pylibc = ctypes.PyDLL(None, use_errno=True)
+_pylibc.syscall.restype = ctypes.c_long
+_SIGCHLD = 17
+
+
+def fork_into_namespaces(flags: int) -> int:
+    """A fork whose child starts in new namespaces (``clone3(2)`` with ``flags``, the
+    ``CLONE_NEW*`` bits): 0 in the child, its pid in the caller. A child in a new PID
+    namespace is its PID 1 without an intermediate process, which ``unshare(2)`` needs.
+
+    Only for a child that runs nothing but the caller's own next lines and then execs or
+    ``os._exit()``s, from a single-threaded caller running on Python's main thread. Neither
+    glibc's fork handlers nor Python's at-fork hooks run: with one thread no lock can be held by
+    another, and the hooks (``random``'s reseed, ``logging``'s and ``threading``'s lock
+    resets...) are for children that go on running the caller's code; skipping them is a
+    third of such a child's page faults. Raises :class:`MountError` (``ENOSYS`` where clone3
+    is missing or filtered, ``EPERM``... where the namespaces are refused)."""
+    args = _CloneArgs(flags=flags, exit_signal=_SIGCHLD)
+    pid = _pylibc.syscall(
+        ctypes.c_long(_syscall_number("clone3")),
+        ctypes.byref(args),
+        ctypes.c_size_t(ctypes.sizeof(args)),
+    )
+    if pid == 0:
+        return 0
+    if pid < 0:
+        raise _fail("clone3", None, ctypes.get_errno())
+    return int(pid)
+
+
+_CLOSE_RANGE_CLOEXEC = 4
+
+
+def cloexec_from(first: int) -> None:
+    """Mark every fd from ``first`` up close-on-exec: one ``close_range(2)`` (Linux >= 5.11),
+    else one call per open fd."""
+    ret = _libc.syscall(
+        ctypes.c_long(_syscall_number("close_range")),
+        ctypes.c_uint(first),
+        ctypes.c_uint(0xFFFFFFFF),
+        ctypes.c_uint(_CLOSE_RANGE_CLOEXEC),
+    )
+    if ret == 0:
+        return
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) >= first:
+            with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+                os.set_inheritable(int(name), False)

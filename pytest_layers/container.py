@@ -66,9 +66,10 @@ def stdio_fd(spec: int | IO[Any] | None, *, reading: bool) -> tuple[int | None, 
 
 class Process:
     """A program running inside a rootfs, shaped like :class:`subprocess.Popen`: ``args``,
-    ``pid`` (the sandbox's keeper, outside), ``stdin``/``stdout``/``stderr`` (file objects for
-    ``PIPE``), ``returncode``, :meth:`poll`, :meth:`wait`, :meth:`communicate`, :meth:`kill`,
-    :meth:`terminate`. Killing ends every process inside (its PID namespace dies with its init).
+    ``pid`` (the sandbox's init, or its keeper, seen from outside), ``stdin``/``stdout``/
+    ``stderr`` (file objects for ``PIPE``), ``returncode``, :meth:`poll`, :meth:`wait`,
+    :meth:`communicate`, :meth:`kill`, :meth:`terminate`. Killing ends every process inside
+    (its PID namespace dies with its init).
     """
 
     def __init__(

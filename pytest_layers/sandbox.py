@@ -17,14 +17,22 @@ same for users, under ``shell``):
   host), a private ``pts`` and ``shm``;
 * ``PR_SET_NO_NEW_PRIVS`` and only :data:`KEPT_CAPS` in its bounding set.
 
-Process tree: the caller forks a *keeper* that unshares the namespaces and forks the *init*
-(PID 1 of the new PID namespace). Init sets up the mounts, pivots, drops its own privileges,
-starts the program (``posix_spawn``) and reaps; when the program exits, init reports its status
-and exits, and the kernel kills whatever the program left behind (a PID namespace dies with its
-init). Keeper and init get ``SIGKILL`` when their parent dies, so nothing outlives the caller.
-Fork is used, not ``clone``, so it works from a threaded caller too: the forked child is
-single-threaded, as ``unshare(CLONE_NEWUSER)`` requires. A caller with threads must not hold
-locks the child needs (the child only makes syscalls and small Python objects).
+Process tree: a single-threaded caller starts the *init* (PID 1 of the new PID namespace)
+straight into its new namespaces with ``clone3`` (a fork with the ``CLONE_NEW*`` flags) and
+writes its id maps. Init sets up the mounts, pivots, drops its own privileges, starts the
+program (``posix_spawn``) and reaps; when the program exits, init reports its status and exits,
+and the kernel kills whatever the program left behind (a PID namespace dies with its init; the
+caller's ``waitpid`` returns only once it is empty). Init gets ``SIGKILL`` when the caller
+dies, so nothing outlives it.
+
+Forking a large Python process is most of what a run costs (page tables, then copy-on-write
+faults on both sides), so there is one fork, not two. A caller with other threads, a kernel
+without ``clone3`` or a filter that refuses it (Docker's default seccomp profile answers
+``ENOSYS``) takes the older way instead: ``os.fork()`` of a *keeper* that unshares the
+namespaces and forks init (glibc's fork handlers, which only ``fork()`` runs, keep malloc's
+locks usable in a child of a threaded process; ``unshare(CLONE_NEWUSER)`` wants the
+single-threaded keeper). A caller with threads must not hold locks the child needs (the child
+only makes syscalls and small Python objects).
 """
 
 from __future__ import annotations
@@ -32,11 +40,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import select
 import signal
 import socket
+import stat
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +139,8 @@ class Sandbox:
         """Start ``argv`` inside; returns once it is exec'd. ``env`` replaces the environment
         (default: ``PATH`` and ``HOME=/root`` only); ``stdin``... are fds (default: ours);
         ``user`` is the ``(uid, gid)`` inside to run as (default: 0, root inside); ``close``
-        are fds of ours the sandbox must not hold (the caller's ends of its pipes: a keeper
-        holding the write end of stdin would keep the program from ever reading EOF).
+        are fds of ours the sandbox must not hold (the caller's ends of its pipes: an init or
+        keeper holding the write end of stdin would keep the program from ever reading EOF).
 
         Raises :class:`SandboxError` (one line) when the sandbox cannot be set up or the
         program cannot be started (``errno.ENOENT``: not in the image).
@@ -137,13 +148,16 @@ class Sandbox:
         if not argv:
             raise ValueError("argv is empty: name the program to run")
         environ = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "HOME": "/root"}
+        _cap_last()  # read here, once: the child then finds it cached
+        flags = _NAMESPACES | (_linux.CLONE_NEWNET if self.network == "none" else 0)
+        direct = _single_threaded()
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
         uid, gid, caller = os.geteuid(), os.getegid(), os.getpid()
         fds = [err_r, err_w, status_r, status_w]
         maps: tuple[int, int] | None = None
         extra = _subids.available() if uid != 0 else _subids.NONE
-        if uid == 0 or extra:
+        if uid == 0 or direct or extra:
             ready_r, ready_w = os.pipe()
             go_r, go_w = os.pipe()
             fds += [ready_r, ready_w, go_r, go_w]
@@ -152,8 +166,27 @@ class Sandbox:
             self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid, caller, user, maps
         )
         plan.subids = extra
+        alive = -1
         try:
-            pid = os.fork()
+            pid = -1
+            if direct:
+                alive = os.pidfd_open(caller)
+                fds.append(alive)
+                with contextlib.suppress(OSError):  # no clone3, or refused: the keeper's way
+                    pid = _linux.fork_into_namespaces(flags)
+            if pid < 0:
+                direct = False
+                if alive >= 0:
+                    fds.remove(alive)
+                    os.close(alive)
+                    alive = -1
+                if uid != 0 and maps is not None and not extra:
+                    # The keeper maps an ordinary user itself: no one would say "ready".
+                    for fd in (ready_r, ready_w, go_r, go_w):
+                        fds.remove(fd)
+                        os.close(fd)
+                    maps = plan.maps = None
+                pid = os.fork()
         except OSError:
             for fd in fds:
                 os.close(fd)
@@ -167,15 +200,29 @@ class Sandbox:
             for fd in close:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            if direct:
+                os.close(ready_w)
+                _direct_init(plan, err_w, status_w, go_r, alive)
             _child(plan, err_w, status_w)
+        if alive >= 0:
+            os.close(alive)
         os.close(err_w)
         os.close(status_w)
-        proc = SandboxProcess(pid, status_r, list(argv))
+        # Init, started straight into its namespaces, ends on SIGKILL; a keeper on SIGTERM
+        # (it kills init, then waits until the namespace is empty).
+        kill = signal.SIGKILL if direct else signal.SIGTERM
+        proc = SandboxProcess(pid, status_r, list(argv), kill_signal=kill)
         if maps is not None:
             os.close(ready_w)
             os.close(go_r)
         try:
-            if maps is not None:
+            if direct:
+                # The child is already in its user namespace: the maps go in now, with no
+                # round trip, and "go" (its parent is alive and mapped it) follows.
+                assert maps is not None
+                os.close(ready_r)
+                _write_go(plan, pid, go_w)
+            elif maps is not None:
                 _write_maps(plan, pid, ready_r, go_w)
             message = _read_all(err_r)
         except BaseException:  # ^C while it starts: nothing may keep running unsupervised
@@ -211,13 +258,22 @@ class Sandbox:
 
 
 class SandboxProcess:
-    """A running sandbox: ``pid`` is the keeper's (killing it ends every process inside)."""
+    """A running sandbox: ``pid`` is its init's, or its keeper's (killing either ends every
+    process inside)."""
 
-    def __init__(self, pid: int, status_fd: int, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        pid: int,
+        status_fd: int,
+        args: Sequence[str] = (),
+        *,
+        kill_signal: int = signal.SIGTERM,
+    ) -> None:
         self.pid = pid
         self.args = list(args)
         self.returncode: int | None = None
         self._status_fd = status_fd
+        self._kill_signal = kill_signal
 
     def poll(self) -> int | None:
         """The exit status when everything inside has ended, else None (no waiting)."""
@@ -235,8 +291,8 @@ class SandboxProcess:
         if self.returncode is not None:
             return self.returncode
         if timeout is not None:
-            # A pidfd becomes readable when the keeper exits: a wait with a deadline and no
-            # polling loop.
+            # A pidfd becomes readable when init (or the keeper) exits: a wait with a deadline
+            # and no polling loop.
             fd = os.pidfd_open(self.pid)
             try:
                 ready, _, _ = select.select([fd], [], [], max(timeout, 0))
@@ -253,16 +309,16 @@ class SandboxProcess:
     def _finish(self, status: int) -> None:
         reported = _read_all(self._status_fd).decode()
         os.close(self._status_fd)
-        keeper = os.waitstatus_to_exitcode(status)
-        # Without a report from init (the keeper or init was killed), the keeper's own end.
-        self.returncode = int(reported) if reported else keeper
+        ended = os.waitstatus_to_exitcode(status)
+        # Without a report from init (init or the keeper was killed), how our child ended.
+        self.returncode = int(reported) if reported else ended
 
     def kill(self) -> None:
         """End the program and everything it started with ``SIGKILL``; :meth:`wait` then
         returns once no process of the sandbox is left."""
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
+                os.kill(self.pid, self._kill_signal)
 
 
 def _read_all(fd: int) -> bytes:
@@ -286,7 +342,8 @@ class _Plan:
     gid: int
     caller: int
     user: tuple[int, int] | None = None
-    maps: tuple[int, int] | None = None  # the caller maps: (ready_w, go_r), the keeper's ends
+    #: (ready_w, go_r), the child's ends, when the caller maps: root, direct, subordinate ids.
+    maps: tuple[int, int] | None = None
     subids: _subids.Ranges = _subids.NONE  # an ordinary user's subordinate ids
 
 
@@ -358,13 +415,25 @@ def _enter_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
         ready_w, go_r = plan.maps
         os.write(ready_w, b"1")
         os.close(ready_w)
-        answer = os.read(go_r, 4096)
-        os.close(go_r)
-        failed = None if answer == b"1" else answer[1:].decode(errors="replace") or "no answer"
+        failed = _answer(go_r)
     else:
         failed = _maps(plan, "self")
     if failed is not None:
         raise _Stage(errno.EPERM, f"cannot write the sandbox's uid and gid maps: {failed}")
+    _setup_namespaces(plan)
+
+
+def _answer(go_r: int) -> str | None:  # pragma: no cover - child
+    """Read the caller's answer after it wrote our maps: None, or why they failed."""
+    answer = os.read(go_r, 4096)
+    os.close(go_r)
+    if answer == b"1":
+        return None
+    return answer[1:].decode(errors="replace") or "the caller gave no answer (it died?)"
+
+
+def _setup_namespaces(plan: _Plan) -> None:  # pragma: no cover - child
+    """Once mapped: mounts private, the hostname, ``lo`` up."""
     try:
         _linux.mount("none", "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
         _linux.sethostname(plan.box.hostname)
@@ -399,19 +468,62 @@ def _maps(plan: _Plan, pid: str) -> str | None:  # pragma: no cover - child
     return None
 
 
+def _go(plan: _Plan, pid: int) -> bytes:
+    """The caller's answer once it wrote ``pid``'s maps: ``1``, or ``0`` and why not."""
+    failed = _maps(plan, str(pid))
+    return b"1" if failed is None else b"0" + failed.encode(errors="replace")
+
+
 def _write_maps(plan: _Plan, pid: int, ready_r: int, go_w: int) -> None:
-    """The caller's part when it maps (root, subordinate ids): once the keeper says it is in
-    its user namespace, write the maps and tell it whether that worked (EOF: it failed
-    earlier)."""
+    """The caller's part when it maps for a keeper (root, subordinate ids): once the keeper
+    says it is in its user namespace, write the maps and tell it whether that worked (EOF: it
+    failed earlier)."""
     try:
         if os.read(ready_r, 1):
-            failed = _maps(plan, str(pid))
-            os.write(go_w, b"1" if failed is None else b"0" + failed.encode(errors="replace"))
+            os.write(go_w, _go(plan, pid))
     except OSError:
         pass  # the keeper reports the failure (or died)
     finally:
         os.close(ready_r)
         os.close(go_w)
+
+
+def _write_go(plan: _Plan, pid: int, go_w: int) -> None:
+    """The caller's part of a sandbox whose init it started straight into the namespaces:
+    write the maps, then tell init whether that worked."""
+    try:
+        os.write(go_w, _go(plan, pid))
+    except OSError:
+        pass  # init died: its report (or its status) says why
+    finally:
+        os.close(go_w)
+
+
+def _direct_init(
+    plan: _Plan, err_w: int, status_w: int, go_r: int, alive: int
+) -> NoReturn:  # pragma: no cover - child
+    """Init started by the caller straight into new namespaces (no keeper): what the keeper
+    does between its ``unshare`` and its ``fork``, then init's own work."""
+    try:
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+        _linux.set_pdeathsig(signal.SIGKILL)
+        # getppid() is 0 in a new PID namespace: the caller's pidfd says whether it died
+        # before the line above (nobody wants us any more, and no signal would come).
+        if select.select([alive], [], [], 0)[0]:
+            os._exit(125)
+        os.close(alive)
+        failed = _answer(go_r)  # "0" and why: the caller could not map us; EOF: it died
+        if failed is not None:
+            raise _Stage(errno.EPERM, f"cannot write the sandbox's uid and gid maps: {failed}")
+        _setup_namespaces(plan)
+    except _Stage as exc:
+        _report(err_w, exc.code, str(exc))
+        os._exit(125)
+    except BaseException as exc:  # anything must end in _exit, never unwind
+        _report(err_w, errno.EIO, f"sandbox: {exc}")
+        os._exit(125)
+    _init(plan, err_w, status_w)
 
 
 def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cover - child
@@ -534,16 +646,14 @@ def _build_dev(root_fd: int) -> None:  # pragma: no cover - child
     os.close(fd)
     dev = _linux.open_in_root(root_fd, "dev", os.O_DIRECTORY)
     try:
+        # The tmpfs is ours and fresh (nothing of the image's is in it yet), so names in it are
+        # used as they are.
         for name in _DEVICES:
-            os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o666, dir_fd=dev))
-            node = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dev)
-            _linux.mount(f"/dev/{name}", _at(node), None, _linux.MS_BIND)
-            os.close(node)
-            node = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dev)
-            _linux.mount_setattr(
-                _at(node), _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NOEXEC, recursive=False
-            )
-            os.close(node)
+            os.mknod(name, stat.S_IFREG | 0o666, dir_fd=dev)
+            _linux.mount(f"/dev/{name}", f"{_at(dev)}/{name}", None, _linux.MS_BIND)
+        # A bind starts with no flags of its own: one recursive call gives all six (and the
+        # tmpfs) nosuid,noexec, before pts and shm, which get their own flags below.
+        _linux.mount_setattr(_at(dev), _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NOEXEC)
         for name in ("pts", "shm"):
             os.mkdir(name, 0o755, dir_fd=dev)
         pts = os.open("pts", os.O_PATH, dir_fd=dev)
@@ -589,11 +699,27 @@ def _protect_proc() -> None:  # pragma: no cover - child
             _linux.mount("tmpfs", path, "tmpfs", _linux.MS_RDONLY, "size=0")
 
 
-def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
+@functools.cache
+def _cap_last() -> int:
     try:
-        last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+        return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     except (OSError, ValueError):
-        last = _linux.CAP_LAST_CAP
+        return _linux.CAP_LAST_CAP
+
+
+def _single_threaded() -> bool:
+    """Whether this process has one thread, Python's main one: only then may it fork without
+    glibc's and Python's fork hooks (:func:`_linux.fork_into_namespaces`)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
+    last = _cap_last()
     if root:
         # Real root's supplementary groups are real host groups: give none of them inside.
         os.setgroups([])
@@ -639,10 +765,7 @@ def _start(plan: _Plan) -> int:  # pragma: no cover - child
     """Start the program from init, already inside: init gives up its own privileges first
     (it needs none any more), so the program inherits only what is left. ``posix_spawn``
     (vfork and exec) returns once the program is exec'd, or raises why it could not be."""
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) > 2:
-            with contextlib.suppress(OSError):
-                os.set_inheritable(int(name), False)
+    _linux.cloexec_from(3)
     try:
         os.chdir(plan.cwd)
     except OSError as exc:

@@ -377,8 +377,8 @@ def test_server(rootfs):
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
-    # The keeper and init die of PR_SET_PDEATHSIG, the rest with the PID namespace; the kernel
-    # delivers that asynchronously, so wait for exactly the processes seen (bounded).
+    # Init (and a keeper, if any) die of PR_SET_PDEATHSIG, the rest with the PID namespace; the
+    # kernel delivers that asynchronously, so wait for exactly the processes seen (bounded).
     _, alive = psutil.wait_procs(inside, timeout=30)
     assert alive == []
     assert leftovers() == []

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
@@ -156,3 +159,108 @@ def test_binds_are_read_only_and_land_inside(image: Path, tmp_path: Path) -> Non
     assert "Read-only file system" in out
     assert sorted(os.listdir(host)) == ["f"]
     assert (image / "data").is_dir()
+
+
+def _nspids(pid: int) -> list[str]:
+    """``pid``'s pid in each PID namespace it is in, outermost first."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return line.split()[1:]
+    raise AssertionError(f"no NSpid line for {pid}")
+
+
+def test_a_single_threaded_caller_starts_init_itself(image: Path) -> None:
+    # One fork of the (large) caller, not two: the handle's pid is the sandbox's PID 1,
+    # started straight into its namespaces, and killing it ends everything inside.
+    assert threading.active_count() == 1
+    read, write = os.pipe()
+    proc = sandbox.Sandbox(image).spawn(
+        ["/bin/sh", "-c", "sleep 1000 & readlink /proc/self/ns/pid; wait"], stdout=write
+    )
+    os.close(write)
+    with os.fdopen(read) as f:
+        pid_ns = f.readline().strip()
+        assert _nspids(proc.pid)[1:] == ["1"]
+        assert os.readlink(f"/proc/{proc.pid}/ns/pid") == pid_ns
+        proc.kill()
+        assert proc.wait() == -9
+    assert _processes_in(pid_ns) == []
+    assert new_children() == []
+
+
+def test_a_threaded_caller_gets_a_keeper_and_the_same_results(image: Path, tmp_path: Path) -> None:
+    # With other threads, only fork() (glibc's handlers) makes a safe child: a keeper outside
+    # starts init, and everything behaves the same.
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        read, write = os.pipe()
+        proc = sandbox.Sandbox(image).spawn(
+            ["/bin/sh", "-c", "sleep 1000 & readlink /proc/self/ns/pid; wait"], stdout=write
+        )
+        os.close(write)
+        with os.fdopen(read) as f:
+            pid_ns = f.readline().strip()
+            assert len(_nspids(proc.pid)) == 1  # the keeper, in our PID namespace
+            proc.kill()
+            assert proc.wait() == -9
+        assert _processes_in(pid_ns) == []
+        assert sandbox.Sandbox(image).run(["/bin/sh", "-c", "exit 3"]) == 3
+        rc, out = run_captured(
+            sandbox.Sandbox(image), "id -u; ls /proc | grep -c '^[0-9]'", tmp_path
+        )
+        assert rc == 0, out
+        assert out.split()[0] == "0"
+        assert int(out.split()[1]) <= 4
+    finally:
+        stop.set()
+        thread.join()
+    assert new_children() == []
+
+
+def test_the_callers_fork_hooks_do_not_run_for_a_direct_start(image: Path) -> None:
+    # Init runs only the sandbox's own code, then execs or exits: the hooks the caller's
+    # libraries registered for children that go on running the caller's code (and the page
+    # faults they cost) are skipped. In a fresh interpreter: a hook cannot be unregistered.
+    code = (
+        "import os, sys\n"
+        "from pytest_layers.sandbox import Sandbox\n"
+        "calls = []\n"
+        "os.register_at_fork(before=lambda: calls.append('before'),\n"
+        "    after_in_parent=lambda: calls.append('parent'),\n"
+        "    after_in_child=lambda: os.write(2, b'child hook ran'))\n"
+        "assert Sandbox(sys.argv[1]).run(['/bin/sh', '-c', 'exit 0']) == 0\n"
+        "print(calls)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, os.fspath(image)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[]\n"
+    assert "child hook ran" not in proc.stderr
+
+
+def test_without_clone3_the_keeper_starts_init(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Docker's default seccomp profile answers ENOSYS to clone3 (older ones EPERM), so that
+    # glibc falls back to clone: the sandbox falls back to its keeper the same way.
+    def refused(flags: int) -> int:
+        raise OSError(errno.ENOSYS, "clone3 filtered")
+
+    monkeypatch.setattr(sandbox._linux, "fork_into_namespaces", refused)
+    read, write = os.pipe()
+    proc = sandbox.Sandbox(image).spawn(
+        ["/bin/sh", "-c", "readlink /proc/self/ns/pid; sleep 1000"], stdout=write
+    )
+    os.close(write)
+    with os.fdopen(read) as f:
+        pid_ns = f.readline().strip()
+        assert len(_nspids(proc.pid)) == 1  # the keeper, in our PID namespace
+        proc.kill()
+        assert proc.wait() == -9
+    assert pid_ns.startswith("pid:[")
+    assert _processes_in(pid_ns) == []
+    assert new_children() == []
