@@ -320,6 +320,37 @@ def test_open_file_at_the_end_throws_the_copy_away(harness: Harness) -> None:
         writer.stdin.close()
 
 
+def test_a_process_working_in_the_copy_throws_it_away(harness: Harness) -> None:
+    """A process the test left running with its working directory in the copy, between two
+    writes (no file open at the end): its next relative write must not reach the next test."""
+    warm = harness.open()
+    warm.close()
+    view = harness.open()
+    worker = subprocess.Popen(
+        ["sh", "-c", "read line; echo late > late.txt"],
+        cwd=view.path / "etc",
+        stdin=subprocess.PIPE,
+    )
+    try:
+        view.close()
+        assert harness.backend.discarded == 1, "a copy a process works in was kept"
+        nxt = harness.open()
+        try:
+            assert worker.stdin is not None
+            worker.stdin.write(b"go\n")
+            worker.stdin.flush()
+            worker.wait(timeout=10)
+            assert not (nxt.path / "etc/late.txt").exists()
+            harness.check_pristine(nxt)
+        finally:
+            nxt.close()
+    finally:
+        worker.kill()
+        worker.wait()
+        assert worker.stdin is not None
+        worker.stdin.close()
+
+
 def test_queue_overflow_falls_back_to_the_walk(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
