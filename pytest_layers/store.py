@@ -455,24 +455,16 @@ def build_manifest(
             rel = prefix + os.fsdecode(name)
             st = entry.stat(follow_symlinks=False)
             fmt = stat.S_IFMT(st.st_mode)
-            rec: dict[str, Any] = {
-                "type": _TYPE_NAMES.get(fmt, "unknown"),
-                "mode": stat.S_IMODE(st.st_mode),
-                "uid": st.st_uid,
-                "gid": st.st_gid,
-                "mtime": int(st.st_mtime),
-            }
+            sha256 = target = None
             if fmt == stat.S_IFREG:
-                rec["size"] = st.st_size
                 seen = known.get(rel) if known is not None else None
                 if seen is not None and seen[:3] == (st.st_ino, st.st_size, st.st_mtime_ns):
-                    rec["sha256"] = seen[3]
+                    sha256 = seen[3]
                 else:
-                    rec["sha256"] = _sha256_at(fd, name)
+                    sha256 = _sha256_at(fd, name)
             elif fmt == stat.S_IFLNK:
-                rec["target"] = os.fsdecode(os.readlink(name, dir_fd=fd))
-            elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-                rec["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+                target = os.fsdecode(os.readlink(name, dir_fd=fd))
+            rec = _record(st, sha256, target)
             if fmt != stat.S_IFDIR and st.st_nlink > 1:
                 rec["link_group"] = first_of_inode.setdefault((st.st_dev, st.st_ino), rel)
             xattrs = _kept_xattrs(_dirfd.at(fd, name))
@@ -485,6 +477,28 @@ def build_manifest(
 
     _dirfd.walk(tree, "", record)
     return manifest
+
+
+def _record(st: os.stat_result, sha256: str | None, target: str | None) -> dict[str, Any]:
+    """The ``files.json`` record of one entry, from its ``lstat``, its content's sha256 (a
+    regular file) and its target (a symlink): the one rule for :func:`build_manifest` and
+    :class:`_LayerIndex` (hardlink groups and xattrs are theirs to add)."""
+    fmt = stat.S_IFMT(st.st_mode)
+    rec: dict[str, Any] = {
+        "type": _TYPE_NAMES.get(fmt, "unknown"),
+        "mode": stat.S_IMODE(st.st_mode),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "mtime": int(st.st_mtime),
+    }
+    if fmt == stat.S_IFREG:
+        rec["size"] = st.st_size
+        rec["sha256"] = sha256
+    elif fmt == stat.S_IFLNK:
+        rec["target"] = target
+    elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        rec["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+    return rec
 
 
 class _LayerIndex:
@@ -511,20 +525,7 @@ class _LayerIndex:
     ) -> None:
         rel = os.fsdecode(name)
         fmt = stat.S_IFMT(st.st_mode)
-        rec: dict[str, Any] = {
-            "type": _TYPE_NAMES.get(fmt, "unknown"),
-            "mode": stat.S_IMODE(st.st_mode),
-            "uid": st.st_uid,
-            "gid": st.st_gid,
-            "mtime": int(st.st_mtime),
-        }
-        if fmt == stat.S_IFREG:
-            rec["size"] = st.st_size
-            rec["sha256"] = sha256
-        elif fmt == stat.S_IFLNK:
-            rec["target"] = os.fsdecode(target) if target is not None else ""
-        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            rec["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+        rec = _record(st, sha256, os.fsdecode(target) if target is not None else "")
         key = (st.st_dev, st.st_ino)
         if fmt != stat.S_IFDIR and st.st_nlink > 1:
             self._groups.setdefault(key, []).append(rel)
