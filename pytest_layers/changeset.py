@@ -1330,14 +1330,15 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
         for name, st in kept:
             rel = _join(rel_dir, name)
             _check_name(rel, st)
-            if _has_xattrs(st):
+            grouped = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+            if _has_xattrs(st) and not grouped:  # a group's inode may be outside: later
                 _drop_unkept_xattrs(_dirfd.at(fd, name))
             if stat.S_ISDIR(st.st_mode):
                 subdirs.append((name, (st.st_dev, st.st_ino), st))
                 continue
             files += 1
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                # Clamped once the whole group is known: it may reach outside the tree.
+            if grouped:
+                # Settled once the whole group is known: it may reach outside the tree.
                 seen = shared.setdefault((st.st_dev, st.st_ino), (st.st_nlink, []))
                 if not seen[1]:
                     size += st.st_size
@@ -1384,8 +1385,9 @@ def _settle_group(
     epoch_ns: int,
     dir_mtimes: dict[str, int],
 ) -> None:
-    """Clamp a hardlink group of the tree; one that reaches outside the tree first becomes a
-    private copy, linked at every member's place."""
+    """Settle a hardlink group of the tree (the xattrs a layer does not keep removed, the mtime
+    clamped); one that reaches outside the tree first becomes a private copy, linked at every
+    member's place, so the file outside keeps its own."""
     first_dir, first_name = members[0]
     where = _dirfd.open_path(first_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
     try:
@@ -1405,6 +1407,8 @@ def _settle_group(
             finally:
                 os.close(src)
             os.rename(tmp, first_name, src_dir_fd=where, dst_dir_fd=where)
+        # The inode is the tree's own now (private, or every link inside): its xattrs may go.
+        _drop_unkept_xattrs(_dirfd.at(where, first_name))
         mtime = min(st.st_mtime_ns, epoch_ns)
         os.utime(first_name, ns=(mtime, mtime), dir_fd=where, follow_symlinks=False)
         if len(members) >= nlink:

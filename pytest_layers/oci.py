@@ -291,7 +291,9 @@ def export_image(
     _sweep_dead_staging(dest)
     # Named after its owner so that the next export can sweep it if this process is killed.
     staging = Path(
-        tempfile.mkdtemp(prefix=f".{dest.name}.{_proctag.tag()}-", suffix=".tmp", dir=dest.parent)
+        tempfile.mkdtemp(
+            prefix=f".{dest.name}.{_proctag.store_tag()}-", suffix=".tmp", dir=dest.parent
+        )
     )
     try:
         layout = staging / "layout"

@@ -243,8 +243,6 @@ class Rootfs(os.PathLike[str]):
                     source="commit",
                     what=self._commit_label(name),
                 )
-            if name is not None:
-                store.set_name(name, info.chain_id)
         return self._session.layer_from_store(info.chain_id, parent, name)
 
     def commit_with_init(self, committed: Layer) -> str | None:

@@ -170,9 +170,11 @@ class Sandbox:
         try:
             pid = -1
             if direct:
-                alive = os.pidfd_open(caller)
-                fds.append(alive)
-                with contextlib.suppress(OSError):  # no clone3, or refused: the keeper's way
+                # No pidfd_open or no clone3 (an older seccomp profile refuses them): the
+                # keeper's way, which needs neither.
+                with contextlib.suppress(OSError):
+                    alive = os.pidfd_open(caller)
+                    fds.append(alive)
                     pid = _linux.fork_into_namespaces(flags)
             if pid < 0:
                 direct = False

@@ -237,7 +237,7 @@ def probe_flavor(directory: Path) -> Flavor:
     if filesystem_type(directory) in _UNION_FS:
         return "marker"
     # Named like every tmp entry, so that a concurrent opener's sweep leaves it alone.
-    probe = directory / f"{_proctag.tag()}-probe-{secrets.token_hex(4)}"
+    probe = directory / f"{_proctag.store_tag()}-probe-{secrets.token_hex(4)}"
     os.mkdir(probe, 0o700)
     try:
         device = probe / "whiteout"
@@ -732,7 +732,7 @@ class _Lease:
 
     def __init__(self, store: Store, chain_ids: Iterable[str]) -> None:
         self.chain_ids: set[str] = set()
-        base = store.root / "leases" / f"{_proctag.tag()}-{secrets.token_hex(6)}"
+        base = store.root / "leases" / f"{_proctag.store_tag()}-{secrets.token_hex(6)}"
         self.path = base.with_suffix(".held")
         # The lock is taken before the file exists, so no sweeper ever sees a lease whose
         # lock is free although its owner is alive.
@@ -1054,7 +1054,7 @@ class Store:
     # -- tmp -----------------------------------------------------------------------------------
 
     def _new_tmp_path(self, purpose: str) -> Path:
-        return self._tmp / f"{_proctag.tag()}-{purpose}-{secrets.token_hex(6)}"
+        return self._tmp / f"{_proctag.store_tag()}-{purpose}-{secrets.token_hex(6)}"
 
     def _new_tmp_dir(self, purpose: str) -> Path:
         path = self._new_tmp_path(purpose)

@@ -27,7 +27,7 @@ def test_a_tag_of_a_dead_or_recycled_pid_is_dead() -> None:
     assert not _proctag.alive(*(_proctag.parse(tag) or (0, 0)))
     # The same pid with another start time: a process that is not the one that made the tag.
     pid, start = _proctag.parse(_proctag.tag()) or (0, 0)
-    assert not _proctag.alive(pid, start - 500)
+    assert not _proctag.alive(pid, start - 50_000)
 
 
 def test_tags_of_earlier_releases_in_whole_seconds_are_understood() -> None:
@@ -47,10 +47,23 @@ def test_parse_wants_the_whole_tag() -> None:
     assert namespaces.parse_session_dir_name("12") == (12, None)
 
 
-def test_the_session_dir_and_the_store_use_the_same_tag(tmp_path: Path) -> None:
+def test_each_place_keeps_the_unit_earlier_releases_read_there(tmp_path: Path) -> None:
+    """A store and its scratch may be shared with sessions of an earlier release, which would
+    take a tag in another unit for a dead owner's and sweep what it is still writing."""
     st = store.Store(tmp_path / "store")
     with st.staging() as staging:
-        assert staging.parent.name.startswith(namespaces.session_dir_name() + "-stage-")
+        assert staging.parent.name.startswith(_proctag.store_tag() + "-stage-")
+    seconds = int(_proctag.store_tag().split("-")[1])
+    hundredths = int(namespaces.session_dir_name().split("-")[1])
+    assert seconds == hundredths // 100
+    assert store._owner_alive(staging.parent.name)
+
+
+def test_a_second_of_boot_time_skew_between_processes_is_allowed() -> None:
+    pid, start = _proctag.parse(_proctag.tag()) or (0, 0)
+    assert _proctag.alive(pid, start + 100)
+    assert _proctag.alive(pid, start - 100)
+    assert not _proctag.alive(pid, start - 300)
 
 
 def test_the_mount_table_unescapes_paths_and_tells_filesystem_types(tmp_path: Path) -> None:

@@ -133,6 +133,8 @@ def test_settling_in_place_writes_what_a_copy_writes(
     tree made private without touching the outside file."""
     outside = tmp_path / "outside"
     outside.write_bytes(b"shared with the tree\n")
+    # A layer does not keep it; the file outside the tree must.
+    os.setxattr(outside, "user.overlay.origin", b"mine")
     os.utime(outside, (EPOCH_MTIME, EPOCH_MTIME))
     store = Store(tmp_path / "store")
 
@@ -163,6 +165,8 @@ def test_settling_in_place_writes_what_a_copy_writes(
     assert linked.st_ino != os.stat(outside).st_ino
     assert linked.st_ino == os.stat(stored / "bin/linked-too").st_ino
     assert os.stat(outside).st_mtime == EPOCH_MTIME  # untouched
+    assert os.getxattr(outside, "user.overlay.origin") == b"mine"
+    assert "user.overlay.origin" not in os.listxattr(stored / "etc/linked-in")
     assert store.verify() == []
 
 

@@ -158,7 +158,7 @@ def trial(backend: str, failed: str, *paths: Path) -> Iterator[None]:
         raise BackendUnavailableError(backend, f"{failed}: {exc}") from exc
     finally:
         # Imported here: namespaces pulls in psutil, which only a check needs from this module.
-        from pytest_layers.namespaces import remove_tree
+        from pytest_layers._removal import remove_tree
 
         for path in paths:
             remove_tree(path)

@@ -322,8 +322,8 @@ class CopyBackend:
         while spares:
             copy = spares.pop(0)
             watcher.drain()
-            if not copy.touched and copy.opens == 0:
-                break
+            if copy.trusted and not copy.touched and copy.opens == 0:
+                break  # events lost while it waited (overflow, no watch): reset() walks
             # Written to while it waited (a process of an earlier test): reset it again.
             copier = _Copier(self, defang=copy.defang)
             may_mount = _may_mount() and self._bind_ok is not False
@@ -392,22 +392,24 @@ class CopyBackend:
         self._live.pop(view_id, None)
         kept = False
         if os.getpid() == self._pid and self._watcher is not None and self._home is not None:
+            spares = self._spares.setdefault(copy.key, [])
             try:
                 copier = _Copier(self, defang=copy.defang)
                 may_mount = _may_mount() and self._bind_ok is not False
                 self._home.mkdir(exist_ok=True)
                 home = os.fspath(self._home)
-                if copyreuse.reset(copy, self._watcher, copier, home, may_mount=may_mount):
-                    spares = self._spares.setdefault(copy.key, [])
-                    if len(spares) < _SPARES:
-                        self._serial += 1
-                        kept_at = self._home / str(self._serial)
-                        os.rename(dest, kept_at)
-                        copy.path = os.fspath(kept_at)
-                        self._watcher.drain()
-                        copy.forget()
-                        spares.append(copy)
-                        kept = True
+                # No reset when no spare is wanted: the work would be thrown away.
+                if len(spares) < _SPARES and copyreuse.reset(
+                    copy, self._watcher, copier, home, may_mount=may_mount
+                ):
+                    self._serial += 1
+                    kept_at = self._home / str(self._serial)
+                    os.rename(dest, kept_at)
+                    copy.path = os.fspath(kept_at)
+                    self._watcher.drain()
+                    copy.forget()
+                    spares.append(copy)
+                    kept = True
             except Exception:  # any failure: the copy is not known to be pristine
                 kept = False
         if kept:
@@ -421,7 +423,7 @@ class CopyBackend:
         _close(scratch, dest, mounted=False)
 
     def _discard_copy(self, copy: ReusableCopy) -> None:
-        from pytest_layers.namespaces import remove_tree
+        from pytest_layers._removal import remove_tree
 
         self.discarded += 1
         if self._watcher is not None:

@@ -281,7 +281,7 @@ def _lstat(path: str) -> os.stat_result | None:
 def _remove(path: str) -> None:
     from pathlib import Path
 
-    from pytest_layers.namespaces import remove_tree
+    from pytest_layers._removal import remove_tree
 
     st = _lstat(path)
     if st is None:
@@ -472,7 +472,7 @@ def _is_dir(item: _Item) -> bool:
 def _mounts_in(path: str) -> bool:
     from pathlib import Path
 
-    from pytest_layers.namespaces import mounts_under
+    from pytest_layers._mounts import mounts_under
 
     return any(True for _ in mounts_under(Path(os.path.realpath(path))))
 

@@ -52,9 +52,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pytest_layers import _linux
+from pytest_layers._removal import remove_tree
 from pytest_layers.backends.base import MountPolicy, View, trial
 from pytest_layers.errors import BackendUnavailableError, MountError, TooManyLayersError
-from pytest_layers.namespaces import remove_tree
 
 if TYPE_CHECKING:
     from pytest_layers.changeset import Entry, ImageView
