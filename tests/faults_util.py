@@ -146,6 +146,29 @@ def unmount_all_under(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def overlayfs_mount(where: Path) -> Iterator[Path]:
+    """A directory on a fresh overlay mount made under ``where`` (as a container's root
+    filesystem is, or a store on it); unmounted on the way out, and checked gone."""
+    from pytest_layers import _linux
+
+    for sub in ("lower", "upper", "work", "merged"):
+        (where / sub).mkdir()
+    merged = where / "merged"
+    _linux.mount(
+        "overlay",
+        merged,
+        "overlay",
+        0,
+        f"lowerdir={where / 'lower'},upperdir={where / 'upper'},workdir={where / 'work'}",
+    )
+    try:
+        yield merged
+    finally:
+        unmount_all_under(merged)
+        assert our_mounts_under(merged) == []
+
+
+@contextlib.contextmanager
 def no_mounts_left(path: Path) -> Iterator[None]:
     """Unmount whatever a failing test left below ``path``."""
     try:

@@ -8,14 +8,14 @@ marker whiteouts and record the test's deletions so that a commit keeps them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from faults_util import overlayfs_mount
 
-from pytest_layers import _linux, changeset, namespaces
+from pytest_layers import changeset, namespaces
 from pytest_layers.backends.base import Backend
 from pytest_layers.backends.detect import choose_backend
 from pytest_layers.store import Store, filesystem_type
@@ -26,24 +26,9 @@ pytestmark = [pytest.mark.requires_root, pytest.mark.requires_overlay, pytest.ma
 @pytest.fixture
 def overlayfs_dir(tmp_path: Path) -> Iterator[Path]:
     """A directory on an overlay mount, as a container's root filesystem is; always unmounted."""
-    for sub in ("lower", "upper", "work", "merged"):
-        (tmp_path / sub).mkdir()
-    merged = tmp_path / "merged"
-    _linux.mount(
-        "overlay",
-        merged,
-        "overlay",
-        0,
-        f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}",
-    )
-    try:
+    with overlayfs_mount(tmp_path) as merged:
         assert filesystem_type(merged) == "overlay"
         yield merged
-    finally:
-        for point in namespaces.mounts_under(merged):
-            with contextlib.suppress(OSError):
-                _linux.umount2(point, _linux.MNT_DETACH)
-        assert namespaces.mounts_under(merged) == []
 
 
 def _commit(

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 from conftest import require
-from faults_util import our_mounts_under, unmount_all_under
+from faults_util import overlayfs_mount
 from treeutil import diff_snapshots, snapshot_tree
 
-from pytest_layers import _linux
 from pytest_layers.backends import _inotify, copyreuse
 from pytest_layers.backends.base import MountPolicy
 from pytest_layers.backends.copy import CopyBackend, CopyView
@@ -71,21 +70,8 @@ def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
         return
     require("root")
     require("overlay")
-    for sub in ("lower", "upper", "work", "merged"):
-        (tmp_path / sub).mkdir()
-    merged = tmp_path / "merged"
-    _linux.mount(
-        "overlay",
-        merged,
-        "overlay",
-        0,
-        f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}",
-    )
-    try:
+    with overlayfs_mount(tmp_path) as merged:
         yield merged
-    finally:
-        unmount_all_under(merged)
-        assert our_mounts_under(merged) == []
 
 
 class Harness:
