@@ -253,22 +253,24 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    for row in results["pull"]:
+    # With --only and a results file that does not hold the other parts yet, print what there is.
+    for row in results.get("pull", []):
         print(
             f"pull+unpack {row['files']:>7} files: pytest-layers {row['pytest_layers_pull_s']:.2f}s"
             f", skopeo+umoci {row['skopeo_umoci_s']:.2f}s ({row['speedup']:.1f}x)"
         )
-    s = results["session"]
-    print(
-        f"session, {s['files']} files in 3 layers: built {s['built_session_s']:.2f}s, pulled "
-        f"{s['pulled_session_s']:.2f}s ({s['speedup']:.1f}x)"
-    )
-    m = results["memory"]
-    print(
-        f"{m['file_bytes'] >> 20} MiB sparse layer: push peak RSS {m['push_peak_rss_mib']:.0f} "
-        f"MiB ({m['push_s']:.1f}s), pull peak RSS {m['pull_peak_rss_mib']:.0f} MiB "
-        f"({m['pull_s']:.1f}s); `pytest-layers ls` {m['cli_ls_rss_mib']:.0f} MiB"
-    )
+    if s := results.get("session"):
+        print(
+            f"session, {s['files']} files in 3 layers: built {s['built_session_s']:.2f}s, pulled "
+            f"{s['pulled_session_s']:.2f}s ({s['speedup']:.1f}x)"
+        )
+    if m := results.get("memory"):
+        print(
+            f"{m['file_bytes'] >> 20} MiB sparse layer: push peak RSS "
+            f"{m['push_peak_rss_mib']:.0f} MiB ({m['push_s']:.1f}s), pull peak RSS "
+            f"{m['pull_peak_rss_mib']:.0f} MiB ({m['pull_s']:.1f}s); `pytest-layers ls` "
+            f"{m['cli_ls_rss_mib']:.0f} MiB"
+        )
     print(f"wrote {out}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,23 @@ def test_every_benchmark_has_the_quick_mode_ci_runs(script: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout
+
+
+def test_registry_benchmark_one_part_into_a_new_results_file(tmp_path: Path) -> None:
+    # `--only PART` into a results file that holds no other part yet prints the part it measured
+    # (it used to stop on the parts it had not measured, after the run, with a KeyError).
+    from conftest import require
+
+    require("tool:docker-registry")
+    out = tmp_path / "registry.json"
+    script = str(BENCH.parent / "bench_registry.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--quick", "--only", "memory", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "MiB sparse layer: push peak RSS" in proc.stdout
+    assert "session," not in proc.stdout
+    assert set(json.loads(out.read_text())) == {"machine", "memory"}
