@@ -19,12 +19,11 @@ from typing import Any
 
 import pytest
 
-from pytest_layers import _linux, _settings, build, definitions, fixtures, hookspecs, namespaces
+from pytest_layers import _settings, build, definitions, fixtures, hookspecs
 from pytest_layers._fmt import human_size, plural
 from pytest_layers.backends.base import MountPolicy
-from pytest_layers.build import Layer, LayerDef, LayerSession, compose
+from pytest_layers.build import Layer, LayerDef, compose
 from pytest_layers.errors import (
-    BackendUnavailableError,
     LayerDefinitionError,
     LayersError,
 )
@@ -34,6 +33,7 @@ from pytest_layers.fixtures import State as _State
 from pytest_layers.fixtures import session_or_fail as _session_or_fail
 from pytest_layers.fixtures import state as _state
 from pytest_layers.rootfs import Rootfs, check_init_path
+from pytest_layers.runtime import Choice
 
 __all__ = [
     "BACKEND_CHOICES",
@@ -298,11 +298,7 @@ def pytest_configure(config: pytest.Config) -> None:
             pool_depth=pool_depth,
             verify=verify,
             rebuild_token=winfo["rebuild"],
-            backend_name=winfo["backend"],
-            backend_label=winfo["label"],
-            backend_reason=winfo["reason"],
-            backend_why=winfo["why"],
-            namespace=winfo["namespace"],
+            choice=Choice.from_dict(winfo),
         )
     else:
         store_opt = config.getoption("layers_store")
@@ -348,67 +344,35 @@ def pytest_configure(config: pytest.Config) -> None:
 def _setup(
     config: pytest.Config, state: _State, backend_opt: str, ns_mode: str, *, worker: bool
 ) -> None:
-    from pytest_layers.backends import detect  # keeps `pytest --help` light
-    from pytest_layers.store import Store, preflight
+    """Open the session's runtime: namespace, store, backend (the hook chooses), scratch."""
+    from pytest_layers.runtime import Runtime
 
-    if not worker:
-        # Who owns the store is only visible outside a user namespace (inside, every other
-        # uid reads as nobody): check it before entering one, and before sweeping its scratch.
-        preflight(state.store_path, shared_group=state.store_shared)
-        # Namespaces first: unshare(2) moves only the calling thread, so before anything that
-        # could start one. Workers inherit the controller's namespace and stay in it.
-        state.namespace, ns_reason = _enter_namespace(
-            state.store_path, ns_mode, backend_opt, state.store_shared
-        )
-        state.backend_reason, state.backend_why = ns_reason, getattr(ns_reason, "short", "")
-    state.store = Store(state.store_path, shared_group=state.store_shared)
-    state.store.check_writable()  # a session builds and commits: say so now if it cannot
     if worker:
-        backend = detect.get_backend(str(state.backend_name), state.policy)
+        # Workers inherit the controller's namespace and stay in it, with its choice.
+        runtime = Runtime.join(
+            state.store_path, state.choice, shared_group=state.store_shared, policy=state.policy
+        )
     else:
-        candidates = list(detect.BACKEND_NAMES) if backend_opt == "auto" else [backend_opt]
-        chosen = config.hook.pytest_layers_choose_backend(config=config, candidates=candidates)
-        if chosen is None:
-            raise BackendUnavailableError(
-                backend_opt, f"no backend among {', '.join(candidates)} was chosen"
-            )
-        backend, reason = chosen
-        state.backend_name = backend.name
-        state.backend_label = detect.backend_label(backend)
-        reason = reason if isinstance(reason, detect.Reason) else detect.Reason(str(reason or ""))
-        state.backend_reason = "; ".join(x for x in (state.backend_reason, reason) if x)
-        if state.backend_why:
-            # The namespace failure is the cause; overlay's own line only repeats it.
-            shorts = [p for p in reason.short.split("; ") if p and not p.startswith("overlay")]
-        else:
-            shorts = [reason.short] if reason.short else []
-        state.backend_why = "; ".join([state.backend_why, *shorts] if state.backend_why else shorts)
-        if backend.name != "overlay":
-            state.backend_fixes = detect.fixes_for(state.backend_reason)
-            state.backend_fix = next(iter(detect.fixes_for(state.backend_reason, short=True)), "")
-    state.backend = backend
-    scratch = state.store_path / "scratch" / "views" / namespaces.session_dir_name()
-    scratch.mkdir(parents=True)
-    if backend.name == "overlay" and namespaces.inside_our_namespace() is not None:
-        # Upper and work dirs on tmpfs make the per-test mount cycle several times cheaper;
-        # inside our own namespace the tmpfs is private and dies with the session.
-        try:
-            namespaces.mount_scratch_tmpfs(scratch)
-            state.scratch_tmpfs = True
-        except OSError:
-            state.scratch_tmpfs = False
-    keep = getattr(backend, "keep_copies_in", None)
-    if callable(keep):
-        # The copy backend resets a test's copy and hands it to the next test of its image.
-        keep(scratch / "copies")
-    state.session = LayerSession(
-        state.store,
-        backend,
+        runtime = Runtime.enter(
+            state.store_path,
+            shared_group=state.store_shared,
+            namespace=ns_mode,
+            backend=backend_opt,
+            policy=state.policy,
+        )
+    # Before the backend is chosen: the default choice (a hook implementation) tries it there.
+    state.runtime = runtime
+    state.session = runtime.start(
         state.rootdir,
+        backend=backend_opt,
+        choose=lambda candidates: config.hook.pytest_layers_choose_backend(
+            config=config, candidates=candidates
+        ),
         rebuild_token=state.rebuild_token,
         verify=state.verify,
-        scratch_root=scratch,
+        pool_depth=state.pool_depth,
     )
+    state.choice = runtime.choice
 
 
 def _remote_settings(config: pytest.Config) -> tuple[Any, list[Any], Any]:
@@ -458,112 +422,12 @@ def _attach_remote(state: _State, remote: tuple[Any, list[Any], Any], *, probe: 
         state.remote_lines = session.remote.probe()
 
 
-def _sweep_dead_sessions(store_path: Path, shared: str | None) -> None:
-    """Remove the view scratch of sessions that died without cleaning up (SIGKILL).
-
-    In a private or user namespace their mounts died with them, but their scratch dirs (upper
-    dirs when no scratch tmpfs could be mounted, the copy backend's trees) stay on disk; in
-    host mode their mounts stay too. Only dirs of dead processes are touched, so it runs in
-    every mode, *before* entering a namespace (inside one it could only detach private copies
-    of host mounts). Cheap when nothing died: one directory listing and a ``/proc`` read per
-    live session; mountinfo is read only for a dead session's dir.
-    """
-    from pytest_layers.store import preflight
-
-    # Best effort: a mount we may not unmount (another user's, as an ordinary user) must not
-    # stop this session, whose own scratch is a fresh dir.
-    with contextlib.suppress(OSError):
-        # Only in a store this user may trust (a planted scratch/views symlink would make the
-        # sweep unmount and delete elsewhere); opening the store then says what is wrong.
-        preflight(store_path, shared_group=shared)
-        namespaces.sweep_stale_mounts(store_path / "scratch")
-
-
-#: (pid, mount namespace) this process entered for a session: an in-process nested session
-#: (``pytester.runpytest()``) shares the process's fate, so it may share the namespace too.
-_entered_here: tuple[int, str] | None = None
-
-
-def _enter_namespace(
-    store_path: Path, ns_mode: str, backend_opt: str, shared: str | None = None
-) -> tuple[str, str]:
-    """Enter the session's namespace; returns (where mounts live, why overlay is out or "").
-
-    Called in the process that owns the session, never in an xdist worker (``workerinput``
-    says which), which shares its controller's namespace.
-    """
-    global _entered_here
-    _sweep_dead_sessions(store_path, shared)
-    inherited = namespaces.inside_our_namespace()
-    if inherited is not None and _entered_here == (os.getpid(), inherited.mnt_ns):
-        return inherited.kind, ""
-    # Any other namespace inherited with its environment variable belongs to a parent session
-    # (a test that runs pytest in a subprocess; a root session's, passed on by `runuser`, where
-    # an ordinary user cannot even mount). Sharing it would leave a SIGKILLed session's mounts
-    # in the parent's namespace until that one ends; a fresh one dies with this process.
-    # Unsharing again is cheap, and an ordinary user may nest user namespaces 32 deep.
-    os.environ.pop(namespaces.ENV_VAR, None)
-    if backend_opt == "copy" and os.geteuid() != 0:
-        # The copy needs no mount, and a user namespace would change what tests observe: its
-        # capabilities let the test process read and write its own mode-000 files. Mounts an
-        # ordinary user's test can make live in a namespace of its own, invisible here. Root's
-        # copy sessions do enter a private namespace: a bind mount a test leaves in its rootfs
-        # then dies with the session instead of staying in the host.
-        return "host", ""
-    if os.geteuid() == 0:
-        if ns_mode == "host":
-            return "host", ""
-        try:
-            info = namespaces.enter_private_mount_namespace()
-        except BackendUnavailableError as exc:
-            return "host", _ns_reason(
-                f"no private mount namespace ({exc.reason}), mounting in the host's",
-                f"no private mount namespace: {exc.reason}",
-            )
-    else:
-        if backend_opt == "fuse" or ns_mode == "host":
-            return "host", ""
-        try:
-            info = namespaces.enter_user_namespace()
-        except BackendUnavailableError as exc:
-            detail = exc.reason.removeprefix("cannot enter a user namespace: ")
-            return "host", _ns_reason(
-                f"no user namespace: {exc.reason}", f"no user namespace: {detail}"
-            )
-    _entered_here = (os.getpid(), info.mnt_ns)
-    return info.kind, ""
-
-
-def _ns_reason(text: str, short_of: str | None = None) -> str:
-    from pytest_layers.backends import detect
-
-    return detect.Reason(text, detect.shorten(short_of or text, 72))
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_layers_choose_backend(config: pytest.Config, candidates: Sequence[str]) -> Any:
     """The default choice: the first candidate whose trial mount works."""
-    from pytest_layers.backends import detect
-
-    state = _state(config)
-    scratch = state.store_path / "scratch"
-    flavor = state.store.flavor
-    if tuple(candidates) == tuple(detect.BACKEND_NAMES):
-        backend, skipped = detect.choose_backend(
-            "auto", scratch, flavor=flavor, policy=state.policy
-        )
-        return backend, detect.join_reasons(skipped)
-    skipped = []
-    for name in candidates:
-        try:
-            backend, _ = detect.choose_backend(name, scratch, flavor=flavor, policy=state.policy)
-        except BackendUnavailableError as exc:
-            if len(candidates) == 1:
-                raise
-            skipped.append(detect.Reason(f"{exc.backend}: {exc.reason}", detect.skipped_short(exc)))
-            continue
-        return backend, detect.join_reasons(skipped)
-    return None
+    runtime = _state(config).runtime
+    assert runtime is not None  # called from Runtime.start, which the plugin set up
+    return runtime.choose(candidates)
 
 
 class _XdistHooks:
@@ -585,27 +449,18 @@ def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str]
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
-    if state is None or state.session is None:
+    if state is None or state.runtime is None:
         return
-    _close_pool(state)
-    state.session.close()
-    close_backend = getattr(state.session.backend, "close", None)
-    if callable(close_backend):
-        close_backend()
-    if state.scratch_tmpfs:
-        with contextlib.suppress(OSError):
-            _linux.umount2(state.session.scratch_root, _linux.MNT_DETACH)
-    namespaces.remove_tree(state.session.scratch_root)
-    if state.store is not None:
-        state.store.close()
+    runtime, state.runtime = state.runtime, None
+    runtime.close()
 
 
 def _why(state: _State, *, fix: bool) -> str:
     """`` (why faster backends were skipped[; fix: the most decisive fix])`` or ``""``."""
-    why = state.backend_why
-    if why and fix and state.backend_fix:
+    why = state.choice.why
+    if why and fix and state.choice.fix:
         # A fallback names its most decisive fix; `-v` and `pytest-layers doctor` give all.
-        why += f"; fix: {state.backend_fix}"
+        why += f"; fix: {state.choice.fix}"
     return f" ({why})" if why else ""
 
 
@@ -618,14 +473,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     store = state.get_session().store
     why = _why(state, fix=config.get_verbosity() <= 0)
     lines = [
-        f"layers: backend={state.backend_label or state.backend_name}{why}, "
+        f"layers: backend={state.choice.label or state.choice.name}{why}, "
         f"store={state.store_path} ({store.access.describe()}, "
         f"{human_size(store.recorded_disk_use())} disk use)",
         *state.remote_lines,
     ]
-    if state.backend_reason and config.get_verbosity() > 0:
-        lines.append(f"layers: why: {state.backend_reason}")
-        lines.extend(f"layers: fix: {fix}" for fix in state.backend_fixes)
+    if state.choice.reason and config.get_verbosity() > 0:
+        lines.append(f"layers: why: {state.choice.reason}")
+        lines.extend(f"layers: fix: {fix}" for fix in state.choice.fixes)
     return lines
 
 
@@ -822,26 +677,7 @@ def _pool_key(spec: _Spec) -> tuple[Any, ...] | None:
 
 def _pool(state: _State) -> Any:
     """The session's view pool, or None where views are made in the test's setup."""
-    if state.pool is None:
-        backend = state.backend
-        # Overlay and fuse views are cheap to make ahead; a backend whose views are costly
-        # copies joins when it can reset a used one in place (``reset_view``).
-        served = backend is not None and (
-            backend.name in ("overlay", "fuse") or callable(getattr(backend, "reset_view", None))
-        )
-        if state.pool_depth < 1 or not served:
-            state.pool = False
-        elif getattr(backend, "api", None) == "legacy":
-            # The legacy overlay mount chdirs the whole process (backends/overlay.py): never
-            # from a second thread while a test runs.
-            state.pool = False
-        else:
-            from pytest_layers.backends.pool import ViewPool
-
-            # Made here, in the first test's setup: long after pytest_configure entered the
-            # namespace. Its helpers are processes forked later still; no thread is started.
-            state.pool = ViewPool(depth=state.pool_depth)
-    return state.pool or None
+    return state.runtime.pool() if state.runtime is not None else None
 
 
 def _expect(state: _State, pool: Any, item: pytest.Item) -> None:
@@ -857,18 +693,14 @@ def _expect(state: _State, pool: Any, item: pytest.Item) -> None:
 
 def _close_pool(state: _State, *, verbose: bool = False) -> list[str]:
     """Drain the pool; with ``-v``, how many views were ready when a test asked."""
-    pool, state.pool = state.pool, False
-    if not pool:
+    pool = state.runtime.close_pool() if state.runtime is not None else None
+    if pool is None or not verbose:
         return []
-    pool.close()
-    lines = []
-    if verbose:
-        served = pool.hits + pool.misses
-        lines.append(
-            f"layers: view pool: {served} views served by helpers, {pool.hits} of them ready "
-            f"when the test asked, {pool.declined} made in the test"
-        )
-    return lines
+    served = pool.hits + pool.misses
+    return [
+        f"layers: view pool: {served} views served by helpers, {pool.hits} of them ready "
+        f"when the test asked, {pool.declined} made in the test"
+    ]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -1137,7 +969,7 @@ class _Reporter:
             # Quiet CI logs still say which backend ran (the header is not shown with -q).
             if state.error is not None:
                 tr.write_line(f"layers: unavailable: {state.error}")
-            elif state.backend_name is not None:
+            elif state.choice.name is not None:
                 why = _why(state, fix=True)
                 counts = [
                     f"{sum(1 for s in state.seen_progress.values() if s == st)} {st}"
@@ -1145,7 +977,7 @@ class _Reporter:
                     if any(s == st for s in state.seen_progress.values())
                 ]
                 tail = f"; {', '.join(counts)}" if counts else ""
-                tr.write_line(f"layers: backend={state.backend_label}{why}{tail}")
+                tr.write_line(f"layers: backend={state.choice.label}{why}{tail}")
         elif self.progress:
             tr.write_sep("-", "layers")
             for line in self.progress:
