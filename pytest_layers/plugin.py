@@ -1,16 +1,18 @@
 """pytest glue for pytest-layers: options, markers, fixtures, report hooks, xdist wiring.
 
-The work happens in plain modules: :mod:`pytest_layers.definitions` builds layers,
-:mod:`pytest_layers.rootfs` gives a test its view, the store and backends do the rest.
+The glue decides and forwards; plain modules do the work. :class:`~pytest_layers.runtime.Runtime`
+is the session's namespace, store, backend and scratch (opened in ``pytest_configure``, closed
+in ``pytest_unconfigure``); :class:`~pytest_layers.lifecycle.TestRootfs` is one test's rootfs
+from setup to teardown (the ``rootfs`` fixture and the report hook forward to it); the layer
+fixtures (:mod:`pytest_layers.fixtures`) build through the session's
+:class:`~pytest_layers.build.LayerSession`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shlex
-import traceback
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 
 from pytest_layers import _settings, build, definitions, fixtures, hookspecs
-from pytest_layers._fmt import human_size, plural
+from pytest_layers._fmt import human_size
 from pytest_layers.backends.base import MountPolicy
 from pytest_layers.build import Layer, LayerDef, compose
 from pytest_layers.errors import (
@@ -32,6 +34,7 @@ from pytest_layers.fixtures import LayerBuildFailed as _LayerBuildFailed
 from pytest_layers.fixtures import State as _State
 from pytest_layers.fixtures import session_or_fail as _session_or_fail
 from pytest_layers.fixtures import state as _state
+from pytest_layers.lifecycle import KEEP_CHOICES, TestRootfs, pool_key
 from pytest_layers.rootfs import Rootfs, check_init_path
 from pytest_layers.runtime import Choice
 
@@ -42,7 +45,6 @@ __all__ = [
 ]
 
 BACKEND_CHOICES = ("auto", "overlay", "fuse", "copy")
-KEEP_CHOICES = ("failed", "always", "never")
 NAMESPACE_CHOICES = ("private", "host")
 _WORKER_KEY = "pytest_layers"
 _MARKER_KWARGS = ("init", "keep", "readonly")
@@ -215,7 +217,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
-_ROOTFS = pytest.StashKey["_TestView"]()
+_ROOTFS = pytest.StashKey[TestRootfs]()
 #: The parsed marker and the marker it was parsed from (``request.applymarker`` may add another).
 _SPEC = pytest.StashKey[tuple[Any, "_Spec"]]()
 _INDEX = pytest.StashKey[int]()
@@ -669,10 +671,7 @@ def pytest_collection_modifyitems(
 
 
 def _pool_key(spec: _Spec) -> tuple[Any, ...] | None:
-    """Views with the same key are interchangeable before a test touches them."""
-    if not spec.names:
-        return None
-    return (spec.keys, spec.readonly, tuple(sorted(spec.init.items())))
+    return pool_key(spec.keys, spec.readonly, spec.init)
 
 
 def _pool(state: _State) -> Any:
@@ -712,18 +711,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 # ---- the rootfs fixture and snapshots ------------------------------------------------------
-
-
-@dataclass
-class _TestView:
-    rootfs: Rootfs
-    keep: str
-    decided: bool = False
-    snapshot: tuple[str, Layer] | None = None
-    error: str | None = None
-    init_kept: bool = False
-    #: The rw layer's text changes as a short unified diff, for the failure's report section.
-    written: str = ""
 
 
 @pytest.fixture
@@ -783,107 +770,45 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
                 init.update(extra)
     init.update(spec.init)
     pool = _pool(state)
-    # The key from the spec in hand: the plan only predicts (a test may applymarker).
-    key = _pool_key(spec) if pool is not None and not hook.get_hookimpls() else None
-    prepared = None
-    if pool is not None and key is not None:
-        from pytest_layers import rootfs as rootfs_mod
-        from pytest_layers.backends.pool import Maker
-
-        if not pool.known(key):
-            make = functools.partial(
-                rootfs_mod.prepare, session, image, init=init, readonly=spec.readonly
-            )
-            reset = getattr(session.backend, "reset_view", None)
-            pool.register(
-                key,
-                Maker(
-                    make,
-                    rootfs_mod.discard,
-                    rootfs_mod.portable,
-                    reset=(lambda p: bool(reset(p.view))) if callable(reset) else None,
-                ),
-            )
-        try:
-            # A preparation's error is this test's error, raised as if made here.
-            prepared = pool.take(key)
-        finally:
-            _expect(state, pool, item)
-    fs = Rootfs(session, image, init=init, readonly=spec.readonly, prepared=prepared)
-    view = _TestView(fs, spec.keep or state.keep)
-    item.stash[_ROOTFS] = view
+    life = TestRootfs(
+        session,
+        image,
+        test=item.nodeid,
+        keep=spec.keep or state.keep,
+        keep_count=state.keep_count,
+        init=init,
+        readonly=spec.readonly,
+        pool=pool,
+        # The key from the spec in hand: the plan only predicts (a test may applymarker).
+        key=_pool_key(spec) if pool is not None and not hook.get_hookimpls() else None,
+        caught=_CAUGHT,
+    )
+    fs = life.open(expect=lambda pool: _expect(state, pool, item))
+    item.stash[_ROOTFS] = life
     try:
         yield fs
-        if not view.decided:
+        if not life.decided:
             # No call phase (setup failed after this fixture, or the test was skipped).
             reports = item.stash.get(_REPORTS, {})
-            _decide(item, view, failed=any(r.failed for r in reports.values()))
+            _ended(item, life, failed=any(r.failed for r in reports.values()))
     finally:
-        # The snapshot (if any) was taken from this view's own upper above; the view is never
-        # handed out again, so its unmount and removal can wait for the pool's thread.
-        if prepared is not None and pool.retire(prepared):
-            fs.release()
-        else:
-            fs.close()
+        life.close()
 
 
-def _decide(item: pytest.Item, view: _TestView, *, failed: bool) -> None:
-    view.decided = True
-    if view.rootfs.readonly or not (view.keep == "always" or (view.keep == "failed" and failed)):
-        return
-    state = _state(item.config)
-    # Runs inside pytest_runtest_makereport: anything escaping would end the whole session with
-    # INTERNALERROR. Keeping a snapshot is a service on top of the test, so a failure becomes a
-    # line on that test's report and the test keeps its own outcome.
-    try:
-        session = state.get_session()
-        lay = view.rootfs.commit()
-        with_init = view.rootfs.commit_with_init(lay)
-        ref = session.store.add_snapshot(
-            item.nodeid, lay.chain_id, keep=state.keep_count, with_init=with_init
-        )
-        view.init_kept = with_init is not None
-    except _CAUGHT as exc:
-        view.error = f"could not keep the rw layer as a snapshot: {_describe(exc)}"
-        return
-    view.snapshot = (ref, lay)
-    with contextlib.suppress(*_CAUGHT):
-        # "What did it write?" answered in the report; a file that cannot be read is left out.
-        view.written = view.rootfs.unified_diff()
-    try:
-        item.config.hook.pytest_layers_snapshot_committed(item=item, ref=ref, layer=lay)
-    except _CAUGHT as exc:
-        view.error = (
-            f"kept as {ref}, but a pytest_layers_snapshot_committed hook failed: {_describe(exc)}"
-        )
+def _ended(item: pytest.Item, life: TestRootfs, *, failed: bool) -> None:
+    """The test's outcome is known: its lifecycle keeps the snapshot (runs inside
+    pytest_runtest_makereport, where anything escaping would end the session with
+    INTERNALERROR: the lifecycle turns every failure into a line on the report)."""
+    life.ended(failed=failed, committed=functools.partial(_committed, item))
+
+
+def _committed(item: pytest.Item, ref: str, lay: Layer) -> None:
+    item.config.hook.pytest_layers_snapshot_committed(item=item, ref=ref, layer=lay)
 
 
 #: What a snapshot failure may raise and still be reported on the test: any error, and
 #: pytest.fail()/skip() called from a hook (BaseExceptions); never KeyboardInterrupt or exit.
 _CAUGHT = (Exception, pytest.fail.Exception, pytest.skip.Exception)
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for ``exc``: our errors and OSErrors say enough; anything else (a bug, a
-    hook's own error) gets its type and the line that raised it."""
-    if isinstance(exc, (LayersError, OSError)):
-        return str(exc)
-    text = f"{type(exc).__name__}: {exc}"
-    frames = traceback.extract_tb(exc.__traceback__)
-    if frames:
-        text += f" (at {frames[-1].filename}:{frames[-1].lineno})"
-    return text
-
-
-def _snapshot_section(state: _State, ref: str, lay: Layer) -> str:
-    store = shlex.quote(str(state.store_path))
-    q = shlex.quote(ref)
-    return (
-        f"{ref} ({lay.chain_id[:19]}, {plural(lay.files, 'file')}, {human_size(lay.size)})\n"
-        f"inspect it with:\n"
-        f"  pytest-layers --store {store} diff {q}\n"
-        f"  pytest-layers --store {store} shell {q}\n"
-    )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -895,27 +820,19 @@ def pytest_runtest_makereport(
     state = item.config.stash.get(_STATE, None)
     if state is None:
         return report
-    view = item.stash.get(_ROOTFS, None)
-    if view is not None and report.when == "call" and not view.decided:
-        _decide(item, view, failed=report.failed)
-    if view is not None and report.when in ("call", "teardown"):
-        if view.snapshot is not None:
-            ref, lay = view.snapshot
-            section = _snapshot_section(state, ref, lay)
-            if view.init_kept:
-                section += (
-                    "init layer kept: shell/mount show it; export leaves it out (--with-init)\n"
-                )
-            if view.written:
-                section += f"changed text files (against the image):\n{view.written}"
+    life = item.stash.get(_ROOTFS, None)
+    if life is not None and report.when == "call":
+        _ended(item, life, failed=report.failed)
+    if life is not None and report.when in ("call", "teardown"):
+        section, ref = life.section(state.store_path)
+        if section is not None:
             report.sections.append(("layers snapshot", section))
             report.layers_snapshot = ref  # type: ignore[attr-defined]  # travels through xdist
-            view.snapshot = None
-        if view.error is not None:
-            report.sections.append(("layers snapshot", view.error))
+        if life.error is not None:
+            report.sections.append(("layers snapshot", life.error))
             # Also for the terminal summary: a passing test's sections are not shown.
-            report.layers_snapshot_error = view.error  # type: ignore[attr-defined]
-            view.error = None
+            report.layers_snapshot_error = life.error  # type: ignore[attr-defined]
+            life.error = None
     if state.session is not None and state.session.progress:
         report.layers_progress = [p.line() for p in state.session.progress]  # type: ignore[attr-defined]
         state.session.progress.clear()
