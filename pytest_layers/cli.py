@@ -593,7 +593,7 @@ def _sandboxed(
     view of ``args.ref``, confined in the sandbox; its exit code."""
     import signal
 
-    from pytest_layers.backends import detect
+    from pytest_layers import runtime
     from pytest_layers.sandbox import DEFAULT_PATH, Sandbox
 
     interactive = not command
@@ -606,13 +606,10 @@ def _sandboxed(
     chain = store.chain(seen)
     _enter_namespace()
     # The lease keeps prune away from the image's layers while the shell runs.
-    with store.lease([seen]), store.staging() as scratch_root:
-        backend, _skipped = detect.choose_backend(
-            args.backend, scratch_root / "probe", flavor=store.flavor
+    with store.lease([seen]), store.staging() as scratch:
+        view = runtime.Runtime.for_command(store, scratch, backend=args.backend).open_view(
+            _lowers(store, chain), readonly=readonly
         )
-        scratch = scratch_root / "view"
-        scratch.mkdir()
-        view = backend.open(_lowers(store, chain), scratch, readonly=readonly, flavor=store.flavor)
         try:
             root = view.path
             binds = _borrow_host_tools(root) if host_tools else []

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import os
 import stat
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 from pytest_layers import _linux, namespaces
 from pytest_layers._removal import remove_tree
 from pytest_layers.backends.base import MountPolicy
-from pytest_layers.errors import BackendUnavailableError
+from pytest_layers.errors import BackendUnavailableError, LayersError
 
 if TYPE_CHECKING:
-    from pytest_layers.backends.base import Backend
+    from pytest_layers.backends.base import Backend, View
     from pytest_layers.build import LayerSession
     from pytest_layers.store import Store
 
@@ -273,6 +274,40 @@ class Runtime:
         store = Store(store_path, shared_group=shared_group)
         store.check_writable()
         return cls(store, choice, policy=policy)
+
+    @classmethod
+    def for_command(
+        cls,
+        store: Store,
+        scratch: Path,
+        *,
+        backend: str = "auto",
+        policy: MountPolicy | None = None,
+    ) -> Runtime:
+        """A command's runtime (``shell``, ``run``): its namespace entered already
+        (:func:`enter_for_command`), ``scratch`` a directory the command owns and removes (a
+        store staging dir), the backend chosen by a trial mount there. Nothing to close:
+        the command closes its view and its scratch goes with the staging dir."""
+        from pytest_layers.backends import detect
+
+        runtime = cls(store, Choice(), policy=policy)
+        chosen, _skipped = detect.choose_backend(
+            backend, scratch / "probe", flavor=store.flavor, policy=policy
+        )
+        runtime.backend = chosen
+        runtime.choice = Choice(name=chosen.name, label=detect.backend_label(chosen))
+        runtime.scratch = scratch
+        return runtime
+
+    def open_view(self, lowers_top_first: Sequence[Path], *, readonly: bool = False) -> View:
+        """A view of ``lowers_top_first`` in a fresh directory of the scratch (the caller
+        closes it; the scratch's removal removes the directory)."""
+        if self.backend is None or self.scratch is None:
+            raise LayersError("this runtime has no backend yet: start() it first")
+        where = Path(tempfile.mkdtemp(prefix="view-", dir=self.scratch))
+        return self.backend.open(
+            lowers_top_first, where, readonly=readonly, flavor=self.store.flavor
+        )
 
     def choose(self, candidates: Sequence[str]) -> tuple[Backend, Any] | None:
         """The default choice: the first candidate whose trial mount works, and why the
