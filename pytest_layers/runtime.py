@@ -4,9 +4,10 @@ Both front ends need the same things in the same order: a mount namespace entere
 thread starts, a store opened and checked, a backend chosen by a trial mount, a scratch
 directory that dies with the process. The pytest plugin opens a :class:`Runtime` per session
 (``pytest_configure``) and closes it in ``pytest_unconfigure``; the ``pytest-layers`` command
-enters its namespace and chooses its backend through the same functions. No pytest here: the
-plugin decides *what* (options, ini, the ``pytest_layers_choose_backend`` hook), this module
-does it.
+opens its store with :func:`open_store`, enters its namespace with :func:`enter_for_command`
+and, for ``shell`` and ``run``, takes its backend and view from :meth:`Runtime.for_command`.
+No pytest here: the front ends decide *what* (options, ini, the
+``pytest_layers_choose_backend`` hook, argv), this module does it.
 
 Order of :meth:`Runtime.enter` then :meth:`Runtime.start`:
 
@@ -20,7 +21,8 @@ Order of :meth:`Runtime.enter` then :meth:`Runtime.start`:
 5. make the session's scratch dir (a tmpfs inside our own namespace for overlay), give the
    copy backend its home for reused copies, make the :class:`~pytest_layers.build.LayerSession`.
 
-An xdist worker :meth:`Runtime.join` s its controller's choice instead of steps 1, 2 and 4.
+An xdist worker opens with :meth:`Runtime.join` instead (its controller's namespace, which it
+inherited, and its controller's choice): steps 1, 2 and 4 are the controller's.
 """
 
 from __future__ import annotations
