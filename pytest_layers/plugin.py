@@ -24,7 +24,7 @@ import pytest
 from pytest_layers import _settings, build, definitions, fixtures, hookspecs
 from pytest_layers._fmt import human_size
 from pytest_layers.backends.base import MountPolicy
-from pytest_layers.build import Layer, LayerDef, compose
+from pytest_layers.build import Layer, LayerDef, LayerSession, compose
 from pytest_layers.errors import (
     LayerDefinitionError,
     LayersError,
@@ -723,52 +723,11 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
     """
     item = request.node
     state = _state(request.config)
-    message = ""
-    marker, spec = item.stash.get(_SPEC, (None, None))
-    if spec is None or item.get_closest_marker("layer") is not marker:
-        try:
-            spec = _marker_spec(item)
-        except LayersError as exc:
-            message = str(exc)
-    if message:  # outside the except block: one line, no chained traceback
-        pytest.fail(message, pytrace=False)
+    spec = _item_spec(item)
     session = _session_or_fail(state)
-    if not spec.names:
-        pytest.fail(
-            "the test uses the rootfs fixture but names no image: add "
-            '@pytest.mark.layer("<layer name>") to the test (or its class or module), or set '
-            f"layers_default in the ini file; known layers: "
-            f"{', '.join(fixtures.visible_layers(item)) or '(none)'}",
-            pytrace=False,
-        )
-    assert spec is not None
-    failed: _LayerBuildFailed | None = None
-    image = state.images.get(spec.keys)
-    if image is None:
-        try:
-            tops = [request.getfixturevalue(name) for name in spec.names]
-        except _LayerBuildFailed as exc:
-            failed = exc
-    if failed is not None:
-        if failed.first is None:
-            failed.first = item.nodeid
-            raise failed
-        pytest.fail(
-            f"layer {failed.layer!r} failed to build (see the first error, at {failed.first})",
-            pytrace=False,
-        )
-    if image is None:
-        # Layer fixtures are session-scoped: one lookup per image and session, not per test.
-        image = compose(tops)
-        session.use(image)
-        state.images[spec.keys] = image
-    init: dict[str, str | bytes] = {}
-    hook = request.config.hook.pytest_layers_init
-    if hook.get_hookimpls():
-        for extra in hook(item=item):
-            if extra:
-                init.update(extra)
-    init.update(spec.init)
+    image = _image(request, state, session, spec)
+    hooked = bool(request.config.hook.pytest_layers_init.get_hookimpls())
+    init = _init_files(item, spec) if hooked else dict(spec.init)
     pool = _pool(state)
     life = TestRootfs(
         session,
@@ -780,7 +739,7 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
         readonly=spec.readonly,
         pool=pool,
         # The key from the spec in hand: the plan only predicts (a test may applymarker).
-        key=_pool_key(spec) if pool is not None and not hook.get_hookimpls() else None,
+        key=_pool_key(spec) if pool is not None and not hooked else None,
         caught=_CAUGHT,
     )
     fs = life.open(expect=lambda pool: _expect(state, pool, item))
@@ -793,6 +752,70 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
             _ended(item, life, failed=any(r.failed for r in reports.values()))
     finally:
         life.close()
+
+
+def _item_spec(item: pytest.Item) -> _Spec:
+    """The test's parsed marker: from collection, parsed again only when the closest marker
+    changed since (``request.applymarker``)."""
+    __tracebackhide__ = True
+    message = ""
+    marker, spec = item.stash.get(_SPEC, (None, None))
+    if spec is None or item.get_closest_marker("layer") is not marker:
+        try:
+            spec = _marker_spec(item)
+        except LayersError as exc:
+            message = str(exc)
+    if message:  # outside the except block: one line, no chained traceback
+        pytest.fail(message, pytrace=False)
+    assert spec is not None
+    return spec
+
+
+def _image(
+    request: pytest.FixtureRequest, state: _State, session: LayerSession, spec: _Spec
+) -> list[Layer]:
+    """The layers of the marker's names, stacked (the leftmost on top): looked up once per
+    image and session (the layer fixtures are session-scoped), leased and, with
+    ``--layers-verify``, re-hashed then."""
+    __tracebackhide__ = True
+    if not spec.names:
+        pytest.fail(
+            "the test uses the rootfs fixture but names no image: add "
+            '@pytest.mark.layer("<layer name>") to the test (or its class or module), or set '
+            f"layers_default in the ini file; known layers: "
+            f"{', '.join(fixtures.visible_layers(request.node)) or '(none)'}",
+            pytrace=False,
+        )
+    image = state.images.get(spec.keys)
+    if image is not None:
+        return image
+    failed: _LayerBuildFailed | None = None
+    try:
+        tops = [request.getfixturevalue(name) for name in spec.names]
+    except _LayerBuildFailed as exc:
+        failed = exc
+    if failed is not None:
+        if failed.first is None:
+            failed.first = request.node.nodeid
+            raise failed
+        pytest.fail(
+            f"layer {failed.layer!r} failed to build (see the first error, at {failed.first})",
+            pytrace=False,
+        )
+    image = compose(tops)
+    session.use(image)
+    state.images[spec.keys] = image
+    return image
+
+
+def _init_files(item: pytest.Item, spec: _Spec) -> dict[str, str | bytes]:
+    """The init layer's files: every ``pytest_layers_init`` hook's, then the marker's."""
+    init: dict[str, str | bytes] = {}
+    for extra in item.config.hook.pytest_layers_init(item=item):
+        if extra:
+            init.update(extra)
+    init.update(spec.init)
+    return init
 
 
 def _ended(item: pytest.Item, life: TestRootfs, *, failed: bool) -> None:
