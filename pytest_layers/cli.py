@@ -71,25 +71,22 @@ _opened: list[Store] = []
 
 
 def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
-    from pytest_layers import _access, _settings
-    from pytest_layers.store import Store
+    from pytest_layers import _settings, runtime
 
     path = Path(args.store) if args.store else default_store_path()
-    try:
-        st = os.stat(path)
-    except OSError:
-        st = None
-    if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise _access.not_a_directory(path, st.st_mode)
-    if not create and st is None:
-        raise CommandError(
-            f"no layer store at {path}; run pytest first, or pass --store PATH "
-            "(the store a session used is printed in its report header)"
-        )
     shared = getattr(args, "store_shared", None)
     if shared is None:
         shared = _settings.find_ini(Path.cwd()).values.get("layers_store_shared") or None
-    store = Store(path, shared_group=shared)
+    store = runtime.open_store(
+        path,
+        shared_group=shared,
+        missing=None
+        if create
+        else (
+            f"no layer store at {path}; run pytest first, or pass --store PATH "
+            "(the store a session used is printed in its report header)"
+        ),
+    )
     _opened.append(store)
     return store
 
@@ -546,23 +543,13 @@ def _borrow_host_tools(view_path: Path) -> list[Bind]:
 
 
 def _enter_namespace() -> bool:
-    """Enter a private mount namespace (root) or a user + mount namespace (anyone else), so
-    that every mount this command makes vanishes with it, whatever happens to it. False when
-    neither is possible here (then only the copy backend works, and there is no chroot)."""
-    from pytest_layers import namespaces
-    from pytest_layers.errors import BackendUnavailableError
+    """Enter the command's own namespace (:func:`pytest_layers.runtime.enter_for_command`);
+    False, with a note, when none is possible here."""
+    from pytest_layers import runtime
 
-    # A namespace inherited from a pytest session (its marker is in the environment) is not
-    # ours: its mounts are the session's, and an exec'd process keeps only the capabilities the
-    # session made ambient (no CAP_SYS_CHROOT). A fresh one nested inside it has everything.
-    os.environ.pop(namespaces.ENV_VAR, None)
-    try:
-        if os.geteuid() == 0:
-            namespaces.enter_private_mount_namespace()
-        else:
-            namespaces.enter_user_namespace()
-    except BackendUnavailableError as exc:
-        print(f"{PROG}: note: {exc}; using a copy of the image", file=sys.stderr)
+    error = runtime.enter_for_command()
+    if error is not None:
+        print(f"{PROG}: note: {error}; using a copy of the image", file=sys.stderr)
         return False
     return True
 
@@ -606,7 +593,7 @@ def _sandboxed(
     view of ``args.ref``, confined in the sandbox; its exit code."""
     import signal
 
-    from pytest_layers.backends import detect
+    from pytest_layers import runtime
     from pytest_layers.sandbox import DEFAULT_PATH, Sandbox
 
     interactive = not command
@@ -619,13 +606,10 @@ def _sandboxed(
     chain = store.chain(seen)
     _enter_namespace()
     # The lease keeps prune away from the image's layers while the shell runs.
-    with store.lease([seen]), store.staging() as scratch_root:
-        backend, _skipped = detect.choose_backend(
-            args.backend, scratch_root / "probe", flavor=store.flavor
+    with store.lease([seen]), store.staging() as scratch:
+        view = runtime.Runtime.for_command(store, scratch, backend=args.backend).open_view(
+            _lowers(store, chain), readonly=readonly
         )
-        scratch = scratch_root / "view"
-        scratch.mkdir()
-        view = backend.open(_lowers(store, chain), scratch, readonly=readonly, flavor=store.flavor)
         try:
             root = view.path
             binds = _borrow_host_tools(root) if host_tools else []
@@ -835,10 +819,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """Which backends work here, why the others do not, the fix, and the cost per test."""
     import tempfile
 
-    from pytest_layers import namespaces
+    from pytest_layers import namespaces, runtime
     from pytest_layers.backends import detect
     from pytest_layers.backends.base import trial_whiteout
-    from pytest_layers.errors import BackendUnavailableError
 
     store = (Path(args.store) if args.store else default_store_path()).absolute()
     # Trials run beside the store, on its filesystem (which decides the whiteout flavor),
@@ -853,14 +836,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         probe = scratch / "flavor"
         probe.mkdir()
         flavor = trial_whiteout(probe, "x")
-        ns_reason = ""
-        try:
-            if os.geteuid() == 0:
-                namespaces.enter_private_mount_namespace()
-            else:
-                namespaces.enter_user_namespace()
-        except BackendUnavailableError as exc:
-            ns_reason = exc.reason
+        entered = runtime.enter_for_command()
+        ns_reason = entered.reason if entered is not None else ""
         where = "on overlayfs or similar" if flavor != "overlay" else "ok for kernel overlay"
         print(f"user {_user_name()}, store {store} ({where})")
         from pytest_layers import _subids
@@ -900,14 +877,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     # reads as nobody.
     store = _store(args)
     if os.geteuid() != 0:
-        from pytest_layers import _subids, namespaces
-        from pytest_layers.errors import BackendUnavailableError
+        from pytest_layers import _subids, runtime
 
         if _subids.for_session():
             # Snapshots may hold files a program inside gave to the user's subordinate ids:
-            # only in a user namespace mapping them may we remove them (as sessions do).
-            with contextlib.suppress(BackendUnavailableError):
-                namespaces.enter_user_namespace()
+            # only in a user namespace mapping them may we remove them (as sessions do);
+            # without one, prune removes what it can.
+            runtime.enter_for_command()
     report = store.prune(keep_snapshots=args.keep_snapshots)
     print(
         f"removed {len(report.removed_layers)} layer(s), {len(report.removed_snapshots)} "

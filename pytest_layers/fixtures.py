@@ -33,6 +33,7 @@ from pytest_layers.errors import (
     LayersError,
     NoSpaceError,
 )
+from pytest_layers.runtime import Choice, Runtime
 
 __all__ = [
     "State",
@@ -72,7 +73,8 @@ def made() -> dict[str, list[LayerDef]]:
 
 @dataclass
 class State:
-    """Everything the plugin decided for this process, in ``config.stash``."""
+    """Everything the plugin decided for this process, in ``config.stash``: the settings read
+    from options and ini, and the :class:`~pytest_layers.runtime.Runtime` opened from them."""
 
     store_path: Path
     rootdir: Path
@@ -81,25 +83,18 @@ class State:
     verify: bool
     rebuild_token: str | None
     store_shared: str | None = None
-    backend_name: str | None = None
-    backend_label: str | None = None
-    store: Any = None
-    scratch_tmpfs: bool = False
-    backend_reason: str = ""  # why faster backends were skipped, in full (`-v`, diagnostics)
-    backend_why: str = ""  # the same in a few words, for the report header
-    backend_fixes: list[str] = field(default_factory=list)  # what would make them work
-    backend_fix: str = ""  # the most decisive of them in a few words, for the header
-    namespace: str = "host"
+    #: The backend chosen, why faster ones were skipped, the namespace (the controller's in a
+    #: worker, even when its setup failed: the report still names them).
+    choice: Choice = field(default_factory=Choice)
+    runtime: Runtime | None = None
     error: BaseException | None = None
     session: LayerSession | None = None
-    backend: Any = None
     policy: MountPolicy = field(default_factory=MountPolicy)
     seen_progress: dict[tuple[str, str], str] = field(default_factory=dict)
     snapshots: list[tuple[str, str]] = field(default_factory=list)
     snapshot_errors: list[tuple[str, str]] = field(default_factory=list)
     remote_lines: list[str] = field(default_factory=list)
-    #: The view pool (docs/concepts/performance.md), made at the first rootfs; None before.
-    pool: Any = None
+    #: Views prepared ahead per image (ini ``layers_view_pool``); 0: none.
     pool_depth: int = 0
     #: The image of each marker's layers (by qualified names), looked up once per session.
     images: dict[tuple[str, ...], list[Layer]] = field(default_factory=dict)
@@ -110,12 +105,8 @@ class State:
         return {
             "store": str(self.store_path),
             "store_shared": self.store_shared,
-            "backend": self.backend_name,
-            "label": self.backend_label,
-            "reason": self.backend_reason,
-            "why": self.backend_why,
+            **self.choice.to_dict(),
             "rebuild": self.rebuild_token,
-            "namespace": self.namespace,
             # Workers never set up on their own: without the controller's reason they would
             # only know that no backend was chosen.
             "error": None if self.error is None else str(self.error),

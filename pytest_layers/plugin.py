@@ -1,16 +1,18 @@
 """pytest glue for pytest-layers: options, markers, fixtures, report hooks, xdist wiring.
 
-The work happens in plain modules: :mod:`pytest_layers.definitions` builds layers,
-:mod:`pytest_layers.rootfs` gives a test its view, the store and backends do the rest.
+The glue decides and forwards; plain modules do the work. :class:`~pytest_layers.runtime.Runtime`
+is the session's namespace, store, backend and scratch (opened in ``pytest_configure``, closed
+in ``pytest_unconfigure``); :class:`~pytest_layers.lifecycle.TestRootfs` is one test's rootfs
+from setup to teardown (the ``rootfs`` fixture and the report hook forward to it); the layer
+fixtures (:mod:`pytest_layers.fixtures`) build through the session's
+:class:`~pytest_layers.build.LayerSession`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shlex
-import traceback
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,12 +21,11 @@ from typing import Any
 
 import pytest
 
-from pytest_layers import _linux, _settings, build, definitions, fixtures, hookspecs, namespaces
-from pytest_layers._fmt import human_size, plural
+from pytest_layers import _settings, build, definitions, fixtures, hookspecs
+from pytest_layers._fmt import human_size
 from pytest_layers.backends.base import MountPolicy
 from pytest_layers.build import Layer, LayerDef, LayerSession, compose
 from pytest_layers.errors import (
-    BackendUnavailableError,
     LayerDefinitionError,
     LayersError,
 )
@@ -33,7 +34,9 @@ from pytest_layers.fixtures import LayerBuildFailed as _LayerBuildFailed
 from pytest_layers.fixtures import State as _State
 from pytest_layers.fixtures import session_or_fail as _session_or_fail
 from pytest_layers.fixtures import state as _state
+from pytest_layers.lifecycle import KEEP_CHOICES, TestRootfs, pool_key
 from pytest_layers.rootfs import Rootfs, check_init_path
+from pytest_layers.runtime import Choice
 
 __all__ = [
     "BACKEND_CHOICES",
@@ -42,7 +45,6 @@ __all__ = [
 ]
 
 BACKEND_CHOICES = ("auto", "overlay", "fuse", "copy")
-KEEP_CHOICES = ("failed", "always", "never")
 NAMESPACE_CHOICES = ("private", "host")
 _WORKER_KEY = "pytest_layers"
 _MARKER_KWARGS = ("init", "keep", "readonly")
@@ -215,7 +217,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
-_ROOTFS = pytest.StashKey["_TestView"]()
+_ROOTFS = pytest.StashKey[TestRootfs]()
 #: The parsed marker and the marker it was parsed from (``request.applymarker`` may add another).
 _SPEC = pytest.StashKey[tuple[Any, "_Spec"]]()
 _INDEX = pytest.StashKey[int]()
@@ -298,11 +300,7 @@ def pytest_configure(config: pytest.Config) -> None:
             pool_depth=pool_depth,
             verify=verify,
             rebuild_token=winfo["rebuild"],
-            backend_name=winfo["backend"],
-            backend_label=winfo["label"],
-            backend_reason=winfo["reason"],
-            backend_why=winfo["why"],
-            namespace=winfo["namespace"],
+            choice=Choice.from_dict(winfo),
         )
     else:
         store_opt = config.getoption("layers_store")
@@ -348,67 +346,35 @@ def pytest_configure(config: pytest.Config) -> None:
 def _setup(
     config: pytest.Config, state: _State, backend_opt: str, ns_mode: str, *, worker: bool
 ) -> None:
-    from pytest_layers.backends import detect  # keeps `pytest --help` light
-    from pytest_layers.store import Store, preflight
+    """Open the session's runtime: namespace, store, backend (the hook chooses), scratch."""
+    from pytest_layers.runtime import Runtime
 
-    if not worker:
-        # Who owns the store is only visible outside a user namespace (inside, every other
-        # uid reads as nobody): check it before entering one, and before sweeping its scratch.
-        preflight(state.store_path, shared_group=state.store_shared)
-        # Namespaces first: unshare(2) moves only the calling thread, so before anything that
-        # could start one. Workers inherit the controller's namespace and stay in it.
-        state.namespace, ns_reason = _enter_namespace(
-            state.store_path, ns_mode, backend_opt, state.store_shared
-        )
-        state.backend_reason, state.backend_why = ns_reason, getattr(ns_reason, "short", "")
-    state.store = Store(state.store_path, shared_group=state.store_shared)
-    state.store.check_writable()  # a session builds and commits: say so now if it cannot
     if worker:
-        backend = detect.get_backend(str(state.backend_name), state.policy)
+        # Workers inherit the controller's namespace and stay in it, with its choice.
+        runtime = Runtime.join(
+            state.store_path, state.choice, shared_group=state.store_shared, policy=state.policy
+        )
     else:
-        candidates = list(detect.BACKEND_NAMES) if backend_opt == "auto" else [backend_opt]
-        chosen = config.hook.pytest_layers_choose_backend(config=config, candidates=candidates)
-        if chosen is None:
-            raise BackendUnavailableError(
-                backend_opt, f"no backend among {', '.join(candidates)} was chosen"
-            )
-        backend, reason = chosen
-        state.backend_name = backend.name
-        state.backend_label = detect.backend_label(backend)
-        reason = reason if isinstance(reason, detect.Reason) else detect.Reason(str(reason or ""))
-        state.backend_reason = "; ".join(x for x in (state.backend_reason, reason) if x)
-        if state.backend_why:
-            # The namespace failure is the cause; overlay's own line only repeats it.
-            shorts = [p for p in reason.short.split("; ") if p and not p.startswith("overlay")]
-        else:
-            shorts = [reason.short] if reason.short else []
-        state.backend_why = "; ".join([state.backend_why, *shorts] if state.backend_why else shorts)
-        if backend.name != "overlay":
-            state.backend_fixes = detect.fixes_for(state.backend_reason)
-            state.backend_fix = next(iter(detect.fixes_for(state.backend_reason, short=True)), "")
-    state.backend = backend
-    scratch = state.store_path / "scratch" / "views" / namespaces.session_dir_name()
-    scratch.mkdir(parents=True)
-    if backend.name == "overlay" and namespaces.inside_our_namespace() is not None:
-        # Upper and work dirs on tmpfs make the per-test mount cycle several times cheaper;
-        # inside our own namespace the tmpfs is private and dies with the session.
-        try:
-            namespaces.mount_scratch_tmpfs(scratch)
-            state.scratch_tmpfs = True
-        except OSError:
-            state.scratch_tmpfs = False
-    keep = getattr(backend, "keep_copies_in", None)
-    if callable(keep):
-        # The copy backend resets a test's copy and hands it to the next test of its image.
-        keep(scratch / "copies")
-    state.session = LayerSession(
-        state.store,
-        backend,
+        runtime = Runtime.enter(
+            state.store_path,
+            shared_group=state.store_shared,
+            namespace=ns_mode,
+            backend=backend_opt,
+            policy=state.policy,
+        )
+    # Before the backend is chosen: the default choice (a hook implementation) tries it there.
+    state.runtime = runtime
+    state.session = runtime.start(
         state.rootdir,
+        backend=backend_opt,
+        choose=lambda candidates: config.hook.pytest_layers_choose_backend(
+            config=config, candidates=candidates
+        ),
         rebuild_token=state.rebuild_token,
         verify=state.verify,
-        scratch_root=scratch,
+        pool_depth=state.pool_depth,
     )
+    state.choice = runtime.choice
 
 
 def _remote_settings(config: pytest.Config) -> tuple[Any, list[Any], Any]:
@@ -458,112 +424,12 @@ def _attach_remote(state: _State, remote: tuple[Any, list[Any], Any], *, probe: 
         state.remote_lines = session.remote.probe()
 
 
-def _sweep_dead_sessions(store_path: Path, shared: str | None) -> None:
-    """Remove the view scratch of sessions that died without cleaning up (SIGKILL).
-
-    In a private or user namespace their mounts died with them, but their scratch dirs (upper
-    dirs when no scratch tmpfs could be mounted, the copy backend's trees) stay on disk; in
-    host mode their mounts stay too. Only dirs of dead processes are touched, so it runs in
-    every mode, *before* entering a namespace (inside one it could only detach private copies
-    of host mounts). Cheap when nothing died: one directory listing and a ``/proc`` read per
-    live session; mountinfo is read only for a dead session's dir.
-    """
-    from pytest_layers.store import preflight
-
-    # Best effort: a mount we may not unmount (another user's, as an ordinary user) must not
-    # stop this session, whose own scratch is a fresh dir.
-    with contextlib.suppress(OSError):
-        # Only in a store this user may trust (a planted scratch/views symlink would make the
-        # sweep unmount and delete elsewhere); opening the store then says what is wrong.
-        preflight(store_path, shared_group=shared)
-        namespaces.sweep_stale_mounts(store_path / "scratch")
-
-
-#: (pid, mount namespace) this process entered for a session: an in-process nested session
-#: (``pytester.runpytest()``) shares the process's fate, so it may share the namespace too.
-_entered_here: tuple[int, str] | None = None
-
-
-def _enter_namespace(
-    store_path: Path, ns_mode: str, backend_opt: str, shared: str | None = None
-) -> tuple[str, str]:
-    """Enter the session's namespace; returns (where mounts live, why overlay is out or "").
-
-    Called in the process that owns the session, never in an xdist worker (``workerinput``
-    says which), which shares its controller's namespace.
-    """
-    global _entered_here
-    _sweep_dead_sessions(store_path, shared)
-    inherited = namespaces.inside_our_namespace()
-    if inherited is not None and _entered_here == (os.getpid(), inherited.mnt_ns):
-        return inherited.kind, ""
-    # Any other namespace inherited with its environment variable belongs to a parent session
-    # (a test that runs pytest in a subprocess; a root session's, passed on by `runuser`, where
-    # an ordinary user cannot even mount). Sharing it would leave a SIGKILLed session's mounts
-    # in the parent's namespace until that one ends; a fresh one dies with this process.
-    # Unsharing again is cheap, and an ordinary user may nest user namespaces 32 deep.
-    os.environ.pop(namespaces.ENV_VAR, None)
-    if backend_opt == "copy" and os.geteuid() != 0:
-        # The copy needs no mount, and a user namespace would change what tests observe: its
-        # capabilities let the test process read and write its own mode-000 files. Mounts an
-        # ordinary user's test can make live in a namespace of its own, invisible here. Root's
-        # copy sessions do enter a private namespace: a bind mount a test leaves in its rootfs
-        # then dies with the session instead of staying in the host.
-        return "host", ""
-    if os.geteuid() == 0:
-        if ns_mode == "host":
-            return "host", ""
-        try:
-            info = namespaces.enter_private_mount_namespace()
-        except BackendUnavailableError as exc:
-            return "host", _ns_reason(
-                f"no private mount namespace ({exc.reason}), mounting in the host's",
-                f"no private mount namespace: {exc.reason}",
-            )
-    else:
-        if backend_opt == "fuse" or ns_mode == "host":
-            return "host", ""
-        try:
-            info = namespaces.enter_user_namespace()
-        except BackendUnavailableError as exc:
-            detail = exc.reason.removeprefix("cannot enter a user namespace: ")
-            return "host", _ns_reason(
-                f"no user namespace: {exc.reason}", f"no user namespace: {detail}"
-            )
-    _entered_here = (os.getpid(), info.mnt_ns)
-    return info.kind, ""
-
-
-def _ns_reason(text: str, short_of: str | None = None) -> str:
-    from pytest_layers.backends import detect
-
-    return detect.Reason(text, detect.shorten(short_of or text, 72))
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_layers_choose_backend(config: pytest.Config, candidates: Sequence[str]) -> Any:
     """The default choice: the first candidate whose trial mount works."""
-    from pytest_layers.backends import detect
-
-    state = _state(config)
-    scratch = state.store_path / "scratch"
-    flavor = state.store.flavor
-    if tuple(candidates) == tuple(detect.BACKEND_NAMES):
-        backend, skipped = detect.choose_backend(
-            "auto", scratch, flavor=flavor, policy=state.policy
-        )
-        return backend, detect.join_reasons(skipped)
-    skipped = []
-    for name in candidates:
-        try:
-            backend, _ = detect.choose_backend(name, scratch, flavor=flavor, policy=state.policy)
-        except BackendUnavailableError as exc:
-            if len(candidates) == 1:
-                raise
-            skipped.append(detect.Reason(f"{exc.backend}: {exc.reason}", detect.skipped_short(exc)))
-            continue
-        return backend, detect.join_reasons(skipped)
-    return None
+    runtime = _state(config).runtime
+    assert runtime is not None  # called from Runtime.start, which the plugin set up
+    return runtime.choose(candidates)
 
 
 class _XdistHooks:
@@ -585,27 +451,18 @@ def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str]
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
-    if state is None or state.session is None:
+    if state is None or state.runtime is None:
         return
-    _close_pool(state)
-    state.session.close()
-    close_backend = getattr(state.session.backend, "close", None)
-    if callable(close_backend):
-        close_backend()
-    if state.scratch_tmpfs:
-        with contextlib.suppress(OSError):
-            _linux.umount2(state.session.scratch_root, _linux.MNT_DETACH)
-    namespaces.remove_tree(state.session.scratch_root)
-    if state.store is not None:
-        state.store.close()
+    runtime, state.runtime = state.runtime, None
+    runtime.close()
 
 
 def _why(state: _State, *, fix: bool) -> str:
     """`` (why faster backends were skipped[; fix: the most decisive fix])`` or ``""``."""
-    why = state.backend_why
-    if why and fix and state.backend_fix:
+    why = state.choice.why
+    if why and fix and state.choice.fix:
         # A fallback names its most decisive fix; `-v` and `pytest-layers doctor` give all.
-        why += f"; fix: {state.backend_fix}"
+        why += f"; fix: {state.choice.fix}"
     return f" ({why})" if why else ""
 
 
@@ -618,14 +475,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     store = state.get_session().store
     why = _why(state, fix=config.get_verbosity() <= 0)
     lines = [
-        f"layers: backend={state.backend_label or state.backend_name}{why}, "
+        f"layers: backend={state.choice.label or state.choice.name}{why}, "
         f"store={state.store_path} ({store.access.describe()}, "
         f"{human_size(store.recorded_disk_use())} disk use)",
         *state.remote_lines,
     ]
-    if state.backend_reason and config.get_verbosity() > 0:
-        lines.append(f"layers: why: {state.backend_reason}")
-        lines.extend(f"layers: fix: {fix}" for fix in state.backend_fixes)
+    if state.choice.reason and config.get_verbosity() > 0:
+        lines.append(f"layers: why: {state.choice.reason}")
+        lines.extend(f"layers: fix: {fix}" for fix in state.choice.fixes)
     return lines
 
 
@@ -814,34 +671,12 @@ def pytest_collection_modifyitems(
 
 
 def _pool_key(spec: _Spec) -> tuple[Any, ...] | None:
-    """Views with the same key are interchangeable before a test touches them."""
-    if not spec.names:
-        return None
-    return (spec.keys, spec.readonly, tuple(sorted(spec.init.items())))
+    return pool_key(spec.keys, spec.readonly, spec.init)
 
 
 def _pool(state: _State) -> Any:
     """The session's view pool, or None where views are made in the test's setup."""
-    if state.pool is None:
-        backend = state.backend
-        # Overlay and fuse views are cheap to make ahead; a backend whose views are costly
-        # copies joins when it can reset a used one in place (``reset_view``).
-        served = backend is not None and (
-            backend.name in ("overlay", "fuse") or callable(getattr(backend, "reset_view", None))
-        )
-        if state.pool_depth < 1 or not served:
-            state.pool = False
-        elif getattr(backend, "api", None) == "legacy":
-            # The legacy overlay mount chdirs the whole process (backends/overlay.py): never
-            # from a second thread while a test runs.
-            state.pool = False
-        else:
-            from pytest_layers.backends.pool import ViewPool
-
-            # Made here, in the first test's setup: long after pytest_configure entered the
-            # namespace. Its helpers are processes forked later still; no thread is started.
-            state.pool = ViewPool(depth=state.pool_depth)
-    return state.pool or None
+    return state.runtime.pool() if state.runtime is not None else None
 
 
 def _expect(state: _State, pool: Any, item: pytest.Item) -> None:
@@ -857,18 +692,14 @@ def _expect(state: _State, pool: Any, item: pytest.Item) -> None:
 
 def _close_pool(state: _State, *, verbose: bool = False) -> list[str]:
     """Drain the pool; with ``-v``, how many views were ready when a test asked."""
-    pool, state.pool = state.pool, False
-    if not pool:
+    pool = state.runtime.close_pool() if state.runtime is not None else None
+    if pool is None or not verbose:
         return []
-    pool.close()
-    lines = []
-    if verbose:
-        served = pool.hits + pool.misses
-        lines.append(
-            f"layers: view pool: {served} views served by helpers, {pool.hits} of them ready "
-            f"when the test asked, {pool.declined} made in the test"
-        )
-    return lines
+    served = pool.hits + pool.misses
+    return [
+        f"layers: view pool: {served} views served by helpers, {pool.hits} of them ready "
+        f"when the test asked, {pool.declined} made in the test"
+    ]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -882,18 +713,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 # ---- the rootfs fixture and snapshots ------------------------------------------------------
 
 
-@dataclass
-class _TestView:
-    rootfs: Rootfs
-    keep: str
-    decided: bool = False
-    snapshot: tuple[str, Layer] | None = None
-    error: str | None = None
-    init_kept: bool = False
-    #: The rw layer's text changes as a short unified diff, for the failure's report section.
-    written: str = ""
-
-
 @pytest.fixture
 def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
     """A private, writable view of the test's image (``@pytest.mark.layer``).
@@ -904,6 +723,41 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
     """
     item = request.node
     state = _state(request.config)
+    spec = _item_spec(item)
+    session = _session_or_fail(state)
+    image = _image(request, state, session, spec)
+    hooked = bool(request.config.hook.pytest_layers_init.get_hookimpls())
+    init = _init_files(item, spec) if hooked else dict(spec.init)
+    pool = _pool(state)
+    life = TestRootfs(
+        session,
+        image,
+        test=item.nodeid,
+        keep=spec.keep or state.keep,
+        keep_count=state.keep_count,
+        init=init,
+        readonly=spec.readonly,
+        pool=pool,
+        # The key from the spec in hand: the plan only predicts (a test may applymarker).
+        key=_pool_key(spec) if pool is not None and not hooked else None,
+        caught=_CAUGHT,
+    )
+    fs = life.open(expect=lambda pool: _expect(state, pool, item))
+    item.stash[_ROOTFS] = life
+    try:
+        yield fs
+        if not life.decided:
+            # No call phase (setup failed after this fixture, or the test was skipped).
+            reports = item.stash.get(_REPORTS, {})
+            _ended(item, life, failed=any(r.failed for r in reports.values()))
+    finally:
+        life.close()
+
+
+def _item_spec(item: pytest.Item) -> _Spec:
+    """The test's parsed marker: from collection, parsed again only when the closest marker
+    changed since (``request.applymarker``)."""
+    __tracebackhide__ = True
     message = ""
     marker, spec = item.stash.get(_SPEC, (None, None))
     if spec is None or item.get_closest_marker("layer") is not marker:
@@ -913,145 +767,71 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
             message = str(exc)
     if message:  # outside the except block: one line, no chained traceback
         pytest.fail(message, pytrace=False)
-    session = _session_or_fail(state)
+    assert spec is not None
+    return spec
+
+
+def _image(
+    request: pytest.FixtureRequest, state: _State, session: LayerSession, spec: _Spec
+) -> list[Layer]:
+    """The layers of the marker's names, stacked (the leftmost on top): looked up once per
+    image and session (the layer fixtures are session-scoped), leased and, with
+    ``--layers-verify``, re-hashed then."""
+    __tracebackhide__ = True
     if not spec.names:
         pytest.fail(
             "the test uses the rootfs fixture but names no image: add "
             '@pytest.mark.layer("<layer name>") to the test (or its class or module), or set '
             f"layers_default in the ini file; known layers: "
-            f"{', '.join(fixtures.visible_layers(item)) or '(none)'}",
+            f"{', '.join(fixtures.visible_layers(request.node)) or '(none)'}",
             pytrace=False,
         )
-    assert spec is not None
-    failed: _LayerBuildFailed | None = None
     image = state.images.get(spec.keys)
-    if image is None:
-        try:
-            tops = [request.getfixturevalue(name) for name in spec.names]
-        except _LayerBuildFailed as exc:
-            failed = exc
+    if image is not None:
+        return image
+    failed: _LayerBuildFailed | None = None
+    try:
+        tops = [request.getfixturevalue(name) for name in spec.names]
+    except _LayerBuildFailed as exc:
+        failed = exc
     if failed is not None:
         if failed.first is None:
-            failed.first = item.nodeid
+            failed.first = request.node.nodeid
             raise failed
         pytest.fail(
             f"layer {failed.layer!r} failed to build (see the first error, at {failed.first})",
             pytrace=False,
         )
-    if image is None:
-        # Layer fixtures are session-scoped: one lookup per image and session, not per test.
-        image = compose(tops)
-        session.use(image)
-        state.images[spec.keys] = image
+    image = compose(tops)
+    session.use(image)
+    state.images[spec.keys] = image
+    return image
+
+
+def _init_files(item: pytest.Item, spec: _Spec) -> dict[str, str | bytes]:
+    """The init layer's files: every ``pytest_layers_init`` hook's, then the marker's."""
     init: dict[str, str | bytes] = {}
-    hook = request.config.hook.pytest_layers_init
-    if hook.get_hookimpls():
-        for extra in hook(item=item):
-            if extra:
-                init.update(extra)
+    for extra in item.config.hook.pytest_layers_init(item=item):
+        if extra:
+            init.update(extra)
     init.update(spec.init)
-    pool = _pool(state)
-    # The key from the spec in hand: the plan only predicts (a test may applymarker).
-    key = _pool_key(spec) if pool is not None and not hook.get_hookimpls() else None
-    prepared = None
-    if pool is not None and key is not None:
-        from pytest_layers import rootfs as rootfs_mod
-        from pytest_layers.backends.pool import Maker
-
-        if not pool.known(key):
-            make = functools.partial(
-                rootfs_mod.prepare, session, image, init=init, readonly=spec.readonly
-            )
-            reset = getattr(session.backend, "reset_view", None)
-            pool.register(
-                key,
-                Maker(
-                    make,
-                    rootfs_mod.discard,
-                    rootfs_mod.portable,
-                    reset=(lambda p: bool(reset(p.view))) if callable(reset) else None,
-                ),
-            )
-        try:
-            # A preparation's error is this test's error, raised as if made here.
-            prepared = pool.take(key)
-        finally:
-            _expect(state, pool, item)
-    fs = Rootfs(session, image, init=init, readonly=spec.readonly, prepared=prepared)
-    view = _TestView(fs, spec.keep or state.keep)
-    item.stash[_ROOTFS] = view
-    try:
-        yield fs
-        if not view.decided:
-            # No call phase (setup failed after this fixture, or the test was skipped).
-            reports = item.stash.get(_REPORTS, {})
-            _decide(item, view, failed=any(r.failed for r in reports.values()))
-    finally:
-        # The snapshot (if any) was taken from this view's own upper above; the view is never
-        # handed out again, so its unmount and removal can wait for the pool's thread.
-        if prepared is not None and pool.retire(prepared):
-            fs.release()
-        else:
-            fs.close()
+    return init
 
 
-def _decide(item: pytest.Item, view: _TestView, *, failed: bool) -> None:
-    view.decided = True
-    if view.rootfs.readonly or not (view.keep == "always" or (view.keep == "failed" and failed)):
-        return
-    state = _state(item.config)
-    # Runs inside pytest_runtest_makereport: anything escaping would end the whole session with
-    # INTERNALERROR. Keeping a snapshot is a service on top of the test, so a failure becomes a
-    # line on that test's report and the test keeps its own outcome.
-    try:
-        session = state.get_session()
-        lay = view.rootfs.commit()
-        with_init = view.rootfs.commit_with_init(lay)
-        ref = session.store.add_snapshot(
-            item.nodeid, lay.chain_id, keep=state.keep_count, with_init=with_init
-        )
-        view.init_kept = with_init is not None
-    except _CAUGHT as exc:
-        view.error = f"could not keep the rw layer as a snapshot: {_describe(exc)}"
-        return
-    view.snapshot = (ref, lay)
-    with contextlib.suppress(*_CAUGHT):
-        # "What did it write?" answered in the report; a file that cannot be read is left out.
-        view.written = view.rootfs.unified_diff()
-    try:
-        item.config.hook.pytest_layers_snapshot_committed(item=item, ref=ref, layer=lay)
-    except _CAUGHT as exc:
-        view.error = (
-            f"kept as {ref}, but a pytest_layers_snapshot_committed hook failed: {_describe(exc)}"
-        )
+def _ended(item: pytest.Item, life: TestRootfs, *, failed: bool) -> None:
+    """The test's outcome is known: its lifecycle keeps the snapshot (runs inside
+    pytest_runtest_makereport, where anything escaping would end the session with
+    INTERNALERROR: the lifecycle turns every failure into a line on the report)."""
+    life.ended(failed=failed, committed=functools.partial(_committed, item))
+
+
+def _committed(item: pytest.Item, ref: str, lay: Layer) -> None:
+    item.config.hook.pytest_layers_snapshot_committed(item=item, ref=ref, layer=lay)
 
 
 #: What a snapshot failure may raise and still be reported on the test: any error, and
 #: pytest.fail()/skip() called from a hook (BaseExceptions); never KeyboardInterrupt or exit.
 _CAUGHT = (Exception, pytest.fail.Exception, pytest.skip.Exception)
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for ``exc``: our errors and OSErrors say enough; anything else (a bug, a
-    hook's own error) gets its type and the line that raised it."""
-    if isinstance(exc, (LayersError, OSError)):
-        return str(exc)
-    text = f"{type(exc).__name__}: {exc}"
-    frames = traceback.extract_tb(exc.__traceback__)
-    if frames:
-        text += f" (at {frames[-1].filename}:{frames[-1].lineno})"
-    return text
-
-
-def _snapshot_section(state: _State, ref: str, lay: Layer) -> str:
-    store = shlex.quote(str(state.store_path))
-    q = shlex.quote(ref)
-    return (
-        f"{ref} ({lay.chain_id[:19]}, {plural(lay.files, 'file')}, {human_size(lay.size)})\n"
-        f"inspect it with:\n"
-        f"  pytest-layers --store {store} diff {q}\n"
-        f"  pytest-layers --store {store} shell {q}\n"
-    )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -1063,27 +843,19 @@ def pytest_runtest_makereport(
     state = item.config.stash.get(_STATE, None)
     if state is None:
         return report
-    view = item.stash.get(_ROOTFS, None)
-    if view is not None and report.when == "call" and not view.decided:
-        _decide(item, view, failed=report.failed)
-    if view is not None and report.when in ("call", "teardown"):
-        if view.snapshot is not None:
-            ref, lay = view.snapshot
-            section = _snapshot_section(state, ref, lay)
-            if view.init_kept:
-                section += (
-                    "init layer kept: shell/mount show it; export leaves it out (--with-init)\n"
-                )
-            if view.written:
-                section += f"changed text files (against the image):\n{view.written}"
+    life = item.stash.get(_ROOTFS, None)
+    if life is not None and report.when == "call":
+        _ended(item, life, failed=report.failed)
+    if life is not None and report.when in ("call", "teardown"):
+        section, ref = life.section(state.store_path)
+        if section is not None:
             report.sections.append(("layers snapshot", section))
             report.layers_snapshot = ref  # type: ignore[attr-defined]  # travels through xdist
-            view.snapshot = None
-        if view.error is not None:
-            report.sections.append(("layers snapshot", view.error))
+        if life.error is not None:
+            report.sections.append(("layers snapshot", life.error))
             # Also for the terminal summary: a passing test's sections are not shown.
-            report.layers_snapshot_error = view.error  # type: ignore[attr-defined]
-            view.error = None
+            report.layers_snapshot_error = life.error  # type: ignore[attr-defined]
+            life.error = None
     if state.session is not None and state.session.progress:
         report.layers_progress = [p.line() for p in state.session.progress]  # type: ignore[attr-defined]
         state.session.progress.clear()
@@ -1137,7 +909,7 @@ class _Reporter:
             # Quiet CI logs still say which backend ran (the header is not shown with -q).
             if state.error is not None:
                 tr.write_line(f"layers: unavailable: {state.error}")
-            elif state.backend_name is not None:
+            elif state.choice.name is not None:
                 why = _why(state, fix=True)
                 counts = [
                     f"{sum(1 for s in state.seen_progress.values() if s == st)} {st}"
@@ -1145,7 +917,7 @@ class _Reporter:
                     if any(s == st for s in state.seen_progress.values())
                 ]
                 tail = f"; {', '.join(counts)}" if counts else ""
-                tr.write_line(f"layers: backend={state.backend_label}{why}{tail}")
+                tr.write_line(f"layers: backend={state.choice.label}{why}{tail}")
         elif self.progress:
             tr.write_sep("-", "layers")
             for line in self.progress:

@@ -144,3 +144,45 @@ def test_marker_takes_layer_functions_as_the_docs_say(pytester: pytest.Pytester)
     )
     result = pytester.runpytest_subprocess()
     result.stdout.fnmatch_lines(["*Marks cannot be applied to fixtures*"])
+
+
+COUNTING = """
+import pytest_layers.plugin as plugin
+
+PARSED = []
+_parse = plugin._marker_spec
+
+
+def _counting(item):
+    PARSED.append(item.nodeid)
+    return _parse(item)
+
+
+plugin._marker_spec = _counting
+
+
+def pytest_sessionfinish(session):
+    print(f"\\nPARSED {len(PARSED)} {len(set(PARSED))}")
+"""
+
+
+def test_the_marker_is_parsed_once_per_item(pytester: pytest.Pytester) -> None:
+    """At collection, and not again at setup (nor by the view pool's plan)."""
+    pytester.makeconftest(CONFTEST.replace("def pytest_layers_init", "def _unused") + COUNTING)
+    pytester.makepyfile(
+        test_x="""
+import pytest
+
+@pytest.mark.layer("left", init={"etc/x": "1"})
+@pytest.mark.parametrize("n", range(3))
+def test_it(rootfs, n):
+    assert (rootfs / "etc/x").read_text() == "1"
+
+@pytest.mark.layer("right")
+def test_other(rootfs):
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-s", "-o", "layers_view_pool=0")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["PARSED 4 4"])
