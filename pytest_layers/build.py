@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from pytest_layers import changeset, layertar, sourcedir
+from pytest_layers import _ocirules, changeset, layertar, sourcedir
 from pytest_layers._fmt import human_size, plural, short_digest
 from pytest_layers._removal import remove_tree
 from pytest_layers.errors import (
@@ -670,7 +670,7 @@ class LayerSession:
 
 def _check_entries(defn: LayerDef, entries: Sequence[Entry]) -> None:
     for entry in entries:
-        if entry.kind != "D" and PurePosixPath(entry.path).name.startswith(".wh."):
+        if entry.kind != "D" and _ocirules.is_whiteout_name(PurePosixPath(entry.path).name):
             raise LayerBuildError(
                 f"layer {defn.name!r}: builder {defn.qualname} ({defn.where}) left /{entry.path}; "
                 "names starting with '.wh.' are OCI whiteout markers and cannot be stored in a "

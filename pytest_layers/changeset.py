@@ -25,7 +25,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_layers import _dirfd, layertar
+from pytest_layers import _datacopy, _dirfd, _ocirules, layertar
+from pytest_layers._datacopy import data_extents
 from pytest_layers.errors import InvalidLayerError
 
 __all__ = [
@@ -46,14 +47,6 @@ __all__ = [
 ]
 
 _KINDS = ("A", "C", "D")
-_OPAQUE_MARKER = ".wh..wh..opq"
-_WH_PREFIX = ".wh."
-_OPAQUE_XATTRS = {
-    # Which xattrs mark a directory opaque in an upper dir of each flavor. Overlay writes the
-    # user.* name when mounted with userxattr, the trusted.* name otherwise.
-    "overlay": ("user.overlay.opaque", "trusted.overlay.opaque"),
-    "fuse": ("user.fuseoverlayfs.opaque", "trusted.overlay.opaque", "user.overlay.opaque"),
-}
 _CHUNK = 1 << 20
 _SCAN_AFTER = 8  # lookups in one layer directory before it is listed and cached whole
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
@@ -188,16 +181,6 @@ def _sort_key(rel: str) -> str:
     return rel.replace("/", "\0")
 
 
-def _is_whiteout_dev(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def _keep_xattr(name: str) -> bool:
-    if name.startswith(("user.overlay.", "user.fuseoverlayfs.")):
-        return False
-    return name.startswith("user.") or name == "security.capability"
-
-
 def _xattrs(target: int | str) -> dict[str, bytes]:
     """The kept xattrs of an open fd (not ``O_PATH``) or of a path (not followed)."""
     try:
@@ -212,7 +195,7 @@ def _xattrs(target: int | str) -> dict[str, bytes]:
         raise
     out: dict[str, bytes] = {}
     for name in names:
-        if _keep_xattr(name):
+        if _ocirules.layer_keeps_xattr(name):
             try:
                 if isinstance(target, int):
                     out[name] = os.getxattr(target, name)
@@ -266,29 +249,6 @@ def _xattr_is_y(target: int, names: Sequence[str]) -> bool:
     return False
 
 
-def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
-    """(start, end) of every data extent in the first ``size`` bytes of the open file ``fd``
-    (holes left out), or None when the filesystem cannot say."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    try:
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole is left
-                    break
-                raise
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, min(end, size)))
-            pos = end
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOTSUP):
-            return None
-        raise
-    return out
-
-
 def _ranges_equal(fa: int, fb: int, start: int, end: int) -> bool:
     pos = start
     while pos < end:
@@ -303,51 +263,23 @@ def _ranges_equal(fa: int, fb: int, start: int, end: int) -> bool:
     return True
 
 
-def _same_content(fa: int, fb: int, size: int) -> bool:
-    """Whether two open regular files hold the same first ``size`` bytes."""
+def _same_content(
+    fa: int,
+    fb: int,
+    size: int,
+    sta: os.stat_result | None = None,
+    stb: os.stat_result | None = None,
+) -> bool:
+    """Whether two open regular files hold the same first ``size`` bytes (``sta``/``stb``:
+    their ``lstat``, which lets two small dense files skip the hole maps)."""
+    if _datacopy.dense(sta, size) and _datacopy.dense(stb, size):
+        return _ranges_equal(fa, fb, 0, size)
     ea, eb = data_extents(fa, size), data_extents(fb, size)
     if ea is not None and ea == eb:
         # Identical hole maps: holes read as zeros on both sides, so only data counts. This
         # keeps a multi-GiB sparse file cheap to compare.
         return all(_ranges_equal(fa, fb, s, e) for s, e in ea)
     return _ranges_equal(fa, fb, 0, size)
-
-
-def _copy_range(src: int, dst: int, start: int, end: int) -> int:
-    """Copy bytes ``start..end``; returns where it stopped (``end``, or earlier when the
-    source shrank)."""
-    pos = start
-    while pos < end:
-        n = min(end - pos, 1 << 30)
-        try:
-            done = os.copy_file_range(src, dst, n, pos, pos)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            done = 0
-            buf = os.pread(src, min(n, _CHUNK), pos)
-            if buf:
-                done = os.pwrite(dst, buf, pos)
-        if done == 0:  # source shrank while we copied
-            return pos
-        pos += done
-    return pos
-
-
-def _copy_file_data(src: int, dst: int, size: int, st: os.stat_result | None = None) -> None:
-    """Copy a regular file's bytes between open fds, keeping holes (a sparse 8 GiB file stays
-    sparse). With the source's ``st``, a small file with as many blocks as bytes is taken to
-    have no hole worth keeping and copied in one go (two ``lseek`` calls saved per file: a
-    commit copies thousands of small files)."""
-    if st is not None and size <= _CHUNK and st.st_blocks * 512 >= size:
-        if _copy_range(src, dst, 0, size) == size:
-            return
-        os.ftruncate(dst, size)  # the source shrank: the rest reads as zeros, as below
-        return
-    extents = data_extents(src, size)
-    for start, end in extents if extents is not None else [(0, size)]:
-        _copy_range(src, dst, start, end)
-    os.ftruncate(dst, size)
 
 
 def open_source(entry: Entry, flags: int = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC) -> int:
@@ -417,8 +349,7 @@ class ImageView:
     """
 
     def __init__(self, layers_top_first: Sequence[Path], flavor: layertar.Flavor) -> None:
-        if flavor not in ("overlay", "marker"):
-            raise ValueError(f"unknown whiteout flavor {flavor!r}; expected 'overlay' or 'marker'")
+        _ocirules.check_flavor(flavor)
         self.layers: tuple[Path, ...] = tuple(Path(p) for p in layers_top_first)
         self.flavor: layertar.Flavor = flavor
         # A directory of layer i at rel is keyed (i, rel): without redirects, the merged
@@ -497,7 +428,7 @@ class ImageView:
                             and not e.is_file(follow_symlinks=False)
                             and not e.is_dir(follow_symlinks=False)
                             and not e.is_symlink()
-                            and _is_whiteout_dev(e.stat(follow_symlinks=False))
+                            and _ocirules.is_whiteout_device(e.stat(follow_symlinks=False))
                         )
             except (FileNotFoundError, NotADirectoryError):
                 ents = {}
@@ -526,15 +457,18 @@ class ImageView:
             return None
 
     def _is_whiteout(self, st: os.stat_result) -> bool:
-        return self.flavor == "overlay" and _is_whiteout_dev(st)
+        return self.flavor == "overlay" and _ocirules.is_whiteout_device(st)
 
     def _marked(self, i: int, rel_dir: str, name: str) -> bool:
-        return self.flavor == "marker" and self._get(i, rel_dir, _WH_PREFIX + name) is not None
+        return (
+            self.flavor == "marker"
+            and self._get(i, rel_dir, _ocirules.WHITEOUT_PREFIX + name) is not None
+        )
 
     def _opaque(self, i: int, rel: str) -> bool:
         if self.flavor == "marker":
-            return self._get(i, rel, _OPAQUE_MARKER) is not None
-        return _xattr_is_y(self._dir_fd(i, rel), _OPAQUE_XATTRS["overlay"])
+            return self._get(i, rel, _ocirules.OPAQUE_MARKER) is not None
+        return _xattr_is_y(self._dir_fd(i, rel), _ocirules.OPAQUE_XATTRS["overlay"])
 
     def _stack(self, rel: str) -> tuple[int, ...] | None:
         """The layers, top first, whose directory ``rel`` makes up the merged directory
@@ -588,7 +522,7 @@ class ImageView:
                 parent, name = _split(rel)
             else:
                 name = rel[len(parent) + 1 :] if parent else rel
-            if not (self.flavor == "marker" and name.startswith(_WH_PREFIX)):
+            if not (self.flavor == "marker" and name.startswith(_ocirules.WHITEOUT_PREFIX)):
                 for i in self._stack(parent) or ():
                     got = self._get(i, parent, name)
                     if got is not None:
@@ -646,10 +580,10 @@ class ImageView:
             for name, whiteout in self._entries(i, rel).items():
                 if name in seen:
                     continue
-                if self.flavor == "marker" and name.startswith(_WH_PREFIX):
-                    if name != _OPAQUE_MARKER:
+                if self.flavor == "marker" and name.startswith(_ocirules.WHITEOUT_PREFIX):
+                    if name != _ocirules.OPAQUE_MARKER:
                         # Applies to lower layers only: the layer's own NAME stays visible.
-                        hidden_here.append(name[len(_WH_PREFIX) :])
+                        hidden_here.append(name[len(_ocirules.WHITEOUT_PREFIX) :])
                     continue
                 seen.add(name)
                 if not whiteout:
@@ -720,20 +654,30 @@ class _Collector:
         elif stat.S_ISCHR(ns.st_mode) or stat.S_ISBLK(ns.st_mode):
             same = ns.st_rdev == os_.st_rdev
         elif stat.S_ISREG(ns.st_mode):
-            return ns.st_size != os_.st_size or not self.same_file(dir_fd, name, layer, rel, ns)
+            return ns.st_size != os_.st_size or not self.same_file(
+                dir_fd, name, layer, rel, ns, os_
+            )
         else:
             same = True
         if not same:
             return True
         return _xattrs_at(dir_fd, name, ns) != self.image._xattrs(layer, rel, os_)
 
-    def same_file(self, dir_fd: int, name: str, layer: int, rel: str, st: os.stat_result) -> bool:
+    def same_file(
+        self,
+        dir_fd: int,
+        name: str,
+        layer: int,
+        rel: str,
+        st: os.stat_result,
+        img_st: os.stat_result,
+    ) -> bool:
         """Same content and kept xattrs (read through the open fds: no more lookups)."""
         fa = os.open(name, _O_READ, dir_fd=dir_fd)
         try:
             fb = self.image._open(layer, rel, _O_READ)
             try:
-                return _same_content(fa, fb, st.st_size) and _xattrs(fa) == _xattrs(fb)
+                return _same_content(fa, fb, st.st_size, st, img_st) and _xattrs(fa) == _xattrs(fb)
             finally:
                 os.close(fb)
         finally:
@@ -780,10 +724,10 @@ def changes_from_upper(
     change; ``exclude`` (the init layer's paths) and everything below never appear. Works at
     any depth (directory fds); the entries carry ``upper`` as their ``root``.
     """
-    if upper_flavor not in _OPAQUE_XATTRS:
+    if upper_flavor not in _ocirules.OPAQUE_XATTRS:
         raise ValueError(f"unknown upper flavor {upper_flavor!r}; expected 'overlay' or 'fuse'")
     fuse = upper_flavor == "fuse"
-    opaque_xattrs = _OPAQUE_XATTRS[upper_flavor]
+    opaque_xattrs = _ocirules.OPAQUE_XATTRS[upper_flavor]
     skip = _norm_exclude(exclude)
     col = _Collector(os.fspath(upper), image)
 
@@ -792,22 +736,22 @@ def changes_from_upper(
         with os.scandir(fd) as it:
             ents = list(it)
         hidden = parent_hidden or _xattr_is_y(fd, opaque_xattrs)
-        if fuse and any(e.name == _OPAQUE_MARKER for e in ents):
+        if fuse and any(e.name == _ocirules.OPAQUE_MARKER for e in ents):
             hidden = True
         present: set[str] = set()
         deleted: list[str] = []
         subdirs: list[tuple[str, _dirfd.Ident, bool]] = []
         for e in ents:
             name = e.name
-            if fuse and name.startswith(_WH_PREFIX):
-                if name != _OPAQUE_MARKER:
-                    deleted.append(name[len(_WH_PREFIX) :])
+            if fuse and name.startswith(_ocirules.WHITEOUT_PREFIX):
+                if name != _ocirules.OPAQUE_MARKER:
+                    deleted.append(name[len(_ocirules.WHITEOUT_PREFIX) :])
                 continue
             rel = _join(rel_dir, name)
             if rel in skip:
                 continue
             st = e.stat(follow_symlinks=False)
-            if _is_whiteout_dev(st):
+            if _ocirules.is_whiteout_device(st):
                 deleted.append(name)
                 continue
             present.add(name)
@@ -950,13 +894,13 @@ def layer_changes(layer_dir: Path, parent: ImageView, *, flavor: layertar.Flavor
         gone: set[str] = set()
         subdirs: list[tuple[str, _dirfd.Ident, None]] = []
         for e in ents:
-            if flavor == "marker" and e.name.startswith(_WH_PREFIX):
-                if e.name != _OPAQUE_MARKER:
-                    gone.add(e.name[len(_WH_PREFIX) :])
+            if flavor == "marker" and e.name.startswith(_ocirules.WHITEOUT_PREFIX):
+                if e.name != _ocirules.OPAQUE_MARKER:
+                    gone.add(e.name[len(_ocirules.WHITEOUT_PREFIX) :])
                 continue
             rel = _join(rel_dir, e.name)
             st = e.stat(follow_symlinks=False)
-            if flavor == "overlay" and _is_whiteout_dev(st):
+            if flavor == "overlay" and _ocirules.is_whiteout_device(st):
                 gone.add(e.name)
                 continue
             present.add(e.name)
@@ -966,9 +910,9 @@ def layer_changes(layer_dir: Path, parent: ImageView, *, flavor: layertar.Flavor
                 subdirs.append((e.name, (st.st_dev, st.st_ino), None))
         if rel_dir:
             opaque = (
-                _OPAQUE_MARKER in names
+                _ocirules.OPAQUE_MARKER in names
                 if flavor == "marker"
-                else _xattr_is_y(fd, _OPAQUE_XATTRS["overlay"])
+                else _xattr_is_y(fd, _ocirules.OPAQUE_XATTRS["overlay"])
             )
             if opaque:
                 gone.update(n for n in parent.listdir(rel_dir) if n not in present)
@@ -988,12 +932,12 @@ def layer_changes(layer_dir: Path, parent: ImageView, *, flavor: layertar.Flavor
 
 def _check_name(rel: str, st: os.stat_result) -> None:
     name = _split(rel)[1]
-    if name.startswith(_WH_PREFIX):
+    if name.startswith(_ocirules.WHITEOUT_PREFIX):
         raise InvalidLayerError(
             f"{rel!r}: a file whose name starts with '.wh.' cannot be committed, because OCI "
             "layers use that prefix for deletions; rename or remove it before the layer is made"
         )
-    if _is_whiteout_dev(st):
+    if _ocirules.is_whiteout_device(st):
         raise InvalidLayerError(
             f"{rel!r}: a character device 0/0 cannot be committed, because overlayfs uses it "
             "to mark a deletion; remove it before the layer is made"
@@ -1099,8 +1043,17 @@ class _LayerWriter:
     """:func:`write_layer`'s state: the layer's current directory, the source tree's, and the
     hardlink groups seen so far."""
 
-    def __init__(self, root: str, flavor: layertar.Flavor, *, clamp_mtimes: bool = True) -> None:
+    def __init__(
+        self,
+        root: str,
+        flavor: layertar.Flavor,
+        *,
+        clamp_mtimes: bool = True,
+        written: layertar.WrittenFiles | None = None,
+    ) -> None:
         self.flavor = flavor
+        self.written_files = written
+        self.budget = layertar.WRITTEN_BUDGET
         # Not clamping is clamping to a time no file has (the largest time_t, in ns).
         self.epoch_ns = layertar.clamp_epoch() * 1_000_000_000 if clamp_mtimes else 2**63 - 1
         self.links: dict[tuple[int, int], str] = {}
@@ -1109,6 +1062,7 @@ class _LayerWriter:
         self.src: _Cursor | None = None
         self.src_root: str | None = None
         self.root_fd = os.open(root, _O_ROOT)  # hardlinks reach back from here
+        self.dev = os.fstat(self.root_fd).st_dev
         try:
             self.out = _Cursor(os.open(root, _O_ROOT), self.finish_dir)
         except BaseException:
@@ -1166,7 +1120,7 @@ class _LayerWriter:
             os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=out)
             os.utime(name, ns=(0, 0), dir_fd=out, follow_symlinks=False)
             return
-        fd = os.open(_WH_PREFIX + name, _O_CREATE, 0o600, dir_fd=out)
+        fd = os.open(_ocirules.WHITEOUT_PREFIX + name, _O_CREATE, 0o600, dir_fd=out)
         try:
             os.utime(fd, ns=(0, 0))
         finally:
@@ -1226,8 +1180,19 @@ class _LayerWriter:
         try:
             fd = os.open(name, _O_CREATE, 0o600, dir_fd=out)
             try:
-                _copy_file_data(src, fd, st.st_size, st)
-                self.set_meta(fd, st, _xattrs(src), rel)
+                data = _datacopy.copy_data(src, fd, st.st_size, st, dst_dev=self.dev)
+                xattrs = _xattrs(src)
+                self.set_meta(fd, st, xattrs, rel)
+                if data is not None and self.written_files is not None and self.budget >= len(data):
+                    self.budget -= len(data)
+                    done = os.fstat(fd)
+                    self.written_files[os.fsencode(rel)] = layertar.Written(
+                        done.st_ino,
+                        done.st_mtime_ns,
+                        done.st_ctime_ns,
+                        data,
+                        layertar.kept_xattr_items(xattrs),
+                    )
             finally:
                 os.close(fd)
         finally:
@@ -1263,7 +1228,12 @@ class _LayerWriter:
 
 
 def write_layer(
-    entries: Sequence[Entry], dest: Path, *, flavor: layertar.Flavor, clamp_mtimes: bool = True
+    entries: Sequence[Entry],
+    dest: Path,
+    *,
+    flavor: layertar.Flavor,
+    clamp_mtimes: bool = True,
+    written: layertar.WrittenFiles | None = None,
 ) -> LayerStats:
     """Materialise ``entries`` in the empty staging directory ``dest``.
 
@@ -1277,13 +1247,15 @@ def write_layer(
     Works at any depth: the layer and the entries' ``root`` are walked in step with directory
     fds, in the order of the sorted entries; an entry with an explicit ``source`` instead is
     opened by that path.
+
+    ``written``: filled with the small files written (up to :data:`layertar.WRITTEN_BUDGET`
+    bytes of them), for :func:`layertar.stream_layer` to take instead of reading them back.
     """
-    if flavor not in ("overlay", "marker"):
-        raise ValueError(f"unknown whiteout flavor {flavor!r}; expected 'overlay' or 'marker'")
+    _ocirules.check_flavor(flavor)
     root = os.fspath(dest)
     if os.listdir(root):
         raise ValueError(f"write_layer needs an empty staging directory, {root!r} is not empty")
-    writer = _LayerWriter(root, flavor, clamp_mtimes=clamp_mtimes)
+    writer = _LayerWriter(root, flavor, clamp_mtimes=clamp_mtimes, written=written)
     try:
         for entry in sorted(entries, key=lambda e: _sort_key(e.path)):
             writer.add(entry)
@@ -1372,7 +1344,7 @@ def _drop_unkept_xattrs(path: str) -> None:
             return
         raise
     for name in names:
-        if not _keep_xattr(name) and name.startswith(("user.", "trusted.")):
+        if not _ocirules.layer_keeps_xattr(name) and name.startswith(("user.", "trusted.")):
             # security.* labels are the filesystem's own (a copy gets them too); user.overlay.*
             # and trusted.* would mean something to an overlay mount of the layer.
             os.removexattr(path, name, follow_symlinks=False)
@@ -1398,7 +1370,7 @@ def _settle_group(
             try:
                 fd = os.open(tmp, _O_CREATE, 0o600, dir_fd=where)
                 try:
-                    _copy_file_data(src, fd, st.st_size)
+                    _datacopy.copy_data(src, fd, st.st_size)
                     _chown(fd, None, st, _join(first_dir, first_name))
                     _set_xattrs(fd, _xattrs(src))
                     os.chmod(fd, stat.S_IMODE(st.st_mode))

@@ -26,9 +26,9 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Literal
+from typing import Any, BinaryIO, ClassVar
 
-from pytest_layers import _dirfd
+from pytest_layers import _chroot, _dirfd, _ocirules
 from pytest_layers.errors import InvalidLayerError, UnsafeEntryError
 
 __all__ = [
@@ -48,32 +48,24 @@ __all__ = [
     "stream_layer",
 ]
 
-Flavor = Literal["overlay", "marker"]
+Flavor = _ocirules.Flavor
 
 #: 1980-01-01T00:00:00Z: the clamp used when SOURCE_DATE_EPOCH is unset (the ZIP epoch, which
 #: reproducible-build tools use as their floor).
 DEFAULT_EPOCH: int = 315532800
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
+WHITEOUT_PREFIX = _ocirules.WHITEOUT_PREFIX
+OPAQUE_MARKER = _ocirules.OPAQUE_MARKER
 
 _BLOCK = 512
 _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)
 _FLUSH_AT = 1 << 20
-_MAX_SYMLINK_FOLLOWS = 40
 _EMPTY_SHA = hashlib.sha256(b"").hexdigest()
 
-# Xattrs that describe how *we* store a layer (overlay and fuse-overlayfs bookkeeping) are never
-# part of its content; trusted.* is root-only metadata that an image must not carry.
-_SKIPPED_XATTR_PREFIXES = ("user.overlay.", "user.fuseoverlayfs.", "trusted.")
-_OPAQUE_XATTRS = ("user.overlay.opaque", "trusted.overlay.opaque")
-
-
-def _keep_xattr(name: str) -> bool:
-    if name.startswith(_SKIPPED_XATTR_PREFIXES):
-        return False
-    return name.startswith("user.") or name == "security.capability"
+# What a stored (lower) layer dir may carry to say a directory is opaque.
+_OPAQUE_XATTRS = _ocirules.OPAQUE_XATTRS["overlay"]
+_keep_xattr = _ocirules.layer_keeps_xattr
 
 
 def clamp_epoch() -> int:
@@ -240,9 +232,7 @@ class _Sink:
             self._buf.clear()
 
 
-def _check_flavor(flavor: str) -> None:
-    if flavor not in ("overlay", "marker"):
-        raise ValueError(f"unknown whiteout flavor {flavor!r}; expected 'overlay' or 'marker'")
+_check_flavor = _ocirules.check_flavor
 
 
 @dataclass
@@ -278,21 +268,23 @@ def _children(dir_fd: int, dir_path: bytes, flavor: str) -> list[_Child]:
                 continue
             raw = os.fsencode(name)
             if flavor == "overlay":
-                if raw.startswith(b".wh."):
+                if raw.startswith(_ocirules.WHITEOUT_PREFIX_B):
                     raise InvalidLayerError(
                         f"{os.fsdecode(dir_path + b'/' + raw)!r}: a name starting with '.wh.' "
                         "means a whiteout in an OCI layer, so such names cannot be committed; "
                         "rename it"
                     )
                 is_wh = kind == stat.S_IFCHR and entry.stat(follow_symlinks=False).st_rdev == 0
-                out.append(_Child(b".wh." + raw if is_wh else raw, name, kind, is_wh))
+                tarname = _ocirules.WHITEOUT_PREFIX_B + raw if is_wh else raw
+                out.append(_Child(tarname, name, kind, is_wh))
             else:
-                is_wh = raw.startswith(b".wh.")
+                is_wh = raw.startswith(_ocirules.WHITEOUT_PREFIX_B)
                 if is_wh:
                     shown = os.fsdecode(dir_path + b"/" + raw)
                     target = raw[4:]
                     if target in (b"", b".", b"..") or (
-                        target.startswith(b".wh.") and raw != OPAQUE_MARKER.encode()
+                        target.startswith(_ocirules.WHITEOUT_PREFIX_B)
+                        and raw != _ocirules.OPAQUE_MARKER_B
                     ):
                         raise InvalidLayerError(f"{shown!r}: not a valid whiteout name")
                     if kind != stat.S_IFREG:
@@ -415,6 +407,44 @@ FileHashes = dict[str, tuple[int, int, int, str]]
 
 _Update = Callable[[bytes | memoryview], object]
 
+
+@dataclass(frozen=True)
+class Written:
+    """A small regular file a writer has just put into a staged layer, as it left it: inode,
+    mtime and ctime after its last change, its bytes and its kept xattrs (sorted, as
+    :func:`stream_layer` lists them). The stream takes the file from here instead of opening
+    and reading it again when a ``stat`` finds it unchanged (same inode, size, mtime and ctime:
+    any write, chmod, chown or xattr change moves the ctime)."""
+
+    ino: int
+    mtime_ns: int
+    ctime_ns: int
+    data: bytes
+    xattrs: tuple[tuple[bytes, bytes], ...]
+
+    def matches(self, st: os.stat_result) -> bool:
+        return (
+            stat.S_ISREG(st.st_mode)
+            and st.st_ino == self.ino
+            and st.st_size == len(self.data)
+            and st.st_mtime_ns == self.mtime_ns
+            and st.st_ctime_ns == self.ctime_ns
+        )
+
+
+#: Tar path (the on-disk spelling, bytes) -> what the writer of a staged layer wrote there.
+WrittenFiles = dict[bytes, Written]
+
+#: How many bytes of file content a writer may keep in a :data:`WrittenFiles` for the stream.
+WRITTEN_BUDGET = 64 << 20
+
+
+def kept_xattr_items(xattrs: dict[str, bytes]) -> tuple[tuple[bytes, bytes], ...]:
+    """``xattrs`` (name -> value) as :func:`stream_layer` writes them: kept names only, sorted
+    by name, encoded."""
+    return tuple((os.fsencode(k), xattrs[k]) for k in sorted(xattrs) if _keep_xattr(k))
+
+
 #: Called by :func:`stream_layer` for every entry of the layer directory, in tar order, with
 #: what the tar was made of: the entry's path relative to the layer (on-disk spelling, bytes),
 #: its ``lstat``, the sha256 hex of a regular file's content (``None`` for anything else), the
@@ -432,6 +462,7 @@ def _walk(
     epoch: int | None,
     hashes: FileHashes | None = None,
     visit: Visitor | None = None,
+    written: WrittenFiles | None = None,
 ) -> None:
     links: dict[tuple[int, int], bytes] = {}
     shas: dict[tuple[int, int], str] = {}  # first link of a group's content digest (for visit)
@@ -470,8 +501,15 @@ def _walk(
                 continue
             kind = child.kind
             fd = -1
+            known = written.get(name) if written is not None and kind == stat.S_IFREG else None
             try:
-                if kind == stat.S_IFREG or kind == stat.S_IFDIR:
+                if known is not None:
+                    st = os.stat(child.name, dir_fd=dfd, follow_symlinks=False)
+                    if not known.matches(st):
+                        known = None
+                if known is not None:
+                    xattrs, opaque = list(known.xattrs), False
+                elif kind == stat.S_IFREG or kind == stat.S_IFDIR:
                     fd = os.open(
                         child.name, _O_READ if kind == stat.S_IFREG else _O_READDIR, dir_fd=dfd
                     )
@@ -500,7 +538,7 @@ def _walk(
                     sub_path = dpath + b"/" + child.tarname
                     sub = _children(fd, sub_path, flavor)
                     if opaque:
-                        sub.append(_Child(OPAQUE_MARKER.encode(), "", stat.S_IFREG, True))
+                        sub.append(_Child(_ocirules.OPAQUE_MARKER_B, "", stat.S_IFREG, True))
                         sub.sort(key=lambda c: c.tarname)
                     dirs.push(fd, (st.st_dev, st.st_ino))
                     fd = -1  # now owned by `dirs`
@@ -538,7 +576,10 @@ def _walk(
                         if file_hash is not None:
                             digest = file_hash.hexdigest()
                     elif size:
-                        data = _read_exact(fd, dpath + b"/" + child.tarname, size)
+                        if known is not None:
+                            data = known.data
+                        else:
+                            data = _read_exact(fd, dpath + b"/" + child.tarname, size)
                         sink.add(head + data + _PADS[-size % _BLOCK])
                         if hashes is not None or visit is not None:
                             digest = hashlib.sha256(data).hexdigest()
@@ -606,6 +647,7 @@ def _stream(
     consumers: Sequence[Callable[[bytes | memoryview], object]],
     hashes: FileHashes | None = None,
     visit: Visitor | None = None,
+    written: WrittenFiles | None = None,
 ) -> str:
     _check_flavor(flavor)
     root = os.fsencode(layer_dir)
@@ -613,7 +655,7 @@ def _stream(
         raise NotADirectoryError(errno.ENOTDIR, "layer directory does not exist", str(layer_dir))
     hasher = hashlib.sha256()
     sink = _Sink([hasher.update, *consumers])
-    _walk(sink, root, flavor, _source_date_epoch(), hashes, visit)
+    _walk(sink, root, flavor, _source_date_epoch(), hashes, visit, written)
     return "sha256:" + hasher.hexdigest()
 
 
@@ -641,13 +683,16 @@ def stream_layer(
     flavor: Flavor,
     visit: Visitor,
     out: Callable[[bytes | memoryview], object] | None = None,
+    written: WrittenFiles | None = None,
 ) -> str:
     """One pass over ``layer_dir``: its canonical tar into sha256 (and ``out``, when given),
     and every entry handed to ``visit`` with what the tar was made of (see :data:`Visitor`).
 
     Returns the diff_id. This is how the store reads a new layer once to name it and index it;
-    :func:`layer_diff_id` is the same stream without the visitor."""
-    return _stream(layer_dir, flavor, [] if out is None else [out], None, visit)
+    :func:`layer_diff_id` is the same stream without the visitor. ``written``: what the writer
+    of a staged ``layer_dir`` kept of the small files it wrote (see :class:`Written`); such a
+    file, found unchanged, is not opened again."""
+    return _stream(layer_dir, flavor, [] if out is None else [out], None, visit, written)
 
 
 def chain_id(diff_ids: Sequence[str]) -> str:
@@ -1046,7 +1091,7 @@ class _Applier:
                         raise NeedsLowerLayers(entry, "a symlink lies on its path") from None
                     follows += 1
                     direct = False
-                    if follows > _MAX_SYMLINK_FOLLOWS:
+                    if follows > _chroot.MAX_SYMLINKS:
                         raise UnsafeEntryError(entry, "too many levels of symbolic links") from None
                     target = os.readlink(comp, dir_fd=cur)
                     if target.startswith("/"):
@@ -1420,12 +1465,12 @@ class _Applier:
             if not key.startswith("SCHILY.xattr."):
                 continue
             name = key[len("SCHILY.xattr.") :]
-            if name.startswith(_SKIPPED_XATTR_PREFIXES):
+            if _ocirules.layer_never_carries(name):
                 continue
             if name == "security.capability" and not self.is_root:
                 self.stats.warnings.append(f"{m.name!r}: {name} needs root, not restored")
                 continue
-            if not (name.startswith("user.") or name == "security.capability"):
+            if not _ocirules.layer_keeps_xattr(name):
                 self.stats.warnings.append(f"{m.name!r}: xattr {name} not restored")
                 continue
             raw = value.encode("utf-8", "surrogateescape")

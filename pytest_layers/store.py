@@ -41,7 +41,16 @@ from urllib.parse import quote
 
 import filelock
 
-from pytest_layers import _access, _dirfd, _faultpoints, _proctag, changeset, errors, layertar
+from pytest_layers import (
+    _access,
+    _dirfd,
+    _faultpoints,
+    _ocirules,
+    _proctag,
+    changeset,
+    errors,
+    layertar,
+)
 from pytest_layers._fmt import short_digest
 from pytest_layers._mounts import filesystem_type
 from pytest_layers._removal import remove_tree
@@ -80,16 +89,12 @@ _LAYOUT_NAMES = frozenset(
 )
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
-_FLAVORS: tuple[Flavor, ...] = ("overlay", "marker")
+_FLAVORS = _ocirules.FLAVORS
 _SOURCES = ("build", "commit", "import", "init")
 _CHAIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX_RE = re.compile(r"[0-9a-f]+")
 # Filesystems where a 0/0 character device is a whiteout rather than a file of its own.
 _UNION_FS = ("overlay", "aufs", "fuse.fuse-overlayfs", "fuse.unionfs", "fuse.mergerfs")
-# xattrs that carry our own bookkeeping (or overlay's) rather than layer content; same rule as
-# the canonical tar (internals.md, layertar.py).
-_KEPT_XATTR_PREFIXES = ("user.",)
-_SKIPPED_XATTR_PREFIXES = ("user.overlay.", "user.fuseoverlayfs.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,9 +417,7 @@ def _kept_xattrs(path: str) -> dict[str, str]:
         return {}
     out = {}
     for name in sorted(names):
-        if name == "security.capability" or (
-            name.startswith(_KEPT_XATTR_PREFIXES) and not name.startswith(_SKIPPED_XATTR_PREFIXES)
-        ):
+        if _ocirules.layer_keeps_xattr(name):
             with contextlib.suppress(OSError):
                 value = os.getxattr(path, name, follow_symlinks=False)
                 out[name] = hashlib.sha256(value).hexdigest()
@@ -575,7 +578,7 @@ def count_files(manifest: dict[str, dict[str, Any]], flavor: Flavor) -> int:
             continue
         if flavor == "overlay" and kind == "chardev" and rec.get("rdev") == [0, 0]:
             continue
-        if flavor == "marker" and rel.rpartition("/")[2].startswith(".wh."):
+        if flavor == "marker" and _ocirules.is_whiteout_name(rel.rpartition("/")[2]):
             continue
         count += 1
     return count
@@ -1245,6 +1248,7 @@ class Store:
         blob: Path | None = None,
         blob_verified: bool = False,
         what: str | None = None,
+        written: layertar.WrittenFiles | None = None,
     ) -> LayerInfo:
         """Store the layer tree ``staged`` (best made with :meth:`staging`) on top of ``parent``.
 
@@ -1255,7 +1259,8 @@ class Store:
         says the caller hashed ``blob`` to ``diff_id`` as it wrote it (the importer does), so
         it is not read again. When ``name`` is given, ``refs/names/<name>`` points to the result.
         A full disk raises :class:`errors.NoSpaceError` naming ``what`` (default: the layer's
-        name, or its chain id and source).
+        name, or its chain id and source). ``written`` is what :func:`changeset.write_layer`
+        kept of the small files it just wrote into ``staged`` (see :class:`layertar.Written`).
         """
         if source not in _SOURCES:
             raise ValueError(f"source must be one of {', '.join(_SOURCES)}, not {source!r}")
@@ -1264,7 +1269,9 @@ class Store:
         parent_diff_ids = [info.diff_id for info in self.chain(parent)] if parent else []
         # The one read of the new tree: its diff_id, its files.json and its disk use together.
         index = _LayerIndex()
-        tree_digest = layertar.stream_layer(staged, flavor=self.flavor, visit=index)
+        tree_digest = layertar.stream_layer(
+            staged, flavor=self.flavor, visit=index, written=written
+        )
         if blob is not None and not (blob_verified and diff_id is not None):
             blob_digest = _blob_digest(blob)
             if diff_id is None:
@@ -1359,14 +1366,22 @@ class Store:
                     "write_layer(in_place=True) takes the added entries of one tree made with "
                     "Store.staging()"
                 )
+        # What the writer kept of the small files it wrote: the stream that names the layer
+        # takes them from there (unless before_add gets to change the tree in between).
+        written: layertar.WrittenFiles | None = None
         with self.full_disk(label), contextlib.ExitStack() as stack:
             if tree is not None:
                 staged = tree
                 changeset.settle_tree(staged, clamp_mtimes=clamp_mtimes)
             else:
                 staged = stack.enter_context(self.staging())
+                written = {} if before_add is None else None
                 changeset.write_layer(
-                    entries, staged, flavor=self.flavor, clamp_mtimes=clamp_mtimes
+                    entries,
+                    staged,
+                    flavor=self.flavor,
+                    clamp_mtimes=clamp_mtimes,
+                    written=written,
                 )
             if before_add is not None:
                 before_add(staged)
@@ -1379,6 +1394,7 @@ class Store:
                 diff_id=diff_id,
                 blob=blob,
                 blob_verified=blob_verified,
+                written=written,
             )
 
     @contextlib.contextmanager

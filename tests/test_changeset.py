@@ -227,9 +227,9 @@ def test_since_ns_reads_only_changed_files(tmp_path: Path, monkeypatch: pytest.M
     compared: list[str] = []
     real = changeset._same_content
 
-    def recording(a: int, b: int, size: int) -> bool:
+    def recording(a: int, b: int, size: int, *stats: os.stat_result) -> bool:
         compared.append(os.path.relpath(os.readlink(f"/proc/self/fd/{a}"), tree))
-        return real(a, b, size)
+        return real(a, b, size, *stats)
 
     monkeypatch.setattr(changeset, "_same_content", recording)
     view = ImageView([base], "overlay")
