@@ -453,7 +453,7 @@ def _sweep_dead_staging(dest: Path) -> None:
             if not (name.startswith(prefix) and name.endswith(".tmp")):
                 continue
             tag = name[len(prefix) :]
-            if _proctag.parse(tag) is not None and not store_mod._owner_alive(tag):
+            if _proctag.parse(tag) is not None and not _proctag.owner_alive(tag):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
