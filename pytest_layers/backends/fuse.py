@@ -244,7 +244,7 @@ def _with_link_partners(
     from the view, where they share an inode: the layer keeps them as one hardlink group with
     the content the test saw.
     """
-    from pytest_layers.changeset import Entry, _sort_key
+    from pytest_layers._changebase import Entry, _sort_key
 
     have = {e.path: e for e in entries}
     by_layer: dict[int, dict[int, list[str]]] = {}
