@@ -17,20 +17,10 @@ from pathlib import Path
 from pytest_layers import _dirfd, _ocirules
 
 _KINDS = ("A", "C", "D")
-
-
 _CHUNK = 1 << 20
-
-
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-
-
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never blocks on a FIFO
-
-
 _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
 _O_ROOT = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # a tree's root (may be a symlink to it)
 
 

@@ -21,8 +21,6 @@ from pytest_layers._changebase import (
 )
 
 _SCAN_AFTER = 8  # lookups in one layer directory before it is listed and cached whole
-
-
 _OPEN_IMAGE_DIRS = 64  # directory fds an ImageView keeps open at most
 
 

@@ -70,8 +70,6 @@ _LAYOUT_NAMES = frozenset(
 
 
 _FLAVORS = _ocirules.FLAVORS
-
-
 _SOURCES = ("build", "commit", "import", "init")
 
 

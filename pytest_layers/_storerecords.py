@@ -21,14 +21,8 @@ from pytest_layers._fmt import short_digest
 
 #: Bytes a ref or ``layer.json`` may hold; refs are a few hundred.
 _MAX_JSON = 1 << 20
-
-
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
 _CHAIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
-
-
 _HEX_RE = re.compile(r"[0-9a-f]+")
 
 

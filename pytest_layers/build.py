@@ -388,15 +388,6 @@ class LayerSession:
             flavor=self.store.flavor,
         )
 
-    def load_chain(self, chain_id: str) -> Layer:
-        """The stored image whose top is ``chain_id``, as a chain of :class:`Layer`."""
-        parent: Layer | None = None
-        for info in self.store.chain(chain_id):
-            parent = self.layer_from_store(info.chain_id, parent, info.name)
-        if parent is None:
-            raise StoreError(f"stored chain {chain_id} is empty")
-        return parent
-
     def use(self, image: Sequence[Layer]) -> None:
         """Lease ``image`` for the session and, with ``--layers-verify``, re-hash it once."""
         todo = [x.chain_id for x in image if x.chain_id not in self._verified]

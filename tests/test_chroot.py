@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_layers import _chroot, cli, layertar, rootfs
+from pytest_layers import _chroot, _tarapply, cli, rootfs
 
 
 def test_links_and_dotdot_stay_inside(tmp_path: Path) -> None:
@@ -37,4 +37,4 @@ def test_one_limit_for_every_walker() -> None:
 
     assert rootfs.MAX_SYMLINKS == _chroot.MAX_SYMLINKS == 40
     assert sandbox._chroot is _chroot
-    assert layertar._chroot is _chroot
+    assert _tarapply._chroot is _chroot

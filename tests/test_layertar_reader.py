@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_layers import layertar
+from pytest_layers import _tarapply, _tarlimits, layertar
 
 FIELDS = (
     "name", "type", "mode", "uid", "gid", "size", "mtime", "linkname", "uname", "gname",
@@ -41,7 +41,7 @@ def _members_tarfile(path: Path) -> list[tuple[dict[str, object], bytes]]:
 def _members_fast(path: Path) -> tuple[list[tuple[dict[str, object], bytes]], int]:
     out = []
     with open(path, "rb") as f:
-        reader = layertar._PlainTarReader(f, layertar._BoundedTarInfo)
+        reader = _tarapply._PlainTarReader(f, _tarlimits._BoundedTarInfo)
         delegated = 0
         real_next = reader.tf.next
 
