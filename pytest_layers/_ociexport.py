@@ -21,11 +21,6 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 from pytest_layers import _faultpoints, _proctag, layertar
 from pytest_layers._fmt import human_size, short_digest
-from pytest_layers.errors import StoreError
-
-if TYPE_CHECKING:
-    from pytest_layers._storerecords import LayerInfo
-    from pytest_layers.store import Store
 from pytest_layers._ocispec import (
     _CHUNK,
     _REF_NAME,
@@ -40,6 +35,11 @@ from pytest_layers._ocispec import (
     _json_bytes,
     _platform,
 )
+from pytest_layers.errors import StoreError
+
+if TYPE_CHECKING:
+    from pytest_layers._storerecords import LayerInfo
+    from pytest_layers.store import Store
 
 
 @dataclass(frozen=True)

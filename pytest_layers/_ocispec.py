@@ -9,11 +9,7 @@ import json
 import platform
 import re
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    pass
-
+from typing import IO, Any, Literal
 
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -80,3 +80,9 @@ class Store(_StoreWriter, _StoreMaintenance):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# The public classes keep their public module in reprs, pickles and the reference.
+for _cls in (LayerInfo, SnapshotInfo, Problem, PruneReport):
+    _cls.__module__ = __name__
+del _cls
