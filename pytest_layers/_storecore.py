@@ -27,9 +27,7 @@ from pytest_layers import (
     _proctag,
     errors,
 )
-from pytest_layers._layerindex import (
-    disk_use,
-)
+from pytest_layers._layerindex import disk_use
 from pytest_layers._mounts import filesystem_type
 from pytest_layers._removal import remove_tree
 from pytest_layers._storelocks import (

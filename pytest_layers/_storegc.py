@@ -21,9 +21,7 @@ from pytest_layers._layerindex import (
     disk_use,
 )
 from pytest_layers._storecore import _blob_digest, _rmtree
-from pytest_layers._storelocks import (
-    _StoreLock,
-)
+from pytest_layers._storelocks import _StoreLock
 from pytest_layers._storerecords import (
     _CHAIN_RE,
     LayerInfo,

@@ -9,9 +9,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pytest_layers._tarheader import (
-    _BLOCK,
-)
+from pytest_layers._tarheader import _BLOCK
 from pytest_layers.errors import InvalidLayerError
 
 _GiB = 1 << 30
