@@ -84,3 +84,10 @@ def alive(pid: int, start: int | None) -> bool:
     if start >= _HUNDREDTHS_FROM:
         return abs(round(created * 100) - start) <= 101
     return abs(int(created) - start) <= 1
+
+
+def owner_alive(name: str) -> bool:
+    """Whether the process whose tag begins the entry ``name`` (a store's tmp entry or lease,
+    ``<pid>-<start>-...``) still runs."""
+    parsed = parse(name)
+    return parsed is not None and alive(*parsed)

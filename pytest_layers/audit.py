@@ -15,7 +15,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from pytest_layers import _dirfd
+from pytest_layers import _dirfd, _ocirules
 
 __all__ = ["CATEGORIES", "privileged_content"]
 
@@ -47,7 +47,7 @@ def privileged_content(layer_dirs: Sequence[Path], flavor: str = "overlay") -> d
         subdirs: list[tuple[str, _dirfd.Ident, None]] = []
         with os.scandir(fd) as it:
             for e in it:
-                if flavor == "marker" and e.name.startswith(".wh."):
+                if flavor == "marker" and _ocirules.is_whiteout_name(e.name):
                     continue
                 st = e.stat(follow_symlinks=False)
                 mode = st.st_mode

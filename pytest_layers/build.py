@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from pytest_layers import changeset, layertar, sourcedir
+from pytest_layers import _ocirules, changeset, layertar, sourcedir
 from pytest_layers._fmt import human_size, plural, short_digest
 from pytest_layers._removal import remove_tree
 from pytest_layers.errors import (
@@ -388,15 +388,6 @@ class LayerSession:
             flavor=self.store.flavor,
         )
 
-    def load_chain(self, chain_id: str) -> Layer:
-        """The stored image whose top is ``chain_id``, as a chain of :class:`Layer`."""
-        parent: Layer | None = None
-        for info in self.store.chain(chain_id):
-            parent = self.layer_from_store(info.chain_id, parent, info.name)
-        if parent is None:
-            raise StoreError(f"stored chain {chain_id} is empty")
-        return parent
-
     def use(self, image: Sequence[Layer]) -> None:
         """Lease ``image`` for the session and, with ``--layers-verify``, re-hash it once."""
         todo = [x.chain_id for x in image if x.chain_id not in self._verified]
@@ -670,7 +661,7 @@ class LayerSession:
 
 def _check_entries(defn: LayerDef, entries: Sequence[Entry]) -> None:
     for entry in entries:
-        if entry.kind != "D" and PurePosixPath(entry.path).name.startswith(".wh."):
+        if entry.kind != "D" and _ocirules.is_whiteout_name(PurePosixPath(entry.path).name):
             raise LayerBuildError(
                 f"layer {defn.name!r}: builder {defn.qualname} ({defn.where}) left /{entry.path}; "
                 "names starting with '.wh.' are OCI whiteout markers and cannot be stored in a "

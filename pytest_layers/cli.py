@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from pytest_layers import _chroot
 from pytest_layers import names as layer_names
 from pytest_layers._fmt import human_size, short_digest
 from pytest_layers.errors import LayersError
@@ -492,29 +493,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def _exists_inside(root: Path, rel: str) -> bool:
     """Whether ``rel`` exists in ``root`` treating ``root`` as ``/`` (symlinks resolved inside)."""
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    current: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if current:
-                current.pop()
-            continue
-        path = root.joinpath(*current, part)
-        if path.is_symlink():
-            hops += 1
-            if hops > 40:
-                return False
-            target = os.readlink(path)
-            if target.startswith("/"):
-                current = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        if not os.path.lexists(path):
-            return False
-        current.append(part)
-    return True
+    try:
+        return os.path.lexists(_chroot.resolve(root, rel))
+    except OSError:  # a symlink loop, or a component that is not a directory
+        return False
 
 
 def _borrow_host_tools(view_path: Path) -> list[Bind]:

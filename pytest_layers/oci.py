@@ -15,27 +15,43 @@ leaves nothing behind outside the store (and nothing partial inside it).
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import gzip
 import hashlib
 import json
 import os
-import platform
 import posixpath
 import re
-import shutil
 import stat
 import tarfile
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal, cast
+from typing import IO, TYPE_CHECKING, Any
 
-from pytest_layers import _faultpoints, _proctag, layertar
+from pytest_layers import _tarlimits, layertar
 from pytest_layers import store as store_mod
 from pytest_layers._fmt import human_size, short_digest
+from pytest_layers._ociexport import ExportResult, default_tag, export_image, output_form
+from pytest_layers._ocispec import (
+    _CHUNK,
+    _CONFIG_TYPES,
+    _DIGEST_LEN,
+    _DIGEST_RE,
+    _INDEX_TYPES,
+    _LAYER_TYPES,
+    _MANIFEST_TYPES,
+    _REF_NAME,
+    MEDIA_TYPE_CONFIG,
+    MEDIA_TYPE_INDEX,
+    MEDIA_TYPE_LAYER,
+    MEDIA_TYPE_LAYER_GZIP,
+    MEDIA_TYPE_MANIFEST,
+    Progress,
+    _HashReader,
+    _HashWriter,
+    _platform,
+)
 from pytest_layers.errors import (
     InvalidImageError,
     InvalidLayerError,
@@ -45,7 +61,7 @@ from pytest_layers.errors import (
 
 if TYPE_CHECKING:
     from pytest_layers.backends.base import Backend
-    from pytest_layers.store import LayerInfo, Store
+    from pytest_layers.store import Store
 
 __all__ = [
     "ExportResult",
@@ -59,69 +75,9 @@ __all__ = [
     "MEDIA_TYPE_CONFIG",
     "MEDIA_TYPE_LAYER",
     "MEDIA_TYPE_LAYER_GZIP",
+    "default_tag",
+    "output_form",
 ]
-
-MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_TYPE_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_TYPE_LAYER = "application/vnd.oci.image.layer.v1.tar"
-MEDIA_TYPE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-_DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-_REF_NAME = "org.opencontainers.image.ref.name"
-
-_MANIFEST_TYPES = {MEDIA_TYPE_MANIFEST, _DOCKER_MANIFEST}
-_INDEX_TYPES = {MEDIA_TYPE_INDEX, _DOCKER_MANIFEST_LIST}
-_CONFIG_TYPES = {MEDIA_TYPE_CONFIG, _DOCKER_CONFIG}
-# media type -> compression of the blob
-_LAYER_TYPES: dict[str, str] = {
-    MEDIA_TYPE_LAYER: "none",
-    MEDIA_TYPE_LAYER_GZIP: "gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
-    "application/vnd.docker.image.rootfs.diff.tar": "none",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",
-}
-_DIGEST_RE = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
-_DIGEST_LEN = {"sha256": 64, "sha512": 128}
-_CHUNK = 1 << 20
-_GOARCH = {
-    "x86_64": ("amd64", None),
-    "amd64": ("amd64", None),
-    "aarch64": ("arm64", "v8"),
-    "arm64": ("arm64", "v8"),
-    "armv7l": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "i386": ("386", None),
-    "i686": ("386", None),
-    "ppc64le": ("ppc64le", None),
-    "s390x": ("s390x", None),
-    "riscv64": ("riscv64", None),
-}
-
-#: Receives one human-readable progress line at a time (the CLI prints them on stderr).
-Progress = Callable[[str], None]
-Format = Literal["oci", "docker-archive"]
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """What :func:`export_image` wrote."""
-
-    path: Path
-    format: str
-    tar: bool
-    manifest_digest: str
-    config_digest: str
-    diff_ids: list[str]
-    chain_ids: list[str]
-    size: int  # bytes of layer blobs written (not the output's disk use)
-    gzipped: bool = False  # the tar itself is gzipped (*.tar.gz, *.tgz)
 
 
 @dataclass(frozen=True)
@@ -132,368 +88,6 @@ class ImportResult:
     diff_ids: list[str]
     chain_ids: list[str]
     imported: list[str] = field(default_factory=list)  # chain ids newly added to the store
-
-
-# --------------------------------------------------------------------------------------------
-# small helpers
-
-
-class _HashWriter:
-    """A write-only file object that hashes and counts what passes through it."""
-
-    def __init__(self, out: IO[bytes] | None, algo: str = "sha256") -> None:
-        self._out = out
-        self.hash = hashlib.new(algo)
-        self.size = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        if self._out is not None:
-            self._out.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        if self._out is not None:
-            self._out.flush()
-
-    @property
-    def digest(self) -> str:
-        return f"{self.hash.name}:{self.hash.hexdigest()}"
-
-
-class _HashReader:
-    """A read-only file object that hashes and counts what is read from it."""
-
-    def __init__(self, raw: IO[bytes], algo: str) -> None:
-        self._raw = raw
-        self.hash = hashlib.new(algo)
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-    def drain(self) -> None:
-        while self.read(_CHUNK):
-            pass
-
-
-def _platform() -> tuple[str, str | None]:
-    machine = platform.machine().lower()
-    return _GOARCH.get(machine, (machine, None))
-
-
-def _iso(ts: float) -> str:
-    when = _dt.datetime.fromtimestamp(int(ts), tz=_dt.timezone.utc)
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _created_ts(info: LayerInfo) -> float:
-    return info.created
-
-
-def _json_bytes(obj: Any) -> bytes:
-    # Sorted keys and no whitespace: the same image always gets the same config and manifest
-    # digests.
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-_REPO_BAD = re.compile(r"[^a-z0-9._/-]+")
-
-
-def default_tag(ref_name: str) -> str:
-    """A Docker-valid ``repo:tag`` for a layer name or snapshot ref (``snapshot:t.py::x`` ->
-    ``pytest-layers/t.py-x:latest``)."""
-    repo = _REPO_BAD.sub("-", ref_name.lower().replace("snapshot:", "snapshot/").replace("::", "/"))
-    repo = re.sub(r"[-._/]{2,}", "-", repo).strip("-._/") or "image"
-    return f"pytest-layers/{repo}:latest"
-
-
-# --------------------------------------------------------------------------------------------
-# export
-
-
-def _stream_layer(
-    store: Store, info: LayerInfo, out: IO[bytes], *, compress: bool
-) -> tuple[str, str, int]:
-    """Write one layer blob to ``out``; return (blob digest, diff_id, blob size)."""
-    outer = _HashWriter(out)
-    gz: gzip.GzipFile | None = None
-    sink: Any = outer
-    if compress:
-        # mtime=0 and no file name: the same layer always compresses to the same blob.
-        gz = gzip.GzipFile(filename="", mode="wb", fileobj=outer, mtime=0, compresslevel=6)
-        sink = gz
-    inner = _HashWriter(sink)
-    blob = info.blob
-    if blob is not None:
-        with open(blob, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                inner.write(chunk)
-    else:
-        layertar.write_layer_tar(store.layer_dir(info.chain_id), inner, flavor=store.flavor)  # type: ignore[arg-type]
-    if gz is not None:
-        gz.close()
-    diff_id = inner.digest
-    if diff_id != info.diff_id:
-        raise StoreError(
-            f"layer {info.chain_id}: its {'kept blob' if blob else 'stored tree'} hashes to "
-            f"{diff_id}, but the store recorded diff_id {info.diff_id}; the store is damaged "
-            f"(run `pytest-layers verify`, then rebuild or re-import the layer)"
-        )
-    return outer.digest, diff_id, outer.size
-
-
-def _write_blob_bytes(blobs: Path, data: bytes) -> tuple[str, int]:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    (blobs / digest.split(":", 1)[1]).write_bytes(data)
-    return digest, len(data)
-
-
-def export_image(
-    store: Store,
-    chain_id: str,
-    dest: Path,
-    *,
-    format: Format = "oci",
-    tar: bool | None = None,
-    gzip_layers: bool = False,
-    tag: str | None = None,
-    progress: Progress | None = None,
-) -> ExportResult:
-    """Export the image whose top layer is ``chain_id`` to ``dest``.
-
-    ``format="oci"`` writes an OCI image layout, as a directory or (``tar=True``, or ``dest``
-    ending in ``.tar``) a tar of it; ``"docker-archive"`` always writes a tar that ``docker load``
-    and ``skopeo copy docker-archive:`` read (an OCI layout plus ``manifest.json`` and
-    ``repositories``, as ``docker save`` writes since Docker 25). A ``dest`` ending in ``.tar.gz``
-    or ``.tgz`` gets a gzipped tar (``oci-archive:`` and ``docker load`` read it); one ending in
-    another archive or compression suffix is refused rather than written as a directory of that
-    name (:func:`output_form`). ``gzip_layers`` compresses the layer blobs; the DiffIDs stay
-    the digests of the uncompressed tars. ``dest`` must not exist; it appears only complete.
-    """
-    if format not in ("oci", "docker-archive"):
-        raise ValueError(f"unknown export format {format!r}; use 'oci' or 'docker-archive'")
-    tar, gzipped = output_form(dest, format, tar)
-    dest = Path(os.path.abspath(dest))
-    if os.path.lexists(dest):
-        raise FileExistsError(f"{dest} already exists; remove it or choose another -o path")
-    if not dest.parent.is_dir():
-        raise FileNotFoundError(f"{dest.parent} does not exist; create it first")
-    chain = store.chain(chain_id)
-    tag = tag or default_tag(chain[-1].name or chain_id)
-    _sweep_dead_staging(dest)
-    # Named after its owner so that the next export can sweep it if this process is killed.
-    staging = Path(
-        tempfile.mkdtemp(
-            prefix=f".{dest.name}.{_proctag.store_tag()}-", suffix=".tmp", dir=dest.parent
-        )
-    )
-    try:
-        layout = staging / "layout"
-        blobs = layout / "blobs" / "sha256"
-        blobs.mkdir(parents=True)
-        descriptors: list[dict[str, Any]] = []
-        diff_ids: list[str] = []
-        history: list[dict[str, Any]] = []
-        total = 0
-        for n, info in enumerate(chain, 1):
-            started = time.monotonic()
-            part = blobs / f".layer-{n}.part"
-            with open(part, "wb") as out:
-                digest, diff_id, size = _stream_layer(store, info, out, compress=gzip_layers)
-            final = blobs / digest.split(":", 1)[1]
-            if final.exists():  # the same blob twice in one image (an empty layer, say)
-                part.unlink()
-            else:
-                part.rename(final)
-            if n == 1:
-                # Fault-injection tests kill the process here, with the export half written.
-                _faultpoints.reached("export", str(staging))
-            descriptors.append(
-                {
-                    "mediaType": MEDIA_TYPE_LAYER_GZIP if gzip_layers else MEDIA_TYPE_LAYER,
-                    "digest": digest,
-                    "size": size,
-                }
-            )
-            diff_ids.append(diff_id)
-            source = info.source
-            what = info.name or short_digest(info.chain_id)
-            history.append(
-                {
-                    "created": _iso(_created_ts(info)),
-                    "created_by": f"pytest-layers {source}: {what}",
-                    "comment": f"chain_id {info.chain_id}",
-                }
-            )
-            total += size
-            if progress is not None:
-                progress(
-                    f"layer {n}/{len(chain)} {short_digest(diff_id)} {human_size(size)} "
-                    f"{time.monotonic() - started:.2f}s"
-                )
-        arch, variant = _platform()
-        config: dict[str, Any] = {
-            "created": _iso(_created_ts(chain[-1])),
-            "architecture": arch,
-            "os": "linux",
-            "config": {},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-            "history": history,
-        }
-        if variant:
-            config["variant"] = variant
-        config_digest, config_size = _write_blob_bytes(blobs, _json_bytes(config))
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": MEDIA_TYPE_MANIFEST,
-            "config": {
-                "mediaType": MEDIA_TYPE_CONFIG,
-                "digest": config_digest,
-                "size": config_size,
-            },
-            "layers": descriptors,
-        }
-        manifest_digest, manifest_size = _write_blob_bytes(blobs, _json_bytes(manifest))
-        repo, _, version = tag.rpartition(":")
-        if not repo or "/" in version:
-            repo, version = tag, "latest"
-        platform_desc: dict[str, str] = {"architecture": arch, "os": "linux"}
-        if variant:
-            platform_desc["variant"] = variant
-        index = {
-            "schemaVersion": 2,
-            "mediaType": MEDIA_TYPE_INDEX,
-            "manifests": [
-                {
-                    "mediaType": MEDIA_TYPE_MANIFEST,
-                    "digest": manifest_digest,
-                    "size": manifest_size,
-                    "platform": platform_desc,
-                    "annotations": {
-                        _REF_NAME: version,
-                        "io.containerd.image.name": f"{repo}:{version}",
-                    },
-                }
-            ],
-        }
-        (layout / "index.json").write_bytes(_json_bytes(index))
-        (layout / "oci-layout").write_bytes(_json_bytes({"imageLayoutVersion": "1.0.0"}))
-        if format == "docker-archive":
-            docker_manifest = [
-                {
-                    "Config": f"blobs/sha256/{config_digest.split(':', 1)[1]}",
-                    "RepoTags": [f"{repo}:{version}"],
-                    "Layers": [f"blobs/sha256/{d['digest'].split(':', 1)[1]}" for d in descriptors],
-                }
-            ]
-            (layout / "manifest.json").write_bytes(_json_bytes(docker_manifest))
-            top_id = layertar.chain_ids(diff_ids)[-1].split(":", 1)[1]
-            (layout / "repositories").write_bytes(_json_bytes({repo: {version: top_id}}))
-        if tar:
-            staged_tar = staging / "out.tar"
-            _tar_layout(layout, staged_tar, compress=gzipped)
-            staged_tar.rename(dest)
-        else:
-            layout.rename(dest)
-        return ExportResult(
-            path=dest,
-            format=format,
-            tar=tar,
-            manifest_digest=manifest_digest,
-            config_digest=config_digest,
-            diff_ids=diff_ids,
-            chain_ids=layertar.chain_ids(diff_ids),
-            size=total,
-            gzipped=gzipped,
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-#: Output names that say "a tar, compressed" in a way export does not write.
-_OTHER_ARCHIVES = (".gz", ".xz", ".zst", ".bz2", ".lz4", ".zip", ".tbz", ".tbz2", ".txz", ".tzst")
-
-
-def output_form(dest: Path, format: Format, tar: bool | None = None) -> tuple[bool, bool]:
-    """``(tar, gzipped)`` for an export to ``dest``: ``*.tar`` a tar, ``*.tar.gz``/``*.tgz`` a
-    gzipped tar, any other name a directory (``oci``) or a tar (``docker-archive``, always a
-    tar); ``tar`` (True/False) overrides the name. A name with another archive suffix
-    (``.zip``, ``.tar.xz``, ...) raises ``ValueError`` naming the choices: writing a directory
-    called ``image.tar.xz`` would only surprise."""
-    name = dest.name.lower()
-    gzipped = name.endswith((".tar.gz", ".tgz"))
-    if tar is None:
-        if not gzipped and name.endswith(_OTHER_ARCHIVES):
-            raise ValueError(
-                f"{dest.name}: export writes a directory, a .tar or a gzipped .tar.gz/.tgz; "
-                "rename the output to one of those (or pass --tar / --dir to choose yourself)"
-            )
-        tar = format == "docker-archive" or gzipped or name.endswith(".tar")
-    elif not tar:
-        gzipped = False
-    if format == "docker-archive" and not tar:
-        raise ValueError("a docker-archive is always a tar: drop the directory option")
-    return tar, gzipped
-
-
-def _sweep_dead_staging(dest: Path) -> None:
-    """Remove staging dirs that killed exports to ``dest`` left next to it."""
-    prefix = f".{dest.name}."
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(dest.parent):
-            name = entry.name
-            if not (name.startswith(prefix) and name.endswith(".tmp")):
-                continue
-            tag = name[len(prefix) :]
-            if _proctag.parse(tag) is not None and not store_mod._owner_alive(tag):
-                shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def _tar_layout(layout: Path, out_path: Path, *, compress: bool = False) -> None:
-    """Tar ``layout`` deterministically (gzipped when ``compress``), removing each blob once it
-    is in the tar so that the export never needs twice the image's size on disk."""
-
-    def info_for(rel: str, path: Path) -> tarfile.TarInfo:
-        st = path.lstat()
-        ti = tarfile.TarInfo(rel)
-        ti.mtime = 0
-        ti.uid = ti.gid = 0
-        ti.uname = ti.gname = ""
-        if stat.S_ISDIR(st.st_mode):
-            ti.type = tarfile.DIRTYPE
-            ti.mode = 0o755
-        else:
-            ti.mode = 0o644
-            ti.size = st.st_size
-        return ti
-
-    with contextlib.ExitStack() as stack:
-        raw = stack.enter_context(open(out_path, "wb"))
-        # mtime=0 and no file name in the gzip header: the same image gives the same bytes.
-        fileobj: IO[bytes] = raw
-        if compress:
-            gz = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
-            fileobj = cast(IO[bytes], stack.enter_context(gz))
-        tf = stack.enter_context(tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT))
-        tf.addfile(info_for("blobs", layout / "blobs"))
-        tf.addfile(info_for("blobs/sha256", layout / "blobs" / "sha256"))
-        for blob in sorted((layout / "blobs" / "sha256").iterdir()):
-            with open(blob, "rb") as f:
-                tf.addfile(info_for(f"blobs/sha256/{blob.name}", blob), f)
-            blob.unlink()
-        for name in ("index.json", "manifest.json", "oci-layout", "repositories"):
-            path = layout / name
-            if path.exists():
-                with open(path, "rb") as f:
-                    tf.addfile(info_for(name, path), f)
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,7 +154,7 @@ class _Source:
             raise InvalidImageError(str(path), "no such file or directory")
         f = _open_regular(os.fspath(path), str(path), follow=True)
         try:
-            bounded = layertar._BoundedTarInfo.bounded(limits or layertar.Limits())
+            bounded = _tarlimits._BoundedTarInfo.bounded(limits or layertar.Limits())
             self._tar = tarfile.open(fileobj=f, mode="r:*", tarinfo=bounded)  # noqa: SIM115
             for member in self._tar:
                 self._members[_clean_name(member.name)] = member
@@ -1239,3 +833,7 @@ def import_image(
         )
     finally:
         src.close()
+
+
+# The public classes keep their public module in reprs, pickles and the reference.
+ExportResult.__module__ = __name__

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from pytest_layers import oci
+from pytest_layers import _ocispec, oci
 from pytest_layers._fmt import human_size, short_digest
 from pytest_layers.errors import (
     InvalidImageError,
@@ -69,8 +69,8 @@ _ACCEPT = ", ".join(
     [
         oci.MEDIA_TYPE_MANIFEST,
         oci.MEDIA_TYPE_INDEX,
-        oci._DOCKER_MANIFEST,
-        oci._DOCKER_MANIFEST_LIST,
+        _ocispec._DOCKER_MANIFEST,
+        _ocispec._DOCKER_MANIFEST_LIST,
     ]
 )
 _MANIFEST_LIMIT = 4 << 20  # the distribution spec lets registries refuse bigger manifests
@@ -661,7 +661,7 @@ class _RegistrySource(oci._Source):
         self._what: dict[str, str] = {}
         data, media, digest = client.get_manifest(ref.repo, ref.reference)
         self.digest = digest
-        if media in (oci.MEDIA_TYPE_INDEX, oci._DOCKER_MANIFEST_LIST):
+        if media in (oci.MEDIA_TYPE_INDEX, _ocispec._DOCKER_MANIFEST_LIST):
             data, media, digest = self._pick(data)
         self.manifest_digest = digest
         self._files[f"blobs/sha256/{digest.split(':', 1)[1]}"] = data
@@ -689,7 +689,7 @@ class _RegistrySource(oci._Source):
 
     def _pick(self, data: bytes) -> tuple[bytes, str, str]:
         index = oci._loads(data, f"index {self.digest}")
-        arch, _ = oci._platform()
+        arch, _ = _ocispec._platform()
         mine = [
             m
             for m in (index.get("manifests") or [] if isinstance(index, dict) else [])

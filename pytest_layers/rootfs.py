@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, overload
 
-from pytest_layers import _dirfd, changeset, diffdata, layertar
+from pytest_layers import _chroot, _dirfd, changeset, diffdata, layertar
 from pytest_layers._removal import remove_tree
 from pytest_layers.backends.base import View
 from pytest_layers.build import Layer, LayerSession
@@ -34,8 +34,7 @@ __all__ = [
     "MAX_SYMLINKS",
 ]
 
-#: As Linux's MAXSYMLINKS: more links than this while resolving one path is a loop.
-MAX_SYMLINKS = 40
+MAX_SYMLINKS = _chroot.MAX_SYMLINKS
 
 
 def check_init_path(rel: object, *, where: str = "") -> str:
@@ -298,40 +297,7 @@ class Rootfs(os.PathLike[str]):
         never leaves it. Missing components are kept as they are (like ``realpath``).
         Raises ``OSError(ELOOP)`` on a symlink loop.
         """
-        root = self._view.path
-        todo = [p for p in PurePosixPath(os.fspath(path)).parts if p != "/"]
-        todo.reverse()
-        done: list[str] = []
-        links = 0
-        while todo:
-            part = todo.pop()
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if done:
-                    done.pop()
-                continue
-            candidate = root.joinpath(*done, part)
-            try:
-                is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
-            except (FileNotFoundError, NotADirectoryError):
-                is_link = False
-            if not is_link:
-                done.append(part)
-                continue
-            links += 1
-            if links > MAX_SYMLINKS:
-                raise OSError(
-                    errno.ELOOP,
-                    f"too many levels of symbolic links inside the rootfs while resolving "
-                    f"{os.fspath(path)!r} (a symlink loop?)",
-                    str(candidate),
-                )
-            target = PurePosixPath(os.readlink(candidate))
-            if target.is_absolute():
-                done = []
-            todo.extend(reversed([p for p in target.parts if p != "/"]))
-        return root.joinpath(*done)
+        return _chroot.resolve(self._view.path, path)
 
     # -- running programs inside
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from pytest_layers import _linux, _subids
+from pytest_layers import _chroot, _linux, _subids
 from pytest_layers.errors import SandboxError
 
 __all__ = ["KEPT_CAPS", "DEFAULT_PATH", "Bind", "Sandbox", "SandboxProcess"]
@@ -569,7 +569,7 @@ def _inside(root_fd: int, rel: str, *, directory: bool = True) -> int:
 def _make_inside(root_fd: int, rel: str, *, directory: bool, hops: int = 0) -> None:
     """``mkdir -p`` (or touch) ``rel`` inside the root. A dangling symlink on the way (an
     image's ``/dev -> /somewhere``) gets its target made, resolved inside the root as well."""
-    if hops > 40:
+    if hops > _chroot.MAX_SYMLINKS:
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), rel)
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     for i, name in enumerate(parts):

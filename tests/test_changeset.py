@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from treeutil import make_tree, set_tree_mtimes, whiteout
 
-from pytest_layers import changeset, layertar, namespaces
+from pytest_layers import _changelist, _dirfd, changeset, layertar, namespaces
 from pytest_layers.changeset import Change, Entry, ImageView
 from pytest_layers.errors import InvalidLayerError
 
@@ -225,13 +225,13 @@ def test_since_ns_reads_only_changed_files(tmp_path: Path, monkeypatch: pytest.M
     since = changeset.ctime_mark(tmp_path)
     (tree / "d/f007").write_text("CONTENT 007")  # same size
     compared: list[str] = []
-    real = changeset._same_content
+    real = _changelist._same_content
 
-    def recording(a: int, b: int, size: int) -> bool:
+    def recording(a: int, b: int, size: int, *stats: os.stat_result) -> bool:
         compared.append(os.path.relpath(os.readlink(f"/proc/self/fd/{a}"), tree))
-        return real(a, b, size)
+        return real(a, b, size, *stats)
 
-    monkeypatch.setattr(changeset, "_same_content", recording)
+    monkeypatch.setattr(_changelist, "_same_content", recording)
     view = ImageView([base], "overlay")
     assert strs(changeset.changes_from_tree(tree, view, since_ns=since)) == ["C /d", "C /d/f007"]
     assert compared == ["d/f007"]
@@ -585,7 +585,7 @@ def few_fds() -> Iterator[None]:
 
 def _deep_upper_bottom(fd: int) -> None:
     put(fd, "leaf", b"bottom\n")
-    os.setxattr(changeset._dirfd.at(fd, "leaf"), "user.deep", b"value")
+    os.setxattr(_dirfd.at(fd, "leaf"), "user.deep", b"value")
     os.link("leaf", "leaf2", src_dir_fd=fd, dst_dir_fd=fd)
     os.symlink("leaf", "link", dir_fd=fd)
     os.utime("link", (EPOCH, EPOCH), dir_fd=fd, follow_symlinks=False)
@@ -745,7 +745,7 @@ def test_deep_image_lookups_and_every_change_list(deep_tmp: Path) -> None:
 def test_dir_stack_refuses_a_directory_moved_under_the_walk(tmp_path: Path) -> None:
     (tmp_path / "a/b").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
-    stack = changeset._dirfd.DirStack(os.open(tmp_path, _O_DIR), keep=2)
+    stack = _dirfd.DirStack(os.open(tmp_path, _O_DIR), keep=2)
     try:
         a = os.open("a", _O_DIR, dir_fd=stack.top)
         stack.push(a)

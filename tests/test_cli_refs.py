@@ -17,7 +17,8 @@ from test_cli import store as store  # the fixture: base and app
 from treeutil import build_layer, make_tree
 
 from pytest_layers import layertar
-from pytest_layers.store import Store, _ref_filename, disk_use
+from pytest_layers._storerecords import _ref_filename
+from pytest_layers.store import Store, disk_use
 
 CLI = [sys.executable, "-m", "pytest_layers.cli"]
 

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from faults_util import child_env, our_mounts_under, out, unmount_all_under
 
-from pytest_layers import _dirfd, _linux, layertar, oci
+from pytest_layers import _dirfd, _linux, _tarheader, layertar, oci
 from pytest_layers.errors import InvalidLayerError, UnsafeEntryError
 from pytest_layers.store import Store
 
@@ -410,7 +410,7 @@ def _pax_global_bombs() -> bytes:
     than 1 MiB (tarfile keeps them all)."""
     out = []
     for i in range(1100):
-        one = layertar._pax_record(b"comment%d" % i, b"c" * 1000)
+        one = _tarheader._pax_record(b"comment%d" % i, b"c" * 1000)
         out.append(raw_header(b"pax_global_header", tarfile.XGLTYPE, len(one)))
         out.append(one.ljust(1024, b"\0"))
         out.append(raw_header(b"f%d" % i, tarfile.REGTYPE, 0))
@@ -419,7 +419,7 @@ def _pax_global_bombs() -> bytes:
 
 def _header_run() -> bytes:
     """1000 small PAX headers in a row: tarfile recursed once per header."""
-    one = layertar._pax_record(b"comment", b"c")
+    one = _tarheader._pax_record(b"comment", b"c")
     block = raw_header(b"PaxHeader/x", tarfile.XHDTYPE, len(one)) + one.ljust(512, b"\0")
     return block * 1000 + raw_header(b"f", tarfile.REGTYPE, 0) + b"\0" * 1024
 

@@ -1,7 +1,7 @@
 """The fast reader of plain layer tars gives exactly the members ``tarfile`` gives.
 
 ``apply_layer_tar`` parses the plain ustar headers of an uncompressed tar file itself and hands
-every other header to ``tarfile`` (layertar._PlainTarReader). Each test here writes a tar in
+every other header to ``tarfile`` (``_tarreader._PlainTarReader``). Each test here writes a tar in
 one of the shapes layers come in (tarfile's three formats, GNU tar's sparse and long names,
 PAX global headers, base-256 numbers, V7 directories, names that are not UTF-8) and compares
 the reader's members, field by field and data byte by byte, with tarfile's own stream reader.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_layers import layertar
+from pytest_layers import _tarlimits, _tarreader, layertar
 
 FIELDS = (
     "name", "type", "mode", "uid", "gid", "size", "mtime", "linkname", "uname", "gname",
@@ -41,7 +41,7 @@ def _members_tarfile(path: Path) -> list[tuple[dict[str, object], bytes]]:
 def _members_fast(path: Path) -> tuple[list[tuple[dict[str, object], bytes]], int]:
     out = []
     with open(path, "rb") as f:
-        reader = layertar._PlainTarReader(f, layertar._BoundedTarInfo)
+        reader = _tarreader._PlainTarReader(f, _tarlimits._BoundedTarInfo)
         delegated = 0
         real_next = reader.tf.next
 

@@ -35,7 +35,7 @@ def test_tags_of_earlier_releases_in_whole_seconds_are_understood() -> None:
 
     seconds = int(psutil.Process(os.getpid()).create_time())
     assert _proctag.alive(os.getpid(), seconds)
-    assert store._owner_alive(f"{os.getpid()}-{seconds}-staging-ab12")
+    assert _proctag.owner_alive(f"{os.getpid()}-{seconds}-staging-ab12")
 
 
 def test_parse_wants_the_whole_tag() -> None:
@@ -56,7 +56,7 @@ def test_each_place_keeps_the_unit_earlier_releases_read_there(tmp_path: Path) -
     seconds = int(_proctag.store_tag().split("-")[1])
     hundredths = int(namespaces.session_dir_name().split("-")[1])
     assert seconds == hundredths // 100
-    assert store._owner_alive(staging.parent.name)
+    assert _proctag.owner_alive(staging.parent.name)
 
 
 def test_a_second_of_boot_time_skew_between_processes_is_allowed() -> None:

@@ -128,7 +128,8 @@ _ON_OVERLAYFS = textwrap.dedent(
     store = st.Store(f"{d}/m/store")
     result = {"fstype": st.filesystem_type(store.root), "probe": st.probe_flavor(store.root),
               "flavor": store.flavor}
-    st.filesystem_type = lambda path: "ext4"  # blind the type check: the read-back must tell
+    import pytest_layers._storecore as core
+    core.filesystem_type = lambda path: "ext4"  # blind the type check: the read-back must tell
     result["read_back"] = st.probe_flavor(store.root)
     print(json.dumps(result))
     """
@@ -674,13 +675,13 @@ def test_full_disk_is_a_clear_error_and_the_store_stays_consistent(tmp_path: Pat
 
 def test_add_layer_reads_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The manifest takes the file hashes the diff_id walk computed: no second open per file."""
-    from pytest_layers import store as store_mod
+    from pytest_layers import _layerindex
 
     store = Store(tmp_path / "store")
     reads: list[str] = []
-    real = store_mod._sha256_at
+    real = _layerindex._sha256_at
     monkeypatch.setattr(
-        store_mod, "_sha256_at", lambda fd, name: reads.append(name) or real(fd, name)
+        _layerindex, "_sha256_at", lambda fd, name: reads.append(name) or real(fd, name)
     )
     with store.staging() as staged:
         make_tree(staged, {"a/one": "1", "a/two": "22", "empty": ""})
@@ -705,7 +706,7 @@ def test_manifest_rehashes_a_file_changed_since_its_hash(tmp_path: Path) -> None
 def test_verified_import_blob_is_moved_not_rehashed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pytest_layers import store as store_mod
+    from pytest_layers import _storewrite
 
     store = Store(tmp_path / "store")
     with store.staging() as staging:
@@ -718,7 +719,7 @@ def test_verified_import_blob_is_moved_not_rehashed(
         def no_rehash(path: Path) -> str:
             raise AssertionError(f"{path} hashed again")
 
-        monkeypatch.setattr(store_mod, "_blob_digest", no_rehash)
+        monkeypatch.setattr(_storewrite, "_blob_digest", no_rehash)
         info = store.add_layer(
             staging / "layer",
             parent=None,

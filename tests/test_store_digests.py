@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_layers import changeset
+from pytest_layers import _storecore, changeset
 from pytest_layers import store as store_mod
 from pytest_layers.store import Store
 
@@ -98,7 +98,7 @@ def test_layer_digests_are_pinned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flavor: str
 ) -> None:
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
-    monkeypatch.setattr(store_mod, "probe_flavor", lambda _directory: flavor)
+    monkeypatch.setattr(_storecore, "probe_flavor", lambda _directory: flavor)
     store = Store(tmp_path / "store")
     if store.flavor != flavor:
         pytest.skip(f"this filesystem cannot hold a {flavor} store")

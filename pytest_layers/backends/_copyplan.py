@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from pytest_layers import _ocirules
 from pytest_layers.errors import BackendUnavailableError
 
 
@@ -27,20 +28,19 @@ class _DataCopier(Protocol):
     def _copy_data(self, src: str, dst_fd: int, st: os.stat_result, dst_dev: int) -> None: ...
 
 
-_WH = ".wh."
-_OPQ = ".wh..wh..opq"
-_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+_WH = _ocirules.WHITEOUT_PREFIX
+_OPQ = _ocirules.OPAQUE_MARKER
+_OPAQUE_XATTRS = _ocirules.ALL_OPAQUE_XATTRS
 # errnos that mean "this filesystem (pair) cannot clone": fall back to copying, for good.
 _NO_CLONE = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF}
-_NO_CFR = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP}
 _PRIVILEGED = {errno.EPERM, errno.ENOTSUP, errno.EACCES}
 _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _keep_xattr(name: str) -> bool:
-    # Overlay and fuse-overlayfs bookkeeping is what a mount hides; everything else is content.
-    return not name.startswith(("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs."))
+# A copy shows what an overlay mount of the layers would show (trusted.* included): the view's
+# rule, not the layer's.
+_keep_xattr = _ocirules.view_shows_xattr
 
 
 def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
@@ -91,7 +91,7 @@ class _Layer:
                     continue
                 if flavor == "overlay":
                     st = e.stat(follow_symlinks=False)  # cached by DirEntry for the plan
-                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    if _ocirules.is_whiteout_device(st):
                         self.whiteouts.add(name)
                         continue
                 self.entries[name] = e

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
+from pytest_layers import _ocirules
 from pytest_layers.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -174,6 +175,6 @@ def trial_whiteout(layer: Path, name: str) -> Flavor:
         # marker files, and the copy and fuse backends are what it relies on.
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
             raise
-        (layer / f".wh.{name}").touch()
+        (layer / _ocirules.whiteout_name(name)).touch()
         return "marker"
     return "overlay"

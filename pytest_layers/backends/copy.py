@@ -57,8 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_layers import _datacopy, _ocirules
 from pytest_layers.backends._copyplan import (
-    _NO_CFR,
     _NO_CLONE,
     _O_SOURCE,
     _Copier,
@@ -112,7 +112,6 @@ class CopyBackend:
         self._clone = clone
         # (src dev, dst dev) -> whether FICLONE works between them
         self._clone_ok: dict[tuple[int, int], bool] = {}
-        self._cfr_ok = True
         # Whether a nosuid,nodev bind of a copy works here (None: not tried yet). Root in a
         # default Docker container may not mount: its copies are then defanged instead.
         self._bind_ok: bool | None = None
@@ -172,8 +171,7 @@ class CopyBackend:
         read-only over themselves (root or a user namespace only)."""
         from pytest_layers.changeset import ctime_mark
 
-        if flavor not in ("overlay", "marker"):
-            raise ValueError(f"unknown whiteout flavor {flavor!r}; expected overlay or marker")
+        _ocirules.check_flavor(flavor)
         dest = scratch / "root"
         if not lowers_top_first:
             os.mkdir(dest, 0o755)
@@ -475,43 +473,9 @@ class CopyBackend:
                 else:
                     self._clone_ok[pair] = True
                     return
-            if st.st_blocks * 512 < st.st_size:
-                _copy_sparse(sfd, dst_fd, st.st_size, self)
-            else:
-                self._copy_range(sfd, dst_fd, 0, st.st_size)
+            _datacopy.copy_data(sfd, dst_fd, st.st_size, st, dst_dev=dst_dev, strict=True)
         finally:
             os.close(sfd)
-
-    def _copy_range(self, sfd: int, dfd: int, start: int, end: int) -> None:
-        pos = start
-        while pos < end and self._cfr_ok:
-            try:
-                n = os.copy_file_range(sfd, dfd, end - pos, pos, pos)
-            except OSError as exc:
-                if exc.errno not in _NO_CFR:
-                    raise
-                self._cfr_ok = False
-                break
-            if n == 0:
-                raise OSError(errno.EIO, "source file shrank while copying")
-            pos += n
-        while pos < end:
-            chunk = os.pread(sfd, min(1 << 20, end - pos), pos)
-            if not chunk:
-                raise OSError(errno.EIO, "source file shrank while copying")
-            os.pwrite(dfd, chunk, pos)
-            pos += len(chunk)
-
-
-def _copy_sparse(sfd: int, dfd: int, size: int, backend: CopyBackend) -> None:
-    """Copy only the data extents and keep the holes (a sparse 8 GiB file stays small)."""
-    from pytest_layers.changeset import data_extents
-
-    extents = data_extents(sfd, size)
-    # None: no SEEK_DATA here, copy everything.
-    for start, end in extents if extents is not None else [(0, size)]:
-        backend._copy_range(sfd, dfd, start, end)
-    os.ftruncate(dfd, size)
 
 
 def _may_mount() -> bool:

@@ -44,6 +44,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_layers import _ocirules
 from pytest_layers.backends.base import MountPolicy, View, trial, trial_whiteout
 from pytest_layers.errors import BackendUnavailableError, MountError
 
@@ -115,7 +116,7 @@ class FuseBackend:
             # A store on overlayfs (a container's root) is of the marker flavor, and
             # fuse-overlayfs writes .wh. files in an upper dir there too.
             flavor = trial_whiteout(lower1, "gone")
-            (lower1 / ".wh.gone2").write_text("")
+            (lower1 / _ocirules.whiteout_name("gone2")).write_text("")
             view_scratch.mkdir()
             try:
                 view = self.open([lower1, lower0], view_scratch, flavor=flavor)
@@ -151,8 +152,7 @@ class FuseBackend:
         flavor: Flavor = "overlay",
     ) -> View:
         """Mount the union at ``scratch/m`` (upper ``u``, work ``w``, lower links ``lN``)."""
-        if flavor not in ("overlay", "marker"):
-            raise ValueError(f"unknown whiteout flavor {flavor!r}; expected overlay or marker")
+        _ocirules.check_flavor(flavor)
         binary = self._binary_path()
         merged = scratch / "m"
         os.mkdir(merged)
@@ -244,7 +244,7 @@ def _with_link_partners(
     from the view, where they share an inode: the layer keeps them as one hardlink group with
     the content the test saw.
     """
-    from pytest_layers.changeset import Entry, _sort_key
+    from pytest_layers._changebase import Entry, _sort_key
 
     have = {e.path: e for e in entries}
     by_layer: dict[int, dict[int, list[str]]] = {}
@@ -319,11 +319,12 @@ def _deleted_in_upper(view: View) -> set[str]:
         return set()
     deleted = set()
     for entry in os.scandir(view.upper):
-        if entry.name.startswith(".wh.") and entry.is_file(follow_symlinks=False):
-            deleted.add(entry.name[len(".wh.") :])
+        target = _ocirules.whiteout_target(entry.name)
+        if target is not None and entry.is_file(follow_symlinks=False):
+            deleted.add(target)
             continue
         st = entry.stat(follow_symlinks=False)
-        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        if _ocirules.is_whiteout_device(st):
             deleted.add(entry.name)
     return deleted
 

@@ -1,0 +1,505 @@
+"""Writing a change list as a self-contained layer directory (:func:`write_layer`: no
+opaque markers, hardlink groups kept, mtimes clamped, whiteouts in the store's flavor),
+and its in-place twin for a tree that is all of a new layer (:func:`settle_tree`)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pytest_layers import _datacopy, _dirfd, _ocirules, layertar
+from pytest_layers._changebase import (
+    _O_CREATE,
+    _O_PATH_DIR,
+    _O_READ,
+    _O_ROOT,
+    Entry,
+    LayerStats,
+    _has_xattrs,
+    _join,
+    _sort_key,
+    _split,
+    _xattrs,
+    _xattrs_at,
+)
+from pytest_layers.errors import InvalidLayerError
+
+
+def _check_name(rel: str, st: os.stat_result) -> None:
+    name = _split(rel)[1]
+    if name.startswith(_ocirules.WHITEOUT_PREFIX):
+        raise InvalidLayerError(
+            f"{rel!r}: a file whose name starts with '.wh.' cannot be committed, because OCI "
+            "layers use that prefix for deletions; rename or remove it before the layer is made"
+        )
+    if _ocirules.is_whiteout_device(st):
+        raise InvalidLayerError(
+            f"{rel!r}: a character device 0/0 cannot be committed, because overlayfs uses it "
+            "to mark a deletion; remove it before the layer is made"
+        )
+
+
+def _chown(where: int, name: str | None, st: os.stat_result, rel: str) -> None:
+    """Give the written entry (the fd ``where``, or ``name`` in the directory ``where``) the
+    owner of ``st``."""
+    cur = os.fstat(where) if name is None else os.stat(name, dir_fd=where, follow_symlinks=False)
+    uid, gid = st.st_uid, st.st_gid
+    if (cur.st_uid, cur.st_gid) == (uid, gid):
+        return
+    try:
+        if name is None:
+            os.chown(where, uid, gid)
+        else:
+            os.chown(name, uid, gid, dir_fd=where, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EINVAL):
+            raise
+        raise PermissionError(
+            exc.errno,
+            f"cannot give {rel!r} owner {uid}:{gid} in the layer ({os.strerror(exc.errno)}); "
+            "only root can store files owned by other users: commit as root",
+        ) from exc
+
+
+def _set_xattrs(fd: int, xattrs: dict[str, bytes]) -> None:
+    for name, value in sorted(xattrs.items()):
+        os.setxattr(fd, name, value)
+
+
+def _bad_rel(rel: str) -> bool:
+    # Without splitting: a 10,000-deep path would be a 10,000-item list per entry.
+    return (
+        not rel
+        or rel.startswith("/")
+        or rel == ".."
+        or rel.startswith("../")
+        or rel.endswith("/..")
+        or "/../" in rel
+    )
+
+
+_DirMeta = tuple[os.stat_result, dict[str, bytes]]
+
+
+class _Cursor:
+    """The current directory of a walk over sorted relative paths below a root.
+
+    :meth:`goto` leaves the directories that do not contain the target (calling ``on_leave``
+    with each one's fd, while it is still open and after its parent is reopened) and enters the
+    missing ones by name, one lookup per level; the fds live in a :class:`_dirfd.DirStack`, so
+    any depth works with a bounded number of open fds.
+    """
+
+    def __init__(
+        self, root_fd: int, on_leave: Callable[[str, int, _DirMeta], None] | None = None
+    ) -> None:
+        self.dirs = _dirfd.DirStack(root_fd)
+        self.rel = ""
+        self._starts: list[int] = []  # per level below the root: where its own name starts
+        self._meta: list[_DirMeta | None] = []
+        self._on_leave = on_leave
+
+    def goto(self, rel_dir: str) -> int:
+        """Make ``rel_dir`` the current directory; returns its fd (valid until the next move)."""
+        while self.rel and not (
+            rel_dir.startswith(self.rel)
+            and (len(rel_dir) == len(self.rel) or rel_dir[len(self.rel)] == "/")
+        ):
+            self.leave()
+        if rel_dir != self.rel:
+            rest = rel_dir[len(self.rel) + 1 :] if self.rel else rel_dir
+            for name in rest.split("/"):
+                self.enter(name)
+        return self.dirs.top
+
+    def enter(self, name: str, meta: _DirMeta | None = None) -> int:
+        """Enter the subdirectory ``name``; ``meta`` is handed to ``on_leave`` later."""
+        self.dirs.push(os.open(name, _dirfd.O_DIR, dir_fd=self.dirs.top))
+        self._starts.append(len(self.rel))
+        self.rel = _join(self.rel, name)
+        self._meta.append(meta)
+        return self.dirs.top
+
+    def leave(self) -> None:
+        fd = self.dirs.pop()
+        rel, meta = self.rel, self._meta.pop()
+        self.rel = rel[: self._starts.pop()]
+        try:
+            if self._on_leave is not None and meta is not None:
+                self._on_leave(rel, fd, meta)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.dirs.close()
+
+
+class _LayerWriter:
+    """:func:`write_layer`'s state: the layer's current directory, the source tree's, and the
+    hardlink groups seen so far."""
+
+    def __init__(
+        self,
+        root: str,
+        flavor: layertar.Flavor,
+        *,
+        clamp_mtimes: bool = True,
+        written: layertar.WrittenFiles | None = None,
+    ) -> None:
+        self.flavor = flavor
+        self.written_files = written
+        self.budget = layertar.WRITTEN_BUDGET
+        # Not clamping is clamping to a time no file has (the largest time_t, in ns).
+        self.epoch_ns = layertar.clamp_epoch() * 1_000_000_000 if clamp_mtimes else 2**63 - 1
+        self.links: dict[tuple[int, int], str] = {}
+        self.written: set[str] = {""}
+        self.files = self.size = 0
+        self.src: _Cursor | None = None
+        self.src_root: str | None = None
+        self.root_fd = os.open(root, _O_ROOT)  # hardlinks reach back from here
+        self.dev = os.fstat(self.root_fd).st_dev
+        try:
+            self.out = _Cursor(os.open(root, _O_ROOT), self.finish_dir)
+        except BaseException:
+            os.close(self.root_fd)
+            raise
+
+    def close(self) -> None:
+        try:
+            self.out.close()
+            if self.src is not None:
+                self.src.close()
+        finally:
+            os.close(self.root_fd)
+
+    def mtime(self, st: os.stat_result) -> int:
+        return min(st.st_mtime_ns, self.epoch_ns)
+
+    def add(self, entry: Entry) -> None:
+        rel = entry.path
+        if _bad_rel(rel):
+            raise ValueError(f"bad layer entry path {rel!r}: must be relative and inside the layer")
+        parent, name = _split(rel)
+        if parent not in self.written:
+            raise ValueError(
+                f"entry {rel!r} has no entry for its parent directory {parent!r}; the entry "
+                "lists from changes_from_upper/changes_from_tree always include ancestors"
+            )
+        out = self.out.goto(parent)
+        if entry.kind == "D":
+            self.whiteout(out, name)
+            return
+        if entry.kind not in ("A", "C") or (entry.root is None and entry._source is None):
+            raise ValueError(f"bad layer entry {entry!r}: A and C entries need a source")
+        if entry._source is None and entry.root is not None:
+            if self.src is None:
+                self.src = _Cursor(os.open(entry.root, _O_ROOT))
+                self.src_root = entry.root
+            if entry.root == self.src_root:
+                self.copy(rel, out, name, self.src.goto(parent), name)
+                return
+            where = os.path.join(entry.root, parent)
+            src_name = name
+        else:
+            assert entry._source is not None  # checked above
+            where, src_name = os.path.split(os.fspath(entry._source))
+        # A source outside the one tree the cursor follows: opened by its path (any length).
+        src_dir = _dirfd.open_path(where or ".", _O_PATH_DIR)
+        try:
+            self.copy(rel, out, name, src_dir, src_name or ".")
+        finally:
+            os.close(src_dir)
+
+    def whiteout(self, out: int, name: str) -> None:
+        if self.flavor == "overlay":
+            os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=out)
+            os.utime(name, ns=(0, 0), dir_fd=out, follow_symlinks=False)
+            return
+        fd = os.open(_ocirules.WHITEOUT_PREFIX + name, _O_CREATE, 0o600, dir_fd=out)
+        try:
+            os.utime(fd, ns=(0, 0))
+        finally:
+            os.close(fd)
+
+    def copy(self, rel: str, out: int, name: str, src_dir: int, src_name: str) -> None:
+        """Write the entry ``src_name`` of the directory ``src_dir`` as ``name`` in ``out``."""
+        st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+        if stat.S_ISSOCK(st.st_mode):
+            return  # sockets cannot travel in a layer (docs/concepts/layers.md)
+        _check_name(rel, st)
+        self.written.add(rel)
+        mode = stat.S_IFMT(st.st_mode)
+        if mode == stat.S_IFDIR:
+            os.mkdir(name, 0o700, dir_fd=out)  # final mode on leaving: children come first
+            self.out.enter(name, (st, _xattrs_at(src_dir, src_name, st)))
+            return
+        self.files += 1
+        if mode == stat.S_IFREG:
+            key = (st.st_dev, st.st_ino)
+            first = self.links.get(key) if st.st_nlink > 1 else None
+            if first is not None:
+                self.link(first, out, name)
+                return
+            self.copy_file(rel, out, name, src_dir, src_name, st)
+            self.size += st.st_size
+            if st.st_nlink > 1:
+                self.links[key] = rel
+            return
+        if mode == stat.S_IFLNK:
+            os.symlink(os.readlink(src_name, dir_fd=src_dir), name, dir_fd=out)
+        elif mode == stat.S_IFIFO:
+            os.mkfifo(name, 0o600, dir_fd=out)
+        elif mode in (stat.S_IFCHR, stat.S_IFBLK):
+            try:
+                os.mknod(name, mode | 0o600, st.st_rdev, dir_fd=out)
+            except PermissionError as exc:
+                raise PermissionError(
+                    exc.errno,
+                    f"cannot store device node {rel!r}: creating devices needs CAP_MKNOD; "
+                    "commit as root",
+                ) from exc
+        else:
+            raise InvalidLayerError(f"{rel!r}: unsupported file type {oct(mode)}")
+        _chown(out, name, st, rel)
+        if mode != stat.S_IFLNK:
+            # After chown, which clears setuid/setgid. (No xattrs: only regular files and
+            # directories carry the kept ones.)
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=out)
+        os.utime(name, ns=(self.mtime(st), self.mtime(st)), dir_fd=out, follow_symlinks=False)
+
+    def copy_file(
+        self, rel: str, out: int, name: str, src_dir: int, src_name: str, st: os.stat_result
+    ) -> None:
+        """Copy a regular file, holes kept, and give it the source's metadata through its fd."""
+        src = os.open(src_name, _O_READ, dir_fd=src_dir)
+        try:
+            fd = os.open(name, _O_CREATE, 0o600, dir_fd=out)
+            try:
+                data = _datacopy.copy_data(src, fd, st.st_size, st, dst_dev=self.dev)
+                xattrs = _xattrs(src)
+                self.set_meta(fd, st, xattrs, rel)
+                if data is not None and self.written_files is not None and self.budget >= len(data):
+                    self.budget -= len(data)
+                    done = os.fstat(fd)
+                    self.written_files[os.fsencode(rel)] = layertar.Written(
+                        done.st_ino,
+                        done.st_mtime_ns,
+                        done.st_ctime_ns,
+                        data,
+                        layertar.kept_xattr_items(xattrs),
+                    )
+            finally:
+                os.close(fd)
+        finally:
+            os.close(src)
+
+    def set_meta(self, fd: int, st: os.stat_result, xattrs: dict[str, bytes], rel: str) -> None:
+        _chown(fd, None, st, rel)
+        # After chown, which clears setuid/setgid and file capabilities; before chmod, which
+        # may take away the write permission that setting user.* xattrs needs.
+        _set_xattrs(fd, xattrs)
+        os.chmod(fd, stat.S_IMODE(st.st_mode))
+        os.utime(fd, ns=(self.mtime(st), self.mtime(st)))
+
+    def finish_dir(self, rel: str, fd: int, meta: _DirMeta) -> None:
+        st, xattrs = meta
+        self.set_meta(fd, st, xattrs, rel)
+
+    def link(self, first: str, out: int, name: str) -> None:
+        parent, first_name = _split(first)
+        if parent == self.out.rel:
+            os.link(first_name, name, src_dir_fd=out, dst_dir_fd=out, follow_symlinks=False)
+            return
+        # The first path of the group is in a directory already left: reach it from the root
+        # (a path of our own layer, so only directories we made are on the way).
+        where = _dirfd.open_path(parent or ".", _O_PATH_DIR, dir_fd=self.root_fd)
+        try:
+            os.link(first_name, name, src_dir_fd=where, dst_dir_fd=out, follow_symlinks=False)
+        finally:
+            os.close(where)
+
+    def finish(self) -> None:
+        self.out.goto("")  # leaves every directory, setting its metadata
+
+
+def write_layer(
+    entries: Sequence[Entry],
+    dest: Path,
+    *,
+    flavor: layertar.Flavor,
+    clamp_mtimes: bool = True,
+    written: layertar.WrittenFiles | None = None,
+) -> LayerStats:
+    """Materialise ``entries`` in the empty staging directory ``dest``.
+
+    Regular files are copied (holes kept; hardlink groups of the new tree stay hardlinks within
+    the layer), symlinks, devices, fifos, modes, owners and kept xattrs are reproduced, deletions
+    become whiteouts in ``flavor``, sockets are skipped. Mtimes later than
+    :func:`layertar.clamp_epoch` are set to it, each directory's once its children are written
+    so its mtime sticks (``clamp_mtimes=False`` keeps them as they are: an imported layer keeps
+    its image's). A file named ``.wh.*`` raises :class:`InvalidLayerError`.
+
+    Works at any depth: the layer and the entries' ``root`` are walked in step with directory
+    fds, in the order of the sorted entries; an entry with an explicit ``source`` instead is
+    opened by that path.
+
+    ``written``: filled with the small files written (up to :data:`layertar.WRITTEN_BUDGET`
+    bytes of them), for :func:`layertar.stream_layer` to take instead of reading them back.
+    """
+    _ocirules.check_flavor(flavor)
+    root = os.fspath(dest)
+    if os.listdir(root):
+        raise ValueError(f"write_layer needs an empty staging directory, {root!r} is not empty")
+    writer = _LayerWriter(root, flavor, clamp_mtimes=clamp_mtimes, written=written)
+    try:
+        for entry in sorted(entries, key=lambda e: _sort_key(e.path)):
+            writer.add(entry)
+        writer.finish()
+    finally:
+        writer.close()
+    return LayerStats(files=writer.files, size=writer.size)
+
+
+def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
+    """Make the whole tree ``tree`` what :func:`write_layer` would have written of it, in place.
+
+    For a tree that is all of a new layer and nothing else's (a build with no parent fills a
+    staging directory of the store): copying it would be writing every file a second time.
+    Sockets are removed, mtimes later than :func:`layertar.clamp_epoch` are set to it
+    (``clamp_mtimes=False`` keeps them), xattrs a layer does not keep are removed, and a
+    hardlink group with members outside the tree (a builder may link a file in from elsewhere
+    on the filesystem) is given a private copy first, so nothing outside ``tree`` is touched. A
+    name or device that marks a deletion raises :class:`InvalidLayerError`, as in
+    :func:`write_layer`. Works at any depth (directory fds).
+    """
+    epoch_ns = layertar.clamp_epoch() * 1_000_000_000 if clamp_mtimes else 2**63 - 1
+    shared: dict[tuple[int, int], tuple[int, list[tuple[str, str]]]] = {}
+    dir_mtimes: dict[str, int] = {}  # what each directory's mtime was made, for _settle_group
+    files = size = 0
+
+    def clamp(fd: int, name: str, st: os.stat_result) -> None:
+        if st.st_mtime_ns > epoch_ns:
+            os.utime(name, ns=(epoch_ns, epoch_ns), dir_fd=fd, follow_symlinks=False)
+
+    def visit(
+        rel_dir: str, fd: int, st_dir: os.stat_result | None
+    ) -> list[tuple[str, _dirfd.Ident, os.stat_result | None]]:
+        nonlocal files, size
+        subdirs: list[tuple[str, _dirfd.Ident, os.stat_result | None]] = []
+        kept: list[tuple[str, os.stat_result]] = []
+        with os.scandir(fd) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISSOCK(st.st_mode):
+                    os.unlink(e.name, dir_fd=fd)  # cannot travel in a layer, as in write_layer
+                    continue
+                kept.append((e.name, st))
+        for name, st in kept:
+            rel = _join(rel_dir, name)
+            _check_name(rel, st)
+            grouped = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+            if _has_xattrs(st) and not grouped:  # a group's inode may be outside: later
+                _drop_unkept_xattrs(_dirfd.at(fd, name))
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append((name, (st.st_dev, st.st_ino), st))
+                continue
+            files += 1
+            if grouped:
+                # Settled once the whole group is known: it may reach outside the tree.
+                seen = shared.setdefault((st.st_dev, st.st_ino), (st.st_nlink, []))
+                if not seen[1]:
+                    size += st.st_size
+                seen[1].append((rel_dir, name))
+                continue
+            if stat.S_ISREG(st.st_mode):
+                size += st.st_size
+            clamp(fd, name, st)
+        if st_dir is not None:
+            # After the sockets went (an unlink restamps the directory); files' utimes do not.
+            mtime = dir_mtimes[rel_dir] = min(st_dir.st_mtime_ns, epoch_ns)
+            os.utime(fd, ns=(mtime, mtime))
+        return subdirs
+
+    no_stat: os.stat_result | None = None  # the root's own metadata is not the layer's
+    _dirfd.walk(tree, no_stat, visit)
+    root_fd = os.open(tree, _O_ROOT)
+    try:
+        for nlink, members in shared.values():
+            _settle_group(root_fd, nlink, members, epoch_ns, dir_mtimes)
+    finally:
+        os.close(root_fd)
+    return LayerStats(files=files, size=size)
+
+
+def _drop_unkept_xattrs(path: str) -> None:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENOENT):
+            return
+        raise
+    for name in names:
+        if not _ocirules.layer_keeps_xattr(name) and name.startswith(("user.", "trusted.")):
+            # security.* labels are the filesystem's own (a copy gets them too); user.overlay.*
+            # and trusted.* would mean something to an overlay mount of the layer.
+            os.removexattr(path, name, follow_symlinks=False)
+
+
+def _settle_group(
+    root_fd: int,
+    nlink: int,
+    members: list[tuple[str, str]],
+    epoch_ns: int,
+    dir_mtimes: dict[str, int],
+) -> None:
+    """Settle a hardlink group of the tree (the xattrs a layer does not keep removed, the mtime
+    clamped); one that reaches outside the tree first becomes a private copy, linked at every
+    member's place, so the file outside keeps its own."""
+    first_dir, first_name = members[0]
+    where = _dirfd.open_path(first_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
+    try:
+        st = os.stat(first_name, dir_fd=where, follow_symlinks=False)
+        if len(members) < nlink:
+            tmp = f".settle-{os.getpid()}-{st.st_ino}"
+            src = os.open(first_name, _O_READ, dir_fd=where)
+            try:
+                fd = os.open(tmp, _O_CREATE, 0o600, dir_fd=where)
+                try:
+                    _datacopy.copy_data(src, fd, st.st_size)
+                    _chown(fd, None, st, _join(first_dir, first_name))
+                    _set_xattrs(fd, _xattrs(src))
+                    os.chmod(fd, stat.S_IMODE(st.st_mode))
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(src)
+            os.rename(tmp, first_name, src_dir_fd=where, dst_dir_fd=where)
+        # The inode is the tree's own now (private, or every link inside): its xattrs may go.
+        _drop_unkept_xattrs(_dirfd.at(where, first_name))
+        mtime = min(st.st_mtime_ns, epoch_ns)
+        os.utime(first_name, ns=(mtime, mtime), dir_fd=where, follow_symlinks=False)
+        if len(members) >= nlink:
+            return
+        for rel_dir, name in members[1:]:
+            other = _dirfd.open_path(rel_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
+            try:
+                tmp = f".settle-{os.getpid()}-link"
+                os.link(first_name, tmp, src_dir_fd=where, dst_dir_fd=other)
+                os.rename(tmp, name, src_dir_fd=other, dst_dir_fd=other)
+            finally:
+                os.close(other)
+        # The renames restamped the members' directories: give them their settled times back.
+        for rel_dir in {d for d, _ in members}:
+            if rel_dir:
+                parent, name = _split(rel_dir)
+                pfd = _dirfd.open_path(parent or ".", _O_PATH_DIR, dir_fd=root_fd)
+                try:
+                    mt = dir_mtimes[rel_dir]
+                    os.utime(name, ns=(mt, mt), dir_fd=pfd, follow_symlinks=False)
+                finally:
+                    os.close(pfd)
+    finally:
+        os.close(where)

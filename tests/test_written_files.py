@@ -1,0 +1,77 @@
+"""The layer writer hands the small files it wrote to the stream that names the layer, which
+takes them instead of reading them back, but only while they are unchanged."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from treeutil import make_tree
+
+from pytest_layers import changeset, layertar
+from pytest_layers.changeset import ImageView
+
+
+def _visit(*_args: object) -> None:
+    pass
+
+
+def _written_layer(tmp_path: Path) -> tuple[Path, layertar.WrittenFiles]:
+    base = tmp_path / "base"
+    make_tree(base, {"d": None, "d/a": "old a", "d/b": "old b"})
+    upper = tmp_path / "upper"
+    make_tree(upper, {"d": None, "d/a": "new a", "d/c": "a new file", "e": None, "e/big": "x" * 9})
+    os.setxattr(upper / "d/c", "user.note", b"kept")
+    entries = changeset.changes_from_upper(upper, ImageView([base], "overlay"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    written: layertar.WrittenFiles = {}
+    changeset.write_layer(entries, dest, flavor="overlay", written=written)
+    return dest, written
+
+
+def test_the_writer_records_what_it_wrote(tmp_path: Path) -> None:
+    dest, written = _written_layer(tmp_path)
+    assert sorted(written) == [b"d/a", b"d/c", b"e/big"]
+    assert written[b"d/c"].data == b"a new file"
+    assert written[b"d/c"].xattrs == ((b"user.note", b"kept"),)
+    assert written[b"d/a"].matches(os.lstat(dest / "d/a"))
+
+
+def test_the_stream_takes_unchanged_files_from_the_writer(tmp_path: Path) -> None:
+    dest, written = _written_layer(tmp_path)
+    plain = layertar.layer_diff_id(dest, flavor="overlay")
+    assert layertar.stream_layer(dest, flavor="overlay", visit=_visit, written=written) == plain
+    # Bytes recorded for a file whose stat still matches are what the tar is made of: the
+    # stream did not open the file (here the record is altered, the file is not).
+    rec = written[b"d/a"]
+    written[b"d/a"] = layertar.Written(rec.ino, rec.mtime_ns, rec.ctime_ns, b"NEW A", rec.xattrs)
+    assert layertar.stream_layer(dest, flavor="overlay", visit=_visit, written=written) != plain
+
+
+@pytest.mark.parametrize("change", ["content", "xattr", "mode"])
+def test_a_file_changed_after_writing_is_read_from_disk(tmp_path: Path, change: str) -> None:
+    dest, written = _written_layer(tmp_path)
+    path = dest / "d/a"
+    st = os.lstat(path)
+    if change == "content":
+        path.write_bytes(b"other")  # same size
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    elif change == "xattr":
+        os.setxattr(path, "user.added", b"1")
+    else:
+        os.chmod(path, 0o600)
+    assert not written[b"d/a"].matches(os.lstat(path))
+    assert layertar.stream_layer(
+        dest, flavor="overlay", visit=_visit, written=written
+    ) == layertar.layer_diff_id(dest, flavor="overlay")
+
+
+def test_the_writer_keeps_no_more_than_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layertar, "WRITTEN_BUDGET", 12)
+    _dest, written = _written_layer(tmp_path)
+    assert sum(len(w.data) for w in written.values()) <= 12
+    assert written  # but what fits is kept
