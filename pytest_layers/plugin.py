@@ -841,18 +841,15 @@ def _pool(state: _State) -> Any:
             # Made here, in the first test's setup: long after pytest_configure entered the
             # namespace. Its helpers are processes forked later still; no thread is started.
             state.pool = ViewPool(depth=state.pool_depth)
+            state.pool.follow(state.plan, _WINDOW)
     return state.pool or None
 
 
 def _expect(state: _State, pool: Any, item: pytest.Item) -> None:
+    # The pool follows state.plan itself (ViewPool.follow): one step per test, not a scan.
     index = item.stash.get(_INDEX, None)
-    if index is None:
-        return
-    demand: dict[Any, int] = {}
-    for key in state.plan[index + 1 : index + 1 + _WINDOW]:
-        if key is not None:
-            demand[key] = demand.get(key, 0) + 1
-    pool.expect(demand)
+    if index is not None:
+        pool.at(index)
 
 
 def _close_pool(state: _State, *, verbose: bool = False) -> list[str]:
@@ -970,6 +967,7 @@ def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
                     rootfs_mod.discard,
                     rootfs_mod.portable,
                     reset=(lambda p: bool(reset(p.view))) if callable(reset) else None,
+                    load=rootfs_mod.from_portable,
                 ),
             )
         try:

@@ -38,26 +38,33 @@ No pytest here: the plugin feeds it (docs/dev/internals.md).
 from __future__ import annotations
 
 import contextlib
+import marshal
 import os
 import pickle
 import select
 import signal
 import struct
 import warnings
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["DEFAULT_DEPTH", "MAX_HELPERS", "Maker", "PoolError", "ViewPool"]
+__all__ = ["BATCH", "DEFAULT_DEPTH", "MAX_HELPERS", "Maker", "PoolError", "ViewPool"]
 
 #: Views requested ahead per key: one for the next test, one for the one after.
 DEFAULT_DEPTH = 2
+#: Requests and retirements sent to a helper in one write. Every write wakes the helper, and
+#: a woken process may take the CPU from the test at once (on 2 cores, a 0.2 ms pipe write):
+#: one write per ``BATCH`` tests, not one per test. The helper then holds up to ``depth +
+#: BATCH`` ready views and ``BATCH`` used ones.
+BATCH = 4
 #: Helper processes alive at once (each holds a forked copy of the session's memory map).
 MAX_HELPERS = 8
 
 T = TypeVar("T")
 
 _HEADER = struct.Struct("!I")
+_READ_SIZE = 1 << 16
 
 
 class PoolError(RuntimeError):
@@ -67,62 +74,130 @@ class PoolError(RuntimeError):
 
 @dataclass(frozen=True)
 class Maker(Generic[T]):
-    """How the views of one key are made, exported to the session, thrown away, reset.
+    """How the views of one key are made, sent to the session, thrown away, reset.
 
-    ``make`` and ``discard`` run in the helper. ``export`` turns a view into what crosses the
-    pipe (pickled: no closures, no open files). ``reset`` (optional: the copy backend's
-    reusable copies) brings a used view back to the image exactly and returns True, or False
-    when it cannot (the view is then discarded).
+    ``make`` and ``discard`` run in the helper. ``export`` turns a view into plain values
+    (``str``, ``int``, ``bytes``, ``None``, tuples of them: what :mod:`marshal` carries, about
+    a twentieth of unpickling a dataclass of paths) and ``load``, in the session, turns those
+    back into a view. ``reset`` (optional: the copy backend's reusable copies) brings a used
+    view back to the image exactly and returns True, or False when it cannot (the view is
+    then discarded).
     """
 
     make: Callable[[], T]
     discard: Callable[[T], None]
     export: Callable[[T], Any] = lambda view: view
     reset: Callable[[T], bool] | None = None
+    load: Callable[[Any], T] = lambda data: data
 
 
 class _Helper:
     """The session's side of one helper process."""
 
-    def __init__(self, pid: int, tx: int, rx: int) -> None:
+    def __init__(self, pid: int, tx: int, rx: int, load: Callable[[Any], Any]) -> None:
         self.pid = pid
         self.tx = tx
+        #: Non-blocking: a take reads whatever views are ready in one call, without a select.
         self.rx = rx
-        #: Views requested and not yet read back.
+        os.set_blocking(rx, False)
+        self.load = load
+        #: Views requested and not yet taken (being made, or ready in the pipe or the buffer).
         self.in_flight = 0
         #: Views handed to tests and not yet retired.
         self.out = 0
         self._outbox: list[tuple[Any, ...]] = []
+        self._retiring = 0
+        self._buffer = bytearray()
+        self._eof = False
 
-    def send(self, message: tuple[Any, ...], *, now: bool = True) -> None:
-        """Send ``message``; with ``now=False`` it waits for the next sending one. Each write
-        wakes the helper, and a woken process may take the CPU from the test at once: one
-        write per test (at teardown) instead of two."""
+    def queue(self, message: tuple[Any, ...]) -> None:
         self._outbox.append(message)
-        if now:
-            messages, self._outbox = self._outbox, []
-            _send(self.tx, messages)
+        if message[0] == "retire":
+            self._retiring += 1
+
+    @property
+    def retiring(self) -> int:
+        """Retirements queued and not yet sent."""
+        return self._retiring
+
+    def flush(self) -> None:
+        if self._outbox:
+            messages, self._outbox, self._retiring = self._outbox, [], 0
+            _send(self.tx, tuple(messages))
+
+    def ready(self) -> bool:
+        """A reply can be read without waiting."""
+        return self._complete() or (self._fill(block=False) and self._complete())
 
     def receive(self) -> tuple[Any, ...]:
-        message = _receive(self.rx)
-        if message is None:
-            raise PoolError(f"the view pool's helper process {self.pid} exited unexpectedly")
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                return frame
+            if not self._fill(block=True):
+                raise PoolError(f"the view pool's helper process {self.pid} exited unexpectedly")
+
+    def drain(self) -> None:
+        """Read until the helper closes its end (it does when it has cleaned up)."""
+        while self._fill(block=True):
+            pass
+
+    def _complete(self) -> bool:
+        """The buffer starts with a whole message."""
+        buf = self._buffer
+        return len(buf) >= _HEADER.size and len(buf) >= _HEADER.size + _HEADER.unpack_from(buf)[0]
+
+    def _frame(self) -> tuple[Any, ...] | None:
+        if not self._complete():
+            return None
+        buf = self._buffer
+        end = _HEADER.size + _HEADER.unpack_from(buf)[0]
+        message: tuple[Any, ...] = marshal.loads(bytes(buf[_HEADER.size : end]))
+        del buf[:end]
         return message
+
+    def _fill(self, *, block: bool) -> bool:
+        """Append what the pipe holds to the buffer; False at end of file (or, without
+        ``block``, when nothing is there)."""
+        if self._eof:
+            return False
+        while True:
+            try:
+                chunk = os.read(self.rx, _READ_SIZE)
+            except BlockingIOError:
+                if not block:
+                    return False
+                select.select([self.rx], [], [])
+                continue
+            if not chunk:
+                self._eof = True
+                return False
+            self._buffer += chunk
+            return True
 
 
 class ViewPool(Generic[T]):
     """Ready views per key, made and retired by one helper process per key."""
 
-    def __init__(self, *, depth: int = DEFAULT_DEPTH, max_helpers: int = MAX_HELPERS) -> None:
+    def __init__(
+        self, *, depth: int = DEFAULT_DEPTH, max_helpers: int = MAX_HELPERS, batch: int = BATCH
+    ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, not {depth}")
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
         self.depth = depth
+        self.batch = batch
         self.max_helpers = max_helpers
         self._makers: dict[Hashable, Maker[T]] = {}
         self._helpers: dict[Hashable, _Helper] = {}
         #: id() of a view handed out -> (key, token): what retire() sends back.
         self._handed: dict[int, tuple[Hashable, int]] = {}
         self._closed = False
+        #: The keys of the tests in run order (None: no pooled view) and how far to look.
+        self._plan: Sequence[Hashable | None] = ()
+        self._window = 0
+        self._demand_at: tuple[int, dict[Hashable, int]] | None = None
         #: Views taken from a helper, and views a test had to wait for (none was ready).
         self.hits = 0
         self.misses = 0
@@ -140,31 +215,64 @@ class ViewPool(Generic[T]):
     def helper_pids(self) -> list[int]:
         return [h.pid for h in self._helpers.values()]
 
+    def follow(self, plan: Sequence[Hashable | None], window: int) -> None:
+        """The key of every test in run order (None where a test takes no pooled view); the
+        pool prepares for the ``window`` tests after the one at :meth:`at`."""
+        self._plan = plan
+        self._window = window
+        self._demand_at = None
+
+    def at(self, index: int) -> None:
+        """The test at ``index`` of the plan has taken its view: prepare for the next ones.
+        Moving one test on updates the demand in O(1) (the window slides)."""
+        plan, window = self._plan, self._window
+        last = self._demand_at
+        if last is not None and last[0] + 1 == index:
+            demand = last[1]
+            gone = plan[index] if index < len(plan) else None
+            if gone is not None:
+                demand[gone] -= 1
+                if not demand[gone]:
+                    del demand[gone]
+            new = index + window
+            came = plan[new] if new < len(plan) else None
+            if came is not None:
+                demand[came] = demand.get(came, 0) + 1
+        else:
+            demand = {}
+            for key in plan[index + 1 : index + 1 + window]:
+                if key is not None:
+                    demand[key] = demand.get(key, 0) + 1
+        self._demand_at = (index, demand)
+        self.expect(demand)
+
     def expect(self, demand: Mapping[Hashable, int]) -> None:
         """The pending tests' needs: ``{key: how many of the next tests use it}``."""
         if self._closed:
             return
         for key in self._makers:
-            want = min(self.depth, demand.get(key, 0))
+            need = demand.get(key, 0)
             helper = self._helpers.get(key)
             if helper is None:
-                if want and len(self._helpers) < self.max_helpers:
+                if need and len(self._helpers) < self.max_helpers:
                     helper = self._spawn(key)
                 else:
                     continue
-            while helper.in_flight < want:
-                # Sent with the next retire (this test's teardown), unless nothing is on the
-                # way at all.
-                helper.send(("make",), now=not helper.in_flight and not helper.out)
-                helper.in_flight += 1
+            low = min(self.depth, need)
+            if helper.in_flight < low or helper.retiring >= self.batch:
+                # Top up to a batch beyond the depth, in the same write as the retirements.
+                for _ in range(min(self.depth + self.batch, need) - helper.in_flight):
+                    helper.queue(("make",))
+                    helper.in_flight += 1
+                helper.flush()
             # Ready views no pending test needs go back for cleanup; a helper with nothing
             # out, nothing wanted and nothing on the way exits.
-            while helper.in_flight > want and _readable(helper.rx):
+            while helper.in_flight > need and helper.ready():
                 reply = helper.receive()
                 helper.in_flight -= 1
                 if reply[0] == "ok":
-                    helper.send(("retire", reply[1]))
-            if not want and not helper.in_flight and not helper.out:
+                    helper.queue(("retire", reply[1]))
+            if not need and not helper.in_flight and not helper.out:
                 self._stop(key)
 
     def take(self, key: Hashable) -> T | None:
@@ -177,9 +285,10 @@ class ViewPool(Generic[T]):
                 return None
             helper = self._spawn(key)
         if helper.in_flight == 0:
-            helper.send(("make",))
+            helper.queue(("make",))
             helper.in_flight += 1
-        if _readable(helper.rx):
+            helper.flush()
+        if helper.ready():
             self.hits += 1
         else:
             self.misses += 1
@@ -187,21 +296,25 @@ class ViewPool(Generic[T]):
         helper.in_flight -= 1
         if reply[0] == "err":
             raise _error(reply[1])
-        token, view = reply[1], reply[2]
+        token = reply[1]
+        view: T = helper.load(reply[2])
         helper.out += 1
         self._handed[id(view)] = (key, token)
-        return view  # type: ignore[no-any-return]
+        return view
 
     def retire(self, view: T) -> bool:
         """Hand ``view`` (from :meth:`take`, its test over and its snapshot taken) back for
-        cleanup or reset. False when the pool did not hand it out (the caller cleans it)."""
+        cleanup or reset. False when the pool did not hand it out (the caller cleans it).
+
+        The message waits for the next write (:meth:`expect` sends a batch, or :meth:`close`):
+        a retired view is never handed out again, so its cleanup can wait."""
         entry = self._handed.pop(id(view), None)
         if entry is None:
             return False
         key, token = entry
         helper = self._helpers[key]
         helper.out -= 1
-        helper.send(("retire", token))
+        helper.queue(("retire", token))
         return True
 
     def close(self) -> None:
@@ -239,26 +352,24 @@ class ViewPool(Generic[T]):
                 os._exit(code)
         os.close(from_parent)
         os.close(from_child)
-        helper = _Helper(pid, to_child, to_parent)
+        helper = _Helper(pid, to_child, to_parent, maker.load)
         self._helpers[key] = helper
         return helper
 
     def _stop(self, key: Hashable) -> None:
         helper = self._helpers.pop(key)
         with contextlib.suppress(OSError):
-            helper.send(("quit",))
+            # The retirements still queued go with the quit: the helper cleans those views
+            # like the others it holds.
+            helper.queue(("quit",))
+            helper.flush()
         os.close(helper.tx)
         try:
             # The helper answers the last requests, then cleans everything and exits.
-            while _receive(helper.rx) is not None:
-                pass
+            helper.drain()
         finally:
             os.close(helper.rx)
             _reap(helper.pid)
-
-
-def _readable(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _reap(pid: int) -> None:
@@ -273,13 +384,17 @@ def _reap(pid: int) -> None:
 
 
 def _error(payload: Any) -> BaseException:
-    if isinstance(payload, BaseException):
-        return payload
+    if isinstance(payload, bytes):
+        with contextlib.suppress(Exception):
+            exc = pickle.loads(payload)
+            if isinstance(exc, BaseException):
+                return exc
+        return PoolError("the view pool's helper sent an error that could not be read")
     return PoolError(str(payload))
 
 
-def _send(fd: int, message: Any) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+def _send(fd: int, message: tuple[Any, ...]) -> None:
+    data = marshal.dumps(message)
     data = _HEADER.pack(len(data)) + data
     while data:
         data = data[os.write(fd, data) :]
@@ -297,13 +412,14 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
 
 
 def _receive(fd: int) -> tuple[Any, ...] | None:
+    """One message from a blocking pipe (the helper's side), None at end of file."""
     header = _read_exactly(fd, _HEADER.size)
     if header is None:
         return None
     data = _read_exactly(fd, _HEADER.unpack(header)[0])
     if data is None:
         return None
-    message: tuple[Any, ...] = pickle.loads(data)
+    message: tuple[Any, ...] = marshal.loads(data)
     return message
 
 
@@ -329,6 +445,11 @@ def _serve(maker: Maker[Any], rx: int, tx: int, parent: int) -> None:  # pragma:
                 # signal comes). Leave everything as a killed session leaves its own views: its
                 # mounts go with its namespace, and the next session sweeps its scratch.
                 return
+            if maker.reset is None:
+                # Views first, cleanups after: a test may be waiting for the next view, and
+                # nobody waits for a cleanup. (A maker that resets keeps the order: the
+                # retired view, reset, is the next one handed out.)
+                batch = tuple(sorted(batch, key=lambda message: message[0] != "make"))
             for message in batch:
                 if message[0] == "quit":
                     for view in [*state.held.values(), *state.spare]:
@@ -373,8 +494,9 @@ class _HelperState:  # pragma: no cover - runs in the helper
 def _reply_error(tx: int, exc: Exception) -> None:  # pragma: no cover - runs in the helper
     try:
         # Unpickling it must work too (an exception with a custom constructor may not).
-        pickle.loads(pickle.dumps(exc))
+        data = pickle.dumps(exc)
+        pickle.loads(data)
     except Exception:
         _send(tx, ("err", f"{type(exc).__name__}: {exc}"))
     else:
-        _send(tx, ("err", exc))
+        _send(tx, ("err", data))
