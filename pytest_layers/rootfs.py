@@ -630,7 +630,12 @@ def discard(prepared: Prepared) -> None:
     try:
         prepared.view.close()
     finally:
-        remove_tree(prepared.scratch)
+        try:
+            # Usually empty by now (the backend removed its part): one rmdir, which never
+            # removes a mount point (EBUSY), instead of remove_tree's read of the mount table.
+            os.rmdir(prepared.scratch)
+        except OSError:
+            remove_tree(prepared.scratch)
 
 
 def _write_init(

@@ -54,7 +54,7 @@ def test_every_benchmark_has_the_quick_mode_ci_runs(script: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    ("args", "message"),
     [
         (("--only", "per-test,nope"), "--only 'per-test,nope': unknown 'nope'; choose from"),
         (("--sizes", "10,x"), "--sizes '10,x': give positive whole numbers"),
@@ -63,9 +63,7 @@ def test_every_benchmark_has_the_quick_mode_ci_runs(script: str) -> None:
         (("--tests", "-3"), "--tests '-3': give positive whole numbers"),
     ],
 )
-def test_section_filters_refuse_bad_values_in_one_line(
-    args: tuple[str, ...], message: str
-) -> None:
+def test_section_filters_refuse_bad_values_in_one_line(args: tuple[str, ...], message: str) -> None:
     proc = _run(*args)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

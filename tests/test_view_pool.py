@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,119 @@ def test_recycler_hook_offers_a_reset_view_again(tmp_path: Path) -> None:
     assert len(os.listdir(tmp_path)) == 1
     pool.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_requests_and_retirements_go_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every write wakes the helper (which may take the test's CPU): one write per batch of
+    tests, not one per test."""
+    from pytest_layers.backends import pool as pool_mod
+
+    writes = []
+    real = pool_mod._send
+    pid = os.getpid()
+
+    def counting(fd: int, message: tuple[object, ...]) -> None:
+        if os.getpid() == pid:
+            writes.append(message)
+        real(fd, message)
+
+    monkeypatch.setattr(pool_mod, "_send", counting)
+    pool: ViewPool[str] = ViewPool(depth=2, batch=4)
+    pool.register("a", _Files(tmp_path).maker())
+    pool.follow(["a"] * 41, 16)
+    for i in range(40):
+        view = pool.take("a")
+        assert view is not None
+        pool.at(i)
+        pool.retire(view)
+    pool.close()
+    # The first take, then one write per four tests, and the quit.
+    assert len(writes) <= 40 // 4 + 3, writes
+    assert sum(m[0] == "retire" for batch in writes for m in batch) == 40
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_plan_window_slides_as_a_scan_would_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    rng = random.Random(7)
+    plan = [rng.choice(["a", "b", "c", None]) for _ in range(300)]
+    pool: ViewPool[str] = ViewPool()
+    seen: list[dict[object, int]] = []
+    monkeypatch.setattr(pool, "expect", lambda demand: seen.append(dict(demand)))
+    pool.follow(plan, 16)
+    # In order, then with jumps (xdist runs a share of the plan), then in order again.
+    indices = [*range(120), 150, 151, 152, 200, *range(201, 300)]
+    for i in indices:
+        pool.at(i)
+    for i, demand in zip(indices, seen, strict=True):
+        scan: dict[object, int] = {}
+        for key in plan[i + 1 : i + 17]:
+            if key is not None:
+                scan[key] = scan.get(key, 0) + 1
+        assert demand == scan, i
+
+
+def test_a_view_asked_for_never_waits_behind_a_cleanup(tmp_path: Path) -> None:
+    """Unmounting waits for the kernel (an RCU grace period per umount2): the helper cleans
+    retired views in a thread of its own, so views keep coming while cleanups are stuck."""
+    gate = tmp_path / "gate"
+    views = tmp_path / "views"
+    views.mkdir()
+    forced = tmp_path / "forced"
+
+    class Stuck(_Files):
+        def discard(self, view: str) -> None:
+            for _ in range(3000):  # up to 30 s, then give up and say so
+                if gate.exists():
+                    break
+                time.sleep(0.01)
+            else:
+                forced.write_text("a cleanup was forced through without the gate")
+            os.unlink(view)
+
+    pool: ViewPool[str] = ViewPool(depth=1, batch=1)
+    pool.register("a", Stuck(views).maker())
+    pool.follow(["a"] * 7, 4)
+    for i in range(6):
+        view = pool.take("a")
+        assert view is not None
+        pool.at(i)
+        pool.retire(view)
+    assert not forced.exists(), "a take waited for a cleanup"
+    gate.write_text("")
+    pool.close()
+    assert os.listdir(views) == []
+    assert not forced.exists()
+
+
+def test_prepared_views_cross_as_plain_values(tmp_path: Path) -> None:
+    """What the helper sends is marshal's plain values; the session rebuilds the same
+    Prepared, a backend's own View subclass and fields included, without the closer."""
+    import marshal
+
+    from pytest_layers.backends.base import View
+    from pytest_layers.backends.copy import CopyView
+    from pytest_layers.rootfs import Prepared, from_portable, portable
+
+    for view in (
+        View(tmp_path / "m", tmp_path / "u", "overlay", _closer=lambda: None),
+        View(tmp_path / "m", None, "fuse"),
+        CopyView(tmp_path / "c", tmp_path / "c", "tree", since_ns=123),
+    ):
+        prepared = Prepared(tmp_path, view, {"etc/a"}, {"etc"}, tmp_path / "init")
+        back = from_portable(marshal.loads(marshal.dumps(portable(prepared))))
+        assert type(back.view) is type(view)
+        assert back.view == view
+        assert back.view._closer is None
+        assert (back.scratch, back.exclude, back.init_dirs, back.init_dir) == (
+            tmp_path,
+            {"etc/a"},
+            {"etc"},
+            tmp_path / "init",
+        )
 
 
 # ---- the plugin ------------------------------------------------------------------------------
