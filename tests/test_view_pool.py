@@ -356,17 +356,33 @@ def test_pristine_views_2000_tests(tmp_path: Path, xdist: bool) -> None:
 
 @pytest.mark.requires_overlay
 def test_randomly_order_still_pristine(tmp_path: Path) -> None:
-    pytest.importorskip("pytest_randomly", reason="pytest-randomly is not installed")
+    """pytest-randomly reorders the items before the plugin reads the plan; the pool follows
+    the order the tests run in. Only this test's session loads pytest-randomly (the suite's own
+    order stays as written): from this interpreter, or from PYTEST_LAYERS_RANDOMLY_PATH."""
+    from conftest import randomly_path, require
+
+    require("randomly")
+    extra = randomly_path()
+    env = child_env()
+    if extra:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
     store = _pristine(tmp_path, 100)
     proc = subprocess.run(
-        [*pytest_command()[:3], "-q", "-p", "randomly", "-p", "no:xdist"],
+        [*pytest_command()[:3], "-p", "randomly", "-p", "no:xdist", "-vv"],
         cwd=tmp_path,
-        env=child_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, out(proc)
+    assert "Using --randomly-seed=" in proc.stdout, out(proc)
+    order = [line.split(" ")[0] for line in proc.stdout.splitlines() if " PASSED" in line]
+    assert len(order) == 100, out(proc)
+    assert order != sorted(order, key=lambda name: int(name.split("[")[1].split("-")[0])), (
+        "pytest-randomly did not reorder the tests"
+    )
+    assert "layers: view pool: 100 views served by helpers" in proc.stdout, out(proc)
     _nothing_left(tmp_path, store)
 
 
