@@ -471,6 +471,49 @@ def test_sigkill_leftovers_are_swept_by_the_next_session(tmp_path: Path) -> None
     _nothing_left(tmp_path, store)
 
 
+def _fuse_daemons_in(path: Path) -> list[int]:
+    """fuse-overlayfs processes whose working directory (a view's scratch) is under path."""
+    found = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "fuse-overlayfs":
+                continue
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(path)):
+            found.append(pid)
+    return found
+
+
+@pytest.mark.requires_fuse
+def test_fuse_views_from_the_pool_are_pristine_and_their_daemons_go(tmp_path: Path) -> None:
+    """The fuse backend in the pool: daemons started ahead by the helper (through setpriv,
+    with the death signal, without forking the session), each test its own view; after a
+    normal end and after a SIGKILL of the session, no daemon and no mount is left."""
+    (tmp_path / "pristine").mkdir()
+    (tmp_path / "killed").mkdir()
+    store = _pristine(tmp_path / "pristine", 30)
+    proc = run_session(tmp_path / "pristine", "-vv", "-p", "no:xdist", "--layers-backend=fuse")
+    assert proc.returncode == 0, out(proc)
+    assert "30 passed" in proc.stdout, out(proc)
+    assert "layers: view pool: 30 views served by helpers" in proc.stdout, out(proc)
+    _nothing_left(tmp_path / "pristine", store)
+    assert _fuse_daemons_in(tmp_path) == []
+
+    write_project(tmp_path / "killed", CONFTEST, KILLED, ini=POOL_INI)
+    proc = run_session(
+        tmp_path / "killed", "-p", "no:xdist", "--layers-backend=fuse", env=child_env(KILL_ME="1")
+    )
+    assert proc.returncode == -signal.SIGKILL, out(proc)
+    for _ in range(500):  # the daemons get SIGTERM from the kernel and unmount
+        if not _fuse_daemons_in(tmp_path):
+            break
+        time.sleep(0.01)
+    assert _fuse_daemons_in(tmp_path) == [], "a fuse daemon outlived the killed session"
+    assert our_mounts_under(tmp_path) == []
+
+
 def test_copy_backend_views_reset_in_the_helper_stay_pristine(tmp_path: Path) -> None:
     """The copy backend in the pool: the helper resets each returned copy and hands it out
     again; every test still sees the image (the tests check it) and a failing test's snapshot
