@@ -251,6 +251,27 @@ def test_prepared_views_cross_as_plain_values(tmp_path: Path) -> None:
         )
 
 
+def test_views_that_are_reset_go_back_at_once_and_few_are_made(tmp_path: Path) -> None:
+    """No batching where the helper resets views (the copy backend: each new view is a copy
+    of the whole image): a returned view is reset and handed out again, so over many tests
+    the helper makes no more views than the depth and the one in use."""
+    pool: ViewPool[str] = ViewPool(depth=2, batch=4)
+    pool.register("a", _Files(tmp_path, reset=True).maker())
+    pool.follow(["a"] * 31, 16)
+    seen = set()
+    for i in range(30):
+        view = pool.take("a")
+        assert view is not None
+        assert Path(view).read_text() == "pristine"
+        Path(view).write_text("touched")
+        seen.add(view)
+        pool.at(i)
+        pool.retire(view)
+    assert len(seen) <= 3, seen
+    pool.close()
+    assert os.listdir(tmp_path) == []
+
+
 # ---- the plugin ------------------------------------------------------------------------------
 
 #: The pool is opt-in (ini layers_view_pool, 0 by default): the plugin tests turn it on.

@@ -11,7 +11,9 @@ answers every write with ``EROFS``.
 
 The daemon stays in the foreground (``-f``) as our child with ``PR_SET_PDEATHSIG``: if the
 process that opened the view dies, even by SIGKILL, the daemon gets SIGTERM and unmounts, so
-no mount and no daemon outlive the session. (The death signal follows the *thread* that started
+no mount and no daemon outlive the session. The death signal is set by util-linux's
+``setpriv --pdeathsig`` where it has it (so Python starts the daemon with ``vfork``, not a fork
+of the whole session), else by a ``preexec_fn``. (The death signal follows the *thread* that started
 the daemon: views must be opened from a thread that lives as long as they do, as pytest's main
 thread does.)
 

@@ -108,6 +108,8 @@ class _Helper:
         self.in_flight = 0
         #: Views handed to tests and not yet retired.
         self.out = 0
+        #: Retirements sent per write (1 where views are reset and handed out again).
+        self.batch = 1
         self._outbox: list[tuple[Any, ...]] = []
         self._retiring = 0
         self._buffer = bytearray()
@@ -262,9 +264,10 @@ class ViewPool(Generic[T]):
                 else:
                     continue
             low = min(self.depth, need)
-            if helper.in_flight < low or helper.retiring >= self.batch:
+            if helper.in_flight < low or helper.retiring >= helper.batch:
                 # Top up to a batch beyond the depth, in the same write as the retirements.
-                for _ in range(min(self.depth + self.batch, need) - helper.in_flight):
+                ahead = self.depth + (helper.batch if helper.batch > 1 else 0)
+                for _ in range(min(ahead, need) - helper.in_flight):
                     helper.queue(("make",))
                     helper.in_flight += 1
                 helper.flush()
@@ -310,7 +313,8 @@ class ViewPool(Generic[T]):
         cleanup or reset. False when the pool did not hand it out (the caller cleans it).
 
         The message waits for the next write (:meth:`expect` sends a batch, or :meth:`close`):
-        a retired view is never handed out again, so its cleanup can wait."""
+        a retired view is never handed out again, so its cleanup can wait; a view that is reset
+        goes back at once."""
         entry = self._handed.pop(id(view), None)
         if entry is None:
             return False
@@ -318,6 +322,10 @@ class ViewPool(Generic[T]):
         helper = self._helpers[key]
         helper.out -= 1
         helper.queue(("retire", token))
+        if helper.batch == 1:
+            # A view that is reset is the next one handed out: no batching, or the helper
+            # would make new ones (a whole copy of the image, for the copy backend) meanwhile.
+            helper.flush()
         return True
 
     def close(self) -> None:
@@ -356,6 +364,7 @@ class ViewPool(Generic[T]):
         os.close(from_parent)
         os.close(from_child)
         helper = _Helper(pid, to_child, to_parent, maker.load)
+        helper.batch = 1 if maker.reset is not None else self.batch
         self._helpers[key] = helper
         return helper
 
