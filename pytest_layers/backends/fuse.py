@@ -388,7 +388,10 @@ def _wait_mounted(proc: subprocess.Popen[bytes], scratch: Path, merged: Path, lo
                 f"{_log_tail(log)}",
             )
         time.sleep(delay)
-        delay = min(delay * 2, 0.01)
+        # Capped at 1 ms: with steps of 0.2, 0.4, ... 6.4 ms, a mount up after 6.3 ms was seen
+        # at 12.6 ms, and the view pool's helper makes views one after another; a poll (a
+        # waitpid and a stat) costs ~10 us.
+        delay = min(delay * 2, 0.001)
 
 
 def _log_tail(log: Path) -> str:
