@@ -113,6 +113,23 @@ def test_preparation_error_is_raised_by_the_take_that_needed_it(tmp_path: Path) 
     assert os.listdir(tmp_path) == []
 
 
+def test_a_view_that_cannot_cross_is_an_error_of_its_taker(tmp_path: Path) -> None:
+    """export gives plain values (marshal), else something pickle takes; neither is an error
+    for the test that asked, and the view is cleaned in the helper."""
+    files = _Files(tmp_path)
+    pool: ViewPool[str] = ViewPool(depth=1)
+    pool.register("a", Maker(files.make, files.discard, export=lambda view: lambda: view))
+    pool.register("b", Maker(files.make, files.discard, export=Path, load=str))
+    with pytest.raises(Exception, match="lambda"):
+        pool.take("a")
+    view = pool.take("b")  # a Path is not marshal's: pickled
+    assert view is not None
+    assert Path(view).read_text() == "pristine"
+    pool.retire(view)
+    pool.close()
+    assert os.listdir(tmp_path) == []
+
+
 def test_unknown_key_or_closed_pool_is_served_by_the_caller(tmp_path: Path) -> None:
     pool = _pool(_Files(tmp_path))
     assert pool.take("b") is None
