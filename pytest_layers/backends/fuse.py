@@ -100,7 +100,9 @@ def _mounted_at(merged: Path) -> bool:
 def _in_mountinfo(path: str) -> bool:
     from pytest_layers._mounts import mounts_under
 
-    return Path(path) in mounts_under(Path(path))
+    # The mount table holds canonical paths: a store given as ../store must still match.
+    real = Path(os.path.realpath(path))
+    return real in mounts_under(real)
 
 
 class FuseBackend:
