@@ -25,9 +25,11 @@ Rules it keeps:
   pristine (the copy backend's reusable copies) plugs in through :attr:`Maker.reset`: the
   helper resets the returned view, after the test's snapshot was taken, and hands it out again
   only when the reset says it succeeded.
-* **Bounded by demand.** :meth:`expect` says how many of the next tests use each key; at most
-  ``depth`` views per key are requested ahead, ready views no pending test needs are sent back
-  for cleanup, and a helper with nothing out and nothing wanted exits. At most
+* **Bounded by demand.** :meth:`expect` (or :meth:`follow` and :meth:`at`) says how many of
+  the next tests use each key; when fewer than ``depth`` views are on the way, up to ``depth +
+  BATCH`` are requested (never more than the next tests need) in one write with the views to
+  clean, ready views no pending test needs are sent back for cleanup, and a helper with
+  nothing out and nothing wanted exits. At most
   ``max_helpers`` helpers live at once; other keys are served in the test (``take`` is None).
 * **Errors reach the taker.** A failed preparation is the reply to that request: :meth:`take`
   raises it in the test that needed the view.
