@@ -460,6 +460,58 @@ def test_failing_tests_snapshots_hold_exactly_their_own_writes(tmp_path: Path) -
     _nothing_left(tmp_path, store_path)
 
 
+KINDS = """
+import os
+import pytest
+
+@pytest.fixture(params=range(6))
+def n(request):
+    return request.param
+
+@pytest.mark.layer("base", readonly=True)
+def test_readonly(rootfs, n):
+    with pytest.raises(OSError):
+        (rootfs / "x").write_text("x")
+    assert (rootfs / "etc/os-release").read_text() == "ID=demo\\n"
+
+@pytest.mark.layer("base", init={"etc/hostname": "box\\n"})
+def test_init(rootfs, n):
+    assert (rootfs / "etc/hostname").read_text() == "box\\n"
+    assert not (rootfs / f"mine{n}").exists()
+    (rootfs / f"mine{n}").write_text("mine")
+    # Init files are never part of a diff.
+    assert [str(c) for c in rootfs.diff()] == [f"A /mine{n}"]
+
+@pytest.mark.layer("other", "base")
+def test_union(rootfs, n):
+    assert (rootfs / "etc/other").read_text() == "o"
+    assert not (rootfs / f"kept{n}").exists()
+    (rootfs / f"kept{n}").write_text(str(n))
+"""
+
+
+@pytest.mark.requires_overlay
+def test_readonly_init_union_and_keep_always_from_the_pool(tmp_path: Path) -> None:
+    """Each kind of view has its own key (readonly=, init=, the union): each is pooled, keeps
+    its behaviour, and --layers-keep=always snapshots every writable one from its own upper."""
+    from pytest_layers.store import Store
+
+    store_path = write_project(tmp_path, CONFTEST, KINDS, ini=[*POOL_INI, "layers_keep_count = 10"])
+    proc = run_session(tmp_path, "-vv", "-p", "no:xdist", "--layers-keep=always")
+    assert proc.returncode == 0, out(proc)
+    assert "18 passed" in proc.stdout, out(proc)
+    assert "layers: view pool: 18 views served by helpers" in proc.stdout, out(proc)
+    store = Store(store_path)
+    snaps = {s.test: s.chain_id for s in store.snapshots()}
+    assert not [t for t in snaps if "readonly" in t], snaps
+    for n in range(6):
+        union = store.layer_dir(snaps[f"test_project.py::test_union[{n}]"])
+        assert sorted(p.name for p in union.iterdir()) == [f"kept{n}"]
+        init = store.layer_dir(snaps[f"test_project.py::test_init[{n}]"])
+        assert sorted(p.name for p in init.iterdir()) == [f"mine{n}"]
+    _nothing_left(tmp_path, store_path)
+
+
 INTERRUPT = """
 import pytest
 
