@@ -4,6 +4,7 @@
 Usage::
 
     python benchmarks/bench_compare.py [--quick] [--out DIR] [--as-user USER] [--workdir DIR]
+        [--only SECTIONS] [--sizes N,N] [--tools ID,ID] [--tests N] [--src DIR]
 
 Everything is measured in one run, on one machine, through real pytest sessions in
 subprocesses: for each base-tree size a suite directory is generated holding the base tree,
@@ -22,6 +23,10 @@ Also measured: cold build vs warm cache session start for a 10-layer chain, ``Ro
 and ``Rootfs.commit()`` cost against the number of changed files, and pytest-xdist wall time
 (with the number of builder runs from an empty store).
 
+``--only per-test --sizes 10,10000 --tools bare,tmp_path,layers-overlay-pool`` measures a part
+alone (an A/B comparison of one row); ``--src DIR`` measures the package in another checkout.
+A partial run writes to ``benchmarks/results/compare-partial`` unless ``--out`` says otherwise.
+
 Writes ``benchmarks.json`` (with a machine description) and ``benchmarks.png`` to ``--out``:
 ``docs/assets`` for a full run, a scratch directory under ``benchmarks/results/`` for
 ``--quick`` so that a CI smoke run never overwrites the committed results.
@@ -30,6 +35,7 @@ Writes ``benchmarks.json`` (with a machine description) and ``benchmarks.png`` t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import inspect
@@ -375,9 +381,11 @@ class Run:
 class Runner:
     """Runs pytest sessions over a generated suite, as this user or as another one."""
 
-    def __init__(self, scratch: Path, user: str | None = None) -> None:
+    def __init__(self, scratch: Path, user: str | None = None, src: Path | None = None) -> None:
         self.scratch = scratch
         self.user = user
+        #: A checkout whose pytest_layers the sessions import instead of the installed one.
+        self.src = src
         self._n = 0
 
     def _tmp(self, suffix: str) -> Path:
@@ -422,7 +430,7 @@ class Runner:
             cmd = [*wrap, *cmd]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "BENCH_"))}
         full_env.update(
-            PYTHONPATH=str(suite),
+            PYTHONPATH=os.pathsep.join([*([str(self.src)] if self.src else []), str(suite)]),
             PYTHONDONTWRITEBYTECODE="1",
             BENCH_N=str(n),
             **(env or {}),
@@ -524,12 +532,22 @@ class Tool:
     restricted: bool = False  # run under .ci/restricted.py, the store on an overlayfs
 
 
+def copy_tests(plan: Plan, files: int) -> int:
+    """Tests per session for a copying tool: the plan's figure for the next size up (a size
+    given with --sizes may be one the plan has no figure for)."""
+    known = sorted(plan.copy_tests)
+    return plan.copy_tests[next((k for k in known if k >= files), known[-1])]
+
+
+SECTIONS = ("per-test", "session-start", "diff", "xdist")
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
 
 
 class Bench:
-    def __init__(self, plan: Plan, work: Path, user: str | None) -> None:
+    def __init__(self, plan: Plan, work: Path, user: str | None, src: Path | None = None) -> None:
         self.plan = plan
         self.work = work
         self.user = user
@@ -554,8 +572,8 @@ class Bench:
         }
         scratch = work / "runs"
         scratch.mkdir(parents=True, exist_ok=True)
-        self.runner = Runner(scratch)
-        self.user_runner = Runner(scratch, user) if user else None
+        self.runner = Runner(scratch, src=src)
+        self.user_runner = Runner(scratch, user, src) if user else None
         if user:
             # The other user runs the generated suites and writes timings and stores here.
             for p in (work, scratch):
@@ -697,7 +715,7 @@ class Bench:
         for files in self.plan.sizes:
             suite = self.suite(files)
             for tool in tools:
-                n = self.plan.copy_tests[files] if tool.copies else self.plan.tests
+                n = copy_tests(self.plan, files) if tool.copies else self.plan.tests
                 args: list[str] = []
                 wrap, ovl = self.wrap(tool, files)
                 if ovl is not None:
@@ -1201,6 +1219,51 @@ def chart(result: dict[str, Any], png: Path) -> None:
 # -- main ---------------------------------------------------------------------------------------
 
 
+def _int_list(flag: str) -> Any:
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(x.replace("_", "")) for x in text.split(",") if x.strip())
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{flag} {text!r}: give positive whole numbers separated by commas, e.g. 10,10000"
+            )
+        return values
+
+    return parse
+
+
+def _choices(flag: str, known: Sequence[str]) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [x for x in values if x not in known]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(
+                f"{flag} {text!r}: unknown {', '.join(map(repr, bad)) or 'empty list'}; "
+                f"choose from {', '.join(known)}"
+            )
+        return values
+
+    return parse
+
+
+#: Every row's id, for --tools (the --as-user row exists only with --as-user).
+TOOL_IDS = (
+    "bare",
+    "tmp_path",
+    "datadir",
+    "copytree",
+    "pyfakefs",
+    *(f"layers-{b}" for b in BACKENDS),
+    "layers-overlay-pool",
+    "layers-fuse-pool",
+    "layers-copy-reuse",
+    "layers-datadir",
+    "layers-overlay-user",
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="10 and 1,000 files, few tests (CI)")
@@ -1208,7 +1271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out",
         type=Path,
         help="Directory for benchmarks.json and benchmarks.png "
-        "(default: docs/assets, or benchmarks/results/compare-quick with --quick)",
+        "(default: docs/assets, benchmarks/results/compare-quick with --quick, "
+        "benchmarks/results/compare-partial with --only, --sizes, --tools, --tests or --src)",
     )
     ap.add_argument(
         "--as-user",
@@ -1219,6 +1283,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workdir", type=Path, help="Where to generate suites and stores (created if missing)"
     )
     ap.add_argument("--keep", action="store_true", help="Keep the work directory")
+    ap.add_argument(
+        "--only",
+        type=_choices("--only", SECTIONS),
+        metavar="SECTIONS",
+        help=f"Run only these sections, comma-separated: {', '.join(SECTIONS)} (default: all)",
+    )
+    ap.add_argument(
+        "--sizes",
+        type=_int_list("--sizes"),
+        metavar="N,N",
+        help="Base-tree sizes of the per-test rows, in files (default: the plan's)",
+    )
+    ap.add_argument(
+        "--tools",
+        type=_choices("--tools", TOOL_IDS),
+        metavar="ID,ID",
+        help=f"Per-test rows to measure, by id: {', '.join(TOOL_IDS)} (default: every row "
+        "that works here)",
+    )
+    ap.add_argument(
+        "--tests",
+        type=lambda text: _int_list("--tests")(text)[0],
+        metavar="N",
+        help="Tests per session for the rows that do not copy the tree (default: 200, 30 with "
+        "--quick)",
+    )
+    ap.add_argument(
+        "--src",
+        type=Path,
+        metavar="DIR",
+        help="Measure the pytest_layers package of this checkout (put first on the sessions' "
+        "PYTHONPATH) instead of the installed one: for A/B runs against another branch",
+    )
     args = ap.parse_args(argv)
     if args.workdir is not None:
         # Created like --out; only a path that cannot be a directory is refused, in one line.
@@ -1226,10 +1323,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.workdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             ap.error(f"--workdir {args.workdir}: cannot create it: {exc.strerror}")
+    if args.src is not None:
+        args.src = args.src.resolve()
+        if not (args.src / "pytest_layers" / "__init__.py").is_file():
+            ap.error(f"--src {args.src}: no pytest_layers package there (give a checkout's root)")
     plan = QUICK if args.quick else FULL
+    if args.sizes:
+        plan = dataclasses.replace(plan, sizes=args.sizes)
+    if args.tests:
+        plan = dataclasses.replace(plan, tests=args.tests)
+    sections = set(args.only or SECTIONS)
+    partial = bool(args.only or args.sizes or args.tools or args.tests or args.src)
     out = args.out or (
         REPO / "benchmarks" / "results" / "compare-quick"
         if args.quick
+        else REPO / "benchmarks" / "results" / "compare-partial"
+        if partial
         else REPO / "docs" / "assets"
     )
     if args.as_user and os.getuid() != 0:
@@ -1243,26 +1352,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the pytest session it is waiting for.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work = Path(tempfile.mkdtemp(prefix="bench-compare-", dir=args.workdir))
-    say(f"{plan.mode} run in {work}")
+    say(f"{plan.mode} run in {work}" + (f" (package from {args.src})" if args.src else ""))
     try:
-        bench = Bench(plan, work, args.as_user)
+        bench = Bench(plan, work, args.as_user, args.src)
+        tools = bench.tools()
+        if args.tools:
+            tools = [t for t in tools if t.id in args.tools]
         say("checking which tools work here")
-        tools = bench.probe(bench.tools())
-        say("per-test overhead")
-        bench.per_test(tools)
+        tools = bench.probe(tools)
+        if "per-test" in sections:
+            say("per-test overhead")
+            bench.per_test(tools)
         # rootfs tools only (the datadir drop-in has its own row in per_test).
         layer_tools = [t for t in tools if t.backend and not t.args and not t.restricted]
         fastest = layer_tools[0] if layer_tools else None
         if fastest:
-            say(f"session start ({plan.chain_layers}-layer chain of {plan.chain_files:,} files)")
-            bench.session_start(fastest)
-            say(f"diff() and commit() on a {plan.diff_base:,}-file base")
-            for tool in layer_tools:
-                bench.diff_cost(tool)
-        else:
+            if "session-start" in sections:
+                say(
+                    f"session start ({plan.chain_layers}-layer chain of {plan.chain_files:,} files)"
+                )
+                bench.session_start(fastest)
+            if "diff" in sections:
+                say(f"diff() and commit() on a {plan.diff_base:,}-file base")
+                for tool in layer_tools:
+                    bench.diff_cost(tool)
+        elif sections - {"per-test"}:
             say("pytest-layers is not usable here: session start, diff() and xdist rows skipped")
-        say("pytest-xdist")
-        bench.xdist(fastest)
+        if "xdist" in sections:
+            say("pytest-xdist")
+            bench.xdist(fastest)
         bench.result["targets"] = targets(bench.result, plan)
         out.mkdir(parents=True, exist_ok=True)
         (out / "benchmarks.json").write_text(json.dumps(bench.result, indent=2) + "\n")

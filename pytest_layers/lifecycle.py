@@ -135,6 +135,7 @@ class TestRootfs:
             rootfs_mod.discard,
             rootfs_mod.portable,
             reset=(lambda p: bool(reset(p.view))) if callable(reset) else None,
+            load=rootfs_mod.from_portable,
         )
 
     # -- 3. the outcome decides

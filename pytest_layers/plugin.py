@@ -676,18 +676,14 @@ def _pool_key(spec: _Spec) -> tuple[Any, ...] | None:
 
 def _pool(state: _State) -> Any:
     """The session's view pool, or None where views are made in the test's setup."""
-    return state.runtime.pool() if state.runtime is not None else None
+    return state.runtime.pool(state.plan, _WINDOW) if state.runtime is not None else None
 
 
 def _expect(state: _State, pool: Any, item: pytest.Item) -> None:
+    # The pool follows state.plan itself (ViewPool.follow): one step per test, not a scan.
     index = item.stash.get(_INDEX, None)
-    if index is None:
-        return
-    demand: dict[Any, int] = {}
-    for key in state.plan[index + 1 : index + 1 + _WINDOW]:
-        if key is not None:
-            demand[key] = demand.get(key, 0) + 1
-    pool.expect(demand)
+    if index is not None:
+        pool.at(index)
 
 
 def _close_pool(state: _State, *, verbose: bool = False) -> list[str]:

@@ -29,6 +29,7 @@ __all__ = [
     "Prepared",
     "prepare",
     "portable",
+    "from_portable",
     "discard",
     "check_init_path",
     "MAX_SYMLINKS",
@@ -541,10 +542,53 @@ def prepare(
     return Prepared(scratch, view, exclude, init_dirs, init_dir)
 
 
-def portable(prepared: Prepared) -> Prepared:
+def portable(prepared: Prepared) -> tuple[Any, ...]:
     """``prepared`` as it crosses to another process (the view pool's helper makes it, the
-    session uses it): without the closer, which only its maker can run."""
-    return dataclasses.replace(prepared, view=dataclasses.replace(prepared.view, _closer=None))
+    session uses it), in plain values (:func:`from_portable` reads them back): without the
+    closer, which only its maker can run. The view's class is named, and its fields are
+    listed with whether each is a path (a backend's view may add fields: ``CopyView``)."""
+    view = prepared.view
+    fields = tuple(
+        (f.name, isinstance(v, Path), os.fspath(v) if isinstance(v, Path) else v)
+        for f in dataclasses.fields(view)
+        if f.name != "_closer"
+        for v in (getattr(view, f.name),)
+    )
+    return (
+        os.fspath(prepared.scratch),
+        f"{type(view).__module__}:{type(view).__qualname__}",
+        fields,
+        tuple(prepared.exclude),
+        tuple(prepared.init_dirs),
+        None if prepared.init_dir is None else os.fspath(prepared.init_dir),
+    )
+
+
+def from_portable(data: tuple[Any, ...]) -> Prepared:
+    """The :class:`Prepared` that :func:`portable` wrote (its view has no closer)."""
+    scratch, cls_name, fields, exclude, init_dirs, init_dir = data
+    values: dict[str, Any] = {n: Path(v) if is_path else v for n, is_path, v in fields}
+    view = _view_class(cls_name)(**values)
+    return Prepared(
+        Path(scratch),
+        view,
+        set(exclude),
+        set(init_dirs),
+        None if init_dir is None else Path(init_dir),
+    )
+
+
+@functools.cache
+def _view_class(name: str) -> type[View]:
+    import importlib
+
+    module, _, qualname = name.partition(":")
+    cls: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    if not (isinstance(cls, type) and issubclass(cls, View)):
+        raise TypeError(f"{name} is not a View class")
+    return cls
 
 
 def discard(prepared: Prepared) -> None:
@@ -552,7 +596,12 @@ def discard(prepared: Prepared) -> None:
     try:
         prepared.view.close()
     finally:
-        remove_tree(prepared.scratch)
+        try:
+            # Usually empty by now (the backend removed its part): one rmdir, which never
+            # removes a mount point (EBUSY), instead of remove_tree's read of the mount table.
+            os.rmdir(prepared.scratch)
+        except OSError:
+            remove_tree(prepared.scratch)
 
 
 def _write_init(

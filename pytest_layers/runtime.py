@@ -390,11 +390,12 @@ class Runtime:
         )
         return self.session
 
-    def pool(self) -> Any:
+    def pool(self, plan: Sequence[Any] = (), window: int = 0) -> Any:
         """The session's view pool, or None where views are made in the test's setup.
 
         Made at the first view: long after :meth:`enter` entered the namespace. Its helpers
-        are processes forked later still; no thread is started."""
+        are processes forked later still; no thread is started. ``plan`` (each test's pool key
+        in run order) and ``window`` are what the new pool follows (``ViewPool.follow``)."""
         if self._pool is None:
             backend = self.backend
             # Overlay and fuse views are cheap to make ahead; a backend whose views are costly
@@ -413,6 +414,7 @@ class Runtime:
                 from pytest_layers.backends.pool import ViewPool
 
                 self._pool = ViewPool(depth=self._pool_depth)
+                self._pool.follow(plan, window)
         return self._pool or None
 
     def close_pool(self) -> Any:

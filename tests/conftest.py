@@ -86,10 +86,39 @@ def _probe(capability: str) -> str | None:
         return _debian_missing()
     if capability == "subids":
         return _subids_missing()
+    if capability == "randomly":
+        return (
+            None
+            if randomly_path() is not None
+            else (
+                "pytest-randomly is not installed (pip install pytest-randomly, or set "
+                f"{RANDOMLY_PATH_VAR} to a directory it was installed into with pip --target, as "
+                ".ci/run does)"
+            )
+        )
     if capability.startswith("tool:"):
         tool = capability[5:]
         return None if shutil.which(tool) else f"{tool} is not installed"
     raise ValueError(f"unknown capability {capability!r}")
+
+
+#: A directory holding pytest-randomly (``pip install --target DIR pytest-randomly``) that only
+#: the sessions of the tests asking for it put on their path: the suite itself and every other
+#: session it starts keep their order (.ci/run sets it).
+RANDOMLY_PATH_VAR = "PYTEST_LAYERS_RANDOMLY_PATH"
+
+
+def randomly_path() -> str | None:
+    """Where a child session finds pytest-randomly: ``""`` when this interpreter has it, the
+    directory of ``PYTEST_LAYERS_RANDOMLY_PATH``, or None when neither has it."""
+    import importlib.util
+
+    if importlib.util.find_spec("pytest_randomly") is not None:
+        return ""
+    extra = os.environ.get(RANDOMLY_PATH_VAR, "")
+    if extra and os.path.isfile(os.path.join(extra, "pytest_randomly", "__init__.py")):
+        return extra
+    return None
 
 
 def _debian_missing() -> str | None:

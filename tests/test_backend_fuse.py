@@ -178,3 +178,22 @@ def test_write_through_one_name_of_a_lower_hardlink_pair_is_committed_as_seen(
     assert (layer / "etc/a").read_text() == (layer / "srv/b").read_text() == "orig\nnew\n"
     assert os.stat(layer / "etc/a").st_ino == os.stat(layer / "srv/b").st_ino
     assert not (layer / "etc/c").exists()
+
+
+def test_a_scratch_path_with_dotdot_mounts(tmp_path: Path) -> None:
+    """The mount table holds canonical paths: a store given as ``../store`` (a scratch path
+    with ``..`` in it) used to wait out the 10 s mount timeout and fail the backend's check."""
+    from pytest_layers.backends.fuse import FuseBackend
+
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "a").write_text("a")
+    (tmp_path / "elsewhere").mkdir()
+    scratch = tmp_path / "elsewhere" / ".." / "scratch"
+    scratch.mkdir()
+    view = FuseBackend().open([lower], scratch)
+    try:
+        assert (view.path / "a").read_text() == "a"
+    finally:
+        view.close()
+    assert namespaces.mounts_under(tmp_path) == []

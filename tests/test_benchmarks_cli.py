@@ -72,3 +72,37 @@ def test_registry_benchmark_one_part_into_a_new_results_file(tmp_path: Path) -> 
     assert "MiB sparse layer: push peak RSS" in proc.stdout
     assert "session," not in proc.stdout
     assert set(json.loads(out.read_text())) == {"machine", "memory"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--only", "per-test,nope"), "--only 'per-test,nope': unknown 'nope'; choose from"),
+        (("--sizes", "10,x"), "--sizes '10,x': give positive whole numbers"),
+        (("--sizes", "0"), "--sizes '0': give positive whole numbers"),
+        (("--tools", "bare,tmp"), "--tools 'bare,tmp': unknown 'tmp'; choose from"),
+        (("--tests", "-3"), "--tests '-3': give positive whole numbers"),
+    ],
+)
+def test_section_filters_refuse_bad_values_in_one_line(args: tuple[str, ...], message: str) -> None:
+    proc = _run(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr.splitlines()[-1], proc.stderr
+
+
+def test_src_must_be_a_checkout(tmp_path: Path) -> None:
+    proc = _run("--src", str(tmp_path), "--only", "per-test")
+    assert proc.returncode == 2
+    assert f"--src {tmp_path}: no pytest_layers package there" in proc.stderr, proc.stderr
+
+
+def test_tools_names_every_row_id(tmp_path: Path) -> None:
+    """--tools offers exactly the ids of the rows the benchmark has."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench_compare
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    bench = bench_compare.Bench(bench_compare.QUICK, tmp_path, "someone")
+    assert sorted(t.id for t in bench.tools()) == sorted(bench_compare.TOOL_IDS)

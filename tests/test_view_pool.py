@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,23 @@ def test_preparation_error_is_raised_by_the_take_that_needed_it(tmp_path: Path) 
     assert os.listdir(tmp_path) == []
 
 
+def test_a_view_that_cannot_cross_is_an_error_of_its_taker(tmp_path: Path) -> None:
+    """export gives plain values (marshal), else something pickle takes; neither is an error
+    for the test that asked, and the view is cleaned in the helper."""
+    files = _Files(tmp_path)
+    pool: ViewPool[str] = ViewPool(depth=1)
+    pool.register("a", Maker(files.make, files.discard, export=lambda view: lambda: view))
+    pool.register("b", Maker(files.make, files.discard, export=Path, load=str))
+    with pytest.raises(Exception, match="lambda"):
+        pool.take("a")
+    view = pool.take("b")  # a Path is not marshal's: pickled
+    assert view is not None
+    assert Path(view).read_text() == "pristine"
+    pool.retire(view)
+    pool.close()
+    assert os.listdir(tmp_path) == []
+
+
 def test_unknown_key_or_closed_pool_is_served_by_the_caller(tmp_path: Path) -> None:
     pool = _pool(_Files(tmp_path))
     assert pool.take("b") is None
@@ -133,6 +151,140 @@ def test_recycler_hook_offers_a_reset_view_again(tmp_path: Path) -> None:
     assert second == first
     assert Path(second).read_text() == "pristine"
     assert len(os.listdir(tmp_path)) == 1
+    pool.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_requests_and_retirements_go_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every write wakes the helper (which may take the test's CPU): one write per batch of
+    tests, not one per test."""
+    from pytest_layers.backends import pool as pool_mod
+
+    writes = []
+    real = pool_mod._send
+    pid = os.getpid()
+
+    def counting(fd: int, message: tuple[object, ...]) -> None:
+        if os.getpid() == pid:
+            writes.append(message)
+        real(fd, message)
+
+    monkeypatch.setattr(pool_mod, "_send", counting)
+    pool: ViewPool[str] = ViewPool(depth=2, batch=4)
+    pool.register("a", _Files(tmp_path).maker())
+    pool.follow(["a"] * 41, 16)
+    for i in range(40):
+        view = pool.take("a")
+        assert view is not None
+        pool.at(i)
+        pool.retire(view)
+    pool.close()
+    # The first take, then one write per four tests, and the quit.
+    assert len(writes) <= 40 // 4 + 3, writes
+    assert sum(m[0] == "retire" for batch in writes for m in batch) == 40
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_plan_window_slides_as_a_scan_would_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    rng = random.Random(7)
+    plan = [rng.choice(["a", "b", "c", None]) for _ in range(300)]
+    pool: ViewPool[str] = ViewPool()
+    seen: list[dict[object, int]] = []
+    monkeypatch.setattr(pool, "expect", lambda demand: seen.append(dict(demand)))
+    pool.follow(plan, 16)
+    # In order, then with jumps (xdist runs a share of the plan), then in order again.
+    indices = [*range(120), 150, 151, 152, 200, *range(201, 300)]
+    for i in indices:
+        pool.at(i)
+    for i, demand in zip(indices, seen, strict=True):
+        scan: dict[object, int] = {}
+        for key in plan[i + 1 : i + 17]:
+            if key is not None:
+                scan[key] = scan.get(key, 0) + 1
+        assert demand == scan, i
+
+
+def test_a_view_asked_for_never_waits_behind_a_cleanup(tmp_path: Path) -> None:
+    """Unmounting waits for the kernel (an RCU grace period per umount2): the helper cleans
+    retired views in a thread of its own, so views keep coming while cleanups are stuck."""
+    gate = tmp_path / "gate"
+    views = tmp_path / "views"
+    views.mkdir()
+    forced = tmp_path / "forced"
+
+    class Stuck(_Files):
+        def discard(self, view: str) -> None:
+            for _ in range(3000):  # up to 30 s, then give up and say so
+                if gate.exists():
+                    break
+                time.sleep(0.01)
+            else:
+                forced.write_text("a cleanup was forced through without the gate")
+            os.unlink(view)
+
+    pool: ViewPool[str] = ViewPool(depth=1, batch=1)
+    pool.register("a", Stuck(views).maker())
+    pool.follow(["a"] * 7, 4)
+    for i in range(6):
+        view = pool.take("a")
+        assert view is not None
+        pool.at(i)
+        pool.retire(view)
+    assert not forced.exists(), "a take waited for a cleanup"
+    gate.write_text("")
+    pool.close()
+    assert os.listdir(views) == []
+    assert not forced.exists()
+
+
+def test_prepared_views_cross_as_plain_values(tmp_path: Path) -> None:
+    """What the helper sends is marshal's plain values; the session rebuilds the same
+    Prepared, a backend's own View subclass and fields included, without the closer."""
+    import marshal
+
+    from pytest_layers.backends.base import View
+    from pytest_layers.backends.copy import CopyView
+    from pytest_layers.rootfs import Prepared, from_portable, portable
+
+    for view in (
+        View(tmp_path / "m", tmp_path / "u", "overlay", _closer=lambda: None),
+        View(tmp_path / "m", None, "fuse"),
+        CopyView(tmp_path / "c", tmp_path / "c", "tree", since_ns=123),
+    ):
+        prepared = Prepared(tmp_path, view, {"etc/a"}, {"etc"}, tmp_path / "init")
+        back = from_portable(marshal.loads(marshal.dumps(portable(prepared))))
+        assert type(back.view) is type(view)
+        assert back.view == view
+        assert back.view._closer is None
+        assert (back.scratch, back.exclude, back.init_dirs, back.init_dir) == (
+            tmp_path,
+            {"etc/a"},
+            {"etc"},
+            tmp_path / "init",
+        )
+
+
+def test_views_that_are_reset_go_back_at_once_and_few_are_made(tmp_path: Path) -> None:
+    """No batching where the helper resets views (the copy backend: each new view is a copy
+    of the whole image): a returned view is reset and handed out again, so over many tests
+    the helper makes no more views than the depth and the one in use."""
+    pool: ViewPool[str] = ViewPool(depth=2, batch=4)
+    pool.register("a", _Files(tmp_path, reset=True).maker())
+    pool.follow(["a"] * 31, 16)
+    seen = set()
+    for i in range(30):
+        view = pool.take("a")
+        assert view is not None
+        assert Path(view).read_text() == "pristine"
+        Path(view).write_text("touched")
+        seen.add(view)
+        pool.at(i)
+        pool.retire(view)
+    assert len(seen) <= 3, seen
     pool.close()
     assert os.listdir(tmp_path) == []
 
@@ -242,17 +394,33 @@ def test_pristine_views_2000_tests(tmp_path: Path, xdist: bool) -> None:
 
 @pytest.mark.requires_overlay
 def test_randomly_order_still_pristine(tmp_path: Path) -> None:
-    pytest.importorskip("pytest_randomly", reason="pytest-randomly is not installed")
+    """pytest-randomly reorders the items before the plugin reads the plan; the pool follows
+    the order the tests run in. Only this test's session loads pytest-randomly (the suite's own
+    order stays as written): from this interpreter, or from PYTEST_LAYERS_RANDOMLY_PATH."""
+    from conftest import randomly_path, require
+
+    require("randomly")
+    extra = randomly_path()
+    env = child_env()
+    if extra:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
     store = _pristine(tmp_path, 100)
     proc = subprocess.run(
-        [*pytest_command()[:3], "-q", "-p", "randomly", "-p", "no:xdist"],
+        [*pytest_command()[:3], "-p", "randomly", "-p", "no:xdist", "-vv"],
         cwd=tmp_path,
-        env=child_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, out(proc)
+    assert "Using --randomly-seed=" in proc.stdout, out(proc)
+    order = [line.split(" ")[0] for line in proc.stdout.splitlines() if " PASSED" in line]
+    assert len(order) == 100, out(proc)
+    assert order != sorted(order, key=lambda name: int(name.split("[")[1].split("-")[0])), (
+        "pytest-randomly did not reorder the tests"
+    )
+    assert "layers: view pool: 100 views served by helpers" in proc.stdout, out(proc)
     _nothing_left(tmp_path, store)
 
 
@@ -289,6 +457,58 @@ def test_failing_tests_snapshots_hold_exactly_their_own_writes(tmp_path: Path) -
         assert files == ["data", "data/f0", "data/f4", f"data/renamed{i}", f"mine{i}"], files
         assert (layer / f"mine{i}").read_text() == f"written by {i}"
         assert (layer / f"data/renamed{i}").read_text() == "4"
+    _nothing_left(tmp_path, store_path)
+
+
+KINDS = """
+import os
+import pytest
+
+@pytest.fixture(params=range(6))
+def n(request):
+    return request.param
+
+@pytest.mark.layer("base", readonly=True)
+def test_readonly(rootfs, n):
+    with pytest.raises(OSError):
+        (rootfs / "x").write_text("x")
+    assert (rootfs / "etc/os-release").read_text() == "ID=demo\\n"
+
+@pytest.mark.layer("base", init={"etc/hostname": "box\\n"})
+def test_init(rootfs, n):
+    assert (rootfs / "etc/hostname").read_text() == "box\\n"
+    assert not (rootfs / f"mine{n}").exists()
+    (rootfs / f"mine{n}").write_text("mine")
+    # Init files are never part of a diff.
+    assert [str(c) for c in rootfs.diff()] == [f"A /mine{n}"]
+
+@pytest.mark.layer("other", "base")
+def test_union(rootfs, n):
+    assert (rootfs / "etc/other").read_text() == "o"
+    assert not (rootfs / f"kept{n}").exists()
+    (rootfs / f"kept{n}").write_text(str(n))
+"""
+
+
+@pytest.mark.requires_overlay
+def test_readonly_init_union_and_keep_always_from_the_pool(tmp_path: Path) -> None:
+    """Each kind of view has its own key (readonly=, init=, the union): each is pooled, keeps
+    its behaviour, and --layers-keep=always snapshots every writable one from its own upper."""
+    from pytest_layers.store import Store
+
+    store_path = write_project(tmp_path, CONFTEST, KINDS, ini=[*POOL_INI, "layers_keep_count = 10"])
+    proc = run_session(tmp_path, "-vv", "-p", "no:xdist", "--layers-keep=always")
+    assert proc.returncode == 0, out(proc)
+    assert "18 passed" in proc.stdout, out(proc)
+    assert "layers: view pool: 18 views served by helpers" in proc.stdout, out(proc)
+    store = Store(store_path)
+    snaps = {s.test: s.chain_id for s in store.snapshots()}
+    assert not [t for t in snaps if "readonly" in t], snaps
+    for n in range(6):
+        union = store.layer_dir(snaps[f"test_project.py::test_union[{n}]"])
+        assert sorted(p.name for p in union.iterdir()) == [f"kept{n}"]
+        init = store.layer_dir(snaps[f"test_project.py::test_init[{n}]"])
+        assert sorted(p.name for p in init.iterdir()) == [f"mine{n}"]
     _nothing_left(tmp_path, store_path)
 
 
@@ -339,6 +559,49 @@ def test_sigkill_leftovers_are_swept_by_the_next_session(tmp_path: Path) -> None
     assert proc.returncode == 0, out(proc)
     assert dead_leftovers(store) == [], "the killed session's scratch was not swept"
     _nothing_left(tmp_path, store)
+
+
+def _fuse_daemons_in(path: Path) -> list[int]:
+    """fuse-overlayfs processes whose working directory (a view's scratch) is under path."""
+    found = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "fuse-overlayfs":
+                continue
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(path)):
+            found.append(pid)
+    return found
+
+
+@pytest.mark.requires_fuse
+def test_fuse_views_from_the_pool_are_pristine_and_their_daemons_go(tmp_path: Path) -> None:
+    """The fuse backend in the pool: daemons started ahead by the helper (through setpriv,
+    with the death signal, without forking the session), each test its own view; after a
+    normal end and after a SIGKILL of the session, no daemon and no mount is left."""
+    (tmp_path / "pristine").mkdir()
+    (tmp_path / "killed").mkdir()
+    store = _pristine(tmp_path / "pristine", 30)
+    proc = run_session(tmp_path / "pristine", "-vv", "-p", "no:xdist", "--layers-backend=fuse")
+    assert proc.returncode == 0, out(proc)
+    assert "30 passed" in proc.stdout, out(proc)
+    assert "layers: view pool: 30 views served by helpers" in proc.stdout, out(proc)
+    _nothing_left(tmp_path / "pristine", store)
+    assert _fuse_daemons_in(tmp_path) == []
+
+    write_project(tmp_path / "killed", CONFTEST, KILLED, ini=POOL_INI)
+    proc = run_session(
+        tmp_path / "killed", "-p", "no:xdist", "--layers-backend=fuse", env=child_env(KILL_ME="1")
+    )
+    assert proc.returncode == -signal.SIGKILL, out(proc)
+    for _ in range(500):  # the daemons get SIGTERM from the kernel and unmount
+        if not _fuse_daemons_in(tmp_path):
+            break
+        time.sleep(0.01)
+    assert _fuse_daemons_in(tmp_path) == [], "a fuse daemon outlived the killed session"
+    assert our_mounts_under(tmp_path) == []
 
 
 def test_copy_backend_views_reset_in_the_helper_stay_pristine(tmp_path: Path) -> None:
