@@ -206,15 +206,17 @@ class _InlinePool:
         self.makers.setdefault(key, maker)
 
     def take(self, key: Any) -> Any:
+        # As the real pool: made (in its helper), sent as plain values, loaded in the session.
         maker = self.makers[key]
-        view = maker.export(maker.make())
-        self.handed.append((view, maker))
+        made = maker.make()
+        view = maker.load(maker.export(made))
+        self.handed.append((view, made, maker))
         return view
 
     def retire(self, view: Any) -> bool:
-        for handed, maker in self.handed:
+        for handed, made, maker in self.handed:
             if handed is view:
-                maker.discard(view)
+                maker.discard(made)
                 self.retired.append(view)
                 return True
         return False
