@@ -18,12 +18,14 @@ from pathlib import Path, PurePosixPath
 MAX_SYMLINKS = 40
 
 
-def resolve(root: Path, path: str | os.PathLike[str]) -> Path:
+def resolve(root: Path, path: str | os.PathLike[str], *, strict: bool = False) -> Path:
     """``path`` resolved inside ``root`` as if ``root`` were ``/``.
 
     Absolute symlinks and ``..`` are taken relative to ``root``, so the result never leaves it.
-    Missing components are kept as they are (like ``realpath``). Raises ``OSError(ELOOP)``
-    after :data:`MAX_SYMLINKS` links.
+    Missing components are kept as they are (like ``realpath``); with ``strict``, a missing
+    component raises ``FileNotFoundError``, as the kernel's lookup would (``missing/..`` does
+    not exist, although ``..`` would take it away lexically). Raises ``OSError(ELOOP)`` after
+    :data:`MAX_SYMLINKS` links.
     """
     todo = [p for p in PurePosixPath(os.fspath(path)).parts if p != "/"]
     todo.reverse()
@@ -41,6 +43,10 @@ def resolve(root: Path, path: str | os.PathLike[str]) -> Path:
         try:
             is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
         except (FileNotFoundError, NotADirectoryError):
+            if strict:
+                raise FileNotFoundError(
+                    errno.ENOENT, "no such file or directory inside the rootfs", str(candidate)
+                ) from None
             is_link = False
         if not is_link:
             done.append(part)

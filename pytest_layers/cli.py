@@ -494,8 +494,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def _exists_inside(root: Path, rel: str) -> bool:
     """Whether ``rel`` exists in ``root`` treating ``root`` as ``/`` (symlinks resolved inside)."""
     try:
-        return os.path.lexists(_chroot.resolve(root, rel))
-    except OSError:  # a symlink loop, or a component that is not a directory
+        return os.path.lexists(_chroot.resolve(root, rel, strict=True))
+    except OSError:  # missing, a symlink loop, or a component that is not a directory
         return False
 
 

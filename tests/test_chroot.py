@@ -38,3 +38,16 @@ def test_one_limit_for_every_walker() -> None:
     assert rootfs.MAX_SYMLINKS == _chroot.MAX_SYMLINKS == 40
     assert sandbox._chroot is _chroot
     assert _tarapply._chroot is _chroot
+
+
+def test_a_missing_component_before_dotdot_does_not_exist(tmp_path: Path) -> None:
+    # The kernel's lookup fails at "nosuchdir" before ".." could take it away: the CLI's check
+    # for the image's /bin/sh says what the sandbox would find.
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/sh").write_text("")
+    os.symlink("nosuchdir/../usr/bin", tmp_path / "bin")
+    assert not os.path.exists(tmp_path / "bin/sh")
+    assert _chroot.resolve(tmp_path, "/bin/sh") == tmp_path / "usr/bin/sh"
+    with pytest.raises(FileNotFoundError):
+        _chroot.resolve(tmp_path, "/bin/sh", strict=True)
+    assert not cli._exists_inside(tmp_path, "/bin/sh")
