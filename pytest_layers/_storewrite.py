@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,31 @@ from pytest_layers._storerefs import _StoreRefs
 
 class _StoreWriter(_StoreRefs):
     """Adding layers (see :class:`pytest_layers.store.Store`)."""
+
+    _ctime_is_fine: bool | None = None
+
+    def _fine_ctime(self) -> bool:
+        """Whether this store's filesystem gives a file a new ctime on every change, however
+        close together (what lets a commit trust the files it just wrote: see
+        ``layertar.WrittenFiles``). Linux 6.13 and later do on ext4, xfs, btrfs and tmpfs once
+        a file's times were read; older kernels and some filesystems (ramfs) keep the ctime of
+        a clock tick. Probed once per store object: three rewrites, each must move it."""
+        if self._ctime_is_fine is None:
+            fine = True
+            try:
+                with tempfile.TemporaryFile(dir=self._tmp) as f:
+                    fd = f.fileno()
+                    os.pwrite(fd, b"0", 0)
+                    last = os.fstat(fd).st_ctime_ns
+                    for _ in range(3):
+                        os.pwrite(fd, b"0", 0)
+                        now = os.fstat(fd).st_ctime_ns
+                        fine = fine and now != last
+                        last = now
+            except OSError:
+                fine = False
+            self._ctime_is_fine = fine
+        return self._ctime_is_fine
 
     def add_layer(
         self,
@@ -176,7 +202,9 @@ class _StoreWriter(_StoreRefs):
                 changeset.settle_tree(staged, clamp_mtimes=clamp_mtimes)
             else:
                 staged = stack.enter_context(self.staging())
-                written = {} if before_add is None else None
+                # Only where a rewrite always moves a file's ctime: with a coarse ctime, a
+                # same-size rewrite within one tick would look unchanged to the stream.
+                written = {} if before_add is None and self._fine_ctime() else None
                 changeset.write_layer(
                     entries,
                     staged,

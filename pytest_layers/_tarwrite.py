@@ -360,7 +360,9 @@ def _walk(
             try:
                 if known is not None:
                     st = os.stat(child.name, dir_fd=dfd, follow_symlinks=False)
-                    if not known.matches(st):
+                    # A cached file is emitted from memory in one piece: never one that the
+                    # large-file path (which reads through ``fd``) would take.
+                    if not known.matches(st) or st.st_size > _FLUSH_AT:
                         known = None
                 if known is not None:
                     xattrs, opaque = list(known.xattrs), False

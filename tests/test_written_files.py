@@ -75,3 +75,31 @@ def test_the_writer_keeps_no_more_than_its_budget(
     _dest, written = _written_layer(tmp_path)
     assert sum(len(w.data) for w in written.values()) <= 12
     assert written  # but what fits is kept
+
+
+def test_a_store_where_the_ctime_is_coarse_reads_what_it_wrote_back(tmp_path: Path) -> None:
+    # ramfs keeps the ctime of a clock tick (as older kernels do on every filesystem): a
+    # same-size rewrite within one tick would look unchanged, so the store does not trust
+    # the files it wrote there; the same store type on this test's own filesystem probes
+    # its own answer, and a commit on ramfs still stores exactly what its files hold.
+    from conftest import require
+    from faults_util import unmount_all_under
+
+    from pytest_layers import _linux
+    from pytest_layers.store import Store
+
+    require("root")
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    _linux.mount("none", mnt, "ramfs", 0, "")
+    try:
+        store = Store(mnt / "store")
+        assert store._fine_ctime() is False
+        upper = tmp_path / "upper"
+        make_tree(upper, {"a": "one", "b": "two"})
+        entries = changeset.changes_from_upper(upper, ImageView([], "overlay"))
+        info = store.write_layer(entries, parent=None, name=None, source="commit")
+        assert store.verify() == []
+        assert (store.layer_dir(info.chain_id) / "a").read_text() == "one"
+    finally:
+        unmount_all_under(mnt)
