@@ -1,7 +1,9 @@
 """``/bin/true`` inside an image: the sandbox behind ``rootfs.run()`` against the floors.
 
 Measured on a busybox-static tree (the image the fast tests use): ``Sandbox.run`` (what
-``rootfs.run`` adds on top is argument checks and a pipe or two), and in the same run
+``rootfs.run`` adds on top is argument checks and a pipe or two: init started by the fork
+helper, ``_zygote``), the same without the helper (init forked from this process), and in the
+same run
 ``subprocess.run`` on the host, ``chroot DIR /bin/true`` (root only), ``bwrap --bind DIR /
 /bin/true`` and ``unshare --root DIR`` (root only: ``-r`` for an ordinary user). Prints
 median and p99 per call in ms (and the CPU time per call: user + system, of this process and
@@ -34,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pytest_layers import _zygote, sandbox
 from pytest_layers.sandbox import Sandbox
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,11 +52,19 @@ def busybox_image(root: Path) -> Path:
 
 
 def cpu_seconds() -> float:
-    """User + system time of this process and of its reaped children (every sandbox process)."""
+    """User + system time of this process and of its reaped children (every sandbox process
+    it started), plus the sandbox's fork helper and the children it reaped (init and the
+    program of every sandbox it started)."""
     total = 0.0
     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
+    helper = _zygote.running()
+    if helper is not None:
+        with open(f"/proc/{helper}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime, stime, cutime, cstime (fields 14-17 of proc(5), counted after the name)
+        total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -92,13 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         image = busybox_image(Path(tmp) / "image")
         box = Sandbox(image)
+        alone = Sandbox(image, helper=False)
         null = subprocess.DEVNULL
+        helper = _zygote.get(sandbox._identity, wait=30)
+        if helper is None:
+            print("the fork helper cannot be used here: the sandbox forks this process")
 
-        def sandbox() -> None:
-            assert box.run(["/bin/true"]) == 0
+        def run_in(which: Sandbox) -> Callable[[], None]:
+            def run() -> None:
+                assert which.run(["/bin/true"]) == 0
+
+            return run
 
         cases: dict[str, Callable[[], Any]] = {
-            "sandbox (rootfs.run)": sandbox,
+            "sandbox (rootfs.run)": run_in(box),
+            "sandbox, no helper": run_in(alone),
             "subprocess.run host": lambda: subprocess.run(["/bin/true"], check=True),
         }
         if root:

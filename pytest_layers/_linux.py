@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import errno as _errno
 import os
-import platform
 import sys
 from collections.abc import Iterable
 
@@ -228,10 +227,14 @@ _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.sethostname.restype = ctypes.c_int
 
 
+_MACHINE = os.uname().machine
+_TABLE = _SYSCALLS.get(_ARCH_ALIASES.get(_MACHINE, _MACHINE))
+
+
 def _syscall_number(name: str) -> int:
-    machine = platform.machine()
-    table = _SYSCALLS.get(_ARCH_ALIASES.get(machine, machine))
+    table = _TABLE
     if table is None:
+        machine = _MACHINE
         raise MountError(
             _errno.ENOSYS,
             f"{name}: syscall numbers for architecture {machine!r} are not known "
@@ -533,9 +536,13 @@ def set_pdeathsig(sig: int) -> None:
     _prctl(_PR_SET_PDEATHSIG, sig, "PR_SET_PDEATHSIG")
 
 
-def bounding_drop(cap: int) -> None:
-    """``PR_CAPBSET_DROP``: no later execve can give this process ``cap`` back."""
-    _prctl(_PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP, {cap}")
+def bounding_drop(*caps: int) -> None:
+    """``PR_CAPBSET_DROP`` of each of ``caps``: no later execve can give this process any of
+    them back."""
+    prctl = _libc.prctl
+    for cap in caps:
+        if prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise _fail("prctl", f"PR_CAPBSET_DROP, {cap}")
 
 
 def ambient_clear_all() -> None:
