@@ -36,8 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pytest_layers import _zygote, sandbox
+from pytest_layers import namespaces, sandbox
 from pytest_layers.sandbox import Sandbox
+
+try:
+    from pytest_layers import _zygote
+except ImportError:  # an earlier checkout, measured with PYTHONPATH for an A/B: no helper
+    _zygote = None  # type: ignore[assignment]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,13 +64,31 @@ def cpu_seconds() -> float:
     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
-    helper = _zygote.running()
+    helper = _zygote.running() if _zygote is not None else None
     if helper is not None:
         with open(f"/proc/{helper}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         # utime, stime, cutime, cstime (fields 14-17 of proc(5), counted after the name)
         total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def grow_heap(megabytes: int) -> list[Any]:
+    """Live Python objects until this process holds ``megabytes`` of anonymous memory: a
+    caller the size of a pytest session (this project's own suite holds about 50 MB once
+    collected), whose fork is what the sandbox's fork helper avoids."""
+    ballast: list[Any] = []
+    while _anon_mb() < megabytes:
+        ballast.extend({"k": [i, str(i)]} for i in range(10_000))
+    return ballast
+
+
+def _anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def measure(fn: Callable[[], Any], n: int) -> dict[str, float]:
@@ -96,18 +119,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="30 calls per case, results to run-WHO-quick.json (CI)"
     )
+    parser.add_argument(
+        "--caller-mb",
+        type=int,
+        default=0,
+        help="grow this process to that many MB of live objects first (a pytest session's size)",
+    )
+    parser.add_argument(
+        "--session-userns",
+        action="store_true",
+        help="as an ordinary user, enter the user namespace a pytest session enters first "
+        "(subordinate ids mapped there when the user has a range): what rootfs.run sees",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.n = min(args.n, 30)
     root = os.geteuid() == 0
+    if args.session_userns and not root:
+        namespaces.enter_user_namespace()
+    ballast = grow_heap(args.caller_mb)
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         image = busybox_image(Path(tmp) / "image")
         box = Sandbox(image)
-        alone = Sandbox(image, helper=False)
         null = subprocess.DEVNULL
-        helper = _zygote.get(sandbox._identity, wait=30)
+        helper = _zygote.get(sandbox._identity, wait=30) if _zygote is not None else None
         if helper is None:
-            print("the fork helper cannot be used here: the sandbox forks this process")
+            print("no fork helper (an earlier checkout, or it cannot run here)")
 
         def run_in(which: Sandbox) -> Callable[[], None]:
             def run() -> None:
@@ -115,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return run
 
-        cases: dict[str, Callable[[], Any]] = {
-            "sandbox (rootfs.run)": run_in(box),
-            "sandbox, no helper": run_in(alone),
-            "subprocess.run host": lambda: subprocess.run(["/bin/true"], check=True),
-        }
+        cases: dict[str, Callable[[], Any]] = {"sandbox (rootfs.run)": run_in(box)}
+        if helper is not None:
+            cases["sandbox, no helper"] = run_in(Sandbox(image, helper=False))
+
+        cases["subprocess.run host"] = lambda: subprocess.run(["/bin/true"], check=True)
         if root:
             cases["chroot"] = lambda: subprocess.run(
                 ["chroot", str(image), "/bin/true"], check=True
@@ -135,13 +172,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         results = {name: measure(fn, args.n) for name, fn in cases.items()}
     who = "root" if root else "user"
-    print(f"/bin/true per call as {who} (n={args.n}), ms:")
+    where = " in the session's user namespace" if args.session_userns and not root else ""
+    print(f"/bin/true per call as {who}{where}, caller {_anon_mb():.0f} MB (n={args.n}), ms:")
+    del ballast
     for name, r in results.items():
         print(
             f"  {name:24} median {r['median_ms']:7.2f}  p99 {r['p99_ms']:7.2f}"
             f"  cpu {r['cpu_ms']:6.2f}"
         )
-    report: dict[str, Any] = {"who": who, "cpus": os.cpu_count(), "results": results}
+    report: dict[str, Any] = {
+        "who": who,
+        "cpus": os.cpu_count(),
+        "caller_mb": args.caller_mb,
+        "session_userns": args.session_userns,
+        "results": results,
+    }
     report["debian"] = debian_suite(tests=3 if args.quick else 20, warm_runs=1 if args.quick else 3)
     out = args.out or RESULTS / f"run-{who}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

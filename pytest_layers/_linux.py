@@ -18,6 +18,7 @@ import errno as _errno
 import os
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from pytest_layers.errors import MountError
 
@@ -243,6 +244,24 @@ def _syscall_number(name: str) -> int:
     return table[name]
 
 
+def _typed_syscall(*argtypes: Any) -> Any:
+    """A ``syscall(2)`` function object of its own whose arguments after the number have these
+    types: ctypes converts them itself, with no wrapper object made per call (init makes a
+    few dozen such calls per sandbox)."""
+    func = _libc["syscall"]
+    func.restype = ctypes.c_long
+    func.argtypes = (ctypes.c_long, *argtypes)
+    return func
+
+
+_sys_path_attr = _typed_syscall(  # mount_setattr(dirfd, path, flags, attr, size)
+    ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_size_t
+)
+_sys_openat2 = _typed_syscall(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
+_sys_two_paths = _typed_syscall(ctypes.c_char_p, ctypes.c_char_p)  # pivot_root
+_sys_two_pointers = _typed_syscall(ctypes.c_void_p, ctypes.c_void_p)  # capget, capset
+
+
 def _fail(op: str, target: str | None, err: int | None = None, detail: str = "") -> MountError:
     return MountError.of(ctypes.get_errno() if err is None else err, op, target, detail)
 
@@ -410,7 +429,7 @@ def capget() -> Capabilities:
     """``capget(2)`` for the calling thread."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    ret = _libc.syscall(ctypes.c_long(_syscall_number("capget")), ctypes.byref(header), data)
+    ret = _sys_two_pointers(_syscall_number("capget"), ctypes.byref(header), data)
     if ret < 0:
         raise _fail("capget", None)
     return Capabilities(
@@ -428,7 +447,7 @@ def capset(caps: Capabilities) -> None:
         data[i].effective = (caps.effective >> shift) & 0xFFFFFFFF
         data[i].permitted = (caps.permitted >> shift) & 0xFFFFFFFF
         data[i].inheritable = (caps.inheritable >> shift) & 0xFFFFFFFF
-    ret = _libc.syscall(ctypes.c_long(_syscall_number("capset")), ctypes.byref(header), data)
+    ret = _sys_two_pointers(_syscall_number("capset"), ctypes.byref(header), data)
     if ret < 0:
         raise _fail("capset", repr(caps))
 
@@ -471,10 +490,8 @@ def pivot_root(new_root: str | os.PathLike[str], put_old: str | os.PathLike[str]
     Unlike ``chroot``, the old root stops being reachable once it is unmounted, whatever the
     process does with ``chdir("..")`` afterwards (the double-chroot escape needs a root above).
     """
-    ret = _libc.syscall(
-        ctypes.c_long(_syscall_number("pivot_root")),
-        ctypes.c_char_p(os.fsencode(new_root)),
-        ctypes.c_char_p(os.fsencode(put_old)),
+    ret = _sys_two_paths(
+        _syscall_number("pivot_root"), os.fsencode(new_root), os.fsencode(put_old)
     )
     if ret < 0:
         raise _fail("pivot_root", os.fsdecode(new_root))
@@ -501,13 +518,13 @@ def mount_setattr(
     ``path`` (and of every mount below it when ``recursive``). A remount would have to repeat
     every flag the kernel locked on a mount inherited from a more privileged namespace."""
     attr = _MountAttr(attr_set, attr_clr, 0, 0)
-    ret = _libc.syscall(
-        ctypes.c_long(_syscall_number("mount_setattr")),
-        ctypes.c_int(dirfd),
-        ctypes.c_char_p(os.fsencode(path)),
-        ctypes.c_uint(AT_RECURSIVE if recursive else 0),
+    ret = _sys_path_attr(
+        _syscall_number("mount_setattr"),
+        dirfd,
+        os.fsencode(path),
+        AT_RECURSIVE if recursive else 0,
         ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
+        ctypes.sizeof(attr),
     )
     if ret < 0:
         raise _fail("mount_setattr", os.fsdecode(path))
@@ -555,6 +572,7 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
 
@@ -566,12 +584,8 @@ def open_in_root(root_fd: int, path: str, flags: int) -> int:
     how a path an image controls is resolved without trusting its symlinks.
     """
     how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-    ret = _libc.syscall(
-        ctypes.c_long(_syscall_number("openat2")),
-        ctypes.c_int(root_fd),
-        ctypes.c_char_p(os.fsencode(path)),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
+    ret = _sys_openat2(
+        _syscall_number("openat2"), root_fd, os.fsencode(path), ctypes.byref(how), _HOW_SIZE
     )
     if ret < 0:
         err = ctypes.get_errno()
