@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pytest_layers import namespaces, sandbox
+from pytest_layers import _linux, namespaces, sandbox
 from pytest_layers.sandbox import Sandbox
 
 try:
@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         helper = _zygote.get(sandbox._identity, wait=30) if _zygote is not None else None
         if helper is None:
             print("no fork helper (an earlier checkout, or it cannot run here)")
+        if args.session_userns and not root:
+            # The session's ambient capabilities (the helper has them: it started above) would
+            # follow bwrap and unshare across exec, and bwrap refuses to run with any.
+            _linux.ambient_clear_all()
 
         def run_in(which: Sandbox) -> Callable[[], None]:
             def run() -> None:
