@@ -490,9 +490,7 @@ def pivot_root(new_root: str | os.PathLike[str], put_old: str | os.PathLike[str]
     Unlike ``chroot``, the old root stops being reachable once it is unmounted, whatever the
     process does with ``chdir("..")`` afterwards (the double-chroot escape needs a root above).
     """
-    ret = _sys_two_paths(
-        _syscall_number("pivot_root"), os.fsencode(new_root), os.fsencode(put_old)
-    )
+    ret = _sys_two_paths(_syscall_number("pivot_root"), os.fsencode(new_root), os.fsencode(put_old))
     if ret < 0:
         raise _fail("pivot_root", os.fsdecode(new_root))
 

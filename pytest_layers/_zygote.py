@@ -112,6 +112,11 @@ class Helper:
             except OSError as exc:
                 self._broken(f"cannot talk to it: {exc}")
                 raise HelperGone(self.why) from None
+            except BaseException:
+                # ^C between the request and its answer: the next request would read this
+                # one's answer. Ending the helper ends what it may have started for it.
+                self._broken("interrupted while it answered")
+                raise
             if not raw:
                 self._broken("it ended")
                 raise HelperGone(self.why)

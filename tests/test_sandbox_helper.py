@@ -178,3 +178,21 @@ def test_the_helper_dies_with_its_caller(image: Path, tmp_path: Path) -> None:
                 f.close()
     _, alive = psutil.wait_procs(inside, timeout=30)
     assert alive == []
+
+
+def test_an_interrupted_request_ends_the_helper(
+    image: Path, helper: _zygote.Helper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ^C after the request went out: its answer would be read as the next request's, so the
+    # helper is ended (with what it started for it) and the caller goes on without it.
+    def interrupted(*args: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_zygote.socket, "recv_fds", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sandbox.Sandbox(image).spawn(["/bin/sleep", "1000"])
+    monkeypatch.undo()
+    assert helper.state == "broken"
+    assert not psutil.pid_exists(helper.pid)
+    assert sandbox.Sandbox(image).run(["/bin/sh", "-c", "exit 6"]) == 6
+    assert _descendants() == []
