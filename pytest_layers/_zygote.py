@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import marshal
 import os
 import select
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +65,7 @@ class Helper:
         self._sock = sock
         self._identity = identity
         self._lock = threading.Lock()
-        self._started = _monotonic()
+        self._started = time.monotonic()
         self.state = "starting"  # then "ready" or "broken"
         self.why = ""  # why it is broken
         #: The facts it greeted with (equal to the caller's then).
@@ -82,7 +84,7 @@ class Helper:
 
     def _greeting(self, wait: float) -> None:
         if not select.select([self._sock], [], [], wait)[0]:
-            if _monotonic() - self._started > _START_TIMEOUT:
+            if time.monotonic() - self._started > _START_TIMEOUT:
                 self._broken("it did not answer in time")
             return
         try:
@@ -102,12 +104,21 @@ class Helper:
     def request(self, data: Any, fds: list[int]) -> tuple[Any, list[int]]:
         """Send one request (plain data and fds), return the answer and its fds. Raises
         :class:`HelperGone` when the helper cannot take it (then nothing was started)."""
-        payload = marshal.dumps(data)
+        try:
+            payload = marshal.dumps(data)
+        except ValueError as exc:  # not plain data (a Path in argv...): the caller's own way
+            raise HelperGone(f"the request is not plain data: {exc}") from None
         with self._lock:
             if self.state != "ready":
                 raise HelperGone(self.why or "not ready")
             try:
                 socket.send_fds(self._sock, [payload], fds)
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:  # nothing sent: the helper stays usable
+                    raise HelperGone(f"the request is too large for it: {exc}") from None
+                self._broken(f"cannot talk to it: {exc}")
+                raise HelperGone(self.why) from None
+            try:
                 raw, got, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
             except OSError as exc:
                 self._broken(f"cannot talk to it: {exc}")
@@ -148,12 +159,6 @@ class Helper:
 
 _helper: Helper | None = None
 _start_lock = threading.Lock()
-
-
-def _monotonic() -> float:
-    import time
-
-    return time.monotonic()
 
 
 def get(identity: Callable[[], object], *, wait: float = 0.0) -> Helper | None:

@@ -26,14 +26,14 @@ caller's ``waitpid`` returns only once it is empty). Init gets ``SIGKILL`` when 
 dies, so nothing outlives it.
 
 Forking a large Python process is most of what a run costs (page tables, then copy-on-write
-faults on both sides), so there is one fork, not two, and once this process's fork helper
+faults on both sides), so there is one fork, not two; and once this process's fork helper
 (:mod:`pytest_layers._zygote`, a small ``python -I -S`` of its own) is ready, that fork is the
 helper's, whatever this process's size: the helper runs the same :meth:`Sandbox._start` and
-passes init's pidfd back; init reports to our pipes directly. A caller with other threads, a kernel
-without ``clone3`` or a filter that refuses it (Docker's default seccomp profile answers
-``ENOSYS``) takes the older way instead: ``os.fork()`` of a *keeper* that unshares the
-namespaces and forks init (glibc's fork handlers, which only ``fork()`` runs, keep malloc's
-locks usable in a child of a threaded process; ``unshare(CLONE_NEWUSER)`` wants the
+passes init's pidfd back, and init reports to our pipes directly. Without the helper, a caller
+with other threads, a kernel without ``clone3`` or a filter that refuses it (Docker's default
+seccomp profile answers ``ENOSYS``) takes the older way: ``os.fork()`` of a *keeper* that
+unshares the namespaces and forks init (glibc's fork handlers, which only ``fork()`` runs, keep
+malloc's locks usable in a child of a threaded process; ``unshare(CLONE_NEWUSER)`` wants the
 single-threaded keeper). A caller with threads must not hold locks the child needs (the child
 only makes syscalls and small Python objects).
 """

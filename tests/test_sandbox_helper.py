@@ -196,3 +196,21 @@ def test_an_interrupted_request_ends_the_helper(
     assert not psutil.pid_exists(helper.pid)
     assert sandbox.Sandbox(image).run(["/bin/sh", "-c", "exit 6"]) == 6
     assert _descendants() == []
+
+
+def test_requests_the_helper_cannot_carry_run_in_the_caller(
+    image: Path, helper: _zygote.Helper
+) -> None:
+    # Not plain data (a str subclass, which marshal refuses) or larger than a message: the
+    # caller's own fork runs it, and the helper stays for the next run.
+    class Text(str):
+        pass
+
+    served = helper.served
+    assert sandbox.Sandbox(image).run(["/bin/echo"], env={"PATH": Text("/bin")}) == 0
+    huge = {f"X{i}": "x" * 100_000 for i in range(8)}  # 800 kB: more than a socket buffer
+    assert sandbox.Sandbox(image).run(["/bin/echo"], env=huge) == 0
+    assert helper.served == served
+    assert sandbox.Sandbox(image).run(["/bin/echo"]) == 0
+    assert helper.served == served + 1
+    assert helper.state == "ready"
