@@ -40,6 +40,7 @@ only makes syscalls and small Python objects).
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal's C half: no enum conversions per call
 import contextlib
 import errno
 import fcntl
@@ -97,6 +98,13 @@ _NAMESPACES = (
     | _linux.CLONE_NEWIPC
     | _linux.CLONE_NEWCGROUP
 )
+# As plain ints for ``_signal.signal``: ``signal.signal`` converts to and from its enums on every
+# call, a good part of init's own work (and of the pages it copies from its parent).
+_IGNORED_BY_INIT = (int(signal.SIGINT), int(signal.SIGQUIT))
+_FORWARDED_BY_INIT = tuple(
+    int(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+)
+_SIG_IGN = int(signal.SIG_IGN)
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 
@@ -701,8 +709,8 @@ def _direct_init(
     does between its ``unshare`` and its ``fork``, then init's own work."""
     gc.disable()  # a collection would touch (and copy) every page of the caller's heap
     try:
-        for sig in (signal.SIGINT, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_IGN)
+        for sig in _IGNORED_BY_INIT:
+            _signal.signal(sig, _SIG_IGN)
         _linux.set_pdeathsig(signal.SIGKILL)
         # getppid() is 0 in a new PID namespace: the caller's pidfd says whether it died
         # before the line above (nobody wants us any more, and no signal would come).
@@ -731,8 +739,8 @@ def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cov
         program = _start(plan)
         os.close(err_w)
         forward = lambda sig, _frame: os.kill(program, sig)  # noqa: E731
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, forward)
+        for sig in _FORWARDED_BY_INIT:
+            _signal.signal(sig, forward)
         while True:
             pid, status = os.waitpid(-1, 0)
             if pid == program:
