@@ -16,15 +16,22 @@ that thread is the last to end) and the end of its socket, on which it kills the
 still runs. ``atexit`` closes the socket and reaps it.
 
 Protocol over a ``SOCK_SEQPACKET`` pair (one message each way per sandbox): the request is plain
-data (``marshal``) plus, by ``SCM_RIGHTS``, the program's stdin/stdout/stderr and the write end
-of a *done* pipe; the answer is ``(0, pid, kill signal)`` with a pidfd of init (or of the
-keeper, where the helper itself falls back to one), or ``(errno, message)``. When everything
-inside has ended the helper writes the exit status to the done pipe and closes it.
+data (``marshal``) plus, by ``SCM_RIGHTS``, the program's stdin/stdout/stderr and the write ends
+of three pipes of the caller's: init's *err* and *status* pipes (init writes to them as it does
+for the caller's own fork: why it could not start, the program's status) and a *done* pipe,
+which the helper closes once it reaped init (so the PID namespace is empty), after writing how
+init ended. The answer, as soon as init is forked and mapped, is ``(0, pid, kill signal)`` with
+a pidfd of init (or of the keeper, where the helper itself falls back to one) for the caller's
+signals, or ``(errno, message)``. A request that is not plain data or too large for one message
+is the caller's to run; an answer cut short (^C) ends the helper.
 
 Identifiable: its command line is ``python -I -S <this dir>/_zygote_server.py <MARK> <caller
-tag>`` (the caller's ``_proctag`` tag), so checks for leftover processes can leave out exactly
-it (:func:`is_helper`, :func:`running`). No pytest here; the sandbox uses this module, never
-the reverse (the helper's own side is ``_zygote_server``).
+tag>`` (the caller's ``_proctag`` tag) and its parent is the caller (a sandbox's init, a fork
+of the helper, has the same command line and the helper as its parent), so checks for leftover
+processes can leave out exactly it (:func:`is_helper`, :func:`running`). A helper that ended
+stays ended for its caller (which then runs sandboxes itself) until :func:`stop`. No pytest
+here; the sandbox uses this module, never the reverse (the helper's own side is
+``_zygote_server``).
 """
 
 from __future__ import annotations
