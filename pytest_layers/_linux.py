@@ -156,6 +156,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # prctl(2)
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -546,6 +547,13 @@ def set_no_new_privs() -> None:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
 
 
+def set_undumpable() -> None:
+    """``PR_SET_DUMPABLE`` 0: no process without ``CAP_SYS_PTRACE`` where this process's memory
+    was created may ptrace it, ``pidfd_getfd(2)`` its fds or read its ``/proc/PID/fd`` (until it
+    execs; its own access stays)."""
+    _prctl(_PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
+
+
 def set_pdeathsig(sig: int) -> None:
     """``PR_SET_PDEATHSIG``: the kernel sends ``sig`` to this process when its parent dies."""
     _prctl(_PR_SET_PDEATHSIG, sig, "PR_SET_PDEATHSIG")
@@ -710,3 +718,24 @@ def cloexec_from(first: int) -> None:
         if int(name) >= first:
             with contextlib.suppress(OSError):  # the listing's own fd, closed by now
                 os.set_inheritable(int(name), False)
+
+
+def close_fds_except(keep: Iterable[int]) -> None:
+    """Close every fd of this process but ``keep``: ``close_range(2)`` over the gaps (Linux >=
+    5.9), else one call per open fd."""
+    kept = sorted({fd for fd in keep if fd >= 0})
+    close_range = _libc.syscall
+    number = ctypes.c_long(_syscall_number("close_range"))
+    start = 0
+    for fd in [*kept, 0x100000000]:
+        if fd > start:
+            last = min(fd - 1, 0xFFFFFFFF)
+            if close_range(number, ctypes.c_uint(start), ctypes.c_uint(last), ctypes.c_uint(0)):
+                break
+        start = fd + 1
+    else:
+        return
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in kept:
+            with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+                os.close(int(name))

@@ -44,7 +44,13 @@ def main() -> None:
     # ^C in a terminal reaches the whole process group: the caller decides what ends.
     for sig in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
-    sock = socket.socket(fileno=0)
+    # Off fd 0 (every init gets its stdio from the request, never ours: /dev/null there), and
+    # out of the caller's cwd, which it may want to unmount or remove.
+    sock = socket.socket(fileno=os.dup(0))
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.close(null)
+    os.chdir("/")
     gc.freeze()  # what is loaded now stays: no collection of ours walks (and dirties) it
     sock.send(marshal.dumps(("hello", sandbox._identity())))
     running: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, done pipe)
@@ -76,19 +82,29 @@ def _serve(sandbox: types.ModuleType, sock: socket.socket, running: dict[int, An
         for fd in fds:
             os.close(fd)
         return False
+    try:
+        if len(fds) != 6:
+            raise ValueError(f"{len(fds)} fds with the request, not 6")
+        request = marshal.loads(raw)
+    except BaseException as exc:
+        for fd in fds:
+            os.close(fd)
+        return _refuse(sock, exc)
     done = fds.pop()
     try:
-        if len(fds) != 5:
-            raise ValueError(f"{len(fds)} fds with the request, not 5")
-        pid, kill = sandbox._from_request(marshal.loads(raw), fds)  # closes fds
+        pid, kill = sandbox._from_request(request, fds)  # closes fds
     except BaseException as exc:  # every failure is the caller's to raise
         os.close(done)
-        code = getattr(exc, "errno", None) or 5  # EIO
-        sock.send(marshal.dumps((code, getattr(exc, "strerror", None) or str(exc))))
-        return True
+        return _refuse(sock, exc)
     pidfd = os.pidfd_open(pid)
     running[pidfd] = (pid, done)
     socket.send_fds(sock, [marshal.dumps((0, pid, int(kill)))], [pidfd])
+    return True
+
+
+def _refuse(sock: socket.socket, exc: BaseException) -> bool:
+    code = getattr(exc, "errno", None) or 5  # EIO
+    sock.send(marshal.dumps((code, getattr(exc, "strerror", None) or str(exc))))
     return True
 
 

@@ -47,6 +47,7 @@ import fcntl
 import functools
 import gc
 import os
+import resource
 import select
 import signal
 import socket
@@ -105,6 +106,28 @@ _FORWARDED_BY_INIT = tuple(
     int(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 )
 _SIG_IGN = int(signal.SIG_IGN)
+#: The resource limits the fork helper gives init as the caller has them (by number: name).
+_RLIMITS = {
+    getattr(resource, name): name
+    for name in (
+        "RLIMIT_AS",
+        "RLIMIT_CORE",
+        "RLIMIT_CPU",
+        "RLIMIT_DATA",
+        "RLIMIT_FSIZE",
+        "RLIMIT_LOCKS",
+        "RLIMIT_MEMLOCK",
+        "RLIMIT_MSGQUEUE",
+        "RLIMIT_NICE",
+        "RLIMIT_NOFILE",
+        "RLIMIT_NPROC",
+        "RLIMIT_RTPRIO",
+        "RLIMIT_RTTIME",
+        "RLIMIT_SIGPENDING",
+        "RLIMIT_STACK",
+    )
+    if hasattr(resource, name)
+}
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 
@@ -199,10 +222,12 @@ class Sandbox:
         close: Sequence[int],
         err_w: int,
         status_w: int,
+        inherit: tuple[int, Sequence[tuple[int, int, int]]] | None = None,
     ) -> tuple[int, int]:
         """Fork init (or a keeper) and map its ids; ``(pid, signal that ends it)``. Init
         reports a failure to start on ``err_w`` (closed once the program runs) and the
-        program's status on ``status_w``; both are closed here, whatever happens."""
+        program's status on ``status_w``; both are closed here, whatever happens. ``inherit``:
+        the umask and resource limits init sets (the fork helper's, for its caller)."""
         _dropped_caps()  # read here, once: the child then finds it cached
         flags = _NAMESPACES | (_linux.CLONE_NEWNET if self.network == "none" else 0)
         direct = _single_threaded()
@@ -223,6 +248,8 @@ class Sandbox:
             raise
         plan = _Plan(self, argv, environ, cwd, stdio, uid, gid, caller, user, maps)
         plan.subids = extra
+        if inherit is not None:
+            plan.umask, plan.rlimits = inherit
         alive = -1
         try:
             pid = -1
@@ -251,14 +278,19 @@ class Sandbox:
                 os.close(fd)
             raise
         if pid == 0:  # pragma: no cover - runs in the child (measured by its effects)
+            # Every fd but the few it needs goes: the program could take any fd of init's
+            # (pidfd_getfd), and a copy of another sandbox's pipe here would keep that one's
+            # end from being seen. What stays: the program's stdio, the err and status pipes,
+            # the maps' pipes (a keeper's ready and go, init's go) and the caller's pidfd.
+            keep = {fd if fd is not None else target for target, fd in enumerate(stdio)}
+            keep -= set(close)
+            keep |= {err_w, status_w}
             if maps is not None:
-                os.close(ready_r)
-                os.close(go_w)
-            for fd in close:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                keep |= {go_r} if direct else {ready_w, go_r}
             if direct:
-                os.close(ready_w)
+                keep.add(alive)
+            _linux.close_fds_except(keep)
+            if direct:
                 _direct_init(plan, err_w, status_w, go_r, alive)
             _child(plan, err_w, status_w)
         if alive >= 0:
@@ -454,11 +486,14 @@ def _spawn_by(
         os.fsencode(os.path.abspath(box.root)),
         box.network,
         box.hostname,
-        [(os.fsencode(b.source), b.target, b.readonly) for b in box.binds],
+        # Relative sources are the caller's: the helper's cwd is "/".
+        [(os.fsencode(os.path.abspath(b.source)), b.target, b.readonly) for b in box.binds],
         argv,
         env,
         cwd,
         user,
+        _umask(),
+        [(limit, *resource.getrlimit(limit)) for limit in _RLIMITS],
     )
     pipes = [os.pipe() for _ in range(3)]  # err, status, done
     try:
@@ -487,7 +522,7 @@ def _from_request(request: tuple[Any, ...], fds: list[int]) -> tuple[int, int]:
     stdin, stdout, stderr, err_w, status_w = fds
     try:
         try:
-            root, network, hostname, binds, argv, env, cwd, user = request
+            root, network, hostname, binds, argv, env, cwd, user, umask, rlimits = request
             box = Sandbox(
                 Path(os.fsdecode(root)),
                 network,
@@ -496,14 +531,32 @@ def _from_request(request: tuple[Any, ...], fds: list[int]) -> tuple[int, int]:
                 helper=False,
             )
             ids = (int(user[0]), int(user[1])) if user is not None else None
+            inherit = (int(umask), [(int(n), int(s), int(h)) for n, s, h in rlimits])
         except BaseException:
             os.close(err_w)
             os.close(status_w)
             raise
-        return box._start(argv, env, cwd, (stdin, stdout, stderr), ids, (), err_w, status_w)
+        return box._start(
+            argv, env, cwd, (stdin, stdout, stderr), ids, (), err_w, status_w, inherit
+        )
     finally:
         for fd in (stdin, stdout, stderr):
             os.close(fd)  # init has its copies
+
+
+def _umask() -> int:
+    """This process's umask (``/proc/self/status`` says it without changing it, which
+    ``os.umask`` would, racing other threads)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _confirm(proc: SandboxProcess, err_r: int) -> SandboxProcess:
@@ -546,6 +599,10 @@ class _Plan:
     user: tuple[int, int] | None = None
     #: (ready_w, go_r), the child's ends, when the caller maps: root, direct, subordinate ids.
     maps: tuple[int, int] | None = None
+    #: The caller's umask and resource limits, for init started by the fork helper (a fork of
+    #: the caller has them already).
+    umask: int | None = None
+    rlimits: Sequence[tuple[int, int, int]] = ()
     subids: _subids.Ranges = _subids.NONE  # an ordinary user's subordinate ids
 
 
@@ -734,7 +791,13 @@ def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cov
     """PID 1 inside: mounts, pivot_root, drop privileges, then start the program and reap
     until it exits; exits itself right after, which ends whatever the program left."""
     try:
+        # Before the program exists: nothing inside may ptrace init or take its fds.
+        _linux.set_undumpable()
         _linux.set_pdeathsig(signal.SIGKILL)
+        if plan.umask is not None:
+            os.umask(plan.umask)
+        for limit, soft, hard in plan.rlimits:
+            _set_rlimit(limit, soft, hard)
         _build_root(plan.box)
         program = _start(plan)
         os.close(err_w)
@@ -753,6 +816,20 @@ def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cov
     except BaseException as exc:  # anything must end in _exit
         _report(err_w, errno.EIO, f"sandbox: {exc}")
     os._exit(125)
+
+
+def _set_rlimit(limit: int, soft: int, hard: int) -> None:  # pragma: no cover - child
+    if resource.getrlimit(limit) == (soft, hard):
+        return
+    try:
+        resource.setrlimit(limit, (soft, hard))
+    except (OSError, ValueError) as exc:
+        name = _RLIMITS.get(limit, str(limit))
+        raise _Stage(
+            errno.EPERM,
+            f"cannot give the program the caller's {name} ({soft}, {hard}): {exc}; the fork "
+            "helper started before the caller raised it: lower it, or use Sandbox(helper=False)",
+        ) from None
 
 
 def _inside(root_fd: int, rel: str, *, directory: bool = True) -> int:
