@@ -22,8 +22,12 @@ for the caller's own fork: why it could not start, the program's status) and a *
 which the helper closes once it reaped init (so the PID namespace is empty), after writing how
 init ended. The answer, as soon as init is forked and mapped, is ``(0, pid, kill signal)`` with
 a pidfd of init (or of the keeper, where the helper itself falls back to one) for the caller's
-signals, or ``(errno, message)``. A request that is not plain data or too large for one message
-is the caller's to run; an answer cut short (^C) ends the helper.
+signals, or ``(errno, message)``. The request carries the caller's umask and resource limits,
+which init sets (the helper's are its own), and absolute bind sources (the helper's cwd is
+``/``; its socket is not its fd 0, which is ``/dev/null``). Init keeps none of the helper's fds
+(see ``Sandbox._start``). A request that is not plain data or too large for one message is the
+caller's to run; an answer cut short (^C, or its fds cut off: ``MSG_CTRUNC``) ends the helper,
+and with it what it started for that request.
 
 Identifiable: its command line is ``python -I -S <this dir>/_zygote_server.py <MARK> <caller
 tag>`` (the caller's ``_proctag`` tag) and its parent is the caller (a sandbox's init, a fork
@@ -126,7 +130,7 @@ class Helper:
                 self._broken(f"cannot talk to it: {exc}")
                 raise HelperGone(self.why) from None
             try:
-                raw, got, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
+                raw, got, flags, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
             except OSError as exc:
                 self._broken(f"cannot talk to it: {exc}")
                 raise HelperGone(self.why) from None
@@ -137,6 +141,14 @@ class Helper:
                 raise
             if not raw:
                 self._broken("it ended")
+                raise HelperGone(self.why)
+            if flags & socket.MSG_CTRUNC:
+                # The answer's fds were cut off (this process is out of fds, or a security
+                # module refused them): what it started cannot be signalled from here, so
+                # ending the helper ends it.
+                for fd in got:
+                    os.close(fd)
+                self._broken("its answer came without its fds (MSG_CTRUNC: too many open fds?)")
                 raise HelperGone(self.why)
             self.served += 1
             return marshal.loads(raw), got

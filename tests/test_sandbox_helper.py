@@ -397,3 +397,38 @@ def test_a_request_without_its_fds_is_refused_and_the_helper_goes_on(
     served = helper.served
     assert sandbox.Sandbox(image).run(["/bin/sh", "-c", "exit 7"]) == 7
     assert helper.served == served + 1
+
+
+def _open_fds() -> set[int]:
+    found = set()
+    for fd in range(1024):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        found.add(fd)
+    return found
+
+
+def test_an_answer_cut_short_ends_the_helper_and_leaks_nothing(
+    image: Path, helper: _zygote.Helper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The answer's pidfd did not arrive (MSG_CTRUNC: the caller ran out of fds): the sandbox it
+    # started cannot be signalled from here, so ending the helper ends it, and the caller runs
+    # the program itself.
+    real = _zygote.socket.recv_fds
+
+    def truncated(*args: object) -> object:
+        raw, fds, flags, addr = real(*args)  # type: ignore[arg-type]
+        for fd in fds:
+            os.close(fd)
+        return raw, [], flags | _zygote.socket.MSG_CTRUNC, addr
+
+    monkeypatch.setattr(_zygote.socket, "recv_fds", truncated)
+    before = _open_fds() - {helper._sock.fileno()}
+    assert sandbox.Sandbox(image).run(["/bin/sh", "-c", "exit 8"]) == 8
+    assert _open_fds() == before
+    assert helper.state == "broken"
+    assert "MSG_CTRUNC" in helper.why
+    assert not psutil.pid_exists(helper.pid)
+    assert _descendants() == []
