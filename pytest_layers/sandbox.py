@@ -15,7 +15,9 @@ same for users, under ``shell``):
   Docker does (``/proc/sys``, ``/proc/sysrq-trigger``, ``/proc/kcore``...), no ``/sys``;
 * a ``/dev`` tmpfs holding only null, zero, full, random, urandom and tty (bound from the
   host), a private ``pts`` and ``shm``;
-* ``PR_SET_NO_NEW_PRIVS`` and only :data:`KEPT_CAPS` in its bounding set.
+* ``PR_SET_NO_NEW_PRIVS`` and only :data:`KEPT_CAPS` in its bounding set;
+* an init (and keeper) holding no fd but the program's stdio and its own pipes, and not
+  dumpable: the program cannot ptrace it or take its fds (``pidfd_getfd``).
 
 Process tree: a single-threaded caller starts the *init* (PID 1 of the new PID namespace)
 straight into its new namespaces with ``clone3`` (a fork with the ``CLONE_NEW*`` flags) and
@@ -177,8 +179,8 @@ class Sandbox:
         """Start ``argv`` inside; returns once it is exec'd. ``env`` replaces the environment
         (default: ``PATH`` and ``HOME=/root`` only); ``stdin``... are fds (default: ours);
         ``user`` is the ``(uid, gid)`` inside to run as (default: 0, root inside); ``close``
-        are fds of ours the sandbox must not hold (the caller's ends of its pipes: an init or
-        keeper holding the write end of stdin would keep the program from ever reading EOF).
+        are fds of ours the program must not get even as its stdio (init and the keeper keep
+        only the program's stdio and their own pipes: every other fd is closed there).
 
         Raises :class:`SandboxError` (one line) when the sandbox cannot be set up or the
         program cannot be started (``errno.ENOENT``: not in the image).
