@@ -1,7 +1,9 @@
 """``/bin/true`` inside an image: the sandbox behind ``rootfs.run()`` against the floors.
 
 Measured on a busybox-static tree (the image the fast tests use): ``Sandbox.run`` (what
-``rootfs.run`` adds on top is argument checks and a pipe or two), and in the same run
+``rootfs.run`` adds on top is argument checks and a pipe or two: init started by the fork
+helper, ``_zygote``), the same without the helper (init forked from this process), and in the
+same run
 ``subprocess.run`` on the host, ``chroot DIR /bin/true`` (root only), ``bwrap --bind DIR /
 /bin/true`` and ``unshare --root DIR`` (root only: ``-r`` for an ordinary user). Prints
 median and p99 per call in ms (and the CPU time per call: user + system, of this process and
@@ -34,7 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pytest_layers import _linux, namespaces, sandbox
 from pytest_layers.sandbox import Sandbox
+
+try:
+    from pytest_layers import _zygote
+except ImportError:  # an earlier checkout, measured with PYTHONPATH for an A/B: no helper
+    _zygote = None  # type: ignore[assignment]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,12 +57,38 @@ def busybox_image(root: Path) -> Path:
 
 
 def cpu_seconds() -> float:
-    """User + system time of this process and of its reaped children (every sandbox process)."""
+    """User + system time of this process and of its reaped children (every sandbox process
+    it started), plus the sandbox's fork helper and the children it reaped (init and the
+    program of every sandbox it started)."""
     total = 0.0
     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
+    helper = _zygote.running() if _zygote is not None else None
+    if helper is not None:
+        with open(f"/proc/{helper}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime, stime, cutime, cstime (fields 14-17 of proc(5), counted after the name)
+        total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def grow_heap(megabytes: int) -> list[Any]:
+    """Live Python objects until this process holds ``megabytes`` of anonymous memory: a
+    caller the size of a pytest session (this project's own suite holds about 50 MB once
+    collected), whose fork is what the sandbox's fork helper avoids."""
+    ballast: list[Any] = []
+    while _anon_mb() < megabytes:
+        ballast.extend({"k": [i, str(i)]} for i in range(10_000))
+    return ballast
+
+
+def _anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def measure(fn: Callable[[], Any], n: int) -> dict[str, float]:
@@ -85,22 +119,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="30 calls per case, results to run-WHO-quick.json (CI)"
     )
+    parser.add_argument(
+        "--caller-mb",
+        type=int,
+        default=0,
+        help="grow this process to that many MB of live objects first (a pytest session's size)",
+    )
+    parser.add_argument(
+        "--session-userns",
+        action="store_true",
+        help="as an ordinary user, enter the user namespace a pytest session enters first "
+        "(subordinate ids mapped there when the user has a range): what rootfs.run sees",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.n = min(args.n, 30)
     root = os.geteuid() == 0
+    if args.session_userns and not root:
+        namespaces.enter_user_namespace()
+    ballast = grow_heap(args.caller_mb)
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         image = busybox_image(Path(tmp) / "image")
         box = Sandbox(image)
         null = subprocess.DEVNULL
+        helper = _zygote.get(sandbox._identity, wait=30) if _zygote is not None else None
+        if helper is None:
+            print("no fork helper (an earlier checkout, or it cannot run here)")
+        if args.session_userns and not root:
+            # The session's ambient capabilities (the helper has them: it started above) would
+            # follow bwrap and unshare across exec, and bwrap refuses to run with any.
+            _linux.ambient_clear_all()
 
-        def sandbox() -> None:
-            assert box.run(["/bin/true"]) == 0
+        def run_in(which: Sandbox) -> Callable[[], None]:
+            def run() -> None:
+                assert which.run(["/bin/true"]) == 0
 
-        cases: dict[str, Callable[[], Any]] = {
-            "sandbox (rootfs.run)": sandbox,
-            "subprocess.run host": lambda: subprocess.run(["/bin/true"], check=True),
-        }
+            return run
+
+        cases: dict[str, Callable[[], Any]] = {"sandbox (rootfs.run)": run_in(box)}
+        if helper is not None:
+            cases["sandbox, no helper"] = run_in(Sandbox(image, helper=False))
+
+        cases["subprocess.run host"] = lambda: subprocess.run(["/bin/true"], check=True)
         if root:
             cases["chroot"] = lambda: subprocess.run(
                 ["chroot", str(image), "/bin/true"], check=True
@@ -116,13 +176,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         results = {name: measure(fn, args.n) for name, fn in cases.items()}
     who = "root" if root else "user"
-    print(f"/bin/true per call as {who} (n={args.n}), ms:")
+    where = " in the session's user namespace" if args.session_userns and not root else ""
+    print(f"/bin/true per call as {who}{where}, caller {_anon_mb():.0f} MB (n={args.n}), ms:")
+    del ballast
     for name, r in results.items():
         print(
             f"  {name:24} median {r['median_ms']:7.2f}  p99 {r['p99_ms']:7.2f}"
             f"  cpu {r['cpu_ms']:6.2f}"
         )
-    report: dict[str, Any] = {"who": who, "cpus": os.cpu_count(), "results": results}
+    report: dict[str, Any] = {
+        "who": who,
+        "cpus": os.cpu_count(),
+        "caller_mb": args.caller_mb,
+        "session_userns": args.session_userns,
+        "results": results,
+    }
     report["debian"] = debian_suite(tests=3 if args.quick else 20, warm_runs=1 if args.quick else 3)
     out = args.out or RESULTS / f"run-{who}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

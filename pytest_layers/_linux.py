@@ -16,9 +16,9 @@ import contextlib
 import ctypes
 import errno as _errno
 import os
-import platform
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from pytest_layers.errors import MountError
 
@@ -156,6 +156,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # prctl(2)
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -228,16 +229,38 @@ _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.sethostname.restype = ctypes.c_int
 
 
+_MACHINE = os.uname().machine
+_TABLE = _SYSCALLS.get(_ARCH_ALIASES.get(_MACHINE, _MACHINE))
+
+
 def _syscall_number(name: str) -> int:
-    machine = platform.machine()
-    table = _SYSCALLS.get(_ARCH_ALIASES.get(machine, machine))
+    table = _TABLE
     if table is None:
+        machine = _MACHINE
         raise MountError(
             _errno.ENOSYS,
             f"{name}: syscall numbers for architecture {machine!r} are not known "
             "(pytest-layers supports x86_64 and aarch64)",
         )
     return table[name]
+
+
+def _typed_syscall(*argtypes: Any) -> Any:
+    """A ``syscall(2)`` function object of its own whose arguments after the number have these
+    types: ctypes converts them itself, with no wrapper object made per call (init makes a
+    few dozen such calls per sandbox)."""
+    func = _libc["syscall"]
+    func.restype = ctypes.c_long
+    func.argtypes = (ctypes.c_long, *argtypes)
+    return func
+
+
+_sys_path_attr = _typed_syscall(  # mount_setattr(dirfd, path, flags, attr, size)
+    ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_size_t
+)
+_sys_openat2 = _typed_syscall(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
+_sys_two_paths = _typed_syscall(ctypes.c_char_p, ctypes.c_char_p)  # pivot_root
+_sys_two_pointers = _typed_syscall(ctypes.c_void_p, ctypes.c_void_p)  # capget, capset
 
 
 def _fail(op: str, target: str | None, err: int | None = None, detail: str = "") -> MountError:
@@ -407,7 +430,7 @@ def capget() -> Capabilities:
     """``capget(2)`` for the calling thread."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    ret = _libc.syscall(ctypes.c_long(_syscall_number("capget")), ctypes.byref(header), data)
+    ret = _sys_two_pointers(_syscall_number("capget"), ctypes.byref(header), data)
     if ret < 0:
         raise _fail("capget", None)
     return Capabilities(
@@ -425,7 +448,7 @@ def capset(caps: Capabilities) -> None:
         data[i].effective = (caps.effective >> shift) & 0xFFFFFFFF
         data[i].permitted = (caps.permitted >> shift) & 0xFFFFFFFF
         data[i].inheritable = (caps.inheritable >> shift) & 0xFFFFFFFF
-    ret = _libc.syscall(ctypes.c_long(_syscall_number("capset")), ctypes.byref(header), data)
+    ret = _sys_two_pointers(_syscall_number("capset"), ctypes.byref(header), data)
     if ret < 0:
         raise _fail("capset", repr(caps))
 
@@ -468,11 +491,7 @@ def pivot_root(new_root: str | os.PathLike[str], put_old: str | os.PathLike[str]
     Unlike ``chroot``, the old root stops being reachable once it is unmounted, whatever the
     process does with ``chdir("..")`` afterwards (the double-chroot escape needs a root above).
     """
-    ret = _libc.syscall(
-        ctypes.c_long(_syscall_number("pivot_root")),
-        ctypes.c_char_p(os.fsencode(new_root)),
-        ctypes.c_char_p(os.fsencode(put_old)),
-    )
+    ret = _sys_two_paths(_syscall_number("pivot_root"), os.fsencode(new_root), os.fsencode(put_old))
     if ret < 0:
         raise _fail("pivot_root", os.fsdecode(new_root))
 
@@ -498,13 +517,13 @@ def mount_setattr(
     ``path`` (and of every mount below it when ``recursive``). A remount would have to repeat
     every flag the kernel locked on a mount inherited from a more privileged namespace."""
     attr = _MountAttr(attr_set, attr_clr, 0, 0)
-    ret = _libc.syscall(
-        ctypes.c_long(_syscall_number("mount_setattr")),
-        ctypes.c_int(dirfd),
-        ctypes.c_char_p(os.fsencode(path)),
-        ctypes.c_uint(AT_RECURSIVE if recursive else 0),
+    ret = _sys_path_attr(
+        _syscall_number("mount_setattr"),
+        dirfd,
+        os.fsencode(path),
+        AT_RECURSIVE if recursive else 0,
         ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
+        ctypes.sizeof(attr),
     )
     if ret < 0:
         raise _fail("mount_setattr", os.fsdecode(path))
@@ -528,14 +547,25 @@ def set_no_new_privs() -> None:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
 
 
+def set_undumpable() -> None:
+    """``PR_SET_DUMPABLE`` 0: no process without ``CAP_SYS_PTRACE`` where this process's memory
+    was created may ptrace it, ``pidfd_getfd(2)`` its fds or read its ``/proc/PID/fd`` (until it
+    execs; its own access stays)."""
+    _prctl(_PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
+
+
 def set_pdeathsig(sig: int) -> None:
     """``PR_SET_PDEATHSIG``: the kernel sends ``sig`` to this process when its parent dies."""
     _prctl(_PR_SET_PDEATHSIG, sig, "PR_SET_PDEATHSIG")
 
 
-def bounding_drop(cap: int) -> None:
-    """``PR_CAPBSET_DROP``: no later execve can give this process ``cap`` back."""
-    _prctl(_PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP, {cap}")
+def bounding_drop(*caps: int) -> None:
+    """``PR_CAPBSET_DROP`` of each of ``caps``: no later execve can give this process any of
+    them back."""
+    prctl = _libc.prctl
+    for cap in caps:
+        if prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise _fail("prctl", f"PR_CAPBSET_DROP, {cap}")
 
 
 def ambient_clear_all() -> None:
@@ -548,6 +578,7 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
 
@@ -559,12 +590,8 @@ def open_in_root(root_fd: int, path: str, flags: int) -> int:
     how a path an image controls is resolved without trusting its symlinks.
     """
     how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-    ret = _libc.syscall(
-        ctypes.c_long(_syscall_number("openat2")),
-        ctypes.c_int(root_fd),
-        ctypes.c_char_p(os.fsencode(path)),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
+    ret = _sys_openat2(
+        _syscall_number("openat2"), root_fd, os.fsencode(path), ctypes.byref(how), _HOW_SIZE
     )
     if ret < 0:
         err = ctypes.get_errno()
@@ -691,3 +718,24 @@ def cloexec_from(first: int) -> None:
         if int(name) >= first:
             with contextlib.suppress(OSError):  # the listing's own fd, closed by now
                 os.set_inheritable(int(name), False)
+
+
+def close_fds_except(keep: Iterable[int]) -> None:
+    """Close every fd of this process but ``keep``: ``close_range(2)`` over the gaps (Linux >=
+    5.9), else one call per open fd."""
+    kept = sorted({fd for fd in keep if fd >= 0})
+    close_range = _libc.syscall
+    number = ctypes.c_long(_syscall_number("close_range"))
+    start = 0
+    for fd in [*kept, 0x100000000]:
+        if fd > start:
+            last = min(fd - 1, 0xFFFFFFFF)
+            if close_range(number, ctypes.c_uint(start), ctypes.c_uint(last), ctypes.c_uint(0)):
+                break
+        start = fd + 1
+    else:
+        return
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in kept:
+            with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+                os.close(int(name))

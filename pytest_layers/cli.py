@@ -621,7 +621,10 @@ def _sandboxed(
             if interactive:
                 env["PS1"] = f"[layers {_short(cid)}] \\w \\$ "
             env.update(given)
-            sandbox = Sandbox(root, network=network, hostname=f"layers-{_short(cid)}", binds=binds)
+            # One program per command: the fork helper would cost more to start than it saves.
+            sandbox = Sandbox(
+                root, network=network, hostname=f"layers-{_short(cid)}", binds=binds, helper=False
+            )
             sys.stdout.flush()
             sys.stderr.flush()
             # Like system(3): ^C and ^\ belong to the program, which decides whether to die.

@@ -15,7 +15,9 @@ same for users, under ``shell``):
   Docker does (``/proc/sys``, ``/proc/sysrq-trigger``, ``/proc/kcore``...), no ``/sys``;
 * a ``/dev`` tmpfs holding only null, zero, full, random, urandom and tty (bound from the
   host), a private ``pts`` and ``shm``;
-* ``PR_SET_NO_NEW_PRIVS`` and only :data:`KEPT_CAPS` in its bounding set.
+* ``PR_SET_NO_NEW_PRIVS`` and only :data:`KEPT_CAPS` in its bounding set;
+* an init (and keeper) holding no fd but the program's stdio and its own pipes, and not
+  dumpable: the program cannot ptrace it or take its fds (``pidfd_getfd``).
 
 Process tree: a single-threaded caller starts the *init* (PID 1 of the new PID namespace)
 straight into its new namespaces with ``clone3`` (a fork with the ``CLONE_NEW*`` flags) and
@@ -26,22 +28,28 @@ caller's ``waitpid`` returns only once it is empty). Init gets ``SIGKILL`` when 
 dies, so nothing outlives it.
 
 Forking a large Python process is most of what a run costs (page tables, then copy-on-write
-faults on both sides), so there is one fork, not two. A caller with other threads, a kernel
-without ``clone3`` or a filter that refuses it (Docker's default seccomp profile answers
-``ENOSYS``) takes the older way instead: ``os.fork()`` of a *keeper* that unshares the
-namespaces and forks init (glibc's fork handlers, which only ``fork()`` runs, keep malloc's
-locks usable in a child of a threaded process; ``unshare(CLONE_NEWUSER)`` wants the
+faults on both sides), so there is one fork, not two; and once this process's fork helper
+(:mod:`pytest_layers._zygote`, a small ``python -I -S`` of its own) is ready, that fork is the
+helper's, whatever this process's size: the helper runs the same :meth:`Sandbox._start` and
+passes init's pidfd back, and init reports to our pipes directly. Without the helper, a caller
+with other threads, a kernel without ``clone3`` or a filter that refuses it (Docker's default
+seccomp profile answers ``ENOSYS``) takes the older way: ``os.fork()`` of a *keeper* that
+unshares the namespaces and forks init (glibc's fork handlers, which only ``fork()`` runs, keep
+malloc's locks usable in a child of a threaded process; ``unshare(CLONE_NEWUSER)`` wants the
 single-threaded keeper). A caller with threads must not hold locks the child needs (the child
 only makes syscalls and small Python objects).
 """
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal's C half: no enum conversions per call
 import contextlib
 import errno
 import fcntl
 import functools
+import gc
 import os
+import resource
 import select
 import signal
 import socket
@@ -51,9 +59,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from pytest_layers import _chroot, _linux, _subids
+from pytest_layers import _chroot, _linux, _subids, _zygote
 from pytest_layers.errors import SandboxError
 
 __all__ = ["KEPT_CAPS", "DEFAULT_PATH", "Bind", "Sandbox", "SandboxProcess"]
@@ -93,6 +101,35 @@ _NAMESPACES = (
     | _linux.CLONE_NEWIPC
     | _linux.CLONE_NEWCGROUP
 )
+# As plain ints for ``_signal.signal``: ``signal.signal`` converts to and from its enums on every
+# call, a good part of init's own work (and of the pages it copies from its parent).
+_IGNORED_BY_INIT = (int(signal.SIGINT), int(signal.SIGQUIT))
+_FORWARDED_BY_INIT = tuple(
+    int(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+)
+_SIG_IGN = int(signal.SIG_IGN)
+#: The resource limits the fork helper gives init as the caller has them (by number: name).
+_RLIMITS = {
+    getattr(resource, name): name
+    for name in (
+        "RLIMIT_AS",
+        "RLIMIT_CORE",
+        "RLIMIT_CPU",
+        "RLIMIT_DATA",
+        "RLIMIT_FSIZE",
+        "RLIMIT_LOCKS",
+        "RLIMIT_MEMLOCK",
+        "RLIMIT_MSGQUEUE",
+        "RLIMIT_NICE",
+        "RLIMIT_NOFILE",
+        "RLIMIT_NPROC",
+        "RLIMIT_RTPRIO",
+        "RLIMIT_RTTIME",
+        "RLIMIT_SIGPENDING",
+        "RLIMIT_STACK",
+    )
+    if hasattr(resource, name)
+}
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 
@@ -119,6 +156,9 @@ class Sandbox:
     network: str = "none"
     hostname: str = "pytest-layers"
     binds: Sequence[Bind] = ()
+    #: Start init from this process's fork helper (``_zygote``) once it is ready, instead of a
+    #: fork of this process; False for a process that runs one sandbox (the CLI).
+    helper: bool = True
 
     def __post_init__(self) -> None:
         if self.network not in ("none", "host"):
@@ -139,8 +179,8 @@ class Sandbox:
         """Start ``argv`` inside; returns once it is exec'd. ``env`` replaces the environment
         (default: ``PATH`` and ``HOME=/root`` only); ``stdin``... are fds (default: ours);
         ``user`` is the ``(uid, gid)`` inside to run as (default: 0, root inside); ``close``
-        are fds of ours the sandbox must not hold (the caller's ends of its pipes: an init or
-        keeper holding the write end of stdin would keep the program from ever reading EOF).
+        are fds of ours the program must not get even as its stdio (init and the keeper keep
+        only the program's stdio and their own pipes: every other fd is closed there).
 
         Raises :class:`SandboxError` (one line) when the sandbox cannot be set up or the
         program cannot be started (``errno.ENOENT``: not in the image).
@@ -148,24 +188,70 @@ class Sandbox:
         if not argv:
             raise ValueError("argv is empty: name the program to run")
         environ = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "HOME": "/root"}
-        _cap_last()  # read here, once: the child then finds it cached
-        flags = _NAMESPACES | (_linux.CLONE_NEWNET if self.network == "none" else 0)
-        direct = _single_threaded()
+        if self.helper:
+            helper = _zygote.get(_identity)
+            if helper is not None:
+                with contextlib.suppress(_zygote.HelperGone):
+                    return _spawn_by(
+                        helper, self, list(argv), environ, cwd, (stdin, stdout, stderr), user
+                    )
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
+        try:
+            pid, kill = self._start(
+                list(argv),
+                environ,
+                cwd,
+                (stdin, stdout, stderr),
+                user,
+                [*close, err_r, status_r],
+                err_w,
+                status_w,
+            )
+        except BaseException:
+            os.close(err_r)
+            os.close(status_r)
+            raise
+        return _confirm(SandboxProcess(pid, status_r, list(argv), kill_signal=kill), err_r)
+
+    def _start(
+        self,
+        argv: list[str],
+        environ: dict[str, str],
+        cwd: str,
+        stdio: tuple[int | None, int | None, int | None],
+        user: tuple[int, int] | None,
+        close: Sequence[int],
+        err_w: int,
+        status_w: int,
+        inherit: tuple[int, Sequence[tuple[int, int, int]]] | None = None,
+    ) -> tuple[int, int]:
+        """Fork init (or a keeper) and map its ids; ``(pid, signal that ends it)``. Init
+        reports a failure to start on ``err_w`` (closed once the program runs) and the
+        program's status on ``status_w``; both are closed here, whatever happens. ``inherit``:
+        the umask and resource limits init sets (the fork helper's, for its caller)."""
+        _dropped_caps()  # read here, once: the child then finds it cached
+        flags = _NAMESPACES | (_linux.CLONE_NEWNET if self.network == "none" else 0)
+        direct = _single_threaded()
         uid, gid, caller = os.geteuid(), os.getegid(), os.getpid()
-        fds = [err_r, err_w, status_r, status_w]
+        fds = [err_w, status_w]
         maps: tuple[int, int] | None = None
         extra = _subids.available() if uid != 0 else _subids.NONE
-        if uid == 0 or direct or extra:
-            ready_r, ready_w = os.pipe()
-            go_r, go_w = os.pipe()
-            fds += [ready_r, ready_w, go_r, go_w]
-            maps = (ready_w, go_r)
-        plan = _Plan(
-            self, list(argv), environ, cwd, (stdin, stdout, stderr), uid, gid, caller, user, maps
-        )
+        try:
+            if uid == 0 or direct or extra:
+                ready_r, ready_w = os.pipe()
+                fds += [ready_r, ready_w]
+                go_r, go_w = os.pipe()
+                fds += [go_r, go_w]
+                maps = (ready_w, go_r)
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        plan = _Plan(self, argv, environ, cwd, stdio, uid, gid, caller, user, maps)
         plan.subids = extra
+        if inherit is not None:
+            plan.umask, plan.rlimits = inherit
         alive = -1
         try:
             pid = -1
@@ -194,16 +280,19 @@ class Sandbox:
                 os.close(fd)
             raise
         if pid == 0:  # pragma: no cover - runs in the child (measured by its effects)
-            os.close(err_r)
-            os.close(status_r)
+            # Every fd but the few it needs goes: the program could take any fd of init's
+            # (pidfd_getfd), and a copy of another sandbox's pipe here would keep that one's
+            # end from being seen. What stays: the program's stdio, the err and status pipes,
+            # the maps' pipes (a keeper's ready and go, init's go) and the caller's pidfd.
+            keep = {fd if fd is not None else target for target, fd in enumerate(stdio)}
+            keep -= set(close)
+            keep |= {err_w, status_w}
             if maps is not None:
-                os.close(ready_r)
-                os.close(go_w)
-            for fd in close:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                keep |= {go_r} if direct else {ready_w, go_r}
             if direct:
-                os.close(ready_w)
+                keep.add(alive)
+            _linux.close_fds_except(keep)
+            if direct:
                 _direct_init(plan, err_w, status_w, go_r, alive)
             _child(plan, err_w, status_w)
         if alive >= 0:
@@ -213,7 +302,6 @@ class Sandbox:
         # Init, started straight into its namespaces, ends on SIGKILL; a keeper on SIGTERM
         # (it kills init, then waits until the namespace is empty).
         kill = signal.SIGKILL if direct else signal.SIGTERM
-        proc = SandboxProcess(pid, status_r, list(argv), kill_signal=kill)
         if maps is not None:
             os.close(ready_w)
             os.close(go_r)
@@ -226,18 +314,11 @@ class Sandbox:
                 _write_go(plan, pid, go_w)
             elif maps is not None:
                 _write_maps(plan, pid, ready_r, go_w)
-            message = _read_all(err_r)
         except BaseException:  # ^C while it starts: nothing may keep running unsupervised
-            proc.kill()
-            proc.wait()
+            os.kill(pid, kill)
+            os.waitpid(pid, 0)
             raise
-        finally:
-            os.close(err_r)
-        if message:
-            proc.wait()
-            code, _, text = message.decode(errors="replace").partition(":")
-            raise SandboxError(int(code) if code.isdigit() else errno.EIO, text)
-        return proc
+        return pid, kill
 
     def run(
         self,
@@ -323,6 +404,180 @@ class SandboxProcess:
                 os.kill(self.pid, self._kill_signal)
 
 
+class _HelperProcess(SandboxProcess):
+    """A sandbox the fork helper started: init is the helper's child, not ours. The helper
+    closes the done pipe once it reaped init (so its PID namespace is empty), after writing
+    how init ended; init's own report (the program's status) comes straight from init, as
+    usual. Signals go to init's pidfd, which the helper passed on."""
+
+    def __init__(
+        self,
+        pid: int,
+        status_fd: int,
+        done_fd: int,
+        pidfd: int,
+        args: Sequence[str],
+        *,
+        kill_signal: int,
+    ) -> None:
+        super().__init__(pid, status_fd, args, kill_signal=kill_signal)
+        self._done_fd = done_fd
+        self._pidfd = pidfd
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._done_fd], [], [], 0)[0]:
+            self._finish(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            wait = None if timeout is None else max(timeout, 0)
+            if not select.select([self._done_fd], [], [], wait)[0]:
+                import subprocess
+
+                raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
+            self._finish(0)
+        return self.returncode  # type: ignore[return-value]  # set by _finish
+
+    def _finish(self, status: int) -> None:
+        ended = _read_all(self._done_fd)  # empty if the helper died: it killed init as it went
+        reported = _read_all(self._status_fd)
+        for fd in (self._status_fd, self._done_fd, self._pidfd):
+            os.close(fd)
+        self.returncode = int(reported or ended or -signal.SIGKILL)
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, self._kill_signal)
+
+
+def _identity() -> tuple[object, ...]:
+    """What decides how this process runs a sandbox: ids, namespaces, the subordinate ids it
+    can map. The fork helper runs sandboxes for a caller whose identity equals its own."""
+    links = tuple(os.readlink(f"/proc/self/ns/{ns}") for ns in ("user", "mnt", "pid", "net"))
+    extra = _subids.available() if os.geteuid() != 0 else _subids.NONE
+    return (os.geteuid(), os.getegid(), links, extra.uids, extra.gids, extra.helpers)
+
+
+def _spawn_by(
+    helper: _zygote.Helper,
+    box: Sandbox,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    stdio: tuple[int | None, int | None, int | None],
+    user: tuple[int, int] | None,
+) -> SandboxProcess:
+    """Have the fork helper start the sandbox (plain data and fds over its socket); raises
+    :class:`_zygote.HelperGone` when it cannot (nothing started: run it ourselves)."""
+    if _identity() != helper.identity:
+        raise _zygote.HelperGone("the caller changed namespaces or ids")
+    opened = []
+    fds = []
+    for target, fd in enumerate(stdio):
+        if fd is None:
+            fd = target  # ours, as a program we start inherits them
+            try:
+                os.fstat(fd)
+            except OSError:  # closed here: the helper's own would be its socket or /dev/null
+                fd = os.open(os.devnull, os.O_RDWR)
+                opened.append(fd)
+        fds.append(fd)
+    request = (
+        os.fsencode(os.path.abspath(box.root)),
+        box.network,
+        box.hostname,
+        # Relative sources are the caller's: the helper's cwd is "/".
+        [(os.fsencode(os.path.abspath(b.source)), b.target, b.readonly) for b in box.binds],
+        argv,
+        env,
+        cwd,
+        user,
+        _umask(),
+        [(limit, *resource.getrlimit(limit)) for limit in _RLIMITS],
+    )
+    pipes = [os.pipe() for _ in range(3)]  # err, status, done
+    try:
+        answer, got = helper.request(request, [*fds, *(w for _, w in pipes)])
+    except BaseException:
+        for r, _ in pipes:
+            os.close(r)
+        raise
+    finally:
+        for _, w in pipes:
+            os.close(w)
+        for fd in opened:
+            os.close(fd)
+    (err_r, _), (status_r, _), (done_r, _) = pipes
+    if answer[0] != 0:
+        for fd in (err_r, status_r, done_r, *got):
+            os.close(fd)
+        raise SandboxError(answer[0], answer[1])
+    proc = _HelperProcess(answer[1], status_r, done_r, got[0], argv, kill_signal=answer[2])
+    return _confirm(proc, err_r)
+
+
+def _from_request(request: tuple[Any, ...], fds: list[int]) -> tuple[int, int]:
+    """The fork helper's side of :func:`_spawn_by`: start the sandbox it asks for, with the
+    caller's stdio and its err and status pipes (all closed here); ``(pid, kill signal)``."""
+    stdin, stdout, stderr, err_w, status_w = fds
+    try:
+        try:
+            root, network, hostname, binds, argv, env, cwd, user, umask, rlimits = request
+            box = Sandbox(
+                Path(os.fsdecode(root)),
+                network,
+                hostname,
+                [Bind(Path(os.fsdecode(src)), target, ro) for src, target, ro in binds],
+                helper=False,
+            )
+            ids = (int(user[0]), int(user[1])) if user is not None else None
+            inherit = (int(umask), [(int(n), int(s), int(h)) for n, s, h in rlimits])
+        except BaseException:
+            os.close(err_w)
+            os.close(status_w)
+            raise
+        return box._start(
+            argv, env, cwd, (stdin, stdout, stderr), ids, (), err_w, status_w, inherit
+        )
+    finally:
+        for fd in (stdin, stdout, stderr):
+            os.close(fd)  # init has its copies
+
+
+def _umask() -> int:
+    """This process's umask (``/proc/self/status`` says it without changing it, which
+    ``os.umask`` would, racing other threads)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _confirm(proc: SandboxProcess, err_r: int) -> SandboxProcess:
+    """Wait until init started the program (``err_r`` ends) or said why it could not."""
+    try:
+        message = _read_all(err_r)
+    except BaseException:  # ^C while it starts: nothing may keep running unsupervised
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        os.close(err_r)
+    if message:
+        proc.wait()
+        code, _, text = message.decode(errors="replace").partition(":")
+        raise SandboxError(int(code) if code.isdigit() else errno.EIO, text)
+    return proc
+
+
 def _read_all(fd: int) -> bytes:
     chunks = []
     while True:
@@ -346,6 +601,10 @@ class _Plan:
     user: tuple[int, int] | None = None
     #: (ready_w, go_r), the child's ends, when the caller maps: root, direct, subordinate ids.
     maps: tuple[int, int] | None = None
+    #: The caller's umask and resource limits, for init started by the fork helper (a fork of
+    #: the caller has them already).
+    umask: int | None = None
+    rlimits: Sequence[tuple[int, int, int]] = ()
     subids: _subids.Ranges = _subids.NONE  # an ordinary user's subordinate ids
 
 
@@ -361,6 +620,7 @@ def _stage(what: str, exc: OSError) -> _Stage:
 
 def _child(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cover - child
     """The keeper: never returns (a forked copy of the caller must not run the caller's code)."""
+    gc.disable()  # a collection would touch (and copy) every page of the caller's heap
     code = 125
     try:
         for sig in (signal.SIGINT, signal.SIGQUIT):
@@ -506,9 +766,10 @@ def _direct_init(
 ) -> NoReturn:  # pragma: no cover - child
     """Init started by the caller straight into new namespaces (no keeper): what the keeper
     does between its ``unshare`` and its ``fork``, then init's own work."""
+    gc.disable()  # a collection would touch (and copy) every page of the caller's heap
     try:
-        for sig in (signal.SIGINT, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_IGN)
+        for sig in _IGNORED_BY_INIT:
+            _signal.signal(sig, _SIG_IGN)
         _linux.set_pdeathsig(signal.SIGKILL)
         # getppid() is 0 in a new PID namespace: the caller's pidfd says whether it died
         # before the line above (nobody wants us any more, and no signal would come).
@@ -532,13 +793,19 @@ def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cov
     """PID 1 inside: mounts, pivot_root, drop privileges, then start the program and reap
     until it exits; exits itself right after, which ends whatever the program left."""
     try:
+        # Before the program exists: nothing inside may ptrace init or take its fds.
+        _linux.set_undumpable()
         _linux.set_pdeathsig(signal.SIGKILL)
+        if plan.umask is not None:
+            os.umask(plan.umask)
+        for limit, soft, hard in plan.rlimits:
+            _set_rlimit(limit, soft, hard)
         _build_root(plan.box)
         program = _start(plan)
         os.close(err_w)
         forward = lambda sig, _frame: os.kill(program, sig)  # noqa: E731
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, forward)
+        for sig in _FORWARDED_BY_INIT:
+            _signal.signal(sig, forward)
         while True:
             pid, status = os.waitpid(-1, 0)
             if pid == program:
@@ -551,6 +818,20 @@ def _init(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no cov
     except BaseException as exc:  # anything must end in _exit
         _report(err_w, errno.EIO, f"sandbox: {exc}")
     os._exit(125)
+
+
+def _set_rlimit(limit: int, soft: int, hard: int) -> None:  # pragma: no cover - child
+    if resource.getrlimit(limit) == (soft, hard):
+        return
+    try:
+        resource.setrlimit(limit, (soft, hard))
+    except (OSError, ValueError) as exc:
+        name = _RLIMITS.get(limit, str(limit))
+        raise _Stage(
+            errno.EPERM,
+            f"cannot give the program the caller's {name} ({soft}, {hard}): {exc}; the fork "
+            "helper started before the caller raised it: lower it, or use Sandbox(helper=False)",
+        ) from None
 
 
 def _inside(root_fd: int, rel: str, *, directory: bool = True) -> int:
@@ -686,19 +967,19 @@ def _build_dev(root_fd: int) -> None:  # pragma: no cover - child
 
 
 def _protect_proc() -> None:  # pragma: no cover - child
+    # One listing of the fresh /proc instead of a stat (and an exception) per name.
+    present = set(os.listdir("/proc"))
     for name in _PROC_READONLY:
-        path = f"/proc/{name}"
-        if os.path.lexists(path):
+        if name in present:
+            path = "/proc/" + name
             _linux.mount(path, path, None, _linux.MS_BIND | _linux.MS_REC)
             _linux.mount_setattr(path, _linux.MOUNT_ATTR_RDONLY)
     for name in _PROC_MASKED_FILES:
-        path = f"/proc/{name}"
-        if os.path.lexists(path):
-            _linux.mount("/dev/null", path, None, _linux.MS_BIND)
+        if name in present:
+            _linux.mount("/dev/null", "/proc/" + name, None, _linux.MS_BIND)
     for name in _PROC_MASKED_DIRS:
-        path = f"/proc/{name}"
-        if os.path.isdir(path):
-            _linux.mount("tmpfs", path, "tmpfs", _linux.MS_RDONLY, "size=0")
+        if name in present and os.path.isdir("/proc/" + name):
+            _linux.mount("tmpfs", "/proc/" + name, "tmpfs", _linux.MS_RDONLY, "size=0")
 
 
 @functools.cache
@@ -707,6 +988,13 @@ def _cap_last() -> int:
         return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     except (OSError, ValueError):
         return _linux.CAP_LAST_CAP
+
+
+@functools.cache
+def _dropped_caps() -> tuple[int, ...]:
+    """The capabilities init takes out of its bounding set: every one this kernel knows but
+    :data:`KEPT_CAPS` (read by the caller, so that init finds it cached)."""
+    return tuple(cap for cap in range(_cap_last() + 1) if cap not in KEPT_CAPS)
 
 
 def _single_threaded() -> bool:
@@ -721,13 +1009,10 @@ def _single_threaded() -> bool:
 
 
 def _drop_privileges(root: bool) -> None:  # pragma: no cover - child
-    last = _cap_last()
     if root:
         # Real root's supplementary groups are real host groups: give none of them inside.
         os.setgroups([])
-    for cap in range(last + 1):
-        if cap not in KEPT_CAPS:
-            _linux.bounding_drop(cap)
+    _linux.bounding_drop(*_dropped_caps())
     kept = sum(1 << cap for cap in KEPT_CAPS)
     caps = _linux.capget()
     # uid 0 gets its bounding set at execve; no inheritable or ambient bit may add to it.

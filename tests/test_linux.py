@@ -32,7 +32,8 @@ def test_umount_error_names_operation_target_and_reason(tmp_path: Path) -> None:
 
 
 def test_unknown_architecture_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_linux.platform, "machine", lambda: "mips")
+    monkeypatch.setattr(_linux, "_MACHINE", "mips")
+    monkeypatch.setattr(_linux, "_TABLE", None)
     with pytest.raises(MountError, match=r"architecture 'mips'.*x86_64 and aarch64") as info:
         _linux.fsopen("tmpfs")
     assert info.value.errno == errno.ENOSYS

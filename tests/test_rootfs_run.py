@@ -13,6 +13,8 @@ import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 import pytest
 from conftest import require
 
+from pytest_layers import _zygote
+
 pytestmark = pytest.mark.requires_tool("busybox")
 
 MARK = "pytest-layers-run-canary"
@@ -310,7 +312,13 @@ def test_true(rootfs, i):
 
 def test_after():
     import psutil
-    assert psutil.Process().children(recursive=True) == []
+    from pytest_layers import _zygote
+    # The runs went through the sandbox's fork helper (the first few while it started), which
+    # lives for the session: left out by exactly its pid, whatever it started counted.
+    helper = _zygote.running()
+    assert helper is not None and _zygote.is_helper(helper)
+    assert _zygote._helper.served >= 900
+    assert [p for p in psutil.Process().children(recursive=True) if p.pid != helper] == []
     # (A namespace lives only as long as a process or a mount holds it.)
     assert fds() <= START["fds"] + 2
     assert mounts() < START["mounts"]  # the first test's own view is gone too
@@ -353,6 +361,8 @@ import subprocess, sys, time, pytest
 
 @pytest.mark.layer("bb")
 def test_server(rootfs):
+    from pytest_layers import _zygote, sandbox
+    assert _zygote.get(sandbox._identity, wait=60) is not None  # the helper starts the server
     p = rootfs.spawn(["sh", "-c", "echo ready; sleep 1000; : {MARK}"], stdout=subprocess.PIPE)
     assert p.stdout.readline() == b"ready\\n"
     sys.__stdout__.write("SPAWNED\\n")
@@ -372,13 +382,19 @@ def test_server(rootfs):
                 break
         inside = leftovers()
         assert inside, "the server should be running before the kill"
+        helpers = [
+            p for p in psutil.Process(proc.pid).children() if _zygote.is_helper(p.pid, proc.pid)
+        ]
+        assert len(helpers) == 1, "the sandbox's fork helper should be running"
+        inside += helpers
     finally:
         proc.kill()
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
-    # Init (and a keeper, if any) die of PR_SET_PDEATHSIG, the rest with the PID namespace; the
-    # kernel delivers that asynchronously, so wait for exactly the processes seen (bounded).
+    # The helper, then init (and a keeper, if any) die of PR_SET_PDEATHSIG, the rest with the
+    # PID namespace; the kernel delivers that asynchronously, so wait for exactly the processes
+    # seen (bounded).
     _, alive = psutil.wait_procs(inside, timeout=30)
     assert alive == []
     assert leftovers() == []

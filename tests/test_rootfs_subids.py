@@ -87,7 +87,16 @@ def test_chown_to_other_ids_works_with_subordinate_ids(ordinary_tmp_path: Path) 
 import os, pytest
 
 @pytest.mark.layer("bb")
-def test_chown(rootfs):
+@pytest.mark.parametrize("helper", [True, False])
+def test_chown(rootfs, helper, monkeypatch):
+    # Both ways to start init: the sandbox's fork helper (in this session's namespace, so it
+    # writes the maps with the range) and this process's own fork.
+    from pytest_layers import _zygote, sandbox
+    if helper:
+        assert _zygote.get(sandbox._identity, wait=60) is not None, _zygote._helper.why
+        served = _zygote._helper.served
+    else:
+        monkeypatch.setattr(_zygote, "get", lambda *a, **k: None)
     r = rootfs.run(["sh", "-c", "touch /tmp/f; chown 1234:55 /tmp/f; stat -c '%u %g' /tmp/f"],
                    text=True, check=True)
     assert r.stdout == "1234 55\\n", r
@@ -101,10 +110,12 @@ def test_chown(rootfs):
                    check=True)
     assert r.stdout.split() == ["1000", "1000"]
     assert (rootfs / "tmp/app").stat().st_uid == {uid0} + 999
+    if helper:
+        assert _zygote._helper.served == served + 3
 """,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "1 passed" in proc.stdout
+    assert "2 passed" in proc.stdout
 
 
 def test_chown_without_subordinate_ids_fails_and_says_why(ordinary_tmp_path: Path) -> None:
