@@ -277,3 +277,18 @@ def _alive(pid: int) -> bool:
 def builder_runs(path: Path) -> list[str]:
     log = path / "runs.log"
     return log.read_text().split() if log.exists() else []
+
+
+def processes_in(pid_ns: str) -> list[int]:
+    """The pids of the processes in the PID namespace ``pid_ns`` (a ``/proc/PID/ns/pid`` link's
+    text) that this user can see."""
+    import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.readlink(f"/proc/{proc.pid}/ns/pid") == pid_ns:
+                found.append(proc.pid)
+        except OSError:
+            continue
+    return found

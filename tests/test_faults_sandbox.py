@@ -15,10 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 import pytest
 from conftest import TEST_USER, require, run_as_user
-from faults_util import kill
+from faults_util import kill, processes_in
 from treeutil import build_layer, busybox_tree, snapshot_tree
 
 from pytest_layers import sandbox
@@ -188,17 +187,6 @@ def _ids(user: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def _processes_in(pid_ns: str) -> list[int]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.readlink(f"/proc/{proc.pid}/ns/pid") == pid_ns:
-                found.append(proc.pid)
-        except OSError:
-            continue
-    return found
-
-
 def _user_store(base: Path, files: dict[str, object] | None = None) -> Path:
     """A store owned by the test user holding ``bb`` (busybox plus ``files``)."""
     tree = busybox_tree(base / "tree", files)
@@ -266,7 +254,7 @@ def test_daemon_left_by_the_shell_dies_with_it(
     pid_ns = out.strip()
     assert pid_ns.startswith("pid:[")
     assert pid_ns != os.readlink("/proc/self/ns/pid")
-    assert _processes_in(pid_ns) == []
+    assert processes_in(pid_ns) == []
 
 
 def test_dev_and_proc_symlinked_to_host_dirs_stay_inside(
@@ -312,11 +300,11 @@ def test_sigkill_of_the_cli_ends_everything_inside(tmp_path: Path) -> None:
     assert proc.stdout is not None
     pid_ns = proc.stdout.readline().strip()
     assert pid_ns.startswith("pid:["), proc.stderr.read() if proc.stderr else ""
-    assert _processes_in(pid_ns) != []
+    assert processes_in(pid_ns) != []
     kill(proc.pid, proc)
     # The kernel delivers the parent-death signals and empties the namespace asynchronously;
     # the deadline only guards against a hang.
     deadline = time.monotonic() + 60
-    while _processes_in(pid_ns) and time.monotonic() < deadline:
+    while processes_in(pid_ns) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _processes_in(pid_ns) == []
+    assert processes_in(pid_ns) == []

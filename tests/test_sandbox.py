@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 import pytest
 from conftest import require
+from faults_util import processes_in
 from treeutil import busybox_tree
 
 from pytest_layers import _zygote, sandbox
@@ -108,17 +109,6 @@ def test_program_missing_from_the_image_is_one_line(image: Path) -> None:
     assert new_children() == []
 
 
-def _processes_in(pid_ns: str) -> list[int]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.readlink(f"/proc/{proc.pid}/ns/pid") == pid_ns:
-                found.append(proc.pid)
-        except OSError:
-            continue
-    return found
-
-
 def _mountinfo() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return sorted(line.split(" ", 1)[1] for line in f)
@@ -136,7 +126,7 @@ def test_nothing_outlives_the_program(image: Path, tmp_path: Path) -> None:
     pid_ns = out.strip()
     assert pid_ns.startswith("pid:[")
     assert pid_ns != os.readlink("/proc/self/ns/pid")
-    assert _processes_in(pid_ns) == []
+    assert processes_in(pid_ns) == []
     assert new_children() == []
     assert _mountinfo() == mounts
 
@@ -152,7 +142,7 @@ def test_kill_ends_every_process_inside(image: Path) -> None:
         proc.kill()
         assert proc.wait() == -9
     assert pid_ns.startswith("pid:[")
-    assert _processes_in(pid_ns) == []
+    assert processes_in(pid_ns) == []
     assert new_children() == []
 
 
@@ -197,7 +187,7 @@ def test_a_single_threaded_caller_starts_init_itself(image: Path) -> None:
         assert os.readlink(f"/proc/{program.pid}/ns/pid") == pid_ns
         proc.kill()
         assert proc.wait() == -9
-    assert _processes_in(pid_ns) == []
+    assert processes_in(pid_ns) == []
     assert new_children() == []
 
 
@@ -220,7 +210,7 @@ def test_a_threaded_caller_gets_a_keeper_and_the_same_results(image: Path, tmp_p
             assert len(_nspids(proc.pid)) == 1  # the keeper, in our PID namespace
             proc.kill()
             assert proc.wait() == -9
-        assert _processes_in(pid_ns) == []
+        assert processes_in(pid_ns) == []
         assert image_box.run(["/bin/sh", "-c", "exit 3"]) == 3
         rc, out = run_captured(image_box, "id -u; ls /proc | grep -c '^[0-9]'", tmp_path)
         assert rc == 0, out
@@ -274,5 +264,5 @@ def test_without_clone3_the_keeper_starts_init(
         proc.kill()
         assert proc.wait() == -9
     assert pid_ns.startswith("pid:[")
-    assert _processes_in(pid_ns) == []
+    assert processes_in(pid_ns) == []
     assert new_children() == []

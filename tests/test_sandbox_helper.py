@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
 import pytest
 from conftest import require
+from faults_util import processes_in
 from treeutil import busybox_tree
 
 from pytest_layers import _zygote, sandbox
@@ -58,17 +59,6 @@ def _pid_ns_of(proc: sandbox.SandboxProcess, read: int) -> str:
         return f.readline().strip()
 
 
-def _processes_in(pid_ns: str) -> list[int]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.readlink(f"/proc/{proc.pid}/ns/pid") == pid_ns:
-                found.append(proc.pid)
-        except OSError:
-            continue
-    return found
-
-
 def test_runs_go_through_the_helper_and_behave_the_same(
     image: Path, helper: _zygote.Helper
 ) -> None:
@@ -91,7 +81,7 @@ def test_runs_go_through_the_helper_and_behave_the_same(
         proc.wait(timeout=0.2)
     proc.kill()
     assert proc.wait() == -9
-    assert _processes_in(pid_ns) == []
+    assert processes_in(pid_ns) == []
     assert [p for p in _descendants() if p != helper.pid] == []
 
 
