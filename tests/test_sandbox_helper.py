@@ -50,8 +50,20 @@ def helper() -> Iterator[_zygote.Helper]:
     _zygote.stop()
 
 
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _descendants_before() -> None:
+    # A session fixture may own a child for the whole run (the registry tests' server): none
+    # of the helper's business. Taken before the ``helper`` fixture starts a fresh helper.
+    _BEFORE.clear()
+    _BEFORE.update(p.pid for p in psutil.Process().children(recursive=True))
+
+
 def _descendants() -> list[int]:
-    return [p.pid for p in psutil.Process().children(recursive=True)]
+    """This process's descendants started since the test began."""
+    return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in _BEFORE]
 
 
 def _pid_ns_of(proc: sandbox.SandboxProcess, read: int) -> str:
