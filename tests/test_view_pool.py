@@ -601,7 +601,15 @@ def test_fuse_views_from_the_pool_are_pristine_and_their_daemons_go(tmp_path: Pa
             break
         time.sleep(0.01)
     assert _fuse_daemons_in(tmp_path) == [], "a fuse daemon outlived the killed session"
-    assert our_mounts_under(tmp_path) == []
+    left = our_mounts_under(tmp_path)
+    if left and os.geteuid() != 0:
+        # An ordinary user's fuse views are mounted in the host's mount namespace (no private
+        # one dies with the session): a killed session can leave the mounts of its ready views,
+        # and the next session on the store sweeps them before it starts.
+        proc = run_session(tmp_path / "killed", "-p", "no:xdist", "--layers-backend=fuse")
+        assert proc.returncode == 0, out(proc)
+        left = our_mounts_under(tmp_path)
+    assert left == []
 
 
 def test_copy_backend_views_reset_in_the_helper_stay_pristine(tmp_path: Path) -> None:
