@@ -242,8 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         help="Also measure the package in this checkout, alternating with this one",
     )
     parser.add_argument("--out", type=Path, default=None, help="Results file")
-    parser.add_argument("--workdir", type=Path, default=None, help="Where stores are made")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="Where stores are made (created if missing)"
+    )
     args = parser.parse_args(argv)
+    if args.workdir is not None:
+        # As in bench_compare: created if missing; a path that cannot be a directory is one line.
+        try:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"--workdir {args.workdir}: cannot create it: {exc.strerror}")
     if args.baseline_src is not None and not (args.baseline_src / "pytest_layers").is_dir():
         parser.error(f"--baseline-src {args.baseline_src}: no pytest_layers package in it")
     plan = QUICK if args.quick else FULL
