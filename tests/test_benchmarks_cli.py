@@ -61,6 +61,31 @@ def test_commit_benchmark_creates_its_workdir(tmp_path: Path) -> None:
     assert workdir.is_dir()
 
 
+def test_commit_benchmark_prints_the_create_floor_beside_the_commit(tmp_path: Path) -> None:
+    out = tmp_path / "commit.json"
+    workdir = tmp_path / "work"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH.parent / "bench_commit.py"),
+            "--quick",
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    commit = json.loads(out.read_text())["sides"]["current"]["commit"]
+    assert len(commit["floor_all_ms"]) == 1
+    assert commit["floor_median_ms"] > 0
+    assert "(floor: 50 creates in" in proc.stdout
+    assert list(workdir.iterdir()) == []  # everything it made goes at the end
+
+
 @pytest.mark.parametrize(
     "script", sorted(p.name for p in BENCH.parent.glob("bench_*.py")), ids=lambda name: name
 )
