@@ -34,12 +34,14 @@ def _check_name(rel: str, st: os.stat_result) -> None:
     if name.startswith(_ocirules.WHITEOUT_PREFIX):
         raise InvalidLayerError(
             f"{rel!r}: a file whose name starts with '.wh.' cannot be committed, because OCI "
-            "layers use that prefix for deletions; rename or remove it before the layer is made"
+            "layers use that prefix for deletions; rename or remove it before the layer is made",
+            path=rel,
         )
     if _ocirules.is_whiteout_device(st):
         raise InvalidLayerError(
             f"{rel!r}: a character device 0/0 cannot be committed, because overlayfs uses it "
-            "to mark a deletion; remove it before the layer is made"
+            "to mark a deletion; remove it before the layer is made",
+            path=rel,
         )
 
 
