@@ -68,11 +68,14 @@ class Entry:
     calls; :func:`write_layer` walks the root with directory fds and never builds the path.
     """
 
-    __slots__ = ("_source", "kind", "path", "root")
+    __slots__ = ("_read", "_source", "kind", "path", "root")
     path: str
     kind: str
     root: str | None
     _source: Path | None
+    #: What the change list already read of a small regular file (see :class:`Read`), so that
+    #: the layer writer does not open and read it again; not part of the entry's identity.
+    _read: Read | None
 
     def __init__(
         self,
@@ -86,6 +89,7 @@ class Entry:
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "root", None if root is None else os.fspath(root))
         object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_read", None)
 
     @property
     def source(self) -> Path | None:
@@ -117,6 +121,23 @@ class Entry:
 
 def _make_entry(path: str, kind: str, root: str | None, source: Path | None) -> Entry:
     return Entry(path, kind, source, root=root)
+
+
+@dataclass(frozen=True)
+class Read:
+    """A small dense regular file of a change list's tree, as its comparison with the image
+    read it: its ``lstat`` (the one the change list decided on), its whole content and its
+    kept xattrs. The layer writer copies from this instead of the file."""
+
+    st: os.stat_result
+    data: bytes
+    xattrs: dict[str, bytes]
+
+
+def _entry_with_read(path: str, kind: str, root: str, read: Read | None) -> Entry:
+    entry = Entry(path, kind, root=root)
+    object.__setattr__(entry, "_read", read)
+    return entry
 
 
 @dataclass(frozen=True)

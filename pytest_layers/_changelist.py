@@ -17,6 +17,8 @@ from pytest_layers._changebase import (
     _O_READ,
     Change,
     Entry,
+    Read,
+    _entry_with_read,
     _join,
     _sort_key,
     _split,
@@ -48,11 +50,20 @@ def _same_content(
     size: int,
     sta: os.stat_result | None = None,
     stb: os.stat_result | None = None,
+    *,
+    keep: list[bytes] | None = None,
 ) -> bool:
     """Whether two open regular files hold the same first ``size`` bytes (``sta``/``stb``:
-    their ``lstat``, which lets two small dense files skip the hole maps)."""
+    their ``lstat``, which lets two small dense files skip the hole maps). Two small dense
+    files are read whole; ``keep`` then gets the first one's content."""
     if _datacopy.dense(sta, size) and _datacopy.dense(stb, size):
-        return _ranges_equal(fa, fb, 0, size)
+        a = os.pread(fa, size, 0)
+        b = os.pread(fb, size, 0)
+        if len(a) != size or len(b) != size:  # shrinking under us: compare what is there
+            return _ranges_equal(fa, fb, 0, size)
+        if keep is not None:
+            keep.append(a)
+        return a == b
     ea, eb = data_extents(fa, size), data_extents(fb, size)
     if ea is not None and ea == eb:
         # Identical hole maps: holes read as zeros on both sides, so only data counts. This
@@ -70,6 +81,10 @@ class _Collector:
         self.epoch_ns = layertar.clamp_epoch() * 1_000_000_000
         self.entries: dict[str, Entry] = {}
         self.inodes: dict[tuple[int, int], list[str]] = {}
+        # What comparing a changed small file read of it, handed to the layer writer with its
+        # entry (bounded like the writer's own cache of what it wrote).
+        self.reads: dict[str, Read] = {}
+        self.budget = layertar.WRITTEN_BUDGET
 
     def consider(
         self,
@@ -84,7 +99,7 @@ class _Collector:
         if img is None:
             self.entries[rel] = Entry(rel, "A", root=self.root)
         elif self.differs(dir_fd, name, st, rel, img):
-            self.entries[rel] = Entry(rel, "C", root=self.root)
+            self.entries[rel] = _entry_with_read(rel, "C", self.root, self.reads.pop(rel, None))
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             self.inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
 
@@ -135,12 +150,23 @@ class _Collector:
         st: os.stat_result,
         img_st: os.stat_result,
     ) -> bool:
-        """Same content and kept xattrs (read through the open fds: no more lookups)."""
+        """Same content and kept xattrs (read through the open fds: no more lookups). A small
+        dense file is read whole; when it differs, what was read of it is kept for its entry
+        (:class:`Read`), so the layer writer copies it without reading it again."""
+        size = st.st_size
         fa = os.open(name, _O_READ, dir_fd=dir_fd)
         try:
             fb = self.image._open(layer, rel, _O_READ)
             try:
-                return _same_content(fa, fb, st.st_size, st, img_st) and _xattrs(fa) == _xattrs(fb)
+                keep: list[bytes] | None = [] if 0 < size <= self.budget else None
+                same = _same_content(fa, fb, size, st, img_st, keep=keep)
+                xattrs = _xattrs(fa)
+                if same and xattrs == _xattrs(fb):
+                    return True
+                if keep:
+                    self.reads[rel] = Read(st, keep[0], xattrs)
+                    self.budget -= size
+                return False
             finally:
                 os.close(fb)
         finally:

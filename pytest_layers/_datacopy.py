@@ -92,6 +92,13 @@ def copy_range(
     return pos
 
 
+def write_all(dst: int, data: bytes) -> None:
+    """Write ``data`` at the start of the open file ``dst``."""
+    pos = 0
+    while pos < len(data):
+        pos += os.pwrite(dst, memoryview(data)[pos:], pos)
+
+
 def copy_data(
     src: int,
     dst: int,
@@ -112,9 +119,7 @@ def copy_data(
     """
     if dense(st, size):
         data = os.pread(src, size, 0)
-        pos = 0
-        while pos < len(data):
-            pos += os.pwrite(dst, memoryview(data)[pos:], pos)
+        write_all(dst, data)
         if len(data) < size:
             _shrank(strict)
             os.ftruncate(dst, size)  # the rest reads as zeros

@@ -18,6 +18,7 @@ from pytest_layers._changebase import (
     _O_ROOT,
     Entry,
     LayerStats,
+    Read,
     _has_xattrs,
     _join,
     _sort_key,
@@ -33,12 +34,14 @@ def _check_name(rel: str, st: os.stat_result) -> None:
     if name.startswith(_ocirules.WHITEOUT_PREFIX):
         raise InvalidLayerError(
             f"{rel!r}: a file whose name starts with '.wh.' cannot be committed, because OCI "
-            "layers use that prefix for deletions; rename or remove it before the layer is made"
+            "layers use that prefix for deletions; rename or remove it before the layer is made",
+            path=rel,
         )
     if _ocirules.is_whiteout_device(st):
         raise InvalidLayerError(
             f"{rel!r}: a character device 0/0 cannot be committed, because overlayfs uses it "
-            "to mark a deletion; remove it before the layer is made"
+            "to mark a deletion; remove it before the layer is made",
+            path=rel,
         )
 
 
@@ -199,7 +202,7 @@ class _LayerWriter:
                 self.src = _Cursor(os.open(entry.root, _O_ROOT))
                 self.src_root = entry.root
             if entry.root == self.src_root:
-                self.copy(rel, out, name, self.src.goto(parent), name)
+                self.copy(rel, out, name, self.src.goto(parent), name, entry._read)
                 return
             where = os.path.join(entry.root, parent)
             src_name = name
@@ -224,9 +227,22 @@ class _LayerWriter:
         finally:
             os.close(fd)
 
-    def copy(self, rel: str, out: int, name: str, src_dir: int, src_name: str) -> None:
-        """Write the entry ``src_name`` of the directory ``src_dir`` as ``name`` in ``out``."""
-        st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+    def copy(
+        self,
+        rel: str,
+        out: int,
+        name: str,
+        src_dir: int,
+        src_name: str,
+        read: Read | None = None,
+    ) -> None:
+        """Write the entry ``src_name`` of the directory ``src_dir`` as ``name`` in ``out``
+        (a small file from ``read``, what the change list already read of it)."""
+        st = (
+            read.st
+            if read is not None
+            else os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+        )
         if stat.S_ISSOCK(st.st_mode):
             return  # sockets cannot travel in a layer (docs/concepts/layers.md)
         _check_name(rel, st)
@@ -243,7 +259,10 @@ class _LayerWriter:
             if first is not None:
                 self.link(first, out, name)
                 return
-            self.copy_file(rel, out, name, src_dir, src_name, st)
+            if read is not None:
+                self.write_file(rel, out, name, st, read.data, read.xattrs)
+            else:
+                self.copy_file(rel, out, name, src_dir, src_name, st)
             self.size += st.st_size
             if st.st_nlink > 1:
                 self.links[key] = rel
@@ -281,20 +300,42 @@ class _LayerWriter:
                 data = _datacopy.copy_data(src, fd, st.st_size, st, dst_dev=self.dev)
                 xattrs = _xattrs(src)
                 self.set_meta(fd, st, xattrs, rel)
-                if data is not None and self.written_files is not None and self.budget >= len(data):
-                    self.budget -= len(data)
-                    done = os.fstat(fd)
-                    self.written_files[os.fsencode(rel)] = layertar.Written(
-                        done.st_ino,
-                        done.st_mtime_ns,
-                        done.st_ctime_ns,
-                        data,
-                        layertar.kept_xattr_items(xattrs),
-                    )
+                self.keep(rel, fd, data, xattrs)
             finally:
                 os.close(fd)
         finally:
             os.close(src)
+
+    def write_file(
+        self,
+        rel: str,
+        out: int,
+        name: str,
+        st: os.stat_result,
+        data: bytes,
+        xattrs: dict[str, bytes],
+    ) -> None:
+        """Write a regular file whose content and xattrs were read already."""
+        fd = os.open(name, _O_CREATE, 0o600, dir_fd=out)
+        try:
+            _datacopy.write_all(fd, data)
+            self.set_meta(fd, st, xattrs, rel)
+            self.keep(rel, fd, data, xattrs)
+        finally:
+            os.close(fd)
+
+    def keep(self, rel: str, fd: int, data: bytes | None, xattrs: dict[str, bytes]) -> None:
+        """Remember a small file just written, for the stream that names the layer."""
+        if data is not None and self.written_files is not None and self.budget >= len(data):
+            self.budget -= len(data)
+            done = os.fstat(fd)
+            self.written_files[os.fsencode(rel)] = layertar.Written(
+                done.st_ino,
+                done.st_mtime_ns,
+                done.st_ctime_ns,
+                data,
+                layertar.kept_xattr_items(xattrs),
+            )
 
     def set_meta(self, fd: int, st: os.stat_result, xattrs: dict[str, bytes], rel: str) -> None:
         _chown(fd, None, st, rel)

@@ -156,6 +156,7 @@ class _StoreWriter(_StoreRefs):
         clamp_mtimes: bool = True,
         before_add: Callable[[Path], None] | None = None,
         in_place: bool = False,
+        tree: Path | None = None,
         diff_id: str | None = None,
         blob: Path | None = None,
         blob_verified: bool = False,
@@ -176,23 +177,25 @@ class _StoreWriter(_StoreRefs):
         ``in_place=True`` says the entries are every entry of one tree made with
         :meth:`staging` that nothing else uses (a build with no parent): that tree is settled
         where it is (:func:`changeset.settle_tree`) and becomes the layer, with no copy.
+        ``tree=`` such a tree itself, with no ``entries``: the same without a change list (a
+        build reads its tree once more to name it, not to list it first).
         """
         label = what or (f"layer {name!r}" if name else f"a {source} layer")
-        tree: Path | None = None  # the staged tree that becomes the layer where it is
-        if in_place and entries:
+        if tree is not None:
+            if entries or in_place:
+                raise ValueError("write_layer(tree=...) takes no entries and no in_place")
+            tree = Path(tree)
+            where = "write_layer(tree=...) takes"
+        elif in_place and entries:
             roots = {e.root for e in entries}
             one = roots.pop() if len(roots) == 1 else None
-            tree = Path(one) if one is not None else None
-            if (
-                tree is None
-                or any(e.kind != "A" for e in entries)
-                or tree.name != "diff"
-                or tree.parent.parent != self._tmp
-            ):
-                raise ValueError(
-                    "write_layer(in_place=True) takes the added entries of one tree made with "
-                    "Store.staging()"
-                )
+            tree = Path(one) if one is not None and all(e.kind == "A" for e in entries) else None
+            where = "write_layer(in_place=True) takes the added entries of"
+            if tree is None:
+                raise ValueError(f"{where} one tree made with Store.staging()")
+        # The staged tree, if any, becomes the layer where it is.
+        if tree is not None and (tree.name != "diff" or tree.parent.parent != self._tmp):
+            raise ValueError(f"{where} one tree made with Store.staging()")
         # What the writer kept of the small files it wrote: the stream that names the layer
         # takes them from there (unless before_add gets to change the tree in between).
         written: layertar.WrittenFiles | None = None

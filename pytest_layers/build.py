@@ -27,6 +27,7 @@ from pytest_layers._fmt import human_size, plural, short_digest
 from pytest_layers._removal import remove_tree
 from pytest_layers.errors import (
     InvalidImageError,
+    InvalidLayerError,
     LayerBuildError,
     LayerDefinitionError,
     NoSpaceError,
@@ -610,11 +611,13 @@ class LayerSession:
     ) -> Layer:
         flavor = self.store.flavor
         with contextlib.ExitStack() as stack:
+            tree: Path | None = None
+            entries: list[Entry] = []
             if parent is None:
-                root = stack.enter_context(self.store.staging())
-                image = changeset.ImageView([], flavor)
-                self._run_builder(defn, root, kwargs)
-                entries = changeset.changes_from_tree(root, image)
+                # The builder fills a staging dir of the store, which becomes the layer as it
+                # is: no change list, no copy.
+                tree = stack.enter_context(self.store.staging())
+                self._run_builder(defn, tree, kwargs)
             else:
                 lowers = [x.directory for x in reversed(parent.chain)]
                 image = changeset.ImageView(lowers, flavor)
@@ -624,22 +627,31 @@ class LayerSession:
                 stack.callback(view.close)
                 self._run_builder(defn, view.path, kwargs)
                 entries = self.backend.changes(view, image)
-            _check_entries(defn, entries)
+                for entry in entries:
+                    if entry.kind != "D" and _is_whiteout_path(entry.path):
+                        raise _left_whiteout(defn, entry.path)
             source_dir = defn.source_dir
-            info = self.store.write_layer(
-                entries,
-                parent=parent.chain_id if parent else None,
-                name=defn.name,
-                source="build",
-                # write_layer clamps mtimes, as a built layer needs; a path layer is a copy of
-                # the directory and keeps its mtimes (docs/reference/layer.md).
-                before_add=None
-                if source_dir is None
-                else functools.partial(sourcedir.restore_mtimes, self.rootdir / source_dir),
-                # With no parent the builder filled a staging dir of the store: no copy.
-                in_place=parent is None,
-            )
-        return self.layer_from_store(info.chain_id, parent, defn.name)
+            try:
+                info = self.store.write_layer(
+                    entries,
+                    parent=parent.chain_id if parent else None,
+                    name=defn.name,
+                    source="build",
+                    # write_layer clamps mtimes, as a built layer needs; a path layer is a copy
+                    # of the directory and keeps its mtimes (docs/reference/layer.md).
+                    before_add=None
+                    if source_dir is None
+                    else functools.partial(sourcedir.restore_mtimes, self.rootdir / source_dir),
+                    tree=tree,
+                )
+            except InvalidLayerError as exc:
+                # Settling the tree met the name (in the order it walks): said as the builder's.
+                bad = exc.path
+                if bad is None or not _is_whiteout_path(bad):
+                    raise
+            else:
+                return self.layer_from_store(info.chain_id, parent, defn.name)
+        raise _left_whiteout(defn, bad)
 
     def _run_builder(self, defn: LayerDef, root: Path, kwargs: Mapping[str, Any]) -> None:
         if defn.source_dir is not None:
@@ -659,11 +671,13 @@ class LayerSession:
             )
 
 
-def _check_entries(defn: LayerDef, entries: Sequence[Entry]) -> None:
-    for entry in entries:
-        if entry.kind != "D" and _ocirules.is_whiteout_name(PurePosixPath(entry.path).name):
-            raise LayerBuildError(
-                f"layer {defn.name!r}: builder {defn.qualname} ({defn.where}) left /{entry.path}; "
-                "names starting with '.wh.' are OCI whiteout markers and cannot be stored in a "
-                "layer: rename or remove it (to delete a file of the parent, just unlink it)"
-            )
+def _is_whiteout_path(path: str) -> bool:
+    return _ocirules.is_whiteout_name(PurePosixPath(path).name)
+
+
+def _left_whiteout(defn: LayerDef, path: str) -> LayerBuildError:
+    return LayerBuildError(
+        f"layer {defn.name!r}: builder {defn.qualname} ({defn.where}) left /{path}; "
+        "names starting with '.wh.' are OCI whiteout markers and cannot be stored in a "
+        "layer: rename or remove it (to delete a file of the parent, just unlink it)"
+    )

@@ -129,7 +129,12 @@ class UnsafeEntryError(LayersError, ValueError):
 
 
 class InvalidLayerError(LayersError, ValueError):
-    """A layer's content breaks the OCI layer rules (a real file named ``.wh.*``, for one)."""
+    """A layer's content breaks the OCI layer rules (a real file named ``.wh.*``, for one).
+    ``path``: the entry at fault, relative to the layer, when the error is about one."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class BackendUnavailableError(LayersError, OSError):

@@ -39,6 +39,53 @@ def test_workdir_that_cannot_be_a_directory_is_one_line(tmp_path: Path) -> None:
     )
 
 
+def test_commit_benchmark_creates_its_workdir(tmp_path: Path) -> None:
+    workdir = tmp_path / "not" / "yet"
+    # --baseline-src is checked after the work dir is prepared: the run stops before any session.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH.parent / "bench_commit.py"),
+            "--workdir",
+            str(workdir),
+            "--baseline-src",
+            str(tmp_path / "no-checkout"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no pytest_layers package in it" in proc.stderr
+    assert workdir.is_dir()
+
+
+def test_commit_benchmark_prints_the_create_floor_beside_the_commit(tmp_path: Path) -> None:
+    out = tmp_path / "commit.json"
+    workdir = tmp_path / "work"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH.parent / "bench_commit.py"),
+            "--quick",
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    commit = json.loads(out.read_text())["sides"]["current"]["commit"]
+    assert len(commit["floor_all_ms"]) == 1
+    assert commit["floor_median_ms"] > 0
+    assert "(floor: 50 creates in" in proc.stdout
+    assert list(workdir.iterdir()) == []  # everything it made goes at the end
+
+
 @pytest.mark.parametrize(
     "script", sorted(p.name for p in BENCH.parent.glob("bench_*.py")), ids=lambda name: name
 )

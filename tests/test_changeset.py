@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from treeutil import make_tree, set_tree_mtimes, whiteout
@@ -227,9 +228,9 @@ def test_since_ns_reads_only_changed_files(tmp_path: Path, monkeypatch: pytest.M
     compared: list[str] = []
     real = _changelist._same_content
 
-    def recording(a: int, b: int, size: int, *stats: os.stat_result) -> bool:
+    def recording(a: int, b: int, size: int, *stats: os.stat_result, **kw: Any) -> bool:
         compared.append(os.path.relpath(os.readlink(f"/proc/self/fd/{a}"), tree))
-        return real(a, b, size, *stats)
+        return real(a, b, size, *stats, **kw)
 
     monkeypatch.setattr(_changelist, "_same_content", recording)
     view = ImageView([base], "overlay")

@@ -126,6 +126,38 @@ def test_build_once_and_cache_invalidation(pytester: pytest.Pytester) -> None:
     assert _runs(pytester) == []
 
 
+def test_a_layer_with_no_parent_is_stored_without_a_change_list(
+    pytester: pytest.Pytester,
+) -> None:
+    # Its builder filled a staging dir of the store, which becomes the layer as it is: listing
+    # the tree first would be one more walk of every file.
+    pytester.makeconftest(
+        """
+        from pytest_layers import changeset, layer
+
+        def no_listing(*args, **kwargs):
+            raise AssertionError("changes_from_tree called")
+
+        changeset.changes_from_tree = no_listing
+
+        @layer
+        def root_layer(root):
+            (root / "etc").mkdir()
+            (root / "etc/hostname").write_text("demo")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.layer("root_layer")
+        def test_it(rootfs):
+            assert (rootfs / "etc/hostname").read_text() == "demo"
+        """
+    )
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
 def test_builder_error_is_not_cached(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
         """

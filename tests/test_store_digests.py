@@ -113,6 +113,11 @@ def test_layer_digests_are_pinned(
     with store.staging() as staged:
         _source(staged)
         assert _write(store, staged, None, in_place=True) == bottom
+    # And given as the tree itself, with no change list.
+    with store.staging() as staged:
+        _source(staged)
+        info = store.write_layer([], parent=None, name=None, source="build", tree=staged)
+        assert info.chain_id == bottom
     got = (
         store.layer_info(bottom).diff_id,
         store.layer_info(top).diff_id,

@@ -1,9 +1,11 @@
 """The layer writer hands the small files it wrote to the stream that names the layer, which
-takes them instead of reading them back, but only while they are unchanged."""
+takes them instead of reading them back, but only while they are unchanged; and the change
+list hands the writer the small changed files it read to compare them with the image."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,46 @@ def test_a_store_where_the_ctime_is_coarse_reads_what_it_wrote_back(tmp_path: Pa
         assert (store.layer_dir(info.chain_id) / "a").read_text() == "one"
     finally:
         unmount_all_under(mnt)
+
+
+def _compared(tmp_path: Path) -> tuple[Path, list[changeset.Entry]]:
+    base = tmp_path / "base"
+    make_tree(base, {"d": None, "d/a": "old a", "d/b": "old b", "d/s": "short"})
+    upper = tmp_path / "upper"
+    # d/a: same size, other content (compared by reading both); d/s: another size (no read).
+    make_tree(upper, {"d": None, "d/a": "new a", "d/s": "longer now"})
+    os.setxattr(upper / "d/a", "user.note", b"kept")
+    return upper, changeset.changes_from_upper(upper, ImageView([base], "overlay"))
+
+
+def test_the_writer_takes_a_changed_file_from_what_the_comparison_read(tmp_path: Path) -> None:
+    upper, entries = _compared(tmp_path)
+    st = os.lstat(upper / "d/a")
+    plain = pickle.loads(pickle.dumps(entries))  # the same entries without what was read
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    changeset.write_layer(plain, ref, flavor="overlay")
+    # The file is gone from the upper dir: the writer does not go back to it.
+    os.unlink(upper / "d/a")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    changeset.write_layer(entries, dest, flavor="overlay")
+    assert (dest / "d/a").read_bytes() == b"new a"
+    assert os.getxattr(dest / "d/a", "user.note") == b"kept"
+    got = os.lstat(dest / "d/a")
+    assert (got.st_mode, got.st_uid, got.st_gid) == (st.st_mode, st.st_uid, st.st_gid)
+    assert layertar.layer_diff_id(dest, flavor="overlay") == layertar.layer_diff_id(
+        ref, flavor="overlay"
+    )
+
+
+def test_the_comparison_keeps_no_more_than_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layertar, "WRITTEN_BUDGET", 4)
+    upper, entries = _compared(tmp_path)
+    os.unlink(upper / "d/a")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(FileNotFoundError):  # not kept: the writer reads the file
+        changeset.write_layer(entries, dest, flavor="overlay")
