@@ -414,12 +414,15 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
     hardlink group with members outside the tree (a builder may link a file in from elsewhere
     on the filesystem) is given a private copy first, so nothing outside ``tree`` is touched. A
     name or device that marks a deletion raises :class:`InvalidLayerError`, as in
-    :func:`write_layer`. Works at any depth (directory fds).
+    :func:`write_layer`, once the whole tree is walked: for the first such path in layer order
+    (a ``.wh.`` name before a 0/0 device, a socket's name too), whatever order the filesystem
+    lists entries in. Works at any depth (directory fds).
     """
     epoch_ns = layertar.clamp_epoch() * 1_000_000_000 if clamp_mtimes else 2**63 - 1
     shared: dict[tuple[int, int], tuple[int, list[tuple[str, str]]]] = {}
     dir_mtimes: dict[str, int] = {}  # what each directory's mtime was made, for _settle_group
     files = size = 0
+    bad: list[tuple[bool, str, os.stat_result]] = []  # (is a device, path, stat)
 
     def clamp(fd: int, name: str, st: os.stat_result) -> None:
         if st.st_mtime_ns > epoch_ns:
@@ -434,13 +437,15 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
         with os.scandir(fd) as it:
             for e in it:
                 st = e.stat(follow_symlinks=False)
+                if e.name.startswith(_ocirules.WHITEOUT_PREFIX):
+                    bad.append((False, _join(rel_dir, e.name), st))
+                elif _ocirules.is_whiteout_device(st):
+                    bad.append((True, _join(rel_dir, e.name), st))
                 if stat.S_ISSOCK(st.st_mode):
                     os.unlink(e.name, dir_fd=fd)  # cannot travel in a layer, as in write_layer
                     continue
                 kept.append((e.name, st))
         for name, st in kept:
-            rel = _join(rel_dir, name)
-            _check_name(rel, st)
             grouped = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
             if _has_xattrs(st) and not grouped:  # a group's inode may be outside: later
                 _drop_unkept_xattrs(_dirfd.at(fd, name))
@@ -466,6 +471,9 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
 
     no_stat: os.stat_result | None = None  # the root's own metadata is not the layer's
     _dirfd.walk(tree, no_stat, visit)
+    if bad:
+        _is_device, rel, st = min(bad, key=lambda b: (b[0], _sort_key(b[1])))
+        _check_name(rel, st)
     root_fd = os.open(tree, _O_ROOT)
     try:
         for nlink, members in shared.values():

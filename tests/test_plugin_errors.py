@@ -389,3 +389,56 @@ def test_build_failure_is_reported_once_with_the_builders_frames(
     for ours in ("plugin.py", "definitions.py", "fixtures.py", "build.py", "store.py", "_pytest"):
         assert ours not in out, (ours, out)
     result.stdout.fnmatch_lines(["ERROR test_bf.py::test_mirror[[]0[]] - Failed: layer 'mirror'*"])
+
+
+def test_a_builder_leaving_whiteout_names_is_told_the_first_in_layer_order(
+    pytester: pytest.Pytester,
+) -> None:
+    """A layer with no parent is settled where its builder wrote it; the walk meets entries in
+    the filesystem's order, but the error names the first bad path in layer order, and a socket
+    named like a whiteout counts although sockets are dropped from a layer."""
+    pytester.makeconftest(
+        """
+        import os, socket
+        from pytest_layers import layer
+
+        @layer
+        def many(root):
+            (root / "z").mkdir()
+            (root / "z/.wh.a").write_text("")
+            for n in "zyxwvutsrqponmlkjihgfedcb":  # the first met is rarely /.wh.b
+                (root / f".wh.{n}").write_text("")
+            os.mknod(root / "a-device", 0o600 | 0o020000, os.makedev(0, 0))
+
+        @layer
+        def sock(root):
+            here = os.getcwd()
+            os.chdir(root)  # a short socket path, whatever the temporary directory's length
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.bind(".wh.sock")
+            finally:
+                os.chdir(here)
+            (root / "f").write_text("x")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.layer("many")
+        def test_many(rootfs): pass
+        @pytest.mark.layer("sock")
+        def test_sock(rootfs): pass
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        ["*ERROR at setup of test_many*", "layer 'many': builder conftest.many (*) left /.wh.b;*"]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_sock*",
+            "layer 'sock': builder conftest.sock (*) left /.wh.sock;*",
+        ]
+    )
