@@ -320,22 +320,37 @@ class _LayerWriter:
         try:
             _datacopy.write_all(fd, data)
             self.set_meta(fd, st, xattrs, rel)
-            self.keep(rel, fd, data, xattrs)
+            self.keep(rel, fd, data, xattrs, charged=True)
         finally:
             os.close(fd)
 
-    def keep(self, rel: str, fd: int, data: bytes | None, xattrs: dict[str, bytes]) -> None:
-        """Remember a small file just written, for the stream that names the layer."""
-        if data is not None and self.written_files is not None and self.budget >= len(data):
+    def keep(
+        self,
+        rel: str,
+        fd: int,
+        data: bytes | None,
+        xattrs: dict[str, bytes],
+        *,
+        charged: bool = False,
+    ) -> None:
+        """Remember a small file just written, for the stream that names the layer.
+
+        ``charged``: ``data`` is what the change list carried, already counted against the
+        budget by :func:`write_layer`, so keeping it costs no more memory."""
+        if data is None or self.written_files is None:
+            return
+        if not charged:
+            if self.budget < len(data):
+                return
             self.budget -= len(data)
-            done = os.fstat(fd)
-            self.written_files[os.fsencode(rel)] = layertar.Written(
-                done.st_ino,
-                done.st_mtime_ns,
-                done.st_ctime_ns,
-                data,
-                layertar.kept_xattr_items(xattrs),
-            )
+        done = os.fstat(fd)
+        self.written_files[os.fsencode(rel)] = layertar.Written(
+            done.st_ino,
+            done.st_mtime_ns,
+            done.st_ctime_ns,
+            data,
+            layertar.kept_xattr_items(xattrs),
+        )
 
     def set_meta(self, fd: int, st: os.stat_result, xattrs: dict[str, bytes], rel: str) -> None:
         _chown(fd, None, st, rel)
@@ -396,6 +411,8 @@ def write_layer(
         raise ValueError(f"write_layer needs an empty staging directory, {root!r} is not empty")
     writer = _LayerWriter(root, flavor, clamp_mtimes=clamp_mtimes, written=written)
     try:
+        # What the change list carried lives as long as the entries: one budget for both.
+        writer.budget -= sum(len(e._read.data) for e in entries if e._read is not None)
         for entry in sorted(entries, key=lambda e: _sort_key(e.path)):
             writer.add(entry)
         writer.finish()

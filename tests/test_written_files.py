@@ -148,3 +148,25 @@ def test_the_comparison_keeps_no_more_than_the_budget(
     dest.mkdir()
     with pytest.raises(FileNotFoundError):  # not kept: the writer reads the file
         changeset.write_layer(entries, dest, flavor="overlay")
+
+
+def test_what_the_comparison_carried_and_the_writer_keeps_share_one_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layertar, "WRITTEN_BUDGET", 100)
+    base, upper = tmp_path / "base", tmp_path / "upper"
+    make_tree(base, {f"z{i}": "o" * 10 for i in range(10)})
+    # z*: changed at the same size, carried (100 bytes, the whole budget); a*: new, read.
+    make_tree(
+        upper, {f"z{i}": "c" * 10 for i in range(10)} | {f"a{i}": "n" * 10 for i in range(10)}
+    )
+    entries = changeset.changes_from_upper(upper, ImageView([base], "overlay"))
+    carried = {id(e._read.data): len(e._read.data) for e in entries if e._read is not None}
+    assert sum(carried.values()) == 100
+    written: layertar.WrittenFiles = {}
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    changeset.write_layer(entries, dest, flavor="overlay", written=written)
+    live = carried | {id(w.data): len(w.data) for w in written.values()}
+    assert sum(live.values()) <= 100
+    assert {os.fsdecode(k) for k in written} == {f"z{i}" for i in range(10)}
