@@ -463,7 +463,9 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
                     continue
                 kept.append((e.name, st))
         for name, st in kept:
-            grouped = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+            # Any inode with other links: a builder may have linked a file, a symlink, a fifo
+            # or a device in from elsewhere, and settling it must not touch that one.
+            grouped = not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
             if _has_xattrs(st) and not grouped:  # a group's inode may be outside: later
                 _drop_unkept_xattrs(_dirfd.at(fd, name))
             if stat.S_ISDIR(st.st_mode):
@@ -473,7 +475,7 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
             if grouped:
                 # Settled once the whole group is known: it may reach outside the tree.
                 seen = shared.setdefault((st.st_dev, st.st_ino), (st.st_nlink, []))
-                if not seen[1]:
+                if not seen[1] and stat.S_ISREG(st.st_mode):
                     size += st.st_size
                 seen[1].append((rel_dir, name))
                 continue
@@ -514,6 +516,23 @@ def _drop_unkept_xattrs(path: str) -> None:
             os.removexattr(path, name, follow_symlinks=False)
 
 
+def _recreate_special(where: int, name: str, tmp: str, st: os.stat_result) -> None:
+    """Make ``tmp`` in the directory ``where`` a private twin of the symlink, fifo or device
+    ``name`` (same target or device number, owner, mode and kept xattrs)."""
+    xattrs = _xattrs(_dirfd.at(where, name))
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(name, dir_fd=where), tmp, dir_fd=where)
+    else:
+        # A fifo or a device (which only a user allowed to make one can copy).
+        os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=where)
+    os.chown(tmp, st.st_uid, st.st_gid, dir_fd=where, follow_symlinks=False)
+    path = _dirfd.at(where, tmp)
+    for key, value in sorted(xattrs.items()):
+        os.setxattr(path, key, value, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=where)
+
+
 def _settle_group(
     root_fd: int,
     nlink: int,
@@ -528,7 +547,11 @@ def _settle_group(
     where = _dirfd.open_path(first_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
     try:
         st = os.stat(first_name, dir_fd=where, follow_symlinks=False)
-        if len(members) < nlink:
+        if len(members) < nlink and not stat.S_ISREG(st.st_mode):
+            tmp = f".settle-{os.getpid()}-{st.st_ino}"
+            _recreate_special(where, first_name, tmp, st)
+            os.rename(tmp, first_name, src_dir_fd=where, dst_dir_fd=where)
+        elif len(members) < nlink:
             tmp = f".settle-{os.getpid()}-{st.st_ino}"
             src = os.open(first_name, _O_READ, dir_fd=where)
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import stat
 from pathlib import Path
@@ -198,3 +199,43 @@ def test_recorded_disk_use_is_what_du_counts(tmp_path: Path) -> None:
     records = sum(os.lstat(layer_root / n).st_blocks * 512 for n in ("files.json", "layer.json"))
     assert info.disk_use == store_mod.disk_use([layer_root]) - records
     assert info.disk_use > 3 << 10  # not just the directories: the files' blocks too
+
+
+def test_settling_in_place_leaves_a_linked_in_fifo_and_symlink_outside_alone(
+    tmp_path: Path,
+) -> None:
+    """A builder may hardlink any non-directory in from elsewhere, not only a regular file:
+    settling clamps the layer's copy, never the inode outside (a later change there would
+    change the stored layer)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mkfifo(outside / "fifo", 0o640)
+    os.symlink("target", outside / "sym")
+    later = 1_924_992_000  # 2031: past any clamp epoch
+    for name in ("fifo", "sym"):
+        os.utime(outside / name, (later, later), follow_symlinks=False)
+    store = Store(tmp_path / "store")
+
+    def fill(root: Path) -> None:
+        os.link(outside / "fifo", root / "fifo")
+        os.link(outside / "sym", root / "sym", follow_symlinks=False)
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    fill(tree)
+    copied = store.layer_info(_write(store, tree, None))
+    shutil.rmtree(tree)
+    with store.staging() as staged:
+        fill(staged)
+        settled = store.layer_info(_write(store, staged, None, in_place=True))
+    assert settled.chain_id == copied.chain_id
+    stored = store.layer_dir(settled.chain_id)
+    for name in ("fifo", "sym"):
+        out = os.lstat(outside / name)
+        assert (out.st_mtime, out.st_nlink) == (later, 1), name
+        assert os.lstat(stored / name).st_mtime < later, name
+    assert stat.S_ISFIFO(os.lstat(stored / "fifo").st_mode)
+    assert stat.S_IMODE(os.lstat(stored / "fifo").st_mode) == 0o640
+    assert os.readlink(stored / "sym") == "target"
+    os.utime(outside / "fifo", (later + 1, later + 1))
+    assert store.verify() == []
