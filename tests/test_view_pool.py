@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -578,8 +579,8 @@ def _fuse_daemons_in(path: Path) -> list[int]:
 
 @pytest.mark.requires_fuse
 def test_fuse_views_from_the_pool_are_pristine_and_their_daemons_go(tmp_path: Path) -> None:
-    """The fuse backend in the pool: daemons started ahead by the helper (through setpriv,
-    with the death signal, without forking the session), each test its own view; after a
+    """The fuse backend in the pool: daemons started ahead by the helper (in the process
+    group of its watcher, without forking the session), each test its own view; after a
     normal end and after a SIGKILL of the session, no daemon and no mount is left."""
     (tmp_path / "pristine").mkdir()
     (tmp_path / "killed").mkdir()
@@ -596,7 +597,7 @@ def test_fuse_views_from_the_pool_are_pristine_and_their_daemons_go(tmp_path: Pa
         tmp_path / "killed", "-p", "no:xdist", "--layers-backend=fuse", env=child_env(KILL_ME="1")
     )
     assert proc.returncode == -signal.SIGKILL, out(proc)
-    for _ in range(500):  # the daemons get SIGTERM from the kernel and unmount
+    for _ in range(500):  # the helper dies with the session, its watcher sends SIGTERM
         if not _fuse_daemons_in(tmp_path):
             break
         time.sleep(0.01)
@@ -610,6 +611,123 @@ def test_fuse_views_from_the_pool_are_pristine_and_their_daemons_go(tmp_path: Pa
         assert proc.returncode == 0, out(proc)
         left = our_mounts_under(tmp_path)
     assert left == []
+
+
+_GUARDED = """
+import os, sys, time
+from pathlib import Path
+from pytest_layers.backends import fuse
+
+root = Path(sys.argv[1])
+fuse.guard_daemons()
+view = fuse.FuseBackend().open([root / "lower"], root / "scratch")
+print(os.getpid(), os.getpgid(0), fuse._group(), flush=True)
+time.sleep(60)
+"""
+
+
+def _processes_in_group(pgid: int) -> dict[int, str]:
+    """pid -> comm of the live (not zombie) processes of a process group."""
+    found = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            comm, _, rest = Path(f"/proc/{pid}/stat").read_text().rpartition(")")
+        except OSError:
+            continue
+        fields = rest.split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found[pid] = comm.partition("(")[2]
+    return found
+
+
+@pytest.mark.requires_fuse
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Popen's process_group is 3.11's")
+def test_guarded_fuse_daemons_join_the_watchers_group_and_end_with_their_starter(
+    tmp_path: Path,
+) -> None:
+    """In a process that called guard_daemons (the pool's helper does), a daemon is started
+    without a death signal (no setpriv, no fork of the caller) in the process group of a
+    watcher, not the caller's (a Ctrl-C to the terminal's group does not reach it); when the
+    starter is SIGKILLed, the watcher ends the daemon and itself."""
+    (tmp_path / "lower").mkdir()
+    (tmp_path / "lower" / "f").write_text("lower\n")
+    (tmp_path / "scratch").mkdir()
+    starter = subprocess.Popen(
+        [sys.executable, "-c", _GUARDED, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    group = 0
+    try:
+        assert starter.stdout is not None
+        pid, pgid, group = map(int, starter.stdout.readline().split())
+        assert group != pgid
+        members = _processes_in_group(group)
+        assert sorted(members.values()) == ["fuse-overlayfs", "sh"], members
+        daemon = next(p for p, comm in members.items() if comm == "fuse-overlayfs")
+        ppid = int(Path(f"/proc/{daemon}/stat").read_text().rpartition(")")[2].split()[1])
+        assert ppid == pid, "the daemon was not started by the starter itself"
+        assert (tmp_path / "scratch" / "m" / "f").read_text() == "lower\n"
+    finally:
+        starter.kill()
+        starter.communicate()
+        try:
+            for _ in range(500):  # the watcher sends SIGTERM to the group, then exits
+                if not group or not _processes_in_group(group):
+                    break
+                time.sleep(0.01)
+            if group:
+                assert _processes_in_group(group) == {}, "the daemon outlived its starter"
+        finally:
+            # fuse-overlayfs exits on SIGTERM without unmounting: in a session, the mount goes
+            # with the session's namespace (root) or the next session's sweep (a user).
+            if our_mounts_under(tmp_path):
+                cmd = ["umount", "-l"] if os.geteuid() == 0 else ["fusermount3", "-u", "-z"]
+                subprocess.run([*cmd, str(tmp_path / "scratch" / "m")], check=False)
+    assert our_mounts_under(tmp_path) == []
+
+
+GROUPED = """
+import os
+import pytest
+
+def helpers_daemons():
+    \"\"\"(pid, pgid) of the fuse-overlayfs processes whose parent is a child of this session.\"\"\"
+    stats = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                comm, _, rest = open(f"/proc/{p}/stat").read().rpartition(")")
+            except OSError:
+                continue
+            fields = rest.split()
+            stats[int(p)] = (comm.partition("(")[2], int(fields[1]), int(fields[2]))
+    return [
+        (pid, pgid)
+        for pid, (comm, ppid, pgid) in stats.items()
+        if comm == "fuse-overlayfs" and stats.get(ppid, ("", 0, 0))[1] == os.getpid()
+    ]
+
+@pytest.mark.layer("base")
+@pytest.mark.parametrize("i", range(6))
+def test_daemons_outside_the_sessions_group(rootfs, i):
+    daemons = helpers_daemons()
+    assert daemons, "no daemon started by a pool helper"
+    assert all(pgid != os.getpgid(0) for _, pgid in daemons), daemons
+"""
+
+
+@pytest.mark.requires_fuse
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Popen's process_group is 3.11's")
+def test_the_pool_helpers_fuse_daemons_run_in_their_watchers_group(tmp_path: Path) -> None:
+    """The helper starts its daemons guarded (guard_daemons): out of the session's process
+    group, which a Ctrl-C at the terminal reaches."""
+    store = write_project(tmp_path, CONFTEST, GROUPED, ini=POOL_INI)
+    proc = run_session(tmp_path, "-p", "no:xdist", "--layers-backend=fuse")
+    assert proc.returncode == 0, out(proc)
+    assert "6 passed" in proc.stdout, out(proc)
+    _nothing_left(tmp_path, store)
 
 
 def test_copy_backend_views_reset_in_the_helper_stay_pristine(tmp_path: Path) -> None:

@@ -15,7 +15,10 @@ no mount and no daemon outlive the session. The death signal is set by util-linu
 ``setpriv --pdeathsig`` where it has it (so Python starts the daemon with ``vfork``, not a fork
 of the whole session), else by a ``preexec_fn``. (The death signal follows the *thread* that started
 the daemon: views must be opened from a thread that lives as long as they do, as pytest's main
-thread does.)
+thread does.) The view pool's helper, which starts a daemon per test, replaces the death signal
+with one watcher process (:func:`guard_daemons`): its daemons start with ``vfork`` + exec of
+fuse-overlayfs alone, in the watcher's process group, and the watcher sends that group SIGTERM
+when the helper is gone.
 
 ``open`` returns only once the mount is up (the merged dir's ``st_dev`` changed, and it is
 listed in ``/proc/self/mountinfo``); ``close`` unmounts with ``umount2`` as root (lazily if a
@@ -42,10 +45,11 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pytest_layers import _ocirules
 from pytest_layers.backends.base import MountPolicy, View, trial, trial_whiteout
@@ -85,6 +89,75 @@ def _setpriv() -> str | None:
     return path if "--pdeathsig" in done.stdout else None
 
 
+class _Watcher:
+    """A shell that leads the process group of the daemons started by this process, and sends
+    the group SIGTERM when this process is gone (however it ended: the pipe it reads reaches
+    end of file when the last holder of the write end, this process, exits)."""
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        read_end, self.write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            # TERM and INT ignored: the shell outlives its own kill, and a Ctrl-C (to the
+            # terminal's group, not this one) never reaches the daemons.
+            self.proc = subprocess.Popen(
+                ["/bin/sh", "-c", "trap '' TERM INT HUP; read _; kill -TERM 0"],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd="/",
+                **_NEW_GROUP,
+            )
+        except BaseException:
+            os.close(self.write_end)
+            raise
+        finally:
+            os.close(read_end)
+
+    def close(self) -> None:
+        """Release the daemons still running to the watcher (it sends them SIGTERM) and wait
+        for it."""
+        os.close(self.write_end)
+        self.proc.wait()
+
+
+_watcher: _Watcher | None = None
+#: Popen's process_group (Python 3.11): a new group, led by the watcher.
+_CAN_GROUP: bool = sys.version_info >= (3, 11)
+_NEW_GROUP: dict[str, Any] = {"process_group": 0}
+
+
+def guard_daemons() -> None:
+    """From now on, start this process's daemons without a death signal, in the process group
+    of a watcher that ends them when this process ends (the view pool's helper calls it once).
+
+    A death signal cannot be set without running code between fork and exec: in a Python
+    process either a full fork (``preexec_fn``) or an exec of ``setpriv`` first, which together
+    with its dynamic loading cost more CPU than the rest of a pooled view's preparation. One
+    watcher per process replaces both."""
+    global _watcher
+    if not _CAN_GROUP:
+        return  # no process_group for Popen before 3.11: the daemons keep their death signal
+    if _watcher is None or _watcher.owner != os.getpid():
+        _watcher = _Watcher()
+
+
+def release_daemons() -> None:
+    """Undo :func:`guard_daemons` (the helper, cleaned up, is about to exit)."""
+    global _watcher
+    watcher, _watcher = _watcher, None
+    if watcher is not None and watcher.owner == os.getpid():
+        watcher.close()
+
+
+def _group() -> int | None:
+    """The process group new daemons join, None when they get a death signal instead."""
+    watcher = _watcher
+    if watcher is None or watcher.owner != os.getpid() or watcher.proc.poll() is not None:
+        return None
+    return watcher.proc.pid
+
+
 def _mounted_at(merged: Path) -> bool:
     """Something is mounted on ``merged``: it sits on another device than its parent (two
     stats, where reading the mount table costs a parse of every mount of the namespace; a
@@ -118,6 +191,16 @@ class FuseBackend:
     def __init__(self, *, binary: str | None = None, policy: MountPolicy | None = None) -> None:
         self._binary = binary
         self.policy = policy or MountPolicy()
+
+    # ---- the view pool's helper -------------------------------------------------------------
+
+    def helper_started(self) -> None:
+        """In a view pool's helper, before its first view: :func:`guard_daemons`."""
+        guard_daemons()
+
+    def helper_ending(self) -> None:
+        """In a view pool's helper, its views cleaned: :func:`release_daemons`."""
+        release_daemons()
 
     # ---- Backend protocol -------------------------------------------------------------------
 
@@ -214,7 +297,15 @@ class FuseBackend:
         _reap()
         try:
             argv = [binary, "-f", "-o", opts, "m"]
-            setpriv = _setpriv()
+            group = _group()
+            setpriv = None if group is not None else _setpriv()
+            # In a watcher's group the watcher ends the daemon; else the death signal, without
+            # setpriv a single prctl syscall, in a full fork.
+            extra: dict[str, Any] = (
+                {"process_group": group}
+                if group is not None
+                else {"preexec_fn": None if setpriv else _die_with_parent}
+            )
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(
                     [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv,
@@ -222,8 +313,7 @@ class FuseBackend:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
-                    # Without setpriv: a single prctl syscall, in a full fork.
-                    preexec_fn=None if setpriv else _die_with_parent,
+                    **extra,
                 )
             try:
                 _wait_mounted(proc, scratch, merged, log_path)

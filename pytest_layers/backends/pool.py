@@ -96,6 +96,10 @@ class Maker(Generic[T]):
     export: Callable[[T], Any] = lambda view: view
     reset: Callable[[T], bool] | None = None
     load: Callable[[Any], T] = lambda data: data
+    #: Run in the helper before its first view and after its last cleanup (the fuse backend
+    #: starts and ends the watcher of its daemons there).
+    started: Callable[[], None] | None = None
+    ending: Callable[[], None] | None = None
 
 
 class _Helper:
@@ -452,6 +456,8 @@ def _serve(maker: Maker[Any], rx: int, tx: int, parent: int) -> None:  # pragma:
         _linux.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
         return  # the session died before the death signal was armed
+    if maker.started is not None:
+        maker.started()
     state = _HelperState(maker, tx)
     try:
         while True:
@@ -464,6 +470,9 @@ def _serve(maker: Maker[Any], rx: int, tx: int, parent: int) -> None:  # pragma:
             for message in batch:
                 if message[0] == "quit":
                     state.quit()
+                    if maker.ending is not None:
+                        with contextlib.suppress(Exception):
+                            maker.ending()
                     return
                 state.handle(message)
     finally:
