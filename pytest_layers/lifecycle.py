@@ -139,6 +139,15 @@ class TestRootfs:
             load=rootfs_mod.from_portable,
             started=getattr(backend, "helper_started", None),
             ending=getattr(backend, "helper_ending", None),
+            begin=functools.partial(
+                rootfs_mod.prepare_begin,
+                self.session,
+                self.image,
+                init=self.init,
+                readonly=self.readonly,
+            )
+            if hasattr(backend, "begin_open")
+            else None,
         )
 
     # -- 3. the outcome decides

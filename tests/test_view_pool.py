@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,75 @@ def test_preparation_error_is_raised_by_the_take_that_needed_it(tmp_path: Path) 
     assert Path(view).read_text() == "pristine"
     pool.close()
     assert os.listdir(tmp_path) == []
+
+
+class _TwoStep(_Files):
+    """Views made in two steps (Maker.begin): ``begin`` leaves a mark, the step it returns
+    writes into the view how many marks were there, unfinished, when it ran."""
+
+    def __init__(self, root: Path, *, fail: tuple[str, int] | None = None) -> None:
+        super().__init__(root / "views")
+        self.marks = root / "marks"
+        self.fail = fail
+        self.begun = 0
+
+    def begin(self) -> Callable[[], str]:
+        self.begun += 1
+        n = self.begun
+        if self.fail == ("begin", n):
+            raise OSError(28, f"No space left to begin view {n}")
+        (self.marks / str(n)).touch()
+
+        def finish() -> str:
+            unfinished = len(os.listdir(self.marks))
+            (self.marks / str(n)).unlink()
+            if self.fail == ("finish", n):
+                raise OSError(5, f"view {n} did not mount")
+            path = self.root / f"{n}"
+            path.write_text(f"{n} {unfinished}")
+            return str(path)
+
+        return finish
+
+    def maker(self) -> Maker[str]:
+        return Maker(self.make, self.discard, begin=self.begin)
+
+
+@pytest.mark.parametrize("fail", [None, ("begin", 2), ("finish", 2)])
+def test_a_two_step_maker_has_views_begun_ahead_and_answered_in_order(
+    tmp_path: Path, fail: tuple[str, int] | None
+) -> None:
+    """With Maker.begin (fuse: the daemon started, its mount not yet waited for), the helper
+    begins up to AHEAD views before it finishes the first; the replies keep the order of the
+    requests, and a view that fails in either step is the error of its own take only."""
+    from pytest_layers.backends.pool import AHEAD
+
+    (tmp_path / "views").mkdir()
+    (tmp_path / "marks").mkdir()
+    maker = _TwoStep(tmp_path, fail=fail)
+    pool: ViewPool[str] = ViewPool(depth=2, batch=8)
+    pool.register("a", maker.maker())
+    pool.expect({"a": 10})
+    seen = []
+    for i in range(1, 11):
+        if fail is not None and i == 2:
+            with pytest.raises(OSError, match="view 2"):
+                pool.take("a")
+            continue
+        view = pool.take("a")
+        assert view is not None
+        n, unfinished = map(int, Path(view).read_text().split())
+        seen.append((n, unfinished))
+        pool.retire(view)
+        pool.expect({"a": 10 - i})
+    assert [n for n, _ in seen] == [i for i in range(1, 11) if fail is None or i != 2]
+    # The first write asked for depth + batch views: the first was finished with AHEAD begun
+    # (one fewer when the second failed to begin).
+    assert AHEAD > 1
+    assert seen[0][1] == (AHEAD - 1 if fail == ("begin", 2) else AHEAD)
+    pool.close()
+    assert os.listdir(tmp_path / "views") == []
+    assert os.listdir(tmp_path / "marks") == []
 
 
 def test_a_view_that_cannot_cross_is_an_error_of_its_taker(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -271,6 +271,19 @@ class FuseBackend:
         flavor: Flavor = "overlay",
     ) -> View:
         """Mount the union at ``scratch/m`` (upper ``u``, work ``w``, lower links ``lN``)."""
+        return self.begin_open(lowers_top_first, scratch, readonly=readonly, flavor=flavor)()
+
+    def begin_open(
+        self,
+        lowers_top_first: Sequence[Path],
+        scratch: Path,
+        *,
+        readonly: bool = False,
+        flavor: Flavor = "overlay",
+    ) -> Callable[[], View]:
+        """Start the daemon of :meth:`open` and return what waits for its mount and returns
+        the view (or raises, the scratch emptied). A daemon takes milliseconds to mount: the
+        view pool's helper starts a few before it waits for the first."""
         _ocirules.check_flavor(flavor)
         binary = self._binary_path()
         merged = scratch / "m"
@@ -315,23 +328,28 @@ class FuseBackend:
                     stderr=log,
                     **extra,
                 )
-            try:
-                _wait_mounted(proc, scratch, merged, log_path)
-            except BaseException:
-                _stop(proc, merged)
-                raise
         except BaseException:
-            from pytest_layers._removal import remove_tree
-
-            for child in os.listdir(scratch):
-                remove_tree(scratch / child)
+            _empty(scratch)
             raise
-        return View(
-            path=merged,
-            upper=upper,
-            upper_flavor="fuse",
-            _closer=lambda: _close(proc, merged, scratch),
-        )
+
+        def finish() -> View:
+            try:
+                try:
+                    _wait_mounted(proc, scratch, merged, log_path)
+                except BaseException:
+                    _stop(proc, merged)
+                    raise
+            except BaseException:
+                _empty(scratch)
+                raise
+            return View(
+                path=merged,
+                upper=upper,
+                upper_flavor="fuse",
+                _closer=lambda: _close(proc, merged, scratch),
+            )
+
+        return finish
 
     def changes(
         self, view: View, image: ImageView, *, exclude: Collection[str] = ()
@@ -358,6 +376,13 @@ class FuseBackend:
                 "(apt-get install fuse-overlayfs)",
             )
         return found
+
+
+def _empty(scratch: Path) -> None:
+    from pytest_layers._removal import remove_tree
+
+    for child in os.listdir(scratch):
+        remove_tree(scratch / child)
 
 
 def _with_link_partners(
