@@ -633,16 +633,17 @@ def test_sigkill_leftovers_are_swept_by_the_next_session(tmp_path: Path) -> None
 
 
 def _fuse_daemons_in(path: Path) -> list[int]:
-    """fuse-overlayfs processes whose working directory (a view's scratch) is under path."""
+    """fuse-overlayfs processes whose output (the log in a view's scratch) is under path (not
+    their working directory: the daemon changes to / once mounted)."""
     found = []
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
             if Path(f"/proc/{pid}/comm").read_text().strip() != "fuse-overlayfs":
                 continue
-            cwd = os.readlink(f"/proc/{pid}/cwd")
+            out = os.readlink(f"/proc/{pid}/fd/1")
         except OSError:
             continue
-        if cwd.startswith(str(path)):
+        if out.startswith(str(path)):
             found.append(pid)
     return found
 
@@ -672,6 +673,10 @@ def test_fuse_views_from_the_pool_are_pristine_and_their_daemons_go(tmp_path: Pa
             break
         time.sleep(0.01)
     assert _fuse_daemons_in(tmp_path) == [], "a fuse daemon outlived the killed session"
+    for _ in range(500):  # as root, the namespace (and its mounts) goes with its last process
+        if os.geteuid() != 0 or not our_mounts_under(tmp_path):
+            break
+        time.sleep(0.01)
     left = our_mounts_under(tmp_path)
     if left and os.geteuid() != 0:
         # An ordinary user's fuse views are mounted in the host's mount namespace (no private
