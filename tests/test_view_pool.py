@@ -595,13 +595,25 @@ def test_it(rootfs, i):
 """
 
 
-@pytest.mark.requires_overlay
-def test_keyboard_interrupt_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("overlay", marks=pytest.mark.requires_overlay),
+        # The helper's daemons and their watcher: all gone once the drained helper exits.
+        pytest.param("fuse", marks=pytest.mark.requires_fuse),
+    ],
+)
+def test_keyboard_interrupt_leaves_nothing(tmp_path: Path, backend: str) -> None:
     store = write_project(tmp_path, CONFTEST, INTERRUPT, ini=POOL_INI)
-    proc = run_session(tmp_path, "-p", "no:xdist")
+    proc = run_session(tmp_path, "-p", "no:xdist", f"--layers-backend={backend}")
     assert proc.returncode == 2, out(proc)
     assert "KeyboardInterrupt" in proc.stdout + proc.stderr, out(proc)
     _nothing_left(tmp_path, store)
+    for _ in range(500):  # unmounted daemons exit by themselves, a moment later
+        if not _fuse_daemons_in(tmp_path):
+            break
+        time.sleep(0.01)
+    assert _fuse_daemons_in(tmp_path) == []
 
 
 KILLED = """
