@@ -95,6 +95,8 @@ __all__ = [
     "open_in_root",
     "write_proc",
     "mount_id",
+    "FUSE_SUPER_MAGIC",
+    "fs_magic",
 ]
 
 # mount(2) flags (<linux/mount.h>)
@@ -739,3 +741,20 @@ def close_fds_except(keep: Iterable[int]) -> None:
         if int(name) not in kept:
             with contextlib.suppress(OSError):  # the listing's own fd, closed by now
                 os.close(int(name))
+
+
+#: ``statfs(2)``'s ``f_type`` of a fuse filesystem (<linux/magic.h>).
+FUSE_SUPER_MAGIC = 0x65735546
+_FSWORD = 4 if os.uname().machine == "s390x" else ctypes.sizeof(ctypes.c_long)
+
+
+def fs_magic(path: str | os.PathLike[str]) -> int:
+    """``statfs(2)``'s ``f_type`` of the filesystem holding ``path``: which kind of filesystem
+    is mounted there, in one system call (``os.statvfs`` does not say). Raises ``OSError``."""
+    # struct statfs starts with f_type, a __fsword_t: a long (an unsigned int on s390x, whose
+    # big-endian 4 bytes come first in either case).
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fspath(path))
+    return int.from_bytes(buf.raw[:_FSWORD], "little" if _LITTLE else "big")

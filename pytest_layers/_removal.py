@@ -18,7 +18,7 @@ from pathlib import Path
 from pytest_layers import _dirfd, _linux
 from pytest_layers._mounts import detach_mounts_under
 
-__all__ = ["remove_tree"]
+__all__ = ["remove_tree", "remove_tree_seen_unmounted"]
 
 
 #: Directory fds :func:`remove_tree` keeps open along its path; deeper ancestors are reopened
@@ -64,6 +64,32 @@ def remove_tree(path: Path) -> None:
         return  # best effort: a tree changed under the walk is left, never chased
     with contextlib.suppress(OSError):
         os.rmdir(path)
+
+
+def remove_tree_seen_unmounted(path: Path) -> None:
+    """:func:`remove_tree` without reading the mount table first, for a tree its caller expects
+    no mount in (a fuse view's scratch whose mount it has just seen go: reading the mount table
+    was a fifth of the pool's cleanup of a fuse view). The walk never enters another mount
+    either way; if anything is left (a mount after all), :func:`remove_tree` detaches it and
+    finishes."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            remove_tree(path)
+            return
+        fd = _open_dir(os.fspath(path), None, (st.st_dev, st.st_ino))
+        try:
+            mnt = _linux.mount_id("", fd)
+        except OSError:
+            os.close(fd)
+            raise
+        _remove_contents(_dirfd.DirStack(fd, keep=_KEEP_OPEN), mnt)
+        os.rmdir(path)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            remove_tree(path)
+    except OSError:
+        remove_tree(path)
 
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -129,13 +129,25 @@ class TestRootfs:
         make = functools.partial(
             rootfs_mod.prepare, self.session, self.image, init=self.init, readonly=self.readonly
         )
-        reset = getattr(self.session.backend, "reset_view", None)
+        backend = self.session.backend
+        reset = getattr(backend, "reset_view", None)
         return Maker(
             make,
             rootfs_mod.discard,
             rootfs_mod.portable,
             reset=(lambda p: bool(reset(p.view))) if callable(reset) else None,
             load=rootfs_mod.from_portable,
+            started=getattr(backend, "helper_started", None),
+            ending=getattr(backend, "helper_ending", None),
+            begin=functools.partial(
+                rootfs_mod.prepare_begin,
+                self.session,
+                self.image,
+                init=self.init,
+                readonly=self.readonly,
+            )
+            if hasattr(backend, "begin_open")
+            else None,
         )
 
     # -- 3. the outcome decides

@@ -519,6 +519,20 @@ def prepare(
     readonly: bool = False,
 ) -> Prepared:
     """Make a view of ``image`` for :class:`Rootfs`: scratch, init layer, mount."""
+    return prepare_begin(session, image, init=init, readonly=readonly)()
+
+
+def prepare_begin(
+    session: LayerSession,
+    image: Sequence[Layer],
+    *,
+    init: Mapping[str, str | bytes] | None = None,
+    readonly: bool = False,
+) -> Callable[[], Prepared]:
+    """Start :func:`prepare` and return what finishes it. A backend with ``begin_open`` (fuse:
+    the daemon started, its mount not yet waited for) lets a caller making several views (the
+    view pool's helper) have their daemons start together; with any other the view is made
+    here and the returned callable only hands it over."""
     lowers = [x.directory for x in reversed(image)]
     scratch = session.scratch()
     try:
@@ -533,13 +547,27 @@ def prepare(
             lowers.insert(0, init_dir)
         view_scratch = scratch / "view"
         view_scratch.mkdir()
-        view = session.backend.open(
-            lowers, view_scratch, readonly=readonly, flavor=session.store.flavor
-        )
+        begin = getattr(session.backend, "begin_open", None)
+        if begin is None:
+            view = session.backend.open(
+                lowers, view_scratch, readonly=readonly, flavor=session.store.flavor
+            )
+            made = Prepared(scratch, view, exclude, init_dirs, init_dir)
+            return lambda: made
+        finish_open = begin(lowers, view_scratch, readonly=readonly, flavor=session.store.flavor)
     except BaseException:
         remove_tree(scratch)
         raise
-    return Prepared(scratch, view, exclude, init_dirs, init_dir)
+
+    def finish() -> Prepared:
+        try:
+            view = finish_open()
+        except BaseException:
+            remove_tree(scratch)
+            raise
+        return Prepared(scratch, view, exclude, init_dirs, init_dir)
+
+    return finish
 
 
 def portable(prepared: Prepared) -> tuple[Any, ...]:

@@ -18,8 +18,9 @@ Order of :meth:`Runtime.enter` then :meth:`Runtime.start`:
 3. open the store and check it is writable.
 4. choose the backend (the caller's ``choose``, else :meth:`Runtime.choose`), compose the
    reasons the report header prints (:class:`Choice`).
-5. make the session's scratch dir (a tmpfs inside our own namespace for overlay), give the
-   copy backend its home for reused copies, make the :class:`~pytest_layers.build.LayerSession`.
+5. make the session's scratch dir (a tmpfs inside our own namespace for overlay and fuse),
+   give the copy backend its home for reused copies, make the
+   :class:`~pytest_layers.build.LayerSession`.
 
 An xdist worker opens with :meth:`Runtime.join` instead (its controller's namespace, which it
 inherited, and its controller's choice): steps 1, 2 and 4 are the controller's.
@@ -367,9 +368,11 @@ class Runtime:
         scratch = self.store.root / "scratch" / "views" / namespaces.session_dir_name()
         scratch.mkdir(parents=True)
         self.scratch = scratch
-        if chosen.name == "overlay" and namespaces.inside_our_namespace() is not None:
-            # Upper and work dirs on tmpfs make the per-test mount cycle several times cheaper;
-            # inside our own namespace the tmpfs is private and dies with the session.
+        if chosen.name in ("overlay", "fuse") and namespaces.inside_our_namespace() is not None:
+            # Upper and work dirs on tmpfs make the per-test mount cycle several times cheaper
+            # (on ext4 a fuse view's half dozen mkdirs went to scanning the inode bitmap for
+            # recently deleted inodes); inside our own namespace the tmpfs is private and dies
+            # with the session.
             try:
                 namespaces.mount_scratch_tmpfs(scratch)
                 self._scratch_tmpfs = True

@@ -197,3 +197,33 @@ def test_a_scratch_path_with_dotdot_mounts(tmp_path: Path) -> None:
     finally:
         view.close()
     assert namespaces.mounts_under(tmp_path) == []
+
+
+SCRATCH_TESTS = """
+from pytest_layers.store import filesystem_type
+
+def test_upper_on_tmpfs(rootfs):
+    (rootfs / "etc/new").write_text("x")
+    # rootfs is scratch/view/m: the upper dir (scratch/view/u) sits on the scratch's filesystem.
+    assert filesystem_type(rootfs.path.parent / "u") == "tmpfs"
+"""
+
+
+def test_fuse_views_have_their_upper_dirs_on_the_sessions_scratch_tmpfs(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    """As root, in the session's private namespace, the fuse backend's scratch (upper, work
+    and the view's own dirs) is a tmpfs, as kernel overlay's is: on a disk filesystem each
+    view's half dozen mkdirs and rmdirs were most of a pooled fuse view's cost in the kernel
+    (ext4's inode allocation scanning recently deleted inodes)."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_scratch=SCRATCH_TESTS)
+    result = pytester.runpytest_subprocess(
+        f"--layers-store={tmp_path / 'store'}",
+        "--layers-backend=fuse",
+        "-p",
+        "no:randomly",
+        "-o",
+        "layers_default=app",
+    )
+    result.assert_outcomes(passed=1)

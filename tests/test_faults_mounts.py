@@ -279,6 +279,34 @@ def test_remove_tree_detaches_a_bind_mount_instead_of_emptying_it(tmp_path: Path
     assert (canary / "sub/deep").read_text() == "deep\n"
 
 
+@pytest.mark.requires_root
+def test_removal_without_the_mount_table_still_detaches_a_bind_mount_it_meets(
+    tmp_path: Path,
+) -> None:
+    """remove_tree_seen_unmounted (a fuse view's scratch, its mount seen gone) skips reading the
+    mount table, but a mount in the tree after all is never entered and then detached: the
+    tree goes, the mount's source is untouched."""
+    canary = make_tree(tmp_path / "host", {"secret": "host data\n"})
+    tree = make_tree(tmp_path / "tree", {"u/file": "x\n", "u/mnt": None, "log": "log\n"})
+    _linux.mount(canary, tree / "u/mnt", None, _linux.MS_BIND)
+    try:
+        _removal.remove_tree_seen_unmounted(tree)
+    finally:
+        _unmount_all(tmp_path)
+    assert not tree.exists()
+    assert (canary / "secret").read_text() == "host data\n"
+    plain = make_tree(tmp_path / "plain", {"a/b/c": "x\n", "d": None})
+    _removal.remove_tree_seen_unmounted(plain)
+    assert not plain.exists()
+    _removal.remove_tree_seen_unmounted(plain)  # gone already: nothing to do
+
+
+def test_fs_magic_names_the_filesystem_kind(tmp_path: Path) -> None:
+    assert _linux.fs_magic("/proc") == 0x9FA0  # PROC_SUPER_MAGIC
+    with pytest.raises(FileNotFoundError):
+        _linux.fs_magic(tmp_path / "missing")
+
+
 def test_mount_id_tells_a_bind_mount_from_its_parent(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,75 @@ def test_preparation_error_is_raised_by_the_take_that_needed_it(tmp_path: Path) 
     assert Path(view).read_text() == "pristine"
     pool.close()
     assert os.listdir(tmp_path) == []
+
+
+class _TwoStep(_Files):
+    """Views made in two steps (Maker.begin): ``begin`` leaves a mark, the step it returns
+    writes into the view how many marks were there, unfinished, when it ran."""
+
+    def __init__(self, root: Path, *, fail: tuple[str, int] | None = None) -> None:
+        super().__init__(root / "views")
+        self.marks = root / "marks"
+        self.fail = fail
+        self.begun = 0
+
+    def begin(self) -> Callable[[], str]:
+        self.begun += 1
+        n = self.begun
+        if self.fail == ("begin", n):
+            raise OSError(28, f"No space left to begin view {n}")
+        (self.marks / str(n)).touch()
+
+        def finish() -> str:
+            unfinished = len(os.listdir(self.marks))
+            (self.marks / str(n)).unlink()
+            if self.fail == ("finish", n):
+                raise OSError(5, f"view {n} did not mount")
+            path = self.root / f"{n}"
+            path.write_text(f"{n} {unfinished}")
+            return str(path)
+
+        return finish
+
+    def maker(self) -> Maker[str]:
+        return Maker(self.make, self.discard, begin=self.begin)
+
+
+@pytest.mark.parametrize("fail", [None, ("begin", 2), ("finish", 2)])
+def test_a_two_step_maker_has_views_begun_ahead_and_answered_in_order(
+    tmp_path: Path, fail: tuple[str, int] | None
+) -> None:
+    """With Maker.begin (fuse: the daemon started, its mount not yet waited for), the helper
+    begins up to AHEAD views before it finishes the first; the replies keep the order of the
+    requests, and a view that fails in either step is the error of its own take only."""
+    from pytest_layers.backends.pool import AHEAD
+
+    (tmp_path / "views").mkdir()
+    (tmp_path / "marks").mkdir()
+    maker = _TwoStep(tmp_path, fail=fail)
+    pool: ViewPool[str] = ViewPool(depth=2, batch=8)
+    pool.register("a", maker.maker())
+    pool.expect({"a": 10})
+    seen = []
+    for i in range(1, 11):
+        if fail is not None and i == 2:
+            with pytest.raises(OSError, match="view 2"):
+                pool.take("a")
+            continue
+        view = pool.take("a")
+        assert view is not None
+        n, unfinished = map(int, Path(view).read_text().split())
+        seen.append((n, unfinished))
+        pool.retire(view)
+        pool.expect({"a": 10 - i})
+    assert [n for n, _ in seen] == [i for i in range(1, 11) if fail is None or i != 2]
+    # The first write asked for depth + batch views: the first was finished with AHEAD begun
+    # (one fewer when the second failed to begin).
+    assert AHEAD > 1
+    assert seen[0][1] == (AHEAD - 1 if fail == ("begin", 2) else AHEAD)
+    pool.close()
+    assert os.listdir(tmp_path / "views") == []
+    assert os.listdir(tmp_path / "marks") == []
 
 
 def test_a_view_that_cannot_cross_is_an_error_of_its_taker(tmp_path: Path) -> None:
@@ -524,13 +595,25 @@ def test_it(rootfs, i):
 """
 
 
-@pytest.mark.requires_overlay
-def test_keyboard_interrupt_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("overlay", marks=pytest.mark.requires_overlay),
+        # The helper's daemons and their watcher: all gone once the drained helper exits.
+        pytest.param("fuse", marks=pytest.mark.requires_fuse),
+    ],
+)
+def test_keyboard_interrupt_leaves_nothing(tmp_path: Path, backend: str) -> None:
     store = write_project(tmp_path, CONFTEST, INTERRUPT, ini=POOL_INI)
-    proc = run_session(tmp_path, "-p", "no:xdist")
+    proc = run_session(tmp_path, "-p", "no:xdist", f"--layers-backend={backend}")
     assert proc.returncode == 2, out(proc)
     assert "KeyboardInterrupt" in proc.stdout + proc.stderr, out(proc)
     _nothing_left(tmp_path, store)
+    for _ in range(500):  # unmounted daemons exit by themselves, a moment later
+        if not _fuse_daemons_in(tmp_path):
+            break
+        time.sleep(0.01)
+    assert _fuse_daemons_in(tmp_path) == []
 
 
 KILLED = """
@@ -562,24 +645,25 @@ def test_sigkill_leftovers_are_swept_by_the_next_session(tmp_path: Path) -> None
 
 
 def _fuse_daemons_in(path: Path) -> list[int]:
-    """fuse-overlayfs processes whose working directory (a view's scratch) is under path."""
+    """fuse-overlayfs processes whose output (the log in a view's scratch) is under path (not
+    their working directory: the daemon changes to / once mounted)."""
     found = []
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
             if Path(f"/proc/{pid}/comm").read_text().strip() != "fuse-overlayfs":
                 continue
-            cwd = os.readlink(f"/proc/{pid}/cwd")
+            out = os.readlink(f"/proc/{pid}/fd/1")
         except OSError:
             continue
-        if cwd.startswith(str(path)):
+        if out.startswith(str(path)):
             found.append(pid)
     return found
 
 
 @pytest.mark.requires_fuse
 def test_fuse_views_from_the_pool_are_pristine_and_their_daemons_go(tmp_path: Path) -> None:
-    """The fuse backend in the pool: daemons started ahead by the helper (through setpriv,
-    with the death signal, without forking the session), each test its own view; after a
+    """The fuse backend in the pool: daemons started ahead by the helper (in the process
+    group of its watcher, without forking the session), each test its own view; after a
     normal end and after a SIGKILL of the session, no daemon and no mount is left."""
     (tmp_path / "pristine").mkdir()
     (tmp_path / "killed").mkdir()
@@ -596,11 +680,15 @@ def test_fuse_views_from_the_pool_are_pristine_and_their_daemons_go(tmp_path: Pa
         tmp_path / "killed", "-p", "no:xdist", "--layers-backend=fuse", env=child_env(KILL_ME="1")
     )
     assert proc.returncode == -signal.SIGKILL, out(proc)
-    for _ in range(500):  # the daemons get SIGTERM from the kernel and unmount
+    for _ in range(500):  # the helper dies with the session, its watcher sends SIGTERM
         if not _fuse_daemons_in(tmp_path):
             break
         time.sleep(0.01)
     assert _fuse_daemons_in(tmp_path) == [], "a fuse daemon outlived the killed session"
+    for _ in range(500):  # as root, the namespace (and its mounts) goes with its last process
+        if os.geteuid() != 0 or not our_mounts_under(tmp_path):
+            break
+        time.sleep(0.01)
     left = our_mounts_under(tmp_path)
     if left and os.geteuid() != 0:
         # An ordinary user's fuse views are mounted in the host's mount namespace (no private
@@ -610,6 +698,123 @@ def test_fuse_views_from_the_pool_are_pristine_and_their_daemons_go(tmp_path: Pa
         assert proc.returncode == 0, out(proc)
         left = our_mounts_under(tmp_path)
     assert left == []
+
+
+_GUARDED = """
+import os, sys, time
+from pathlib import Path
+from pytest_layers.backends import fuse
+
+root = Path(sys.argv[1])
+fuse.guard_daemons()
+view = fuse.FuseBackend().open([root / "lower"], root / "scratch")
+print(os.getpid(), os.getpgid(0), fuse._group(), flush=True)
+time.sleep(60)
+"""
+
+
+def _processes_in_group(pgid: int) -> dict[int, str]:
+    """pid -> comm of the live (not zombie) processes of a process group."""
+    found = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            comm, _, rest = Path(f"/proc/{pid}/stat").read_text().rpartition(")")
+        except OSError:
+            continue
+        fields = rest.split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found[pid] = comm.partition("(")[2]
+    return found
+
+
+@pytest.mark.requires_fuse
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Popen's process_group is 3.11's")
+def test_guarded_fuse_daemons_join_the_watchers_group_and_end_with_their_starter(
+    tmp_path: Path,
+) -> None:
+    """In a process that called guard_daemons (the pool's helper does), a daemon is started
+    without a death signal (no setpriv, no fork of the caller) in the process group of a
+    watcher, not the caller's (a Ctrl-C to the terminal's group does not reach it); when the
+    starter is SIGKILLed, the watcher ends the daemon and itself."""
+    (tmp_path / "lower").mkdir()
+    (tmp_path / "lower" / "f").write_text("lower\n")
+    (tmp_path / "scratch").mkdir()
+    starter = subprocess.Popen(
+        [sys.executable, "-c", _GUARDED, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    group = 0
+    try:
+        assert starter.stdout is not None
+        pid, pgid, group = map(int, starter.stdout.readline().split())
+        assert group != pgid
+        members = _processes_in_group(group)
+        assert sorted(members.values()) == ["fuse-overlayfs", "sh"], members
+        daemon = next(p for p, comm in members.items() if comm == "fuse-overlayfs")
+        ppid = int(Path(f"/proc/{daemon}/stat").read_text().rpartition(")")[2].split()[1])
+        assert ppid == pid, "the daemon was not started by the starter itself"
+        assert (tmp_path / "scratch" / "m" / "f").read_text() == "lower\n"
+    finally:
+        starter.kill()
+        starter.communicate()
+        try:
+            for _ in range(500):  # the watcher sends SIGTERM to the group, then exits
+                if not group or not _processes_in_group(group):
+                    break
+                time.sleep(0.01)
+            if group:
+                assert _processes_in_group(group) == {}, "the daemon outlived its starter"
+        finally:
+            # fuse-overlayfs exits on SIGTERM without unmounting: in a session, the mount goes
+            # with the session's namespace (root) or the next session's sweep (a user).
+            if our_mounts_under(tmp_path):
+                cmd = ["umount", "-l"] if os.geteuid() == 0 else ["fusermount3", "-u", "-z"]
+                subprocess.run([*cmd, str(tmp_path / "scratch" / "m")], check=False)
+    assert our_mounts_under(tmp_path) == []
+
+
+GROUPED = """
+import os
+import pytest
+
+def helpers_daemons():
+    \"\"\"(pid, pgid) of the fuse-overlayfs processes whose parent is a child of this session.\"\"\"
+    stats = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                comm, _, rest = open(f"/proc/{p}/stat").read().rpartition(")")
+            except OSError:
+                continue
+            fields = rest.split()
+            stats[int(p)] = (comm.partition("(")[2], int(fields[1]), int(fields[2]))
+    return [
+        (pid, pgid)
+        for pid, (comm, ppid, pgid) in stats.items()
+        if comm == "fuse-overlayfs" and stats.get(ppid, ("", 0, 0))[1] == os.getpid()
+    ]
+
+@pytest.mark.layer("base")
+@pytest.mark.parametrize("i", range(6))
+def test_daemons_outside_the_sessions_group(rootfs, i):
+    daemons = helpers_daemons()
+    assert daemons, "no daemon started by a pool helper"
+    assert all(pgid != os.getpgid(0) for _, pgid in daemons), daemons
+"""
+
+
+@pytest.mark.requires_fuse
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Popen's process_group is 3.11's")
+def test_the_pool_helpers_fuse_daemons_run_in_their_watchers_group(tmp_path: Path) -> None:
+    """The helper starts its daemons guarded (guard_daemons): out of the session's process
+    group, which a Ctrl-C at the terminal reaches."""
+    store = write_project(tmp_path, CONFTEST, GROUPED, ini=POOL_INI)
+    proc = run_session(tmp_path, "-p", "no:xdist", "--layers-backend=fuse")
+    assert proc.returncode == 0, out(proc)
+    assert "6 passed" in proc.stdout, out(proc)
+    _nothing_left(tmp_path, store)
 
 
 def test_copy_backend_views_reset_in_the_helper_stay_pristine(tmp_path: Path) -> None:

@@ -31,6 +31,9 @@ Rules it keeps:
   clean, ready views no pending test needs are sent back for cleanup, and a helper with
   nothing out and nothing wanted exits. At most
   ``max_helpers`` helpers live at once; other keys are served in the test (``take`` is None).
+* **Started together.** A maker with ``begin`` (fuse: the daemon started, its mount not yet
+  waited for) has up to :data:`AHEAD` views of a request begun before the first is finished;
+  replies keep the order of the requests.
 * **Errors reach the taker.** A failed preparation is the reply to that request: :meth:`take`
   raises it in the test that needed the view.
 * **Drained.** :meth:`close` asks every helper to clean what it holds and waits for it.
@@ -40,6 +43,7 @@ No pytest here: the plugin feeds it (docs/dev/internals.md).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import marshal
 import os
@@ -54,7 +58,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["BATCH", "DEFAULT_DEPTH", "MAX_HELPERS", "Maker", "PoolError", "ViewPool"]
+__all__ = ["AHEAD", "BATCH", "DEFAULT_DEPTH", "MAX_HELPERS", "Maker", "PoolError", "ViewPool"]
 
 #: Views requested ahead per key: one for the next test, one for the one after.
 DEFAULT_DEPTH = 2
@@ -65,6 +69,9 @@ DEFAULT_DEPTH = 2
 #: 2.2-2.6x (2,000 trivial tests, same minutes). The helper holds up to ``depth + BATCH``
 #: ready views (at most as many as the next tests need) and ``BATCH`` used ones.
 BATCH = 16
+#: Views a helper begins before it finishes the first (a maker with ``begin``): a fuse daemon
+#: takes milliseconds to mount, and the helper waited for each before starting the next.
+AHEAD = 3
 #: Helper processes alive at once (each holds a forked copy of the session's memory map).
 MAX_HELPERS = 8
 
@@ -96,6 +103,13 @@ class Maker(Generic[T]):
     export: Callable[[T], Any] = lambda view: view
     reset: Callable[[T], bool] | None = None
     load: Callable[[Any], T] = lambda data: data
+    #: Run in the helper before its first view and after its last cleanup (the fuse backend
+    #: starts and ends the watcher of its daemons there).
+    started: Callable[[], None] | None = None
+    ending: Callable[[], None] | None = None
+    #: ``make`` in two steps, ``begin()()``: the helper begins up to :data:`AHEAD` views of a
+    #: batch before it finishes the first (fuse: daemons start together, on both cores).
+    begin: Callable[[], Callable[[], T]] | None = None
 
 
 class _Helper:
@@ -452,6 +466,8 @@ def _serve(maker: Maker[Any], rx: int, tx: int, parent: int) -> None:  # pragma:
         _linux.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
         return  # the session died before the death signal was armed
+    if maker.started is not None:
+        maker.started()
     state = _HelperState(maker, tx)
     try:
         while True:
@@ -461,9 +477,20 @@ def _serve(maker: Maker[Any], rx: int, tx: int, parent: int) -> None:  # pragma:
                 # signal comes). Leave everything as a killed session leaves its own views: its
                 # mounts go with its namespace, and the next session sweeps its scratch.
                 return
+            if maker.begin is not None:
+                # Retirements first (they only queue the view for the cleaner), then the
+                # requests, several begun at once.
+                for message in batch:
+                    if message[0] == "retire":
+                        state.handle(message)
+                state.make_many(sum(1 for message in batch if message[0] == "make"))
+                batch = tuple(message for message in batch if message[0] == "quit")
             for message in batch:
                 if message[0] == "quit":
                     state.quit()
+                    if maker.ending is not None:
+                        with contextlib.suppress(Exception):
+                            maker.ending()
                     return
                 state.handle(message)
     finally:
@@ -490,6 +517,30 @@ class _HelperState:  # pragma: no cover - runs in the helper
             self._cleaner = threading.Thread(target=self._clean, name="view-pool-cleaner")
             self._cleaner.start()
 
+    def make_many(self, n: int) -> None:
+        """Answer ``n`` requests in order, with up to :data:`AHEAD` views begun at once."""
+        begin = self.maker.begin
+        assert begin is not None
+        begun: collections.deque[Callable[[], Any] | Exception] = collections.deque()
+        started = 0
+        while started < n or begun:
+            while started < n and len(begun) < AHEAD:
+                try:
+                    begun.append(begin())
+                except Exception as exc:
+                    begun.append(exc)
+                started += 1
+            finish = begun.popleft()
+            if isinstance(finish, Exception):
+                _reply_error(self.tx, finish)
+                continue
+            try:
+                view = finish()
+            except Exception as exc:
+                _reply_error(self.tx, exc)
+                continue
+            self._send_view(view)
+
     def handle(self, message: tuple[Any, ...]) -> None:
         maker = self.maker
         if message[0] == "make":
@@ -498,25 +549,7 @@ class _HelperState:  # pragma: no cover - runs in the helper
             except Exception as exc:
                 _reply_error(self.tx, exc)
                 return
-            self.count += 1
-            self.held[self.count] = view
-            try:
-                data = maker.export(view)
-                try:
-                    marshal.dumps(data)
-                    reply = ("ok", self.count, data, False)
-                except ValueError:
-                    # Not plain values (an export left as the default, a dataclass): pickled,
-                    # slower to read back, still correct.
-                    reply = ("ok", self.count, pickle.dumps(data), True)
-            except Exception as exc:
-                # The view cannot be sent: it is cleaned here and the test that asked gets why.
-                self.held.pop(self.count)
-                with contextlib.suppress(Exception):
-                    maker.discard(view)
-                _reply_error(self.tx, exc)
-                return
-            _send(self.tx, reply)
+            self._send_view(view)
         elif message[0] == "retire":
             view = self.held.pop(message[1], None)
             if view is None:
@@ -529,6 +562,28 @@ class _HelperState:  # pragma: no cover - runs in the helper
                     self.spare.append(view)
                     return
                 maker.discard(view)
+
+    def _send_view(self, view: Any) -> None:
+        maker = self.maker
+        self.count += 1
+        self.held[self.count] = view
+        try:
+            data = maker.export(view)
+            try:
+                marshal.dumps(data)
+                reply = ("ok", self.count, data, False)
+            except ValueError:
+                # Not plain values (an export left as the default, a dataclass): pickled,
+                # slower to read back, still correct.
+                reply = ("ok", self.count, pickle.dumps(data), True)
+        except Exception as exc:
+            # The view cannot be sent: it is cleaned here and the test that asked gets why.
+            self.held.pop(self.count)
+            with contextlib.suppress(Exception):
+                maker.discard(view)
+            _reply_error(self.tx, exc)
+            return
+        _send(self.tx, reply)
 
     def quit(self) -> None:
         """Clean every view: those retired (the cleaner finishes them), those still held."""
