@@ -53,7 +53,13 @@ def remove_tree(path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
         return
-    detach_mounts_under(path)
+    if detach_mounts_under(path):
+        try:  # a mount on path itself hid the directory now there
+            st = os.lstat(path)
+        except OSError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            return
     try:
         fd = _open_dir(os.fspath(path), None, (st.st_dev, st.st_ino))
     except OSError:
@@ -70,8 +76,8 @@ def remove_tree_seen_unmounted(path: Path) -> None:
     """:func:`remove_tree` without reading the mount table first, for a tree its caller expects
     no mount in (a fuse view's scratch whose mount it has just seen go: reading the mount table
     was a fifth of the pool's cleanup of a fuse view). The walk never enters another mount
-    either way; if anything is left (a mount after all), :func:`remove_tree` detaches it and
-    finishes."""
+    either way; a mount on ``path`` itself, or anything left (a mount inside after all), goes
+    to :func:`remove_tree`, which detaches it and finishes."""
     try:
         st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode):
@@ -80,9 +86,15 @@ def remove_tree_seen_unmounted(path: Path) -> None:
         fd = _open_dir(os.fspath(path), None, (st.st_dev, st.st_ino))
         try:
             mnt = _linux.mount_id("", fd)
+            # ".." from a mount's root is the mount point's parent, on another mount.
+            on_path = mnt != _linux.mount_id("..", fd)
         except OSError:
             os.close(fd)
             raise
+        if on_path:  # a mount on the tree itself: detached, never emptied through
+            os.close(fd)
+            remove_tree(path)
+            return
         _remove_contents(_dirfd.DirStack(fd, keep=_KEEP_OPEN), mnt)
         os.rmdir(path)
     except FileNotFoundError:

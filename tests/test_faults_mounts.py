@@ -301,6 +301,22 @@ def test_removal_without_the_mount_table_still_detaches_a_bind_mount_it_meets(
     _removal.remove_tree_seen_unmounted(plain)  # gone already: nothing to do
 
 
+@pytest.mark.requires_root
+def test_removal_without_the_mount_table_detaches_a_mount_on_the_tree_itself(
+    tmp_path: Path,
+) -> None:
+    """A mount on the path itself (not inside it) is detached, never emptied through."""
+    canary = make_tree(tmp_path / "host", {"secret": "host data\n"})
+    tree = make_tree(tmp_path / "tree", {})
+    _linux.mount(canary, tree, None, _linux.MS_BIND)
+    try:
+        _removal.remove_tree_seen_unmounted(tree)
+    finally:
+        _unmount_all(tmp_path)
+    assert (canary / "secret").read_text() == "host data\n"
+    assert not tree.exists()
+
+
 def test_fs_magic_names_the_filesystem_kind(tmp_path: Path) -> None:
     assert _linux.fs_magic("/proc") == 0x9FA0  # PROC_SUPER_MAGIC
     with pytest.raises(FileNotFoundError):

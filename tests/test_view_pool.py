@@ -6,6 +6,7 @@ many tests, exact snapshots, nothing left after a normal end, a KeyboardInterrup
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -339,12 +340,20 @@ def test_prepared_views_cross_as_plain_values(tmp_path: Path) -> None:
         )
 
 
-def test_views_that_are_reset_go_back_at_once_and_few_are_made(tmp_path: Path) -> None:
+@pytest.mark.parametrize("two_step", [False, True], ids=["make", "begin"])
+def test_views_that_are_reset_go_back_at_once_and_few_are_made(
+    tmp_path: Path, two_step: bool
+) -> None:
     """No batching where the helper resets views (the copy backend: each new view is a copy
     of the whole image): a returned view is reset and handed out again, so over many tests
-    the helper makes no more views than the depth and the one in use."""
+    the helper makes no more views than the depth and the one in use, also for a maker that
+    makes its views in two steps."""
     pool: ViewPool[str] = ViewPool(depth=2, batch=4)
-    pool.register("a", _Files(tmp_path, reset=True).maker())
+    files = _Files(tmp_path, reset=True)
+    maker = files.maker()
+    if two_step:
+        maker = dataclasses.replace(maker, begin=lambda: files.make)
+    pool.register("a", maker)
     pool.follow(["a"] * 31, 16)
     seen = set()
     for i in range(30):

@@ -521,25 +521,36 @@ class _HelperState:  # pragma: no cover - runs in the helper
         """Answer ``n`` requests in order, with up to :data:`AHEAD` views begun at once."""
         begin = self.maker.begin
         assert begin is not None
+        while n and self.spare:  # reset views first, as handle() does (a maker may do both)
+            self._send_view(self.spare.pop())
+            n -= 1
         begun: collections.deque[Callable[[], Any] | Exception] = collections.deque()
         started = 0
-        while started < n or begun:
-            while started < n and len(begun) < AHEAD:
+        try:
+            while started < n or begun:
+                while started < n and len(begun) < AHEAD:
+                    try:
+                        begun.append(begin())
+                    except Exception as exc:
+                        begun.append(exc)
+                    started += 1
+                finish = begun.popleft()
+                if isinstance(finish, Exception):
+                    _reply_error(self.tx, finish)
+                    continue
                 try:
-                    begun.append(begin())
+                    view = finish()
                 except Exception as exc:
-                    begun.append(exc)
-                started += 1
-            finish = begun.popleft()
-            if isinstance(finish, Exception):
-                _reply_error(self.tx, finish)
-                continue
-            try:
-                view = finish()
-            except Exception as exc:
-                _reply_error(self.tx, exc)
-                continue
-            self._send_view(view)
+                    _reply_error(self.tx, exc)
+                    continue
+                self._send_view(view)
+        finally:
+            # A reply that could not be sent (the session is gone): the views begun after it
+            # are finished and cleaned here, not left to the next session's sweep.
+            for rest in begun:
+                if not isinstance(rest, Exception):
+                    with contextlib.suppress(Exception):
+                        self.maker.discard(rest())
 
     def handle(self, message: tuple[Any, ...]) -> None:
         maker = self.maker
