@@ -151,7 +151,12 @@ def release_daemons() -> None:
 
 
 def _group() -> int | None:
-    """The process group new daemons join, None when they get a death signal instead."""
+    """The process group new daemons join, None when they get a death signal instead.
+
+    A watcher that is gone (only SIGKILL ends it) leaves the daemons already in its group
+    unguarded until this process ends them: they are not moved (a child cannot change groups
+    after its exec) nor signalled later by group id (the number may be another group's by
+    then). New daemons get a death signal from then on."""
     watcher = _watcher
     if watcher is None or watcher.owner != os.getpid() or watcher.proc.poll() is not None:
         return None
