@@ -463,9 +463,16 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
                     continue
                 kept.append((e.name, st))
         for name, st in kept:
-            # Any inode with other links: a builder may have linked a file, a symlink, a fifo
-            # or a device in from elsewhere, and settling it must not touch that one.
-            grouped = not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
+            special = not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode)
+            if special and st.st_nlink > 1:
+                # A symlink, fifo or device with other links, maybe from outside the tree (a
+                # builder may link one in): each gets a private twin, as write_layer gives
+                # each its own inode, so that settling touches nothing outside.
+                tmp = f".settle-{os.getpid()}-{st.st_ino}"
+                _recreate_special(fd, name, tmp, st)
+                os.utime(tmp, ns=(st.st_mtime_ns, st.st_mtime_ns), dir_fd=fd, follow_symlinks=False)
+                os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            grouped = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
             if _has_xattrs(st) and not grouped:  # a group's inode may be outside: later
                 _drop_unkept_xattrs(_dirfd.at(fd, name))
             if stat.S_ISDIR(st.st_mode):
@@ -475,7 +482,7 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
             if grouped:
                 # Settled once the whole group is known: it may reach outside the tree.
                 seen = shared.setdefault((st.st_dev, st.st_ino), (st.st_nlink, []))
-                if not seen[1] and stat.S_ISREG(st.st_mode):
+                if not seen[1]:
                     size += st.st_size
                 seen[1].append((rel_dir, name))
                 continue
@@ -547,11 +554,7 @@ def _settle_group(
     where = _dirfd.open_path(first_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
     try:
         st = os.stat(first_name, dir_fd=where, follow_symlinks=False)
-        if len(members) < nlink and not stat.S_ISREG(st.st_mode):
-            tmp = f".settle-{os.getpid()}-{st.st_ino}"
-            _recreate_special(where, first_name, tmp, st)
-            os.rename(tmp, first_name, src_dir_fd=where, dst_dir_fd=where)
-        elif len(members) < nlink:
+        if len(members) < nlink:
             tmp = f".settle-{os.getpid()}-{st.st_ino}"
             src = os.open(first_name, _O_READ, dir_fd=where)
             try:
@@ -576,7 +579,7 @@ def _settle_group(
             other = _dirfd.open_path(rel_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
             try:
                 tmp = f".settle-{os.getpid()}-link"
-                os.link(first_name, tmp, src_dir_fd=where, dst_dir_fd=other)
+                os.link(first_name, tmp, src_dir_fd=where, dst_dir_fd=other, follow_symlinks=False)
                 os.rename(tmp, name, src_dir_fd=other, dst_dir_fd=other)
             finally:
                 os.close(other)

@@ -210,7 +210,8 @@ def test_settling_in_place_leaves_a_linked_in_fifo_and_symlink_outside_alone(
     outside = tmp_path / "outside"
     outside.mkdir()
     os.mkfifo(outside / "fifo", 0o640)
-    os.symlink("target", outside / "sym")
+    (outside / "target").write_text("outside only\n")
+    os.symlink(outside / "target", outside / "sym")
     later = 1_924_992_000  # 2031: past any clamp epoch
     for name in ("fifo", "sym"):
         os.utime(outside / name, (later, later), follow_symlinks=False)
@@ -219,6 +220,7 @@ def test_settling_in_place_leaves_a_linked_in_fifo_and_symlink_outside_alone(
     def fill(root: Path) -> None:
         os.link(outside / "fifo", root / "fifo")
         os.link(outside / "sym", root / "sym", follow_symlinks=False)
+        os.link(outside / "sym", root / "sym-too", follow_symlinks=False)
 
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -236,6 +238,8 @@ def test_settling_in_place_leaves_a_linked_in_fifo_and_symlink_outside_alone(
         assert os.lstat(stored / name).st_mtime < later, name
     assert stat.S_ISFIFO(os.lstat(stored / "fifo").st_mode)
     assert stat.S_IMODE(os.lstat(stored / "fifo").st_mode) == 0o640
-    assert os.readlink(stored / "sym") == "target"
+    for name in ("sym", "sym-too"):  # the link itself, never its target's file
+        assert os.readlink(stored / name) == os.fspath(outside / "target"), name
+        assert os.lstat(stored / name).st_nlink == 1, name  # its own, as write_layer makes it
     os.utime(outside / "fifo", (later + 1, later + 1))
     assert store.verify() == []
