@@ -4,6 +4,7 @@ and its in-place twin for a tree that is all of a new layer (:func:`settle_tree`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -464,12 +465,12 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
                 kept.append((e.name, st))
         for name, st in kept:
             special = not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode)
-            if special and st.st_nlink > 1:
+            if special and st.st_nlink > 1 and not _ocirules.is_whiteout_device(st):
                 # A symlink, fifo or device with other links, maybe from outside the tree (a
                 # builder may link one in): each gets a private twin, as write_layer gives
                 # each its own inode, so that settling touches nothing outside.
                 tmp = f".settle-{os.getpid()}-{st.st_ino}"
-                _recreate_special(fd, name, tmp, st)
+                _recreate_special(fd, name, tmp, st, _join(rel_dir, name))
                 os.utime(tmp, ns=(st.st_mtime_ns, st.st_mtime_ns), dir_fd=fd, follow_symlinks=False)
                 os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
             grouped = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
@@ -523,21 +524,27 @@ def _drop_unkept_xattrs(path: str) -> None:
             os.removexattr(path, name, follow_symlinks=False)
 
 
-def _recreate_special(where: int, name: str, tmp: str, st: os.stat_result) -> None:
+def _recreate_special(where: int, name: str, tmp: str, st: os.stat_result, rel: str) -> None:
     """Make ``tmp`` in the directory ``where`` a private twin of the symlink, fifo or device
-    ``name`` (same target or device number, owner, mode and kept xattrs)."""
+    ``name`` (same target or device number, owner, mode and kept xattrs), as write_layer would
+    write it; nothing is left at ``tmp`` if that fails."""
     xattrs = _xattrs(_dirfd.at(where, name))
     if stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(name, dir_fd=where), tmp, dir_fd=where)
     else:
         # A fifo or a device (which only a user allowed to make one can copy).
         os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=where)
-    os.chown(tmp, st.st_uid, st.st_gid, dir_fd=where, follow_symlinks=False)
-    path = _dirfd.at(where, tmp)
-    for key, value in sorted(xattrs.items()):
-        os.setxattr(path, key, value, follow_symlinks=False)
-    if not stat.S_ISLNK(st.st_mode):
-        os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=where)
+    try:
+        _chown(where, tmp, st, rel)
+        path = _dirfd.at(where, tmp)
+        for key, value in sorted(xattrs.items()):
+            os.setxattr(path, key, value, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=where)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=where)
+        raise
 
 
 def _settle_group(

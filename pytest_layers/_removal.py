@@ -65,7 +65,17 @@ def remove_tree(path: Path) -> None:
     except OSError:
         return
     try:
-        _remove_contents(_dirfd.DirStack(fd, keep=_KEEP_OPEN), _linux.mount_id("", fd))
+        mnt = _linux.mount_id("", fd)
+        # Still a mount's root: one that could not be detached (another user's, a locked one
+        # in a user namespace). Its content is not the tree's to remove.
+        foreign = mnt != _linux.mount_id("..", fd)
+    except OSError:
+        foreign = True
+    if foreign:
+        os.close(fd)
+        return
+    try:
+        _remove_contents(_dirfd.DirStack(fd, keep=_KEEP_OPEN), mnt)
     except OSError:
         return  # best effort: a tree changed under the walk is left, never chased
     with contextlib.suppress(OSError):

@@ -317,6 +317,30 @@ def test_removal_without_the_mount_table_detaches_a_mount_on_the_tree_itself(
     assert not tree.exists()
 
 
+@pytest.mark.requires_root
+@pytest.mark.requires_userns
+@pytest.mark.parametrize("remove", ["remove_tree", "remove_tree_seen_unmounted"])
+def test_removal_leaves_a_mount_on_the_tree_it_cannot_detach(tmp_path: Path, remove: str) -> None:
+    """A mount on the path itself that cannot be detached (here one locked into a user
+    namespace's copy of the mounts) is not the tree's: its content is never removed."""
+    canary = make_tree(tmp_path / "host", {"secret": "host data\n", "sub/deep": "deep\n"})
+    tree = make_tree(tmp_path / "tree", {})
+    repo = Path(__file__).resolve().parents[1]
+    script = (
+        f"import sys; sys.path.insert(0, {os.fspath(repo)!r}); from pathlib import Path; "
+        f"from pytest_layers import _removal; _removal.{remove}(Path({os.fspath(tree)!r}))"
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount --bind "$1" "$2" && exec unshare -Urm "$3" -c "$4"', "sh",
+         canary, tree, sys.executable, script],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (canary / "secret").read_text() == "host data\n"
+    assert (canary / "sub/deep").read_text() == "deep\n"
+
+
 def test_fs_magic_names_the_filesystem_kind(tmp_path: Path) -> None:
     assert _linux.fs_magic("/proc") == 0x9FA0  # PROC_SUPER_MAGIC
     with pytest.raises(FileNotFoundError):
