@@ -30,6 +30,13 @@ _KEEP_OPEN = 16
 _walk_hook: Callable[[str], None] | None = None
 
 
+def _mount_of(fd: int) -> tuple[int, bool]:
+    """The mount id of the directory open as ``fd``, and whether it is that mount's root
+    (``..`` from a mount's root is the mount point's parent, on another mount)."""
+    mnt = _linux.mount_id("", fd)
+    return mnt, mnt != _linux.mount_id("..", fd)
+
+
 def remove_tree(path: Path) -> None:
     """Remove ``path`` and everything below it, best effort.
 
@@ -65,10 +72,9 @@ def remove_tree(path: Path) -> None:
     except OSError:
         return
     try:
-        mnt = _linux.mount_id("", fd)
         # Still a mount's root: one that could not be detached (another user's, a locked one
         # in a user namespace). Its content is not the tree's to remove.
-        foreign = mnt != _linux.mount_id("..", fd)
+        mnt, foreign = _mount_of(fd)
     except OSError:
         foreign = True
     if foreign:
@@ -95,9 +101,7 @@ def remove_tree_seen_unmounted(path: Path) -> None:
             return
         fd = _open_dir(os.fspath(path), None, (st.st_dev, st.st_ino))
         try:
-            mnt = _linux.mount_id("", fd)
-            # ".." from a mount's root is the mount point's parent, on another mount.
-            on_path = mnt != _linux.mount_id("..", fd)
+            mnt, on_path = _mount_of(fd)
         except OSError:
             os.close(fd)
             raise
