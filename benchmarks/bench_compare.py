@@ -614,8 +614,16 @@ class Bench:
             Tool("pyfakefs", "pyfakefs fs", "test_pyfakefs.py", copies=False),
         ]
         for b in BACKENDS:
+            # Without the view pool (on by default): every view made and removed in its test.
             out.append(
-                Tool(f"layers-{b}", f"pytest-layers ({b})", "test_layers.py", b == "copy", b)
+                Tool(
+                    f"layers-{b}",
+                    f"pytest-layers ({b})",
+                    "test_layers.py",
+                    b == "copy",
+                    b,
+                    args=("-o", "layers_view_pool=0"),
+                )
             )
         for b in ("overlay", "fuse"):
             # The view pool (ini layers_view_pool): views prepared ahead by a helper process,
@@ -637,6 +645,8 @@ class Bench:
                 "test_layers.py",
                 copies=False,
                 backend="auto",
+                # Copies reset in the test's own teardown, as this row has always measured.
+                args=("-o", "layers_view_pool=0"),
                 restricted=True,
             )
         )

@@ -94,7 +94,7 @@ class State:
     snapshots: list[tuple[str, str]] = field(default_factory=list)
     snapshot_errors: list[tuple[str, str]] = field(default_factory=list)
     remote_lines: list[str] = field(default_factory=list)
-    #: Views prepared ahead per image (ini ``layers_view_pool``); 0: none.
+    #: Views prepared ahead per image (ini ``layers_view_pool``, set at configure); 0: none.
     pool_depth: int = 0
     #: The image of each marker's layers (by qualified names), looked up once per session.
     images: dict[tuple[str, ...], list[Layer]] = field(default_factory=dict)

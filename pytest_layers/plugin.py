@@ -24,6 +24,7 @@ import pytest
 from pytest_layers import _settings, build, definitions, fixtures, hookspecs
 from pytest_layers._fmt import human_size
 from pytest_layers.backends.base import MountPolicy
+from pytest_layers.backends.pool import DEFAULT_DEPTH
 from pytest_layers.build import Layer, LayerDef, LayerSession, compose
 from pytest_layers.errors import (
     LayerDefinitionError,
@@ -162,10 +163,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("layers_verify", "Re-hash layers before use", type="bool", default=False)
     parser.addini(
         "layers_view_pool",
-        "Views prepared ahead per image by helper processes (experimental; 0, the default: "
-        "every view is made in its test's setup)",
+        "Views prepared ahead per image by a helper process and cleaned behind the test "
+        "(default 2; 0: every view is made and removed in its test)",
         type="int",
-        default=0,
+        default=DEFAULT_DEPTH,
     )
     parser.addini(
         "layers_mount_namespace",
@@ -278,7 +279,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if not 0 <= pool_depth <= 16:
         raise pytest.UsageError(
             f"ini option layers_view_pool: {_raw_ini(config, 'layers_view_pool')!r} is not a "
-            "number of views from 0 (off, the default) to 16"
+            "number of views from 0 (off) to 16 (the default is 2)"
         )
     ns_mode = _ini_choice(config, "layers_mount_namespace", NAMESPACE_CHOICES)
     policy = config.getoption("layers_mount_options") or _mount_policy(
@@ -496,11 +497,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     lines = _close_pool(state, verbose=verbose) if state is not None else []
     backend = state.session.backend if state is not None and state.session is not None else None
     reused = getattr(backend, "reused", None)
-    if verbose and isinstance(reused, int):
-        lines.append(
-            f"layers: copy: {reused} copies reset and reused, "
-            f"{getattr(backend, 'discarded', 0)} thrown away"
-        )
+    discarded = getattr(backend, "discarded", 0)
+    # Only a session that reset copies itself has figures here: with the view pool the helper
+    # resets them, and its counts stay in the helper (the pool's own line says what it served).
+    if verbose and isinstance(reused, int) and (reused or discarded):
+        lines.append(f"layers: copy: {reused} copies reset and reused, {discarded} thrown away")
     remote = state.session.remote if state is not None and state.session is not None else None
     if remote is not None:
         lines += remote.finish()

@@ -126,7 +126,9 @@ def test_docker_default_profile_picks_copy_and_says_why(shared_tmp: Path, as_use
 @pytest.mark.parametrize("as_user", [False, True], ids=["root", "user"])
 def test_docker_default_profile_reuses_copies(shared_tmp: Path, as_user: bool) -> None:
     """The second test of an image gets the first one's copy, reset (``test_isolated``
-    checks its content and, as root, that the reset copy is still defanged)."""
+    checks its content and, as root, that the reset copy is still defanged). In the session:
+    the view pool's helper resets copies too (tests/test_copy_reuse.py), but its counts stay
+    in the helper."""
     _needs_seccomp()
     if as_user:
         require("user")
@@ -141,6 +143,8 @@ def test_docker_default_profile_reuses_copies(shared_tmp: Path, as_user: bool) -
         "no:randomly",
         f"--layers-store={ovl}/store",
         f"--basetemp={ovl}/bt",
+        "-o",
+        "layers_view_pool=0",
         "-v",
         "test_it.py",
     ]

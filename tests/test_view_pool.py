@@ -313,6 +313,59 @@ def test_a_view_asked_for_never_waits_behind_a_cleanup(tmp_path: Path) -> None:
     assert not forced.exists()
 
 
+def test_the_cleaner_runs_at_the_lowest_priority_and_its_backlog_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a busy machine the test and the views it waits for go first: the cleaner thread is
+    niced. It may then fall behind, and views waiting for it hold mounts and disk: past
+    CLEAN_BACKLOG the helper cleans the next retired views in its loop."""
+    from pytest_layers.backends import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "CLEAN_BACKLOG", 2)  # the helper is forked after this
+    gate = tmp_path / "gate"
+    views = tmp_path / "views"
+    views.mkdir()
+    records = tmp_path / "records"
+    records.mkdir()
+
+    class Recorded(_Files):
+        def discard(self, view: str) -> None:
+            me = threading.current_thread()
+            nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            who = "loop" if me is threading.main_thread() else "cleaner"
+            (records / Path(view).name).write_text(f"{who} {nice}")
+            if who == "cleaner":
+                for _ in range(3000):  # stuck until the gate opens (30 s at most)
+                    if gate.exists():
+                        break
+                    time.sleep(0.01)
+            os.unlink(view)
+
+    pool: ViewPool[str] = ViewPool(depth=1, batch=1)
+    pool.register("a", Recorded(views).maker())
+    pool.follow(["a"] * 9, 4)
+    for i in range(8):
+        view = pool.take("a")
+        assert view is not None
+        pool.at(i)
+        pool.retire(view)
+    # 8 retired views (the last one's retirement may still be queued in the session): one is
+    # stuck in the cleaner, at most 2 wait for it, so the helper's loop cleaned the rest.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        inline = [f.read_text() for f in records.iterdir() if f.read_text().startswith("loop")]
+        if len(inline) >= 4:
+            break
+        time.sleep(0.01)
+    assert len(inline) >= 4, sorted(f.read_text() for f in records.iterdir())
+    gate.write_text("")
+    pool.close()
+    cleaner = [f.read_text() for f in records.iterdir() if f.read_text().startswith("cleaner")]
+    assert cleaner, "the cleaner cleaned nothing"
+    assert set(cleaner) == {f"cleaner {pool_module.CLEANER_NICE}"}, cleaner
+    assert os.listdir(views) == []
+
+
 def test_prepared_views_cross_as_plain_values(tmp_path: Path) -> None:
     """What the helper sends is marshal's plain values; the session rebuilds the same
     Prepared, a backend's own View subclass and fields included, without the closer."""
@@ -371,7 +424,8 @@ def test_views_that_are_reset_go_back_at_once_and_few_are_made(
 
 # ---- the plugin ------------------------------------------------------------------------------
 
-#: The pool is opt-in (ini layers_view_pool, 0 by default): the plugin tests turn it on.
+#: The pool is on by default (ini layers_view_pool = 2); the plugin tests say so anyway, so
+#: that a change of the default does not change what they test.
 POOL_INI = ["layers_view_pool = 2"]
 
 CONFTEST = """
@@ -449,9 +503,13 @@ def test_pristine_views_and_nothing_left(tmp_path: Path) -> None:
 
 
 @pytest.mark.requires_overlay
-def test_pool_is_off_unless_asked_for(tmp_path: Path) -> None:
-    write_project(tmp_path, CONFTEST, PRISTINE.replace("N)", "5)"))
+def test_pool_is_on_by_default_and_0_turns_it_off(tmp_path: Path) -> None:
+    write_project(tmp_path, CONFTEST, PRISTINE.replace("N)", "5)"))  # no ini line of its own
     proc = run_session(tmp_path, "-vv", "-p", "no:xdist")
+    assert proc.returncode == 0, out(proc)
+    assert "5 passed" in proc.stdout, out(proc)
+    assert "layers: view pool: 5 views served by helpers" in proc.stdout, out(proc)
+    proc = run_session(tmp_path, "-vv", "-p", "no:xdist", "-o", "layers_view_pool=0")
     assert proc.returncode == 0, out(proc)
     assert "5 passed" in proc.stdout, out(proc)
     assert "view pool" not in proc.stdout, out(proc)
@@ -841,6 +899,8 @@ def test_copy_backend_views_reset_in_the_helper_stay_pristine(tmp_path: Path) ->
     assert proc.returncode == 0, out(proc)
     assert "30 passed" in proc.stdout, out(proc)
     assert "layers: view pool: 30 views served by helpers" in proc.stdout, out(proc)
+    # The helper reset the copies, not the session: no line of the session's own zero counts.
+    assert "layers: copy: 0 copies reset" not in proc.stdout, out(proc)
     _nothing_left(tmp_path / "pristine", store_path)
 
     store_path = write_project(

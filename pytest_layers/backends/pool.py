@@ -74,6 +74,13 @@ BATCH = 16
 AHEAD = 3
 #: Helper processes alive at once (each holds a forked copy of the session's memory map).
 MAX_HELPERS = 8
+#: Retired views waiting for the helper's cleaner before the helper cleans the next ones
+#: itself: the cleaner runs at the lowest CPU priority, so on a machine kept busy it may fall
+#: behind, and the views it has not cleaned yet hold mounts and disk.
+CLEAN_BACKLOG = 2 * BATCH
+#: The cleaner's niceness: a view asked for, or the test itself, goes first on a busy machine
+#: (slow tests clustered right after each batch of unmounts when it ran at the helper's).
+CLEANER_NICE = 19
 
 T = TypeVar("T")
 
@@ -501,8 +508,10 @@ class _HelperState:  # pragma: no cover - runs in the helper
     """What one helper holds. Retired views are cleaned by a thread of the helper (the helper
     is a process of its own: no thread ever runs in the session): an unmount waits for an RCU
     grace period in the kernel (4 ms per ``umount2`` on a busy 2-core machine, measured), and
-    a view asked for must not wait behind it. A maker that resets (the copy backend) resets
-    in order, in the loop: the reset view is the next one handed out."""
+    a view asked for must not wait behind it. The cleaner runs at :data:`CLEANER_NICE`; past
+    :data:`CLEAN_BACKLOG` waiting views the helper cleans in its loop instead. A maker that
+    resets (the copy backend) resets in order, in the loop: the reset view is the next one
+    handed out."""
 
     def __init__(self, maker: Maker[Any], tx: int) -> None:
         self.maker = maker
@@ -565,7 +574,7 @@ class _HelperState:  # pragma: no cover - runs in the helper
             view = self.held.pop(message[1], None)
             if view is None:
                 return
-            if self._retired is not None:
+            if self._retired is not None and self._retired.qsize() < CLEAN_BACKLOG:
                 self._retired.put(view)
                 return
             with contextlib.suppress(Exception):
@@ -607,6 +616,8 @@ class _HelperState:  # pragma: no cover - runs in the helper
 
     def _clean(self) -> None:
         assert self._retired is not None
+        with contextlib.suppress(OSError):  # a thread's own priority: it is a task of its own
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CLEANER_NICE)
         while True:
             view = self._retired.get()
             if view is None:
