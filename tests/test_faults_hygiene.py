@@ -4,7 +4,8 @@ A session runs 2,000 tests, each opening a rootfs, writing to it and diffing it 
 also commits). The project's conftest samples the process after a warm-up test and again in
 the last test (both hold exactly one open view): open file descriptors, mount table lines,
 entries in the session's scratch dir, entries in its private ``TMPDIR``, and RSS. None may grow
-except RSS, which must stay within 50 MiB; the peak RSS is reported. After the session, nothing
+except RSS, which must stay within 50 MiB (the peak RSS is reported), and, with the view pool,
+the session's views, by at most what the pool holds at a time. After the session, nothing
 it mounted or created is left.
 """
 
@@ -25,6 +26,8 @@ from faults_util import (
     run_session,
     write_project,
 )
+
+from pytest_layers.backends import pool
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -50,9 +53,13 @@ def sample(rootfs):
         line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
     )
     session_scratch = Path(os.fspath(rootfs)).parents[2]  # views/<session>/<n>/view/m
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    inside = [p for p in points if p.startswith(str(session_scratch) + "/")]
     return {
         "fds": sorted(os.listdir("/proc/self/fd")),
-        "mounts": len(Path("/proc/self/mountinfo").read_text().splitlines()),
+        # The session's views (the view pool's ready and retiring ones among them), and the rest.
+        "view_mounts": len(inside),
+        "mounts": len(points) - len(inside),
         "scratch": len(os.listdir(session_scratch)),
         "tmp": sorted(os.listdir(os.environ["TMPDIR"])),
         "rss": int(status["VmRSS"].split()[0]) * 1024,
@@ -123,19 +130,34 @@ def _run(
     return {"warm": warm, "end": end, "n": {"n": n}}
 
 
-def _check(samples: dict[str, dict[str, object]], label: str) -> None:
+#: What the view pool (on by default) may hold at any moment, in views: ready ones, retired ones
+#: on their way to the helper and waiting for its cleaner. Each may be two mount lines.
+POOL_VIEWS = pool.DEFAULT_DEPTH + 2 * pool.BATCH + pool.CLEAN_BACKLOG + 1
+
+
+def _check(samples: dict[str, dict[str, object]], label: str, *, pooled: bool = True) -> None:
+    """Nothing may grow; with the view pool, the session's views (mounts and scratch entries)
+    may differ by what the pool holds at the two moments, bounded whatever the test count."""
     warm, end = samples["warm"], samples["end"]
     rss_growth = int(end["rss"]) - int(warm["rss"])  # type: ignore[call-overload]
     print(
         f"{label}: {samples['n']['n']} tests; fds {len(warm['fds'])}->{len(end['fds'])}, "  # type: ignore[arg-type]
-        f"mount lines {warm['mounts']}->{end['mounts']}, scratch entries "
+        f"mount lines {warm['mounts']}->{end['mounts']}, of views "
+        f"{warm['view_mounts']}->{end['view_mounts']}, scratch entries "
         f"{warm['scratch']}->{end['scratch']}, threads {warm['threads']}->{end['threads']}, "
         f"RSS {int(warm['rss']) >> 20}->{int(end['rss']) >> 20} MiB "  # type: ignore[call-overload]
         f"(growth {rss_growth / (1 << 20):.1f} MiB), peak RSS {int(end['peak']) >> 20} MiB"  # type: ignore[call-overload]
     )
     assert end["fds"] == warm["fds"], "file descriptors leaked"
     assert end["mounts"] == warm["mounts"], "mounts leaked"
-    assert end["scratch"] == warm["scratch"], "view scratch dirs leaked"
+    views = int(end["view_mounts"]) - int(warm["view_mounts"])  # type: ignore[call-overload]
+    scratch = int(end["scratch"]) - int(warm["scratch"])  # type: ignore[call-overload]
+    if pooled:
+        assert abs(views) <= 2 * POOL_VIEWS, f"view mounts leaked: {views}"
+        assert abs(scratch) <= POOL_VIEWS, f"view scratch dirs leaked: {scratch}"
+    else:
+        assert views == 0, "view mounts leaked"
+        assert scratch == 0, "view scratch dirs leaked"
     assert end["tmp"] == warm["tmp"], "temporary files leaked"
     assert end["threads"] == warm["threads"], "threads leaked"
     assert rss_growth < RSS_BOUND, f"RSS grew by {rss_growth >> 20} MiB"
@@ -150,16 +172,26 @@ def _check(samples: dict[str, dict[str, object]], label: str) -> None:
         # Unbound copies (as where mounting is refused) are reset and reused: one copy, one
         # inotify instance and its watches for the whole session, nothing more per test.
         pytest.param("copy-reuse", marks=pytest.mark.requires_root),
+        # Without the view pool every view is made and removed in its test: exact counts.
+        pytest.param(
+            "overlay-nopool", marks=[pytest.mark.requires_root, pytest.mark.requires_overlay]
+        ),
     ],
 )
 def test_two_thousand_rootfs_tests_leak_nothing(pytester: pytest.Pytester, backend: str) -> None:
     # The copy backend pays a real copy and a ctime-clock tick per test (~25 ms here): 500 of
     # its tests make the same point within the suite's time budget.
     n = {"overlay": N_TESTS, "copy": 500}.get(backend, N_TESTS)
-    extra = ("-o", "layers_mount_options=suid,dev") if backend == "copy-reuse" else ()
-    name = backend.removesuffix("-reuse")
+    extra: tuple[str, ...] = ()
+    if backend == "copy-reuse":
+        extra = ("-o", "layers_mount_options=suid,dev")
+    pooled = not backend.endswith("-nopool")
+    if not pooled:
+        extra = ("-o", "layers_view_pool=0")
+    name = backend.removesuffix("-reuse").removesuffix("-nopool")
     with no_mounts_left(pytester.path):
-        _check(_run(pytester.path, name, as_user=False, n=n, extra=extra), f"root/{backend}")
+        samples = _run(pytester.path, name, as_user=False, n=n, extra=extra)
+        _check(samples, f"root/{backend}", pooled=pooled)
 
 
 @pytest.mark.slow
