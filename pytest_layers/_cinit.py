@@ -27,6 +27,8 @@ __all__ = ["MODES", "Choice", "mode", "choose", "refused", "describe"]
 
 MODES = ("auto", "compiled", "python")
 VERSION = "pytest-layers-init/1"
+#: The starter's exit status when clone3 is refused (see ``_init/init.c``).
+CLONE_REFUSED = 126
 SOURCE = Path(__file__).parent / "_init" / "init.c"
 FLAGS = (
     "-O2",
@@ -170,15 +172,36 @@ def _build() -> str:
     for part in (source, shlex.join(cc).encode(), ident, " ".join(FLAGS).encode()):
         digest.update(len(part).to_bytes(8, "little") + part)
     binary = _cache_dir() / f"init-{digest.hexdigest()[:32]}"
+    found = None
     if binary.exists() or binary.is_symlink():
         _check_private(binary, "regular file")
-        if _starts(binary):
-            return str(binary)
-        # Truncated or damaged (a crash mid-write elsewhere, a disk error): built again.
-    _compile(cc, binary)
-    if not _starts(binary):
-        raise _Unusable(f"the compiled init {binary} does not start")
+        found = _check(binary)
+    if found is None:
+        # Not built yet, or truncated or damaged (a crash mid-write elsewhere, a disk error):
+        # built (again), replacing it atomically.
+        _compile(cc, binary)
+        found = _check(binary)
+        if found is None:
+            raise _Unusable(f"the compiled init {binary} does not start")
+    if found:
+        raise _Unusable(f"the compiled init cannot start here: {found}")
     return str(binary)
+
+
+def _check(binary: Path) -> str | None:
+    """Run ``init --check``: "" when it works here, why when clone3 into new namespaces is
+    refused (Docker's seccomp profile answers ENOSYS: found now and named, not at the first
+    run), None when the binary is broken."""
+    try:
+        done = subprocess.run([str(binary), "--check"], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    out = done.stdout.decode(errors="replace").strip()
+    if done.returncode == 0 and out == VERSION:
+        return ""
+    if done.returncode == CLONE_REFUSED and out.startswith("clone3: "):
+        return out
+    return None
 
 
 def _compile(cc: list[str], binary: Path) -> None:
@@ -202,13 +225,3 @@ def _compile(cc: list[str], binary: Path) -> None:
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
-
-
-def _starts(binary: Path) -> bool:
-    try:
-        done = subprocess.run(
-            [str(binary), "--version"], capture_output=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0 and done.stdout == (VERSION + "\n").encode()

@@ -544,8 +544,6 @@ def _compiled_init() -> str | None:
 
 #: The fds the compiled init's starter gets, in this order from 3 (see ``_init/init.c``).
 _STARTER_FDS = 5
-#: Starter exit status: clone3 refused (a seccomp filter, an old kernel).
-_CLONE_REFUSED = 126
 
 
 def _spawn_compiled(
@@ -637,7 +635,10 @@ def _spawn_compiled(
             message = _read_all(err_r).decode(errors="replace")
             code, _, text = message.partition(":")
             number = int(code) if code.isdigit() else errno.EIO
-            if os.waitstatus_to_exitcode(status) == _CLONE_REFUSED and _cinit.mode() == "auto":
+            if (
+                os.waitstatus_to_exitcode(status) == _cinit.CLONE_REFUSED
+                and _cinit.mode() == "auto"
+            ):
                 _cinit.refused(f"clone3: {os.strerror(number)}")
                 return None
             raise SandboxError(number, text or message or "the sandbox's starter failed")

@@ -5,6 +5,8 @@
  * PROTOCOL (version "pytest-layers-init/1")
  *
  *   init --version            prints "pytest-layers-init/1\n" and exits 0 (the build's check)
+ *   init --check              the same after a trial clone3 into the namespaces; when refused,
+ *                             prints "clone3: WHY" and exits 126
  *
  *   init pytest-layers-init/1 ROOT HOSTNAME NETWORK CWD ROOTCALLER USER USERHINT NBINDS
  *        [SOURCE TARGET MODE]*NBINDS SEARCHPATH -- PROGRAM [ARG...]
@@ -695,12 +697,36 @@ ns_fail:
     fail(errno, "cannot set up the sandbox's namespaces: %s", strerror(errno));
 }
 
+#define NAMESPACES                                                                          \
+    (CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP)
+
+/* --check: whether clone3 into the namespaces works here (a seccomp filter may refuse it). */
+static int check(void)
+{
+    struct clone_args args = {.flags = NAMESPACES | CLONE_NEWNET, .exit_signal = SIGCHLD};
+    long pid = syscall(SYS_clone3, &args, sizeof args);
+    if (pid == 0)
+        _exit(0);
+    if (pid < 0) {
+        printf("clone3: %s\n", strerror(errno));
+        return EXIT_CLONE_REFUSED;
+    }
+    int status;
+    while (waitpid((pid_t)pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return EXIT_FAILED;
+    puts(VERSION);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 2 && strcmp(argv[1], "--version") == 0) {
         puts(VERSION);
         return 0;
     }
+    if (argc == 2 && strcmp(argv[1], "--check") == 0)
+        return check();
     if (argc < 2 || strcmp(argv[1], VERSION) != 0) {
         fputs("pytest-layers' sandbox init: started by pytest-layers only (" VERSION ")\n",
               stderr);
@@ -712,8 +738,7 @@ int main(int argc, char **argv)
     parse(argc, argv, &plan);
     plan.cap_last = read_cap_last();
 
-    uint64_t flags = CLONE_PARENT | CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS |
-                     CLONE_NEWIPC | CLONE_NEWCGROUP | (plan.own_network ? CLONE_NEWNET : 0);
+    uint64_t flags = CLONE_PARENT | NAMESPACES | (plan.own_network ? CLONE_NEWNET : 0);
     /* With CLONE_PARENT the kernel wants exit_signal 0: init then signals our own parent as
      * we would (SIGCHLD, posix_spawn's). */
     struct clone_args args = {.flags = flags, .exit_signal = 0};
