@@ -125,7 +125,10 @@ def _compiler() -> list[str]:
 
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".cache"
+    try:
+        root = Path(base) if base and os.path.isabs(base) else Path.home() / ".cache"
+    except (RuntimeError, KeyError):
+        raise _Unusable("no cache directory: set HOME or XDG_CACHE_HOME") from None
     path = root / "pytest-layers" / "init"
     # Every directory made or met from the cache root down must be ours and private.
     for directory in (root, root / "pytest-layers", path):

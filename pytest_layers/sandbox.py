@@ -19,9 +19,15 @@ same for users, under ``shell``):
 * an init (and keeper) holding no fd but the program's stdio and its own pipes, and not
   dumpable: the program cannot ptrace it or take its fds (``pidfd_getfd``).
 
-Process tree: a single-threaded caller starts the *init* (PID 1 of the new PID namespace)
-straight into its new namespaces with ``clone3`` (a fork with the ``CLONE_NEW*`` flags) and
-writes its id maps. Init sets up the mounts, pivots, drops its own privileges, starts the
+Process tree, compiled init (``_init/init.c``, chosen by :mod:`pytest_layers._cinit` where a C
+compiler is found): the caller ``posix_spawn``s a starter (vfork semantics: nothing of the
+caller is copied), which ``clone3``s init into the new namespaces with ``CLONE_PARENT`` (so init
+is the caller's child), reports its pid and exits; the caller writes the id maps, and init
+does what the Python init below does. The rest of this text is about the Python init.
+
+Process tree, Python init: a single-threaded caller starts the *init* (PID 1 of the new PID
+namespace) straight into its new namespaces with ``clone3`` (a fork with the ``CLONE_NEW*``
+flags) and writes its id maps. Init sets up the mounts, pivots, drops its own privileges, starts the
 program (``posix_spawn``) and reaps; when the program exits, init reports its status and exits,
 and the kernel kills whatever the program left behind (a PID namespace dies with its init; the
 caller's ``waitpid`` returns only once it is empty). Init gets ``SIGKILL`` when the caller

@@ -276,3 +276,58 @@ def test_the_cached_binary_is_private(cache: Path) -> None:
     assert not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     for directory in (cache / "pytest-layers", cache / "pytest-layers" / "init"):
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+
+
+def test_stdio_from_the_numbers_the_starter_uses_arrives(image: Path, cache: Path) -> None:
+    # The starter's own fds sit at 3-7: a caller's stdio fd at one of those numbers must still
+    # reach the program (each fd goes through a copy above them, never dup2 onto itself).
+    require("cc")
+    assert _cinit.choose().binary is not None
+    read, write = os.pipe()
+    saved = [os.dup(fd) if _open(fd) else -1 for fd in (4, 5)]
+    try:
+        os.dup2(write, 4)
+        os.dup2(write, 5)
+        os.close(write)
+        box = sandbox.Sandbox(image)
+        rc = box.run(
+            ["/bin/sh", "-c", "echo out; echo err >&2; ls /proc/self/fd"], stdout=4, stderr=5
+        )
+    finally:
+        for fd, copy in zip((4, 5), saved, strict=True):
+            if copy >= 0:
+                os.dup2(copy, fd)
+                os.close(copy)
+            else:
+                os.close(fd)
+    with os.fdopen(read) as f:
+        lines = f.read().split()
+    assert rc == 0
+    # The program has its stdio and nothing else (3: ls's own listing).
+    assert sorted(lines) == sorted(["out", "err", "0", "1", "2", "3"])
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.requires_root
+def test_init_holds_only_stdio_and_its_status_pipe(image: Path, cache: Path) -> None:
+    require("cc")
+    assert _cinit.choose().binary is not None
+    read, write = os.pipe()
+    proc = sandbox.Sandbox(image).spawn(["/bin/sh", "-c", "echo up; exec sleep 1000"], stdout=write)
+    os.close(write)
+    try:
+        with os.fdopen(read) as f:
+            assert f.readline() == "up\n"
+        # 0-2: the program's stdio (init's too), 4: the status pipe; err, go, pid and the
+        # caller's pidfd are closed by now.
+        assert sorted(int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd")) == [0, 1, 2, 4]
+    finally:
+        proc.kill()
+        proc.wait()

@@ -462,18 +462,20 @@ static int protect_proc(void)
     return 0;
 }
 
-static const char *strip_slashes(const char *target, char *buf, size_t size)
+static int strip_slashes(const char *target, char *buf, size_t size)
 {
     while (*target == '/')
         target++;
     size_t len = strlen(target);
     while (len > 0 && target[len - 1] == '/')
         len--;
-    if (len >= size)
-        len = size - 1;
+    if (len >= size) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
     memcpy(buf, target, len);
     buf[len] = '\0';
-    return buf;
+    return 0;
 }
 
 static void build_root(const struct plan *p)
@@ -499,7 +501,8 @@ static void build_root(const struct plan *p)
         const struct bind *b = &p->binds[i];
         snprintf(bind_step, sizeof bind_step, "bind %s at %s", b->source, b->target);
         step = bind_step;
-        strip_slashes(b->target, target, sizeof target);
+        if (strip_slashes(b->target, target, sizeof target) < 0)
+            goto fail;
         fd = inside(root_fd, target, b->directory);
         if (fd < 0 || at(buf, sizeof buf, fd, NULL) < 0 ||
             mount(b->source, buf, NULL, MS_BIND | MS_REC, NULL) < 0)
