@@ -151,9 +151,11 @@ def test_a_damaged_cached_binary_is_rebuilt(cache: Path) -> None:
     assert [p.name for p in Path(first).parent.iterdir()] == [Path(first).name]  # no temp left
 
 
-def test_a_refused_clone3_falls_back_and_says_why(image: Path, cache: Path) -> None:
+@pytest.mark.parametrize("filtered", ["before the choice", "after the choice"])
+def test_a_refused_clone3_falls_back_and_says_why(image: Path, cache: Path, filtered: str) -> None:
     # Docker's default seccomp profile answers ENOSYS to clone3: the compiled init cannot start
-    # anything there, the Python init (through its keeper) can.
+    # anything there, the Python init (through its keeper) can. Found by the trial when the
+    # init is chosen, or by the first start when a filter came later.
     require("cc")
     probe = subprocess.run(["/usr/bin/python3", "-c", "import seccomp"], capture_output=True)
     if probe.returncode != 0:
@@ -162,6 +164,9 @@ def test_a_refused_clone3_falls_back_and_says_why(image: Path, cache: Path) -> N
         "import errno, os, sys\n"
         "sys.path.insert(0, '/usr/lib/python3/dist-packages')\n"
         "import seccomp\n"
+        "from pytest_layers import _cinit\n"
+        "if sys.argv[2] == 'after the choice':\n"
+        "    assert _cinit.choose().binary is not None\n"
         "f = seccomp.SyscallFilter(seccomp.ALLOW)\n"
         "f.add_rule(seccomp.ERRNO(errno.ENOSYS), 'clone3')\n"
         "f.load()\n"
@@ -175,7 +180,10 @@ def test_a_refused_clone3_falls_back_and_says_why(image: Path, cache: Path) -> N
         "    print(exc)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, os.fspath(image)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, os.fspath(image), filtered],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
