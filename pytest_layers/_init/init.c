@@ -755,7 +755,9 @@ int main(int argc, char **argv)
                          "%d:cannot create the sandbox's namespaces (user, mount, pid, uts, ipc, "
                          "net): a seccomp filter, an LSM policy or a sysctl forbids them: %s",
                          err, strerror(err));
-        if (n > 0 && write(FD_ERR, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1))
+        size_t len = n < 0 ? 0 : (size_t)n < sizeof line ? (size_t)n : sizeof line - 1;
+        /* Should the report fail, the exit status alone still says "refused". */
+        if (len > 0 && write(FD_ERR, line, len) < 0)
             _exit(EXIT_CLONE_REFUSED);
         _exit(EXIT_CLONE_REFUSED);
     }
