@@ -630,7 +630,7 @@ def _spawn_compiled(
         if fd not in (err_r, status_r, go_w, pid_r):
             os.close(fd)
     init = 0
-    opened = {"pid": pid_r, "go": go_w}  # ours until handed on (-1 once closed)
+    opened = {"pid": pid_r, "go": go_w}  # ours to close, until closed or handed on
     try:
         _faultpoints.reached("sandbox-starter", binary)
         init = _read_pid(pid_r)
