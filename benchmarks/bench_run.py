@@ -1,11 +1,13 @@
 """``/bin/true`` inside an image: the sandbox behind ``rootfs.run()`` against the floors.
 
 Measured on a busybox-static tree (the image the fast tests use): ``Sandbox.run`` (what
-``rootfs.run`` adds on top is argument checks and a pipe or two: init started by the fork
-helper, ``_zygote``), the same without the helper (init forked from this process), and in the
-same run
-``subprocess.run`` on the host, ``chroot DIR /bin/true`` (root only), ``bwrap --bind DIR /
-/bin/true`` and ``unshare --root DIR`` (root only: ``-r`` for an ordinary user). Prints
+``rootfs.run`` adds on top is argument checks and a pipe or two) with the init in use (the
+compiled one where it builds: its line says which), the same with the Python init (started by
+the fork helper, ``_zygote``), the Python init without the helper (forked from this process),
+and in the same run ``subprocess.run`` on the host, ``chroot DIR /bin/true`` (root only),
+``bwrap --bind DIR / /bin/true`` (the target's floor), bwrap with the isolation ``run()`` gives
+(all namespaces, /proc, /dev, a hostname, a /tmp; for context) and ``unshare --root DIR`` (root
+only: ``-r`` for an ordinary user). ``--no-debian`` leaves out the Debian suite. Prints
 median and p99 per call in ms (and the CPU time per call: user + system, of this process and
 every process it started) and writes ``benchmarks/results/run-root.json`` or ``run-user.json``
 (``run-WHO-quick.json`` with ``--quick``; or ``--out``).
@@ -43,6 +45,10 @@ try:
     from pytest_layers import _zygote
 except ImportError:  # an earlier checkout, measured with PYTHONPATH for an A/B: no helper
     _zygote = None  # type: ignore[assignment]
+try:  # the compiled init (absent from checkouts before it)
+    from pytest_layers import _cinit
+except ImportError:
+    _cinit = None  # type: ignore[assignment]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=300, help="calls per case (default 300)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
+        "--no-debian", action="store_true", help="skip the Debian suite (only the per-call rows)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="30 calls per case, results to run-WHO-quick.json (CI)"
     )
     parser.add_argument(
@@ -156,9 +165,28 @@ def main(argv: list[str] | None = None) -> int:
 
             return run
 
+        def python_init(which: Sandbox) -> Callable[[], None]:
+            run = run_in(which)
+
+            def under_python_init() -> None:
+                os.environ["PYTEST_LAYERS_INIT"] = "python"
+                try:
+                    run()
+                finally:
+                    os.environ.pop("PYTEST_LAYERS_INIT")
+
+            return under_python_init
+
+        init = _cinit.describe() if _cinit is not None else "init: python (an earlier checkout)"
+        print(init)
         cases: dict[str, Callable[[], Any]] = {"sandbox (rootfs.run)": run_in(box)}
+        if _cinit is not None and _cinit.choose().binary is not None:
+            cases["sandbox, python init"] = python_init(box)
         if helper is not None:
-            cases["sandbox, no helper"] = run_in(Sandbox(image, helper=False))
+            no_helper = Sandbox(image, helper=False)
+            cases["sandbox, no helper"] = (
+                python_init(no_helper) if _cinit is not None else run_in(no_helper)
+            )
 
         cases["subprocess.run host"] = lambda: subprocess.run(["/bin/true"], check=True)
         if root:
@@ -168,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which("bwrap"):
             cases["bwrap --bind DIR /"] = lambda: subprocess.run(
                 ["bwrap", "--bind", str(image), "/", "/bin/true"], check=True, stderr=null
+            )
+            # What run() does besides the root, for context (the target's floor stays the
+            # plain bind above, as the issue names it).
+            same = ["--unshare-all", "--unshare-user", "--proc", "/proc", "--dev", "/dev"]
+            same += ["--die-with-parent", "--hostname", "x", "--tmpfs", "/tmp"]
+            cases["bwrap, same isolation"] = lambda: subprocess.run(
+                ["bwrap", "--bind", str(image), "/", *same, "/bin/true"], check=True, stderr=null
             )
         if shutil.which("unshare"):
             extra = [] if root else ["-r"]
@@ -179,19 +214,27 @@ def main(argv: list[str] | None = None) -> int:
     where = " in the session's user namespace" if args.session_userns and not root else ""
     print(f"/bin/true per call as {who}{where}, caller {_anon_mb():.0f} MB (n={args.n}), ms:")
     del ballast
+    floor = results.get("bwrap --bind DIR /")
     for name, r in results.items():
+        ratio = f"  {r['median_ms'] / floor['median_ms']:5.2f}x bwrap" if floor else ""
         print(
             f"  {name:24} median {r['median_ms']:7.2f}  p99 {r['p99_ms']:7.2f}"
-            f"  cpu {r['cpu_ms']:6.2f}"
+            f"  cpu {r['cpu_ms']:6.2f}{ratio}"
         )
     report: dict[str, Any] = {
         "who": who,
         "cpus": os.cpu_count(),
         "caller_mb": args.caller_mb,
         "session_userns": args.session_userns,
+        "init": init,
         "results": results,
     }
-    report["debian"] = debian_suite(tests=3 if args.quick else 20, warm_runs=1 if args.quick else 3)
+    if args.no_debian:
+        report["debian"] = {"skipped": "--no-debian"}
+    else:
+        report["debian"] = debian_suite(
+            tests=3 if args.quick else 20, warm_runs=1 if args.quick else 3
+        )
     out = args.out or RESULTS / f"run-{who}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

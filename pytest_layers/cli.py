@@ -828,6 +828,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         from pytest_layers import _subids
 
         print(_subids.describe())
+        from pytest_layers import _cinit
+
+        print(f"sandbox {_cinit.describe()}")
         findings = detect.diagnose(scratch / "trials", flavor=flavor, namespace_reason=ns_reason)
         for finding in findings:
             print(finding.line())

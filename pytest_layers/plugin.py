@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from pytest_layers import _settings, build, definitions, fixtures, hookspecs
+from pytest_layers import _cinit, _settings, build, definitions, fixtures, hookspecs
 from pytest_layers._fmt import human_size
 from pytest_layers.backends.base import MountPolicy
 from pytest_layers.backends.pool import DEFAULT_DEPTH
@@ -480,6 +480,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"store={state.store_path} ({store.access.describe()}, "
         f"{human_size(store.recorded_disk_use())} disk use)",
         *state.remote_lines,
+        # Which init rootfs.run() uses (built here at first use), and why not the compiled one.
+        f"layers: {_cinit.describe()}",
     ]
     if state.choice.reason and config.get_verbosity() > 0:
         lines.append(f"layers: why: {state.choice.reason}")

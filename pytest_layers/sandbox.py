@@ -19,9 +19,15 @@ same for users, under ``shell``):
 * an init (and keeper) holding no fd but the program's stdio and its own pipes, and not
   dumpable: the program cannot ptrace it or take its fds (``pidfd_getfd``).
 
-Process tree: a single-threaded caller starts the *init* (PID 1 of the new PID namespace)
-straight into its new namespaces with ``clone3`` (a fork with the ``CLONE_NEW*`` flags) and
-writes its id maps. Init sets up the mounts, pivots, drops its own privileges, starts the
+Process tree, compiled init (``_init/init.c``, chosen by :mod:`pytest_layers._cinit` where a C
+compiler is found): the caller ``posix_spawn``s a starter (vfork semantics: nothing of the
+caller is copied), which ``clone3``s init into the new namespaces with ``CLONE_PARENT`` (so init
+is the caller's child), reports its pid and exits; the caller writes the id maps, and init
+does what the Python init below does. The rest of this text is about the Python init.
+
+Process tree, Python init: a single-threaded caller starts the *init* (PID 1 of the new PID
+namespace) straight into its new namespaces with ``clone3`` (a fork with the ``CLONE_NEW*``
+flags) and writes its id maps. Init sets up the mounts, pivots, drops its own privileges, starts the
 program (``posix_spawn``) and reaps; when the program exits, init reports its status and exits,
 and the kernel kills whatever the program left behind (a PID namespace dies with its init; the
 caller's ``waitpid`` returns only once it is empty). Init gets ``SIGKILL`` when the caller
@@ -61,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pytest_layers import _chroot, _linux, _subids, _zygote
+from pytest_layers import _chroot, _cinit, _faultpoints, _linux, _subids, _zygote
 from pytest_layers.errors import SandboxError
 
 __all__ = ["KEPT_CAPS", "DEFAULT_PATH", "Bind", "Sandbox", "SandboxProcess"]
@@ -188,6 +194,13 @@ class Sandbox:
         if not argv:
             raise ValueError("argv is empty: name the program to run")
         environ = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "HOME": "/root"}
+        compiled = _compiled_init()
+        if compiled is not None:
+            started = _spawn_compiled(
+                compiled, self, list(argv), environ, cwd, (stdin, stdout, stderr), user, close
+            )
+            if started is not None:
+                return started
         if self.helper:
             helper = _zygote.get(_identity)
             if helper is not None:
@@ -516,6 +529,164 @@ def _spawn_by(
         raise SandboxError(answer[0], answer[1])
     proc = _HelperProcess(answer[1], status_r, done_r, got[0], argv, kill_signal=answer[2])
     return _confirm(proc, err_r)
+
+
+def _compiled_init() -> str | None:
+    """The compiled init's path when this call may use it: ``PYTEST_LAYERS_INIT`` is not
+    ``python``, it built, and the caller is Python's main thread (init's death signal follows
+    the thread that started it, and the main thread lives as long as the process). Raises
+    :class:`SandboxError` when ``PYTEST_LAYERS_INIT=compiled`` and it cannot be built."""
+    try:
+        wanted = _cinit.mode()
+    except ValueError as exc:
+        raise SandboxError(errno.EINVAL, str(exc)) from None
+    if wanted == "python" or threading.current_thread() is not threading.main_thread():
+        return None
+    choice = _cinit.choose()
+    if choice.binary is None and wanted == "compiled":
+        raise SandboxError(errno.ENOEXEC, f"PYTEST_LAYERS_INIT=compiled: {choice.reason}")
+    return choice.binary
+
+
+#: The fds the compiled init's starter gets, in this order from 3 (see ``_init/init.c``).
+_STARTER_FDS = 5
+
+
+def _spawn_compiled(
+    binary: str,
+    box: Sandbox,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    stdio: tuple[int | None, int | None, int | None],
+    user: tuple[int, int] | None,
+    close: Sequence[int],
+) -> SandboxProcess | None:
+    """Start the sandbox with the compiled init: ``posix_spawn`` (nothing of this process is
+    copied) of a starter that ``clone3``s init into the namespaces as our child and exits.
+    None when clone3 is refused here and the Python init may take over (``auto``)."""
+    uid, gid = os.geteuid(), os.getegid()
+    plan = _Plan(box, argv, env, cwd, stdio, uid, gid, os.getpid(), user)
+    plan.subids = _subids.available() if uid != 0 else _subids.NONE
+    binds: list[str | bytes] = []
+    for b in box.binds:
+        mode = ("ro" if b.readonly else "rw") + ("d" if os.path.isdir(b.source) else "f")
+        binds += [os.fsencode(os.path.abspath(b.source)), b.target, mode]
+    args: list[str | bytes] = [
+        binary,
+        _cinit.VERSION,
+        os.fsencode(os.path.abspath(box.root)),
+        box.hostname,
+        box.network,
+        cwd,
+        "1" if uid == 0 else "0",
+        f"{user[0]}:{user[1]}" if user is not None else "",
+        _user_hint(plan) if user is not None else "",
+        str(len(box.binds)),
+        *binds,
+        env.get("PATH", DEFAULT_PATH),
+        "--",
+        *argv,
+    ]
+    ours: list[int] = []  # every fd opened here, closed before returning
+    try:
+        err_r, err_w = os.pipe()
+        ours += [err_r, err_w]
+        status_r, status_w = os.pipe()
+        ours += [status_r, status_w]
+        go_r, go_w = os.pipe()
+        ours += [go_r, go_w]
+        pid_r, pid_w = os.pipe()
+        ours += [pid_r, pid_w]
+        alive = os.pidfd_open(os.getpid())
+        ours.append(alive)
+        # Each fd goes to its fixed number by a dup2 from a copy above them all: a dup2 onto
+        # itself would keep close-on-exec set (and the C libraries differ on that).
+        actions: list[tuple[Any, ...]] = []
+        sources = [
+            None if (t if fd is None else fd) in close else (t if fd is None else fd)
+            for t, fd in enumerate(stdio)
+        ]
+        for target, fd in enumerate([*sources, err_w, status_w, go_r, pid_w, alive]):
+            copy = -1
+            if fd is not None:
+                try:
+                    copy = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + _STARTER_FDS)
+                except OSError as exc:
+                    if exc.errno != errno.EBADF or target > 2:
+                        raise
+            if copy < 0:
+                actions.append((os.POSIX_SPAWN_CLOSE, target))  # closed here: closed there
+            else:
+                ours.append(copy)
+                actions.append((os.POSIX_SPAWN_DUP2, copy, target))
+        blocked = {signal.SIGINT, signal.SIGQUIT}  # init ignores them; the program gets both
+        starter = os.posix_spawn(binary, args, env, file_actions=actions, setsigmask=blocked)
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    for fd in ours:
+        if fd not in (err_r, status_r, go_w, pid_r):
+            os.close(fd)
+    init = 0
+    opened = {"pid": pid_r, "go": go_w}  # ours to close, until closed or handed on
+    try:
+        _faultpoints.reached("sandbox-starter", binary)
+        init = _read_pid(pid_r)
+        os.close(opened.pop("pid"))
+        _, status = os.waitpid(starter, 0)
+        starter = 0
+        if not init:
+            message = _read_all(err_r).decode(errors="replace")
+            code, _, text = message.partition(":")
+            number = int(code) if code.isdigit() else errno.EIO
+            if (
+                os.waitstatus_to_exitcode(status) == _cinit.CLONE_REFUSED
+                and _cinit.mode() == "auto"
+            ):
+                _cinit.refused(f"clone3: {os.strerror(number)}")
+                return None
+            raise SandboxError(number, text or message or "the sandbox's starter failed")
+        _write_go(plan, init, opened.pop("go"))  # closes it
+    except BaseException:
+        _abandon(starter, init, opened.get("pid", -1))
+        if init:
+            os.close(err_r)
+            os.close(status_r)
+        raise
+    finally:
+        for fd in opened.values():
+            os.close(fd)
+        if not init:
+            os.close(err_r)
+            os.close(status_r)
+    return _confirm(SandboxProcess(init, status_r, argv, kill_signal=signal.SIGKILL), err_r)
+
+
+def _read_pid(pid_r: int) -> int:
+    """Init's pid from the starter's line; 0 when it wrote none (it failed before clone3)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(pid_r, 32)
+        if not chunk:
+            break
+        data += chunk
+    return int(data) if data.strip().isdigit() else 0
+
+
+def _abandon(starter: int, init: int, pid_r: int) -> None:
+    """Interrupted while init starts: kill and reap the starter's init (our child) and the
+    starter, so that nothing runs unsupervised and no zombie is left."""
+    if not init and pid_r >= 0:
+        with contextlib.suppress(OSError):
+            init = _read_pid(pid_r)  # the starter ends by itself: this returns soon
+    if init:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init, signal.SIGKILL)
+        os.waitpid(init, 0)
+    if starter:
+        os.waitpid(starter, 0)
 
 
 def _from_request(request: tuple[Any, ...], fds: list[int]) -> tuple[int, int]:
@@ -1031,21 +1202,30 @@ def _switch_user(plan: _Plan) -> None:  # pragma: no cover - child
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     except OSError as exc:
-        if exc.errno == errno.EINVAL and plan.uid != 0 and plan.subids:
-            raise _Stage(
-                errno.EINVAL,
-                f"cannot run as uid {uid} gid {gid} inside: only ids 0-{plan.subids.count} "
-                "exist inside (0 is you outside, the rest your subordinate ids); use an id in "
-                "that range, a larger range in /etc/subuid and /etc/subgid, or run as root",
-            ) from None
-        if exc.errno == errno.EINVAL and plan.uid != 0:
-            raise _Stage(
-                errno.EINVAL,
-                f"cannot run as uid {uid} gid {gid} inside: as an ordinary user only uid 0 "
-                f"inside exists (it is you outside); run as user=0, or map more ids: "
-                f"{plan.subids.missing}",
-            ) from None
+        hint = _user_hint(plan)
+        if exc.errno == errno.EINVAL and hint:
+            raise _Stage(errno.EINVAL, hint) from None
         raise _stage(f"cannot run as uid {uid} gid {gid} inside", exc) from None
+
+
+def _user_hint(plan: _Plan) -> str:
+    """What a switch to ``plan.user`` failing with EINVAL means (the id does not exist inside),
+    or "" (root: every id exists). Both inits report it."""
+    assert plan.user is not None
+    uid, gid = plan.user
+    if plan.uid == 0:
+        return ""
+    if plan.subids:
+        return (
+            f"cannot run as uid {uid} gid {gid} inside: only ids 0-{plan.subids.count} "
+            "exist inside (0 is you outside, the rest your subordinate ids); use an id in "
+            "that range, a larger range in /etc/subuid and /etc/subgid, or run as root"
+        )
+    return (
+        f"cannot run as uid {uid} gid {gid} inside: as an ordinary user only uid 0 "
+        f"inside exists (it is you outside); run as user=0, or map more ids: "
+        f"{plan.subids.missing}"
+    )
 
 
 def _start(plan: _Plan) -> int:  # pragma: no cover - child

@@ -96,6 +96,11 @@ def _probe(capability: str) -> str | None:
                 ".ci/run does)"
             )
         )
+    if capability == "cc":
+        # The sandbox's compiled init is built with it (pytest_layers/_cinit.py).
+        if os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"):
+            return None
+        return "no C compiler for the sandbox's compiled init (apt-get install gcc libc6-dev)"
     if capability.startswith("tool:"):
         tool = capability[5:]
         return None if shutil.which(tool) else f"{tool} is not installed"

@@ -289,7 +289,11 @@ def test_it(rootfs):
 
 
 @pytest.mark.slow
-def test_a_thousand_runs_leak_nothing(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("init", ["compiled", "python"])
+def test_a_thousand_runs_leak_nothing(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, init: str
+) -> None:
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", init)
     result = run_project(
         pytester,
         """
@@ -312,12 +316,17 @@ def test_true(rootfs, i):
 
 def test_after():
     import psutil
-    from pytest_layers import _zygote
-    # The runs went through the sandbox's fork helper (the first few while it started), which
-    # lives for the session: left out by exactly its pid, whatever it started counted.
+    from pytest_layers import _cinit, _zygote
     helper = _zygote.running()
-    assert helper is not None and _zygote.is_helper(helper)
-    assert _zygote._helper.served >= 900
+    if os.environ["PYTEST_LAYERS_INIT"] == "python":
+        # The runs went through the sandbox's fork helper (the first few while it started),
+        # which lives for the session: left out by exactly its pid, whatever it started counted.
+        assert helper is not None and _zygote.is_helper(helper)
+        assert _zygote._helper.served >= 900
+    else:
+        # The compiled init is started by posix_spawn: no fork helper is needed.
+        assert _cinit.choose().binary is not None
+        assert helper is None
     assert [p for p in psutil.Process().children(recursive=True) if p.pid != helper] == []
     # (A namespace lives only as long as a process or a mount holds it.)
     assert fds() <= START["fds"] + 2

@@ -78,6 +78,7 @@ def as_user(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 
 def test_chown_to_other_ids_works_with_subordinate_ids(ordinary_tmp_path: Path) -> None:
     require("subids")
+    require("cc")
     uid0 = _first_range("/etc/subuid", _who())
     gid0 = _first_range("/etc/subgid", _who())
     proc = run_inner(
@@ -87,11 +88,14 @@ def test_chown_to_other_ids_works_with_subordinate_ids(ordinary_tmp_path: Path) 
 import os, pytest
 
 @pytest.mark.layer("bb")
-@pytest.mark.parametrize("helper", [True, False])
-def test_chown(rootfs, helper, monkeypatch):
-    # Both ways to start init: the sandbox's fork helper (in this session's namespace, so it
-    # writes the maps with the range) and this process's own fork.
+@pytest.mark.parametrize("way", ["compiled", "helper", "fork"])
+def test_chown(rootfs, way, monkeypatch):
+    # Every way to start init: the compiled init (this process writes the maps with the
+    # range), the Python init by the sandbox's fork helper (in this session's namespace, so it
+    # writes them) and by this process's own fork.
     from pytest_layers import _zygote, sandbox
+    helper = way == "helper"
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", "compiled" if way == "compiled" else "python")
     if helper:
         assert _zygote.get(sandbox._identity, wait=60) is not None, _zygote._helper.why
         served = _zygote._helper.served
@@ -115,7 +119,7 @@ def test_chown(rootfs, helper, monkeypatch):
 """,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 passed" in proc.stdout
+    assert "3 passed" in proc.stdout
 
 
 def test_chown_without_subordinate_ids_fails_and_says_why(ordinary_tmp_path: Path) -> None:

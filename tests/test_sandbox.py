@@ -191,7 +191,10 @@ def test_a_single_threaded_caller_starts_init_itself(image: Path) -> None:
     assert new_children() == []
 
 
-def test_a_threaded_caller_gets_a_keeper_and_the_same_results(image: Path, tmp_path: Path) -> None:
+def test_a_threaded_caller_gets_a_keeper_and_the_same_results(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", "python")  # the compiled init needs no keeper
     # With other threads, only fork() (glibc's handlers) makes a safe child: a keeper outside
     # starts init, and everything behaves the same. (Without the fork helper, which is what
     # a threaded caller uses once it runs.)
@@ -247,6 +250,8 @@ def test_the_callers_fork_hooks_do_not_run_for_a_direct_start(image: Path) -> No
 def test_without_clone3_the_keeper_starts_init(
     image: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", "python")  # the Python init's own fallback
+
     # Docker's default seccomp profile answers ENOSYS to clone3 (older ones EPERM), so that
     # glibc falls back to clone: the sandbox falls back to its keeper the same way.
     def refused(flags: int) -> int:

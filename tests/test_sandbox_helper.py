@@ -30,9 +30,11 @@ MARK = "pytest-layers-helper-canary"
 
 
 @pytest.fixture(autouse=True)
-def _namespaces() -> None:
+def _namespaces(monkeypatch: pytest.MonkeyPatch) -> None:
     if os.geteuid() != 0:
         require("userns")
+    # The fork helper serves the Python init; the compiled init needs no helper.
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", "python")
 
 
 @pytest.fixture

@@ -1,0 +1,341 @@
+"""The sandbox's compiled init (``_init/init.c``, built by ``_cinit``): used in ``auto`` where a
+compiler exists, the reasons it falls back, its cache refused when not private and rebuilt when
+damaged, and nothing left when its caller is killed or interrupted while it starts.
+
+(Every other sandbox test runs with whichever init ``PYTEST_LAYERS_INIT`` picks: CI runs them
+under both.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]  # no stubs in the dev venv
+import pytest
+from conftest import require
+from plugin_util import BASE_CONFTEST, BASE_TESTS
+from treeutil import busybox_tree
+
+from pytest_layers import _cinit, _faultpoints, _zygote, sandbox
+from pytest_layers.errors import SandboxError
+
+pytestmark = pytest.mark.requires_tool("busybox")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choice(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test decides the init afresh (the choice is made once per process), in auto."""
+    if os.geteuid() != 0:
+        require("userns")
+    monkeypatch.delenv("PYTEST_LAYERS_INIT", raising=False)
+    monkeypatch.setattr(_cinit, "_choice", None)
+    yield
+    _cinit._choice = None
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return busybox_tree(tmp_path / "image")
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache root of this test's own (XDG_CACHE_HOME)."""
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_CACHE_HOME", os.fspath(root))
+    return root
+
+
+def _leftovers() -> list[psutil.Process]:
+    # The Python init's fork helper (started by a test that fell back to it) lives on.
+    return [p for p in psutil.Process().children(recursive=True) if not _zygote.is_helper(p.pid)]
+
+
+def test_auto_uses_the_compiled_init_where_a_compiler_exists(image: Path, cache: Path) -> None:
+    require("cc")
+    choice = _cinit.choose()
+    assert choice.binary is not None, choice.reason
+    assert Path(choice.binary).parent == cache / "pytest-layers" / "init"
+    assert _cinit.describe() == f"init: compiled ({choice.binary})"
+    read, write = os.pipe()
+    proc = sandbox.Sandbox(image).spawn(["/bin/sh", "-c", "echo up; exec sleep 1000"], stdout=write)
+    os.close(write)
+    try:
+        with os.fdopen(read) as f:
+            assert f.readline() == "up\n"
+        # Init is the compiled binary (not a fork of this interpreter), and our own child.
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[0] == os.fsencode(choice.binary)
+        assert psutil.Process(proc.pid).ppid() == os.getpid()
+    finally:
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL
+    assert _leftovers() == []
+
+
+def test_the_compiled_init_reports_failures_as_the_python_one(image: Path, cache: Path) -> None:
+    require("cc")
+    assert _cinit.choose().binary is not None
+    box = sandbox.Sandbox(image)
+    with pytest.raises(SandboxError, match=r"^/nope: not found in the image \(PATH=") as exc:
+        box.run(["/nope"])
+    assert exc.value.errno == 2
+    with pytest.raises(SandboxError, match=r"cwd '/missing' inside the image: No such file"):
+        box.run(["/bin/sh"], cwd="/missing")
+    assert box.run(["/bin/sh", "-c", "exit 7"]) == 7
+    assert _leftovers() == []
+
+
+def test_python_mode_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", "python")
+    assert _cinit.choose().binary is None
+    assert _cinit.describe() == "init: python (PYTEST_LAYERS_INIT=python)"
+
+
+def test_a_bad_mode_is_named(monkeypatch: pytest.MonkeyPatch, image: Path) -> None:
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", "fast")
+    with pytest.raises(SandboxError, match="PYTEST_LAYERS_INIT='fast': use one of auto"):
+        sandbox.Sandbox(image).run(["/bin/sh", "-c", "exit 0"])
+
+
+def test_without_a_compiler_auto_falls_back_and_compiled_refuses(
+    monkeypatch: pytest.MonkeyPatch, image: Path, cache: Path
+) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert _cinit.describe() == "init: python (no compiler: CC='/nonexistent/cc' is not found)"
+    assert sandbox.Sandbox(image).run(["/bin/sh", "-c", "exit 3"]) == 3  # by the Python init
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", "compiled")
+    with pytest.raises(SandboxError, match="PYTEST_LAYERS_INIT=compiled: no compiler"):
+        sandbox.Sandbox(image).run(["/bin/sh", "-c", "exit 3"])
+
+
+def test_a_cache_writable_by_others_is_refused(cache: Path) -> None:
+    require("cc")
+    (cache / "pytest-layers").mkdir(mode=0o700)
+    os.chmod(cache / "pytest-layers", 0o777)
+    choice = _cinit.choose()
+    assert choice.binary is None
+    assert choice.reason == (
+        f"refusing the init's cache: {cache / 'pytest-layers'} is writable by others "
+        "(mode 777); chmod go-w it"
+    )
+    assert list((cache / "pytest-layers").iterdir()) == []  # nothing built there
+
+
+@pytest.mark.requires_root
+def test_a_cache_of_another_user_is_refused(cache: Path) -> None:
+    require("cc")
+    os.chown(cache, 65534, 65534)
+    choice = _cinit.choose()
+    assert choice.binary is None
+    assert f"refusing the init's cache: {cache} belongs to uid 65534, not to you" in choice.reason
+
+
+def test_a_damaged_cached_binary_is_rebuilt(cache: Path) -> None:
+    require("cc")
+    first = _cinit.choose().binary
+    assert first is not None
+    Path(first).write_bytes(b"\x7fELF truncated")
+    os.chmod(first, 0o700)
+    _cinit._choice = None
+    again = _cinit.choose()
+    assert again.binary == first
+    assert Path(first).stat().st_size > 1000
+    assert [p.name for p in Path(first).parent.iterdir()] == [Path(first).name]  # no temp left
+
+
+@pytest.mark.parametrize("filtered", ["before the choice", "after the choice"])
+def test_a_refused_clone3_falls_back_and_says_why(image: Path, cache: Path, filtered: str) -> None:
+    # Docker's default seccomp profile answers ENOSYS to clone3: the compiled init cannot start
+    # anything there, the Python init (through its keeper) can. Found by the trial when the
+    # init is chosen, or by the first start when a filter came later.
+    require("cc")
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import seccomp"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("Debian's python3-seccomp is not installed (apt-get install python3-seccomp)")
+    code = (
+        "import errno, os, sys\n"
+        "sys.path.insert(0, '/usr/lib/python3/dist-packages')\n"
+        "import seccomp\n"
+        "from pytest_layers import _cinit\n"
+        "if sys.argv[2] == 'after the choice':\n"
+        "    assert _cinit.choose().binary is not None\n"
+        "f = seccomp.SyscallFilter(seccomp.ALLOW)\n"
+        "f.add_rule(seccomp.ERRNO(errno.ENOSYS), 'clone3')\n"
+        "f.load()\n"
+        "from pytest_layers import _cinit, sandbox\n"
+        "rc = sandbox.Sandbox(sys.argv[1]).run(['/bin/sh', '-c', 'exit 5'])\n"
+        "print(rc, _cinit.describe())\n"
+        "os.environ['PYTEST_LAYERS_INIT'] = 'compiled'\n"
+        "try:\n"
+        "    sandbox.Sandbox(sys.argv[1]).run(['/bin/sh', '-c', 'exit 5'])\n"
+        "except Exception as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, os.fspath(image), filtered],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    why = "the compiled init cannot start here: clone3: Function not implemented"
+    assert lines == [f"5 init: python ({why})", f"PYTEST_LAYERS_INIT=compiled: {why}"]
+
+
+CALLER = """
+import os, sys, time
+from pytest_layers import _cinit, sandbox
+assert _cinit.choose().binary is not None, _cinit.choose().reason
+read, write = os.pipe()
+proc = sandbox.Sandbox(sys.argv[1]).spawn(
+    ["/bin/sh", "-c", "sleep 1000 & sleep 1000 & echo up; wait"], stdout=write)
+os.close(write)
+with os.fdopen(read) as f:
+    assert f.readline() == "up\\n"
+print(proc.pid, flush=True)
+time.sleep(1000)
+"""
+
+
+def test_a_killed_caller_leaves_no_process(image: Path, cache: Path) -> None:
+    require("cc")
+    with subprocess.Popen(
+        [sys.executable, "-c", CALLER, os.fspath(image)], stdout=subprocess.PIPE, text=True
+    ) as caller:
+        try:
+            assert caller.stdout is not None
+            init = int(caller.stdout.readline())
+            inside = [init, *(p.pid for p in psutil.Process(init).children(recursive=True))]
+            assert len(inside) >= 4  # init, sh and two sleeps
+        finally:
+            caller.kill()
+    # Init dies with its caller (and the kernel ends its PID namespace with it): wait until
+    # the kernel got there, then none of them may be left.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in inside):
+        time.sleep(0.05)
+    left = [p for p in inside if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert left == []
+
+
+def test_an_interrupt_while_init_starts_leaves_nothing(
+    image: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require("cc")
+    assert _cinit.choose().binary is not None
+
+    def interrupt(point: str, detail: str) -> None:
+        if point == "sandbox-starter":
+            raise KeyboardInterrupt
+
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(_faultpoints, "hook", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sandbox.Sandbox(image).run(["/bin/sh", "-c", "sleep 1000"])
+    # No child left, not even a zombie (psutil lists those too), and no fd.
+    assert _leftovers() == []
+    assert len(os.listdir("/proc/self/fd")) == fds
+    monkeypatch.setattr(_faultpoints, "hook", None)
+    assert sandbox.Sandbox(image).run(["/bin/sh", "-c", "exit 4"]) == 4
+
+
+def test_the_header_and_doctor_name_the_init(
+    pytester: pytest.Pytester, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require("cc")
+    pytester.makeconftest(BASE_CONFTEST)
+    pytester.makepyfile(test_r=BASE_TESTS)
+    result = pytester.runpytest_subprocess()
+    result.stdout.fnmatch_lines([f"layers: init: compiled ({cache}/pytest-layers/init/init-*)"])
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", "python")
+    result = pytester.runpytest_subprocess()
+    result.stdout.fnmatch_lines(["layers: init: python (PYTEST_LAYERS_INIT=python)"])
+    doctor = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest_layers.cli",
+            "--store",
+            os.fspath(pytester.path / "s"),
+            "doctor",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "sandbox init: python (PYTEST_LAYERS_INIT=python)" in doctor.stdout, doctor.stderr
+
+
+def test_the_cached_binary_is_private(cache: Path) -> None:
+    require("cc")
+    binary = _cinit.choose().binary
+    assert binary is not None
+    st = os.stat(binary)
+    assert st.st_uid == os.geteuid()
+    assert not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    for directory in (cache / "pytest-layers", cache / "pytest-layers" / "init"):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+
+
+def test_stdio_from_the_numbers_the_starter_uses_arrives(image: Path, cache: Path) -> None:
+    # The starter's own fds sit at 3-7: a caller's stdio fd at one of those numbers must still
+    # reach the program (each fd goes through a copy above them, never dup2 onto itself).
+    require("cc")
+    assert _cinit.choose().binary is not None
+    read, write = os.pipe()
+    saved = [os.dup(fd) if _open(fd) else -1 for fd in (4, 5)]
+    try:
+        os.dup2(write, 4)
+        os.dup2(write, 5)
+        os.close(write)
+        box = sandbox.Sandbox(image)
+        rc = box.run(
+            ["/bin/sh", "-c", "echo out; echo err >&2; ls /proc/self/fd"], stdout=4, stderr=5
+        )
+    finally:
+        for fd, copy in zip((4, 5), saved, strict=True):
+            if copy >= 0:
+                os.dup2(copy, fd)
+                os.close(copy)
+            else:
+                os.close(fd)
+    with os.fdopen(read) as f:
+        lines = f.read().split()
+    assert rc == 0
+    # The program has its stdio and nothing else (3: ls's own listing).
+    assert sorted(lines) == sorted(["out", "err", "0", "1", "2", "3"])
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.requires_root
+def test_init_holds_only_stdio_and_its_status_pipe(image: Path, cache: Path) -> None:
+    require("cc")
+    assert _cinit.choose().binary is not None
+    read, write = os.pipe()
+    proc = sandbox.Sandbox(image).spawn(["/bin/sh", "-c", "echo up; exec sleep 1000"], stdout=write)
+    os.close(write)
+    try:
+        with os.fdopen(read) as f:
+            assert f.readline() == "up\n"
+        # 0-2: the program's stdio (init's too), 4: the status pipe; err, go, pid and the
+        # caller's pidfd are closed by now.
+        assert sorted(int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd")) == [0, 1, 2, 4]
+    finally:
+        proc.kill()
+        proc.wait()
