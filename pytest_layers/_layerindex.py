@@ -157,7 +157,10 @@ class _LayerIndex:
     that comes first in its own order (a directory's entries before its subdirectories'),
     which is not the tar's order."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clamp_ns: int | None = None) -> None:
+        # A tree settled as it streams is seen before its mtimes are clamped: record them as
+        # they are made (no later than clamp_ns).
+        self._clamp_ns = clamp_ns
         self.manifest: dict[str, dict[str, Any]] = {}
         self.disk_use = _DiskUse()
         self._groups: dict[tuple[int, int], list[str]] = {}
@@ -173,6 +176,8 @@ class _LayerIndex:
         rel = os.fsdecode(name)
         fmt = stat.S_IFMT(st.st_mode)
         rec = _record(st, sha256, os.fsdecode(target) if target is not None else "")
+        if self._clamp_ns is not None and st.st_mtime_ns > self._clamp_ns:
+            rec["mtime"] = self._clamp_ns // 1_000_000_000
         key = (st.st_dev, st.st_ino)
         if fmt != stat.S_IFDIR and st.st_nlink > 1:
             self._groups.setdefault(key, []).append(rel)
