@@ -527,10 +527,9 @@ class TreeSettler:
         self._bad: list[tuple[bool, str, os.stat_result]] = []  # (is a device, path, stat)
         self._groups: dict[tuple[int, int], tuple[int, list[tuple[str, str]]]] = {}
         self._dir_mtimes: dict[str, int] = {}  # what each directory's mtime was made
-        # Directories whose listing the settler changed (a socket removed, a twin made) after
-        # the stream counted their blocks: measured again once settled -> blocks then.
-        self._touched: dict[str, int] = {}
-        self.disk_use_change = 0  # bytes the settling added to the disk use the stream counted
+        #: Bytes of disk use the settling changed after the stream counted them: a hardlink
+        #: group made private is a new inode, allocated as the copy needs.
+        self.disk_use_change = 0
 
     def listed(self, dir_fd: int, rel: bytes, name: str, kind: int) -> bool:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -541,7 +540,6 @@ class TreeSettler:
             self._bad.append((True, path, st))
         if stat.S_ISSOCK(st.st_mode):
             os.unlink(name, dir_fd=dir_fd)  # cannot travel in a layer, as in write_layer
-            self._touch(_split(path)[0])
             return False
         return True
 
@@ -556,7 +554,6 @@ class TreeSettler:
         _recreate_special(dir_fd, name, tmp, st, path)
         os.utime(tmp, ns=(st.st_mtime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        self._touch(_split(path)[0])
 
     def linked(self, rel: bytes, st: os.stat_result) -> None:
         seen = self._groups.setdefault((st.st_dev, st.st_ino), (st.st_nlink, []))
@@ -566,13 +563,6 @@ class TreeSettler:
         path = os.fsdecode(rel)
         mtime = self._dir_mtimes[path] = min(st.st_mtime_ns, self.epoch_ns)
         os.utime(fd, ns=(mtime, mtime))
-        if path in self._touched:
-            self.disk_use_change += (os.fstat(fd).st_blocks - st.st_blocks) * 512
-            del self._touched[path]
-
-    def _touch(self, rel_dir: str) -> None:
-        if rel_dir:  # the root's blocks are counted after the stream anyway
-            self._touched[rel_dir] = 0
 
     def finish(self, tree: Path) -> None:
         """Refuse the first bad entry in layer order; settle the hardlink groups."""
@@ -587,23 +577,17 @@ class TreeSettler:
                 if len(members) >= nlink:
                     _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes)
                     continue
-                # Made private: a new inode, and its members' directories got new entries.
-                places = {d for d, _ in members}
-                before = {d: _blocks(root_fd, d) for d in places if d}
+                # Made private: the stream counted the blocks of the inode outside.
                 old = _blocks(root_fd, *members[0])
                 _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes)
                 self.disk_use_change += (_blocks(root_fd, *members[0]) - old) * 512
-                for d, blocks in before.items():
-                    self.disk_use_change += (_blocks(root_fd, d) - blocks) * 512
         finally:
             os.close(root_fd)
 
 
-def _blocks(root_fd: int, rel_dir: str, name: str = "") -> int:
+def _blocks(root_fd: int, rel_dir: str, name: str) -> int:
     where = _dirfd.open_path(rel_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
     try:
-        if not name:
-            return os.fstat(where).st_blocks
         return os.stat(name, dir_fd=where, follow_symlinks=False).st_blocks
     finally:
         os.close(where)

@@ -5,6 +5,8 @@ the same refusal of a bad name."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import socket
 import stat
@@ -68,10 +70,24 @@ def _fill(root: Path, outside: Path) -> None:
     os.utime(root / "room", (ROOM, ROOM))
 
 
+def _preallocate(path: Path, size: int) -> None:
+    """Blocks for ``size`` bytes beyond the end of the file (``FALLOC_FL_KEEP_SIZE``): a copy of
+    it is smaller on disk, which the recorded disk use of a layer must show."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if libc.fallocate(fd, 1, 0, size) != 0:
+            pytest.skip(f"fallocate: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
 def _outside(tmp_path: Path) -> Path:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "shared").write_bytes(b"shared with the tree\n")
+    _preallocate(outside / "shared", 1 << 20)
     os.setxattr(outside / "shared", "user.overlay.origin", b"mine")
     os.mkfifo(outside / "fifo", 0o640)
     os.symlink("/nowhere", outside / "sym")
