@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -192,6 +193,41 @@ class _LayerIndex:
             for rel in members:
                 self.manifest[rel]["link_group"] = first
         return self.manifest
+
+
+_quote = json.encoder.encode_basestring_ascii  # json.dumps' own spelling of a str (ASCII)
+_COMPACT = {"separators": (",", ":"), "sort_keys": True}
+
+
+def manifest_json(manifest: dict[str, dict[str, Any]]) -> str:
+    """``files.json`` as written: ``json.dumps(manifest, separators=(",", ":"),
+    sort_keys=True)``, byte for byte, without json's key sort in every record.
+
+    A file's record (the keys :func:`_record` gives a file, nothing added) and a directory's
+    are written with their keys in the sorted order by one format each; any other record
+    goes through ``json.dumps``."""
+    parts = []
+    for rel in sorted(manifest):
+        rec = manifest[rel]
+        n = len(rec)
+        kind = rec["type"]
+        # Every value here is an int from a stat (or a hex digest): json writes an int as
+        # int.__repr__, which is what an f-string writes too.
+        if n == 7 and kind == "file":
+            text = (
+                f'{{"gid":{rec["gid"]},"mode":{rec["mode"]},"mtime":{rec["mtime"]},'
+                f'"sha256":{_quote(rec["sha256"])},"size":{rec["size"]},"type":"file",'
+                f'"uid":{rec["uid"]}}}'
+            )
+        elif n == 5 and kind == "dir":
+            text = (
+                f'{{"gid":{rec["gid"]},"mode":{rec["mode"]},"mtime":{rec["mtime"]},'
+                f'"type":"dir","uid":{rec["uid"]}}}'
+            )
+        else:
+            text = json.dumps(rec, **_COMPACT)  # type: ignore[arg-type]
+        parts.append(_quote(rel) + ":" + text)
+    return "{" + ",".join(parts) + "}"
 
 
 def _container_use(used: _DiskUse, container: Path, blob: Path | None) -> int:

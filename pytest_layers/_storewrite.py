@@ -26,6 +26,7 @@ from pytest_layers._layerindex import (
     _container_use,
     _LayerIndex,
     count_files,
+    manifest_json,
 )
 from pytest_layers._storecore import _SOURCES, _blob_digest, _rmtree
 from pytest_layers._storerecords import (
@@ -376,7 +377,7 @@ class _StoreWriter(_StoreRefs):
             )
             _write_new(
                 container / "files.json",
-                json.dumps(manifest, separators=(",", ":"), sort_keys=True),
+                manifest_json(manifest),
                 self._file_mode,
             )
             # layer.json last: a directory is a layer only once it has one.
