@@ -131,10 +131,11 @@ def _record(st: os.stat_result, sha256: str | None, target: str | None) -> dict[
     """The ``files.json`` record of one entry, from its ``lstat``, its content's sha256 (a
     regular file) and its target (a symlink): the one rule for :func:`build_manifest` and
     :class:`_LayerIndex` (hardlink groups and xattrs are theirs to add)."""
-    fmt = stat.S_IFMT(st.st_mode)
+    mode = st.st_mode
+    fmt = mode & 0o170000  # stat.S_IFMT and S_IMODE, without the calls (once per entry)
     rec: dict[str, Any] = {
         "type": _TYPE_NAMES.get(fmt, "unknown"),
-        "mode": stat.S_IMODE(st.st_mode),
+        "mode": mode & 0o7777,
         "uid": st.st_uid,
         "gid": st.st_gid,
         "mtime": int(st.st_mtime),
@@ -175,17 +176,18 @@ class _LayerIndex:
         target: bytes | None,
     ) -> None:
         rel = os.fsdecode(name)
-        fmt = stat.S_IFMT(st.st_mode)
         rec = _record(st, sha256, os.fsdecode(target) if target is not None else "")
         if self._clamp_ns is not None and st.st_mtime_ns > self._clamp_ns:
             rec["mtime"] = self._clamp_ns // 1_000_000_000
-        key = (st.st_dev, st.st_ino)
-        if fmt != stat.S_IFDIR and st.st_nlink > 1:
-            self._groups.setdefault(key, []).append(rel)
         if xattrs:
             rec["xattrs"] = {os.fsdecode(k): hashlib.sha256(v).hexdigest() for k, v in xattrs}
         self.manifest[rel] = rec
-        self.disk_use.add(st)
+        if st.st_nlink == 1 or st.st_mode & 0o170000 == stat.S_IFDIR:
+            # Met once in a walk: no need to remember the inode (a directory is met once too).
+            self.disk_use.total += st.st_blocks * 512
+        else:
+            self._groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            self.disk_use.add(st)
 
     def finish(self) -> dict[str, dict[str, Any]]:
         for members in self._groups.values():
