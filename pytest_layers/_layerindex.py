@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -130,10 +131,11 @@ def _record(st: os.stat_result, sha256: str | None, target: str | None) -> dict[
     """The ``files.json`` record of one entry, from its ``lstat``, its content's sha256 (a
     regular file) and its target (a symlink): the one rule for :func:`build_manifest` and
     :class:`_LayerIndex` (hardlink groups and xattrs are theirs to add)."""
-    fmt = stat.S_IFMT(st.st_mode)
+    mode = st.st_mode
+    fmt = mode & 0o170000  # stat.S_IFMT and S_IMODE, without the calls (once per entry)
     rec: dict[str, Any] = {
         "type": _TYPE_NAMES.get(fmt, "unknown"),
-        "mode": stat.S_IMODE(st.st_mode),
+        "mode": mode & 0o7777,
         "uid": st.st_uid,
         "gid": st.st_gid,
         "mtime": int(st.st_mtime),
@@ -157,7 +159,10 @@ class _LayerIndex:
     that comes first in its own order (a directory's entries before its subdirectories'),
     which is not the tar's order."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clamp_ns: int | None = None) -> None:
+        # A tree settled as it streams is seen before its mtimes are clamped: record them as
+        # they are made (no later than clamp_ns).
+        self._clamp_ns = clamp_ns
         self.manifest: dict[str, dict[str, Any]] = {}
         self.disk_use = _DiskUse()
         self._groups: dict[tuple[int, int], list[str]] = {}
@@ -171,15 +176,18 @@ class _LayerIndex:
         target: bytes | None,
     ) -> None:
         rel = os.fsdecode(name)
-        fmt = stat.S_IFMT(st.st_mode)
         rec = _record(st, sha256, os.fsdecode(target) if target is not None else "")
-        key = (st.st_dev, st.st_ino)
-        if fmt != stat.S_IFDIR and st.st_nlink > 1:
-            self._groups.setdefault(key, []).append(rel)
+        if self._clamp_ns is not None and st.st_mtime_ns > self._clamp_ns:
+            rec["mtime"] = self._clamp_ns // 1_000_000_000
         if xattrs:
             rec["xattrs"] = {os.fsdecode(k): hashlib.sha256(v).hexdigest() for k, v in xattrs}
         self.manifest[rel] = rec
-        self.disk_use.add(st)
+        if st.st_nlink == 1 or st.st_mode & 0o170000 == stat.S_IFDIR:
+            # Met once in a walk: no need to remember the inode (a directory is met once too).
+            self.disk_use.total += st.st_blocks * 512
+        else:
+            self._groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            self.disk_use.add(st)
 
     def finish(self) -> dict[str, dict[str, Any]]:
         for members in self._groups.values():
@@ -187,6 +195,41 @@ class _LayerIndex:
             for rel in members:
                 self.manifest[rel]["link_group"] = first
         return self.manifest
+
+
+_quote = json.encoder.encode_basestring_ascii  # json.dumps' own spelling of a str (ASCII)
+_COMPACT = {"separators": (",", ":"), "sort_keys": True}
+
+
+def manifest_json(manifest: dict[str, dict[str, Any]]) -> str:
+    """``files.json`` as written: ``json.dumps(manifest, separators=(",", ":"),
+    sort_keys=True)``, byte for byte, without json's key sort in every record.
+
+    A file's record (the keys :func:`_record` gives a file, nothing added) and a directory's
+    are written with their keys in the sorted order by one format each; any other record
+    goes through ``json.dumps``."""
+    parts = []
+    for rel in sorted(manifest):
+        rec = manifest[rel]
+        n = len(rec)
+        kind = rec["type"]
+        # Every value here is an int from a stat (or a hex digest): json writes an int as
+        # int.__repr__, which is what an f-string writes too.
+        if n == 7 and kind == "file":
+            text = (
+                f'{{"gid":{rec["gid"]},"mode":{rec["mode"]},"mtime":{rec["mtime"]},'
+                f'"sha256":{_quote(rec["sha256"])},"size":{rec["size"]},"type":"file",'
+                f'"uid":{rec["uid"]}}}'
+            )
+        elif n == 5 and kind == "dir":
+            text = (
+                f'{{"gid":{rec["gid"]},"mode":{rec["mode"]},"mtime":{rec["mtime"]},'
+                f'"type":"dir","uid":{rec["uid"]}}}'
+            )
+        else:
+            text = json.dumps(rec, **_COMPACT)  # type: ignore[arg-type]
+        parts.append(_quote(rel) + ":" + text)
+    return "{" + ",".join(parts) + "}"
 
 
 def _container_use(used: _DiskUse, container: Path, blob: Path | None) -> int:

@@ -510,6 +510,100 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
     return LayerStats(files=files, size=size)
 
 
+class TreeSettler:
+    """:func:`settle_tree` done by the walk that streams the new layer, so a build with no
+    parent reads its tree once (see ``layertar.stream_layer(settle=...)``).
+
+    The stream calls it for what needs settling as it meets it: sockets removed, xattrs a layer
+    does not keep dropped, mtimes clamped (the stream itself emits the clamped times), a
+    symlink, fifo or device with other links given its own inode. :meth:`finish`, once the
+    stream is done, does what needs the whole tree: the refusal of the first ``.wh.`` name or
+    0/0 device in layer order, and the hardlink groups (one reaching outside the tree becomes
+    a private copy first). The tree ends as :func:`settle_tree` leaves it, and the stream
+    emits what a stream of that settled tree would."""
+
+    def __init__(self, *, clamp_mtimes: bool = True) -> None:
+        self.epoch_ns = layertar.clamp_epoch() * 1_000_000_000 if clamp_mtimes else 2**63 - 1
+        self._bad: list[tuple[bool, str, os.stat_result]] = []  # (is a device, path, stat)
+        self._groups: dict[tuple[int, int], tuple[int, list[tuple[str, str]]]] = {}
+        self._dir_mtimes: dict[str, int] = {}  # what each directory's mtime was made
+        #: Bytes of disk use the settling changed after the stream counted them: a hardlink
+        #: group made private is a new inode, allocated as the copy needs.
+        self.disk_use_change = 0
+
+    def listed(self, dir_fd: int, rel: bytes, name: str, kind: int) -> bool:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        path = os.fsdecode(rel)
+        if name.startswith(_ocirules.WHITEOUT_PREFIX):
+            self._bad.append((False, path, st))
+        elif _ocirules.is_whiteout_device(st):
+            self._bad.append((True, path, st))
+        if stat.S_ISSOCK(st.st_mode):
+            os.unlink(name, dir_fd=dir_fd)  # cannot travel in a layer, as in write_layer
+            return False
+        return True
+
+    def xattrs(self, fd: int, names: list[str]) -> None:
+        _drop_unkept(fd, names)
+
+    def special(self, dir_fd: int, rel: bytes, name: str, st: os.stat_result) -> None:
+        if _ocirules.is_whiteout_device(st):
+            return  # refused by finish()
+        path = os.fsdecode(rel)
+        tmp = f".settle-{os.getpid()}-{st.st_ino}"
+        _recreate_special(dir_fd, name, tmp, st, path)
+        os.utime(tmp, ns=(st.st_mtime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+    def linked(self, rel: bytes, st: os.stat_result) -> None:
+        seen = self._groups.setdefault((st.st_dev, st.st_ino), (st.st_nlink, []))
+        seen[1].append(_split(os.fsdecode(rel)))
+
+    def left(self, fd: int, rel: bytes, st: os.stat_result) -> None:
+        path = os.fsdecode(rel)
+        mtime = self._dir_mtimes[path] = min(st.st_mtime_ns, self.epoch_ns)
+        os.utime(fd, ns=(mtime, mtime))
+
+    def finish(self, tree: Path) -> None:
+        """Refuse the first bad entry in layer order; settle the hardlink groups."""
+        if self._bad:
+            _is_device, rel, st = min(self._bad, key=lambda b: (b[0], _sort_key(b[1])))
+            _check_name(rel, st)
+        if not self._groups:
+            return
+        root_fd = os.open(tree, _O_ROOT)
+        try:
+            for nlink, members in self._groups.values():
+                if len(members) >= nlink:
+                    _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes)
+                    continue
+                # Made private: the stream counted the blocks of the inode outside.
+                old = _blocks(root_fd, *members[0])
+                _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes)
+                self.disk_use_change += (_blocks(root_fd, *members[0]) - old) * 512
+        finally:
+            os.close(root_fd)
+
+
+def _blocks(root_fd: int, rel_dir: str, name: str) -> int:
+    where = _dirfd.open_path(rel_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
+    try:
+        return os.stat(name, dir_fd=where, follow_symlinks=False).st_blocks
+    finally:
+        os.close(where)
+
+
+def _drop_unkept(target: int | str, names: list[str]) -> None:
+    for name in names:
+        if not _ocirules.layer_keeps_xattr(name) and name.startswith(("user.", "trusted.")):
+            # security.* labels are the filesystem's own (a copy gets them too); user.overlay.*
+            # and trusted.* would mean something to an overlay mount of the layer.
+            if isinstance(target, int):
+                os.removexattr(target, name)
+            else:
+                os.removexattr(target, name, follow_symlinks=False)
+
+
 def _drop_unkept_xattrs(path: str) -> None:
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -517,11 +611,7 @@ def _drop_unkept_xattrs(path: str) -> None:
         if exc.errno in (errno.ENOTSUP, errno.ENOENT):
             return
         raise
-    for name in names:
-        if not _ocirules.layer_keeps_xattr(name) and name.startswith(("user.", "trusted.")):
-            # security.* labels are the filesystem's own (a copy gets them too); user.overlay.*
-            # and trusted.* would mean something to an overlay mount of the layer.
-            os.removexattr(path, name, follow_symlinks=False)
+    _drop_unkept(path, names)
 
 
 def _recreate_special(where: int, name: str, tmp: str, st: os.stat_result, rel: str) -> None:

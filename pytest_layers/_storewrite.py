@@ -26,6 +26,7 @@ from pytest_layers._layerindex import (
     _container_use,
     _LayerIndex,
     count_files,
+    manifest_json,
 )
 from pytest_layers._storecore import _SOURCES, _blob_digest, _rmtree
 from pytest_layers._storerecords import (
@@ -76,6 +77,7 @@ class _StoreWriter(_StoreRefs):
         blob_verified: bool = False,
         what: str | None = None,
         written: layertar.WrittenFiles | None = None,
+        settle: changeset.TreeSettler | None = None,
     ) -> LayerInfo:
         """Store the layer tree ``staged`` (best made with :meth:`staging`) on top of ``parent``.
 
@@ -88,6 +90,7 @@ class _StoreWriter(_StoreRefs):
         A full disk raises :class:`errors.NoSpaceError` naming ``what`` (default: the layer's
         name, or its chain id and source). ``written`` is what :func:`changeset.write_layer`
         kept of the small files it just wrote into ``staged`` (see :class:`layertar.Written`).
+        ``settle``: ``staged`` is settled by the same read (see :class:`changeset.TreeSettler`).
         """
         if source not in _SOURCES:
             raise ValueError(f"source must be one of {', '.join(_SOURCES)}, not {source!r}")
@@ -95,10 +98,13 @@ class _StoreWriter(_StoreRefs):
         staged = Path(os.path.abspath(staged))
         parent_diff_ids = [info.diff_id for info in self.chain(parent)] if parent else []
         # The one read of the new tree: its diff_id, its files.json and its disk use together.
-        index = _LayerIndex()
+        index = _LayerIndex(clamp_ns=settle.epoch_ns if settle is not None else None)
         tree_digest = layertar.stream_layer(
-            staged, flavor=self.flavor, visit=index, written=written
+            staged, flavor=self.flavor, visit=index, written=written, settle=settle
         )
+        if settle is not None:
+            settle.finish(staged)
+            index.disk_use.total += settle.disk_use_change
         if blob is not None and not (blob_verified and diff_id is not None):
             blob_digest = _blob_digest(blob)
             if diff_id is None:
@@ -199,10 +205,16 @@ class _StoreWriter(_StoreRefs):
         # What the writer kept of the small files it wrote: the stream that names the layer
         # takes them from there (unless before_add gets to change the tree in between).
         written: layertar.WrittenFiles | None = None
+        settle: changeset.TreeSettler | None = None
         with self.full_disk(label), contextlib.ExitStack() as stack:
             if tree is not None:
                 staged = tree
-                changeset.settle_tree(staged, clamp_mtimes=clamp_mtimes)
+                # Settled by the walk that names and indexes it: the tree is read once. What
+                # before_add sees must be settled already.
+                if before_add is None:
+                    settle = changeset.TreeSettler(clamp_mtimes=clamp_mtimes)
+                else:
+                    changeset.settle_tree(staged, clamp_mtimes=clamp_mtimes)
             else:
                 staged = stack.enter_context(self.staging())
                 # Only where a rewrite always moves a file's ctime: with a coarse ctime, a
@@ -227,6 +239,7 @@ class _StoreWriter(_StoreRefs):
                 blob=blob,
                 blob_verified=blob_verified,
                 written=written,
+                settle=settle,
             )
 
     @contextlib.contextmanager
@@ -364,7 +377,7 @@ class _StoreWriter(_StoreRefs):
             )
             _write_new(
                 container / "files.json",
-                json.dumps(manifest, separators=(",", ":"), sort_keys=True),
+                manifest_json(manifest),
                 self._file_mode,
             )
             # layer.json last: a directory is a layer only once it has one.

@@ -86,6 +86,31 @@ def _entry_bytes(
     xattrs: Sequence[tuple[bytes, bytes]] = (),
 ) -> bytes:
     """The header block(s) of one entry: a PAX ``x`` header when needed, then ustar."""
+    if (
+        not xattrs
+        and not linkname
+        and dev is None
+        and len(name) < 100
+        and name.isascii()
+        and 0 <= uid < 8**7
+        and 0 <= gid < 8**7
+        and 0 <= size < 8**11
+        and 0 <= mtime < 8**11
+    ):
+        # Most entries of a layer: one ustar block, every field fits (what _header makes of
+        # them, without the checks it needs for the rest).
+        buf = _USTAR % (
+            name.ljust(100, b"\0"),
+            mode & 0o7777,
+            uid,
+            gid,
+            size,
+            mtime,
+            typeflag,
+            _EMPTY_NAME,
+            _EMPTY_DEV,
+        )
+        return b"%s%06o\0 %s" % (buf[:148], (zlib.adler32(buf) & 0xFFFF) - 1, buf[156:])
     records: list[tuple[bytes, bytes]] = [(b"SCHILY.xattr." + k, v) for k, v in xattrs]
     if not name.isascii() or len(name) > 100:
         records.append((b"path", name))

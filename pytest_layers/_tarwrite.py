@@ -12,7 +12,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from pytest_layers import _dirfd, _ocirules
 from pytest_layers._ocirules import Flavor
@@ -147,6 +147,26 @@ def _children(dir_fd: int, dir_path: bytes, flavor: str) -> list[_Child]:
                             f"{shown!r}: a whiteout marker must be a regular file"
                         )
                 out.append(_Child(raw, name, kind, is_wh))
+    out.sort(key=lambda c: c.tarname)
+    return out
+
+
+def _settle_children(dir_fd: int, prefix: bytes, settle: Settle) -> list[_Child]:
+    # A tree being settled holds no whiteouts: every name is its own; what settling refuses
+    # or removes (a ".wh." name, a 0/0 device, a socket) goes to the settler as it is met.
+    out = []
+    with os.scandir(dir_fd) as it:
+        for entry in it:
+            name = entry.name
+            kind = _kind(entry)
+            raw = os.fsencode(name)
+            if (
+                kind == stat.S_IFSOCK
+                or kind == stat.S_IFCHR
+                or raw.startswith(_ocirules.WHITEOUT_PREFIX_B)
+            ) and not settle.listed(dir_fd, prefix + raw, name, kind):
+                continue
+            out.append(_Child(raw, name, kind, False))
     out.sort(key=lambda c: c.tarname)
     return out
 
@@ -310,6 +330,38 @@ Visitor = Callable[
 ]
 
 
+class Settle(Protocol):
+    """What :func:`stream_layer` asks of a settler while it streams a tree that becomes a layer
+    where it lies (``changeset.TreeSettler``): the stream emits every entry as settling leaves
+    it (mtimes no later than :attr:`epoch_ns`, only kept xattrs, no sockets, no shared special
+    files), and the settler makes the tree so as the walk passes."""
+
+    #: mtimes later than this (ns) become it, in the tree and in the stream.
+    epoch_ns: int
+
+    def listed(self, dir_fd: int, rel: bytes, name: str, kind: int) -> bool:
+        """A socket, a character device or a ``.wh.`` name met in a directory listing: recorded
+        if settling refuses it; False when it leaves the tree (a socket)."""
+        ...
+
+    def xattrs(self, fd: int, names: list[str]) -> None:
+        """The open file or directory ``fd`` (not in a hardlink group) has the xattrs ``names``:
+        drop those a layer does not keep."""
+        ...
+
+    def special(self, dir_fd: int, rel: bytes, name: str, st: os.stat_result) -> None:
+        """A symlink, fifo or device with other links: give it an inode of its own."""
+        ...
+
+    def linked(self, rel: bytes, st: os.stat_result) -> None:
+        """A member of a hardlink group of regular files (settled once all are known)."""
+        ...
+
+    def left(self, fd: int, rel: bytes, st: os.stat_result) -> None:
+        """The walk is done with the directory ``fd`` (``st`` as it was met): settle its time."""
+        ...
+
+
 def _walk(
     sink: _Sink,
     root: bytes,
@@ -318,26 +370,36 @@ def _walk(
     hashes: FileHashes | None = None,
     visit: Visitor | None = None,
     written: WrittenFiles | None = None,
+    settle: Settle | None = None,
 ) -> None:
     links: dict[tuple[int, int], bytes] = {}
     shas: dict[tuple[int, int], str] = {}  # first link of a group's content digest (for visit)
+    # A tree settled as it streams: its mtimes as settling leaves them (never later than this).
+    settle_ns = settle.epoch_ns if settle is not None else None
     # Every entry is opened relative to its directory's fd: one path component per lookup, and
     # the fd of a regular file gives its stat and xattrs without more path walks.
     # Depth-first over sorted children gives "sorted by path components, parents first".
-    # Frames: (prefix, dir path, children); the directories' fds are in `dirs`, which keeps
-    # only the deepest few open (a test's committed rw layer may nest deeper than PATH_MAX and
-    # than RLIMIT_NOFILE allows).
+    # Frames: (prefix, dir path, children, the directory's stat); the directories' fds are in
+    # `dirs`, which keeps only the deepest few open (a test's committed rw layer may nest deeper
+    # than PATH_MAX and than RLIMIT_NOFILE allows).
     dirs = _dirfd.DirStack(os.open(root, _O_READDIR))
-    stack: list[tuple[bytes, bytes, Iterator[_Child]]] = []
+    stack: list[tuple[bytes, bytes, Iterator[_Child], os.stat_result | None]] = []
     try:
-        stack.append((b"", root, iter(_children(dirs.top, root, flavor))))
+        top = (
+            _children(dirs.top, root, flavor)
+            if settle is None
+            else _settle_children(dirs.top, b"", settle)
+        )
+        stack.append((b"", root, iter(top), None))
         while stack:
-            prefix, dpath, it = stack[-1]
+            prefix, dpath, it, dst = stack[-1]
             dfd = dirs.top
             child = next(it, None)
             if child is None:
                 stack.pop()
                 if stack:
+                    if settle is not None and dst is not None:
+                        settle.left(dfd, prefix[:-1], dst)
                     os.close(dirs.pop())
                 continue
             name = prefix + child.tarname
@@ -358,6 +420,42 @@ def _walk(
             fd = -1
             known = written.get(name) if written is not None and kind == stat.S_IFREG else None
             try:
+                if kind == stat.S_IFREG and written is None:
+                    fd = os.open(child.name, _O_READ, dir_fd=dfd)
+                    st = os.fstat(fd)
+                    if (
+                        st.st_nlink == 1
+                        and st.st_size <= _FLUSH_AT
+                        and st.st_mode & 0o170000 == stat.S_IFREG
+                        and not _xattr_names(fd)
+                    ):
+                        # Most files of a layer: small, one link, no xattrs. What the general
+                        # path below does for them, with the fewest calls.
+                        if settle_ns is not None and st.st_mtime_ns > settle_ns:
+                            os.utime(fd, ns=(settle_ns, settle_ns))
+                            mtime = settle_ns // 1_000_000_000
+                        else:
+                            mtime = st.st_mtime_ns // 1_000_000_000
+                        if epoch is not None and mtime > epoch:
+                            mtime = epoch
+                        size = st.st_size
+                        head = _entry_bytes(
+                            name, st.st_mode & 0o7777, st.st_uid, st.st_gid, size, mtime, b"0"
+                        )
+                        if size:
+                            data = _read_exact(fd, dpath + b"/" + child.tarname, size)
+                            sink.add(head + data + _PADS[-size % _BLOCK])
+                            if hashes is None and visit is None:
+                                continue
+                            digest = hashlib.sha256(data).hexdigest()
+                        else:
+                            sink.add(head)
+                            digest = _EMPTY_SHA
+                        if hashes is not None:
+                            hashes[os.fsdecode(name)] = (st.st_ino, size, st.st_mtime_ns, digest)
+                        if visit is not None:
+                            visit(name, st, digest, (), None)
+                        continue
                 if known is not None:
                     st = os.stat(child.name, dir_fd=dfd, follow_symlinks=False)
                     # A cached file is emitted from memory in one piece: never one that the
@@ -367,13 +465,27 @@ def _walk(
                 if known is not None:
                     xattrs, opaque = list(known.xattrs), False
                 elif kind == stat.S_IFREG or kind == stat.S_IFDIR:
-                    fd = os.open(
-                        child.name, _O_READ if kind == stat.S_IFREG else _O_READDIR, dir_fd=dfd
-                    )
-                    st = os.fstat(fd)
-                    xattrs, opaque = _xattrs_of(fd)
+                    if fd < 0:  # else opened above, and not a file for the short way
+                        fd = os.open(
+                            child.name, _O_READ if kind == stat.S_IFREG else _O_READDIR, dir_fd=dfd
+                        )
+                        st = os.fstat(fd)
+                    if settle is not None and (kind == stat.S_IFDIR or st.st_nlink == 1):
+                        # A hardlink group's inode may reach outside the tree: its xattrs are
+                        # the settler's to drop once the whole group is known.
+                        names = _xattr_names(fd)
+                        if names:
+                            settle.xattrs(fd, names)
+                            xattrs, opaque = _xattrs_of(fd)
+                        else:
+                            xattrs, opaque = [], False
+                    else:
+                        xattrs, opaque = _xattrs_of(fd)
                 else:
                     st = os.stat(child.name, dir_fd=dfd, follow_symlinks=False)
+                    if settle is not None and st.st_nlink > 1 and stat.S_IFMT(st.st_mode) == kind:
+                        settle.special(dfd, name, child.name, st)
+                        st = os.stat(child.name, dir_fd=dfd, follow_symlinks=False)
                     full = dpath + b"/" + child.tarname
                     if not _dirfd.fits(full):
                         full = os.fsencode(_dirfd.at(dfd, child.name))
@@ -383,7 +495,18 @@ def _walk(
                         f"{os.fsdecode(dpath + b'/' + child.tarname)!r} changed type while it "
                         "was read; a stored layer must not change"
                     )
-                mtime = st.st_mtime_ns // 1_000_000_000
+                if settle_ns is not None and st.st_mtime_ns > settle_ns:
+                    mtime = settle_ns // 1_000_000_000
+                    if kind == stat.S_IFREG and st.st_nlink > 1:
+                        pass  # the group's time is set with the group
+                    elif fd >= 0 and kind == stat.S_IFREG:
+                        os.utime(fd, ns=(settle_ns, settle_ns))
+                    elif kind != stat.S_IFDIR:  # a directory's, when the walk leaves it
+                        os.utime(
+                            child.name, ns=(settle_ns, settle_ns), dir_fd=dfd, follow_symlinks=False
+                        )
+                else:
+                    mtime = st.st_mtime_ns // 1_000_000_000
                 if epoch is not None and mtime > epoch:
                     mtime = epoch
                 mode = stat.S_IMODE(st.st_mode)
@@ -393,16 +516,21 @@ def _walk(
                     if visit is not None:
                         visit(name, st, None, xattrs, None)
                     sub_path = dpath + b"/" + child.tarname
-                    sub = _children(fd, sub_path, flavor)
+                    if settle is None:
+                        sub = _children(fd, sub_path, flavor)
+                    else:
+                        sub = _settle_children(fd, name + b"/", settle)
                     if opaque:
                         sub.append(_Child(_ocirules.OPAQUE_MARKER_B, "", stat.S_IFREG, True))
                         sub.sort(key=lambda c: c.tarname)
                     dirs.push(fd, (st.st_dev, st.st_ino))
                     fd = -1  # now owned by `dirs`
-                    stack.append((name + b"/", sub_path, iter(sub)))
+                    stack.append((name + b"/", sub_path, iter(sub), st))
                     continue
                 if st.st_nlink > 1:
                     key = (st.st_dev, st.st_ino)
+                    if settle is not None and kind == stat.S_IFREG:
+                        settle.linked(name, st)
                     first = links.get(key)
                     if first is not None:
                         sink.add(
@@ -483,6 +611,15 @@ def _walk(
     sink.flush()
 
 
+def _xattr_names(fd: int) -> list[str]:
+    try:
+        return os.listxattr(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+
+
 def _content_sha(dir_fd: int, name: str, size: int) -> str:
     # A whiteout marker's content is not in the tar (a whiteout is an empty entry there); it is
     # still what the store's index records of the file, and it is empty but for a tampered one.
@@ -505,6 +642,7 @@ def _stream(
     hashes: FileHashes | None = None,
     visit: Visitor | None = None,
     written: WrittenFiles | None = None,
+    settle: Settle | None = None,
 ) -> str:
     _check_flavor(flavor)
     root = os.fsencode(layer_dir)
@@ -512,7 +650,7 @@ def _stream(
         raise NotADirectoryError(errno.ENOTDIR, "layer directory does not exist", str(layer_dir))
     hasher = hashlib.sha256()
     sink = _Sink([hasher.update, *consumers])
-    _walk(sink, root, flavor, _source_date_epoch(), hashes, visit, written)
+    _walk(sink, root, flavor, _source_date_epoch(), hashes, visit, written, settle)
     return "sha256:" + hasher.hexdigest()
 
 
@@ -541,6 +679,7 @@ def stream_layer(
     visit: Visitor,
     out: Callable[[bytes | memoryview], object] | None = None,
     written: WrittenFiles | None = None,
+    settle: Settle | None = None,
 ) -> str:
     """One pass over ``layer_dir``: its canonical tar into sha256 (and ``out``, when given),
     and every entry handed to ``visit`` with what the tar was made of (see :data:`Visitor`).
@@ -548,8 +687,10 @@ def stream_layer(
     Returns the diff_id. This is how the store reads a new layer once to name it and index it;
     :func:`layer_diff_id` is the same stream without the visitor. ``written``: what the writer
     of a staged ``layer_dir`` kept of the small files it wrote (see :class:`Written`); such a
-    file, found unchanged, is not opened again."""
-    return _stream(layer_dir, flavor, [] if out is None else [out], None, visit, written)
+    file, found unchanged, is not opened again. ``settle``: ``layer_dir`` is a tree that becomes
+    the layer where it lies, settled by this same walk (see :class:`Settle`); the stream and
+    ``visit`` see it as settled, and the settler's ``finish`` completes it afterwards."""
+    return _stream(layer_dir, flavor, [] if out is None else [out], None, visit, written, settle)
 
 
 def chain_id(diff_ids: Sequence[str]) -> str:

@@ -30,7 +30,7 @@ from pytest_layers._changelist import (
 )
 from pytest_layers._datacopy import data_extents
 from pytest_layers._imageview import ImageView
-from pytest_layers._layerwriter import settle_tree, write_layer
+from pytest_layers._layerwriter import TreeSettler, settle_tree, write_layer
 
 __all__ = [
     "Change",
@@ -41,6 +41,7 @@ __all__ = [
     "changes_from_tree",
     "write_layer",
     "settle_tree",
+    "TreeSettler",
     "to_changes",
     "layer_changes",
     "kept_xattrs",
@@ -50,6 +51,6 @@ __all__ = [
 ]
 
 # The public classes keep their public module in reprs, pickles and the reference.
-for _cls in (Change, Entry, ImageView, LayerStats):
+for _cls in (Change, Entry, ImageView, LayerStats, TreeSettler):
     _cls.__module__ = __name__
 del _cls
