@@ -711,21 +711,48 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 # ---- the rootfs fixture and snapshots ------------------------------------------------------
 
+#: The items whose run protocol is under way, innermost last. The ``rootfs`` fixture takes its
+#: test from here instead of asking for ``request``: pytest builds a request argument for every
+#: fixture that names it, a cost paid by every test. A stack, not one slot: an in-process
+#: session (pytester's ``runpytest``) runs its items inside the outer test's protocol.
+_RUNNING: list[pytest.Item] = []
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
+    _RUNNING.append(item)
+    try:
+        return (yield)
+    finally:
+        _RUNNING.pop()
+
+
+def _running_item() -> pytest.Item:
+    __tracebackhide__ = True
+    if not _RUNNING:
+        pytest.fail(
+            "the rootfs fixture was set up outside a test's run (no pytest_runtest_protocol "
+            "is under way): request it from a test or a function-scoped fixture, and run "
+            "tests through pytest's pytest_runtest_protocol hook",
+            pytrace=False,
+        )
+    return _RUNNING[-1]
+
 
 @pytest.fixture
-def rootfs(request: pytest.FixtureRequest) -> Iterator[Rootfs]:
+def rootfs() -> Iterator[Rootfs]:
     """A private, writable view of the test's image (``@pytest.mark.layer``).
 
     Writes go to a throw-away layer; ``rootfs.diff()`` lists them, ``rootfs.commit()`` keeps
     them. With ``--layers-keep=failed`` (the default) a failing test's writes are kept as a
     snapshot (``pytest-layers diff snapshot:<nodeid>``).
     """
-    item = request.node
-    state = _state(request.config)
+    item = _running_item()
+    state = _state(item.config)
     spec = _item_spec(item)
     session = _session_or_fail(state)
-    image = _image(request, state, session, spec)
-    hooked = bool(request.config.hook.pytest_layers_init.get_hookimpls())
+    image = _image(item, state, session, spec)
+    hooked = bool(item.config.hook.pytest_layers_init.get_hookimpls())
     init = _init_files(item, spec) if hooked else dict(spec.init)
     pool = _pool(state)
     life = TestRootfs(
@@ -770,9 +797,7 @@ def _item_spec(item: pytest.Item) -> _Spec:
     return spec
 
 
-def _image(
-    request: pytest.FixtureRequest, state: _State, session: LayerSession, spec: _Spec
-) -> list[Layer]:
+def _image(item: pytest.Item, state: _State, session: LayerSession, spec: _Spec) -> list[Layer]:
     """The layers of the marker's names, stacked (the leftmost on top): looked up once per
     image and session (the layer fixtures are session-scoped), leased and, with
     ``--layers-verify``, re-hashed then."""
@@ -782,7 +807,7 @@ def _image(
             "the test uses the rootfs fixture but names no image: add "
             '@pytest.mark.layer("<layer name>") to the test (or its class or module), or set '
             f"layers_default in the ini file; known layers: "
-            f"{', '.join(fixtures.visible_layers(request.node)) or '(none)'}",
+            f"{', '.join(fixtures.visible_layers(item)) or '(none)'}",
             pytrace=False,
         )
     image = state.images.get(spec.keys)
@@ -790,12 +815,13 @@ def _image(
         return image
     failed: _LayerBuildFailed | None = None
     try:
+        request = _request(item)
         tops = [request.getfixturevalue(name) for name in spec.names]
     except _LayerBuildFailed as exc:
         failed = exc
     if failed is not None:
         if failed.first is None:
-            failed.first = request.node.nodeid
+            failed.first = item.nodeid
             raise failed
         pytest.fail(
             f"layer {failed.layer!r} failed to build (see the first error, at {failed.first})",
@@ -805,6 +831,22 @@ def _image(
     session.use(image)
     state.images[spec.keys] = image
     return image
+
+
+def _request(item: pytest.Item) -> pytest.FixtureRequest:
+    """The item's own fixture request, for the layer fixtures (once per image and session).
+    pytest keeps it on the item: ``_request`` on a test function, ``fixture_request`` on a
+    doctest."""
+    __tracebackhide__ = True
+    for name in ("_request", "fixture_request"):
+        request = getattr(item, name, None)
+        if isinstance(request, pytest.FixtureRequest):
+            return request
+    pytest.fail(
+        f"{item.nodeid}: the rootfs fixture needs a pytest test function (or doctest) to look "
+        f"up its layers; {type(item).__name__} items have no fixture request",
+        pytrace=False,
+    )
 
 
 def _init_files(item: pytest.Item, spec: _Spec) -> dict[str, str | bytes]:
