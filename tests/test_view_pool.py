@@ -366,6 +366,27 @@ def test_the_cleaner_runs_at_the_lowest_priority_and_its_backlog_is_bounded(
     assert os.listdir(views) == []
 
 
+def test_the_helper_exits_when_the_last_test_of_its_image_hands_back_its_view(
+    tmp_path: Path,
+) -> None:
+    """Not at the end of the session: the tests after it (which may count child processes
+    and mounts) see neither the helper nor its views."""
+    pool = _pool(_Files(tmp_path))
+    pool.follow(["a", "a", None, None], 16)
+    for i in range(2):
+        view = pool.take("a")
+        assert view is not None
+        pool.at(i)
+        assert pool.helper_pids, "the helper ended while a test held its view"
+        (pid,) = pool.helper_pids
+        pool.retire(view)
+    assert pool.helper_pids == []
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert os.listdir(tmp_path) == []
+    pool.close()
+
+
 def test_prepared_views_cross_as_plain_values(tmp_path: Path) -> None:
     """What the helper sends is marshal's plain values; the session rebuilds the same
     Prepared, a backend's own View subclass and fields included, without the closer."""

@@ -347,6 +347,13 @@ class ViewPool(Generic[T]):
         helper = self._helpers[key]
         helper.out -= 1
         helper.queue(("retire", token))
+        last = self._demand_at
+        if last is not None and not helper.out and not last[1].get(key, 0):
+            # The last test of this image (as far as the plan sees) is over: the helper
+            # cleans up and exits now, not at the end of the session (its process and its
+            # views would be counted by the tests that come next).
+            self._stop(key)
+            return True
         if helper.batch == 1:
             # A view that is reset is the next one handed out: no batching, or the helper
             # would make new ones (a whole copy of the image, for the copy backend) meanwhile.
