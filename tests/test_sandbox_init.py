@@ -53,9 +53,23 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+#: The children this process had when the test began (a session fixture's server, say).
+_EXISTING: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _existing_children() -> None:
+    _EXISTING.clear()
+    _EXISTING.update(p.pid for p in psutil.Process().children(recursive=True))
+
+
 def _leftovers() -> list[psutil.Process]:
     # The Python init's fork helper (started by a test that fell back to it) lives on.
-    return [p for p in psutil.Process().children(recursive=True) if not _zygote.is_helper(p.pid)]
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if not _zygote.is_helper(p.pid) and p.pid not in _EXISTING
+    ]
 
 
 def test_auto_uses_the_compiled_init_where_a_compiler_exists(image: Path, cache: Path) -> None:
