@@ -26,7 +26,7 @@ from pathlib import Path
 __all__ = ["MODES", "Choice", "mode", "choose", "refused", "describe"]
 
 MODES = ("auto", "compiled", "python")
-VERSION = "pytest-layers-init/1"
+VERSION = "pytest-layers-init/2"
 #: The starter's exit status when clone3 is refused (see ``_init/init.c``).
 CLONE_REFUSED = 126
 SOURCE = Path(__file__).parent / "_init" / "init.c"

@@ -585,6 +585,8 @@ def _spawn_compiled(
         str(len(box.binds)),
         *binds,
         env.get("PATH", DEFAULT_PATH),
+        str(len(env)),
+        *(_env_entry(name, value) for name, value in env.items()),
         "--",
         *argv,
     ]
@@ -621,7 +623,9 @@ def _spawn_compiled(
                 ours.append(copy)
                 actions.append((os.POSIX_SPAWN_DUP2, copy, target))
         blocked = {signal.SIGINT, signal.SIGQUIT}  # init ignores them; the program gets both
-        starter = os.posix_spawn(binary, args, env, file_actions=actions, setsigmask=blocked)
+        # An empty environment: the starter is a dynamically linked host binary, and the
+        # program's LD_PRELOAD, LD_LIBRARY_PATH... would act on the host's loader, as us.
+        starter = os.posix_spawn(binary, args, {}, file_actions=actions, setsigmask=blocked)
     except BaseException:
         for fd in ours:
             os.close(fd)
@@ -662,6 +666,14 @@ def _spawn_compiled(
             os.close(err_r)
             os.close(status_r)
     return _confirm(SandboxProcess(init, status_r, argv, kill_signal=signal.SIGKILL), err_r)
+
+
+def _env_entry(name: str, value: str) -> str:
+    """``NAME=VALUE`` for the compiled init's argv; a name os.posix_spawn would refuse is
+    refused the same way here."""
+    if not name or "=" in name:
+        raise ValueError(f"illegal environment variable name {name!r}")
+    return f"{name}={value}"
 
 
 def _read_pid(pid_r: int) -> int:

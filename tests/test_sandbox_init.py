@@ -339,3 +339,33 @@ def test_init_holds_only_stdio_and_its_status_pipe(image: Path, cache: Path) -> 
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_programs_environment_does_not_reach_the_hosts_loader(
+    image: Path, cache: Path, tmp_path: Path
+) -> None:
+    # The starter is a dynamically linked host binary run as the caller: LD_DEBUG (or
+    # LD_PRELOAD...) meant for the image must not make the host's loader act on it. busybox
+    # is static, so nothing inside reads it either: any loader output came from the host.
+    require("cc")
+    assert _cinit.choose().binary is not None
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        code = sandbox.Sandbox(image).run(
+            ["/bin/sh", "-c", 'echo "inside: $LD_DEBUG $X"'],
+            env={"PATH": "/bin", "LD_DEBUG": "all", "X": "a=b c"},
+            stdout=o.fileno(),
+            stderr=e.fileno(),
+        )
+    assert code == 0
+    assert err.read_text() == ""
+    assert out.read_text() == "inside: all a=b c\n"
+
+
+def test_an_environment_name_with_an_equals_sign_is_refused(image: Path, cache: Path) -> None:
+    require("cc")
+    assert _cinit.choose().binary is not None
+    with pytest.raises(ValueError, match="illegal environment variable name 'A=B'"):
+        sandbox.Sandbox(image).run(["/bin/true"], env={"A=B": "1"})
+    assert _leftovers() == []
+

@@ -2,14 +2,14 @@
  * forking the caller's interpreter. pytest_layers/_cinit.py builds it and pytest_layers/sandbox.py
  * starts it; the protocol below is the one description of what passes between them.
  *
- * PROTOCOL (version "pytest-layers-init/1")
+ * PROTOCOL (version "pytest-layers-init/2")
  *
- *   init --version            prints "pytest-layers-init/1\n" and exits 0 (the build's check)
+ *   init --version            prints "pytest-layers-init/2\n" and exits 0 (the build's check)
  *   init --check              the same after a trial clone3 into the namespaces; when refused,
  *                             prints "clone3: WHY" and exits 126
  *
- *   init pytest-layers-init/1 ROOT HOSTNAME NETWORK CWD ROOTCALLER USER USERHINT NBINDS
- *        [SOURCE TARGET MODE]*NBINDS SEARCHPATH -- PROGRAM [ARG...]
+ *   init pytest-layers-init/2 ROOT HOSTNAME NETWORK CWD ROOTCALLER USER USERHINT NBINDS
+ *        [SOURCE TARGET MODE]*NBINDS SEARCHPATH NENV [NAME=VALUE]*NENV -- PROGRAM [ARG...]
  *
  *     ROOT        the directory that becomes "/" (absolute)
  *     HOSTNAME    the UTS name inside
@@ -23,8 +23,11 @@
  *     SOURCE TARGET MODE   a host path, its target inside, MODE "ro"|"rw" then "d"|"f"
  *                 (directory or file), e.g. "rod"
  *     SEARCHPATH  the PATH the program is looked up in (its own PATH, or the default)
+ *     NENV        decimal count of the program's environment entries that follow
  *
- *   The environment is the program's environment, passed on unchanged.
+ *   The starter's own environment is empty and init ignores it: the program's environment
+ *   travels in argv, so that nothing in it (LD_PRELOAD, LD_LIBRARY_PATH, GLIBC_TUNABLES...)
+ *   reaches the host's dynamic loader, which runs as the caller before any namespace exists.
  *   File descriptors: 0-2 the program's stdio (a closed one stays closed), and
  *     3 err (write end): "CODE:TEXT" (errno and one line) when the sandbox cannot be set up or
  *       the program not started; closed without a word once the program runs
@@ -68,7 +71,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define VERSION "pytest-layers-init/1"
+#define VERSION "pytest-layers-init/2"
 #define FD_ERR 3
 #define FD_STATUS 4
 #define FD_GO 5
@@ -109,11 +112,10 @@ struct plan {
     size_t nbinds;
     struct bind *binds;
     const char *search_path;
+    char **envp;
     char **argv;
     int cap_last;
 };
-
-extern char **environ;
 
 static volatile sig_atomic_t program_pid;
 
@@ -172,8 +174,9 @@ static int read_cap_last(void)
 
 static void parse(int argc, char **argv, struct plan *p)
 {
-    /* argv[1] is the version, checked by main; 8 fixed fields, the binds, the PATH, "--". */
-    if (argc < 12)
+    /* argv[1] is the version, checked by main; 8 fixed fields, the binds, the PATH, the
+     * environment, "--". */
+    if (argc < 13)
         fail(EINVAL, "sandbox init: too few arguments");
     p->root = argv[2];
     p->hostname = argv[3];
@@ -198,7 +201,7 @@ static void parse(int argc, char **argv, struct plan *p)
     p->user_hint = argv[8];
     const char *end;
     unsigned long n;
-    if (parse_id(argv[9], &end, &n) || *end != '\0' || n > (unsigned long)(argc - 12) / 3)
+    if (parse_id(argv[9], &end, &n) || *end != '\0' || n > (unsigned long)(argc - 13) / 3)
         fail(EINVAL, "sandbox init: bind count %.64s", argv[9]);
     p->nbinds = n;
     p->binds = calloc(n ? n : 1, sizeof *p->binds);
@@ -212,10 +215,27 @@ static void parse(int argc, char **argv, struct plan *p)
             fail(EINVAL, "sandbox init: bind mode %.64s", mode);
         p->binds[b] = (struct bind){argv[i], argv[i + 1], mode[1] == 'o', mode[2] == 'd'};
     }
-    if (i + 2 >= argc || strcmp(argv[i + 1], "--") != 0)
-        fail(EINVAL, "sandbox init: no program after the plan");
+    if (i + 1 >= argc)
+        fail(EINVAL, "sandbox init: no environment after the plan");
     p->search_path = argv[i];
-    p->argv = &argv[i + 2];
+    unsigned long nenv;
+    if (parse_id(argv[i + 1], &end, &nenv) || *end != '\0' ||
+        nenv > (unsigned long)(argc - i - 2))
+        fail(EINVAL, "sandbox init: environment count %.64s", argv[i + 1]);
+    i += 2;
+    for (unsigned long e = 0; e < nenv; e++)
+        if (strchr(argv[i + (int)e], '=') == NULL)
+            fail(EINVAL, "sandbox init: environment entry %.64s", argv[i + (int)e]);
+    /* The entries are copied to their own NULL-terminated array: argv's NULL is after
+     * the program's arguments. */
+    p->envp = calloc(nenv + 1, sizeof *p->envp);
+    if (p->envp == NULL)
+        fail(ENOMEM, "sandbox init: out of memory");
+    memcpy(p->envp, &argv[i], nenv * sizeof *p->envp);
+    i += (int)nenv;
+    if (i + 1 >= argc || strcmp(argv[i], "--") != 0)
+        fail(EINVAL, "sandbox init: no program after the plan");
+    p->argv = &argv[i + 1];
 }
 
 static void close_other_fds(void)
@@ -580,15 +600,8 @@ static pid_t start_program(const struct plan *p)
     drop_privileges(p);
     if (p->switch_user)
         switch_user(p);
-    /* posix_spawnp searches the PATH of our own environment, which is the program's: the
-     * program gets its environment as given, the search uses SEARCHPATH. */
-    size_t n = 0;
-    while (environ[n])
-        n++;
-    char **envp = calloc(n + 1, sizeof *envp);
-    if (envp == NULL)
-        fail(ENOMEM, "sandbox init: out of memory");
-    memcpy(envp, environ, n * sizeof *envp);
+    /* posix_spawnp searches the PATH of our own environment (empty, the starter's): the
+     * program gets its environment from argv, the search uses SEARCHPATH. */
     if (setenv("PATH", p->search_path, 1) < 0)
         fail(errno, "sandbox init: cannot set PATH: %s", strerror(errno));
     posix_spawnattr_t attr;
@@ -609,7 +622,7 @@ static pid_t start_program(const struct plan *p)
     if (rc != 0)
         fail(rc, "sandbox init: posix_spawnattr: %s", strerror(rc));
     pid_t pid;
-    rc = posix_spawnp(&pid, p->argv[0], NULL, &attr, p->argv, envp);
+    rc = posix_spawnp(&pid, p->argv[0], NULL, &attr, p->argv, p->envp);
     if (rc == ENOENT)
         fail(ENOENT, "%s: not found in the image (PATH=%s)", p->argv[0], p->search_path);
     if (rc != 0)
