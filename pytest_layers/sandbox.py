@@ -789,6 +789,9 @@ class _Plan:
     umask: int | None = None
     rlimits: Sequence[tuple[int, int, int]] = ()
     subids: _subids.Ranges = _subids.NONE  # an ordinary user's subordinate ids
+    #: Init's: a pidfd of its parent (the caller, or the keeper), or -1; open until init
+    #: switched to ``user`` and set its parent-death signal again.
+    alive: int = -1
 
 
 class _Stage(Exception):
@@ -812,9 +815,13 @@ def _child(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no co
         if os.getppid() != plan.caller:
             os._exit(125)  # the caller died before the line above: nobody wants us any more
         _enter_namespaces(plan)
+        with contextlib.suppress(OSError):  # no pidfd_open: init then cannot check on us
+            plan.alive = os.pidfd_open(os.getpid())
         init = os.fork()
         if init == 0:
             _init(plan, err_w, status_w)
+        if plan.alive >= 0:
+            os.close(plan.alive)
         os.close(err_w)
         os.close(status_w)
         # SIGTERM from the caller (SandboxProcess.kill) ends init; the kernel then kills the
@@ -958,7 +965,7 @@ def _direct_init(
         # before the line above (nobody wants us any more, and no signal would come).
         if select.select([alive], [], [], 0)[0]:
             os._exit(125)
-        os.close(alive)
+        plan.alive = alive  # kept until the switch to the program's user (_start)
         failed = _answer(go_r)  # "0" and why: the caller could not map us; EOF: it died
         if failed is not None:
             raise _Stage(errno.EPERM, f"cannot write the sandbox's uid and gid maps: {failed}")
@@ -1255,6 +1262,13 @@ def _start(plan: _Plan) -> int:  # pragma: no cover - child
         raise _stage("cannot drop privileges", exc) from None
     if plan.user is not None:
         _switch_user(plan)
+        # A change of credentials clears the parent-death signal: set it again, then make sure
+        # our parent did not die in between (no signal would come for that).
+        _linux.set_pdeathsig(signal.SIGKILL)
+        if plan.alive >= 0 and select.select([plan.alive], [], [], 0)[0]:
+            os._exit(125)
+    if plan.alive >= 0:
+        os.close(plan.alive)
     # posix_spawnp searches the PATH of the caller's environment, not of the one it passes on.
     path = plan.env.get("PATH", DEFAULT_PATH)
     os.environ["PATH"] = path

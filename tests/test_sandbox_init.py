@@ -369,3 +369,51 @@ def test_an_environment_name_with_an_equals_sign_is_refused(image: Path, cache: 
         sandbox.Sandbox(image).run(["/bin/true"], env={"A=B": "1"})
     assert _leftovers() == []
 
+
+USER_CALLER = """
+import os, sys, time
+from pytest_layers import _cinit, sandbox
+if os.environ["PYTEST_LAYERS_INIT"] == "compiled":
+    assert _cinit.choose().binary is not None, _cinit.choose().reason
+read, write = os.pipe()
+proc = sandbox.Sandbox(sys.argv[1], helper=False).spawn(
+    ["/bin/sh", "-c", "sleep 1000 & echo up; wait"], stdout=write, user=(1000, 1000))
+os.close(write)
+with os.fdopen(read) as f:
+    assert f.readline() == "up\\n"
+print(proc.pid, flush=True)
+time.sleep(1000)
+"""
+
+
+@pytest.mark.parametrize("init", ["compiled", "python"])
+def test_a_killed_caller_leaves_no_process_when_the_program_runs_as_another_user(
+    image: Path, cache: Path, init: str
+) -> None:
+    # Switching to another user clears the parent-death signal: init must set it again.
+    if os.geteuid() != 0:
+        pytest.skip("needs root: uid 1000 exists inside only when every id is mapped")
+    if init == "compiled":
+        require("cc")
+    env = {**os.environ, "PYTEST_LAYERS_INIT": init}
+    with subprocess.Popen(
+        [sys.executable, "-c", USER_CALLER, os.fspath(image)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as caller:
+        try:
+            assert caller.stdout is not None
+            pid = int(caller.stdout.readline())
+            inside = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+            assert len(inside) >= 3  # init, sh and sleep
+            assert psutil.Process(inside[-1]).uids().real == 1000
+        finally:
+            caller.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in inside):
+        time.sleep(0.05)
+    left = [p for p in inside if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    for p in left:  # never leave them behind, even when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert left == []

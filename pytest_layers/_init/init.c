@@ -34,7 +34,8 @@
  *     4 status (write end): the program's exit status in decimal, -N for signal N
  *     5 go (read end): the caller writes "1" once it wrote init's uid and gid maps, or "0WHY"
  *     6 pid (write end): the starter writes init's pid in decimal and a newline
- *     7 a pidfd of the caller, opened by the caller before it started us
+ *     7 a pidfd of the caller, opened by the caller before it started us (init keeps it until
+ *       it switched to USER: that clears the parent-death signal, which init then sets again)
  *   Every other fd is closed. SIGINT and SIGQUIT arrive blocked.
  *
  *   The process the caller starts (the starter) clone3()s init straight into new user, mount,
@@ -598,8 +599,17 @@ static pid_t start_program(const struct plan *p)
     if (chdir(p->cwd) < 0)
         fail(errno, "cwd '%s' inside the image: %s", p->cwd, strerror(errno));
     drop_privileges(p);
-    if (p->switch_user)
+    if (p->switch_user) {
         switch_user(p);
+        /* A change of credentials clears the parent-death signal: set it again, then make sure
+         * the caller did not die in between (no signal would come for that). */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+            fail(errno, "sandbox init: PR_SET_PDEATHSIG: %s", strerror(errno));
+        struct pollfd caller = {.fd = FD_CALLER, .events = POLLIN};
+        if (poll(&caller, 1, 0) != 0)
+            _exit(EXIT_FAILED);
+    }
+    close(FD_CALLER);
     /* posix_spawnp searches the PATH of our own environment (empty, the starter's): the
      * program gets its environment from argv, the search uses SEARCHPATH. */
     if (setenv("PATH", p->search_path, 1) < 0)
@@ -647,7 +657,7 @@ static void __attribute__((noreturn)) init_main(const struct plan *p)
     int ready = poll(&caller, 1, 0);
     if (ready != 0)
         _exit(EXIT_FAILED); /* dead (or unknowable): nobody wants us any more */
-    close(FD_CALLER);
+    /* FD_CALLER stays open until the switch to the program's user (start_program). */
     close(FD_PID);
     struct sigaction ign = {.sa_handler = SIG_IGN};
     sigset_t all;
