@@ -193,6 +193,8 @@ class Sandbox:
         """
         if not argv:
             raise ValueError("argv is empty: name the program to run")
+        if user is not None:
+            _check_user(user)
         environ = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "HOME": "/root"}
         compiled = _compiled_init()
         if compiled is not None:
@@ -463,6 +465,26 @@ class _HelperProcess(SandboxProcess):
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, self._kill_signal)
+
+
+#: The largest uid or gid a program may run as: 2**32-1 is (uid_t)-1, which setresuid reads
+#: as "leave unchanged" (the program would stay uid 0).
+_MAX_ID = 2**32 - 2
+
+
+def _check_user(user: tuple[int, int]) -> None:
+    """Refuse a ``user`` that is not two ids setresuid/setresgid would really switch to."""
+    try:
+        uid, gid = user
+    except (TypeError, ValueError):
+        raise SandboxError(errno.EINVAL, f"user={user!r}: give (uid, gid)") from None
+    for name, value in (("uid", uid), ("gid", gid)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_ID:
+            raise SandboxError(
+                errno.EINVAL,
+                f"user={user!r}: {name} {value!r} is not an id from 0 to {_MAX_ID} "
+                "(4294967295 means 'unchanged' to the kernel)",
+            )
 
 
 def _identity() -> tuple[object, ...]:

@@ -109,6 +109,28 @@ def test_program_missing_from_the_image_is_one_line(image: Path) -> None:
     assert new_children() == []
 
 
+@pytest.mark.parametrize(
+    ("user", "bad"),
+    [
+        ((4294967295, 4294967295), "uid 4294967295"),
+        ((0, 4294967295), "gid 4294967295"),
+        ((-1, 0), "uid -1"),
+    ],
+)
+def test_a_user_id_the_kernel_reads_as_unchanged_is_refused(
+    image: Path, user: tuple[int, int], bad: str
+) -> None:
+    # setresuid(-1, ...) leaves the id as it is: the program would silently stay uid 0.
+    with pytest.raises(SandboxError) as info:
+        sandbox.Sandbox(image).spawn(["/bin/id"], user=user)
+    assert info.value.errno == errno.EINVAL
+    assert str(info.value) == (
+        f"user={user!r}: {bad} is not an id from 0 to 4294967294 "
+        "(4294967295 means 'unchanged' to the kernel)"
+    )
+    assert new_children() == []
+
+
 def _mountinfo() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return sorted(line.split(" ", 1)[1] for line in f)

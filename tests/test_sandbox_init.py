@@ -7,6 +7,7 @@ under both.)"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import stat
@@ -417,3 +418,28 @@ def test_a_killed_caller_leaves_no_process_when_the_program_runs_as_another_user
     for p in left:  # never leave them behind, even when the test fails
         os.kill(p, signal.SIGKILL)
     assert left == []
+
+
+@pytest.mark.parametrize("user", ["4294967295:0", "0:4294967295"])
+def test_the_compiled_init_refuses_the_id_that_means_unchanged(cache: Path, user: str) -> None:
+    # Its own check, for a caller other than Sandbox.spawn (which refuses it first).
+    require("cc")
+    binary = _cinit.choose().binary
+    assert binary is not None
+    read, write = os.pipe()
+    err = fcntl.fcntl(write, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(write)
+    plan = ["/nonexistent", "h", "none", "/", "0", user, "", "0", "/bin", "0", "--", "/bin/true"]
+    try:
+        pid = os.posix_spawn(
+            binary,
+            [binary, _cinit.VERSION, *plan],
+            {},
+            file_actions=[(os.POSIX_SPAWN_DUP2, err, 3)],
+        )
+    finally:
+        os.close(err)
+    with os.fdopen(read, "rb") as f:
+        report = f.read().decode()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 125
+    assert report == f"22:sandbox init: user {user}: ids go up to 4294967294"

@@ -196,6 +196,9 @@ static void parse(int argc, char **argv, struct plan *p)
         if (parse_id(argv[7], &end, &uid) || *end != ':' || parse_id(end + 1, &end, &gid) ||
             *end != '\0')
             fail(EINVAL, "sandbox init: user %.64s", argv[7]);
+        /* (uid_t)-1 means "unchanged" to setresuid: the program would stay uid 0. */
+        if (uid >= UINT32_MAX || gid >= UINT32_MAX)
+            fail(EINVAL, "sandbox init: user %.64s: ids go up to 4294967294", argv[7]);
         p->uid = (uid_t)uid;
         p->gid = (gid_t)gid;
     }
