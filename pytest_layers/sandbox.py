@@ -197,12 +197,28 @@ class Sandbox:
             _check_user(user)
         environ = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "HOME": "/root"}
         compiled = _compiled_init()
-        if compiled is not None:
-            started = _spawn_compiled(
-                compiled, self, list(argv), environ, cwd, (stdin, stdout, stderr), user, close
-            )
+        for attempt in (1, 2):
+            if compiled is None:
+                break
+            try:
+                started = _spawn_compiled(
+                    compiled, self, list(argv), environ, cwd, (stdin, stdout, stderr), user, close
+                )
+            except _StarterFailed as exc:
+                if attempt == 2 or _cinit.mode() != "auto":
+                    raise SandboxError(
+                        exc.errno or errno.ENOEXEC,
+                        f"cannot start the compiled init {compiled}: {exc.strerror}; it was "
+                        "removed or damaged since this process built it (a cache cleaner?): "
+                        "run again to rebuild it, or set PYTEST_LAYERS_INIT=auto or python",
+                    ) from None
+                # auto: build it again (or fall back to the Python init, with the reason).
+                _cinit.forget()
+                compiled = _compiled_init()
+                continue
             if started is not None:
                 return started
+            break
         if self.helper:
             helper = _zygote.get(_identity)
             if helper is not None:
@@ -647,7 +663,10 @@ def _spawn_compiled(
         blocked = {signal.SIGINT, signal.SIGQUIT}  # init ignores them; the program gets both
         # An empty environment: the starter is a dynamically linked host binary, and the
         # program's LD_PRELOAD, LD_LIBRARY_PATH... would act on the host's loader, as us.
-        starter = os.posix_spawn(binary, args, {}, file_actions=actions, setsigmask=blocked)
+        try:
+            starter = os.posix_spawn(binary, args, {}, file_actions=actions, setsigmask=blocked)
+        except OSError as exc:
+            raise _StarterFailed(exc.errno, exc.strerror) from None
     except BaseException:
         for fd in ours:
             os.close(fd)
@@ -688,6 +707,10 @@ def _spawn_compiled(
             os.close(err_r)
             os.close(status_r)
     return _confirm(SandboxProcess(init, status_r, argv, kill_signal=signal.SIGKILL), err_r)
+
+
+class _StarterFailed(OSError):
+    """The compiled init's binary could not be executed (removed or damaged since built)."""
 
 
 def _env_entry(name: str, value: str) -> str:

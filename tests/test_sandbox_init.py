@@ -443,3 +443,36 @@ def test_the_compiled_init_refuses_the_id_that_means_unchanged(cache: Path, user
         report = f.read().decode()
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 125
     assert report == f"22:sandbox init: user {user}: ids go up to 4294967294"
+
+
+def test_auto_builds_the_init_again_when_its_binary_went_away(image: Path, cache: Path) -> None:
+    require("cc")
+    binary = _cinit.choose().binary
+    assert binary is not None
+    box = sandbox.Sandbox(image)
+    assert box.run(["/bin/sh", "-c", "exit 3"]) == 3
+    os.unlink(binary)  # a cache cleaner, mid-session
+    assert box.run(["/bin/sh", "-c", "exit 4"]) == 4
+    assert _cinit.choose().binary == binary
+    assert os.path.exists(binary)
+    assert _leftovers() == []
+
+
+def test_compiled_says_which_binary_went_away_and_what_to_do(
+    image: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require("cc")
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", "compiled")
+    binary = _cinit.choose().binary
+    assert binary is not None
+    os.unlink(binary)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(SandboxError) as info:
+        sandbox.Sandbox(image).run(["/bin/true"])
+    assert str(info.value) == (
+        f"cannot start the compiled init {binary}: No such file or directory; it was removed "
+        "or damaged since this process built it (a cache cleaner?): run again to rebuild it, "
+        "or set PYTEST_LAYERS_INIT=auto or python"
+    )
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert _leftovers() == []
