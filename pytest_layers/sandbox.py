@@ -628,7 +628,10 @@ def _spawn_compiled(
         "--",
         *argv,
     ]
-    ours: list[int] = []  # every fd opened here, closed before returning
+    # Every fd opened here, closed before returning but err_r and status_r once init runs.
+    ours: list[int] = []
+    starter = init = 0
+    started = False
     try:
         err_r, err_w = os.pipe()
         ours += [err_r, err_w]
@@ -667,19 +670,15 @@ def _spawn_compiled(
             starter = os.posix_spawn(binary, args, {}, file_actions=actions, setsigmask=blocked)
         except OSError as exc:
             raise _StarterFailed(exc.errno, exc.strerror) from None
-    except BaseException:
-        for fd in ours:
+        # From here on, an exception (^C) kills and reaps init and the starter, below.
+        _faultpoints.reached("sandbox-spawned", binary)
+        for fd in [fd for fd in ours if fd not in (err_r, status_r, go_w, pid_r)]:
+            ours.remove(fd)  # first: should ^C come between the two, a leak, never a reuse
             os.close(fd)
-        raise
-    for fd in ours:
-        if fd not in (err_r, status_r, go_w, pid_r):
-            os.close(fd)
-    init = 0
-    opened = {"pid": pid_r, "go": go_w}  # ours to close, until closed or handed on
-    try:
         _faultpoints.reached("sandbox-starter", binary)
         init = _read_pid(pid_r)
-        os.close(opened.pop("pid"))
+        ours.remove(pid_r)
+        os.close(pid_r)
         _, status = os.waitpid(starter, 0)
         starter = 0
         if not init:
@@ -693,19 +692,21 @@ def _spawn_compiled(
                 _cinit.refused(f"clone3: {os.strerror(number)}")
                 return None
             raise SandboxError(number, text or message or "the sandbox's starter failed")
-        _write_go(plan, init, opened.pop("go"))  # closes it
+        ours.remove(go_w)
+        _write_go(plan, init, go_w)  # closes it
+        started = True
     except BaseException:
-        _abandon(starter, init, opened.get("pid", -1))
-        if init:
-            os.close(err_r)
-            os.close(status_r)
+        if starter or init:
+            # Our copies of the child's ends first: the pid pipe must end when the starter does.
+            for fd in [fd for fd in ours if fd != pid_r]:
+                ours.remove(fd)
+                os.close(fd)
+            _abandon(starter, init, pid_r if pid_r in ours else -1)
         raise
     finally:
-        for fd in opened.values():
-            os.close(fd)
-        if not init:
-            os.close(err_r)
-            os.close(status_r)
+        for fd in ours:
+            if not (started and fd in (err_r, status_r)):
+                os.close(fd)
     return _confirm(SandboxProcess(init, status_r, argv, kill_signal=signal.SIGKILL), err_r)
 
 

@@ -228,14 +228,16 @@ def test_a_killed_caller_leaves_no_process(image: Path, cache: Path) -> None:
     assert left == []
 
 
+# sandbox-spawned: right after posix_spawn, before the child's fd ends are closed here.
+@pytest.mark.parametrize("where", ["sandbox-spawned", "sandbox-starter"])
 def test_an_interrupt_while_init_starts_leaves_nothing(
-    image: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    image: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     require("cc")
     assert _cinit.choose().binary is not None
 
     def interrupt(point: str, detail: str) -> None:
-        if point == "sandbox-starter":
+        if point == where:
             raise KeyboardInterrupt
 
     fds = len(os.listdir("/proc/self/fd"))
