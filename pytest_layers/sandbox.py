@@ -1136,14 +1136,15 @@ def _build_root(box: Sandbox) -> None:  # pragma: no cover - child
         for bind in box.binds:
             step = f"bind {bind.source} at {bind.target}"
             fd = _inside(root_fd, bind.target.strip("/"), directory=os.path.isdir(bind.source))
-            _linux.mount(os.fspath(bind.source), _at(fd), None, _linux.MS_BIND | _linux.MS_REC)
-            os.close(fd)
-            fd = _linux.open_in_root(root_fd, bind.target.strip("/"), os.O_PATH)
+            # The flags go on before the bind is attached, at the fd resolved once: a program
+            # of another sandbox on this view may swap the target's path meanwhile.
             attrs = _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NODEV
-            _linux.mount_setattr(
-                _at(fd), attrs | (_linux.MOUNT_ATTR_RDONLY if bind.readonly else 0)
-            )
-            os.close(fd)
+            try:
+                _linux.bind_onto(
+                    bind.source, fd, attrs | (_linux.MOUNT_ATTR_RDONLY if bind.readonly else 0)
+                )
+            finally:
+                os.close(fd)
         step = "pivot_root into the view"
         os.fchdir(root_fd)
         os.close(root_fd)

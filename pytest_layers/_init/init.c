@@ -502,6 +502,26 @@ static int strip_slashes(const char *target, char *buf, size_t size)
     return 0;
 }
 
+/* Bind source (recursively) onto the inode target_fd holds, its mounts given the attributes
+ * before they are attached: nothing is resolved twice. */
+static int bind_onto(const char *source, int target_fd, uint64_t set)
+{
+    int tree = (int)syscall(SYS_open_tree, AT_FDCWD, source,
+                            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
+    if (tree < 0)
+        return -1;
+    struct mount_attr attr = {.attr_set = set};
+    int rc = (int)syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr,
+                          sizeof attr);
+    if (rc == 0)
+        rc = (int)syscall(SYS_move_mount, tree, "", target_fd, "",
+                          MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH);
+    int saved = errno;
+    close(tree);
+    errno = saved;
+    return rc;
+}
+
 static void build_root(const struct plan *p)
 {
     char buf[64], target[PATH_MAX];
@@ -527,15 +547,11 @@ static void build_root(const struct plan *p)
         step = bind_step;
         if (strip_slashes(b->target, target, sizeof target) < 0)
             goto fail;
+        /* The flags go on before the bind is attached, at the fd resolved once: a program of
+         * another sandbox on this view may swap the target's path meanwhile. */
         fd = inside(root_fd, target, b->directory);
-        if (fd < 0 || at(buf, sizeof buf, fd, NULL) < 0 ||
-            mount(b->source, buf, NULL, MS_BIND | MS_REC, NULL) < 0)
-            goto fail;
-        close(fd);
-        fd = open_in_root(root_fd, target, O_PATH);
         uint64_t attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-        if (fd < 0 || at(buf, sizeof buf, fd, NULL) < 0 ||
-            setattr(AT_FDCWD, buf, attrs | (b->readonly ? MOUNT_ATTR_RDONLY : 0)) < 0)
+        if (fd < 0 || bind_onto(b->source, fd, attrs | (b->readonly ? MOUNT_ATTR_RDONLY : 0)) < 0)
             goto fail;
         close(fd);
     }
