@@ -394,8 +394,7 @@ def test_a_killed_caller_leaves_no_process_when_the_program_runs_as_another_user
     image: Path, cache: Path, init: str
 ) -> None:
     # Switching to another user clears the parent-death signal: init must set it again.
-    if os.geteuid() != 0:
-        pytest.skip("needs root: uid 1000 exists inside only when every id is mapped")
+    require("root")  # uid 1000 exists inside only when every id is mapped
     if init == "compiled":
         require("cc")
     env = {**os.environ, "PYTEST_LAYERS_INIT": init}
