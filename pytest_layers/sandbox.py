@@ -587,7 +587,7 @@ def _compiled_init() -> str | None:
 
 
 #: The fds the compiled init's starter gets, in this order from 3 (see ``_init/init.c``).
-_STARTER_FDS = 5
+_STARTER_FDS = 6
 
 
 def _spawn_compiled(
@@ -623,8 +623,6 @@ def _spawn_compiled(
         str(len(box.binds)),
         *binds,
         env.get("PATH", DEFAULT_PATH),
-        str(len(env)),
-        *(_env_entry(name, value) for name, value in env.items()),
         "--",
         *argv,
     ]
@@ -643,6 +641,12 @@ def _spawn_compiled(
         ours += [pid_r, pid_w]
         alive = os.pidfd_open(os.getpid())
         ours.append(alive)
+        # The environment on a memfd: not in argv (every user may read /proc/PID/cmdline), not
+        # the starter's own (the host's dynamic loader would act on LD_PRELOAD... as us).
+        environ = os.memfd_create("pytest-layers-env", os.MFD_CLOEXEC)
+        ours.append(environ)
+        _write_all(environ, _env_block(env))
+        os.lseek(environ, 0, os.SEEK_SET)
         # Each fd goes to its fixed number by a dup2 from a copy above them all: a dup2 onto
         # itself would keep close-on-exec set (and the C libraries differ on that).
         actions: list[tuple[Any, ...]] = []
@@ -650,7 +654,7 @@ def _spawn_compiled(
             None if (t if fd is None else fd) in close else (t if fd is None else fd)
             for t, fd in enumerate(stdio)
         ]
-        for target, fd in enumerate([*sources, err_w, status_w, go_r, pid_w, alive]):
+        for target, fd in enumerate([*sources, err_w, status_w, go_r, pid_w, alive, environ]):
             copy = -1
             if fd is not None:
                 try:
@@ -664,8 +668,7 @@ def _spawn_compiled(
                 ours.append(copy)
                 actions.append((os.POSIX_SPAWN_DUP2, copy, target))
         blocked = {signal.SIGINT, signal.SIGQUIT}  # init ignores them; the program gets both
-        # An empty environment: the starter is a dynamically linked host binary, and the
-        # program's LD_PRELOAD, LD_LIBRARY_PATH... would act on the host's loader, as us.
+        # An empty environment: the starter is a dynamically linked host binary.
         try:
             starter = os.posix_spawn(binary, args, {}, file_actions=actions, setsigmask=blocked)
         except OSError as exc:
@@ -714,12 +717,24 @@ class _StarterFailed(OSError):
     """The compiled init's binary could not be executed (removed or damaged since built)."""
 
 
-def _env_entry(name: str, value: str) -> str:
-    """``NAME=VALUE`` for the compiled init's argv; a name os.posix_spawn would refuse is
+def _env_block(env: Mapping[str, str]) -> bytes:
+    """``NAME=VALUE\\0`` entries for the compiled init; what os.posix_spawn would refuse is
     refused the same way here."""
-    if not name or "=" in name:
-        raise ValueError(f"illegal environment variable name {name!r}")
-    return f"{name}={value}"
+    entries = []
+    for name, value in env.items():
+        key, data = os.fsencode(name), os.fsencode(value)
+        if not key or b"=" in key:
+            raise ValueError(f"illegal environment variable name {name!r}")
+        if b"\0" in key or b"\0" in data:
+            raise ValueError("embedded null byte")
+        entries.append(key + b"=" + data + b"\0")
+    return b"".join(entries)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _read_pid(pid_r: int) -> int:

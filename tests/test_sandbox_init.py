@@ -290,7 +290,7 @@ def test_the_cached_binary_is_private(cache: Path) -> None:
 
 
 def test_stdio_from_the_numbers_the_starter_uses_arrives(image: Path, cache: Path) -> None:
-    # The starter's own fds sit at 3-7: a caller's stdio fd at one of those numbers must still
+    # The starter's own fds sit at 3-8: a caller's stdio fd at one of those numbers must still
     # reach the program (each fd goes through a copy above them, never dup2 onto itself).
     require("cc")
     assert _cinit.choose().binary is not None
@@ -365,6 +365,28 @@ def test_the_programs_environment_does_not_reach_the_hosts_loader(
     assert out.read_text() == "inside: all a=b c\n"
 
 
+def test_the_programs_environment_is_not_in_inits_command_line(image: Path, cache: Path) -> None:
+    # Every local user may read /proc/PID/cmdline: a token in env must not show there.
+    require("cc")
+    assert _cinit.choose().binary is not None
+    read, write = os.pipe()
+    proc = sandbox.Sandbox(image).spawn(
+        ["/bin/sh", "-c", 'echo "$TOKEN"; exec sleep 1000'],
+        env={"PATH": "/bin", "TOKEN": "s3cr3t-value"},
+        stdout=write,
+    )
+    os.close(write)
+    try:
+        with os.fdopen(read) as f:
+            assert f.readline() == "s3cr3t-value\n"
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as c:
+            assert b"s3cr3t-value" not in c.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _leftovers() == []
+
+
 def test_an_environment_name_with_an_equals_sign_is_refused(image: Path, cache: Path) -> None:
     require("cc")
     assert _cinit.choose().binary is not None
@@ -430,7 +452,7 @@ def test_the_compiled_init_refuses_the_id_that_means_unchanged(cache: Path, user
     read, write = os.pipe()
     err = fcntl.fcntl(write, fcntl.F_DUPFD_CLOEXEC, 10)
     os.close(write)
-    plan = ["/nonexistent", "h", "none", "/", "0", user, "", "0", "/bin", "0", "--", "/bin/true"]
+    plan = ["/nonexistent", "h", "none", "/", "0", user, "", "0", "/bin", "--", "/bin/true"]
     try:
         pid = os.posix_spawn(
             binary,

@@ -9,7 +9,7 @@
  *                             prints "clone3: WHY" and exits 126
  *
  *   init pytest-layers-init/2 ROOT HOSTNAME NETWORK CWD ROOTCALLER USER USERHINT NBINDS
- *        [SOURCE TARGET MODE]*NBINDS SEARCHPATH NENV [NAME=VALUE]*NENV -- PROGRAM [ARG...]
+ *        [SOURCE TARGET MODE]*NBINDS SEARCHPATH -- PROGRAM [ARG...]
  *
  *     ROOT        the directory that becomes "/" (absolute)
  *     HOSTNAME    the UTS name inside
@@ -23,11 +23,11 @@
  *     SOURCE TARGET MODE   a host path, its target inside, MODE "ro"|"rw" then "d"|"f"
  *                 (directory or file), e.g. "rod"
  *     SEARCHPATH  the PATH the program is looked up in (its own PATH, or the default)
- *     NENV        decimal count of the program's environment entries that follow
  *
  *   The starter's own environment is empty and init ignores it: the program's environment
- *   travels in argv, so that nothing in it (LD_PRELOAD, LD_LIBRARY_PATH, GLIBC_TUNABLES...)
- *   reaches the host's dynamic loader, which runs as the caller before any namespace exists.
+ *   travels on fd 8, so that nothing in it (LD_PRELOAD, LD_LIBRARY_PATH, GLIBC_TUNABLES...)
+ *   reaches the host's dynamic loader, which runs as the caller before any namespace exists;
+ *   and not in argv, which every user may read in /proc/PID/cmdline.
  *   File descriptors: 0-2 the program's stdio (a closed one stays closed), and
  *     3 err (write end): "CODE:TEXT" (errno and one line) when the sandbox cannot be set up or
  *       the program not started; closed without a word once the program runs
@@ -36,6 +36,7 @@
  *     6 pid (write end): the starter writes init's pid in decimal and a newline
  *     7 a pidfd of the caller, opened by the caller before it started us (init keeps it until
  *       it switched to USER: that clears the parent-death signal, which init then sets again)
+ *     8 the program's environment, "NAME=VALUE\0" entries up to its end (a memfd)
  *   Every other fd is closed. SIGINT and SIGQUIT arrive blocked.
  *
  *   The process the caller starts (the starter) clone3()s init straight into new user, mount,
@@ -78,7 +79,8 @@
 #define FD_GO 5
 #define FD_PID 6
 #define FD_CALLER 7
-#define FIRST_FREE_FD 8
+#define FD_ENV 8
+#define FIRST_FREE_FD 9
 #define EXIT_FAILED 125
 #define EXIT_CLONE_REFUSED 126
 #define DEFAULT_CAP_LAST 40
@@ -175,9 +177,8 @@ static int read_cap_last(void)
 
 static void parse(int argc, char **argv, struct plan *p)
 {
-    /* argv[1] is the version, checked by main; 8 fixed fields, the binds, the PATH, the
-     * environment, "--". */
-    if (argc < 13)
+    /* argv[1] is the version, checked by main; 8 fixed fields, the binds, the PATH, "--". */
+    if (argc < 12)
         fail(EINVAL, "sandbox init: too few arguments");
     p->root = argv[2];
     p->hostname = argv[3];
@@ -205,7 +206,7 @@ static void parse(int argc, char **argv, struct plan *p)
     p->user_hint = argv[8];
     const char *end;
     unsigned long n;
-    if (parse_id(argv[9], &end, &n) || *end != '\0' || n > (unsigned long)(argc - 13) / 3)
+    if (parse_id(argv[9], &end, &n) || *end != '\0' || n > (unsigned long)(argc - 12) / 3)
         fail(EINVAL, "sandbox init: bind count %.64s", argv[9]);
     p->nbinds = n;
     p->binds = calloc(n ? n : 1, sizeof *p->binds);
@@ -219,27 +220,48 @@ static void parse(int argc, char **argv, struct plan *p)
             fail(EINVAL, "sandbox init: bind mode %.64s", mode);
         p->binds[b] = (struct bind){argv[i], argv[i + 1], mode[1] == 'o', mode[2] == 'd'};
     }
-    if (i + 1 >= argc)
-        fail(EINVAL, "sandbox init: no environment after the plan");
+    if (i + 2 >= argc || strcmp(argv[i + 1], "--") != 0)
+        fail(EINVAL, "sandbox init: no program after the plan");
     p->search_path = argv[i];
-    unsigned long nenv;
-    if (parse_id(argv[i + 1], &end, &nenv) || *end != '\0' ||
-        nenv > (unsigned long)(argc - i - 2))
-        fail(EINVAL, "sandbox init: environment count %.64s", argv[i + 1]);
-    i += 2;
-    for (unsigned long e = 0; e < nenv; e++)
-        if (strchr(argv[i + (int)e], '=') == NULL)
-            fail(EINVAL, "sandbox init: environment entry %.64s", argv[i + (int)e]);
-    /* The entries are copied to their own NULL-terminated array: argv's NULL is after
-     * the program's arguments. */
-    p->envp = calloc(nenv + 1, sizeof *p->envp);
+    p->argv = &argv[i + 2];
+}
+
+/* The program's environment from FD_ENV: NUL-terminated "NAME=VALUE" entries. */
+static void read_env(struct plan *p)
+{
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (buf == NULL)
+            fail(ENOMEM, "sandbox init: out of memory");
+        if (len == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+            continue;
+        }
+        ssize_t n = read(FD_ENV, buf + len, cap - len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            fail(errno, "sandbox init: cannot read the environment: %s", strerror(errno));
+        if (n == 0)
+            break;
+        len += (size_t)n;
+    }
+    close(FD_ENV);
+    if (len > 0 && buf[len - 1] != '\0')
+        fail(EINVAL, "sandbox init: the environment does not end with a NUL");
+    size_t count = 0;
+    for (size_t i = 0; i < len; i++)
+        count += buf[i] == '\0';
+    p->envp = calloc(count + 1, sizeof *p->envp);
     if (p->envp == NULL)
         fail(ENOMEM, "sandbox init: out of memory");
-    memcpy(p->envp, &argv[i], nenv * sizeof *p->envp);
-    i += (int)nenv;
-    if (i + 1 >= argc || strcmp(argv[i], "--") != 0)
-        fail(EINVAL, "sandbox init: no program after the plan");
-    p->argv = &argv[i + 1];
+    for (size_t i = 0, e = 0; i < len; i += strlen(buf + i) + 1, e++) {
+        if (strchr(buf + i, '=') == NULL)
+            fail(EINVAL, "sandbox init: environment entry %.64s", buf + i);
+        p->envp[e] = buf + i;
+    }
 }
 
 static void close_other_fds(void)
@@ -630,7 +652,7 @@ static pid_t start_program(const struct plan *p)
     }
     close(FD_CALLER);
     /* posix_spawnp searches the PATH of our own environment (empty, the starter's): the
-     * program gets its environment from argv, the search uses SEARCHPATH. */
+     * program gets its environment from FD_ENV, the search uses SEARCHPATH. */
     if (setenv("PATH", p->search_path, 1) < 0)
         fail(errno, "sandbox init: cannot set PATH: %s", strerror(errno));
     posix_spawnattr_t attr;
@@ -781,6 +803,7 @@ int main(int argc, char **argv)
     struct plan plan;
     memset(&plan, 0, sizeof plan);
     parse(argc, argv, &plan);
+    read_env(&plan);
     plan.cap_last = read_cap_last();
 
     uint64_t flags = CLONE_PARENT | NAMESPACES | (plan.own_network ? CLONE_NEWNET : 0);
