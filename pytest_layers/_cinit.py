@@ -3,7 +3,8 @@
 ``PYTEST_LAYERS_INIT`` chooses: ``auto`` (the default: the compiled init when it builds and
 starts, else the Python init, with the reason), ``compiled`` (a missing compiler or a refused
 start is an error) or ``python``. The compiled init (``_init/init.c``, protocol described at its
-top) is built once per process at first use with ``$CC``, else ``cc``, else ``gcc``, into
+top) is built once per process at first use (in ``auto`` again should it go away) with
+``$CC``, else ``cc``, else ``gcc``, into
 ``$XDG_CACHE_HOME/pytest-layers/init/init-<hash of source and compiler>`` (default
 ``~/.cache``), written under a temporary name and renamed into place. The binary runs with the
 caller's privileges and sees everything it is given, so the cache must be this user's alone:
@@ -23,10 +24,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MODES", "Choice", "mode", "choose", "refused", "describe"]
+__all__ = ["MODES", "Choice", "mode", "choose", "refused", "forget", "describe"]
 
 MODES = ("auto", "compiled", "python")
-VERSION = "pytest-layers-init/1"
+VERSION = "pytest-layers-init/2"
 #: The starter's exit status when clone3 is refused (see ``_init/init.c``).
 CLONE_REFUSED = 126
 SOURCE = Path(__file__).parent / "_init" / "init.c"
@@ -82,6 +83,12 @@ def refused(reason: str) -> None:
     """The compiled init built but cannot start sandboxes here (clone3 refused): the Python
     init runs them from now on, and says why."""
     _remember(Choice(None, f"the compiled init cannot start here: {reason}"))
+
+
+def forget() -> None:
+    """Decide again at the next :func:`choose` (the built binary went away: build it anew)."""
+    global _choice
+    _choice = None
 
 
 def describe() -> str:

@@ -49,6 +49,7 @@ __all__ = [
     "MOUNT_ATTR_NODEV",
     "MOUNT_ATTR_NOEXEC",
     "AT_RECURSIVE",
+    "AT_EMPTY_PATH",
     "CAP_LAST_CAP",
     "FSOPEN_CLOEXEC",
     "FSCONFIG_SET_FLAG",
@@ -58,6 +59,9 @@ __all__ = [
     "FSMOUNT_CLOEXEC",
     "MOUNT_ATTR_RDONLY",
     "MOVE_MOUNT_F_EMPTY_PATH",
+    "MOVE_MOUNT_T_EMPTY_PATH",
+    "OPEN_TREE_CLONE",
+    "OPEN_TREE_CLOEXEC",
     "AT_FDCWD",
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -79,6 +83,8 @@ __all__ = [
     "fs_context_log",
     "fsmount",
     "move_mount",
+    "open_tree",
+    "bind_onto",
     "Capabilities",
     "capget",
     "capset",
@@ -139,7 +145,11 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
 AT_RECURSIVE = 0x8000
+AT_EMPTY_PATH = 0x1000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 AT_FDCWD = -100
 
 # capabilities (<linux/capability.h>)
@@ -173,6 +183,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "capget": 125,
         "capset": 126,
         "pivot_root": 155,
+        "open_tree": 428,
         "move_mount": 429,
         "fsopen": 430,
         "fsconfig": 431,
@@ -186,6 +197,7 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "capget": 90,
         "capset": 91,
         "pivot_root": 41,
+        "open_tree": 428,
         "move_mount": 429,
         "fsopen": 430,
         "fsconfig": 431,
@@ -514,6 +526,7 @@ def mount_setattr(
     attr_clr: int = 0,
     recursive: bool = True,
     dirfd: int = AT_FDCWD,
+    empty_path: bool = False,
 ) -> None:
     """``mount_setattr(2)`` (Linux >= 5.12): change only the given attributes of the mount at
     ``path`` (and of every mount below it when ``recursive``). A remount would have to repeat
@@ -523,12 +536,41 @@ def mount_setattr(
         _syscall_number("mount_setattr"),
         dirfd,
         os.fsencode(path),
-        AT_RECURSIVE if recursive else 0,
+        (AT_RECURSIVE if recursive else 0) | (AT_EMPTY_PATH if empty_path else 0),
         ctypes.byref(attr),
         ctypes.sizeof(attr),
     )
     if ret < 0:
         raise _fail("mount_setattr", os.fsdecode(path))
+
+
+def open_tree(path: str | os.PathLike[str], flags: int) -> int:
+    """``open_tree(2)``: with ``OPEN_TREE_CLONE``, a detached copy of the mount tree at
+    ``path`` (``AT_RECURSIVE``: with every mount below it), as an fd."""
+    ret = _libc.syscall(
+        ctypes.c_long(_syscall_number("open_tree")),
+        ctypes.c_int(AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.c_uint(flags),
+    )
+    return _check_fd(ret, "open_tree", os.fsdecode(path))
+
+
+def bind_onto(source: str | os.PathLike[str], target_fd: int, attr_set: int) -> None:
+    """Bind ``source`` (recursively) onto the inode ``target_fd`` holds, its mounts given
+    ``attr_set`` before they are attached: nothing is resolved twice, so nothing can be
+    swapped between the bind and its flags."""
+    tree = open_tree(source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
+    try:
+        mount_setattr("", attr_set, dirfd=tree, empty_path=True)
+        move_mount(
+            tree,
+            "",
+            to_dirfd=target_fd,
+            flags=MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    finally:
+        os.close(tree)
 
 
 def sethostname(name: str) -> None:

@@ -193,14 +193,32 @@ class Sandbox:
         """
         if not argv:
             raise ValueError("argv is empty: name the program to run")
+        if user is not None:
+            _check_user(user)
         environ = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "HOME": "/root"}
         compiled = _compiled_init()
-        if compiled is not None:
-            started = _spawn_compiled(
-                compiled, self, list(argv), environ, cwd, (stdin, stdout, stderr), user, close
-            )
+        for attempt in (1, 2):
+            if compiled is None:
+                break
+            try:
+                started = _spawn_compiled(
+                    compiled, self, list(argv), environ, cwd, (stdin, stdout, stderr), user, close
+                )
+            except _StarterFailed as exc:
+                if attempt == 2 or _cinit.mode() != "auto":
+                    raise SandboxError(
+                        exc.errno or errno.ENOEXEC,
+                        f"cannot start the compiled init {compiled}: {exc.strerror}; it was "
+                        "removed or damaged since this process built it (a cache cleaner?): "
+                        "run again to rebuild it, or set PYTEST_LAYERS_INIT=auto or python",
+                    ) from None
+                # auto: build it again (or fall back to the Python init, with the reason).
+                _cinit.forget()
+                compiled = _compiled_init()
+                continue
             if started is not None:
                 return started
+            break
         if self.helper:
             helper = _zygote.get(_identity)
             if helper is not None:
@@ -465,6 +483,26 @@ class _HelperProcess(SandboxProcess):
                 signal.pidfd_send_signal(self._pidfd, self._kill_signal)
 
 
+#: The largest uid or gid a program may run as: 2**32-1 is (uid_t)-1, which setresuid reads
+#: as "leave unchanged" (the program would stay uid 0).
+_MAX_ID = 2**32 - 2
+
+
+def _check_user(user: tuple[int, int]) -> None:
+    """Refuse a ``user`` that is not two ids setresuid/setresgid would really switch to."""
+    try:
+        uid, gid = user
+    except (TypeError, ValueError):
+        raise SandboxError(errno.EINVAL, f"user={user!r}: give (uid, gid)") from None
+    for name, value in (("uid", uid), ("gid", gid)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_ID:
+            raise SandboxError(
+                errno.EINVAL,
+                f"user={user!r}: {name} {value!r} is not an id from 0 to {_MAX_ID} "
+                "(4294967295 means 'unchanged' to the kernel)",
+            )
+
+
 def _identity() -> tuple[object, ...]:
     """What decides how this process runs a sandbox: ids, namespaces, the subordinate ids it
     can map. The fork helper runs sandboxes for a caller whose identity equals its own."""
@@ -549,7 +587,7 @@ def _compiled_init() -> str | None:
 
 
 #: The fds the compiled init's starter gets, in this order from 3 (see ``_init/init.c``).
-_STARTER_FDS = 5
+_STARTER_FDS = 6
 
 
 def _spawn_compiled(
@@ -588,7 +626,10 @@ def _spawn_compiled(
         "--",
         *argv,
     ]
-    ours: list[int] = []  # every fd opened here, closed before returning
+    # Every fd opened here, closed before returning but err_r and status_r once init runs.
+    ours: list[int] = []
+    starter = init = 0
+    started = False
     try:
         err_r, err_w = os.pipe()
         ours += [err_r, err_w]
@@ -600,6 +641,12 @@ def _spawn_compiled(
         ours += [pid_r, pid_w]
         alive = os.pidfd_open(os.getpid())
         ours.append(alive)
+        # The environment on a memfd: not in argv (every user may read /proc/PID/cmdline), not
+        # the starter's own (the host's dynamic loader would act on LD_PRELOAD... as us).
+        environ = os.memfd_create("pytest-layers-env", os.MFD_CLOEXEC)
+        ours.append(environ)
+        _write_all(environ, _env_block(env))
+        os.lseek(environ, 0, os.SEEK_SET)
         # Each fd goes to its fixed number by a dup2 from a copy above them all: a dup2 onto
         # itself would keep close-on-exec set (and the C libraries differ on that).
         actions: list[tuple[Any, ...]] = []
@@ -607,7 +654,7 @@ def _spawn_compiled(
             None if (t if fd is None else fd) in close else (t if fd is None else fd)
             for t, fd in enumerate(stdio)
         ]
-        for target, fd in enumerate([*sources, err_w, status_w, go_r, pid_w, alive]):
+        for target, fd in enumerate([*sources, err_w, status_w, go_r, pid_w, alive, environ]):
             copy = -1
             if fd is not None:
                 try:
@@ -621,20 +668,20 @@ def _spawn_compiled(
                 ours.append(copy)
                 actions.append((os.POSIX_SPAWN_DUP2, copy, target))
         blocked = {signal.SIGINT, signal.SIGQUIT}  # init ignores them; the program gets both
-        starter = os.posix_spawn(binary, args, env, file_actions=actions, setsigmask=blocked)
-    except BaseException:
-        for fd in ours:
+        # An empty environment: the starter is a dynamically linked host binary.
+        try:
+            starter = os.posix_spawn(binary, args, {}, file_actions=actions, setsigmask=blocked)
+        except OSError as exc:
+            raise _StarterFailed(exc.errno, exc.strerror) from None
+        # From here on, an exception (^C) kills and reaps init and the starter, below.
+        _faultpoints.reached("sandbox-spawned", binary)
+        for fd in [fd for fd in ours if fd not in (err_r, status_r, go_w, pid_r)]:
+            ours.remove(fd)  # first: should ^C come between the two, a leak, never a reuse
             os.close(fd)
-        raise
-    for fd in ours:
-        if fd not in (err_r, status_r, go_w, pid_r):
-            os.close(fd)
-    init = 0
-    opened = {"pid": pid_r, "go": go_w}  # ours to close, until closed or handed on
-    try:
         _faultpoints.reached("sandbox-starter", binary)
         init = _read_pid(pid_r)
-        os.close(opened.pop("pid"))
+        ours.remove(pid_r)
+        os.close(pid_r)
         _, status = os.waitpid(starter, 0)
         starter = 0
         if not init:
@@ -648,20 +695,46 @@ def _spawn_compiled(
                 _cinit.refused(f"clone3: {os.strerror(number)}")
                 return None
             raise SandboxError(number, text or message or "the sandbox's starter failed")
-        _write_go(plan, init, opened.pop("go"))  # closes it
+        ours.remove(go_w)
+        _write_go(plan, init, go_w)  # closes it
+        started = True
     except BaseException:
-        _abandon(starter, init, opened.get("pid", -1))
-        if init:
-            os.close(err_r)
-            os.close(status_r)
+        if starter or init:
+            # Our copies of the child's ends first: the pid pipe must end when the starter does.
+            for fd in [fd for fd in ours if fd != pid_r]:
+                ours.remove(fd)
+                os.close(fd)
+            _abandon(starter, init, pid_r if pid_r in ours else -1)
         raise
     finally:
-        for fd in opened.values():
-            os.close(fd)
-        if not init:
-            os.close(err_r)
-            os.close(status_r)
+        for fd in ours:
+            if not (started and fd in (err_r, status_r)):
+                os.close(fd)
     return _confirm(SandboxProcess(init, status_r, argv, kill_signal=signal.SIGKILL), err_r)
+
+
+class _StarterFailed(OSError):
+    """The compiled init's binary could not be executed (removed or damaged since built)."""
+
+
+def _env_block(env: Mapping[str, str]) -> bytes:
+    """``NAME=VALUE\\0`` entries for the compiled init; what os.posix_spawn would refuse is
+    refused the same way here."""
+    entries = []
+    for name, value in env.items():
+        key, data = os.fsencode(name), os.fsencode(value)
+        if not key or b"=" in key:
+            raise ValueError(f"illegal environment variable name {name!r}")
+        if b"\0" in key or b"\0" in data:
+            raise ValueError("embedded null byte")
+        entries.append(key + b"=" + data + b"\0")
+    return b"".join(entries)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _read_pid(pid_r: int) -> int:
@@ -777,6 +850,9 @@ class _Plan:
     umask: int | None = None
     rlimits: Sequence[tuple[int, int, int]] = ()
     subids: _subids.Ranges = _subids.NONE  # an ordinary user's subordinate ids
+    #: Init's: a pidfd of its parent (the caller, or the keeper), or -1; open until init
+    #: switched to ``user`` and set its parent-death signal again.
+    alive: int = -1
 
 
 class _Stage(Exception):
@@ -800,9 +876,13 @@ def _child(plan: _Plan, err_w: int, status_w: int) -> NoReturn:  # pragma: no co
         if os.getppid() != plan.caller:
             os._exit(125)  # the caller died before the line above: nobody wants us any more
         _enter_namespaces(plan)
+        with contextlib.suppress(OSError):  # no pidfd_open: init then cannot check on us
+            plan.alive = os.pidfd_open(os.getpid())
         init = os.fork()
         if init == 0:
             _init(plan, err_w, status_w)
+        if plan.alive >= 0:
+            os.close(plan.alive)
         os.close(err_w)
         os.close(status_w)
         # SIGTERM from the caller (SandboxProcess.kill) ends init; the kernel then kills the
@@ -946,7 +1026,7 @@ def _direct_init(
         # before the line above (nobody wants us any more, and no signal would come).
         if select.select([alive], [], [], 0)[0]:
             os._exit(125)
-        os.close(alive)
+        plan.alive = alive  # kept until the switch to the program's user (_start)
         failed = _answer(go_r)  # "0" and why: the caller could not map us; EOF: it died
         if failed is not None:
             raise _Stage(errno.EPERM, f"cannot write the sandbox's uid and gid maps: {failed}")
@@ -1071,14 +1151,15 @@ def _build_root(box: Sandbox) -> None:  # pragma: no cover - child
         for bind in box.binds:
             step = f"bind {bind.source} at {bind.target}"
             fd = _inside(root_fd, bind.target.strip("/"), directory=os.path.isdir(bind.source))
-            _linux.mount(os.fspath(bind.source), _at(fd), None, _linux.MS_BIND | _linux.MS_REC)
-            os.close(fd)
-            fd = _linux.open_in_root(root_fd, bind.target.strip("/"), os.O_PATH)
+            # The flags go on before the bind is attached, at the fd resolved once: a program
+            # of another sandbox on this view may swap the target's path meanwhile.
             attrs = _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NODEV
-            _linux.mount_setattr(
-                _at(fd), attrs | (_linux.MOUNT_ATTR_RDONLY if bind.readonly else 0)
-            )
-            os.close(fd)
+            try:
+                _linux.bind_onto(
+                    bind.source, fd, attrs | (_linux.MOUNT_ATTR_RDONLY if bind.readonly else 0)
+                )
+            finally:
+                os.close(fd)
         step = "pivot_root into the view"
         os.fchdir(root_fd)
         os.close(root_fd)
@@ -1243,6 +1324,13 @@ def _start(plan: _Plan) -> int:  # pragma: no cover - child
         raise _stage("cannot drop privileges", exc) from None
     if plan.user is not None:
         _switch_user(plan)
+        # A change of credentials clears the parent-death signal: set it again, then make sure
+        # our parent did not die in between (no signal would come for that).
+        _linux.set_pdeathsig(signal.SIGKILL)
+        if plan.alive >= 0 and select.select([plan.alive], [], [], 0)[0]:
+            os._exit(125)
+    if plan.alive >= 0:
+        os.close(plan.alive)
     # posix_spawnp searches the PATH of the caller's environment, not of the one it passes on.
     path = plan.env.get("PATH", DEFAULT_PATH)
     os.environ["PATH"] = path

@@ -7,6 +7,7 @@ under both.)"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import stat
@@ -241,14 +242,16 @@ def test_a_killed_caller_leaves_no_process(image: Path, cache: Path) -> None:
     assert left == []
 
 
+# sandbox-spawned: right after posix_spawn, before the child's fd ends are closed here.
+@pytest.mark.parametrize("where", ["sandbox-spawned", "sandbox-starter"])
 def test_an_interrupt_while_init_starts_leaves_nothing(
-    image: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    image: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     require("cc")
     assert _cinit.choose().binary is not None
 
     def interrupt(point: str, detail: str) -> None:
-        if point == "sandbox-starter":
+        if point == where:
             raise KeyboardInterrupt
 
     fds = len(os.listdir("/proc/self/fd"))
@@ -301,7 +304,7 @@ def test_the_cached_binary_is_private(cache: Path) -> None:
 
 
 def test_stdio_from_the_numbers_the_starter_uses_arrives(image: Path, cache: Path) -> None:
-    # The starter's own fds sit at 3-7: a caller's stdio fd at one of those numbers must still
+    # The starter's own fds sit at 3-8: a caller's stdio fd at one of those numbers must still
     # reach the program (each fd goes through a copy above them, never dup2 onto itself).
     require("cc")
     assert _cinit.choose().binary is not None
@@ -353,3 +356,160 @@ def test_init_holds_only_stdio_and_its_status_pipe(image: Path, cache: Path) -> 
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_programs_environment_does_not_reach_the_hosts_loader(
+    image: Path, cache: Path, tmp_path: Path
+) -> None:
+    # The starter is a dynamically linked host binary run as the caller: LD_DEBUG (or
+    # LD_PRELOAD...) meant for the image must not make the host's loader act on it. busybox
+    # is static, so nothing inside reads it either: any loader output came from the host.
+    require("cc")
+    assert _cinit.choose().binary is not None
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        code = sandbox.Sandbox(image).run(
+            ["/bin/sh", "-c", 'echo "inside: $LD_DEBUG $X"'],
+            env={"PATH": "/bin", "LD_DEBUG": "all", "X": "a=b c"},
+            stdout=o.fileno(),
+            stderr=e.fileno(),
+        )
+    assert code == 0
+    assert err.read_text() == ""
+    assert out.read_text() == "inside: all a=b c\n"
+
+
+def test_the_programs_environment_is_not_in_inits_command_line(image: Path, cache: Path) -> None:
+    # Every local user may read /proc/PID/cmdline: a token in env must not show there.
+    require("cc")
+    assert _cinit.choose().binary is not None
+    read, write = os.pipe()
+    proc = sandbox.Sandbox(image).spawn(
+        ["/bin/sh", "-c", 'echo "$TOKEN"; exec sleep 1000'],
+        env={"PATH": "/bin", "TOKEN": "s3cr3t-value"},
+        stdout=write,
+    )
+    os.close(write)
+    try:
+        with os.fdopen(read) as f:
+            assert f.readline() == "s3cr3t-value\n"
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as c:
+            assert b"s3cr3t-value" not in c.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _leftovers() == []
+
+
+def test_an_environment_name_with_an_equals_sign_is_refused(image: Path, cache: Path) -> None:
+    require("cc")
+    assert _cinit.choose().binary is not None
+    with pytest.raises(ValueError, match="illegal environment variable name 'A=B'"):
+        sandbox.Sandbox(image).run(["/bin/true"], env={"A=B": "1"})
+    assert _leftovers() == []
+
+
+USER_CALLER = """
+import os, sys, time
+from pytest_layers import _cinit, sandbox
+if os.environ["PYTEST_LAYERS_INIT"] == "compiled":
+    assert _cinit.choose().binary is not None, _cinit.choose().reason
+read, write = os.pipe()
+proc = sandbox.Sandbox(sys.argv[1], helper=False).spawn(
+    ["/bin/sh", "-c", "sleep 1000 & echo up; wait"], stdout=write, user=(1000, 1000))
+os.close(write)
+with os.fdopen(read) as f:
+    assert f.readline() == "up\\n"
+print(proc.pid, flush=True)
+time.sleep(1000)
+"""
+
+
+@pytest.mark.parametrize("init", ["compiled", "python"])
+def test_a_killed_caller_leaves_no_process_when_the_program_runs_as_another_user(
+    image: Path, cache: Path, init: str
+) -> None:
+    # Switching to another user clears the parent-death signal: init must set it again.
+    require("root")  # uid 1000 exists inside only when every id is mapped
+    if init == "compiled":
+        require("cc")
+    env = {**os.environ, "PYTEST_LAYERS_INIT": init}
+    with subprocess.Popen(
+        [sys.executable, "-c", USER_CALLER, os.fspath(image)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as caller:
+        try:
+            assert caller.stdout is not None
+            pid = int(caller.stdout.readline())
+            inside = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+            assert len(inside) >= 3  # init, sh and sleep
+            assert psutil.Process(inside[-1]).uids().real == 1000
+        finally:
+            caller.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in inside):
+        time.sleep(0.05)
+    left = [p for p in inside if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    for p in left:  # never leave them behind, even when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert left == []
+
+
+@pytest.mark.parametrize("user", ["4294967295:0", "0:4294967295"])
+def test_the_compiled_init_refuses_the_id_that_means_unchanged(cache: Path, user: str) -> None:
+    # Its own check, for a caller other than Sandbox.spawn (which refuses it first).
+    require("cc")
+    binary = _cinit.choose().binary
+    assert binary is not None
+    read, write = os.pipe()
+    err = fcntl.fcntl(write, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(write)
+    plan = ["/nonexistent", "h", "none", "/", "0", user, "", "0", "/bin", "--", "/bin/true"]
+    try:
+        pid = os.posix_spawn(
+            binary,
+            [binary, _cinit.VERSION, *plan],
+            {},
+            file_actions=[(os.POSIX_SPAWN_DUP2, err, 3)],
+        )
+    finally:
+        os.close(err)
+    with os.fdopen(read, "rb") as f:
+        report = f.read().decode()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 125
+    assert report == f"22:sandbox init: user {user}: ids go up to 4294967294"
+
+
+def test_auto_builds_the_init_again_when_its_binary_went_away(image: Path, cache: Path) -> None:
+    require("cc")
+    binary = _cinit.choose().binary
+    assert binary is not None
+    box = sandbox.Sandbox(image)
+    assert box.run(["/bin/sh", "-c", "exit 3"]) == 3
+    os.unlink(binary)  # a cache cleaner, mid-session
+    assert box.run(["/bin/sh", "-c", "exit 4"]) == 4
+    assert _cinit.choose().binary == binary
+    assert os.path.exists(binary)
+    assert _leftovers() == []
+
+
+def test_compiled_says_which_binary_went_away_and_what_to_do(
+    image: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require("cc")
+    monkeypatch.setenv("PYTEST_LAYERS_INIT", "compiled")
+    binary = _cinit.choose().binary
+    assert binary is not None
+    os.unlink(binary)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(SandboxError) as info:
+        sandbox.Sandbox(image).run(["/bin/true"])
+    assert str(info.value) == (
+        f"cannot start the compiled init {binary}: No such file or directory; it was removed "
+        "or damaged since this process built it (a cache cleaner?): run again to rebuild it, "
+        "or set PYTEST_LAYERS_INIT=auto or python"
+    )
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert _leftovers() == []

@@ -2,13 +2,13 @@
  * forking the caller's interpreter. pytest_layers/_cinit.py builds it and pytest_layers/sandbox.py
  * starts it; the protocol below is the one description of what passes between them.
  *
- * PROTOCOL (version "pytest-layers-init/1")
+ * PROTOCOL (version "pytest-layers-init/2")
  *
- *   init --version            prints "pytest-layers-init/1\n" and exits 0 (the build's check)
+ *   init --version            prints "pytest-layers-init/2\n" and exits 0 (the build's check)
  *   init --check              the same after a trial clone3 into the namespaces; when refused,
  *                             prints "clone3: WHY" and exits 126
  *
- *   init pytest-layers-init/1 ROOT HOSTNAME NETWORK CWD ROOTCALLER USER USERHINT NBINDS
+ *   init pytest-layers-init/2 ROOT HOSTNAME NETWORK CWD ROOTCALLER USER USERHINT NBINDS
  *        [SOURCE TARGET MODE]*NBINDS SEARCHPATH -- PROGRAM [ARG...]
  *
  *     ROOT        the directory that becomes "/" (absolute)
@@ -24,14 +24,19 @@
  *                 (directory or file), e.g. "rod"
  *     SEARCHPATH  the PATH the program is looked up in (its own PATH, or the default)
  *
- *   The environment is the program's environment, passed on unchanged.
+ *   The starter's own environment is empty and init ignores it: the program's environment
+ *   travels on fd 8, so that nothing in it (LD_PRELOAD, LD_LIBRARY_PATH, GLIBC_TUNABLES...)
+ *   reaches the host's dynamic loader, which runs as the caller before any namespace exists;
+ *   and not in argv, which every user may read in /proc/PID/cmdline.
  *   File descriptors: 0-2 the program's stdio (a closed one stays closed), and
  *     3 err (write end): "CODE:TEXT" (errno and one line) when the sandbox cannot be set up or
  *       the program not started; closed without a word once the program runs
  *     4 status (write end): the program's exit status in decimal, -N for signal N
  *     5 go (read end): the caller writes "1" once it wrote init's uid and gid maps, or "0WHY"
  *     6 pid (write end): the starter writes init's pid in decimal and a newline
- *     7 a pidfd of the caller, opened by the caller before it started us
+ *     7 a pidfd of the caller, opened by the caller before it started us (init keeps it until
+ *       it switched to USER: that clears the parent-death signal, which init then sets again)
+ *     8 the program's environment, "NAME=VALUE\0" entries up to its end (a memfd)
  *   Every other fd is closed. SIGINT and SIGQUIT arrive blocked.
  *
  *   The process the caller starts (the starter) clone3()s init straight into new user, mount,
@@ -68,13 +73,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define VERSION "pytest-layers-init/1"
+#define VERSION "pytest-layers-init/2"
 #define FD_ERR 3
 #define FD_STATUS 4
 #define FD_GO 5
 #define FD_PID 6
 #define FD_CALLER 7
-#define FIRST_FREE_FD 8
+#define FD_ENV 8
+#define FIRST_FREE_FD 9
 #define EXIT_FAILED 125
 #define EXIT_CLONE_REFUSED 126
 #define DEFAULT_CAP_LAST 40
@@ -109,11 +115,10 @@ struct plan {
     size_t nbinds;
     struct bind *binds;
     const char *search_path;
+    char **envp;
     char **argv;
     int cap_last;
 };
-
-extern char **environ;
 
 static volatile sig_atomic_t program_pid;
 
@@ -192,6 +197,9 @@ static void parse(int argc, char **argv, struct plan *p)
         if (parse_id(argv[7], &end, &uid) || *end != ':' || parse_id(end + 1, &end, &gid) ||
             *end != '\0')
             fail(EINVAL, "sandbox init: user %.64s", argv[7]);
+        /* (uid_t)-1 means "unchanged" to setresuid: the program would stay uid 0. */
+        if (uid >= UINT32_MAX || gid >= UINT32_MAX)
+            fail(EINVAL, "sandbox init: user %.64s: ids go up to 4294967294", argv[7]);
         p->uid = (uid_t)uid;
         p->gid = (gid_t)gid;
     }
@@ -216,6 +224,44 @@ static void parse(int argc, char **argv, struct plan *p)
         fail(EINVAL, "sandbox init: no program after the plan");
     p->search_path = argv[i];
     p->argv = &argv[i + 2];
+}
+
+/* The program's environment from FD_ENV: NUL-terminated "NAME=VALUE" entries. */
+static void read_env(struct plan *p)
+{
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (buf == NULL)
+            fail(ENOMEM, "sandbox init: out of memory");
+        if (len == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+            continue;
+        }
+        ssize_t n = read(FD_ENV, buf + len, cap - len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            fail(errno, "sandbox init: cannot read the environment: %s", strerror(errno));
+        if (n == 0)
+            break;
+        len += (size_t)n;
+    }
+    close(FD_ENV);
+    if (len > 0 && buf[len - 1] != '\0')
+        fail(EINVAL, "sandbox init: the environment does not end with a NUL");
+    size_t count = 0;
+    for (size_t i = 0; i < len; i++)
+        count += buf[i] == '\0';
+    p->envp = calloc(count + 1, sizeof *p->envp);
+    if (p->envp == NULL)
+        fail(ENOMEM, "sandbox init: out of memory");
+    for (size_t i = 0, e = 0; i < len; i += strlen(buf + i) + 1, e++) {
+        if (strchr(buf + i, '=') == NULL)
+            fail(EINVAL, "sandbox init: environment entry %.64s", buf + i);
+        p->envp[e] = buf + i;
+    }
 }
 
 static void close_other_fds(void)
@@ -478,6 +524,26 @@ static int strip_slashes(const char *target, char *buf, size_t size)
     return 0;
 }
 
+/* Bind source (recursively) onto the inode target_fd holds, its mounts given the attributes
+ * before they are attached: nothing is resolved twice. */
+static int bind_onto(const char *source, int target_fd, uint64_t set)
+{
+    int tree = (int)syscall(SYS_open_tree, AT_FDCWD, source,
+                            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
+    if (tree < 0)
+        return -1;
+    struct mount_attr attr = {.attr_set = set};
+    int rc = (int)syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr,
+                          sizeof attr);
+    if (rc == 0)
+        rc = (int)syscall(SYS_move_mount, tree, "", target_fd, "",
+                          MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH);
+    int saved = errno;
+    close(tree);
+    errno = saved;
+    return rc;
+}
+
 static void build_root(const struct plan *p)
 {
     char buf[64], target[PATH_MAX];
@@ -503,15 +569,11 @@ static void build_root(const struct plan *p)
         step = bind_step;
         if (strip_slashes(b->target, target, sizeof target) < 0)
             goto fail;
+        /* The flags go on before the bind is attached, at the fd resolved once: a program of
+         * another sandbox on this view may swap the target's path meanwhile. */
         fd = inside(root_fd, target, b->directory);
-        if (fd < 0 || at(buf, sizeof buf, fd, NULL) < 0 ||
-            mount(b->source, buf, NULL, MS_BIND | MS_REC, NULL) < 0)
-            goto fail;
-        close(fd);
-        fd = open_in_root(root_fd, target, O_PATH);
         uint64_t attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-        if (fd < 0 || at(buf, sizeof buf, fd, NULL) < 0 ||
-            setattr(AT_FDCWD, buf, attrs | (b->readonly ? MOUNT_ATTR_RDONLY : 0)) < 0)
+        if (fd < 0 || bind_onto(b->source, fd, attrs | (b->readonly ? MOUNT_ATTR_RDONLY : 0)) < 0)
             goto fail;
         close(fd);
     }
@@ -578,17 +640,19 @@ static pid_t start_program(const struct plan *p)
     if (chdir(p->cwd) < 0)
         fail(errno, "cwd '%s' inside the image: %s", p->cwd, strerror(errno));
     drop_privileges(p);
-    if (p->switch_user)
+    if (p->switch_user) {
         switch_user(p);
-    /* posix_spawnp searches the PATH of our own environment, which is the program's: the
-     * program gets its environment as given, the search uses SEARCHPATH. */
-    size_t n = 0;
-    while (environ[n])
-        n++;
-    char **envp = calloc(n + 1, sizeof *envp);
-    if (envp == NULL)
-        fail(ENOMEM, "sandbox init: out of memory");
-    memcpy(envp, environ, n * sizeof *envp);
+        /* A change of credentials clears the parent-death signal: set it again, then make sure
+         * the caller did not die in between (no signal would come for that). */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+            fail(errno, "sandbox init: PR_SET_PDEATHSIG: %s", strerror(errno));
+        struct pollfd caller = {.fd = FD_CALLER, .events = POLLIN};
+        if (poll(&caller, 1, 0) != 0)
+            _exit(EXIT_FAILED);
+    }
+    close(FD_CALLER);
+    /* posix_spawnp searches the PATH of our own environment (empty, the starter's): the
+     * program gets its environment from FD_ENV, the search uses SEARCHPATH. */
     if (setenv("PATH", p->search_path, 1) < 0)
         fail(errno, "sandbox init: cannot set PATH: %s", strerror(errno));
     posix_spawnattr_t attr;
@@ -609,7 +673,7 @@ static pid_t start_program(const struct plan *p)
     if (rc != 0)
         fail(rc, "sandbox init: posix_spawnattr: %s", strerror(rc));
     pid_t pid;
-    rc = posix_spawnp(&pid, p->argv[0], NULL, &attr, p->argv, envp);
+    rc = posix_spawnp(&pid, p->argv[0], NULL, &attr, p->argv, p->envp);
     if (rc == ENOENT)
         fail(ENOENT, "%s: not found in the image (PATH=%s)", p->argv[0], p->search_path);
     if (rc != 0)
@@ -634,7 +698,7 @@ static void __attribute__((noreturn)) init_main(const struct plan *p)
     int ready = poll(&caller, 1, 0);
     if (ready != 0)
         _exit(EXIT_FAILED); /* dead (or unknowable): nobody wants us any more */
-    close(FD_CALLER);
+    /* FD_CALLER stays open until the switch to the program's user (start_program). */
     close(FD_PID);
     struct sigaction ign = {.sa_handler = SIG_IGN};
     sigset_t all;
@@ -739,6 +803,7 @@ int main(int argc, char **argv)
     struct plan plan;
     memset(&plan, 0, sizeof plan);
     parse(argc, argv, &plan);
+    read_env(&plan);
     plan.cap_last = read_cap_last();
 
     uint64_t flags = CLONE_PARENT | NAMESPACES | (plan.own_network ? CLONE_NEWNET : 0);
