@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -527,6 +528,11 @@ class TreeSettler:
         self._bad: list[tuple[bool, str, os.stat_result]] = []  # (is a device, path, stat)
         self._groups: dict[tuple[int, int], tuple[int, list[tuple[str, str]]]] = {}
         self._dir_mtimes: dict[str, int] = {}  # what each directory's mtime was made
+        #: A group's inode as the stream emitted it: what its private copy must still be.
+        self._streamed: dict[tuple[int, int], _Emitted] = {}
+        #: Members of a group reaching outside the tree that were its only link inside: the
+        #: private copy has one link, so the layer has no group there.
+        self.made_single: list[str] = []
         #: Bytes of disk use the settling changed after the stream counted them: a hardlink
         #: group made private is a new inode, allocated as the copy needs.
         self.disk_use_change = 0
@@ -559,6 +565,11 @@ class TreeSettler:
         seen = self._groups.setdefault((st.st_dev, st.st_ino), (st.st_nlink, []))
         seen[1].append(_split(os.fsdecode(rel)))
 
+    def streamed(
+        self, st: os.stat_result, sha256: str, xattrs: Sequence[tuple[bytes, bytes]]
+    ) -> None:
+        self._streamed[(st.st_dev, st.st_ino)] = _emitted(st, self.epoch_ns, sha256, xattrs)
+
     def left(self, fd: int, rel: bytes, st: os.stat_result) -> None:
         path = os.fsdecode(rel)
         mtime = self._dir_mtimes[path] = min(st.st_mtime_ns, self.epoch_ns)
@@ -573,16 +584,47 @@ class TreeSettler:
             return
         root_fd = os.open(tree, _O_ROOT)
         try:
-            for nlink, members in self._groups.values():
+            for key, (nlink, members) in self._groups.items():
                 if len(members) >= nlink:
                     _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes)
                     continue
                 # Made private: the stream counted the blocks of the inode outside.
                 old = _blocks(root_fd, *members[0])
-                _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes)
+                _settle_group(
+                    root_fd, nlink, members, self.epoch_ns, self._dir_mtimes, self._streamed[key]
+                )
+                if len(members) == 1:
+                    self.made_single.append(_join(*members[0]))
                 self.disk_use_change += (_blocks(root_fd, *members[0]) - old) * 512
         finally:
             os.close(root_fd)
+
+
+#: An inode as a layer holds it: mode, owner, size, clamped mtime (ns), content, kept xattrs.
+_Emitted = tuple[int, int, int, int, int, str, tuple[tuple[bytes, bytes], ...]]
+
+
+def _emitted(
+    st: os.stat_result, epoch_ns: int, sha256: str, xattrs: Sequence[tuple[bytes, bytes]]
+) -> _Emitted:
+    return (
+        stat.S_IMODE(st.st_mode),
+        st.st_uid,
+        st.st_gid,
+        st.st_size,
+        min(st.st_mtime_ns, epoch_ns),
+        sha256,
+        tuple(xattrs),
+    )
+
+
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
 
 
 def _blocks(root_fd: int, rel_dir: str, name: str) -> int:
@@ -591,6 +633,26 @@ def _blocks(root_fd: int, rel_dir: str, name: str) -> int:
         return os.stat(name, dir_fd=where, follow_symlinks=False).st_blocks
     finally:
         os.close(where)
+
+
+def _check_copy(
+    where: int, tmp: str, st: os.stat_result, emitted: _Emitted, epoch_ns: int, rel: str
+) -> None:
+    """Refuse the private copy ``tmp`` (in the directory ``where``) of the inode ``st`` unless
+    it is what the stream emitted."""
+    fd = os.open(tmp, _O_READ, dir_fd=where)
+    try:
+        copied = _emitted(st, epoch_ns, _sha256_fd(fd), layertar.kept_xattr_items(_xattrs(fd)))
+    finally:
+        os.close(fd)
+    if copied != emitted:
+        raise InvalidLayerError(
+            f"{rel!r} changed while the layer was read: it is hardlinked to a file outside the "
+            "tree that was written meanwhile, so the layer would not match its digest; nothing "
+            "was stored (stop what writes that file, or copy it into the tree instead of "
+            "linking it)",
+            path=rel,
+        )
 
 
 def _drop_unkept(target: int | str, names: list[str]) -> None:
@@ -643,10 +705,13 @@ def _settle_group(
     members: list[tuple[str, str]],
     epoch_ns: int,
     dir_mtimes: dict[str, int],
+    emitted: _Emitted | None = None,
 ) -> None:
     """Settle a hardlink group of the tree (the xattrs a layer does not keep removed, the mtime
     clamped); one that reaches outside the tree first becomes a private copy, linked at every
-    member's place, so the file outside keeps its own."""
+    member's place, so the file outside keeps its own. ``emitted``: how the layer's stream
+    holds the inode; a private copy that differs (the file outside was written meanwhile) is
+    refused, since the layer would not match its digest."""
     first_dir, first_name = members[0]
     where = _dirfd.open_path(first_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
     try:
@@ -661,8 +726,17 @@ def _settle_group(
                     _chown(fd, None, st, _join(first_dir, first_name))
                     _set_xattrs(fd, _xattrs(src))
                     os.chmod(fd, stat.S_IMODE(st.st_mode))
-                finally:
+                    if emitted is not None:
+                        _check_copy(where, tmp, st, emitted, epoch_ns, _join(first_dir, first_name))
+                except BaseException:
                     os.close(fd)
+                    fd = -1
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=where)
+                    raise
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
             finally:
                 os.close(src)
             os.rename(tmp, first_name, src_dir_fd=where, dst_dir_fd=where)

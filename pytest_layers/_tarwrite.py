@@ -357,6 +357,13 @@ class Settle(Protocol):
         """A member of a hardlink group of regular files (settled once all are known)."""
         ...
 
+    def streamed(
+        self, st: os.stat_result, sha256: str, xattrs: Sequence[tuple[bytes, bytes]]
+    ) -> None:
+        """The stream emitted a hardlink group's inode (at its first link met) as ``st`` with
+        the content digest ``sha256`` and the kept ``xattrs``."""
+        ...
+
     def left(self, fd: int, rel: bytes, st: os.stat_result) -> None:
         """The walk is done with the directory ``fd`` (``st`` as it was met): settle its time."""
         ...
@@ -549,7 +556,8 @@ def _walk(
                     digest = _EMPTY_SHA
                     if size > _FLUSH_AT:
                         sink.add(head)
-                        file_hash = hashlib.sha256() if visit is not None else None
+                        grouped = settle is not None and st.st_nlink > 1
+                        file_hash = hashlib.sha256() if visit is not None or grouped else None
                         _emit_large(
                             sink,
                             fd,
@@ -566,7 +574,7 @@ def _walk(
                         else:
                             data = _read_exact(fd, dpath + b"/" + child.tarname, size)
                         sink.add(head + data + _PADS[-size % _BLOCK])
-                        if hashes is not None or visit is not None:
+                        if hashes is not None or visit is not None or settle is not None:
                             digest = hashlib.sha256(data).hexdigest()
                         if hashes is not None:
                             hashes[os.fsdecode(name)] = (st.st_ino, size, st.st_mtime_ns, digest)
@@ -574,6 +582,8 @@ def _walk(
                         sink.add(head)
                         if hashes is not None:
                             hashes[os.fsdecode(name)] = (st.st_ino, 0, st.st_mtime_ns, _EMPTY_SHA)
+                    if settle is not None and st.st_nlink > 1:
+                        settle.streamed(st, digest, xattrs)
                     if visit is not None:
                         if st.st_nlink > 1:
                             shas[(st.st_dev, st.st_ino)] = digest

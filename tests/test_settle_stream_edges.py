@@ -1,0 +1,60 @@
+"""Edges of a build settled by the walk that streams it (no parent, ``Store.write_layer(...,
+tree=)``): a file hardlinked in from outside that changes meanwhile, a lone link to such a
+file, a file swapped for a fifo, and the order of a refusal. None needs root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_layers import _layerwriter, errors
+from pytest_layers.store import Store
+
+
+def test_outside_file_written_before_the_copy_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream read a file linked in from outside; the private copy made afterwards must be
+    what was streamed, or the stored layer would not match its DiffID."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "log").write_bytes(b"line 1\n")
+    real_finish = _layerwriter.TreeSettler.finish
+
+    def finish(self: _layerwriter.TreeSettler, tree: Path) -> None:
+        with open(outside / "log", "ab") as f:  # a writer outside, between stream and copy
+            f.write(b"line 2\n")
+        real_finish(self, tree)
+
+    monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "a").write_bytes(b"a\n")
+        os.link(outside / "log", staged / "log")
+        with pytest.raises(errors.InvalidLayerError, match="changed while the layer was read"):
+            store.write_layer([], parent=None, name=None, source="build", tree=staged)
+        assert not [p.name for p in staged.iterdir() if p.name.startswith(".settle-")]
+    assert store.layers() == []
+    assert (outside / "log").read_bytes() == b"line 1\nline 2\n"
+
+
+def test_outside_file_unchanged_is_stored_private(tmp_path: Path) -> None:
+    """The check passes an unchanged file: the layer holds a private copy that verifies."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "log").write_bytes(b"line 1\n" * 5000)  # past the stream's one-piece size
+    os.setxattr(outside / "log", "user.keep", b"k")
+    os.setxattr(outside / "log", "user.overlay.origin", b"not in a layer")
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        os.link(outside / "log", staged / "log")
+        os.link(outside / "log", staged / "log2")
+        info = store.write_layer([], parent=None, name=None, source="build", tree=staged)
+    assert store.verify() == []
+    stored = store.layer_dir(info.chain_id)
+    assert os.stat(stored / "log").st_nlink == 2
+    assert os.stat(outside / "log").st_nlink == 1
+    assert os.listxattr(stored / "log") == ["user.keep"]
+    assert os.getxattr(outside / "log", "user.overlay.origin") == b"not in a layer"
