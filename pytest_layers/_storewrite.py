@@ -104,6 +104,7 @@ class _StoreWriter(_StoreRefs):
         )
         if settle is not None:
             settle.finish(staged)
+            index.ungroup(settle.made_single)
             index.disk_use.total += settle.disk_use_change
         if blob is not None and not (blob_verified and diff_id is not None):
             blob_digest = _blob_digest(blob)

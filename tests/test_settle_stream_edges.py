@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_layers import _layerwriter, errors
+from pytest_layers import _layerwriter, changeset, errors
 from pytest_layers.store import Store
 
 
@@ -58,3 +58,28 @@ def test_outside_file_unchanged_is_stored_private(tmp_path: Path) -> None:
     assert os.stat(outside / "log").st_nlink == 1
     assert os.listxattr(stored / "log") == ["user.keep"]
     assert os.getxattr(outside / "log", "user.overlay.origin") == b"not in a layer"
+
+
+def _fill_lone_link(root: Path, outside: Path) -> None:
+    (root / "a").write_bytes(b"private\n")
+    os.link(outside / "shared", root / "linked-in")
+
+
+def test_lone_link_to_outside_file_is_no_group(tmp_path: Path) -> None:
+    """One link inside the tree to a file outside becomes a private file with one link: its
+    files.json record names no hardlink group, as when the tree was settled first."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared").write_bytes(b"shared\n")
+    first, streamed = Store(tmp_path / "first"), Store(tmp_path / "streamed")
+    with first.staging() as staged:
+        _fill_lone_link(staged, outside)
+        changeset.settle_tree(staged)
+        want = first.add_layer(staged, parent=None, name=None, source="build").chain_id
+    with streamed.staging() as staged:
+        _fill_lone_link(staged, outside)
+        got = streamed.write_layer([], parent=None, name=None, source="build", tree=staged)
+    assert got.chain_id == want
+    files = (streamed.layer_dir(want).parent / "files.json").read_text()
+    assert "link_group" not in files
+    assert files == (first.layer_dir(want).parent / "files.json").read_text()
