@@ -98,7 +98,7 @@ class _Child:
     whiteout: bool
 
 
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never waits on a fifo
 _O_READDIR = _dirfd.O_DIR
 
 

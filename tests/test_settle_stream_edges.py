@@ -5,11 +5,13 @@ file, a file swapped for a fifo, and the order of a refusal. None needs root."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pytest_layers import _layerwriter, changeset, errors
+from pytest_layers import _layerwriter, _tarwrite, changeset, errors
 from pytest_layers.store import Store
 
 
@@ -83,3 +85,40 @@ def test_lone_link_to_outside_file_is_no_group(tmp_path: Path) -> None:
     files = (streamed.layer_dir(want).parent / "files.json").read_text()
     assert "link_group" not in files
     assert files == (first.layer_dir(want).parent / "files.json").read_text()
+
+
+class _Hung(Exception):
+    pass
+
+
+def test_file_swapped_for_a_fifo_is_refused_not_waited_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A regular file replaced by a fifo after its directory was listed (a builder's process
+    still running) is refused as changed; opening it must not wait for a writer."""
+    real = _tarwrite._settle_children
+
+    def listed_then_swapped(dir_fd: int, prefix: bytes, settle: _tarwrite.Settle) -> Any:
+        children = real(dir_fd, prefix, settle)
+        if prefix == b"":
+            os.unlink("f", dir_fd=dir_fd)
+            os.mkfifo("f", dir_fd=dir_fd)
+        return children
+
+    def hung(signum: int, frame: object) -> None:
+        raise _Hung("the build waits on a fifo for a writer")
+
+    monkeypatch.setattr(_tarwrite, "_settle_children", listed_then_swapped)
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "f").write_bytes(b"x")
+        # Only a guard that turns a hang into a failure: a build that works never meets it.
+        old = signal.signal(signal.SIGALRM, hung)
+        signal.alarm(120)
+        try:
+            with pytest.raises(errors.InvalidLayerError, match="changed type"):
+                store.write_layer([], parent=None, name=None, source="build", tree=staged)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    assert store.layers() == []
