@@ -517,15 +517,15 @@ class TreeSettler:
 
     The stream calls it for what needs settling as it meets it: sockets removed, xattrs a layer
     does not keep dropped, mtimes clamped (the stream itself emits the clamped times), a
-    symlink, fifo or device with other links given its own inode. :meth:`finish`, once the
-    stream is done, does what needs the whole tree: the refusal of the first ``.wh.`` name or
-    0/0 device in layer order, and the hardlink groups (one reaching outside the tree becomes
-    a private copy first). The tree ends as :func:`settle_tree` leaves it, and the stream
-    emits what a stream of that settled tree would."""
+    symlink, fifo or device with other links given its own inode; a ``.wh.`` name or a 0/0
+    device stops the stream. :meth:`refuse`, when the stream failed, raises the refusal of the
+    first such entry in layer order, before any other error. :meth:`finish`, once the stream
+    is done, settles the hardlink groups (one reaching outside the tree becomes a private copy
+    first, which must still be what the stream emitted). The tree ends as :func:`settle_tree`
+    leaves it, and the stream emits what a stream of that settled tree would."""
 
     def __init__(self, *, clamp_mtimes: bool = True) -> None:
         self.epoch_ns = layertar.clamp_epoch() * 1_000_000_000 if clamp_mtimes else 2**63 - 1
-        self._bad: list[tuple[bool, str, os.stat_result]] = []  # (is a device, path, stat)
         self._groups: dict[tuple[int, int], tuple[int, list[tuple[str, str]]]] = {}
         self._dir_mtimes: dict[str, int] = {}  # what each directory's mtime was made
         #: A group's inode as the stream emitted it: what its private copy must still be.
@@ -539,11 +539,10 @@ class TreeSettler:
 
     def listed(self, dir_fd: int, rel: bytes, name: str, kind: int) -> bool:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        path = os.fsdecode(rel)
-        if name.startswith(_ocirules.WHITEOUT_PREFIX):
-            self._bad.append((False, path, st))
-        elif _ocirules.is_whiteout_device(st):
-            self._bad.append((True, path, st))
+        if name.startswith(_ocirules.WHITEOUT_PREFIX) or _ocirules.is_whiteout_device(st):
+            # Refused: the stream need not read on. Which entry the refusal names is for
+            # refuse() to find, over the whole tree.
+            _check_name(os.fsdecode(rel), st)
         if stat.S_ISSOCK(st.st_mode):
             os.unlink(name, dir_fd=dir_fd)  # cannot travel in a layer, as in write_layer
             return False
@@ -554,7 +553,7 @@ class TreeSettler:
 
     def special(self, dir_fd: int, rel: bytes, name: str, st: os.stat_result) -> None:
         if _ocirules.is_whiteout_device(st):
-            return  # refused by finish()
+            return  # refused when listed
         path = os.fsdecode(rel)
         tmp = f".settle-{os.getpid()}-{st.st_ino}"
         _recreate_special(dir_fd, name, tmp, st, path)
@@ -575,11 +574,36 @@ class TreeSettler:
         mtime = self._dir_mtimes[path] = min(st.st_mtime_ns, self.epoch_ns)
         os.utime(fd, ns=(mtime, mtime))
 
-    def finish(self, tree: Path) -> None:
-        """Refuse the first bad entry in layer order; settle the hardlink groups."""
-        if self._bad:
-            _is_device, rel, st = min(self._bad, key=lambda b: (b[0], _sort_key(b[1])))
+    def refuse(self, tree: Path) -> None:
+        """After the stream failed: raise the refusal of the first ``.wh.`` name or 0/0 device
+        of ``tree`` in layer order, if it holds one, as :func:`settle_tree` would have before
+        the stream read anything (whatever else failed, an unreadable file say)."""
+        bad: list[tuple[bool, str, os.stat_result]] = []  # (is a device, path, stat)
+
+        def visit(rel_dir: str, fd: int, _state: None) -> list[tuple[str, _dirfd.Ident, None]]:
+            subdirs: list[tuple[str, _dirfd.Ident, None]] = []
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.name.startswith(_ocirules.WHITEOUT_PREFIX):
+                        bad.append((False, _join(rel_dir, e.name), e.stat(follow_symlinks=False)))
+                    elif e.is_dir(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        subdirs.append((e.name, (st.st_dev, st.st_ino), None))
+                    elif not e.is_file(follow_symlinks=False) and not e.is_symlink():
+                        st = e.stat(follow_symlinks=False)
+                        if _ocirules.is_whiteout_device(st):
+                            bad.append((True, _join(rel_dir, e.name), st))
+            return subdirs
+
+        # What cannot be read cannot be named: the stream's own error stands for it.
+        with contextlib.suppress(OSError):
+            _dirfd.walk(tree, None, visit)
+        if bad:
+            _is_device, rel, st = min(bad, key=lambda b: (b[0], _sort_key(b[1])))
             _check_name(rel, st)
+
+    def finish(self, tree: Path) -> None:
+        """Settle the hardlink groups (the stream has read the whole tree)."""
         if not self._groups:
             return
         root_fd = os.open(tree, _O_ROOT)

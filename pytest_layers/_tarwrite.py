@@ -340,7 +340,7 @@ class Settle(Protocol):
     epoch_ns: int
 
     def listed(self, dir_fd: int, rel: bytes, name: str, kind: int) -> bool:
-        """A socket, a character device or a ``.wh.`` name met in a directory listing: recorded
+        """A socket, a character device or a ``.wh.`` name met in a directory listing: raises
         if settling refuses it; False when it leaves the tree (a socket)."""
         ...
 

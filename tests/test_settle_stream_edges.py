@@ -122,3 +122,53 @@ def test_file_swapped_for_a_fifo_is_refused_not_waited_on(
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
     assert store.layers() == []
+
+
+def _swap_for_fifo_after_listing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    real = _tarwrite._settle_children
+
+    def listed_then_swapped(dir_fd: int, prefix: bytes, settle: _tarwrite.Settle) -> Any:
+        children = real(dir_fd, prefix, settle)
+        if prefix == b"":
+            os.unlink(name, dir_fd=dir_fd)
+            os.mkfifo(name, dir_fd=dir_fd)
+        return children
+
+    monkeypatch.setattr(_tarwrite, "_settle_children", listed_then_swapped)
+
+
+def test_refusal_comes_before_a_read_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A '.wh.' name deep in the tree is refused, not the failure the stream met first on a file
+    it reached before (here one that changed type), as when the tree was settled first."""
+    _swap_for_fifo_after_listing(monkeypatch, "a")
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "a").write_bytes(b"x")
+        (staged / "z/y").mkdir(parents=True)
+        (staged / "z/y/.wh.gone").write_bytes(b"")
+        (staged / "z/.wh.first").write_bytes(b"")
+        with pytest.raises(errors.InvalidLayerError, match=r"'z/\.wh\.first': a file whose name"):
+            store.write_layer([], parent=None, name=None, source="build", tree=staged)
+    assert store.layers() == []
+
+
+def test_refusal_comes_before_permission_denied(tmp_path: Path) -> None:
+    """The same with a file the builder made unreadable (as a user who cannot read it)."""
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "a-secret").write_bytes(b"x")
+        (staged / "a-secret").chmod(0)
+        try:
+            os.close(os.open(staged / "a-secret", os.O_RDONLY))
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this process reads a file of mode 000 (root, or CAP_DAC_OVERRIDE)")
+        (staged / "b").mkdir()
+        (staged / "b/.wh.gone").write_bytes(b"")
+        try:
+            with pytest.raises(errors.InvalidLayerError, match=r"'b/\.wh\.gone'"):
+                store.write_layer([], parent=None, name=None, source="build", tree=staged)
+        finally:
+            (staged / "a-secret").chmod(0o600)
+    assert store.layers() == []
