@@ -534,8 +534,10 @@ class TreeSettler:
         #: private copy has one link, so the layer has no group there.
         self.made_single: list[str] = []
         #: Bytes of disk use the settling changed after the stream counted them: a hardlink
-        #: group made private is a new inode, allocated as the copy needs.
+        #: group made private is a new inode, allocated as the copy needs, and a directory
+        #: that settling's temporary names grew keeps its larger size.
         self.disk_use_change = 0
+        self._dir_blocks: dict[str, int] = {}  # each directory's st_blocks when the walk left it
 
     def listed(self, dir_fd: int, rel: bytes, name: str, kind: int) -> bool:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -573,6 +575,9 @@ class TreeSettler:
         path = os.fsdecode(rel)
         mtime = self._dir_mtimes[path] = min(st.st_mtime_ns, self.epoch_ns)
         os.utime(fd, ns=(mtime, mtime))
+        # The stream counted the directory as it opened it, before a twin's temporary name.
+        blocks = self._dir_blocks[path] = os.fstat(fd).st_blocks
+        self.disk_use_change += (blocks - st.st_blocks) * 512
 
     def refuse(self, tree: Path) -> None:
         """After the stream failed: raise the refusal of the first ``.wh.`` name or 0/0 device
@@ -619,6 +624,11 @@ class TreeSettler:
                 )
                 if len(members) == 1:
                     self.made_single.append(_join(*members[0]))
+                # The copy and its links were made under temporary names in these directories.
+                for rel_dir in {d for d, _ in members if d}:
+                    blocks = _blocks(root_fd, *_split(rel_dir))
+                    self.disk_use_change += (blocks - self._dir_blocks[rel_dir]) * 512
+                    self._dir_blocks[rel_dir] = blocks
                 self.disk_use_change += (_blocks(root_fd, *members[0]) - old) * 512
         finally:
             os.close(root_fd)

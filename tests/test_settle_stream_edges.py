@@ -172,3 +172,41 @@ def test_refusal_comes_before_permission_denied(tmp_path: Path) -> None:
         finally:
             (staged / "a-secret").chmod(0o600)
     assert store.layers() == []
+
+
+def _fill_full_dir(root: Path, n: int, outside: Path, twin: bool) -> None:
+    d = root / "d"
+    d.mkdir()
+    for i in range(n):
+        (d / f"filler-{i:05d}-abcdefgh").write_bytes(b"")
+    os.link(outside / "shared", d / "zz-linked-in")
+    os.link(outside / "shared", d / "zz-linked-too")
+    if twin:  # a twin made by the walk, besides the group's copy made after it
+        os.link(outside / "sym", d / "zz-sym", follow_symlinks=False)
+
+
+@pytest.mark.parametrize("twin", [False, True])
+def test_disk_use_counts_directories_grown_by_settling(tmp_path: Path, twin: bool) -> None:
+    """Settling makes a private copy under a temporary name beside the link: a directory whose
+    last block was full grows (and never shrinks). The recorded disk use is what the stored
+    tree uses, as when the tree was settled first, for a run of directory sizes that crosses
+    the edge of a block."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared").write_bytes(b"s")
+    os.symlink("shared", outside / "sym")
+    grew = 0
+    for n in range(120, 132):
+        first, streamed = Store(tmp_path / f"f{n}"), Store(tmp_path / f"s{n}")
+        with first.staging() as staged:
+            _fill_full_dir(staged, n, outside, twin)
+            before = os.lstat(staged / "d").st_blocks
+            changeset.settle_tree(staged)
+            grew += os.lstat(staged / "d").st_blocks > before
+            want = first.add_layer(staged, parent=None, name=None, source="build")
+        with streamed.staging() as staged:
+            _fill_full_dir(staged, n, outside, twin)
+            got = streamed.write_layer([], parent=None, name=None, source="build", tree=staged)
+        assert got.disk_use == want.disk_use, n
+    if not grew:
+        pytest.skip("no directory grew here (a filesystem sizing directories otherwise)")
