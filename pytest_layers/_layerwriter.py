@@ -490,6 +490,8 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
                 continue
             if stat.S_ISREG(st.st_mode):
                 size += st.st_size
+            if special and st.st_nlink > 1 and _ocirules.is_whiteout_device(st):
+                continue  # refused below, and its inode may be outside: left as it is
             clamp(fd, name, st)
         if st_dir is not None:
             # After the sockets went (an unlink restamps the directory); files' utimes do not.
