@@ -663,8 +663,34 @@ def _sha256_fd(fd: int) -> str:
     return digest.hexdigest()
 
 
+_O_PATH_DIR_NOFOLLOW = _O_PATH_DIR | os.O_NOFOLLOW
+
+
+def _tree_dir(root_fd: int, rel_dir: str) -> int:
+    """An ``O_PATH`` fd of the directory ``rel_dir`` ("" for the root) of the tree ``root_fd``,
+    opened one component at a time with no symlink followed: a directory swapped for a
+    symlink since the walk met it (a process the builder left running) is refused, so nothing
+    outside the tree is settled through it."""
+    fd = os.open(".", _O_PATH_DIR, dir_fd=root_fd)
+    try:
+        for part in rel_dir.split("/") if rel_dir else ():
+            nxt = os.open(part, _O_PATH_DIR_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            raise InvalidLayerError(
+                f"{rel_dir!r} changed while the layer was read (it is no longer the directory "
+                "that was read); a stored layer must not change",
+                path=rel_dir,
+            ) from exc
+        raise
+    return fd
+
+
 def _blocks(root_fd: int, rel_dir: str, name: str) -> int:
-    where = _dirfd.open_path(rel_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
+    where = _tree_dir(root_fd, rel_dir)
     try:
         return os.stat(name, dir_fd=where, follow_symlinks=False).st_blocks
     finally:
@@ -749,7 +775,7 @@ def _settle_group(
     holds the inode; a private copy that differs (the file outside was written meanwhile) is
     refused, since the layer would not match its digest."""
     first_dir, first_name = members[0]
-    where = _dirfd.open_path(first_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
+    where = _tree_dir(root_fd, first_dir)
     try:
         st = os.stat(first_name, dir_fd=where, follow_symlinks=False)
         if len(members) < nlink:
@@ -783,7 +809,7 @@ def _settle_group(
         if len(members) >= nlink:
             return
         for rel_dir, name in members[1:]:
-            other = _dirfd.open_path(rel_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
+            other = _tree_dir(root_fd, rel_dir)
             try:
                 tmp = f".settle-{os.getpid()}-link"
                 os.link(first_name, tmp, src_dir_fd=where, dst_dir_fd=other, follow_symlinks=False)
@@ -794,7 +820,7 @@ def _settle_group(
         for rel_dir in {d for d, _ in members}:
             if rel_dir:
                 parent, name = _split(rel_dir)
-                pfd = _dirfd.open_path(parent or ".", _O_PATH_DIR, dir_fd=root_fd)
+                pfd = _tree_dir(root_fd, parent)
                 try:
                     mt = dir_mtimes[rel_dir]
                     os.utime(name, ns=(mt, mt), dir_fd=pfd, follow_symlinks=False)

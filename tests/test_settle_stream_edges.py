@@ -210,3 +210,41 @@ def test_disk_use_counts_directories_grown_by_settling(tmp_path: Path, twin: boo
         assert got.disk_use == want.disk_use, n
     if not grew:
         pytest.skip("no directory grew here (a filesystem sizing directories otherwise)")
+
+
+def test_directory_swapped_for_a_symlink_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory of the tree swapped for a symlink after the stream read it (a process the
+    builder left running) is refused: the hardlink group settled after the stream is not looked
+    for where the symlink points, so the file there keeps its inode, links and time."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared").write_bytes(b"shared\n")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "linked-in").write_bytes(b"shared\n")  # as streamed: only the path tells them apart
+    os.link(victim / "linked-in", victim / "other-name")
+    os.utime(victim / "linked-in", (1_700_000_000, 1_700_000_000))
+    before = os.lstat(victim / "linked-in")
+    real_finish = _layerwriter.TreeSettler.finish
+
+    def finish(self: _layerwriter.TreeSettler, tree: Path) -> None:
+        os.rename(tree / "d", tree / "d.real")
+        os.symlink(victim, tree / "d")
+        real_finish(self, tree)
+
+    monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "d").mkdir()
+        os.link(outside / "shared", staged / "d/linked-in")
+        with pytest.raises(errors.InvalidLayerError, match="'d' changed while the layer was read"):
+            store.write_layer([], parent=None, name=None, source="build", tree=staged)
+    after = os.lstat(victim / "linked-in")
+    assert (after.st_ino, after.st_nlink, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_nlink,
+        before.st_mtime_ns,
+    )
+    assert store.layers() == []
