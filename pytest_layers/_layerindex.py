@@ -189,6 +189,14 @@ class _LayerIndex:
             self._groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
             self.disk_use.add(st)
 
+    def ungroup(self, rels: Iterable[str]) -> None:
+        """The entries ``rels``, each met as the one link in the tree of an inode with others
+        outside it, were made files of their own: they are in no hardlink group."""
+        single = set(rels)
+        if single:
+            for key in [k for k, m in self._groups.items() if len(m) == 1 and m[0] in single]:
+                del self._groups[key]
+
     def finish(self) -> dict[str, dict[str, Any]]:
         for members in self._groups.values():
             first = min(members, key=_manifest_order)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -489,6 +490,8 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
                 continue
             if stat.S_ISREG(st.st_mode):
                 size += st.st_size
+            if special and st.st_nlink > 1 and _ocirules.is_whiteout_device(st):
+                continue  # refused below, and its inode may be outside: left as it is
             clamp(fd, name, st)
         if st_dir is not None:
             # After the sockets went (an unlink restamps the directory); files' utimes do not.
@@ -516,28 +519,34 @@ class TreeSettler:
 
     The stream calls it for what needs settling as it meets it: sockets removed, xattrs a layer
     does not keep dropped, mtimes clamped (the stream itself emits the clamped times), a
-    symlink, fifo or device with other links given its own inode. :meth:`finish`, once the
-    stream is done, does what needs the whole tree: the refusal of the first ``.wh.`` name or
-    0/0 device in layer order, and the hardlink groups (one reaching outside the tree becomes
-    a private copy first). The tree ends as :func:`settle_tree` leaves it, and the stream
-    emits what a stream of that settled tree would."""
+    symlink, fifo or device with other links given its own inode; a ``.wh.`` name or a 0/0
+    device stops the stream. :meth:`refuse`, when the stream failed, raises the refusal of the
+    first such entry in layer order, before any other error. :meth:`finish`, once the stream
+    is done, settles the hardlink groups (one reaching outside the tree becomes a private copy
+    first, which must still be what the stream emitted). The tree ends as :func:`settle_tree`
+    leaves it, and the stream emits what a stream of that settled tree would."""
 
     def __init__(self, *, clamp_mtimes: bool = True) -> None:
         self.epoch_ns = layertar.clamp_epoch() * 1_000_000_000 if clamp_mtimes else 2**63 - 1
-        self._bad: list[tuple[bool, str, os.stat_result]] = []  # (is a device, path, stat)
         self._groups: dict[tuple[int, int], tuple[int, list[tuple[str, str]]]] = {}
         self._dir_mtimes: dict[str, int] = {}  # what each directory's mtime was made
+        #: A group's inode as the stream emitted it: what its private copy must still be.
+        self._streamed: dict[tuple[int, int], _Emitted] = {}
+        #: Members of a group reaching outside the tree that were its only link inside: the
+        #: private copy has one link, so the layer has no group there.
+        self.made_single: list[str] = []
         #: Bytes of disk use the settling changed after the stream counted them: a hardlink
-        #: group made private is a new inode, allocated as the copy needs.
+        #: group made private is a new inode, allocated as the copy needs, and a directory
+        #: that settling's temporary names grew keeps its larger size.
         self.disk_use_change = 0
+        self._dir_blocks: dict[str, int] = {}  # each directory's st_blocks when the walk left it
 
     def listed(self, dir_fd: int, rel: bytes, name: str, kind: int) -> bool:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        path = os.fsdecode(rel)
-        if name.startswith(_ocirules.WHITEOUT_PREFIX):
-            self._bad.append((False, path, st))
-        elif _ocirules.is_whiteout_device(st):
-            self._bad.append((True, path, st))
+        if name.startswith(_ocirules.WHITEOUT_PREFIX) or _ocirules.is_whiteout_device(st):
+            # Refused: the stream need not read on. Which entry the refusal names is for
+            # refuse() to find, over the whole tree.
+            _check_name(os.fsdecode(rel), st)
         if stat.S_ISSOCK(st.st_mode):
             os.unlink(name, dir_fd=dir_fd)  # cannot travel in a layer, as in write_layer
             return False
@@ -548,7 +557,7 @@ class TreeSettler:
 
     def special(self, dir_fd: int, rel: bytes, name: str, st: os.stat_result) -> None:
         if _ocirules.is_whiteout_device(st):
-            return  # refused by finish()
+            return  # refused when listed
         path = os.fsdecode(rel)
         tmp = f".settle-{os.getpid()}-{st.st_ino}"
         _recreate_special(dir_fd, name, tmp, st, path)
@@ -559,38 +568,153 @@ class TreeSettler:
         seen = self._groups.setdefault((st.st_dev, st.st_ino), (st.st_nlink, []))
         seen[1].append(_split(os.fsdecode(rel)))
 
+    def streamed(
+        self, st: os.stat_result, sha256: str, xattrs: Sequence[tuple[bytes, bytes]]
+    ) -> None:
+        self._streamed[(st.st_dev, st.st_ino)] = _emitted(st, self.epoch_ns, sha256, xattrs)
+
     def left(self, fd: int, rel: bytes, st: os.stat_result) -> None:
         path = os.fsdecode(rel)
         mtime = self._dir_mtimes[path] = min(st.st_mtime_ns, self.epoch_ns)
         os.utime(fd, ns=(mtime, mtime))
+        # The stream counted the directory as it opened it, before a twin's temporary name.
+        blocks = self._dir_blocks[path] = os.fstat(fd).st_blocks
+        self.disk_use_change += (blocks - st.st_blocks) * 512
+
+    def refuse(self, tree: Path) -> None:
+        """After the stream failed: raise the refusal of the first ``.wh.`` name or 0/0 device
+        of ``tree`` in layer order, if it holds one, as :func:`settle_tree` would have before
+        the stream read anything (whatever else failed, an unreadable file say)."""
+        bad: list[tuple[bool, str, os.stat_result]] = []  # (is a device, path, stat)
+
+        def visit(rel_dir: str, fd: int, _state: None) -> list[tuple[str, _dirfd.Ident, None]]:
+            subdirs: list[tuple[str, _dirfd.Ident, None]] = []
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.name.startswith(_ocirules.WHITEOUT_PREFIX):
+                        bad.append((False, _join(rel_dir, e.name), e.stat(follow_symlinks=False)))
+                    elif e.is_dir(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        subdirs.append((e.name, (st.st_dev, st.st_ino), None))
+                    elif not e.is_file(follow_symlinks=False) and not e.is_symlink():
+                        st = e.stat(follow_symlinks=False)
+                        if _ocirules.is_whiteout_device(st):
+                            bad.append((True, _join(rel_dir, e.name), st))
+            return subdirs
+
+        # What cannot be read cannot be named: the stream's own error stands for it.
+        with contextlib.suppress(OSError):
+            _dirfd.walk(tree, None, visit)
+        if bad:
+            _is_device, rel, st = min(bad, key=lambda b: (b[0], _sort_key(b[1])))
+            _check_name(rel, st)
 
     def finish(self, tree: Path) -> None:
-        """Refuse the first bad entry in layer order; settle the hardlink groups."""
-        if self._bad:
-            _is_device, rel, st = min(self._bad, key=lambda b: (b[0], _sort_key(b[1])))
-            _check_name(rel, st)
+        """Settle the hardlink groups (the stream has read the whole tree)."""
         if not self._groups:
             return
         root_fd = os.open(tree, _O_ROOT)
         try:
-            for nlink, members in self._groups.values():
+            for key, (nlink, members) in self._groups.items():
                 if len(members) >= nlink:
                     _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes)
                     continue
                 # Made private: the stream counted the blocks of the inode outside.
                 old = _blocks(root_fd, *members[0])
-                _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes)
+                _settle_group(
+                    root_fd, nlink, members, self.epoch_ns, self._dir_mtimes, self._streamed[key]
+                )
+                if len(members) == 1:
+                    self.made_single.append(_join(*members[0]))
+                # The copy and its links were made under temporary names in these directories.
+                for rel_dir in {d for d, _ in members if d}:
+                    blocks = _blocks(root_fd, *_split(rel_dir))
+                    self.disk_use_change += (blocks - self._dir_blocks[rel_dir]) * 512
+                    self._dir_blocks[rel_dir] = blocks
                 self.disk_use_change += (_blocks(root_fd, *members[0]) - old) * 512
         finally:
             os.close(root_fd)
 
 
+#: An inode as a layer holds it: mode, owner, size, clamped mtime (ns), content, kept xattrs.
+_Emitted = tuple[int, int, int, int, int, str, tuple[tuple[bytes, bytes], ...]]
+
+
+def _emitted(
+    st: os.stat_result, epoch_ns: int, sha256: str, xattrs: Sequence[tuple[bytes, bytes]]
+) -> _Emitted:
+    return (
+        stat.S_IMODE(st.st_mode),
+        st.st_uid,
+        st.st_gid,
+        st.st_size,
+        min(st.st_mtime_ns, epoch_ns),
+        sha256,
+        tuple(xattrs),
+    )
+
+
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+_O_PATH_DIR_NOFOLLOW = _O_PATH_DIR | os.O_NOFOLLOW
+
+
+def _tree_dir(root_fd: int, rel_dir: str) -> int:
+    """An ``O_PATH`` fd of the directory ``rel_dir`` ("" for the root) of the tree ``root_fd``,
+    opened one component at a time with no symlink followed: a directory swapped for a
+    symlink since the walk met it (a process the builder left running) is refused, so nothing
+    outside the tree is settled through it."""
+    fd = os.open(".", _O_PATH_DIR, dir_fd=root_fd)
+    try:
+        for part in rel_dir.split("/") if rel_dir else ():
+            nxt = os.open(part, _O_PATH_DIR_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            raise InvalidLayerError(
+                f"{rel_dir!r} changed while the layer was read (it is no longer the directory "
+                "that was read); a stored layer must not change",
+                path=rel_dir,
+            ) from exc
+        raise
+    return fd
+
+
 def _blocks(root_fd: int, rel_dir: str, name: str) -> int:
-    where = _dirfd.open_path(rel_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
+    where = _tree_dir(root_fd, rel_dir)
     try:
         return os.stat(name, dir_fd=where, follow_symlinks=False).st_blocks
     finally:
         os.close(where)
+
+
+def _check_copy(
+    where: int, tmp: str, st: os.stat_result, emitted: _Emitted, epoch_ns: int, rel: str
+) -> None:
+    """Refuse the private copy ``tmp`` (in the directory ``where``) of the inode ``st`` unless
+    it is what the stream emitted."""
+    fd = os.open(tmp, _O_READ, dir_fd=where)
+    try:
+        copied = _emitted(st, epoch_ns, _sha256_fd(fd), layertar.kept_xattr_items(_xattrs(fd)))
+    finally:
+        os.close(fd)
+    if copied != emitted:
+        raise InvalidLayerError(
+            f"{rel!r} changed while the layer was read: it is hardlinked to a file outside the "
+            "tree that was written meanwhile, so the layer would not match its digest; nothing "
+            "was stored (stop what writes that file, or copy it into the tree instead of "
+            "linking it)",
+            path=rel,
+        )
 
 
 def _drop_unkept(target: int | str, names: list[str]) -> None:
@@ -643,12 +767,15 @@ def _settle_group(
     members: list[tuple[str, str]],
     epoch_ns: int,
     dir_mtimes: dict[str, int],
+    emitted: _Emitted | None = None,
 ) -> None:
     """Settle a hardlink group of the tree (the xattrs a layer does not keep removed, the mtime
     clamped); one that reaches outside the tree first becomes a private copy, linked at every
-    member's place, so the file outside keeps its own."""
+    member's place, so the file outside keeps its own. ``emitted``: how the layer's stream
+    holds the inode; a private copy that differs (the file outside was written meanwhile) is
+    refused, since the layer would not match its digest."""
     first_dir, first_name = members[0]
-    where = _dirfd.open_path(first_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
+    where = _tree_dir(root_fd, first_dir)
     try:
         st = os.stat(first_name, dir_fd=where, follow_symlinks=False)
         if len(members) < nlink:
@@ -661,8 +788,17 @@ def _settle_group(
                     _chown(fd, None, st, _join(first_dir, first_name))
                     _set_xattrs(fd, _xattrs(src))
                     os.chmod(fd, stat.S_IMODE(st.st_mode))
-                finally:
+                    if emitted is not None:
+                        _check_copy(where, tmp, st, emitted, epoch_ns, _join(first_dir, first_name))
+                except BaseException:
                     os.close(fd)
+                    fd = -1
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=where)
+                    raise
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
             finally:
                 os.close(src)
             os.rename(tmp, first_name, src_dir_fd=where, dst_dir_fd=where)
@@ -673,7 +809,7 @@ def _settle_group(
         if len(members) >= nlink:
             return
         for rel_dir, name in members[1:]:
-            other = _dirfd.open_path(rel_dir or ".", _O_PATH_DIR, dir_fd=root_fd)
+            other = _tree_dir(root_fd, rel_dir)
             try:
                 tmp = f".settle-{os.getpid()}-link"
                 os.link(first_name, tmp, src_dir_fd=where, dst_dir_fd=other, follow_symlinks=False)
@@ -684,7 +820,7 @@ def _settle_group(
         for rel_dir in {d for d, _ in members}:
             if rel_dir:
                 parent, name = _split(rel_dir)
-                pfd = _dirfd.open_path(parent or ".", _O_PATH_DIR, dir_fd=root_fd)
+                pfd = _tree_dir(root_fd, parent)
                 try:
                     mt = dir_mtimes[rel_dir]
                     os.utime(name, ns=(mt, mt), dir_fd=pfd, follow_symlinks=False)

@@ -99,11 +99,17 @@ class _StoreWriter(_StoreRefs):
         parent_diff_ids = [info.diff_id for info in self.chain(parent)] if parent else []
         # The one read of the new tree: its diff_id, its files.json and its disk use together.
         index = _LayerIndex(clamp_ns=settle.epoch_ns if settle is not None else None)
-        tree_digest = layertar.stream_layer(
-            staged, flavor=self.flavor, visit=index, written=written, settle=settle
-        )
+        try:
+            tree_digest = layertar.stream_layer(
+                staged, flavor=self.flavor, visit=index, written=written, settle=settle
+            )
+        except Exception:
+            if settle is not None:
+                settle.refuse(staged)  # a name or device a layer cannot hold comes first
+            raise
         if settle is not None:
             settle.finish(staged)
+            index.ungroup(settle.made_single)
             index.disk_use.total += settle.disk_use_change
         if blob is not None and not (blob_verified and diff_id is not None):
             blob_digest = _blob_digest(blob)

@@ -98,7 +98,7 @@ class _Child:
     whiteout: bool
 
 
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never waits on a fifo
 _O_READDIR = _dirfd.O_DIR
 
 
@@ -340,7 +340,7 @@ class Settle(Protocol):
     epoch_ns: int
 
     def listed(self, dir_fd: int, rel: bytes, name: str, kind: int) -> bool:
-        """A socket, a character device or a ``.wh.`` name met in a directory listing: recorded
+        """A socket, a character device or a ``.wh.`` name met in a directory listing: raises
         if settling refuses it; False when it leaves the tree (a socket)."""
         ...
 
@@ -355,6 +355,13 @@ class Settle(Protocol):
 
     def linked(self, rel: bytes, st: os.stat_result) -> None:
         """A member of a hardlink group of regular files (settled once all are known)."""
+        ...
+
+    def streamed(
+        self, st: os.stat_result, sha256: str, xattrs: Sequence[tuple[bytes, bytes]]
+    ) -> None:
+        """The stream emitted a hardlink group's inode (at its first link met) as ``st`` with
+        the content digest ``sha256`` and the kept ``xattrs``."""
         ...
 
     def left(self, fd: int, rel: bytes, st: os.stat_result) -> None:
@@ -549,7 +556,8 @@ def _walk(
                     digest = _EMPTY_SHA
                     if size > _FLUSH_AT:
                         sink.add(head)
-                        file_hash = hashlib.sha256() if visit is not None else None
+                        grouped = settle is not None and st.st_nlink > 1
+                        file_hash = hashlib.sha256() if visit is not None or grouped else None
                         _emit_large(
                             sink,
                             fd,
@@ -566,7 +574,7 @@ def _walk(
                         else:
                             data = _read_exact(fd, dpath + b"/" + child.tarname, size)
                         sink.add(head + data + _PADS[-size % _BLOCK])
-                        if hashes is not None or visit is not None:
+                        if hashes is not None or visit is not None or settle is not None:
                             digest = hashlib.sha256(data).hexdigest()
                         if hashes is not None:
                             hashes[os.fsdecode(name)] = (st.st_ino, size, st.st_mtime_ns, digest)
@@ -574,6 +582,8 @@ def _walk(
                         sink.add(head)
                         if hashes is not None:
                             hashes[os.fsdecode(name)] = (st.st_ino, 0, st.st_mtime_ns, _EMPTY_SHA)
+                    if settle is not None and st.st_nlink > 1:
+                        settle.streamed(st, digest, xattrs)
                     if visit is not None:
                         if st.st_nlink > 1:
                             shas[(st.st_dev, st.st_ino)] = digest

@@ -210,3 +210,26 @@ def test_settling_in_the_stream_refuses_what_settling_first_refused(
             store.write_layer([], parent=None, name=None, source="build", tree=staged)
     assert (str(streamed.value), streamed.value.path) == (str(first.value), first.value.path)
     assert store.layers() == []
+
+
+@pytest.mark.parametrize("how", ["stream", "settle_tree"])
+def test_refused_device_linked_from_outside_is_not_touched(tmp_path: Path, how: str) -> None:
+    """A 0/0 device hardlinked in from outside (an overlay whiteout elsewhere on the filesystem)
+    is refused; its shared inode keeps its time, so the file outside is left as it was."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mknod(outside / "wh", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    os.utime(outside / "wh", (LATE, LATE))
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        os.link(outside / "wh", staged / "x")
+
+        def build() -> None:
+            if how == "stream":
+                store.write_layer([], parent=None, name=None, source="build", tree=staged)
+            else:
+                changeset.settle_tree(staged)
+
+        with pytest.raises(errors.InvalidLayerError, match="character device 0/0"):
+            build()
+    assert os.lstat(outside / "wh").st_mtime_ns == LATE * 1_000_000_000

@@ -1,0 +1,248 @@
+"""Edges of a build settled by the walk that streams it (no parent, ``Store.write_layer(...,
+tree=)``): a file hardlinked in from outside that changes meanwhile, a lone link to such a
+file, a file swapped for a fifo, and the order of a refusal. None needs root."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_layers import _layerwriter, _tarwrite, changeset, errors
+from pytest_layers._layerindex import disk_use
+from pytest_layers.store import Store
+
+
+def test_outside_file_written_before_the_copy_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream read a file linked in from outside; the private copy made afterwards must be
+    what was streamed, or the stored layer would not match its DiffID."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "log").write_bytes(b"line 1\n")
+    real_finish = _layerwriter.TreeSettler.finish
+
+    def finish(self: _layerwriter.TreeSettler, tree: Path) -> None:
+        with open(outside / "log", "ab") as f:  # a writer outside, between stream and copy
+            f.write(b"line 2\n")
+        real_finish(self, tree)
+
+    monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "a").write_bytes(b"a\n")
+        os.link(outside / "log", staged / "log")
+        with pytest.raises(errors.InvalidLayerError, match="changed while the layer was read"):
+            store.write_layer([], parent=None, name=None, source="build", tree=staged)
+        assert not [p.name for p in staged.iterdir() if p.name.startswith(".settle-")]
+    assert store.layers() == []
+    assert (outside / "log").read_bytes() == b"line 1\nline 2\n"
+
+
+def test_outside_file_unchanged_is_stored_private(tmp_path: Path) -> None:
+    """The check passes an unchanged file: the layer holds a private copy that verifies."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "log").write_bytes(b"line 1\n" * 5000)  # past the stream's one-piece size
+    os.setxattr(outside / "log", "user.keep", b"k")
+    os.setxattr(outside / "log", "user.overlay.origin", b"not in a layer")
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        os.link(outside / "log", staged / "log")
+        os.link(outside / "log", staged / "log2")
+        info = store.write_layer([], parent=None, name=None, source="build", tree=staged)
+    assert store.verify() == []
+    stored = store.layer_dir(info.chain_id)
+    assert os.stat(stored / "log").st_nlink == 2
+    assert os.stat(outside / "log").st_nlink == 1
+    assert os.listxattr(stored / "log") == ["user.keep"]
+    assert os.getxattr(outside / "log", "user.overlay.origin") == b"not in a layer"
+
+
+def _fill_lone_link(root: Path, outside: Path) -> None:
+    (root / "a").write_bytes(b"private\n")
+    os.link(outside / "shared", root / "linked-in")
+
+
+def test_lone_link_to_outside_file_is_no_group(tmp_path: Path) -> None:
+    """One link inside the tree to a file outside becomes a private file with one link: its
+    files.json record names no hardlink group, as when the tree was settled first."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared").write_bytes(b"shared\n")
+    first, streamed = Store(tmp_path / "first"), Store(tmp_path / "streamed")
+    with first.staging() as staged:
+        _fill_lone_link(staged, outside)
+        changeset.settle_tree(staged)
+        want = first.add_layer(staged, parent=None, name=None, source="build").chain_id
+    with streamed.staging() as staged:
+        _fill_lone_link(staged, outside)
+        got = streamed.write_layer([], parent=None, name=None, source="build", tree=staged)
+    assert got.chain_id == want
+    files = (streamed.layer_dir(want).parent / "files.json").read_text()
+    assert "link_group" not in files
+    assert files == (first.layer_dir(want).parent / "files.json").read_text()
+
+
+class _Hung(Exception):
+    pass
+
+
+def test_file_swapped_for_a_fifo_is_refused_not_waited_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A regular file replaced by a fifo after its directory was listed (a builder's process
+    still running) is refused as changed; opening it must not wait for a writer."""
+    real = _tarwrite._settle_children
+
+    def listed_then_swapped(dir_fd: int, prefix: bytes, settle: _tarwrite.Settle) -> Any:
+        children = real(dir_fd, prefix, settle)
+        if prefix == b"":
+            os.unlink("f", dir_fd=dir_fd)
+            os.mkfifo("f", dir_fd=dir_fd)
+        return children
+
+    def hung(signum: int, frame: object) -> None:
+        raise _Hung("the build waits on a fifo for a writer")
+
+    monkeypatch.setattr(_tarwrite, "_settle_children", listed_then_swapped)
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "f").write_bytes(b"x")
+        # Only a guard that turns a hang into a failure: a build that works never meets it.
+        old = signal.signal(signal.SIGALRM, hung)
+        signal.alarm(120)
+        try:
+            with pytest.raises(errors.InvalidLayerError, match="changed type"):
+                store.write_layer([], parent=None, name=None, source="build", tree=staged)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    assert store.layers() == []
+
+
+def _swap_for_fifo_after_listing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    real = _tarwrite._settle_children
+
+    def listed_then_swapped(dir_fd: int, prefix: bytes, settle: _tarwrite.Settle) -> Any:
+        children = real(dir_fd, prefix, settle)
+        if prefix == b"":
+            os.unlink(name, dir_fd=dir_fd)
+            os.mkfifo(name, dir_fd=dir_fd)
+        return children
+
+    monkeypatch.setattr(_tarwrite, "_settle_children", listed_then_swapped)
+
+
+def test_refusal_comes_before_a_read_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A '.wh.' name deep in the tree is refused, not the failure the stream met first on a file
+    it reached before (here one that changed type), as when the tree was settled first."""
+    _swap_for_fifo_after_listing(monkeypatch, "a")
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "a").write_bytes(b"x")
+        (staged / "z/y").mkdir(parents=True)
+        (staged / "z/y/.wh.gone").write_bytes(b"")
+        (staged / "z/.wh.first").write_bytes(b"")
+        with pytest.raises(errors.InvalidLayerError, match=r"'z/\.wh\.first': a file whose name"):
+            store.write_layer([], parent=None, name=None, source="build", tree=staged)
+    assert store.layers() == []
+
+
+def test_refusal_comes_before_permission_denied(tmp_path: Path) -> None:
+    """The same with a file the builder made unreadable (as a user who cannot read it)."""
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "a-secret").write_bytes(b"x")
+        (staged / "a-secret").chmod(0)
+        try:
+            os.close(os.open(staged / "a-secret", os.O_RDONLY))
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this process reads a file of mode 000 (root, or CAP_DAC_OVERRIDE)")
+        (staged / "b").mkdir()
+        (staged / "b/.wh.gone").write_bytes(b"")
+        try:
+            with pytest.raises(errors.InvalidLayerError, match=r"'b/\.wh\.gone'"):
+                store.write_layer([], parent=None, name=None, source="build", tree=staged)
+        finally:
+            (staged / "a-secret").chmod(0o600)
+    assert store.layers() == []
+
+
+def _fill_full_dir(root: Path, n: int, outside: Path, twin: bool) -> None:
+    d = root / "d"
+    d.mkdir()
+    for i in range(n):
+        (d / f"filler-{i:05d}-abcdefgh").write_bytes(b"")
+    os.link(outside / "shared", d / "zz-linked-in")
+    os.link(outside / "shared", d / "zz-linked-too")
+    if twin:  # a twin made by the walk, besides the group's copy made after it
+        os.link(outside / "sym", d / "zz-sym", follow_symlinks=False)
+
+
+@pytest.mark.parametrize("twin", [False, True])
+def test_disk_use_counts_directories_grown_by_settling(tmp_path: Path, twin: bool) -> None:
+    """Settling makes a private copy under a temporary name beside the link: a directory whose
+    last block was full grows (and never shrinks). The recorded disk use is what the stored
+    layer uses, for directory sizes up to the first one settling grows."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared").write_bytes(b"s")
+    os.symlink("shared", outside / "sym")
+    for n in range(100, 200):  # until settling grows the directory (a block's edge is crossed)
+        store = Store(tmp_path / f"s{n}")
+        with store.staging() as staged:
+            _fill_full_dir(staged, n, outside, twin)
+            before = os.lstat(staged / "d").st_blocks
+            got = store.write_layer([], parent=None, name=None, source="build", tree=staged)
+        tree = store.layer_dir(got.chain_id)
+        # What the layer's record counts: its container, its tree (no blob is kept here).
+        assert got.disk_use == disk_use([tree]) + os.lstat(tree.parent).st_blocks * 512, n
+        if os.lstat(tree / "d").st_blocks > before:
+            break
+    else:
+        pytest.skip("no directory grew here (a filesystem sizing directories otherwise)")
+
+
+def test_directory_swapped_for_a_symlink_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory of the tree swapped for a symlink after the stream read it (a process the
+    builder left running) is refused: the hardlink group settled after the stream is not looked
+    for where the symlink points, so the file there keeps its inode, links and time."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared").write_bytes(b"shared\n")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "linked-in").write_bytes(b"shared\n")  # as streamed: only the path tells them apart
+    os.link(victim / "linked-in", victim / "other-name")
+    os.utime(victim / "linked-in", (1_700_000_000, 1_700_000_000))
+    before = os.lstat(victim / "linked-in")
+    real_finish = _layerwriter.TreeSettler.finish
+
+    def finish(self: _layerwriter.TreeSettler, tree: Path) -> None:
+        os.rename(tree / "d", tree / "d.real")
+        os.symlink(victim, tree / "d")
+        real_finish(self, tree)
+
+    monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "d").mkdir()
+        os.link(outside / "shared", staged / "d/linked-in")
+        with pytest.raises(errors.InvalidLayerError, match="'d' changed while the layer was read"):
+            store.write_layer([], parent=None, name=None, source="build", tree=staged)
+    after = os.lstat(victim / "linked-in")
+    assert (after.st_ino, after.st_nlink, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_nlink,
+        before.st_mtime_ns,
+    )
+    assert store.layers() == []
