@@ -4,14 +4,16 @@ file, a file swapped for a fifo, and the order of a refusal. None needs root."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_layers import _layerwriter, _tarwrite, changeset, errors
+from pytest_layers import _layerwriter, _linux, _tarwrite, changeset, errors
 from pytest_layers._layerindex import disk_use
 from pytest_layers.store import Store
 
@@ -153,23 +155,36 @@ def test_refusal_comes_before_a_read_error(tmp_path: Path, monkeypatch: pytest.M
     assert store.layers() == []
 
 
+@contextlib.contextmanager
+def _as_one_who_cannot_read_mode_000() -> Iterator[None]:
+    """This thread without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH in its effective set (root,
+    or the session's user namespace, has them), given back after."""
+    caps = _linux.capget()
+    dac = (1 << 1) | (1 << 2)
+    if not caps.effective & dac:
+        yield
+        return
+    _linux.capset(_linux.Capabilities(caps.effective & ~dac, caps.permitted, caps.inheritable))
+    try:
+        yield
+    finally:
+        _linux.capset(caps)
+
+
 def test_refusal_comes_before_permission_denied(tmp_path: Path) -> None:
     """The same with a file the builder made unreadable (as a user who cannot read it)."""
     store = Store(tmp_path / "s")
     with store.staging() as staged:
         (staged / "a-secret").write_bytes(b"x")
         (staged / "a-secret").chmod(0)
-        try:
-            os.close(os.open(staged / "a-secret", os.O_RDONLY))
-        except PermissionError:
-            pass
-        else:
-            pytest.skip("this process reads a file of mode 000 (root, or CAP_DAC_OVERRIDE)")
         (staged / "b").mkdir()
         (staged / "b/.wh.gone").write_bytes(b"")
         try:
-            with pytest.raises(errors.InvalidLayerError, match=r"'b/\.wh\.gone'"):
-                store.write_layer([], parent=None, name=None, source="build", tree=staged)
+            with _as_one_who_cannot_read_mode_000():
+                with pytest.raises(PermissionError):
+                    os.close(os.open(staged / "a-secret", os.O_RDONLY))
+                with pytest.raises(errors.InvalidLayerError, match=r"'b/\.wh\.gone'"):
+                    store.write_layer([], parent=None, name=None, source="build", tree=staged)
         finally:
             (staged / "a-secret").chmod(0o600)
     assert store.layers() == []
