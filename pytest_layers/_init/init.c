@@ -264,11 +264,12 @@ static void read_env(struct plan *p)
     }
 }
 
-static void close_other_fds(void)
+/* Close every fd from `first` on, or (cloexec) mark them close-on-exec. */
+static void fds_from(unsigned int first, int cloexec)
 {
-    if (syscall(SYS_close_range, FIRST_FREE_FD, ~0U, 0) == 0)
+    if (syscall(SYS_close_range, first, ~0U, cloexec ? CLOSE_RANGE_CLOEXEC : 0) == 0)
         return;
-    /* No close_range (Linux < 5.9, or filtered): one close per open fd. */
+    /* No close_range (Linux < 5.9, or filtered): one call per open fd. */
     DIR *d = opendir("/proc/self/fd");
     if (d == NULL)
         fail(errno, "sandbox init: cannot list its fds: %s", strerror(errno));
@@ -279,27 +280,11 @@ static void close_other_fds(void)
         unsigned long fd;
         if (parse_id(e->d_name, &end, &fd) || *end != '\0')
             continue;
-        if (fd >= FIRST_FREE_FD && (int)fd != own)
+        if (fd < first || (int)fd == own)
+            continue;
+        if (!cloexec)
             close((int)fd);
-    }
-    closedir(d);
-}
-
-static void cloexec_from(unsigned int first)
-{
-    if (syscall(SYS_close_range, first, ~0U, CLOSE_RANGE_CLOEXEC) == 0)
-        return;
-    DIR *d = opendir("/proc/self/fd");
-    if (d == NULL)
-        fail(errno, "sandbox init: cannot list its fds: %s", strerror(errno));
-    int own = dirfd(d);
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        const char *end;
-        unsigned long fd;
-        if (parse_id(e->d_name, &end, &fd) || *end != '\0')
-            continue;
-        if (fd >= first && (int)fd != own && fcntl((int)fd, F_SETFD, FD_CLOEXEC) < 0)
+        else if (fcntl((int)fd, F_SETFD, FD_CLOEXEC) < 0)
             fail(errno, "sandbox init: cannot mark fd %lu close-on-exec: %s", fd,
                  strerror(errno));
     }
@@ -636,7 +621,7 @@ static void switch_user(const struct plan *p)
 
 static pid_t start_program(const struct plan *p)
 {
-    cloexec_from(FD_ERR);
+    fds_from(FD_ERR, 1);
     if (chdir(p->cwd) < 0)
         fail(errno, "cwd '%s' inside the image: %s", p->cwd, strerror(errno));
     drop_privileges(p);
@@ -799,7 +784,7 @@ int main(int argc, char **argv)
               stderr);
         return 2;
     }
-    close_other_fds();
+    fds_from(FIRST_FREE_FD, 0);
     struct plan plan;
     memset(&plan, 0, sizeof plan);
     parse(argc, argv, &plan);
