@@ -513,9 +513,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             tr.write_line(line)
 
 
-# ---- @layer fixtures -----------------------------------------------------------------------
-
-
 # ---- the marker ----------------------------------------------------------------------------
 
 
@@ -529,6 +526,9 @@ class _Spec:
     defs: tuple[LayerDef, ...] = ()
     #: Their qualified names (``a/conftest.py::base``): the image's identity across processes.
     keys: tuple[str, ...] = ()
+    #: The view pool's key (``lifecycle.pool_key``), made once with the spec: each test's setup
+    #: and the collection's plan both use it.
+    pool_key: tuple[Any, ...] | None = None
 
 
 class LayerMarkerWarning(pytest.PytestWarning):
@@ -565,7 +565,8 @@ def _resolve(item: pytest.Item, arg: object, where: str) -> LayerDef:
 def _spec(names: Sequence[str], defs: Sequence[LayerDef], item: pytest.Item, **kw: Any) -> _Spec:
     root = item.config.rootpath
     keys = tuple(build.qualified_name(d, root) or d.name for d in defs)
-    return _Spec(tuple(names), defs=tuple(defs), keys=keys, **kw)
+    key = pool_key(keys, kw["readonly"], kw["init"])
+    return _Spec(tuple(names), defs=tuple(defs), keys=keys, pool_key=key, **kw)
 
 
 def _marker_spec(item: pytest.Item) -> _Spec:
@@ -669,12 +670,8 @@ def pytest_collection_modifyitems(
         item.stash[_INDEX] = i
         spec = item.stash.get(_SPEC, (None, None))[1]
         uses = spec is not None and "rootfs" in getattr(item, "fixturenames", ())
-        state.plan.append(_pool_key(spec) if uses and not hooked and spec else None)
+        state.plan.append(spec.pool_key if uses and not hooked and spec else None)
     return result
-
-
-def _pool_key(spec: _Spec) -> tuple[Any, ...] | None:
-    return pool_key(spec.keys, spec.readonly, spec.init)
 
 
 def _pool(state: _State) -> Any:
@@ -765,7 +762,7 @@ def rootfs() -> Iterator[Rootfs]:
         readonly=spec.readonly,
         pool=pool,
         # The key from the spec in hand: the plan only predicts (a test may applymarker).
-        key=_pool_key(spec) if pool is not None and not hooked else None,
+        key=spec.pool_key if pool is not None and not hooked else None,
         caught=_CAUGHT,
     )
     fs = life.open(expect=lambda pool: _expect(state, pool, item))

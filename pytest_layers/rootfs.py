@@ -85,12 +85,30 @@ class Rootfs(os.PathLike[str]):
         self._closed = False
         if prepared is None:
             prepared = prepare(session, image, init=init, readonly=readonly)
-        self._scratch = prepared.scratch
-        self._view = prepared.view
-        self._exclude = prepared.exclude
-        self._init_dirs = prepared.init_dirs
-        self._init_dir = prepared.init_dir
+        # Read through, not copied: a view from the pool's helper makes its paths only when
+        # they are first used (see _Loaded).
+        self._prepared = prepared
         self._processes: list[Any] = []  # container.Process, imported when a program runs
+
+    @property
+    def _scratch(self) -> Path:
+        return self._prepared.scratch
+
+    @property
+    def _view(self) -> View:
+        return self._prepared.view
+
+    @property
+    def _exclude(self) -> set[str]:
+        return self._prepared.exclude
+
+    @property
+    def _init_dirs(self) -> set[str]:
+        return self._prepared.init_dirs
+
+    @property
+    def _init_dir(self) -> Path | None:
+        return self._prepared.init_dir
 
     # -- the init layer
 
@@ -100,7 +118,7 @@ class Rootfs(os.PathLike[str]):
     # -- the public surface
 
     def __fspath__(self) -> str:
-        return str(self._view.path)
+        return self._prepared.path_text()
 
     def __truediv__(self, other: str | os.PathLike[str]) -> Path:
         """``rootfs / "etc/app.conf"``: a path inside the rootfs, always.
@@ -492,7 +510,7 @@ class Rootfs(os.PathLike[str]):
             with contextlib.suppress(OSError):
                 proc.close()
         self._processes = []
-        return functools.partial(discard, Prepared(self._scratch, self._view, set(), set(), None))
+        return functools.partial(discard, self._prepared)
 
 
 def _nothing() -> None:
@@ -509,6 +527,40 @@ class Prepared:
     exclude: set[str]
     init_dirs: set[str]
     init_dir: Path | None
+
+    def path_text(self) -> str:
+        """The merged directory, as text (what ``os.fspath(rootfs)`` gives)."""
+        return os.fspath(self.view.path)
+
+
+class _Loaded(Prepared):
+    """A :class:`Prepared` read back from :func:`portable`'s plain values, made into paths and
+    a view when first used. A test often only asks for its rootfs's path as text, and each
+    :class:`~pathlib.Path` costs a few microseconds to make: on the view pool's hot path, in
+    every test, that was a tenth of the cost of a rootfs."""
+
+    def __init__(self, data: tuple[Any, ...]) -> None:  # no dataclass __init__: loaded later
+        self._data = data
+        self._path_text: str = next(v for n, _, v in data[2] if n == "path")
+
+    def path_text(self) -> str:
+        return self._path_text
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for what is not set yet: the dataclass fields, before the first use.
+        if name in _PREPARED_FIELDS and "_data" in self.__dict__:
+            scratch, cls_name, fields, exclude, init_dirs, init_dir = self.__dict__.pop("_data")
+            values: dict[str, Any] = {n: Path(v) if is_path else v for n, is_path, v in fields}
+            self.scratch = Path(scratch)
+            self.view = _view_class(cls_name)(**values)
+            self.exclude = set(exclude)
+            self.init_dirs = set(init_dirs)
+            self.init_dir = None if init_dir is None else Path(init_dir)
+            return getattr(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+_PREPARED_FIELDS = frozenset(f.name for f in dataclasses.fields(Prepared))
 
 
 def prepare(
@@ -593,17 +645,9 @@ def portable(prepared: Prepared) -> tuple[Any, ...]:
 
 
 def from_portable(data: tuple[Any, ...]) -> Prepared:
-    """The :class:`Prepared` that :func:`portable` wrote (its view has no closer)."""
-    scratch, cls_name, fields, exclude, init_dirs, init_dir = data
-    values: dict[str, Any] = {n: Path(v) if is_path else v for n, is_path, v in fields}
-    view = _view_class(cls_name)(**values)
-    return Prepared(
-        Path(scratch),
-        view,
-        set(exclude),
-        set(init_dirs),
-        None if init_dir is None else Path(init_dir),
-    )
+    """The :class:`Prepared` that :func:`portable` wrote (its view has no closer); its paths
+    and view are made when first used."""
+    return _Loaded(data)
 
 
 @functools.cache

@@ -403,6 +403,8 @@ def test_prepared_views_cross_as_plain_values(tmp_path: Path) -> None:
     ):
         prepared = Prepared(tmp_path, view, {"etc/a"}, {"etc"}, tmp_path / "init")
         back = from_portable(marshal.loads(marshal.dumps(portable(prepared))))
+        # The path as text first: read back without making the view (it is made lazily).
+        assert back.path_text() == os.fspath(view.path)
         assert type(back.view) is type(view)
         assert back.view == view
         assert back.view._closer is None

@@ -138,6 +138,9 @@ class _Helper:
         self._outbox: list[tuple[Any, ...]] = []
         self._retiring = 0
         self._buffer = bytearray()
+        #: Whole replies read from the pipe and not yet received: one read takes every reply
+        #: the helper has written (a batch), each test then takes its own without a syscall.
+        self._frames: collections.deque[tuple[Any, ...]] = collections.deque()
         self._eof = False
 
     def queue(self, message: tuple[Any, ...]) -> None:
@@ -157,41 +160,24 @@ class _Helper:
 
     def ready(self) -> bool:
         """A reply can be read without waiting."""
-        return self._complete() or (self._fill(block=False) and self._complete())
+        return bool(self._frames) or self._fill(block=False)
 
     def receive(self) -> tuple[Any, ...]:
-        while True:
-            frame = self._frame()
-            if frame is not None:
-                return frame
+        frames = self._frames
+        while not frames:
             if not self._fill(block=True):
                 raise PoolError(f"the view pool's helper process {self.pid} exited unexpectedly")
+        return frames.popleft()
 
     def drain(self) -> None:
         """Read until the helper closes its end (it does when it has cleaned up)."""
-        while self._fill(block=True):
-            pass
-
-    def _complete(self) -> bool:
-        """The buffer starts with a whole message."""
-        buf = self._buffer
-        return len(buf) >= _HEADER.size and len(buf) >= _HEADER.size + _HEADER.unpack_from(buf)[0]
-
-    def _frame(self) -> tuple[Any, ...] | None:
-        if not self._complete():
-            return None
-        buf = self._buffer
-        end = _HEADER.size + _HEADER.unpack_from(buf)[0]
-        message: tuple[Any, ...] = marshal.loads(bytes(buf[_HEADER.size : end]))
-        del buf[:end]
-        return message
+        while not self._eof:
+            self._fill(block=True)
 
     def _fill(self, *, block: bool) -> bool:
-        """Append what the pipe holds to the buffer; False at end of file (or, without
-        ``block``, when nothing is there)."""
-        if self._eof:
-            return False
-        while True:
+        """Read what the pipe holds and split off the whole replies in it; whether one came
+        (False at end of file or, without ``block``, when no whole reply is there)."""
+        while not self._eof:
             try:
                 chunk = os.read(self.rx, _READ_SIZE)
             except BlockingIOError:
@@ -202,8 +188,20 @@ class _Helper:
             if not chunk:
                 self._eof = True
                 return False
-            self._buffer += chunk
-            return True
+            buf = self._buffer
+            buf += chunk
+            start, end, size = 0, len(buf), _HEADER.size
+            while end - start >= size:
+                stop = start + size + _HEADER.unpack_from(buf, start)[0]
+                if stop > end:
+                    break
+                self._frames.append(marshal.loads(buf[start + size : stop]))
+                start = stop
+            if start:
+                del buf[:start]
+            if self._frames:
+                return True
+        return False
 
 
 class ViewPool(Generic[T]):
