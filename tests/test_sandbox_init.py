@@ -457,6 +457,61 @@ def test_a_killed_caller_leaves_no_process_when_the_program_runs_as_another_user
     assert left == []
 
 
+KEEPER_CALLER = """
+import errno, os, sys, time
+from pytest_layers import sandbox
+def refused(flags):
+    raise OSError(errno.ENOSYS, "clone3 filtered")
+sandbox._linux.fork_into_namespaces = refused  # as under Docker's seccomp: the keeper's way
+uid = int(sys.argv[2])
+read, write = os.pipe()
+proc = sandbox.Sandbox(sys.argv[1], helper=False).spawn(
+    ["/bin/sh", "-c", "sleep 1000 & echo up; wait"], stdout=write, user=(uid, uid))
+os.close(write)
+with os.fdopen(read) as f:
+    assert f.readline() == "up\\n"
+print(proc.pid, flush=True)
+time.sleep(1000)
+"""
+
+
+def test_a_killed_caller_leaves_no_process_when_a_keeper_started_init_as_another_user(
+    image: Path,
+) -> None:
+    # The keeper dies with the caller (its own parent-death signal), init with the keeper: init
+    # is the keeper's child, and its signal, cleared by the switch to the program's user, must
+    # be set again there too (the compiled init has no keeper).
+    if os.geteuid() == 0:
+        uid = 1000  # every id is mapped
+    else:
+        require("subids")
+        uid = 1  # the first subordinate id
+    env = {**os.environ, "PYTEST_LAYERS_INIT": "python"}
+    with subprocess.Popen(
+        [sys.executable, "-c", KEEPER_CALLER, os.fspath(image), str(uid)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as caller:
+        try:
+            assert caller.stdout is not None
+            keeper = int(caller.stdout.readline())
+            (init,) = psutil.Process(keeper).children()
+            program = init.children(recursive=True)
+            inside = [keeper, init.pid, *(p.pid for p in program)]
+            assert len(program) >= 2  # sh and sleep
+            assert {p.uids().real for p in program} != {os.getuid()}
+        finally:
+            caller.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in inside):
+        time.sleep(0.05)
+    left = [p for p in inside if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    for p in left:  # never leave them behind, even when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert left == []
+
+
 @pytest.mark.parametrize("user", ["4294967295:0", "0:4294967295"])
 def test_the_compiled_init_refuses_the_id_that_means_unchanged(cache: Path, user: str) -> None:
     # Its own check, for a caller other than Sandbox.spawn (which refuses it first).
