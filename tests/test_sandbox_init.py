@@ -7,6 +7,7 @@ under both.)"""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -510,6 +511,58 @@ def test_a_killed_caller_leaves_no_process_when_a_keeper_started_init_as_another
     for p in left:  # never leave them behind, even when the test fails
         os.kill(p, signal.SIGKILL)
     assert left == []
+
+
+KEEPER_GONE_CALLER = """
+import errno, os, select, sys
+from pytest_layers import _faultpoints, sandbox
+def refused(flags):
+    raise OSError(errno.ENOSYS, "clone3 filtered")
+sandbox._linux.fork_into_namespaces = refused  # the keeper's way
+def hook(point, detail):
+    if point == "sandbox-user-switched":
+        select.select([int(detail)], [], [])  # the keeper's pidfd: until it died
+_faultpoints.hook = hook
+uid = int(sys.argv[2])
+sandbox.Sandbox(sys.argv[1], helper=False).spawn(
+    ["/bin/sh", "-c", "sleep 1000 & wait"], user=(uid, uid))
+"""
+
+
+def test_init_whose_keeper_died_while_it_switched_users_ends(image: Path) -> None:
+    # Switching users cleared init's parent-death signal; the keeper (and the caller) die right
+    # then, before init sets it again, so no signal will ever come: init must see from the
+    # keeper's pidfd that it is gone, and end before it starts the program. Init waits at that
+    # moment (a fault point) until the keeper died.
+    if os.geteuid() == 0:
+        uid = 1000
+    else:
+        require("subids")
+        uid = 1
+    env = {**os.environ, "PYTEST_LAYERS_INIT": "python"}
+    with subprocess.Popen(
+        [sys.executable, "-c", KEEPER_GONE_CALLER, os.fspath(image), str(uid)], env=env
+    ) as caller:
+        init = None
+        try:
+            deadline = time.monotonic() + 60
+            while init is None or init.uids().real == os.getuid():
+                assert time.monotonic() < deadline, "init never switched users"
+                assert caller.poll() is None, "the caller ended"
+                time.sleep(0.01)
+                with contextlib.suppress(ValueError):
+                    (keeper,) = psutil.Process(caller.pid).children()
+                    (init,) = keeper.children()
+        finally:
+            caller.kill()
+    assert init is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and init.is_running() and init.status() != "zombie":
+        time.sleep(0.05)
+    alive = init.is_running() and init.status() != "zombie"
+    if alive:  # never leave it behind (its PID namespace goes with it), even when failing
+        init.kill()
+    assert not alive, "init outlived its keeper and started the program"
 
 
 @pytest.mark.parametrize("user", ["4294967295:0", "0:4294967295"])
