@@ -9,7 +9,7 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from pytest_layers import _datacopy, _dirfd, _ocirules, layertar
@@ -440,6 +440,7 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
     epoch_ns = layertar.clamp_epoch() * 1_000_000_000 if clamp_mtimes else 2**63 - 1
     shared: dict[tuple[int, int], tuple[int, list[tuple[str, str]]]] = {}
     dir_mtimes: dict[str, int] = {}  # what each directory's mtime was made, for _settle_group
+    dir_ids: dict[str, _dirfd.Ident] = {}  # each directory the walk read, for _settle_group
     files = size = 0
     bad: list[tuple[bool, str, os.stat_result]] = []  # (is a device, path, stat)
 
@@ -497,6 +498,7 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
             # After the sockets went (an unlink restamps the directory); files' utimes do not.
             mtime = dir_mtimes[rel_dir] = min(st_dir.st_mtime_ns, epoch_ns)
             os.utime(fd, ns=(mtime, mtime))
+            dir_ids[rel_dir] = (st_dir.st_dev, st_dir.st_ino)
         return subdirs
 
     no_stat: os.stat_result | None = None  # the root's own metadata is not the layer's
@@ -507,7 +509,7 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
     root_fd = os.open(tree, _O_ROOT)
     try:
         for nlink, members in shared.values():
-            _settle_group(root_fd, nlink, members, epoch_ns, dir_mtimes)
+            _settle_group(root_fd, nlink, members, epoch_ns, dir_mtimes, dir_ids)
     finally:
         os.close(root_fd)
     return LayerStats(files=files, size=size)
@@ -540,6 +542,7 @@ class TreeSettler:
         #: that settling's temporary names grew keeps its larger size.
         self.disk_use_change = 0
         self._dir_blocks: dict[str, int] = {}  # each directory's st_blocks when the walk left it
+        self._dir_ids: dict[str, _dirfd.Ident] = {}  # each directory the stream read
 
     def listed(self, dir_fd: int, rel: bytes, name: str, kind: int) -> bool:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -577,6 +580,7 @@ class TreeSettler:
         path = os.fsdecode(rel)
         mtime = self._dir_mtimes[path] = min(st.st_mtime_ns, self.epoch_ns)
         os.utime(fd, ns=(mtime, mtime))
+        self._dir_ids[path] = (st.st_dev, st.st_ino)
         # The stream counted the directory as it opened it, before a twin's temporary name.
         blocks = self._dir_blocks[path] = os.fstat(fd).st_blocks
         self.disk_use_change += (blocks - st.st_blocks) * 512
@@ -616,22 +620,29 @@ class TreeSettler:
         root_fd = os.open(tree, _O_ROOT)
         try:
             for key, (nlink, members) in self._groups.items():
+                ids = self._dir_ids
                 if len(members) >= nlink:
-                    _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes)
+                    _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes, ids)
                     continue
                 # Made private: the stream counted the blocks of the inode outside.
-                old = _blocks(root_fd, *members[0])
+                old = _blocks(root_fd, *members[0], ids)
                 _settle_group(
-                    root_fd, nlink, members, self.epoch_ns, self._dir_mtimes, self._streamed[key]
+                    root_fd,
+                    nlink,
+                    members,
+                    self.epoch_ns,
+                    self._dir_mtimes,
+                    ids,
+                    self._streamed[key],
                 )
                 if len(members) == 1:
                     self.made_single.append(_join(*members[0]))
                 # The copy and its links were made under temporary names in these directories.
                 for rel_dir in {d for d, _ in members if d}:
-                    blocks = _blocks(root_fd, *_split(rel_dir))
+                    blocks = _blocks(root_fd, *_split(rel_dir), ids)
                     self.disk_use_change += (blocks - self._dir_blocks[rel_dir]) * 512
                     self._dir_blocks[rel_dir] = blocks
-                self.disk_use_change += (_blocks(root_fd, *members[0]) - old) * 512
+                self.disk_use_change += (_blocks(root_fd, *members[0], ids) - old) * 512
         finally:
             os.close(root_fd)
 
@@ -666,31 +677,44 @@ def _sha256_fd(fd: int) -> str:
 _O_PATH_DIR_NOFOLLOW = _O_PATH_DIR | os.O_NOFOLLOW
 
 
-def _tree_dir(root_fd: int, rel_dir: str) -> int:
+def _tree_dir(root_fd: int, rel_dir: str, ids: Mapping[str, _dirfd.Ident]) -> int:
     """An ``O_PATH`` fd of the directory ``rel_dir`` ("" for the root) of the tree ``root_fd``,
-    opened one component at a time with no symlink followed: a directory swapped for a
-    symlink since the walk met it (a process the builder left running) is refused, so nothing
-    outside the tree is settled through it."""
+    opened one component at a time, each relative to its parent, with no symlink followed, and
+    each the very directory the walk read (``ids``: its device and inode by path). A directory
+    swapped since the walk met it (a process the builder left running), for a symlink or for
+    another directory moved in, is refused, so nothing but the tree read is settled."""
     fd = os.open(".", _O_PATH_DIR, dir_fd=root_fd)
+    path = ""
     try:
         for part in rel_dir.split("/") if rel_dir else ():
             nxt = os.open(part, _O_PATH_DIR_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = nxt
+            path = _join(path, part)
+            st = os.fstat(fd)
+            if ids.get(path) != (st.st_dev, st.st_ino):
+                os.close(fd)
+                fd = -1
+                raise _changed(path)
     except OSError as exc:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
-            raise InvalidLayerError(
-                f"{rel_dir!r} changed while the layer was read (it is no longer the directory "
-                "that was read); a stored layer must not change",
-                path=rel_dir,
-            ) from exc
+            raise _changed(rel_dir) from exc
         raise
     return fd
 
 
-def _blocks(root_fd: int, rel_dir: str, name: str) -> int:
-    where = _tree_dir(root_fd, rel_dir)
+def _changed(rel_dir: str) -> InvalidLayerError:
+    return InvalidLayerError(
+        f"{rel_dir!r} changed while the layer was read (it is no longer the directory that was "
+        "read); a stored layer must not change",
+        path=rel_dir,
+    )
+
+
+def _blocks(root_fd: int, rel_dir: str, name: str, ids: Mapping[str, _dirfd.Ident]) -> int:
+    where = _tree_dir(root_fd, rel_dir, ids)
     try:
         return os.stat(name, dir_fd=where, follow_symlinks=False).st_blocks
     finally:
@@ -767,6 +791,7 @@ def _settle_group(
     members: list[tuple[str, str]],
     epoch_ns: int,
     dir_mtimes: dict[str, int],
+    dir_ids: Mapping[str, _dirfd.Ident],
     emitted: _Emitted | None = None,
 ) -> None:
     """Settle a hardlink group of the tree (the xattrs a layer does not keep removed, the mtime
@@ -775,7 +800,7 @@ def _settle_group(
     holds the inode; a private copy that differs (the file outside was written meanwhile) is
     refused, since the layer would not match its digest."""
     first_dir, first_name = members[0]
-    where = _tree_dir(root_fd, first_dir)
+    where = _tree_dir(root_fd, first_dir, dir_ids)
     try:
         st = os.stat(first_name, dir_fd=where, follow_symlinks=False)
         if len(members) < nlink:
@@ -809,7 +834,7 @@ def _settle_group(
         if len(members) >= nlink:
             return
         for rel_dir, name in members[1:]:
-            other = _tree_dir(root_fd, rel_dir)
+            other = _tree_dir(root_fd, rel_dir, dir_ids)
             try:
                 tmp = f".settle-{os.getpid()}-link"
                 os.link(first_name, tmp, src_dir_fd=where, dst_dir_fd=other, follow_symlinks=False)
@@ -820,7 +845,7 @@ def _settle_group(
         for rel_dir in {d for d, _ in members}:
             if rel_dir:
                 parent, name = _split(rel_dir)
-                pfd = _tree_dir(root_fd, parent)
+                pfd = _tree_dir(root_fd, parent, dir_ids)
                 try:
                     mt = dir_mtimes[rel_dir]
                     os.utime(name, ns=(mt, mt), dir_fd=pfd, follow_symlinks=False)

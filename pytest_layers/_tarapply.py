@@ -105,6 +105,8 @@ class _Applier:
         self.written: set[str] = set()
         self.ancestors: set[str] = set()  # every proper ancestor of a written path
         self.dir_meta: dict[str, tuple[int, int, int, int]] = {}  # rel -> (dev, ino, mode, ns)
+        #: (dev, ino) -> (path parts, mtime ns before this tar first changed the directory)
+        self.touched: dict[tuple[int, int], tuple[tuple[str, ...], int]] = {}
         #: Set when the tar is a plain file: members' data is then read at their offsets.
         self.reader: _PlainTarReader | None = None
 
@@ -228,6 +230,17 @@ class _Applier:
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
+    def touch(self, parts: Sequence[str], fd: int) -> None:
+        """Remember the mtime of the directory ``fd`` before this tar first changes it.
+
+        A layer may delete, replace or add a child without a header for the directory (umoci
+        leaves it out when the directory's mtime looks unchanged). The tar then says nothing of
+        the directory, so it keeps its mtime from below instead of taking the apply's moment.
+        """
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) not in self.touched:
+            self.touched[st.st_dev, st.st_ino] = (tuple(parts), st.st_mtime_ns)
+
     def mark_written(self, rel: str) -> None:
         self.written.add(rel)
         parent = rel.rpartition("/")[0]
@@ -298,6 +311,7 @@ class _Applier:
         parent_fd = self.open_dir(parent_parts, member.name, create=True)
         assert parent_fd is not None
         try:
+            self.touch(parent_parts, parent_fd)
             self.create(tf, member, rel, parent_fd, base)
         finally:
             os.close(parent_fd)
@@ -312,6 +326,7 @@ class _Applier:
             if fd is None:
                 return
             try:
+                self.touch(parent_parts, fd)
                 # The marker applies before this layer's own entries in the directory, wherever
                 # it sits in the tar: entries already applied are spared, later ones come after.
                 scan = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
@@ -334,6 +349,7 @@ class _Applier:
         if fd is None:
             return
         try:
+            self.touch(parent_parts, fd)
             self.remove(fd, target, rel, keep_own=True)
         finally:
             os.close(fd)
@@ -606,6 +622,18 @@ class _Applier:
                 )
 
     def finish_dirs(self) -> None:
+        # Directories the tar changed without naming them first; a named one then takes its
+        # header's metadata below, whatever happened to it.
+        for (dev, ino), (parts, mtime_ns) in self.touched.items():
+            fd = self.open_dir(parts, "/".join(parts), create=False)
+            if fd is None:
+                continue
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (dev, ino):  # not replaced or removed since
+                    os.utime(".", ns=(mtime_ns, mtime_ns), dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(fd)
         # Deepest first, so setting a directory's mtime is not undone by touching its parent.
         for rel in sorted(self.dir_meta, key=lambda r: r.count("/"), reverse=True):
             dev, ino, mode, mtime_ns = self.dir_meta[rel]

@@ -139,6 +139,7 @@ class TestRootfs:
             load=rootfs_mod.from_portable,
             started=getattr(backend, "helper_started", None),
             ending=getattr(backend, "helper_ending", None),
+            reset_counts=getattr(backend, "add_reset_counts", None),
             begin=functools.partial(
                 rootfs_mod.prepare_begin,
                 self.session,

@@ -500,8 +500,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     backend = state.session.backend if state is not None and state.session is not None else None
     reused = getattr(backend, "reused", None)
     discarded = getattr(backend, "discarded", 0)
-    # Only a session that reset copies itself has figures here: with the view pool the helper
-    # resets them, and its counts stay in the helper (the pool's own line says what it served).
+    # With the view pool, the helpers reset the copies: the pool added their counts here (the
+    # reset views tests took, and the resets each helper refused, sent when it ended).
     if verbose and isinstance(reused, int) and (reused or discarded):
         lines.append(f"layers: copy: {reused} copies reset and reused, {discarded} thrown away")
     remote = state.session.remote if state is not None and state.session is not None else None

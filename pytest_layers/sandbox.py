@@ -1324,6 +1324,7 @@ def _start(plan: _Plan) -> int:  # pragma: no cover - child
         raise _stage("cannot drop privileges", exc) from None
     if plan.user is not None:
         _switch_user(plan)
+        _faultpoints.reached("sandbox-user-switched", str(plan.alive))
         # A change of credentials clears the parent-death signal: set it again, then make sure
         # our parent did not die in between (no signal would come for that).
         _linux.set_pdeathsig(signal.SIGKILL)

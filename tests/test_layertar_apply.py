@@ -282,6 +282,28 @@ def test_whiteout_of_dir_keeps_own_children(box: Sandbox) -> None:
     assert os.listdir(box.root / "d") == ["mine"]
 
 
+def test_a_directory_the_layer_changes_without_naming_keeps_its_mtime(box: Sandbox) -> None:
+    # A layer that deletes, replaces or adds a child need not carry a header for the directory
+    # (umoci leaves it out when its mtime looks unchanged): the tar then says nothing about
+    # the directory's metadata, so it keeps the lower layer's mtime, as umoci unpacks it, and
+    # not the moment of the apply.
+    make_tree(box.root, {"etc/gone": "x", "etc/lnk": ("symlink", "x"), "opt/app/keep": "k"})
+    set_tree_mtimes(box.root, T - 5000)
+    os.utime(box.root, (T - 6000, T - 6000))
+    box.apply(
+        build_tar(
+            ("etc/.wh.gone", "file"),
+            ("etc/lnk", "symlink", "/etc/x"),
+            ("opt/app/.wh..wh..opq", "file"),
+            ("opt/app/fresh", "file", b"f"),
+            ("top", "file", b"t"),
+        )
+    )
+    assert sorted(os.listdir(box.root / "opt/app")) == ["fresh"]
+    assert [os.lstat(box.root / d).st_mtime for d in ("etc", "opt", "opt/app")] == [T - 5000] * 3
+    assert box.root.lstat().st_mtime == T - 6000
+
+
 def test_opaque_directory_hides_lower_children(box: Sandbox) -> None:
     make_tree(box.root, {"d/a": "1", "d/sub/b": "2", "other": "3"})
     stats = box.apply(build_tar(("d", "dir"), ("d/.wh..wh..opq", "file"), ("d/c", "file", b"c")))

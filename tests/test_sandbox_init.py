@@ -7,6 +7,7 @@ under both.)"""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -455,6 +456,113 @@ def test_a_killed_caller_leaves_no_process_when_the_program_runs_as_another_user
     for p in left:  # never leave them behind, even when the test fails
         os.kill(p, signal.SIGKILL)
     assert left == []
+
+
+KEEPER_CALLER = """
+import errno, os, sys, time
+from pytest_layers import sandbox
+def refused(flags):
+    raise OSError(errno.ENOSYS, "clone3 filtered")
+sandbox._linux.fork_into_namespaces = refused  # as under Docker's seccomp: the keeper's way
+uid = int(sys.argv[2])
+read, write = os.pipe()
+proc = sandbox.Sandbox(sys.argv[1], helper=False).spawn(
+    ["/bin/sh", "-c", "sleep 1000 & echo up; wait"], stdout=write, user=(uid, uid))
+os.close(write)
+with os.fdopen(read) as f:
+    assert f.readline() == "up\\n"
+print(proc.pid, flush=True)
+time.sleep(1000)
+"""
+
+
+def test_a_killed_caller_leaves_no_process_when_a_keeper_started_init_as_another_user(
+    image: Path,
+) -> None:
+    # The keeper dies with the caller (its own parent-death signal), init with the keeper: init
+    # is the keeper's child, and its signal, cleared by the switch to the program's user, must
+    # be set again there too (the compiled init has no keeper).
+    if os.geteuid() == 0:
+        uid = 1000  # every id is mapped
+    else:
+        require("subids")
+        uid = 1  # the first subordinate id
+    env = {**os.environ, "PYTEST_LAYERS_INIT": "python"}
+    with subprocess.Popen(
+        [sys.executable, "-c", KEEPER_CALLER, os.fspath(image), str(uid)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as caller:
+        try:
+            assert caller.stdout is not None
+            keeper = int(caller.stdout.readline())
+            (init,) = psutil.Process(keeper).children()
+            program = init.children(recursive=True)
+            inside = [keeper, init.pid, *(p.pid for p in program)]
+            assert len(program) >= 2  # sh and sleep
+            assert {p.uids().real for p in program} != {os.getuid()}
+        finally:
+            caller.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in inside):
+        time.sleep(0.05)
+    left = [p for p in inside if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    for p in left:  # never leave them behind, even when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert left == []
+
+
+KEEPER_GONE_CALLER = """
+import errno, os, select, sys
+from pytest_layers import _faultpoints, sandbox
+def refused(flags):
+    raise OSError(errno.ENOSYS, "clone3 filtered")
+sandbox._linux.fork_into_namespaces = refused  # the keeper's way
+def hook(point, detail):
+    if point == "sandbox-user-switched":
+        select.select([int(detail)], [], [])  # the keeper's pidfd: until it died
+_faultpoints.hook = hook
+uid = int(sys.argv[2])
+sandbox.Sandbox(sys.argv[1], helper=False).spawn(
+    ["/bin/sh", "-c", "sleep 1000 & wait"], user=(uid, uid))
+"""
+
+
+def test_init_whose_keeper_died_while_it_switched_users_ends(image: Path) -> None:
+    # Switching users cleared init's parent-death signal; the keeper (and the caller) die right
+    # then, before init sets it again, so no signal will ever come: init must see from the
+    # keeper's pidfd that it is gone, and end before it starts the program. Init waits at that
+    # moment (a fault point) until the keeper died.
+    if os.geteuid() == 0:
+        uid = 1000
+    else:
+        require("subids")
+        uid = 1
+    env = {**os.environ, "PYTEST_LAYERS_INIT": "python"}
+    with subprocess.Popen(
+        [sys.executable, "-c", KEEPER_GONE_CALLER, os.fspath(image), str(uid)], env=env
+    ) as caller:
+        init = None
+        try:
+            deadline = time.monotonic() + 60
+            while init is None or init.uids().real == os.getuid():
+                assert time.monotonic() < deadline, "init never switched users"
+                assert caller.poll() is None, "the caller ended"
+                time.sleep(0.01)
+                with contextlib.suppress(ValueError):
+                    (keeper,) = psutil.Process(caller.pid).children()
+                    (init,) = keeper.children()
+        finally:
+            caller.kill()
+    assert init is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and init.is_running() and init.status() != "zombie":
+        time.sleep(0.05)
+    alive = init.is_running() and init.status() != "zombie"
+    if alive:  # never leave it behind (its PID namespace goes with it), even when failing
+        init.kill()
+    assert not alive, "init outlived its keeper and started the program"
 
 
 @pytest.mark.parametrize("user", ["4294967295:0", "0:4294967295"])

@@ -261,3 +261,66 @@ def test_directory_swapped_for_a_symlink_is_not_followed(
         before.st_mtime_ns,
     )
     assert store.layers() == []
+
+
+@pytest.mark.parametrize("how", ["stream", "settle_tree"])
+def test_directory_swapped_for_another_directory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A directory of the tree swapped for another real directory after the walk read it (a
+    process the builder left running moved one in) is refused: the hardlink group settled
+    after the walk is looked for only in the directories the walk read, by identity, so the
+    files of the one moved in keep their inodes, links and times."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared").write_bytes(b"shared\n")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "linked-in").write_bytes(b"shared\n")  # as streamed: only the identity tells
+    os.link(victim / "linked-in", victim / "other-name")
+    os.utime(victim / "linked-in", (1_700_000_000, 1_700_000_000))
+    before = os.lstat(victim / "linked-in")
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "d").mkdir()
+        os.link(outside / "shared", staged / "d/linked-in")
+
+        def swap() -> None:
+            if not victim.exists():
+                return  # swapped already
+            os.rename(staged / "d", staged / "d.real")
+            os.rename(victim, staged / "d")
+
+        # Right after the walk, before the groups are settled.
+        if how == "stream":
+            real_finish = _layerwriter.TreeSettler.finish
+
+            def finish(self: _layerwriter.TreeSettler, tree: Path) -> None:
+                swap()
+                real_finish(self, tree)
+
+            monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+        else:
+            real_group = _layerwriter._settle_group
+
+            def group(*args: Any) -> None:
+                swap()
+                real_group(*args)
+
+            monkeypatch.setattr(_layerwriter, "_settle_group", group)
+
+        def build() -> None:
+            if how == "stream":
+                store.write_layer([], parent=None, name=None, source="build", tree=staged)
+            else:
+                changeset.settle_tree(staged)
+
+        with pytest.raises(errors.InvalidLayerError, match="'d' changed while the layer was read"):
+            build()
+        after = os.lstat(staged / "d/linked-in")
+    assert (after.st_ino, after.st_nlink, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_nlink,
+        before.st_mtime_ns,
+    )
+    assert store.layers() == []

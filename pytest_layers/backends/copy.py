@@ -380,8 +380,13 @@ class CopyBackend:
             ok = False
         if ok and isinstance(view, CopyView):
             view.since_ns = copy.since_ns
-            self.reused += 1
         return ok
+
+    def add_reset_counts(self, reused: int, discarded: int) -> None:
+        """Add what a view pool's helper counted: copies it reset and handed out again, copies
+        whose reset it refused (the helper is a process of its own)."""
+        self.reused += reused
+        self.discarded += discarded
 
     def _give_back(self, view_id: int, copy: ReusableCopy, scratch: Path, dest: Path) -> None:
         """A closed view's copy: reset and kept for the next test, or thrown away."""

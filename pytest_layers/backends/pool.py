@@ -102,7 +102,10 @@ class Maker(Generic[T]):
     back in a third of the time of unpickling a dataclass of paths; anything else is pickled)
     and ``load``, in the session, turns those back into a view. ``reset`` (optional: the copy
     backend's reusable copies) brings a used view back to the image exactly and returns True,
-    or False when it cannot (the view is then discarded).
+    or False when it cannot (the view is then discarded). ``reset_counts(reused, refused)``,
+    in the session, is told of each reset view a test takes (its reply says it was reset) and,
+    when the helper ends, of the resets it refused: the report then says what it says where
+    the session resets views itself.
     """
 
     make: Callable[[], T]
@@ -117,18 +120,20 @@ class Maker(Generic[T]):
     #: ``make`` in two steps, ``begin()()``: the helper begins up to :data:`AHEAD` views of a
     #: batch before it finishes the first (fuse: daemons start together, on both cores).
     begin: Callable[[], Callable[[], T]] | None = None
+    reset_counts: Callable[[int, int], None] | None = None
 
 
 class _Helper:
     """The session's side of one helper process."""
 
-    def __init__(self, pid: int, tx: int, rx: int, load: Callable[[Any], Any]) -> None:
+    def __init__(self, pid: int, tx: int, rx: int, maker: Maker[Any]) -> None:
         self.pid = pid
+        self.maker = maker
         self.tx = tx
         #: Non-blocking: a take reads whatever views are ready in one call, without a select.
         self.rx = rx
         os.set_blocking(rx, False)
-        self.load = load
+        self.load = maker.load
         #: Views requested and not yet taken (being made, or ready in the pipe or the buffer).
         self.in_flight = 0
         #: Views handed to tests and not yet retired.
@@ -170,9 +175,15 @@ class _Helper:
         return frames.popleft()
 
     def drain(self) -> None:
-        """Read until the helper closes its end (it does when it has cleaned up)."""
+        """Read until the helper closes its end (it does when it has cleaned up); its last
+        message has its reset counts."""
         while not self._eof:
             self._fill(block=True)
+        add = self.maker.reset_counts
+        for frame in self._frames:
+            if frame[0] == "refused" and add is not None:
+                add(0, frame[1])
+        self._frames.clear()
 
     def _fill(self, *, block: bool) -> bool:
         """Read what the pipe holds and split off the whole replies in it; whether one came
@@ -327,6 +338,8 @@ class ViewPool(Generic[T]):
             raise _error(reply[1])
         token = reply[1]
         view: T = helper.load(pickle.loads(reply[2]) if reply[3] else reply[2])
+        if reply[4] and helper.maker.reset_counts is not None:
+            helper.maker.reset_counts(1, 0)  # a reset view, handed out again
         helper.out += 1
         self._handed[id(view)] = (key, token)
         return view
@@ -393,7 +406,7 @@ class ViewPool(Generic[T]):
                 os._exit(code)
         os.close(from_parent)
         os.close(from_child)
-        helper = _Helper(pid, to_child, to_parent, maker.load)
+        helper = _Helper(pid, to_child, to_parent, maker)
         helper.batch = 1 if maker.reset is not None else self.batch
         self._helpers[key] = helper
         return helper
@@ -503,6 +516,8 @@ def _serve(maker: Maker[Any], rx: int, tx: int, parent: int) -> None:  # pragma:
                     if maker.ending is not None:
                         with contextlib.suppress(Exception):
                             maker.ending()
+                    if maker.reset is not None:
+                        _send(tx, ("refused", state.refused))
                     return
                 state.handle(message)
     finally:
@@ -524,6 +539,8 @@ class _HelperState:  # pragma: no cover - runs in the helper
         self.held: dict[int, Any] = {}
         self.spare: list[Any] = []
         self.count = 0
+        #: Resets that failed (those views were discarded).
+        self.refused = 0
         self._retired: queue.SimpleQueue[Any] | None = None
         self._cleaner: threading.Thread | None = None
         if maker.reset is None:
@@ -536,7 +553,7 @@ class _HelperState:  # pragma: no cover - runs in the helper
         begin = self.maker.begin
         assert begin is not None
         while n and self.spare:  # reset views first, as handle() does (a maker may do both)
-            self._send_view(self.spare.pop())
+            self._send_view(self.spare.pop(), reused=True)
             n -= 1
         begun: collections.deque[Callable[[], Any] | Exception] = collections.deque()
         started = 0
@@ -569,8 +586,11 @@ class _HelperState:  # pragma: no cover - runs in the helper
     def handle(self, message: tuple[Any, ...]) -> None:
         maker = self.maker
         if message[0] == "make":
+            if self.spare:
+                self._send_view(self.spare.pop(), reused=True)
+                return
             try:
-                view = self.spare.pop() if self.spare else maker.make()
+                view = maker.make()
             except Exception as exc:
                 _reply_error(self.tx, exc)
                 return
@@ -582,13 +602,19 @@ class _HelperState:  # pragma: no cover - runs in the helper
             if self._retired is not None and self._retired.qsize() < CLEAN_BACKLOG:
                 self._retired.put(view)
                 return
-            with contextlib.suppress(Exception):
-                if maker.reset is not None and maker.reset(view):
+            if maker.reset is not None:
+                try:
+                    reset = maker.reset(view)
+                except Exception:
+                    reset = False
+                if reset:
                     self.spare.append(view)
                     return
+                self.refused += 1
+            with contextlib.suppress(Exception):
                 maker.discard(view)
 
-    def _send_view(self, view: Any) -> None:
+    def _send_view(self, view: Any, *, reused: bool = False) -> None:
         maker = self.maker
         self.count += 1
         self.held[self.count] = view
@@ -596,11 +622,11 @@ class _HelperState:  # pragma: no cover - runs in the helper
             data = maker.export(view)
             try:
                 marshal.dumps(data)
-                reply = ("ok", self.count, data, False)
+                reply = ("ok", self.count, data, False, reused)
             except ValueError:
                 # Not plain values (an export left as the default, a dataclass): pickled,
                 # slower to read back, still correct.
-                reply = ("ok", self.count, pickle.dumps(data), True)
+                reply = ("ok", self.count, pickle.dumps(data), True, reused)
         except Exception as exc:
             # The view cannot be sent: it is cleaned here and the test that asked gets why.
             self.held.pop(self.count)
