@@ -621,11 +621,21 @@ class _Applier:
                     f"{m.name!r}: xattr {name} not restored ({exc.strerror})"
                 )
 
+    def _open_kept(self, parts: Sequence[str]) -> int | None:
+        """:meth:`open_dir` for a directory whose metadata is put back at the end, or None
+        when its path no longer leads to a directory inside the root: a later entry of the
+        same tar may have made a component a symlink that loops or climbs out. Every entry
+        applied safely, so there is nothing left to restore there, not a bad layer."""
+        try:
+            return self.open_dir(parts, "/".join(parts), create=False)
+        except UnsafeEntryError:
+            return None
+
     def finish_dirs(self) -> None:
         # Directories the tar changed without naming them first; a named one then takes its
         # header's metadata below, whatever happened to it.
         for (dev, ino), (parts, mtime_ns) in self.touched.items():
-            fd = self.open_dir(parts, "/".join(parts), create=False)
+            fd = self._open_kept(parts)
             if fd is None:
                 continue
             try:
@@ -638,7 +648,7 @@ class _Applier:
         for rel in sorted(self.dir_meta, key=lambda r: r.count("/"), reverse=True):
             dev, ino, mode, mtime_ns = self.dir_meta[rel]
             parent_rel, _, base = rel.rpartition("/")
-            fd = self.open_dir(parent_rel.split("/") if parent_rel else [], rel, create=False)
+            fd = self._open_kept(parent_rel.split("/") if parent_rel else [])
             if fd is None:
                 continue
             try:

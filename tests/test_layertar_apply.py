@@ -304,6 +304,20 @@ def test_a_directory_the_layer_changes_without_naming_keeps_its_mtime(box: Sandb
     assert box.root.lstat().st_mtime == T - 6000
 
 
+@pytest.mark.parametrize("target", ["a", "../../x"], ids=["loop", "climbs-out"])
+def test_a_changed_directory_made_unreachable_later_in_the_tar_is_no_error(
+    box: Sandbox, target: str
+) -> None:
+    # The layer writes a/x through the lower symlink a -> real, then replaces a itself with a
+    # symlink that loops or climbs out (kept as a link, never followed). Every entry applies
+    # safely; putting real's mtime back must not resolve a again and call the layer unsafe.
+    make_tree(box.root, {"real/old": "o", "a": ("symlink", "real")})
+    set_tree_mtimes(box.root, T - 5000)
+    box.apply(build_tar(("a/x", "file", b"1"), ("a", "symlink", target)))
+    assert os.readlink(box.root / "a") == target
+    assert (box.root / "real/x").read_bytes() == b"1"
+
+
 def test_opaque_directory_hides_lower_children(box: Sandbox) -> None:
     make_tree(box.root, {"d/a": "1", "d/sub/b": "2", "other": "3"})
     stats = box.apply(build_tar(("d", "dir"), ("d/.wh..wh..opq", "file"), ("d/c", "file", b"c")))
