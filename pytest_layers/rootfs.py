@@ -548,16 +548,26 @@ class _Loaded(Prepared):
 
     def __getattr__(self, name: str) -> Any:
         # Only called for what is not set yet: the dataclass fields, before the first use.
-        if name in _PREPARED_FIELDS and "_data" in self.__dict__:
-            scratch, cls_name, fields, exclude, init_dirs, init_dir = self.__dict__.pop("_data")
-            values: dict[str, Any] = {n: Path(v) if is_path else v for n, is_path, v in fields}
-            self.scratch = Path(scratch)
-            self.view = _view_class(cls_name)(**values)
-            self.exclude = set(exclude)
-            self.init_dirs = set(init_dirs)
-            self.init_dir = None if init_dir is None else Path(init_dir)
-            return getattr(self, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if name not in _PREPARED_FIELDS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        data = self.__dict__.get("_data")
+        if data is None:  # another thread set every field since this lookup missed
+            return self.__dict__[name]
+        # Everything made first, then set in one step, and only then the data dropped: two
+        # threads meeting here both find every field (the later one sets equal values), and a
+        # failure leaves the data for the next attempt to fail the same way.
+        scratch, cls_name, fields, exclude, init_dirs, init_dir = data
+        values: dict[str, Any] = {n: Path(v) if is_path else v for n, is_path, v in fields}
+        loaded = {
+            "scratch": Path(scratch),
+            "view": _view_class(cls_name)(**values),
+            "exclude": set(exclude),
+            "init_dirs": set(init_dirs),
+            "init_dir": None if init_dir is None else Path(init_dir),
+        }
+        self.__dict__.update(loaded)
+        self.__dict__.pop("_data", None)  # another thread may have dropped it already
+        return loaded[name]
 
 
 _PREPARED_FIELDS = frozenset(f.name for f in dataclasses.fields(Prepared))

@@ -977,3 +977,42 @@ def test_copy_reuse_counts_are_reported_with_the_pool_on_as_off(tmp_path: Path, 
     reused = 8 - (1 if depth == 0 else 3) - 1
     line = f"layers: copy: {reused} copies reset and reused, 1 thrown away"
     assert line in proc.stdout, out(proc)
+
+
+def test_a_view_read_back_is_loaded_once_whatever_the_threads() -> None:
+    """A view from the pool makes its paths at first use; threads of a test that use a fresh
+    rootfs at once (rootfs.run() from a thread pool, say) each get every field."""
+    import sys
+    import threading
+
+    from pytest_layers.backends.base import View
+    from pytest_layers.rootfs import Prepared, from_portable, portable
+
+    view = View(Path("/v/merged"), Path("/v/upper"), "overlay")
+    data = portable(Prepared(Path("/v"), view, {"etc/a"}, {"etc"}, Path("/v/init")))
+    errors: list[BaseException] = []
+    seen: list[tuple[object, ...]] = []
+
+    def use(prepared: Prepared, start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            seen.append((prepared.view, prepared.scratch, prepared.init_dirs, prepared.init_dir))
+        except BaseException as exc:
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        for _ in range(300):
+            prepared = from_portable(data)
+            start = threading.Barrier(4)
+            threads = [threading.Thread(target=use, args=(prepared, start)) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert len(seen) == 1200
+    assert all(s == (view, Path("/v"), {"etc"}, Path("/v/init")) for s in seen)
