@@ -236,11 +236,7 @@ def test_a_killed_caller_leaves_no_process(image: Path, cache: Path) -> None:
             caller.kill()
     # Init dies with its caller (and the kernel ends its PID namespace with it): wait until
     # the kernel got there, then none of them may be left.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in inside):
-        time.sleep(0.05)
-    left = [p for p in inside if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
-    assert left == []
+    _assert_all_gone(inside)
 
 
 # sandbox-spawned: right after posix_spawn, before the child's fd ends are closed here.
@@ -449,13 +445,7 @@ def test_a_killed_caller_leaves_no_process_when_the_program_runs_as_another_user
             assert psutil.Process(inside[-1]).uids().real == 1000
         finally:
             caller.kill()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in inside):
-        time.sleep(0.05)
-    left = [p for p in inside if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
-    for p in left:  # never leave them behind, even when the test fails
-        os.kill(p, signal.SIGKILL)
-    assert left == []
+    _assert_all_gone(inside)
 
 
 KEEPER_CALLER = """
@@ -504,13 +494,7 @@ def test_a_killed_caller_leaves_no_process_when_a_keeper_started_init_as_another
             assert {p.uids().real for p in program} != {os.getuid()}
         finally:
             caller.kill()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in inside):
-        time.sleep(0.05)
-    left = [p for p in inside if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
-    for p in left:  # never leave them behind, even when the test fails
-        os.kill(p, signal.SIGKILL)
-    assert left == []
+    _assert_all_gone(inside)
 
 
 KEEPER_GONE_CALLER = """
@@ -621,3 +605,15 @@ def test_compiled_says_which_binary_went_away_and_what_to_do(
     )
     assert len(os.listdir("/proc/self/fd")) == fds
     assert _leftovers() == []
+
+
+def _assert_all_gone(pids: list[int]) -> None:
+    """Every process of ``pids`` ends within 30 s (a zombie counts as gone); any left is
+    killed, so none outlives the test even when it fails."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+        time.sleep(0.05)
+    left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert left == []
