@@ -498,7 +498,10 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
             # After the sockets went (an unlink restamps the directory); files' utimes do not.
             mtime = dir_mtimes[rel_dir] = min(st_dir.st_mtime_ns, epoch_ns)
             os.utime(fd, ns=(mtime, mtime))
-            dir_ids[rel_dir] = (st_dir.st_dev, st_dir.st_ino)
+            # The directory opened and read, not the entry its parent listed: one swapped in
+            # between (and back before the groups are settled) is then refused there.
+            opened = os.fstat(fd)
+            dir_ids[rel_dir] = (opened.st_dev, opened.st_ino)
         return subdirs
 
     no_stat: os.stat_result | None = None  # the root's own metadata is not the layer's

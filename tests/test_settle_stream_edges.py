@@ -324,3 +324,49 @@ def test_directory_swapped_for_another_directory_is_refused(
         before.st_mtime_ns,
     )
     assert store.layers() == []
+
+
+def test_settle_tree_names_a_directory_by_what_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """settle_tree knows each directory by the one it opened and read, not by the entry its
+    parent listed: a directory swapped for another between the listing and the open, and
+    swapped back before the hardlink groups are settled, is refused, not settled as read."""
+    from pytest_layers import _dirfd
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared").write_bytes(b"shared\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    os.link(outside / "shared", other / "linked-in")  # a group the walk meets under d
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    os.link(outside / "shared", tree / "d/linked-in")
+
+    def swap() -> None:  # d <-> other, through a third name
+        os.rename(tree / "d", tmp_path / "parked")
+        os.rename(other, tree / "d")
+        os.rename(tmp_path / "parked", other)
+
+    real_walk = _dirfd.walk
+
+    def walk(root: Any, state: Any, visit: Any) -> None:
+        def listed_then_swapped(rel: str, fd: int, st: Any) -> Any:
+            subdirs = visit(rel, fd, st)
+            if rel == "":
+                swap()  # the root listed d; the walk opens the other one under its name
+            return subdirs
+
+        real_walk(root, state, listed_then_swapped)
+
+    real_group = _layerwriter._settle_group
+
+    def group(*args: Any) -> None:
+        swap()  # back: d is the directory the root listed again
+        real_group(*args)
+
+    monkeypatch.setattr(_dirfd, "walk", walk)
+    monkeypatch.setattr(_layerwriter, "_settle_group", group)
+    with pytest.raises(errors.InvalidLayerError, match="'d' changed while the layer was read"):
+        changeset.settle_tree(tree)
