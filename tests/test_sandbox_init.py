@@ -224,16 +224,9 @@ time.sleep(1000)
 
 def test_a_killed_caller_leaves_no_process(image: Path, cache: Path) -> None:
     require("cc")
-    with subprocess.Popen(
-        [sys.executable, "-c", CALLER, os.fspath(image)], stdout=subprocess.PIPE, text=True
-    ) as caller:
-        try:
-            assert caller.stdout is not None
-            init = int(caller.stdout.readline())
-            inside = [init, *(p.pid for p in psutil.Process(init).children(recursive=True))]
-            assert len(inside) >= 4  # init, sh and two sleeps
-        finally:
-            caller.kill()
+    with _caller(CALLER, os.fspath(image)) as init:
+        inside = [init, *(p.pid for p in psutil.Process(init).children(recursive=True))]
+        assert len(inside) >= 4  # init, sh and two sleeps
     # Init dies with its caller (and the kernel ends its PID namespace with it): wait until
     # the kernel got there, then none of them may be left.
     _assert_all_gone(inside)
@@ -431,20 +424,10 @@ def test_a_killed_caller_leaves_no_process_when_the_program_runs_as_another_user
     if init == "compiled":
         require("cc")
     env = {**os.environ, "PYTEST_LAYERS_INIT": init}
-    with subprocess.Popen(
-        [sys.executable, "-c", USER_CALLER, os.fspath(image)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    ) as caller:
-        try:
-            assert caller.stdout is not None
-            pid = int(caller.stdout.readline())
-            inside = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
-            assert len(inside) >= 3  # init, sh and sleep
-            assert psutil.Process(inside[-1]).uids().real == 1000
-        finally:
-            caller.kill()
+    with _caller(USER_CALLER, os.fspath(image), env=env) as pid:
+        inside = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+        assert len(inside) >= 3  # init, sh and sleep
+        assert psutil.Process(inside[-1]).uids().real == 1000
     _assert_all_gone(inside)
 
 
@@ -478,22 +461,12 @@ def test_a_killed_caller_leaves_no_process_when_a_keeper_started_init_as_another
         require("subids")
         uid = 1  # the first subordinate id
     env = {**os.environ, "PYTEST_LAYERS_INIT": "python"}
-    with subprocess.Popen(
-        [sys.executable, "-c", KEEPER_CALLER, os.fspath(image), str(uid)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    ) as caller:
-        try:
-            assert caller.stdout is not None
-            keeper = int(caller.stdout.readline())
-            (init,) = psutil.Process(keeper).children()
-            program = init.children(recursive=True)
-            inside = [keeper, init.pid, *(p.pid for p in program)]
-            assert len(program) >= 2  # sh and sleep
-            assert {p.uids().real for p in program} != {os.getuid()}
-        finally:
-            caller.kill()
+    with _caller(KEEPER_CALLER, os.fspath(image), str(uid), env=env) as keeper:
+        (init,) = psutil.Process(keeper).children()
+        program = init.children(recursive=True)
+        inside = [keeper, init.pid, *(p.pid for p in program)]
+        assert len(program) >= 2  # sh and sleep
+        assert {p.uids().real for p in program} != {os.getuid()}
     _assert_all_gone(inside)
 
 
@@ -605,6 +578,20 @@ def test_compiled_says_which_binary_went_away_and_what_to_do(
     )
     assert len(os.listdir("/proc/self/fd")) == fds
     assert _leftovers() == []
+
+
+@contextlib.contextmanager
+def _caller(script: str, *args: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """Run ``script`` in another Python as the sandbox's caller; yields the pid it prints
+    first, and SIGKILLs the caller when the block ends (what the tests then look at)."""
+    with subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True, env=env
+    ) as caller:
+        try:
+            assert caller.stdout is not None
+            yield int(caller.stdout.readline())
+        finally:
+            caller.kill()
 
 
 def _assert_all_gone(pids: list[int]) -> None:
