@@ -498,10 +498,10 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
             # After the sockets went (an unlink restamps the directory); files' utimes do not.
             mtime = dir_mtimes[rel_dir] = min(st_dir.st_mtime_ns, epoch_ns)
             os.utime(fd, ns=(mtime, mtime))
-            # The directory opened and read, not the entry its parent listed: one swapped in
-            # between (and back before the groups are settled) is then refused there.
-            opened = os.fstat(fd)
-            dir_ids[rel_dir] = (opened.st_dev, opened.st_ino)
+        # The directory opened and read (the root too), not the entry its parent listed: one
+        # swapped in between (and back before the groups are settled) is then refused there.
+        opened = os.fstat(fd)
+        dir_ids[rel_dir] = (opened.st_dev, opened.st_ino)
         return subdirs
 
     no_stat: os.stat_result | None = None  # the root's own metadata is not the layer's
@@ -557,6 +557,10 @@ class TreeSettler:
             os.unlink(name, dir_fd=dir_fd)  # cannot travel in a layer, as in write_layer
             return False
         return True
+
+    def root(self, fd: int) -> None:
+        st = os.fstat(fd)
+        self._dir_ids[""] = (st.st_dev, st.st_ino)
 
     def xattrs(self, fd: int, names: list[str]) -> None:
         _drop_unkept(fd, names)
@@ -689,6 +693,11 @@ def _tree_dir(root_fd: int, rel_dir: str, ids: Mapping[str, _dirfd.Ident]) -> in
     fd = os.open(".", _O_PATH_DIR, dir_fd=root_fd)
     path = ""
     try:
+        st = os.fstat(fd)
+        if ids.get(path) != (st.st_dev, st.st_ino):  # the root, opened again by its path
+            os.close(fd)
+            fd = -1
+            raise _changed(path)
         for part in rel_dir.split("/") if rel_dir else ():
             nxt = os.open(part, _O_PATH_DIR_NOFOLLOW, dir_fd=fd)
             os.close(fd)
@@ -709,10 +718,11 @@ def _tree_dir(root_fd: int, rel_dir: str, ids: Mapping[str, _dirfd.Ident]) -> in
 
 
 def _changed(rel_dir: str) -> InvalidLayerError:
+    what = repr(rel_dir) if rel_dir else "the tree's root"
     return InvalidLayerError(
-        f"{rel_dir!r} changed while the layer was read (it is no longer the directory that was "
+        f"{what} changed while the layer was read (it is no longer the directory that was "
         "read); a stored layer must not change",
-        path=rel_dir,
+        path=rel_dir or ".",
     )
 
 

@@ -344,6 +344,11 @@ class Settle(Protocol):
         if settling refuses it; False when it leaves the tree (a socket)."""
         ...
 
+    def root(self, fd: int) -> None:
+        """The walk opened the tree's root as ``fd``: what settling after the walk must find
+        there again."""
+        ...
+
     def xattrs(self, fd: int, names: list[str]) -> None:
         """The open file or directory ``fd`` (not in a hardlink group) has the xattrs ``names``:
         drop those a layer does not keep."""
@@ -392,11 +397,11 @@ def _walk(
     dirs = _dirfd.DirStack(os.open(root, _O_READDIR))
     stack: list[tuple[bytes, bytes, Iterator[_Child], os.stat_result | None]] = []
     try:
-        top = (
-            _children(dirs.top, root, flavor)
-            if settle is None
-            else _settle_children(dirs.top, b"", settle)
-        )
+        if settle is None:
+            top = _children(dirs.top, root, flavor)
+        else:
+            settle.root(dirs.top)
+            top = _settle_children(dirs.top, b"", settle)
         stack.append((b"", root, iter(top), None))
         while stack:
             prefix, dpath, it, dst = stack[-1]

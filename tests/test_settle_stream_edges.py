@@ -370,3 +370,76 @@ def test_settle_tree_names_a_directory_by_what_it_opened(
     monkeypatch.setattr(_layerwriter, "_settle_group", group)
     with pytest.raises(errors.InvalidLayerError, match="'d' changed while the layer was read"):
         changeset.settle_tree(tree)
+
+
+@pytest.mark.parametrize("into", ["symlink", "directory"])
+@pytest.mark.parametrize("how", ["stream", "settle_tree"])
+def test_tree_root_swapped_after_the_walk_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, into: str
+) -> None:
+    """The tree's root itself swapped after the walk read it (a process the builder left
+    running renamed it and put a symlink, or another directory, in its place) is refused: a
+    hardlink group at the root is settled only in the root the walk read, so the files of the
+    directory put there keep their inodes, links and times."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared").write_bytes(b"shared\n")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "linked-in").write_bytes(b"shared\n")  # as walked: only the identity tells
+    os.link(victim / "linked-in", victim / "other-name")
+    os.utime(victim / "linked-in", (1_700_000_000, 1_700_000_000))
+    before = os.lstat(victim / "linked-in")
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        os.link(outside / "shared", staged / "linked-in")
+        tree = staged if how == "stream" else tmp_path / "tree"
+        if how == "settle_tree":
+            tree.mkdir()
+            os.link(outside / "shared", tree / "linked-in")
+
+        def swap() -> None:
+            if tree.is_symlink() or not victim.exists():
+                return  # swapped already
+            os.rename(tree, tree.with_name(tree.name + ".real"))
+            if into == "symlink":
+                os.symlink(victim, tree)
+            else:
+                os.rename(victim, tree)
+
+        if how == "stream":
+            real_finish = _layerwriter.TreeSettler.finish
+
+            def finish(self: _layerwriter.TreeSettler, t: Path) -> None:
+                swap()
+                real_finish(self, t)
+
+            monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+        else:
+            from pytest_layers import _dirfd
+
+            real_walk = _dirfd.walk
+
+            def walk(*args: Any) -> None:
+                real_walk(*args)
+                swap()  # after the walk, before the root is opened again for the groups
+
+            monkeypatch.setattr(_dirfd, "walk", walk)
+
+        def settle() -> None:
+            if how == "stream":
+                store.write_layer([], parent=None, name=None, source="build", tree=staged)
+            else:
+                changeset.settle_tree(tree)
+
+        with pytest.raises(errors.InvalidLayerError, match="the tree's root changed while"):
+            settle()
+        after = os.lstat(tree / "linked-in")
+        if tree.is_symlink():
+            os.unlink(tree)  # so that staging's cleanup removes nothing through it
+    assert (after.st_ino, after.st_nlink, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_nlink,
+        before.st_mtime_ns,
+    )
+    assert store.layers() == []
