@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,12 @@ def test_outside_file_written_before_the_copy_is_refused(
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "log").write_bytes(b"line 1\n")
-    real_finish = _layerwriter.TreeSettler.finish
 
-    def finish(self: _layerwriter.TreeSettler, tree: Path) -> None:
+    def write_outside(_tree: Path) -> None:
         with open(outside / "log", "ab") as f:  # a writer outside, between stream and copy
             f.write(b"line 2\n")
-        real_finish(self, tree)
 
-    monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+    _before_finish(monkeypatch, write_outside)
     store = Store(tmp_path / "s")
     with store.staging() as staged:
         (staged / "a").write_bytes(b"a\n")
@@ -225,29 +223,64 @@ def test_disk_use_counts_directories_grown_by_settling(tmp_path: Path, twin: boo
         pytest.skip("no directory grew here (a filesystem sizing directories otherwise)")
 
 
+def _outside_and_victim(tmp_path: Path) -> tuple[Path, Path, os.stat_result]:
+    """``outside`` holds a file a builder links in; ``victim`` a directory a process the builder
+    left running may swap into the tree, holding a file of the same name and content (only its
+    identity tells it from the one the walk read) in a hardlink group of its own. Returns them
+    and the victim file's lstat."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared").write_bytes(b"shared\n")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "linked-in").write_bytes(b"shared\n")
+    os.link(victim / "linked-in", victim / "other-name")
+    os.utime(victim / "linked-in", (1_700_000_000, 1_700_000_000))
+    return outside, victim, os.lstat(victim / "linked-in")
+
+
+def _before_finish(monkeypatch: pytest.MonkeyPatch, act: Callable[[Path], object]) -> None:
+    """``act(tree)`` runs right after the stream read ``tree``, before its groups are settled."""
+    real_finish = _layerwriter.TreeSettler.finish
+
+    def finish(self: _layerwriter.TreeSettler, tree: Path) -> None:
+        act(tree)
+        real_finish(self, tree)
+
+    monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+
+
+def _settle(how: str, store: Store, tree: Path) -> None:
+    """Settle ``tree`` the way ``how`` names: by the stream that stores it (a staging tree of
+    ``store``), or by :func:`changeset.settle_tree` on its own."""
+    if how == "stream":
+        store.write_layer([], parent=None, name=None, source="build", tree=tree)
+    else:
+        changeset.settle_tree(tree)
+
+
+def _assert_untouched(after: os.stat_result, before: os.stat_result) -> None:
+    """The victim file kept its inode, its links and its time: nothing settled it."""
+    assert (after.st_ino, after.st_nlink, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_nlink,
+        before.st_mtime_ns,
+    )
+
+
 def test_directory_swapped_for_a_symlink_is_not_followed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A directory of the tree swapped for a symlink after the stream read it (a process the
     builder left running) is refused: the hardlink group settled after the stream is not looked
     for where the symlink points, so the file there keeps its inode, links and time."""
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "shared").write_bytes(b"shared\n")
-    victim = tmp_path / "victim"
-    victim.mkdir()
-    (victim / "linked-in").write_bytes(b"shared\n")  # as streamed: only the path tells them apart
-    os.link(victim / "linked-in", victim / "other-name")
-    os.utime(victim / "linked-in", (1_700_000_000, 1_700_000_000))
-    before = os.lstat(victim / "linked-in")
-    real_finish = _layerwriter.TreeSettler.finish
+    outside, victim, before = _outside_and_victim(tmp_path)
 
-    def finish(self: _layerwriter.TreeSettler, tree: Path) -> None:
+    def swap(tree: Path) -> None:
         os.rename(tree / "d", tree / "d.real")
         os.symlink(victim, tree / "d")
-        real_finish(self, tree)
 
-    monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+    _before_finish(monkeypatch, swap)
     store = Store(tmp_path / "s")
     with store.staging() as staged:
         (staged / "d").mkdir()
@@ -255,11 +288,7 @@ def test_directory_swapped_for_a_symlink_is_not_followed(
         with pytest.raises(errors.InvalidLayerError, match="'d' changed while the layer was read"):
             store.write_layer([], parent=None, name=None, source="build", tree=staged)
     after = os.lstat(victim / "linked-in")
-    assert (after.st_ino, after.st_nlink, after.st_mtime_ns) == (
-        before.st_ino,
-        before.st_nlink,
-        before.st_mtime_ns,
-    )
+    _assert_untouched(after, before)
     assert store.layers() == []
 
 
@@ -271,15 +300,7 @@ def test_directory_swapped_for_another_directory_is_refused(
     process the builder left running moved one in) is refused: the hardlink group settled
     after the walk is looked for only in the directories the walk read, by identity, so the
     files of the one moved in keep their inodes, links and times."""
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "shared").write_bytes(b"shared\n")
-    victim = tmp_path / "victim"
-    victim.mkdir()
-    (victim / "linked-in").write_bytes(b"shared\n")  # as streamed: only the identity tells
-    os.link(victim / "linked-in", victim / "other-name")
-    os.utime(victim / "linked-in", (1_700_000_000, 1_700_000_000))
-    before = os.lstat(victim / "linked-in")
+    outside, victim, before = _outside_and_victim(tmp_path)
     store = Store(tmp_path / "s")
     with store.staging() as staged:
         (staged / "d").mkdir()
@@ -293,13 +314,7 @@ def test_directory_swapped_for_another_directory_is_refused(
 
         # Right after the walk, before the groups are settled.
         if how == "stream":
-            real_finish = _layerwriter.TreeSettler.finish
-
-            def finish(self: _layerwriter.TreeSettler, tree: Path) -> None:
-                swap()
-                real_finish(self, tree)
-
-            monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+            _before_finish(monkeypatch, lambda _tree: swap())
         else:
             real_group = _layerwriter._settle_group
 
@@ -309,20 +324,10 @@ def test_directory_swapped_for_another_directory_is_refused(
 
             monkeypatch.setattr(_layerwriter, "_settle_group", group)
 
-        def build() -> None:
-            if how == "stream":
-                store.write_layer([], parent=None, name=None, source="build", tree=staged)
-            else:
-                changeset.settle_tree(staged)
-
         with pytest.raises(errors.InvalidLayerError, match="'d' changed while the layer was read"):
-            build()
+            _settle(how, store, staged)
         after = os.lstat(staged / "d/linked-in")
-    assert (after.st_ino, after.st_nlink, after.st_mtime_ns) == (
-        before.st_ino,
-        before.st_nlink,
-        before.st_mtime_ns,
-    )
+    _assert_untouched(after, before)
     assert store.layers() == []
 
 
@@ -381,15 +386,7 @@ def test_tree_root_swapped_after_the_walk_is_refused(
     running renamed it and put a symlink, or another directory, in its place) is refused: a
     hardlink group at the root is settled only in the root the walk read, so the files of the
     directory put there keep their inodes, links and times."""
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "shared").write_bytes(b"shared\n")
-    victim = tmp_path / "victim"
-    victim.mkdir()
-    (victim / "linked-in").write_bytes(b"shared\n")  # as walked: only the identity tells
-    os.link(victim / "linked-in", victim / "other-name")
-    os.utime(victim / "linked-in", (1_700_000_000, 1_700_000_000))
-    before = os.lstat(victim / "linked-in")
+    outside, victim, before = _outside_and_victim(tmp_path)
     store = Store(tmp_path / "s")
     with store.staging() as staged:
         os.link(outside / "shared", staged / "linked-in")
@@ -408,13 +405,7 @@ def test_tree_root_swapped_after_the_walk_is_refused(
                 os.rename(victim, tree)
 
         if how == "stream":
-            real_finish = _layerwriter.TreeSettler.finish
-
-            def finish(self: _layerwriter.TreeSettler, t: Path) -> None:
-                swap()
-                real_finish(self, t)
-
-            monkeypatch.setattr(_layerwriter.TreeSettler, "finish", finish)
+            _before_finish(monkeypatch, lambda _tree: swap())
         else:
             from pytest_layers import _dirfd
 
@@ -426,20 +417,10 @@ def test_tree_root_swapped_after_the_walk_is_refused(
 
             monkeypatch.setattr(_dirfd, "walk", walk)
 
-        def settle() -> None:
-            if how == "stream":
-                store.write_layer([], parent=None, name=None, source="build", tree=staged)
-            else:
-                changeset.settle_tree(tree)
-
         with pytest.raises(errors.InvalidLayerError, match="the tree's root changed while"):
-            settle()
+            _settle(how, store, tree)
         after = os.lstat(tree / "linked-in")
         if tree.is_symlink():
             os.unlink(tree)  # so that staging's cleanup removes nothing through it
-    assert (after.st_ino, after.st_nlink, after.st_mtime_ns) == (
-        before.st_ino,
-        before.st_nlink,
-        before.st_mtime_ns,
-    )
+    _assert_untouched(after, before)
     assert store.layers() == []
