@@ -49,14 +49,19 @@ def _check_name(rel: str, st: os.stat_result) -> None:
 
 def _chown(where: int, name: str | None, st: os.stat_result, rel: str) -> None:
     """Give the written entry (the fd ``where``, or ``name`` in the directory ``where``) the
-    owner of ``st``."""
-    cur = os.fstat(where) if name is None else os.stat(name, dir_fd=where, follow_symlinks=False)
+    owner of ``st``. With ``name=""``, ``where`` is an ``O_PATH`` fd of the entry itself."""
+    if name is None or name == "":
+        cur = os.fstat(where)
+    else:
+        cur = os.stat(name, dir_fd=where, follow_symlinks=False)
     uid, gid = st.st_uid, st.st_gid
     if (cur.st_uid, cur.st_gid) == (uid, gid):
         return
     try:
         if name is None:
             os.chown(where, uid, gid)
+        elif name == "":
+            os.chown(_proc_fd(where), uid, gid)  # the inode the fd holds, found by no name
         else:
             os.chown(name, uid, gid, dir_fd=where, follow_symlinks=False)
     except OSError as exc:
@@ -67,6 +72,11 @@ def _chown(where: int, name: str | None, st: os.stat_result, rel: str) -> None:
             f"cannot give {rel!r} owner {uid}:{gid} in the layer ({os.strerror(exc.errno)}); "
             "only root can store files owned by other users: commit as root",
         ) from exc
+
+
+def _proc_fd(fd: int) -> str:
+    """The path that reaches the very inode an ``O_PATH`` fd holds (no name is looked up)."""
+    return f"/proc/self/fd/{fd}"
 
 
 def _set_xattrs(fd: int, xattrs: dict[str, bytes]) -> None:
@@ -511,8 +521,8 @@ def settle_tree(tree: Path, *, clamp_mtimes: bool = True) -> LayerStats:
         _check_name(rel, st)
     root_fd = os.open(tree, _O_ROOT)
     try:
-        for nlink, members in shared.values():
-            _settle_group(root_fd, nlink, members, epoch_ns, dir_mtimes, dir_ids)
+        for group, (nlink, members) in shared.items():
+            _settle_group(root_fd, nlink, members, epoch_ns, dir_mtimes, dir_ids, group)
     finally:
         os.close(root_fd)
     return LayerStats(files=files, size=size)
@@ -629,7 +639,9 @@ class TreeSettler:
             for key, (nlink, members) in self._groups.items():
                 ids = self._dir_ids
                 if len(members) >= nlink:
-                    _settle_group(root_fd, nlink, members, self.epoch_ns, self._dir_mtimes, ids)
+                    _settle_group(
+                        root_fd, nlink, members, self.epoch_ns, self._dir_mtimes, ids, key
+                    )
                     continue
                 # Made private: the stream counted the blocks of the inode outside.
                 old = _blocks(root_fd, *members[0], ids)
@@ -640,6 +652,7 @@ class TreeSettler:
                     self.epoch_ns,
                     self._dir_mtimes,
                     ids,
+                    key,
                     self._streamed[key],
                 )
                 if len(members) == 1:
@@ -717,12 +730,15 @@ def _tree_dir(root_fd: int, rel_dir: str, ids: Mapping[str, _dirfd.Ident]) -> in
     return fd
 
 
-def _changed(rel_dir: str) -> InvalidLayerError:
-    what = repr(rel_dir) if rel_dir else "the tree's root"
+def _changed(rel: str) -> InvalidLayerError:
+    """The entry ``rel`` ("" for the root) is no longer the one the walk read: something else
+    was moved, linked or swapped in under its name since (a process the builder left running)."""
+    what = repr(rel) if rel else "the tree's root"
     return InvalidLayerError(
-        f"{what} changed while the layer was read (it is no longer the directory that was "
-        "read); a stored layer must not change",
-        path=rel_dir or ".",
+        f"{what} changed while the layer was read (it is no longer the entry that was read); "
+        "a stored layer must not change: stop every process the builder started before it "
+        "returns",
+        path=rel or ".",
     )
 
 
@@ -765,6 +781,15 @@ def _drop_unkept(target: int | str, names: list[str]) -> None:
                 os.removexattr(target, name, follow_symlinks=False)
 
 
+def _xattr_names_fd(fd: int) -> list[str]:
+    try:
+        return os.listxattr(fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOTSUP:
+            return []
+        raise
+
+
 def _drop_unkept_xattrs(path: str) -> None:
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -786,12 +811,31 @@ def _recreate_special(where: int, name: str, tmp: str, st: os.stat_result, rel: 
         # A fifo or a device (which only a user allowed to make one can copy).
         os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=where)
     try:
-        _chown(where, tmp, st, rel)
-        path = _dirfd.at(where, tmp)
-        for key, value in sorted(xattrs.items()):
-            os.setxattr(path, key, value, follow_symlinks=False)
-        if not stat.S_ISLNK(st.st_mode):
-            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=where)
+        # The twin is finished through an O_PATH fd of what is at ``tmp`` now, checked to be
+        # a new entry of its type: a process the builder left running may have put a symlink,
+        # or a link to a file outside, under that name, and those are not to be changed.
+        made = os.open(tmp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where)
+        try:
+            got = os.fstat(made)
+            if stat.S_IFMT(got.st_mode) != stat.S_IFMT(st.st_mode) or got.st_nlink != 1:
+                raise InvalidLayerError(
+                    f"{rel!r} changed while the layer was read (its private copy was replaced "
+                    "as it was made); a stored layer must not change",
+                    path=rel,
+                )
+            if stat.S_ISLNK(st.st_mode):
+                # No mode, and a symlink's owner and xattrs are set by its name alone.
+                _chown(where, tmp, st, rel)
+                path = _dirfd.at(where, tmp)
+                for key, value in sorted(xattrs.items()):
+                    os.setxattr(path, key, value, follow_symlinks=False)
+            else:
+                _chown(made, "", st, rel)
+                for key, value in sorted(xattrs.items()):
+                    os.setxattr(_proc_fd(made), key, value)
+                os.chmod(_proc_fd(made), stat.S_IMODE(st.st_mode))
+        finally:
+            os.close(made)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=where)
@@ -805,46 +849,67 @@ def _settle_group(
     epoch_ns: int,
     dir_mtimes: dict[str, int],
     dir_ids: Mapping[str, _dirfd.Ident],
+    group: _dirfd.Ident,
     emitted: _Emitted | None = None,
 ) -> None:
-    """Settle a hardlink group of the tree (the xattrs a layer does not keep removed, the mtime
-    clamped); one that reaches outside the tree first becomes a private copy, linked at every
-    member's place, so the file outside keeps its own. ``emitted``: how the layer's stream
-    holds the inode; a private copy that differs (the file outside was written meanwhile) is
-    refused, since the layer would not match its digest."""
+    """Settle the hardlink group of the tree's inode ``group`` (device, inode): the xattrs a
+    layer does not keep removed, the mtime clamped. One that reaches outside the tree first
+    becomes a private copy, linked at every member's place, so the file outside keeps its own.
+    ``emitted``: how the layer's stream holds the inode; a private copy that differs (the file
+    outside was written meanwhile) is refused, since the layer would not match its digest."""
     first_dir, first_name = members[0]
+    first = _join(first_dir, first_name)
     where = _tree_dir(root_fd, first_dir, dir_ids)
+    src = -1
     try:
-        st = os.stat(first_name, dir_fd=where, follow_symlinks=False)
+        # The member is opened and known by its inode, the group's: a name a process the
+        # builder left running pointed elsewhere since (a link to a file outside) is refused,
+        # and everything below acts on that fd or on the private copy, never on a name again.
+        try:
+            src = os.open(first_name, _O_READ, dir_fd=where)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOENT, errno.ENXIO):
+                raise _changed(first) from exc
+            raise
+        st = os.fstat(src)
+        if (st.st_dev, st.st_ino) != group or not stat.S_ISREG(st.st_mode):
+            raise _changed(first)
+        mtime = min(st.st_mtime_ns, epoch_ns)
         if len(members) < nlink:
             tmp = f".settle-{os.getpid()}-{st.st_ino}"
-            src = os.open(first_name, _O_READ, dir_fd=where)
+            fd = os.open(tmp, _O_CREATE, 0o600, dir_fd=where)
             try:
-                fd = os.open(tmp, _O_CREATE, 0o600, dir_fd=where)
-                try:
-                    _datacopy.copy_data(src, fd, st.st_size)
-                    _chown(fd, None, st, _join(first_dir, first_name))
-                    _set_xattrs(fd, _xattrs(src))
-                    os.chmod(fd, stat.S_IMODE(st.st_mode))
-                    if emitted is not None:
-                        _check_copy(where, tmp, st, emitted, epoch_ns, _join(first_dir, first_name))
-                except BaseException:
-                    os.close(fd)
-                    fd = -1
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp, dir_fd=where)
-                    raise
-                finally:
-                    if fd >= 0:
-                        os.close(fd)
+                _datacopy.copy_data(src, fd, st.st_size)
+                _chown(fd, None, st, first)
+                _set_xattrs(fd, _xattrs(src))
+                os.chmod(fd, stat.S_IMODE(st.st_mode))
+                if emitted is not None:
+                    _check_copy(where, tmp, st, emitted, epoch_ns, first)
+                # Only kept xattrs were copied: the copy is settled but for its time.
+                os.utime(fd, ns=(mtime, mtime))
+            except BaseException:
+                os.close(fd)
+                fd = -1
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=where)
+                raise
             finally:
-                os.close(src)
+                if fd >= 0:
+                    os.close(fd)
             os.rename(tmp, first_name, src_dir_fd=where, dst_dir_fd=where)
-        # The inode is the tree's own now (private, or every link inside): its xattrs may go.
-        _drop_unkept_xattrs(_dirfd.at(where, first_name))
-        mtime = min(st.st_mtime_ns, epoch_ns)
-        os.utime(first_name, ns=(mtime, mtime), dir_fd=where, follow_symlinks=False)
-        if len(members) >= nlink:
+        else:
+            # The inode is the tree's own (every link inside, each still this inode): its
+            # xattrs may go.
+            for rel_dir, name in members[1:]:
+                other = _tree_dir(root_fd, rel_dir, dir_ids)
+                try:
+                    now = os.stat(name, dir_fd=other, follow_symlinks=False)
+                finally:
+                    os.close(other)
+                if (now.st_dev, now.st_ino) != group:
+                    raise _changed(_join(rel_dir, name))
+            _drop_unkept(src, _xattr_names_fd(src))
+            os.utime(src, ns=(mtime, mtime))
             return
         for rel_dir, name in members[1:]:
             other = _tree_dir(root_fd, rel_dir, dir_ids)
@@ -865,4 +930,6 @@ def _settle_group(
                 finally:
                     os.close(pfd)
     finally:
+        if src >= 0:
+            os.close(src)
         os.close(where)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -423,4 +425,89 @@ def test_tree_root_swapped_after_the_walk_is_refused(
         if tree.is_symlink():
             os.unlink(tree)  # so that staging's cleanup removes nothing through it
     _assert_untouched(after, before)
+    assert store.layers() == []
+
+
+@pytest.mark.parametrize("planted", ["symlink", "hardlink"])
+@pytest.mark.parametrize("how", ["stream", "settle_tree"])
+def test_special_twin_swapped_as_it_is_made_changes_nothing_outside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, planted: str
+) -> None:
+    """A fifo with two links gets a private twin under a temporary name; a process the builder
+    left running that puts a symlink to a file outside, or a link to a fifo outside, under
+    that name right after it is made must not get that file's mode, owner or xattrs changed:
+    the build is refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    if planted == "symlink":
+        victim.write_text("secret\n")
+    else:
+        os.mkfifo(victim)
+    os.chmod(victim, 0o600)
+    real_mknod = os.mknod
+
+    def mknod_then_swap(path: Any, mode: int = 0o600, device: int = 0, **kw: Any) -> None:
+        real_mknod(path, mode, device, **kw)
+        if str(path).startswith(".settle-"):
+            where = kw["dir_fd"]
+            os.rename(path, f"{path}.moved", src_dir_fd=where, dst_dir_fd=where)
+            if planted == "symlink":
+                os.symlink(victim, path, dir_fd=where)
+            else:
+                os.link(victim, path, dst_dir_fd=where)
+
+    monkeypatch.setattr(os, "mknod", mknod_then_swap)
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        os.mkfifo(staged / "p")
+        os.chmod(staged / "p", 0o777)
+        os.link(staged / "p", staged / "p2")  # two links: settling makes each its own twin
+        refused: errors.InvalidLayerError | None = None
+        try:
+            _settle(how, store, staged)
+        except errors.InvalidLayerError as exc:
+            refused = exc
+    assert stat.S_IMODE(os.lstat(victim).st_mode) == 0o600  # first: nothing outside changed
+    assert refused is not None
+    assert re.match(r"'p2?' changed while the layer was read", str(refused)), refused
+    assert store.layers() == []
+
+
+@pytest.mark.parametrize("how", ["stream", "settle_tree"])
+def test_group_member_swapped_for_a_link_outside_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A hardlink group wholly inside the tree, one of whose names a process the builder left
+    running points at a file outside after the walk: settling the group must not drop that
+    file's xattrs or clamp its time, nor store its content under the walk's digest."""
+    from pytest_layers import _dirfd
+
+    victim = tmp_path / "victim"
+    victim.write_text("outside content\n")
+    os.setxattr(victim, "user.overlay.origin", b"outside metadata")
+    os.utime(victim, ns=(4_000_000_000 * 10**9, 4_000_000_000 * 10**9))
+    before = (os.listxattr(victim), os.stat(victim).st_mtime_ns)
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "a").write_text("inside\n")
+        os.link(staged / "a", staged / "b")  # a group wholly inside the tree
+
+        def swap(_tree: Path) -> None:
+            os.unlink(staged / "a")
+            os.link(victim, staged / "a")
+
+        if how == "stream":
+            _before_finish(monkeypatch, swap)
+        else:
+            real_walk = _dirfd.walk
+
+            def walk(*args: Any) -> None:
+                real_walk(*args)
+                swap(staged)
+
+            monkeypatch.setattr(_dirfd, "walk", walk)
+        with pytest.raises(errors.InvalidLayerError, match="'a' changed while the layer was read"):
+            _settle(how, store, staged)
+    assert (os.listxattr(victim), os.stat(victim).st_mtime_ns) == before
     assert store.layers() == []
