@@ -572,6 +572,11 @@ class TreeSettler:
         st = os.fstat(fd)
         self._dir_ids[""] = (st.st_dev, st.st_ino)
 
+    @property
+    def root_ident(self) -> _dirfd.Ident | None:
+        """The device and inode of the root the stream opened (None before it did)."""
+        return self._dir_ids.get("")
+
     def xattrs(self, fd: int, names: list[str]) -> None:
         _drop_unkept(fd, names)
 

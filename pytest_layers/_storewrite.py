@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -96,6 +97,11 @@ class _StoreWriter(_StoreRefs):
             raise ValueError(f"source must be one of {', '.join(_SOURCES)}, not {source!r}")
         self._writable()
         staged = Path(os.path.abspath(staged))
+        # The tree is known by its inode from here to the rename that stores it: a process
+        # the builder left running (or, in a shared store, another member) that swaps it for
+        # a symlink or another directory meanwhile gets the layer refused, not stored.
+        # (A tree that is not a real directory now is refused by the stream itself.)
+        tree_ident = _tree_ident(staged)
         parent_diff_ids = [info.diff_id for info in self.chain(parent)] if parent else []
         # The one read of the new tree: its diff_id, its files.json and its disk use together.
         index = _LayerIndex(clamp_ns=settle.epoch_ns if settle is not None else None)
@@ -108,6 +114,8 @@ class _StoreWriter(_StoreRefs):
                 settle.refuse(staged)  # a name or device a layer cannot hold comes first
             raise
         if settle is not None:
+            if settle.root_ident != tree_ident:
+                raise _tree_changed(staged)
             settle.finish(staged)
             index.ungroup(settle.made_single)
             index.disk_use.total += settle.disk_use_change
@@ -152,6 +160,7 @@ class _StoreWriter(_StoreRefs):
                 blob=blob,
                 imported=imported,
                 index=index,
+                tree_ident=tree_ident,
             )
         if existing:
             info = self.layer_info(chain_id)
@@ -347,6 +356,7 @@ class _StoreWriter(_StoreRefs):
         blob: Path | None,
         imported: bool,
         index: _LayerIndex,
+        tree_ident: tuple[int, int],
     ) -> tuple[LayerInfo, bool]:
         """Complete ``container`` (manifest, metadata, blob) and rename it to ``target``;
         returns the info and whether another process stored the layer first."""
@@ -395,6 +405,8 @@ class _StoreWriter(_StoreRefs):
             # Fault-injection tests kill the process here, just before the rename.
             _faultpoints.reached("add_layer", str(container))
             with self._gc.hold(exclusive=False):
+                if _tree_ident(container / "diff") != tree_ident:
+                    raise _tree_changed(container / "diff")
                 try:
                     os.rename(container, target)
                 except OSError as exc:
@@ -440,3 +452,22 @@ class _StoreWriter(_StoreRefs):
         if name is not None:
             self.set_name(name, info.chain_id)
         return info
+
+
+def _tree_ident(tree: Path) -> tuple[int, int]:
+    """The device and inode of the layer tree ``tree``, which must be a real directory (not a
+    symlink to one); (0, 0) when it is not, which no tree has."""
+    try:
+        st = os.lstat(tree)
+    except FileNotFoundError:
+        return (0, 0)
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else (0, 0)
+
+
+def _tree_changed(tree: Path) -> errors.InvalidLayerError:
+    return errors.InvalidLayerError(
+        f"the layer tree {tree} changed while the layer was read (it was replaced by another "
+        "directory or a symlink); a stored layer must not change: stop every process the "
+        "builder started before it returns",
+        path=str(tree),
+    )

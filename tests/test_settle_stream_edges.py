@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pytest_layers import _layerwriter, _linux, _tarwrite, changeset, errors
+from pytest_layers import _layerwriter, _linux, _storewrite, _tarwrite, changeset, errors
 from pytest_layers._layerindex import disk_use
 from pytest_layers.store import Store
 
@@ -511,3 +511,48 @@ def test_group_member_swapped_for_a_link_outside_is_refused(
             _settle(how, store, staged)
     assert (os.listxattr(victim), os.stat(victim).st_mtime_ns) == before
     assert store.layers() == []
+
+
+@pytest.mark.parametrize("into", ["symlink", "directory"])
+@pytest.mark.parametrize("how", ["in place", "staged copy"])
+def test_tree_swapped_after_the_stream_is_not_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, into: str
+) -> None:
+    """The layer's tree swapped for a symlink to a host directory, or for another directory,
+    after the stream named it and before it is stored (a process the builder left running;
+    in a shared store, another member): the layer is refused, not stored as what it now is."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "id_rsa").write_text("host secret\n")
+    real_assemble = _storewrite._StoreWriter._assemble
+
+    def swap_then_assemble(self: Any, container: Path, *args: Any, **kw: Any) -> Any:
+        tree = container / "diff"
+        os.rename(tree, container / "diff.real")
+        if into == "symlink":
+            os.symlink(host, tree)
+        else:
+            tree.mkdir()
+            (tree / "id_rsa").write_text("planted\n")
+        return real_assemble(self, container, *args, **kw)
+
+    monkeypatch.setattr(_storewrite._StoreWriter, "_assemble", swap_then_assemble)
+    store = Store(tmp_path / "s")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("what the digest covers\n")
+
+    def store_it() -> None:
+        if how == "in place":
+            with store.staging() as staged:
+                (staged / "f").write_text("what the digest covers\n")
+                store.write_layer([], parent=None, name=None, source="build", tree=staged)
+        else:  # a change list written into staging, as a commit is
+            entries = changeset.changes_from_tree(src, changeset.ImageView([], store.flavor))
+            store.write_layer(entries, parent=None, name=None, source="commit")
+
+    with pytest.raises(errors.InvalidLayerError, match="changed while the layer was read"):
+        store_it()
+    assert store.layers() == []
+    assert not list((tmp_path / "s" / "layers").glob("*/diff"))
+    assert (host / "id_rsa").read_text() == "host secret\n"
