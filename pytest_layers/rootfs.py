@@ -156,7 +156,7 @@ class Rootfs(os.PathLike[str]):
         return self._readonly
 
     @contextlib.contextmanager
-    def _readable(self) -> Iterator[dict[str, int]]:
+    def _readable(self) -> Iterator[dict[str, _Opened]]:
         """Read the rw layer even where the test took the owner's own access away.
 
         An ordinary user cannot list a directory the test made mode 000 (root reads through
@@ -168,7 +168,7 @@ class Rootfs(os.PathLike[str]):
         layers, which an ordinary user cannot do through a mode-000 directory
         (docs/reference/rootfs.md).
         """
-        opened: dict[str, int] = {}
+        opened: dict[str, _Opened] = {}
         try:
             yield opened
         finally:
@@ -176,9 +176,9 @@ class Rootfs(os.PathLike[str]):
             for rel in sorted(opened, key=lambda r: r.count("/"), reverse=True):
                 if upper is not None:
                     with contextlib.suppress(OSError):
-                        os.chmod(upper / rel if rel else upper, opened[rel])
+                        _restore_mode(upper / rel if rel else upper, opened[rel])
 
-    def _read_entries(self, opened: dict[str, int]) -> list[changeset.Entry]:
+    def _read_entries(self, opened: dict[str, _Opened]) -> list[changeset.Entry]:
         try:
             return self._entries()
         except PermissionError:
@@ -722,11 +722,29 @@ def _write_init(
     return written, new_dirs
 
 
-def _open_up(tree: Path) -> dict[str, int]:
+#: A directory opened up for reading: its original mode, and its device and inode.
+_Opened = tuple[int, int, int]
+
+
+def _restore_mode(path: Path, was: _Opened) -> None:
+    """Give the directory opened up at ``path`` its mode back, only if ``path`` is still that
+    very directory: a process left running in the rootfs may have put a symlink (to a file of
+    the user's) or another directory there meanwhile, which keeps its mode."""
+    mode, dev, ino = was
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino):
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
+
+
+def _open_up(tree: Path) -> dict[str, _Opened]:
     """Give the owner ``rwx`` on every directory of ``tree`` it owns but cannot list or
-    search; returns ``{rel: original mode}`` (``""`` for ``tree`` itself)."""
+    search; returns ``{rel: (original mode, device, inode)}`` (``""`` for ``tree`` itself)."""
     uid = os.geteuid()
-    opened: dict[str, int] = {}
+    opened: dict[str, _Opened] = {}
 
     def open_up(rel: str, name: str, dir_fd: int | None) -> None:
         # chmod through an O_PATH fd of what lstat saw: never a symlink's target.
@@ -735,7 +753,7 @@ def _open_up(tree: Path) -> dict[str, int]:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and st.st_mode & 0o500 != 0o500:
                 os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
-                opened[rel] = stat.S_IMODE(st.st_mode)
+                opened[rel] = (stat.S_IMODE(st.st_mode), st.st_dev, st.st_ino)
         finally:
             os.close(fd)
 

@@ -521,11 +521,15 @@ def test_locks_itself_out(rootfs):
 """
 
 
-def _run_unprivileged(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """pytest in ``path`` as an ordinary user: the test user when we are root, else us."""
+def _run_unprivileged(
+    path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """pytest in ``path`` as an ordinary user: the test user when we are root, else us; with
+    ``env`` added to its environment."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *args]
+    extra = env or {}
     if os.geteuid() == 0:
-        return run_as_user(cmd, cwd=path, env={"PYTHONDONTWRITEBYTECODE": "1"})
+        return run_as_user(cmd, cwd=path, env={"PYTHONDONTWRITEBYTECODE": "1", **extra})
     if _linux.has_effective_cap(_linux.CAP_DAC_READ_SEARCH):
         # Inside this suite's own user namespace, whose capabilities children inherit as
         # ambient: drop them, or the child reads through mode 000 as root would.
@@ -533,7 +537,9 @@ def _run_unprivileged(path: Path, *args: str) -> subprocess.CompletedProcess[str
         if setpriv is None:
             pytest.skip("setpriv (util-linux) is needed to drop inherited capabilities")
         cmd = [setpriv, "--inh-caps=-all", "--ambient-caps=-all", "--", *cmd]
-    return subprocess.run(cmd, cwd=path, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        cmd, cwd=path, capture_output=True, text=True, timeout=300, env={**os.environ, **extra}
+    )
 
 
 def test_copy_snapshot_of_a_test_that_made_dirs_unreadable(tmp_path: Path) -> None:
@@ -586,6 +592,68 @@ def test_copy_snapshot_of_a_test_that_made_dirs_unreadable(tmp_path: Path) -> No
         }
         # Teardown coped too: nothing of the view is left.
         assert list((store / "scratch" / "views").iterdir()) == []
+    finally:
+        if os.geteuid() == 0:
+            namespaces.remove_tree(path)
+
+
+SWAPPED_LOCKOUT_TESTS = """
+import os, pytest
+from pytest_layers import store as store_mod
+
+VICTIM = os.environ["LAYERS_VICTIM"]
+
+@pytest.mark.layer("base")
+def test_opened_up_dir_swapped_during_commit(rootfs, monkeypatch):
+    (rootfs / "locked").mkdir()
+    os.chmod(rootfs / "locked", 0o077)  # the owner may not list it: the commit opens it up
+    real = store_mod.Store.write_layer
+
+    def swap_then_write(self, *a, **kw):
+        # A process left running in the rootfs: the directory opened up becomes a symlink
+        # to a file of the user's outside the rootfs while the commit reads.
+        os.rename(rootfs / "locked", rootfs / "locked.moved")
+        os.symlink(VICTIM, rootfs / "locked")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(store_mod.Store, "write_layer", swap_then_write)
+    rootfs.commit("swapped")
+"""
+
+
+def test_modes_restored_after_a_commit_never_follow_a_swapped_in_symlink(tmp_path: Path) -> None:
+    """A directory an ordinary user's commit opened up gets its mode back after the commit
+    only if it is still that directory: a symlink put in its place meanwhile (to a file of the
+    user's) is not followed, so that file keeps its mode."""
+    from plugin_util import BASE_CONFTEST
+
+    if os.geteuid() == 0:
+        require("user")
+        path = Path("/tmp") / f"pytest-layers-swapout-{os.getpid()}-{tmp_path.name}"
+        path.mkdir(mode=0o755)
+        entry = pwd.getpwnam(TEST_USER)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    else:
+        path = tmp_path
+        entry = None
+    try:
+        (path / "conftest.py").write_text(BASE_CONFTEST)
+        (path / "test_swapout.py").write_text(SWAPPED_LOCKOUT_TESTS)
+        victim = path / "victim"
+        victim.write_text("the user's own\n")
+        for p in path.iterdir():
+            os.chmod(p, 0o644)
+        os.chmod(victim, 0o600)
+        if entry is not None:
+            os.chown(victim, entry.pw_uid, entry.pw_gid)
+        proc = _run_unprivileged(
+            path,
+            "--layers-backend=copy",
+            f"--layers-store={path / 'store'}",
+            env={"LAYERS_VICTIM": str(victim)},
+        )
+        assert stat.S_IMODE(os.lstat(victim).st_mode) == 0o600, proc.stdout + proc.stderr
+        assert "1 passed" in proc.stdout, proc.stdout + proc.stderr
     finally:
         if os.geteuid() == 0:
             namespaces.remove_tree(path)
