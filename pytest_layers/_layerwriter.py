@@ -294,11 +294,8 @@ class _LayerWriter:
                 ) from exc
         else:
             raise InvalidLayerError(f"{rel!r}: unsupported file type {oct(mode)}")
-        _chown(out, name, st, rel)
-        if mode != stat.S_IFLNK:
-            # After chown, which clears setuid/setgid. (No xattrs: only regular files and
-            # directories carry the kept ones.)
-            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=out)
+        # No xattrs: only regular files and directories carry the kept ones.
+        _finish_special(out, name, st, rel)
         os.utime(name, ns=(self.mtime(st), self.mtime(st)), dir_fd=out, follow_symlinks=False)
 
     def copy_file(
@@ -816,35 +813,44 @@ def _recreate_special(where: int, name: str, tmp: str, st: os.stat_result, rel: 
         # A fifo or a device (which only a user allowed to make one can copy).
         os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=where)
     try:
-        # The twin is finished through an O_PATH fd of what is at ``tmp`` now, checked to be
-        # a new entry of its type: a process the builder left running may have put a symlink,
-        # or a link to a file outside, under that name, and those are not to be changed.
-        made = os.open(tmp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where)
-        try:
-            got = os.fstat(made)
-            if stat.S_IFMT(got.st_mode) != stat.S_IFMT(st.st_mode) or got.st_nlink != 1:
-                raise InvalidLayerError(
-                    f"{rel!r} changed while the layer was read (its private copy was replaced "
-                    "as it was made); a stored layer must not change",
-                    path=rel,
-                )
-            if stat.S_ISLNK(st.st_mode):
-                # No mode, and a symlink's owner and xattrs are set by its name alone.
-                _chown(where, tmp, st, rel)
-                path = _dirfd.at(where, tmp)
-                for key, value in sorted(xattrs.items()):
-                    os.setxattr(path, key, value, follow_symlinks=False)
-            else:
-                _chown(made, "", st, rel)
-                for key, value in sorted(xattrs.items()):
-                    os.setxattr(_proc_fd(made), key, value)
-                os.chmod(_proc_fd(made), stat.S_IMODE(st.st_mode))
-        finally:
-            os.close(made)
+        _finish_special(where, tmp, st, rel, xattrs)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=where)
         raise
+
+
+def _finish_special(
+    where: int, name: str, st: os.stat_result, rel: str, xattrs: Mapping[str, bytes] | None = None
+) -> None:
+    """Give the symlink, fifo or device just made as ``name`` in the directory ``where`` the
+    owner, kept ``xattrs`` and mode of ``st``. It is changed through an ``O_PATH`` fd of what
+    is at ``name`` now, checked to be a new entry of its type (one link): a process left
+    running may have put a symlink, or a link to a file elsewhere, under that name meanwhile,
+    and those are not to be changed."""
+    made = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where)
+    try:
+        got = os.fstat(made)
+        if stat.S_IFMT(got.st_mode) != stat.S_IFMT(st.st_mode) or got.st_nlink != 1:
+            raise InvalidLayerError(
+                f"{rel!r} changed while the layer was read (the entry written for it was "
+                "replaced as it was made); a stored layer must not change",
+                path=rel,
+            )
+        if stat.S_ISLNK(st.st_mode):
+            # No mode, and a symlink's owner and xattrs are set by its name alone.
+            _chown(where, name, st, rel)
+            path = _dirfd.at(where, name)
+            for key, value in sorted((xattrs or {}).items()):
+                os.setxattr(path, key, value, follow_symlinks=False)
+        else:
+            _chown(made, "", st, rel)
+            for key, value in sorted((xattrs or {}).items()):
+                os.setxattr(_proc_fd(made), key, value)
+            # After chown, which clears setuid/setgid.
+            os.chmod(_proc_fd(made), stat.S_IMODE(st.st_mode))
+    finally:
+        os.close(made)
 
 
 def _settle_group(

@@ -556,3 +556,34 @@ def test_tree_swapped_after_the_stream_is_not_stored(
     assert store.layers() == []
     assert not list((tmp_path / "s" / "layers").glob("*/diff"))
     assert (host / "id_rsa").read_text() == "host secret\n"
+
+
+def test_a_written_fifo_swapped_as_it_is_made_changes_nothing_outside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change list written into staging (a commit's layer): a fifo whose name is pointed at
+    a file outside right after it is made (in a shared store, another member can write in the
+    staging area) must not get that file's mode changed; the layer is refused."""
+    victim = tmp_path / "victim"
+    victim.write_text("secret\n")
+    os.chmod(victim, 0o600)
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mkfifo(src / "p")
+    os.chmod(src / "p", 0o777)
+    real_mkfifo = os.mkfifo
+
+    def mkfifo_then_swap(path: Any, mode: int = 0o666, **kw: Any) -> None:
+        real_mkfifo(path, mode, **kw)
+        if "dir_fd" in kw:  # the layer writer's, not this test's
+            where = kw["dir_fd"]
+            os.rename(path, f"{path}.moved", src_dir_fd=where, dst_dir_fd=where)
+            os.symlink(victim, path, dir_fd=where)
+
+    store = Store(tmp_path / "s")
+    entries = changeset.changes_from_tree(src, changeset.ImageView([], store.flavor))
+    monkeypatch.setattr(os, "mkfifo", mkfifo_then_swap)
+    with pytest.raises(errors.InvalidLayerError, match="'p' changed while the layer was read"):
+        store.write_layer(entries, parent=None, name=None, source="commit")
+    assert stat.S_IMODE(os.lstat(victim).st_mode) == 0o600
+    assert store.layers() == []
