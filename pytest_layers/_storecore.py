@@ -108,6 +108,21 @@ def probe_flavor(directory: Path) -> Flavor:
         _rmtree(probe)
 
 
+def _no_symlink(tree: Path) -> Path:
+    """``tree``, a layer's tree, unless it is a symlink: the store never makes one, and a view
+    or export of it would show whatever it points to (in a shared store, another member could
+    have put it there)."""
+    if tree.is_symlink():
+        raise errors.StoreError(
+            errno.ELOOP,
+            f"the layer tree {tree} is a symlink, which the store never makes: the store was "
+            "changed by someone else; `pytest-layers verify` lists what else was, and "
+            f"removing {tree.parent} lets the layer be built again",
+            str(tree),
+        )
+    return tree
+
+
 def _rmtree(path: Path) -> None:
     """Remove a tree we own, whatever the modes and the depth inside it; a missing path is
     fine. (A test's committed rw layer may be deeper than Python's recursion limit, which
@@ -440,11 +455,11 @@ class _StoreCore:
         if info is None:
             # An alias is the only stored layer without a tree of its own.
             if path.is_dir() or not self.has_layer(chain_id):
-                return path
+                return _no_symlink(path)
             info = self.layer_info(chain_id)
         if info.alias_of is not None:
-            return self._layers / _hex(info.alias_of) / "diff"
-        return path
+            return _no_symlink(self._layers / _hex(info.alias_of) / "diff")
+        return _no_symlink(path)
 
     def has_layer(self, chain_id: str) -> bool:
         """Whether the store holds the (complete) layer ``chain_id``."""

@@ -587,3 +587,24 @@ def test_a_written_fifo_swapped_as_it_is_made_changes_nothing_outside(
         store.write_layer(entries, parent=None, name=None, source="commit")
     assert stat.S_IMODE(os.lstat(victim).st_mode) == 0o600
     assert store.layers() == []
+
+
+def test_a_stored_tree_turned_into_a_symlink_is_refused_not_followed(tmp_path: Path) -> None:
+    """A stored layer whose tree someone replaced by a symlink (in a shared store, another
+    member can) is refused where a view, a diff or an export would take its tree; verify
+    reports it too."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "id_rsa").write_text("host secret\n")
+    store = Store(tmp_path / "s")
+    with store.staging() as staged:
+        (staged / "f").write_text("layer\n")
+        info = store.write_layer([], parent=None, name=None, source="build", tree=staged)
+    tree = store.layer_dir(info.chain_id)
+    os.rename(tree, tree.with_name("diff.real"))
+    tree.symlink_to(host)
+    fresh = Store(tmp_path / "s")  # no cached record: the path a new session takes
+    for st in (store, fresh):
+        with pytest.raises(errors.StoreError, match="is a symlink, which the store never makes"):
+            st.layer_dir(info.chain_id)
+    assert fresh.verify() != []
