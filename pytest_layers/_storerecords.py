@@ -24,6 +24,8 @@ from pytest_layers._fmt import short_digest
 _MAX_JSON = 1 << 20
 #: Bytes a layer's ``files.json`` may hold: some 200 a path, so room for millions of paths.
 _MAX_FILES_JSON = 1 << 30
+#: Bytes a lease or pin may hold: 73 a chain id it names, so room for ~900,000 of them.
+_MAX_LEASE = 64 << 20
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CHAIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX_RE = re.compile(r"[0-9a-f]+")

@@ -9,6 +9,7 @@ code can see of a member.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_layers import _access, _storegc, errors
+from pytest_layers import _access, _storegc, _storerecords, errors
 from pytest_layers.oci import export_image
 from pytest_layers.store import Store
 
@@ -221,3 +222,17 @@ def test_export_never_streams_a_planted_blob_symlink(tmp_path: Path) -> None:
         caught.value
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_refuses_a_lease_larger_than_any_lease(tmp_path: Path) -> None:
+    store = _shared_store(tmp_path)
+    chain_id, _ = _layer(store)
+    planted = store.root / "leases" / "pin-planted.pin"
+    limit = _storerecords._MAX_LEASE
+    with planted.open("wb") as f:
+        f.write(f"+{chain_id}\n".encode())
+        f.truncate(limit + 1)  # sparse: nothing on disk
+    with pytest.raises(errors.StoreError) as caught:
+        store.prune()
+    assert caught.value.errno == errno.EFBIG
+    assert f"{planted} is larger than {limit} bytes" in str(caught.value)
