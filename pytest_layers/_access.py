@@ -67,6 +67,31 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
+def _open_new_dir(path: str | os.PathLike[str]) -> int:
+    """An fd of the directory ``path`` this process has just created, never through a
+    symlink: its group and mode are set through the fd, not by path. In a shared store every
+    member may rename entries of a directory such as ``tmp/``, so between our ``mkdir`` and a
+    ``chmod`` by path a member could put a symlink there and have us chmod its target."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        # A symlink fails O_DIRECTORY | O_NOFOLLOW with ENOTDIR (or ELOOP): say what is there.
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            raise
+        try:
+            now = f"is now a {_kind(os.lstat(path).st_mode)}"
+        except OSError:
+            now = "was moved away"
+        raise errors.StoreError(
+            exc.errno,
+            f"{path}, a directory just created in the layer store, {now}: someone who can "
+            "write to the store tampered with its directory; its group and mode were not "
+            "set and nothing was changed through it. Check who can write to the store, "
+            "remove the entry (rm) and run again",
+            os.fspath(path),
+        ) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Access:
     """The store's sharing policy: ``group`` None for a private store (the owner only), else
@@ -133,9 +158,13 @@ class Access:
             if not exist_ok:
                 raise
             return False
-        if self.shared and _gid_mapped(self.gid):
-            os.chown(path, -1, self.gid)  # else the setgid parent gave it the group already
-        os.chmod(path, mode)
+        fd = _open_new_dir(path)
+        try:
+            if self.shared and _gid_mapped(self.gid):
+                os.fchown(fd, -1, self.gid)  # else the setgid parent gave it the group already
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
         return True
 
     def private_subtree(self, path: str | os.PathLike[str]) -> None:
@@ -143,8 +172,12 @@ class Access:
         setgid group inherited, so a layer's content, and so its digest, is the same in a
         shared store as in a private one."""
         if self.shared:
-            os.chown(path, -1, os.getegid())
-            os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & ~stat.S_ISGID)
+            fd = _open_new_dir(path)
+            try:
+                os.fchown(fd, -1, os.getegid())
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & ~stat.S_ISGID)
+            finally:
+                os.close(fd)
 
     def check(self, path: str | os.PathLike[str], st: os.stat_result) -> None:
         """Raise :class:`errors.StoreError` unless ``st`` (an ``lstat`` of ``path``) is a

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import gzip
 import hashlib
 import os
@@ -35,6 +36,7 @@ from pytest_layers._ocispec import (
     _json_bytes,
     _platform,
 )
+from pytest_layers._storerecords import _BadJson, _open_store_file
 from pytest_layers.errors import StoreError
 
 if TYPE_CHECKING:
@@ -91,7 +93,17 @@ def _stream_layer(
     inner = _HashWriter(sink)
     blob = info.blob
     if blob is not None:
-        with open(blob, "rb") as f:
+        try:
+            fd = _open_store_file(blob)
+        except _BadJson as exc:
+            raise StoreError(
+                errno.EIO,
+                f"layer {info.chain_id}: its kept blob {blob} is {exc}; the store is damaged "
+                "or was tampered with (run `pytest-layers verify`, then delete and re-import "
+                "the layer)",
+                os.fspath(blob),
+            ) from None
+        with open(fd, "rb") as f:
             while chunk := f.read(_CHUNK):
                 inner.write(chunk)
     else:

@@ -42,6 +42,7 @@ from pytest_layers._storerecords import (
     LayerInfo,
     _BadJson,
     _hex,
+    _open_store_file,
     _read_json,
     _write_new,
 )
@@ -130,10 +131,12 @@ def _rmtree(path: Path) -> None:
     remove_tree(path)
 
 
-def _blob_digest(path: Path) -> str:
-    """``sha256:`` of a layer blob's uncompressed bytes (a DiffID), gzip or plain."""
+def _blob_digest(path: Path, *, in_store: bool = False) -> str:
+    """``sha256:`` of a layer blob's uncompressed bytes (a DiffID), gzip or plain.
+    ``in_store``: a blob the store kept, opened as every store file is read (a symlink or a
+    fifo planted there is :class:`_BadJson`, not followed or waited on)."""
     h = hashlib.sha256()
-    with open(path, "rb") as raw:
+    with open(_open_store_file(path) if in_store else path, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
         stream: BinaryIO = cast(BinaryIO, gzip.GzipFile(fileobj=raw)) if gz else raw

@@ -5,7 +5,6 @@ its index and digests)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -24,11 +23,14 @@ from pytest_layers._storecore import _blob_digest, _rmtree
 from pytest_layers._storelocks import _StoreLock
 from pytest_layers._storerecords import (
     _CHAIN_RE,
+    _MAX_FILES_JSON,
     LayerInfo,
     Problem,
     PruneReport,
     SnapshotInfo,
+    _BadJson,
     _hex,
+    _read_json,
     _ref_filename,
 )
 from pytest_layers._storerefs import _StoreRefs
@@ -198,8 +200,8 @@ class _StoreMaintenance(_StoreRefs):
             problems.extend(self._explain(info, layer_root, expected, actual))
         if info.blob is not None:
             try:
-                blob_digest = _blob_digest(info.blob)
-            except OSError as exc:
+                blob_digest = _blob_digest(info.blob, in_store=True)
+            except (OSError, _BadJson) as exc:
                 problem(info.blob.name, f"original blob unreadable: {exc}")
             else:
                 if blob_digest != info.diff_id:
@@ -214,8 +216,8 @@ class _StoreMaintenance(_StoreRefs):
     ) -> list[Problem]:
         head = f"content digest is {actual}, expected {expected}"
         try:
-            stored = json.loads((layer_root / "files.json").read_text())
-        except (OSError, ValueError) as exc:
+            stored = _read_json(layer_root / "files.json", limit=_MAX_FILES_JSON)
+        except (OSError, _BadJson) as exc:
             return [Problem(info.chain_id, info.name, None, f"{head}; files.json unusable ({exc})")]
         try:
             current = build_manifest(layer_root / "diff")

@@ -18,7 +18,12 @@ from typing import Any
 import filelock
 
 from pytest_layers import _access, _proctag, errors
-from pytest_layers._storerecords import _O_READ
+from pytest_layers._storerecords import (
+    _MAX_LEASE,
+    _BadJson,
+    _read_store_bytes,
+    _TooLarge,
+)
 
 
 def _planted(path: str | os.PathLike[str], exc: OSError) -> errors.StoreError:
@@ -154,18 +159,26 @@ class _Lease:
 
 
 def _read_lease(path: Path) -> set[str]:
+    """The chain ids the lease or pin ``path`` holds; none when it is gone or not a regular
+    file. One larger than any lease could grow is an error, not an empty lease: its owner
+    may be alive, and what it names must not be pruned."""
     held: set[str] = set()
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        fd = os.open(path, _O_READ)
-        with open(fd, encoding="utf-8") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return held
-            text = f.read()
-        for line in text.split("\n")[:-1]:  # a torn last line has no newline yet
-            if line[:1] == "+":
-                held.add(line[1:])
-            elif line[:1] == "-":
-                held.discard(line[1:])
+    try:
+        text = _read_store_bytes(path, _MAX_LEASE).decode("utf-8")
+    except _TooLarge as exc:
+        raise errors.StoreError(
+            errno.EFBIG,
+            f"{path} is {exc}, more than any lease or pin holds: someone planted it; "
+            "remove it (rm) and run again",
+            os.fspath(path),
+        ) from None
+    except (OSError, _BadJson, UnicodeDecodeError):
+        return held
+    for line in text.split("\n")[:-1]:  # a torn last line has no newline yet
+        if line[:1] == "+":
+            held.add(line[1:])
+        elif line[:1] == "-":
+            held.discard(line[1:])
     return held
 
 

@@ -1,7 +1,8 @@
 """What the store's own files say, and how they are read and written: the records
 (``layer.json`` as :class:`LayerInfo`, snapshots, ``verify`` problems, ``prune`` reports),
-chain-id and ref-name spelling, and the trusted reading (:func:`_read_json`: no symlink, a
-regular file, bounded) and exclusive writing (:func:`_write_new`) of every store file."""
+chain-id and ref-name spelling, and the trusted reading (:func:`_open_store_file`: no
+symlink, no fifo, a regular file; :func:`_read_store_bytes` and :func:`_read_json`: bounded
+too) and exclusive writing (:func:`_write_new`) of every store file."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ from pytest_layers._fmt import short_digest
 
 #: Bytes a ref or ``layer.json`` may hold; refs are a few hundred.
 _MAX_JSON = 1 << 20
+#: Bytes a layer's ``files.json`` may hold: some 200 a path, so room for millions of paths.
+_MAX_FILES_JSON = 1 << 30
+#: Bytes a lease or pin may hold: 73 a chain id it names, so room for ~900,000 of them.
+_MAX_LEASE = 64 << 20
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CHAIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX_RE = re.compile(r"[0-9a-f]+")
@@ -176,10 +181,15 @@ class _BadJson(ValueError):
     """A store file that is not what it should be; the message says what it is instead."""
 
 
-def _read_json(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> dict[str, Any]:
-    """The JSON object in the store file ``path``: never through a symlink, only from a
-    regular file of at most :data:`_MAX_JSON` bytes (a fifo planted there must not hang the
-    reader). ``FileNotFoundError`` when absent; :class:`_BadJson` saying why otherwise."""
+class _TooLarge(_BadJson):
+    """A store file larger than any the store writes of its kind."""
+
+
+def _open_store_file(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> int:
+    """An fd for reading the store file ``path`` (a record, a kept blob): never through a
+    symlink, never blocking on a fifo, only a regular file: in a shared store any member may
+    have planted something else there. ``FileNotFoundError`` when absent; :class:`_BadJson`
+    saying what it is otherwise."""
     try:
         fd = os.open(path, _O_READ, dir_fd=dir_fd)
     except OSError as exc:
@@ -188,13 +198,33 @@ def _read_json(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> di
         if exc.errno in (errno.EISDIR, errno.ENXIO):
             raise _BadJson("not a regular file") from None
         raise
-    with open(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise _BadJson("not a regular file")
-        raw = f.read(_MAX_JSON + 1)
-    if len(raw) > _MAX_JSON:
-        raise _BadJson(f"larger than {_MAX_JSON} bytes")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _BadJson("not a regular file")
+    return fd
+
+
+def _read_store_bytes(
+    path: str | os.PathLike[str], limit: int, *, dir_fd: int | None = None
+) -> bytes:
+    """The bytes of the store file ``path``, opened by :func:`_open_store_file`, as long as
+    it was when opened (a lease grows while its owner appends); :class:`_TooLarge` beyond
+    ``limit`` bytes, checked before reading: a sparse file of gigabytes costs nothing to
+    plant."""
+    with open(_open_store_file(path, dir_fd=dir_fd), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise _TooLarge(f"larger than {limit} bytes")
+        return f.read(size)
+
+
+def _read_json(
+    path: str | os.PathLike[str], *, dir_fd: int | None = None, limit: int = _MAX_JSON
+) -> dict[str, Any]:
+    """The JSON object in the store file ``path``, read by :func:`_read_store_bytes` (at most
+    ``limit`` bytes). ``FileNotFoundError`` when absent; :class:`_BadJson` saying why
+    otherwise."""
+    raw = _read_store_bytes(path, limit, dir_fd=dir_fd)
     try:
         data = json.loads(raw)
     except RecursionError:
