@@ -174,10 +174,15 @@ class Access:
         if self.shared:
             fd = _open_new_dir(path)
             try:
-                os.fchown(fd, -1, os.getegid())
-                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & ~stat.S_ISGID)
+                self.private_fd(fd)
             finally:
                 os.close(fd)
+
+    def private_fd(self, fd: int) -> None:
+        """:meth:`private_subtree` for the directory open as ``fd``."""
+        if self.shared:
+            os.fchown(fd, -1, os.getegid())
+            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & ~stat.S_ISGID)
 
     def check(self, path: str | os.PathLike[str], st: os.stat_result) -> None:
         """Raise :class:`errors.StoreError` unless ``st`` (an ``lstat`` of ``path``) is a

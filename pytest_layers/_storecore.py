@@ -109,6 +109,32 @@ def probe_flavor(directory: Path) -> Flavor:
         _rmtree(probe)
 
 
+def _make_staged(container: Path, access: _access.Access) -> None:
+    """Make ``container/diff``, private to its creator, through an fd of ``container``
+    opened without following a symlink."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        cfd = os.open(container, flags)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise errors.StoreError(
+            exc.errno,
+            f"{container} is not the directory the store just made (someone replaced it): "
+            "the store's directory was tampered with; remove it and run again",
+            str(container),
+        ) from None
+    try:
+        os.mkdir("diff", 0o777, dir_fd=cfd)
+        fd = os.open("diff", flags, dir_fd=cfd)
+        try:
+            access.private_fd(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(cfd)
+
+
 def _no_symlink(tree: Path) -> Path:
     """``tree``, a layer's tree, unless it is a symlink: the store never makes one, and a view
     or export of it would show whatever it points to (in a shared store, another member could
@@ -444,8 +470,13 @@ class _StoreCore:
         self._writable()
         container = self._new_tmp_dir("stage")
         staged = container / "diff"
-        staged.mkdir()
-        self.access.private_subtree(staged)
+        try:
+            # Made and set up relative to the container's own fd: in a shared store another
+            # member could swap the container for a symlink, and nothing may be made through it.
+            _make_staged(container, self.access)
+        except BaseException:
+            _rmtree(container)
+            raise
         try:
             yield staged
         finally:

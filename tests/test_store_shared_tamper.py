@@ -236,3 +236,25 @@ def test_prune_refuses_a_lease_larger_than_any_lease(tmp_path: Path) -> None:
         store.prune()
     assert caught.value.errno == errno.EFBIG
     assert f"{planted} is larger than {limit} bytes" in str(caught.value)
+
+
+def test_staging_makes_nothing_through_a_container_swapped_for_a_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member swaps the staging container the store just made for a symlink to a directory
+    of its choosing: the store's ``diff`` is not made there, and staging is refused."""
+    store = _shared_store(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    real_new = Store._new_tmp_dir
+
+    def new_then_swap(self: Store, kind: str) -> Path:
+        made = real_new(self, kind)
+        os.rename(made, f"{made}.moved")
+        os.symlink(elsewhere, made)
+        return made
+
+    monkeypatch.setattr(Store, "_new_tmp_dir", new_then_swap)
+    with pytest.raises(errors.StoreError, match="tampered"), store.staging():
+        pass
+    assert list(elsewhere.iterdir()) == []
