@@ -542,12 +542,15 @@ def _run_unprivileged(
     )
 
 
-def test_copy_snapshot_of_a_test_that_made_dirs_unreadable(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _user_project(tmp_path: Path, name: str, tests: str) -> Iterator[Path]:
+    """A project dir with the base conftest and ``tests`` as ``test_<name>.py``, that the
+    ordinary user running it (the test user when we are root) owns; removed on exit."""
     from plugin_util import BASE_CONFTEST
 
     if os.geteuid() == 0:
         require("user")
-        path = Path("/tmp") / f"pytest-layers-lockout-{os.getpid()}-{tmp_path.name}"
+        path = Path("/tmp") / f"pytest-layers-{name}-{os.getpid()}-{tmp_path.name}"
         path.mkdir(mode=0o755)
         entry = pwd.getpwnam(TEST_USER)
         os.chown(path, entry.pw_uid, entry.pw_gid)
@@ -555,9 +558,17 @@ def test_copy_snapshot_of_a_test_that_made_dirs_unreadable(tmp_path: Path) -> No
         path = tmp_path
     try:
         (path / "conftest.py").write_text(BASE_CONFTEST)
-        (path / "test_lockout.py").write_text(LOCKOUT_TESTS)
+        (path / f"test_{name}.py").write_text(tests)
         for p in path.iterdir():
             os.chmod(p, 0o644)
+        yield path
+    finally:
+        if os.geteuid() == 0:
+            namespaces.remove_tree(path)
+
+
+def test_copy_snapshot_of_a_test_that_made_dirs_unreadable(tmp_path: Path) -> None:
+    with _user_project(tmp_path, "lockout", LOCKOUT_TESTS) as path:
         store = path / "store"
         proc = _run_unprivileged(path, "--layers-backend=copy", f"--layers-store={store}")
         assert "1 failed" in proc.stdout, proc.stdout + proc.stderr
@@ -592,9 +603,6 @@ def test_copy_snapshot_of_a_test_that_made_dirs_unreadable(tmp_path: Path) -> No
         }
         # Teardown coped too: nothing of the view is left.
         assert list((store / "scratch" / "views").iterdir()) == []
-    finally:
-        if os.geteuid() == 0:
-            namespaces.remove_tree(path)
 
 
 SWAPPED_LOCKOUT_TESTS = """
@@ -625,27 +633,12 @@ def test_modes_restored_after_a_commit_never_follow_a_swapped_in_symlink(tmp_pat
     """A directory an ordinary user's commit opened up gets its mode back after the commit
     only if it is still that directory: a symlink put in its place meanwhile (to a file of the
     user's) is not followed, so that file keeps its mode."""
-    from plugin_util import BASE_CONFTEST
-
-    if os.geteuid() == 0:
-        require("user")
-        path = Path("/tmp") / f"pytest-layers-swapout-{os.getpid()}-{tmp_path.name}"
-        path.mkdir(mode=0o755)
-        entry = pwd.getpwnam(TEST_USER)
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    else:
-        path = tmp_path
-        entry = None
-    try:
-        (path / "conftest.py").write_text(BASE_CONFTEST)
-        (path / "test_swapout.py").write_text(SWAPPED_LOCKOUT_TESTS)
+    with _user_project(tmp_path, "swapout", SWAPPED_LOCKOUT_TESTS) as path:
         victim = path / "victim"
         victim.write_text("the user's own\n")
-        for p in path.iterdir():
-            os.chmod(p, 0o644)
         os.chmod(victim, 0o600)
-        if entry is not None:
-            os.chown(victim, entry.pw_uid, entry.pw_gid)
+        owner = os.stat(path)  # the user the session runs as
+        os.chown(victim, owner.st_uid, owner.st_gid)
         proc = _run_unprivileged(
             path,
             "--layers-backend=copy",
@@ -654,9 +647,6 @@ def test_modes_restored_after_a_commit_never_follow_a_swapped_in_symlink(tmp_pat
         )
         assert stat.S_IMODE(os.lstat(victim).st_mode) == 0o600, proc.stdout + proc.stderr
         assert "1 passed" in proc.stdout, proc.stdout + proc.stderr
-    finally:
-        if os.geteuid() == 0:
-            namespaces.remove_tree(path)
 
 
 FLAGS_TESTS = """
