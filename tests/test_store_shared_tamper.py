@@ -182,7 +182,9 @@ def test_verify_reads_a_files_json_far_larger_than_a_record(tmp_path: Path) -> N
     # 1 MiB of a ref or layer.json.
     store = _shared_store(tmp_path)
     _, layer = _layer(store)
+    was = os.lstat(layer / "diff" / "f").st_mtime_ns
     (layer / "diff" / "f").write_text("changed\n")
+    os.utime(layer / "diff" / "f", ns=(was, was))  # the content alone changed, whatever the clock
     index = layer / "files.json"
     index.chmod(0o644)
     with index.open("a") as f:
