@@ -347,7 +347,9 @@ class _StoreCore:
         probe = self._new_tmp_path("probe")
         try:
             _write_new(probe, "")
-            probe.unlink()
+            # Written is proof enough: another session opening the store may sweep it first.
+            with contextlib.suppress(FileNotFoundError):
+                probe.unlink()
         except OSError as exc:
             raise self._not_writable(exc, self._tmp) from exc
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -244,3 +245,22 @@ def test_sigkill_at_random_points_while_pruning(tmp_path: Path) -> None:
     Store(store.root).prune()
     assert store.layers() == [kept]
     assert os.listdir(store.root / "tmp") == []
+
+
+def test_a_write_probe_swept_by_another_session_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a store proves it writable with a probe file; another session opening the same
+    store may sweep that probe before it is removed, which must not fail this one."""
+    from pytest_layers import _storecore
+
+    real_write = _storecore._write_new  # type: ignore[attr-defined]
+
+    def write_then_swept(path: Any, *args: Any, **kw: Any) -> Any:
+        made = real_write(path, *args, **kw)
+        if "-probe-" in str(path):
+            os.unlink(path)  # the other session's sweep
+        return made
+
+    monkeypatch.setattr(_storecore, "_write_new", write_then_swept)
+    Store(tmp_path / "s")
