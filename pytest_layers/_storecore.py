@@ -112,21 +112,12 @@ def probe_flavor(directory: Path) -> Flavor:
 def _make_staged(container: Path, access: _access.Access) -> None:
     """Make ``container/diff``, private to its creator, through an fd of ``container``
     opened without following a symlink."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        cfd = os.open(container, flags)
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-            raise
-        raise errors.StoreError(
-            exc.errno,
-            f"{container} is not the directory the store just made (someone replaced it): "
-            "the store's directory was tampered with; remove it and run again",
-            str(container),
-        ) from None
+    cfd = _access._open_new_dir(container)
     try:
         os.mkdir("diff", 0o777, dir_fd=cfd)
-        fd = os.open("diff", flags, dir_fd=cfd)
+        fd = os.open(
+            "diff", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cfd
+        )
         try:
             access.private_fd(fd)
         finally:
